@@ -1,0 +1,426 @@
+//! Typed, validated configuration: the plugin JSON (fixed for the life of a filter config) and the
+//! policy settings that Envoy runtime values (`kvroute.*`) change live.
+//!
+//! Parsing is strict (`deny_unknown_fields`) and validation reports every bad field at once, by
+//! path, so `on_configure` can log them all and reject the config.
+
+use serde::{Deserialize, Serialize};
+
+use crate::policy::{HashMode, LoadSignal, PolicyKind};
+use crate::prefix::BlockSpec;
+use crate::MAX_ENDPOINTS;
+
+/// One invalid field.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct FieldError {
+    /// Path of the field (`endpoints[1].name`, `kvroute.alpha`).
+    pub field: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl FieldError {
+    fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { field: field.into(), message: message.into() }
+    }
+}
+
+/// Why a plugin configuration was rejected.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Not valid JSON for the schema (unknown field, wrong type).
+    #[error("invalid configuration JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    /// Valid JSON, invalid values.
+    #[error("invalid configuration: {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Invalid(Vec<FieldError>),
+}
+
+/// An engine endpoint the router can pick.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointConfig {
+    /// Name used in stats and logs: `[A-Za-z0-9_-]{1,48}`.
+    pub name: String,
+    /// Envoy cluster that reaches it; the value of the routing header. Defaults to `name`.
+    #[serde(default)]
+    pub cluster: Option<String>,
+    /// Prefix directory capacity for this endpoint, in blocks (what the engine's KV cache holds).
+    #[serde(default)]
+    pub capacity_blocks: Option<u32>,
+}
+
+impl EndpointConfig {
+    /// The Envoy cluster name.
+    pub fn cluster(&self) -> &str {
+        self.cluster.as_deref().unwrap_or(&self.name)
+    }
+}
+
+/// The plugin configuration (JSON in the Wasm `configuration` StringValue). The singleton and the
+/// HTTP filter read the same document.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilterConfig {
+    /// The engines, in a fixed order (their index is their identity in the published state).
+    pub endpoints: Vec<EndpointConfig>,
+    /// Request header that carries the chosen cluster to the route (`cluster_header`).
+    #[serde(default = "d_route_header")]
+    pub route_header: String,
+    /// Request header whose value is the session id (else the OpenAI `user` field).
+    #[serde(default = "d_session_header")]
+    pub session_header: String,
+    /// Largest body buffered for parsing; larger bodies are routed by load and counted.
+    #[serde(default = "d_max_body")]
+    pub max_body_bytes: u32,
+    /// Characters per prefix block (~4 per token).
+    #[serde(default = "d_block_chars")]
+    pub block_chars: u32,
+    /// Most blocks hashed per request.
+    #[serde(default = "d_max_blocks")]
+    pub max_blocks: u32,
+    /// Directory capacity per endpoint when the endpoint does not set one, in blocks.
+    #[serde(default = "d_capacity")]
+    pub default_capacity_blocks: u32,
+    /// Most sessions remembered for session continuity (LRU).
+    #[serde(default = "d_sessions")]
+    pub session_capacity: u32,
+    /// Envoy cluster that reaches the admin interface (for `GET /runtime`).
+    #[serde(default = "d_admin_cluster")]
+    pub admin_cluster: String,
+    /// Authority sent to the admin cluster.
+    #[serde(default = "d_admin_authority")]
+    pub admin_authority: String,
+    /// How often the singleton polls runtime values, in ms.
+    #[serde(default = "d_runtime_poll")]
+    pub runtime_poll_ms: u32,
+    /// Policy settings used until (and where) runtime values say otherwise.
+    #[serde(default)]
+    pub defaults: PolicySettings,
+}
+
+fn d_route_header() -> String {
+    "x-kvroute-endpoint".into()
+}
+fn d_session_header() -> String {
+    "x-session-id".into()
+}
+fn d_max_body() -> u32 {
+    4 << 20
+}
+fn d_block_chars() -> u32 {
+    64
+}
+fn d_max_blocks() -> u32 {
+    1024
+}
+fn d_capacity() -> u32 {
+    4096
+}
+fn d_sessions() -> u32 {
+    4096
+}
+fn d_admin_cluster() -> String {
+    "kvroute_admin".into()
+}
+fn d_admin_authority() -> String {
+    "kvroute-admin".into()
+}
+fn d_runtime_poll() -> u32 {
+    100
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 48 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+fn valid_header(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+impl FilterConfig {
+    /// Parses and validates a configuration document.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, ConfigError> {
+        let c: Self = serde_json::from_slice(bytes)?;
+        c.validate().map_err(ConfigError::Invalid)?;
+        Ok(c)
+    }
+
+    /// Every invalid field, or Ok.
+    pub fn validate(&self) -> Result<(), Vec<FieldError>> {
+        let mut e = Vec::new();
+        if self.endpoints.is_empty() || self.endpoints.len() > MAX_ENDPOINTS {
+            e.push(FieldError::new("endpoints", format!("need 1 to {MAX_ENDPOINTS} endpoints")));
+        }
+        for (i, ep) in self.endpoints.iter().enumerate() {
+            if !valid_name(&ep.name) {
+                e.push(FieldError::new(format!("endpoints[{i}].name"), "must match [A-Za-z0-9_-]{1,48}"));
+            }
+            if ep.cluster.as_deref().is_some_and(|c| c.is_empty() || c.len() > 200) {
+                e.push(FieldError::new(format!("endpoints[{i}].cluster"), "must be 1 to 200 characters"));
+            }
+            if ep.capacity_blocks == Some(0) {
+                e.push(FieldError::new(format!("endpoints[{i}].capacity_blocks"), "must be positive"));
+            }
+            if self.endpoints.iter().take(i).any(|o| o.name == ep.name) {
+                e.push(FieldError::new(format!("endpoints[{i}].name"), "duplicate endpoint name"));
+            }
+        }
+        if !valid_header(&self.route_header) {
+            e.push(FieldError::new("route_header", "must be a lower-case header name"));
+        }
+        if !valid_header(&self.session_header) {
+            e.push(FieldError::new("session_header", "must be a lower-case header name"));
+        }
+        if !(1..=(64 << 20)).contains(&self.max_body_bytes) {
+            e.push(FieldError::new("max_body_bytes", "must be 1 to 67108864"));
+        }
+        if !(1..=4096).contains(&self.block_chars) {
+            e.push(FieldError::new("block_chars", "must be 1 to 4096"));
+        }
+        if !(1..=65536).contains(&self.max_blocks) {
+            e.push(FieldError::new("max_blocks", "must be 1 to 65536"));
+        }
+        if !(1..=1 << 20).contains(&self.default_capacity_blocks) {
+            e.push(FieldError::new("default_capacity_blocks", "must be 1 to 1048576"));
+        }
+        if !(1..=1 << 20).contains(&self.session_capacity) {
+            e.push(FieldError::new("session_capacity", "must be 1 to 1048576"));
+        }
+        if self.admin_cluster.is_empty() {
+            e.push(FieldError::new("admin_cluster", "must not be empty"));
+        }
+        if !(10..=60_000).contains(&self.runtime_poll_ms) {
+            e.push(FieldError::new("runtime_poll_ms", "must be 10 to 60000"));
+        }
+        e.extend(self.defaults.validate("defaults."));
+        if e.is_empty() {
+            Ok(())
+        } else {
+            Err(e)
+        }
+    }
+
+    /// How prompts are cut into blocks.
+    pub fn block_spec(&self) -> BlockSpec {
+        BlockSpec { block_chars: self.block_chars as usize, max_blocks: self.max_blocks as usize }
+    }
+
+    /// Directory capacity of endpoint `i`, in blocks.
+    pub fn capacity_of(&self, i: usize) -> u32 {
+        self.endpoints
+            .get(i)
+            .and_then(|e| e.capacity_blocks)
+            .unwrap_or(self.default_capacity_blocks)
+    }
+}
+
+/// When the directory is republished to the workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PublishInterval {
+    /// After every decision (interval 0).
+    EveryDecision,
+    /// At most once per this many milliseconds.
+    Millis(u32),
+    /// Never: workers route on load and sessions only, with an empty directory.
+    Never,
+}
+
+impl PublishInterval {
+    fn parse(s: &str) -> Option<Self> {
+        let s = s.trim();
+        if s.eq_ignore_ascii_case("never") || s == "-1" {
+            return Some(Self::Never);
+        }
+        match s.parse::<u32>().ok()? {
+            0 => Some(Self::EveryDecision),
+            ms => Some(Self::Millis(ms)),
+        }
+    }
+}
+
+/// Settings of the active policy. Runtime keys (`kvroute.<key>`) override the configured defaults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicySettings {
+    /// `kvroute.policy`
+    pub policy: PolicyKind,
+    /// `kvroute.alpha`: weight of cache affinity in `load_cache_aware` (0..=1 typical, 0..=100 allowed).
+    pub alpha: f64,
+    /// `kvroute.beta`: weight of load pressure in `load_cache_aware`.
+    pub beta: f64,
+    /// `kvroute.prefix_key_threshold`: queue length above which `prefix_key` overflows to JSQ.
+    pub prefix_key_threshold: u32,
+    /// `kvroute.hash_mode`: `modular` (the seed's choice) or `rendezvous`.
+    pub hash_mode: HashMode,
+    /// `kvroute.session_affinity`: affinity an endpoint gets for holding the request's session.
+    pub session_affinity: f64,
+    /// `kvroute.load_signal`: which load the policies read.
+    pub load_signal: LoadSignal,
+    /// `kvroute.publish_interval_ms`: 0 (every decision), N ms, or `never`.
+    pub publish_interval: PublishInterval,
+}
+
+impl Default for PolicySettings {
+    fn default() -> Self {
+        Self {
+            policy: PolicyKind::LoadCacheAware,
+            alpha: 0.7,
+            beta: 0.3,
+            prefix_key_threshold: 8,
+            hash_mode: HashMode::Modular,
+            session_affinity: 0.5,
+            load_signal: LoadSignal::GatewayInflight,
+            publish_interval: PublishInterval::EveryDecision,
+        }
+    }
+}
+
+/// Prefix of every runtime key kvroute reads.
+pub const RUNTIME_PREFIX: &str = "kvroute.";
+
+/// Every runtime key, without the prefix.
+pub const RUNTIME_KEYS: [&str; 8] = [
+    "policy",
+    "alpha",
+    "beta",
+    "prefix_key_threshold",
+    "hash_mode",
+    "session_affinity",
+    "load_signal",
+    "publish_interval_ms",
+];
+
+impl PolicySettings {
+    fn validate(&self, prefix: &str) -> Vec<FieldError> {
+        let mut e = Vec::new();
+        for (name, v) in [("alpha", self.alpha), ("beta", self.beta)] {
+            if !(v.is_finite() && (0.0..=100.0).contains(&v)) {
+                e.push(FieldError::new(format!("{prefix}{name}"), "must be a number in 0..=100"));
+            }
+        }
+        if !(self.session_affinity.is_finite() && (0.0..=1.0).contains(&self.session_affinity)) {
+            e.push(FieldError::new(format!("{prefix}session_affinity"), "must be a number in 0..=1"));
+        }
+        e
+    }
+
+    /// These settings with runtime values applied. `entries` are (key, value) pairs of the runtime;
+    /// keys without the `kvroute.` prefix are ignored. Each invalid or unknown `kvroute.*` entry is
+    /// reported and leaves the field as it was.
+    pub fn with_runtime<'a>(
+        &self,
+        entries: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> (PolicySettings, Vec<FieldError>) {
+        let mut s = self.clone();
+        let mut errors = Vec::new();
+        for (key, value) in entries {
+            let Some(k) = key.strip_prefix(RUNTIME_PREFIX) else { continue };
+            let v = value.trim();
+            let ok = match k {
+                "policy" => v.parse().map(|p| s.policy = p).is_ok(),
+                "alpha" => parse_weight(v, 100.0).map(|x| s.alpha = x).is_some(),
+                "beta" => parse_weight(v, 100.0).map(|x| s.beta = x).is_some(),
+                "prefix_key_threshold" => v.parse().map(|x| s.prefix_key_threshold = x).is_ok(),
+                "hash_mode" => v.parse().map(|x| s.hash_mode = x).is_ok(),
+                "session_affinity" => parse_weight(v, 1.0).map(|x| s.session_affinity = x).is_some(),
+                "load_signal" => v.parse().map(|x| s.load_signal = x).is_ok(),
+                "publish_interval_ms" => PublishInterval::parse(v).map(|x| s.publish_interval = x).is_some(),
+                _ => {
+                    errors.push(FieldError::new(key, "unknown kvroute runtime key"));
+                    continue;
+                }
+            };
+            if !ok {
+                errors.push(FieldError::new(key, format!("invalid value {v:?}")));
+            }
+        }
+        (s, errors)
+    }
+}
+
+fn parse_weight(v: &str, max: f64) -> Option<f64> {
+    v.parse::<f64>().ok().filter(|x| x.is_finite() && (0.0..=max).contains(x))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = FilterConfig::from_json(br#"{"endpoints":[{"name":"e0"},{"name":"e1","cluster":"c1"}]}"#).unwrap();
+        assert_eq!(c.endpoints[0].cluster(), "e0");
+        assert_eq!(c.endpoints[1].cluster(), "c1");
+        assert_eq!(c.route_header, "x-kvroute-endpoint");
+        assert_eq!(c.defaults.policy, PolicyKind::LoadCacheAware);
+        assert_eq!(c.defaults.alpha, 0.7);
+        assert_eq!(c.capacity_of(1), 4096);
+    }
+
+    #[test]
+    fn unknown_fields_rejected() {
+        assert!(matches!(
+            FilterConfig::from_json(br#"{"endpoints":[{"name":"e0"}],"bogus":1}"#),
+            Err(ConfigError::Json(_))
+        ));
+        assert!(matches!(
+            FilterConfig::from_json(br#"{"endpoints":[{"name":"e0"}],"defaults":{"policy":"nope"}}"#),
+            Err(ConfigError::Json(_))
+        ));
+    }
+
+    #[test]
+    fn every_bad_field_reported() {
+        let err = FilterConfig::from_json(
+            br#"{"endpoints":[{"name":"a.b"},{"name":"x"},{"name":"x","capacity_blocks":0}],
+                "route_header":"X-Up","max_body_bytes":0,"block_chars":0,"runtime_poll_ms":1,
+                "defaults":{"alpha":-1}}"#,
+        )
+        .unwrap_err();
+        let ConfigError::Invalid(fields) = err else { panic!("{err}") };
+        let names: Vec<&str> = fields.iter().map(|f| f.field.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "endpoints[0].name",
+                "endpoints[2].capacity_blocks",
+                "endpoints[2].name",
+                "route_header",
+                "max_body_bytes",
+                "block_chars",
+                "runtime_poll_ms",
+                "defaults.alpha"
+            ]
+        );
+        assert!(FilterConfig::from_json(br#"{"endpoints":[]}"#).is_err());
+    }
+
+    #[test]
+    fn runtime_overrides_and_errors() {
+        let base = PolicySettings::default();
+        let (s, e) = base.with_runtime([
+            ("kvroute.policy", "jsq"),
+            ("kvroute.alpha", "0.4"),
+            ("kvroute.beta", "nan"),
+            ("kvroute.publish_interval_ms", "never"),
+            ("kvroute.hash_mode", "rendezvous"),
+            ("kvroute.frobnicate", "1"),
+            ("other.key", "x"),
+        ]);
+        assert_eq!(s.policy, PolicyKind::Jsq);
+        assert_eq!(s.alpha, 0.4);
+        assert_eq!(s.beta, 0.3);
+        assert_eq!(s.publish_interval, PublishInterval::Never);
+        assert_eq!(s.hash_mode, HashMode::Rendezvous);
+        let fields: Vec<&str> = e.iter().map(|f| f.field.as_str()).collect();
+        assert_eq!(fields, ["kvroute.beta", "kvroute.frobnicate"]);
+        let (s, _) = base.with_runtime([("kvroute.publish_interval_ms", "0")]);
+        assert_eq!(s.publish_interval, PublishInterval::EveryDecision);
+        let (s, _) = base.with_runtime([("kvroute.publish_interval_ms", "500")]);
+        assert_eq!(s.publish_interval, PublishInterval::Millis(500));
+    }
+}

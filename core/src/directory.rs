@@ -1,0 +1,255 @@
+//! The prefix directory: which endpoint holds which prefix blocks, as far as the router can tell.
+//!
+//! Every routing decision records the request's blocks on the chosen endpoint. Each endpoint's set
+//! is an LRU bounded by a model of that engine's KV capacity, so the directory forgets roughly what
+//! the engine forgets. Blocks are recorded last-to-first, so a prefix's first blocks are the most
+//! recently used and are forgotten last, as in vLLM, which frees a finished request's blocks tail
+//! first. An index maps each block hash to the bit mask of endpoints holding it; a bounded LRU maps
+//! sessions to the endpoint that served them last.
+
+use std::collections::BTreeMap;
+use std::num::NonZeroUsize;
+
+use lru::LruCache;
+
+use crate::hash::BlockHash;
+use crate::MAX_ENDPOINTS;
+
+/// Read access to a directory, live or published.
+pub trait PrefixIndex {
+    /// Bit mask of the endpoints that hold block `h` (bit `i` = endpoint `i`).
+    fn holders(&self, h: BlockHash) -> u64;
+    /// The endpoint that last served session `s`.
+    fn session_endpoint(&self, s: u64) -> Option<usize>;
+}
+
+/// For each of `n` endpoints, how many leading blocks of `blocks` it holds (a run from the start,
+/// as an engine's prefix cache hit is). Stops reading the index as soon as no endpoint matches.
+pub fn match_lengths(index: &dyn PrefixIndex, blocks: &[BlockHash], n: usize) -> Vec<u32> {
+    let n = n.min(MAX_ENDPOINTS);
+    let mut lens = vec![0u32; n];
+    let all = if n == MAX_ENDPOINTS { u64::MAX } else { (1u64 << n) - 1 };
+    let mut alive = all;
+    let mut depth = 0u32;
+    for h in blocks {
+        if alive == 0 {
+            break;
+        }
+        let still = alive & index.holders(*h);
+        let mut dropped = alive & !still;
+        while dropped != 0 {
+            let e = dropped.trailing_zeros() as usize;
+            if let Some(l) = lens.get_mut(e) {
+                *l = depth;
+            }
+            dropped &= dropped - 1;
+        }
+        alive = still;
+        depth += 1;
+    }
+    while alive != 0 {
+        let e = alive.trailing_zeros() as usize;
+        if let Some(l) = lens.get_mut(e) {
+            *l = depth;
+        }
+        alive &= alive - 1;
+    }
+    lens
+}
+
+/// The authoritative, bounded directory (owned by the singleton, or by the simulator).
+#[derive(Debug)]
+pub struct Directory {
+    lrus: Vec<LruCache<BlockHash, ()>>,
+    index: BTreeMap<BlockHash, u64>,
+    sessions: LruCache<u64, u8>,
+}
+
+fn nz(n: u32) -> NonZeroUsize {
+    NonZeroUsize::new(n as usize).unwrap_or(NonZeroUsize::MIN)
+}
+
+impl Directory {
+    /// A directory for endpoints with these capacities (blocks each; at most [`MAX_ENDPOINTS`]).
+    pub fn new(capacities: &[u32], session_capacity: u32) -> Self {
+        Self {
+            lrus: capacities.iter().take(MAX_ENDPOINTS).map(|c| LruCache::new(nz(*c))).collect(),
+            index: BTreeMap::new(),
+            sessions: LruCache::new(nz(session_capacity)),
+        }
+    }
+
+    /// Number of endpoints.
+    pub fn endpoints(&self) -> usize {
+        self.lrus.len()
+    }
+
+    /// Records that `endpoint` now holds `blocks` (and serves `session`).
+    pub fn record(&mut self, endpoint: usize, blocks: &[BlockHash], session: Option<u64>) {
+        let Some(lru) = self.lrus.get_mut(endpoint) else { return };
+        let bit = 1u64 << endpoint;
+        for h in blocks.iter().rev() {
+            if let Some((evicted, ())) = lru.push(*h, ()) {
+                if evicted != *h {
+                    Self::clear(&mut self.index, evicted, bit);
+                }
+            }
+            *self.index.entry(*h).or_insert(0) |= bit;
+        }
+        if let Some(s) = session {
+            self.sessions.put(s, endpoint as u8);
+        }
+    }
+
+    fn clear(index: &mut BTreeMap<BlockHash, u64>, h: BlockHash, bit: u64) {
+        if let Some(m) = index.get_mut(&h) {
+            *m &= !bit;
+            if *m == 0 {
+                index.remove(&h);
+            }
+        }
+    }
+
+    /// Changes one endpoint's capacity, forgetting its least recently used blocks if it shrinks.
+    pub fn set_capacity(&mut self, endpoint: usize, blocks: u32) {
+        let Some(lru) = self.lrus.get_mut(endpoint) else { return };
+        let bit = 1u64 << endpoint;
+        while lru.len() > blocks as usize {
+            if let Some((h, ())) = lru.pop_lru() {
+                Self::clear(&mut self.index, h, bit);
+            }
+        }
+        lru.resize(nz(blocks));
+    }
+
+    /// Forgets everything one endpoint holds (its engine restarted or reset its cache).
+    pub fn clear_endpoint(&mut self, endpoint: usize) {
+        let Some(lru) = self.lrus.get_mut(endpoint) else { return };
+        let bit = 1u64 << endpoint;
+        while let Some((h, ())) = lru.pop_lru() {
+            Self::clear(&mut self.index, h, bit);
+        }
+    }
+
+    /// Blocks held by one endpoint.
+    pub fn endpoint_len(&self, endpoint: usize) -> usize {
+        self.lrus.get(endpoint).map_or(0, LruCache::len)
+    }
+
+    /// Capacity of one endpoint, in blocks.
+    pub fn endpoint_capacity(&self, endpoint: usize) -> usize {
+        self.lrus.get(endpoint).map_or(0, |l| l.cap().get())
+    }
+
+    /// Distinct block hashes held by any endpoint.
+    pub fn distinct_blocks(&self) -> usize {
+        self.index.len()
+    }
+
+    /// Sessions remembered.
+    pub fn sessions(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// (hash, holders mask) pairs in ascending hash order.
+    pub fn entries(&self) -> impl Iterator<Item = (BlockHash, u64)> + '_ {
+        self.index.iter().map(|(h, m)| (*h, *m))
+    }
+
+    /// (session, endpoint) pairs in no particular order.
+    pub fn session_entries(&self) -> impl Iterator<Item = (u64, usize)> + '_ {
+        self.sessions.iter().map(|(s, e)| (*s, usize::from(*e)))
+    }
+}
+
+impl PrefixIndex for Directory {
+    fn holders(&self, h: BlockHash) -> u64 {
+        self.index.get(&h).copied().unwrap_or(0)
+    }
+    fn session_endpoint(&self, s: u64) -> Option<usize> {
+        self.sessions.peek(&s).map(|e| usize::from(*e))
+    }
+}
+
+/// An empty index (no state published yet, or publishing switched off).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EmptyIndex;
+
+impl PrefixIndex for EmptyIndex {
+    fn holders(&self, _: BlockHash) -> u64 {
+        0
+    }
+    fn session_endpoint(&self, _: u64) -> Option<usize> {
+        None
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn hs(v: &[u64]) -> Vec<BlockHash> {
+        v.iter().map(|x| BlockHash(*x)).collect()
+    }
+
+    #[test]
+    fn longest_prefix_per_endpoint() {
+        let mut d = Directory::new(&[100, 100, 100], 10);
+        d.record(0, &hs(&[1, 2, 3]), None);
+        d.record(1, &hs(&[1, 2, 9]), Some(7));
+        assert_eq!(match_lengths(&d, &hs(&[1, 2, 3, 4]), 3), vec![3, 2, 0]);
+        assert_eq!(match_lengths(&d, &hs(&[5, 1, 2]), 3), vec![0, 0, 0]);
+        assert_eq!(match_lengths(&d, &[], 3), vec![0, 0, 0]);
+        assert_eq!(d.session_endpoint(7), Some(1));
+    }
+
+    #[test]
+    fn eviction_forgets_tail_first() {
+        let mut d = Directory::new(&[3], 10);
+        d.record(0, &hs(&[1, 2, 3]), None);
+        d.record(0, &hs(&[10]), None);
+        // Block 3 (the tail of the first prefix) went first; 1 and 2 still match.
+        assert_eq!(match_lengths(&d, &hs(&[1, 2, 3]), 1), vec![2]);
+        assert_eq!(d.holders(BlockHash(3)), 0);
+    }
+
+    #[test]
+    fn shrink_and_clear() {
+        let mut d = Directory::new(&[10, 10], 10);
+        d.record(0, &hs(&[1, 2, 3, 4]), None);
+        d.record(1, &hs(&[1, 2]), None);
+        d.set_capacity(0, 2);
+        assert_eq!(d.endpoint_len(0), 2);
+        assert_eq!(d.endpoint_capacity(0), 2);
+        d.clear_endpoint(1);
+        assert_eq!(d.endpoint_len(1), 0);
+        assert_eq!(d.holders(BlockHash(1)), 1);
+        assert_eq!(d.distinct_blocks(), 2);
+    }
+
+    proptest! {
+        /// No endpoint ever holds more blocks than its capacity, the index holds exactly the union
+        /// of the endpoint sets, and the sessions stay within their bound.
+        #[test]
+        fn stays_within_bounds(
+            caps in prop::collection::vec(1u32..20, 1..6),
+            ops in prop::collection::vec((0usize..6, prop::collection::vec(0u64..60, 0..30), prop::option::of(0u64..50)), 0..80),
+            session_cap in 1u32..8,
+        ) {
+            let mut d = Directory::new(&caps, session_cap);
+            for (e, blocks, s) in ops {
+                d.record(e % caps.len(), &hs(&blocks), s);
+                for (i, c) in caps.iter().enumerate() {
+                    prop_assert!(d.endpoint_len(i) <= *c as usize);
+                }
+                prop_assert!(d.sessions() <= session_cap as usize);
+                let total_bits: usize = d.entries().map(|(_, m)| m.count_ones() as usize).sum();
+                let total_len: usize = (0..caps.len()).map(|i| d.endpoint_len(i)).sum();
+                prop_assert_eq!(total_bits, total_len);
+                prop_assert!(d.entries().all(|(_, m)| m != 0));
+            }
+        }
+    }
+}

@@ -1,0 +1,227 @@
+//! One routing decision: request features in, endpoint out.
+//!
+//! [`features`] turns a parsed request into what the policies read (blocks, session, prefix key);
+//! [`decide`] builds the candidates from the configuration, the published status, the directory and
+//! the gateway in-flight counts, and runs the active policy. [`decide_by_load`] is the load-only
+//! fallback used when a request cannot be parsed.
+
+use crate::config::{EndpointConfig, PolicySettings};
+use crate::directory::{match_lengths, PrefixIndex};
+use crate::hash::{session_key, BlockHash};
+use crate::policy::{policy, Candidate, LoadSignal, PickContext, PickNote, PolicyKind};
+use crate::prefix::{request_blocks, request_prefix_key, BlockSpec};
+use crate::request::{parse_request, ApiKind, ParseError, ParsedRequest};
+use crate::state::EndpointStatus;
+
+/// What the policies read from a request.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RequestFeatures {
+    /// Chained prefix block hashes (at most `max_blocks`).
+    pub blocks: Vec<BlockHash>,
+    /// Session key (session header, else OpenAI `user`).
+    pub session: Option<u64>,
+    /// Prefix key (`prefix_key` policy).
+    pub prefix_key: Option<u64>,
+}
+
+/// Features of a parsed request. `session_header` is the value of the configured session header.
+pub fn features(req: &ParsedRequest<'_>, session_header: Option<&str>, spec: BlockSpec) -> RequestFeatures {
+    let session = session_header
+        .filter(|s| !s.is_empty())
+        .or(req.user.as_deref().filter(|s| !s.is_empty()))
+        .map(|s| session_key(s).0);
+    RequestFeatures { blocks: request_blocks(req, spec), session, prefix_key: request_prefix_key(req) }
+}
+
+/// Parses a body and computes its features in one step.
+pub fn body_features(
+    kind: ApiKind,
+    body: &[u8],
+    session_header: Option<&str>,
+    spec: BlockSpec,
+) -> Result<RequestFeatures, ParseError> {
+    parse_request(kind, body).map(|r| features(&r, session_header, spec))
+}
+
+/// The outcome of one decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decision {
+    /// Index of the chosen endpoint in the configuration.
+    pub endpoint: usize,
+    /// The policy that decided (jsq for the load-only fallback).
+    pub policy: PolicyKind,
+    /// How the policy decided.
+    pub note: PickNote,
+    /// Leading blocks of the request the directory places on the chosen endpoint.
+    pub predicted_blocks: u32,
+    /// Blocks of the request.
+    pub total_blocks: u32,
+    /// The configured load signal was engine-reported but some endpoint had no engine report, so
+    /// gateway in-flight counts were used.
+    pub engine_load_missing: bool,
+    /// No endpoint was healthy, so all were candidates.
+    pub no_healthy: bool,
+}
+
+/// Live inputs of a decision.
+#[derive(Debug, Clone, Copy)]
+pub struct Inputs<'a> {
+    /// Configured endpoints.
+    pub endpoints: &'a [EndpointConfig],
+    /// Published status per endpoint (missing = healthy, no engine report).
+    pub status: &'a [EndpointStatus],
+    /// Gateway in-flight requests per endpoint.
+    pub inflight: &'a [i64],
+    /// Active settings.
+    pub settings: &'a PolicySettings,
+    /// Decision sequence number (round robin).
+    pub seq: u64,
+    /// A uniformly random draw.
+    pub rand: u64,
+}
+
+fn load(inputs: &Inputs<'_>, i: usize, missing: &mut bool) -> f64 {
+    let inflight = inputs.inflight.get(i).copied().unwrap_or(0).max(0) as f64;
+    let engine = inputs.status.get(i).and_then(|s| s.engine);
+    let signal = inputs.settings.load_signal;
+    match (signal, engine) {
+        (LoadSignal::GatewayInflight, _) => inflight,
+        (LoadSignal::EngineWaiting, Some(e)) => e.waiting,
+        (LoadSignal::EngineQueue, Some(e)) => e.waiting + e.running,
+        (LoadSignal::KvUsage, Some(e)) => e.kv_usage,
+        (_, None) => {
+            *missing = true;
+            inflight
+        }
+    }
+}
+
+/// Runs the active policy (or `force` instead) for a request with `features`.
+pub fn decide(
+    features: &RequestFeatures,
+    index: &dyn PrefixIndex,
+    inputs: &Inputs<'_>,
+    force: Option<PolicyKind>,
+) -> Decision {
+    let n = inputs.endpoints.len();
+    let kind = force.unwrap_or(inputs.settings.policy);
+    // Prefix matching is the costly part: only the policy that reads it pays for it.
+    let lens = if kind == PolicyKind::LoadCacheAware {
+        match_lengths(index, &features.blocks, n)
+    } else {
+        Vec::new()
+    };
+    let session_at = match (kind, features.session) {
+        (PolicyKind::LoadCacheAware, Some(s)) => index.session_endpoint(s),
+        _ => None,
+    };
+    let healthy = |i: usize| inputs.status.get(i).is_none_or(|s| s.healthy);
+    let no_healthy = !(0..n).any(healthy);
+    let mut missing = false;
+    let candidates: Vec<Candidate<'_>> = inputs
+        .endpoints
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| no_healthy || healthy(*i))
+        .map(|(i, e)| Candidate {
+            endpoint: i,
+            name: &e.name,
+            load: load(inputs, i, &mut missing),
+            matched_blocks: lens.get(i).copied().unwrap_or(0),
+            holds_session: session_at == Some(i),
+        })
+        .collect();
+    let total_blocks = features.blocks.len() as u32;
+    let ctx = PickContext {
+        candidates: &candidates,
+        total_blocks,
+        session: features.session,
+        prefix_key: features.prefix_key,
+        settings: inputs.settings,
+        seq: inputs.seq,
+        rand: inputs.rand,
+    };
+    let pick = policy(kind).pick(&ctx);
+    let endpoint = candidates.get(pick.candidate).map_or(0, |c| c.endpoint);
+    // Predicted cached blocks is reported for every policy, so it is computed for the chosen
+    // endpoint even when the policy did not read it.
+    let predicted_blocks = match lens.get(endpoint) {
+        Some(l) => *l,
+        None => match_lengths(index, &features.blocks, n).get(endpoint).copied().unwrap_or(0),
+    };
+    Decision {
+        endpoint,
+        policy: kind,
+        note: pick.note,
+        predicted_blocks,
+        total_blocks,
+        engine_load_missing: missing,
+        no_healthy,
+    }
+}
+
+/// The load-only fallback: JSQ over the healthy endpoints, for requests that cannot be parsed.
+pub fn decide_by_load(inputs: &Inputs<'_>) -> Decision {
+    decide(&RequestFeatures::default(), &crate::directory::EmptyIndex, inputs, Some(PolicyKind::Jsq))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+    use crate::directory::Directory;
+
+    fn eps(n: usize) -> Vec<EndpointConfig> {
+        (0..n).map(|i| EndpointConfig { name: format!("e{i}"), cluster: None, capacity_blocks: None }).collect()
+    }
+
+    #[test]
+    fn cache_aware_follows_recorded_prefix_and_skips_unhealthy() {
+        let endpoints = eps(3);
+        let mut dir = Directory::new(&[1000; 3], 100);
+        let body = br#"{"model":"m","messages":[{"role":"system","content":"You are a helpful assistant. Answer in full sentences and cite your sources."},{"role":"user","content":"What is the capital of France and why?"}]}"#;
+        let f = body_features(ApiKind::Chat, body, None, BlockSpec { block_chars: 16, max_blocks: 64 }).unwrap();
+        assert!(f.blocks.len() >= 5);
+        dir.record(2, &f.blocks, None);
+        let settings = PolicySettings::default();
+        let mut status = vec![EndpointStatus::default(); 3];
+        let inputs = Inputs { endpoints: &endpoints, status: &status, inflight: &[0, 0, 0], settings: &settings, seq: 0, rand: 1 };
+        let d = decide(&f, &dir, &inputs, None);
+        assert_eq!((d.endpoint, d.predicted_blocks, d.total_blocks), (2, f.blocks.len() as u32, f.blocks.len() as u32));
+        status[2].healthy = false;
+        let inputs = Inputs { endpoints: &endpoints, status: &status, inflight: &[0, 0, 0], settings: &settings, seq: 0, rand: 1 };
+        let d = decide(&f, &dir, &inputs, None);
+        assert_ne!(d.endpoint, 2);
+        assert_eq!(d.predicted_blocks, 0);
+    }
+
+    #[test]
+    fn fallback_is_least_loaded_and_all_unhealthy_means_all() {
+        let endpoints = eps(3);
+        let settings = PolicySettings::default();
+        let status = vec![EndpointStatus { healthy: false, engine: None }; 3];
+        let inputs = Inputs { endpoints: &endpoints, status: &status, inflight: &[4, 1, 2], settings: &settings, seq: 0, rand: 9 };
+        let d = decide_by_load(&inputs);
+        assert_eq!((d.endpoint, d.policy, d.no_healthy), (1, PolicyKind::Jsq, true));
+    }
+
+    #[test]
+    fn engine_signal_missing_uses_inflight() {
+        let endpoints = eps(2);
+        let settings = PolicySettings { policy: PolicyKind::Jsq, load_signal: LoadSignal::EngineWaiting, ..Default::default() };
+        let inputs = Inputs { endpoints: &endpoints, status: &[], inflight: &[5, 2], settings: &settings, seq: 0, rand: 0 };
+        let d = decide(&RequestFeatures::default(), &crate::directory::EmptyIndex, &inputs, None);
+        assert_eq!(d.endpoint, 1);
+        assert!(d.engine_load_missing);
+    }
+
+    #[test]
+    fn session_from_header_then_user() {
+        let spec = BlockSpec::default();
+        let body = br#"{"user":"alice","messages":[{"role":"user","content":"x"}]}"#;
+        let a = body_features(ApiKind::Chat, body, Some("s1"), spec).unwrap();
+        let b = body_features(ApiKind::Chat, body, None, spec).unwrap();
+        assert_eq!(a.session, Some(session_key("s1").0));
+        assert_eq!(b.session, Some(session_key("alice").0));
+    }
+}

@@ -1,0 +1,271 @@
+//! The published cluster state: one versioned binary value in Envoy shared data.
+//!
+//! The singleton writes it; every worker re-reads it only when its version key changes. Layout:
+//!
+//! ```text
+//! "KVR1" | header_len: u32 LE | header (postcard) | directory pairs | session pairs
+//! directory pair = hash: u64 LE, holders mask: u64 LE   (ascending hash; binary searched in place)
+//! session pair   = session: u64 LE, endpoint: u64 LE    (ascending session)
+//! ```
+//!
+//! Readers never build a map: lookups binary-search the bytes, so re-reading costs one copy.
+
+use std::ops::Range;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::PolicySettings;
+use crate::directory::{Directory, PrefixIndex};
+use crate::hash::BlockHash;
+
+/// Magic and schema version of the encoding.
+pub const MAGIC: &[u8; 4] = b"KVR1";
+/// Shared-data key of the state blob.
+pub const STATE_KEY: &str = "kvroute.state";
+/// Shared-data key of the state's version (8 bytes LE), read on every request.
+pub const VERSION_KEY: &str = "kvroute.state.version";
+/// Shared-data key of the gateway in-flight counters (one i64 LE per endpoint).
+pub const INFLIGHT_KEY: &str = "kvroute.inflight";
+/// Shared queue on which workers report their decisions to the singleton.
+pub const DECISION_QUEUE: &str = "kvroute.decisions";
+
+/// Engine-reported load of one endpoint (from the sidecar's snapshot).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct EngineLoad {
+    /// `vllm:num_requests_waiting`
+    pub waiting: f64,
+    /// `vllm:num_requests_running`
+    pub running: f64,
+    /// `vllm:kv_cache_usage_perc` (0..=1)
+    pub kv_usage: f64,
+    /// When it was scraped, in ms since the epoch.
+    pub scraped_at_ms: u64,
+}
+
+/// What the router knows about one endpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EndpointStatus {
+    /// False routes around the endpoint.
+    pub healthy: bool,
+    /// Engine-reported load, when a sidecar provides it.
+    pub engine: Option<EngineLoad>,
+}
+
+impl Default for EndpointStatus {
+    fn default() -> Self {
+        Self { healthy: true, engine: None }
+    }
+}
+
+/// The fixed-size part of the published state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StateHeader {
+    /// Increases with every publish.
+    pub version: u64,
+    /// When this state was published, in ms since the epoch.
+    pub published_at_ms: u64,
+    /// Active policy settings (configured defaults with runtime values applied).
+    pub settings: PolicySettings,
+    /// One status per configured endpoint, in configuration order.
+    pub endpoints: Vec<EndpointStatus>,
+    /// Decisions the singleton has recorded in the directory so far.
+    pub decisions_recorded: u64,
+}
+
+/// Why a state value could not be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum StateError {
+    /// Wrong magic (another schema version, or garbage).
+    #[error("bad magic")]
+    Magic,
+    /// Too short for what its header says.
+    #[error("truncated")]
+    Truncated,
+    /// The header does not decode.
+    #[error("bad header")]
+    Header,
+}
+
+/// Encodes a state with the directory's entries.
+pub fn encode(header: &StateHeader, directory: Option<&Directory>) -> Vec<u8> {
+    let head = postcard::to_allocvec(header).unwrap_or_default();
+    let dir_n = directory.map_or(0, Directory::distinct_blocks);
+    let sess_n = directory.map_or(0, Directory::sessions);
+    let mut out = Vec::with_capacity(16 + head.len() + 16 * (dir_n + sess_n));
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&(head.len() as u32).to_le_bytes());
+    out.extend_from_slice(&head);
+    out.extend_from_slice(&(dir_n as u32).to_le_bytes());
+    out.extend_from_slice(&(sess_n as u32).to_le_bytes());
+    if let Some(d) = directory {
+        for (h, m) in d.entries() {
+            out.extend_from_slice(&h.0.to_le_bytes());
+            out.extend_from_slice(&m.to_le_bytes());
+        }
+        let mut sessions: Vec<(u64, usize)> = d.session_entries().collect();
+        sessions.sort_unstable();
+        for (s, e) in sessions {
+            out.extend_from_slice(&s.to_le_bytes());
+            out.extend_from_slice(&(e as u64).to_le_bytes());
+        }
+    }
+    out
+}
+
+/// A decoded state, owning its bytes; lookups read the bytes in place.
+#[derive(Debug, Clone)]
+pub struct PublishedState {
+    bytes: Vec<u8>,
+    /// The header.
+    pub header: StateHeader,
+    dir: Range<usize>,
+    sess: Range<usize>,
+}
+
+fn u32_at(b: &[u8], at: usize) -> Option<u32> {
+    b.get(at..at + 4).and_then(|s| s.try_into().ok()).map(u32::from_le_bytes)
+}
+
+fn u64_at(b: &[u8], at: usize) -> Option<u64> {
+    b.get(at..at + 8).and_then(|s| s.try_into().ok()).map(u64::from_le_bytes)
+}
+
+impl PublishedState {
+    /// Decodes a state value, checking every length.
+    pub fn decode(bytes: Vec<u8>) -> Result<Self, StateError> {
+        if bytes.get(..4) != Some(MAGIC.as_slice()) {
+            return Err(StateError::Magic);
+        }
+        let head_len = u32_at(&bytes, 4).ok_or(StateError::Truncated)? as usize;
+        let head = bytes.get(8..8 + head_len).ok_or(StateError::Truncated)?;
+        let header: StateHeader = postcard::from_bytes(head).map_err(|_| StateError::Header)?;
+        let at = 8 + head_len;
+        let dir_n = u32_at(&bytes, at).ok_or(StateError::Truncated)? as usize;
+        let sess_n = u32_at(&bytes, at + 4).ok_or(StateError::Truncated)? as usize;
+        let dir = at + 8..at + 8 + 16 * dir_n;
+        let sess = dir.end..dir.end + 16 * sess_n;
+        if bytes.len() != sess.end {
+            return Err(StateError::Truncated);
+        }
+        Ok(Self { bytes, header, dir, sess })
+    }
+
+    /// Directory entries published.
+    pub fn directory_entries(&self) -> usize {
+        self.dir.len() / 16
+    }
+
+    /// Size of the encoded value.
+    pub fn encoded_len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    fn search(&self, range: &Range<usize>, key: u64) -> Option<u64> {
+        let b = self.bytes.get(range.clone())?;
+        let (mut lo, mut hi) = (0usize, b.len() / 16);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let k = u64_at(b, mid * 16)?;
+            match k.cmp(&key) {
+                std::cmp::Ordering::Equal => return u64_at(b, mid * 16 + 8),
+                std::cmp::Ordering::Less => lo = mid + 1,
+                std::cmp::Ordering::Greater => hi = mid,
+            }
+        }
+        None
+    }
+}
+
+impl PrefixIndex for PublishedState {
+    fn holders(&self, h: BlockHash) -> u64 {
+        self.search(&self.dir, h.0).unwrap_or(0)
+    }
+    fn session_endpoint(&self, s: u64) -> Option<usize> {
+        self.search(&self.sess, s).map(|e| e as usize)
+    }
+}
+
+/// Encodes gateway in-flight counters.
+pub fn encode_inflight(counts: &[i64]) -> Vec<u8> {
+    counts.iter().flat_map(|c| c.to_le_bytes()).collect()
+}
+
+/// Decodes gateway in-flight counters into `out` (resized to `n`; missing ones read 0).
+pub fn decode_inflight(bytes: &[u8], n: usize, out: &mut Vec<i64>) {
+    out.clear();
+    out.extend((0..n).map(|i| u64_at(bytes, i * 8).map_or(0, |v| v as i64)));
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+    use crate::directory::match_lengths;
+    use proptest::prelude::*;
+
+    fn header() -> StateHeader {
+        StateHeader {
+            version: 7,
+            published_at_ms: 1_700_000_000_000,
+            settings: PolicySettings::default(),
+            endpoints: vec![EndpointStatus::default(), EndpointStatus { healthy: false, engine: None }],
+            decisions_recorded: 3,
+        }
+    }
+
+    #[test]
+    fn round_trip_answers_like_the_directory() {
+        let mut d = Directory::new(&[50, 50], 10);
+        let blocks: Vec<BlockHash> = (1..=20).map(BlockHash).collect();
+        d.record(0, &blocks, Some(99));
+        d.record(1, &blocks[..5], Some(5));
+        let s = PublishedState::decode(encode(&header(), Some(&d))).unwrap();
+        assert_eq!(s.header, header());
+        assert_eq!(s.directory_entries(), 20);
+        assert_eq!(match_lengths(&s, &blocks, 2), match_lengths(&d, &blocks, 2));
+        assert_eq!(s.session_endpoint(99), Some(0));
+        assert_eq!(s.session_endpoint(5), Some(1));
+        assert_eq!(s.session_endpoint(6), None);
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        assert_eq!(PublishedState::decode(vec![]).unwrap_err(), StateError::Magic);
+        let mut b = encode(&header(), None);
+        b.pop();
+        assert_eq!(PublishedState::decode(b).unwrap_err(), StateError::Truncated);
+        let mut b = encode(&header(), None);
+        b.push(0);
+        assert_eq!(PublishedState::decode(b).unwrap_err(), StateError::Truncated);
+    }
+
+    proptest! {
+        #[test]
+        fn decode_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..200)) {
+            let mut b = MAGIC.to_vec();
+            b.extend(bytes);
+            let _ = PublishedState::decode(b);
+        }
+
+        #[test]
+        fn published_lookup_equals_directory(
+            ops in prop::collection::vec((0usize..3, prop::collection::vec(0u64..100, 0..20)), 0..30),
+            probe in prop::collection::vec(0u64..100, 0..30),
+        ) {
+            let mut d = Directory::new(&[15, 15, 15], 4);
+            for (e, b) in &ops {
+                d.record(*e, &b.iter().map(|x| BlockHash(*x)).collect::<Vec<_>>(), Some(*e as u64));
+            }
+            let s = PublishedState::decode(encode(&header(), Some(&d))).unwrap();
+            let probe: Vec<BlockHash> = probe.into_iter().map(BlockHash).collect();
+            prop_assert_eq!(match_lengths(&s, &probe, 3), match_lengths(&d, &probe, 3));
+        }
+    }
+
+    #[test]
+    fn inflight_round_trip() {
+        let mut out = Vec::new();
+        decode_inflight(&encode_inflight(&[3, -1, 0]), 4, &mut out);
+        assert_eq!(out, vec![3, -1, 0, 0]);
+    }
+}
