@@ -1,1 +1,134 @@
-fn main() {}
+//! Decision cost in the core: parse + hash + score for 1 KB, 8 KB and 100 KB chat bodies, against the
+//! published state a worker reads (the prefix already recorded on one endpoint, so prefix matching
+//! walks every block: the worst case). Baseline in the same run: parsing the same body into a generic
+//! `serde_json::Value`, the least any JSON-reading filter pays.
+//!
+//! Run: `cargo bench -p kvroute-core --bench decision` (or `just bench`).
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use kvroute_core::config::{EndpointConfig, PolicySettings};
+use kvroute_core::directory::Directory;
+use kvroute_core::policy::PolicyKind;
+use kvroute_core::prefix::BlockSpec;
+use kvroute_core::request::ApiKind;
+use kvroute_core::router::{body_features, decide, Inputs};
+use kvroute_core::state::{encode, DirectorySection, EndpointStatus, PublishedState, StateHeader};
+
+fn body_of(bytes: usize) -> Vec<u8> {
+    let sentence =
+        "The quick brown fox jumps over the lazy dog while the engine keeps its cache warm. ";
+    let system = sentence.repeat(8);
+    let mut messages = vec![serde_json::json!({"role": "system", "content": system})];
+    let mut turn = 0;
+    while serde_json::to_vec(&messages).unwrap().len() < bytes {
+        let role = if turn % 2 == 0 { "user" } else { "assistant" };
+        messages.push(serde_json::json!({"role": role, "content": format!("Turn {turn}: {}", sentence.repeat(3))}));
+        turn += 1;
+    }
+    serde_json::to_vec(&serde_json::json!({"model": "meta-llama/Llama-3.2-3B-Instruct", "messages": messages, "stream": true})).unwrap()
+}
+
+/// Median time of one call, over batches taking ~20 ms each, for ~1.5 s.
+fn measure(mut f: impl FnMut()) -> Duration {
+    let t = Instant::now();
+    let mut calls = 0u32;
+    while t.elapsed() < Duration::from_millis(20) {
+        f();
+        calls += 1;
+    }
+    let per_batch = calls.max(1);
+    let mut samples = Vec::new();
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_millis(1500) || samples.len() < 15 {
+        let t = Instant::now();
+        for _ in 0..per_batch {
+            f();
+        }
+        samples.push(t.elapsed() / per_batch);
+    }
+    samples.sort();
+    samples[samples.len() / 2]
+}
+
+fn main() {
+    let endpoints: Vec<EndpointConfig> = (0..2)
+        .map(|i| EndpointConfig {
+            name: format!("engine{i}"),
+            cluster: None,
+            capacity_blocks: None,
+        })
+        .collect();
+    let spec = BlockSpec::default();
+    println!("decision cost in kvroute-core (parse + hash + score), median of batches");
+    println!(
+        "{:>8} {:>7} {:>12} {:>16} {:>8}",
+        "body", "blocks", "decision_us", "baseline_us", "ratio"
+    );
+    for kb in [1usize, 8, 100] {
+        let body = body_of(kb * 1024);
+        let f = body_features(ApiKind::Chat, &body, Some("session-1"), spec).unwrap();
+        let mut dir = Directory::new(&[4096, 4096], 4096);
+        dir.record(1, &f.blocks, f.session);
+        // A realistic directory: other prefixes fill both endpoints to capacity.
+        for i in 0..4096u64 {
+            dir.record(
+                (i % 2) as usize,
+                &[kvroute_core::BlockHash(
+                    i.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+                )],
+                None,
+            );
+        }
+        let header = StateHeader {
+            version: 1,
+            published_at_ms: 0,
+            settings: PolicySettings {
+                policy: PolicyKind::LoadCacheAware,
+                ..PolicySettings::default()
+            },
+            endpoints: vec![EndpointStatus::default(); 2],
+            directory_as_of_ms: 0,
+            decisions_recorded: 0,
+        };
+        let state = PublishedState::decode(encode(&header, &DirectorySection::of(&dir))).unwrap();
+        let mut seq = 0u64;
+        let decision = measure(|| {
+            seq += 1;
+            let f =
+                body_features(ApiKind::Chat, black_box(&body), Some("session-1"), spec).unwrap();
+            let inputs = Inputs {
+                endpoints: &endpoints,
+                status: &state.header.endpoints,
+                inflight: &[3, 1],
+                settings: &state.header.settings,
+                seq,
+                rand: seq.wrapping_mul(0x2545_f491_4f6c_dd1d),
+            };
+            black_box(decide(&f, &state, &inputs, None));
+        });
+        let baseline = measure(|| {
+            black_box(serde_json::from_slice::<serde_json::Value>(black_box(&body)).unwrap());
+        });
+        let d_us = decision.as_secs_f64() * 1e6;
+        let b_us = baseline.as_secs_f64() * 1e6;
+        println!(
+            "{:>6}KB {:>7} {:>12.2} {:>16.2} {:>7.2}x",
+            body.len() / 1024,
+            f.blocks.len(),
+            d_us,
+            b_us,
+            d_us / b_us
+        );
+    }
+    println!(
+        "baseline: serde_json::from_slice::<Value> of the same body; ratio = decision / baseline"
+    );
+}

@@ -22,7 +22,10 @@ pub struct FieldError {
 
 impl FieldError {
     fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { field: field.into(), message: message.into() }
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
     }
 }
 
@@ -44,10 +47,10 @@ pub struct EndpointConfig {
     /// Name used in stats and logs: `[A-Za-z0-9_-]{1,48}`.
     pub name: String,
     /// Envoy cluster that reaches it; the value of the routing header. Defaults to `name`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<String>,
     /// Prefix directory capacity for this endpoint, in blocks (what the engine's KV cache holds).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capacity_blocks: Option<u32>,
 }
 
@@ -132,14 +135,37 @@ fn d_runtime_poll() -> u32 {
 }
 
 fn valid_name(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 48 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    !s.is_empty()
+        && s.len() <= 48
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 fn valid_header(s: &str) -> bool {
-    !s.is_empty() && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 impl FilterConfig {
+    /// A configuration with these endpoints and every default.
+    pub fn with_endpoints(endpoints: Vec<EndpointConfig>) -> Self {
+        Self {
+            endpoints,
+            route_header: d_route_header(),
+            session_header: d_session_header(),
+            max_body_bytes: d_max_body(),
+            block_chars: d_block_chars(),
+            max_blocks: d_max_blocks(),
+            default_capacity_blocks: d_capacity(),
+            session_capacity: d_sessions(),
+            admin_cluster: d_admin_cluster(),
+            admin_authority: d_admin_authority(),
+            runtime_poll_ms: d_runtime_poll(),
+            defaults: PolicySettings::default(),
+        }
+    }
+
     /// Parses and validates a configuration document.
     pub fn from_json(bytes: &[u8]) -> Result<Self, ConfigError> {
         let c: Self = serde_json::from_slice(bytes)?;
@@ -151,27 +177,52 @@ impl FilterConfig {
     pub fn validate(&self) -> Result<(), Vec<FieldError>> {
         let mut e = Vec::new();
         if self.endpoints.is_empty() || self.endpoints.len() > MAX_ENDPOINTS {
-            e.push(FieldError::new("endpoints", format!("need 1 to {MAX_ENDPOINTS} endpoints")));
+            e.push(FieldError::new(
+                "endpoints",
+                format!("need 1 to {MAX_ENDPOINTS} endpoints"),
+            ));
         }
         for (i, ep) in self.endpoints.iter().enumerate() {
             if !valid_name(&ep.name) {
-                e.push(FieldError::new(format!("endpoints[{i}].name"), "must match [A-Za-z0-9_-]{1,48}"));
+                e.push(FieldError::new(
+                    format!("endpoints[{i}].name"),
+                    "must match [A-Za-z0-9_-]{1,48}",
+                ));
             }
-            if ep.cluster.as_deref().is_some_and(|c| c.is_empty() || c.len() > 200) {
-                e.push(FieldError::new(format!("endpoints[{i}].cluster"), "must be 1 to 200 characters"));
+            if ep
+                .cluster
+                .as_deref()
+                .is_some_and(|c| c.is_empty() || c.len() > 200)
+            {
+                e.push(FieldError::new(
+                    format!("endpoints[{i}].cluster"),
+                    "must be 1 to 200 characters",
+                ));
             }
             if ep.capacity_blocks == Some(0) {
-                e.push(FieldError::new(format!("endpoints[{i}].capacity_blocks"), "must be positive"));
+                e.push(FieldError::new(
+                    format!("endpoints[{i}].capacity_blocks"),
+                    "must be positive",
+                ));
             }
             if self.endpoints.iter().take(i).any(|o| o.name == ep.name) {
-                e.push(FieldError::new(format!("endpoints[{i}].name"), "duplicate endpoint name"));
+                e.push(FieldError::new(
+                    format!("endpoints[{i}].name"),
+                    "duplicate endpoint name",
+                ));
             }
         }
         if !valid_header(&self.route_header) {
-            e.push(FieldError::new("route_header", "must be a lower-case header name"));
+            e.push(FieldError::new(
+                "route_header",
+                "must be a lower-case header name",
+            ));
         }
         if !valid_header(&self.session_header) {
-            e.push(FieldError::new("session_header", "must be a lower-case header name"));
+            e.push(FieldError::new(
+                "session_header",
+                "must be a lower-case header name",
+            ));
         }
         if !(1..=(64 << 20)).contains(&self.max_body_bytes) {
             e.push(FieldError::new("max_body_bytes", "must be 1 to 67108864"));
@@ -183,7 +234,10 @@ impl FilterConfig {
             e.push(FieldError::new("max_blocks", "must be 1 to 65536"));
         }
         if !(1..=1 << 20).contains(&self.default_capacity_blocks) {
-            e.push(FieldError::new("default_capacity_blocks", "must be 1 to 1048576"));
+            e.push(FieldError::new(
+                "default_capacity_blocks",
+                "must be 1 to 1048576",
+            ));
         }
         if !(1..=1 << 20).contains(&self.session_capacity) {
             e.push(FieldError::new("session_capacity", "must be 1 to 1048576"));
@@ -204,7 +258,10 @@ impl FilterConfig {
 
     /// How prompts are cut into blocks.
     pub fn block_spec(&self) -> BlockSpec {
-        BlockSpec { block_chars: self.block_chars as usize, max_blocks: self.max_blocks as usize }
+        BlockSpec {
+            block_chars: self.block_chars as usize,
+            max_blocks: self.max_blocks as usize,
+        }
     }
 
     /// Directory capacity of endpoint `i`, in blocks.
@@ -298,11 +355,17 @@ impl PolicySettings {
         let mut e = Vec::new();
         for (name, v) in [("alpha", self.alpha), ("beta", self.beta)] {
             if !(v.is_finite() && (0.0..=100.0).contains(&v)) {
-                e.push(FieldError::new(format!("{prefix}{name}"), "must be a number in 0..=100"));
+                e.push(FieldError::new(
+                    format!("{prefix}{name}"),
+                    "must be a number in 0..=100",
+                ));
             }
         }
         if !(self.session_affinity.is_finite() && (0.0..=1.0).contains(&self.session_affinity)) {
-            e.push(FieldError::new(format!("{prefix}session_affinity"), "must be a number in 0..=1"));
+            e.push(FieldError::new(
+                format!("{prefix}session_affinity"),
+                "must be a number in 0..=1",
+            ));
         }
         e
     }
@@ -317,7 +380,9 @@ impl PolicySettings {
         let mut s = self.clone();
         let mut errors = Vec::new();
         for (key, value) in entries {
-            let Some(k) = key.strip_prefix(RUNTIME_PREFIX) else { continue };
+            let Some(k) = key.strip_prefix(RUNTIME_PREFIX) else {
+                continue;
+            };
             let v = value.trim();
             let ok = match k {
                 "policy" => v.parse().map(|p| s.policy = p).is_ok(),
@@ -325,9 +390,13 @@ impl PolicySettings {
                 "beta" => parse_weight(v, 100.0).map(|x| s.beta = x).is_some(),
                 "prefix_key_threshold" => v.parse().map(|x| s.prefix_key_threshold = x).is_ok(),
                 "hash_mode" => v.parse().map(|x| s.hash_mode = x).is_ok(),
-                "session_affinity" => parse_weight(v, 1.0).map(|x| s.session_affinity = x).is_some(),
+                "session_affinity" => parse_weight(v, 1.0)
+                    .map(|x| s.session_affinity = x)
+                    .is_some(),
                 "load_signal" => v.parse().map(|x| s.load_signal = x).is_ok(),
-                "publish_interval_ms" => PublishInterval::parse(v).map(|x| s.publish_interval = x).is_some(),
+                "publish_interval_ms" => PublishInterval::parse(v)
+                    .map(|x| s.publish_interval = x)
+                    .is_some(),
                 _ => {
                     errors.push(FieldError::new(key, "unknown kvroute runtime key"));
                     continue;
@@ -342,17 +411,27 @@ impl PolicySettings {
 }
 
 fn parse_weight(v: &str, max: f64) -> Option<f64> {
-    v.parse::<f64>().ok().filter(|x| x.is_finite() && (0.0..=max).contains(x))
+    v.parse::<f64>()
+        .ok()
+        .filter(|x| x.is_finite() && (0.0..=max).contains(x))
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 mod tests {
     use super::*;
 
     #[test]
     fn minimal_config_gets_defaults() {
-        let c = FilterConfig::from_json(br#"{"endpoints":[{"name":"e0"},{"name":"e1","cluster":"c1"}]}"#).unwrap();
+        let c = FilterConfig::from_json(
+            br#"{"endpoints":[{"name":"e0"},{"name":"e1","cluster":"c1"}]}"#,
+        )
+        .unwrap();
         assert_eq!(c.endpoints[0].cluster(), "e0");
         assert_eq!(c.endpoints[1].cluster(), "c1");
         assert_eq!(c.route_header, "x-kvroute-endpoint");
@@ -362,13 +441,22 @@ mod tests {
     }
 
     #[test]
+    fn with_endpoints_equals_parsed_defaults() {
+        let parsed = FilterConfig::from_json(br#"{"endpoints":[{"name":"e0"}]}"#).unwrap();
+        let built = FilterConfig::with_endpoints(parsed.endpoints.clone());
+        assert_eq!(parsed, built);
+    }
+
+    #[test]
     fn unknown_fields_rejected() {
         assert!(matches!(
             FilterConfig::from_json(br#"{"endpoints":[{"name":"e0"}],"bogus":1}"#),
             Err(ConfigError::Json(_))
         ));
         assert!(matches!(
-            FilterConfig::from_json(br#"{"endpoints":[{"name":"e0"}],"defaults":{"policy":"nope"}}"#),
+            FilterConfig::from_json(
+                br#"{"endpoints":[{"name":"e0"}],"defaults":{"policy":"nope"}}"#
+            ),
             Err(ConfigError::Json(_))
         ));
     }
@@ -381,7 +469,9 @@ mod tests {
                 "defaults":{"alpha":-1}}"#,
         )
         .unwrap_err();
-        let ConfigError::Invalid(fields) = err else { panic!("{err}") };
+        let ConfigError::Invalid(fields) = err else {
+            panic!("{err}")
+        };
         let names: Vec<&str> = fields.iter().map(|f| f.field.as_str()).collect();
         assert_eq!(
             names,

@@ -28,7 +28,11 @@ pub trait PrefixIndex {
 pub fn match_lengths(index: &dyn PrefixIndex, blocks: &[BlockHash], n: usize) -> Vec<u32> {
     let n = n.min(MAX_ENDPOINTS);
     let mut lens = vec![0u32; n];
-    let all = if n == MAX_ENDPOINTS { u64::MAX } else { (1u64 << n) - 1 };
+    let all = if n == MAX_ENDPOINTS {
+        u64::MAX
+    } else {
+        (1u64 << n) - 1
+    };
     let mut alive = all;
     let mut depth = 0u32;
     for h in blocks {
@@ -73,7 +77,11 @@ impl Directory {
     /// A directory for endpoints with these capacities (blocks each; at most [`MAX_ENDPOINTS`]).
     pub fn new(capacities: &[u32], session_capacity: u32) -> Self {
         Self {
-            lrus: capacities.iter().take(MAX_ENDPOINTS).map(|c| LruCache::new(nz(*c))).collect(),
+            lrus: capacities
+                .iter()
+                .take(MAX_ENDPOINTS)
+                .map(|c| LruCache::new(nz(*c)))
+                .collect(),
             index: BTreeMap::new(),
             sessions: LruCache::new(nz(session_capacity)),
         }
@@ -86,7 +94,9 @@ impl Directory {
 
     /// Records that `endpoint` now holds `blocks` (and serves `session`).
     pub fn record(&mut self, endpoint: usize, blocks: &[BlockHash], session: Option<u64>) {
-        let Some(lru) = self.lrus.get_mut(endpoint) else { return };
+        let Some(lru) = self.lrus.get_mut(endpoint) else {
+            return;
+        };
         let bit = 1u64 << endpoint;
         for h in blocks.iter().rev() {
             if let Some((evicted, ())) = lru.push(*h, ()) {
@@ -112,7 +122,9 @@ impl Directory {
 
     /// Changes one endpoint's capacity, forgetting its least recently used blocks if it shrinks.
     pub fn set_capacity(&mut self, endpoint: usize, blocks: u32) {
-        let Some(lru) = self.lrus.get_mut(endpoint) else { return };
+        let Some(lru) = self.lrus.get_mut(endpoint) else {
+            return;
+        };
         let bit = 1u64 << endpoint;
         while lru.len() > blocks as usize {
             if let Some((h, ())) = lru.pop_lru() {
@@ -124,7 +136,9 @@ impl Directory {
 
     /// Forgets everything one endpoint holds (its engine restarted or reset its cache).
     pub fn clear_endpoint(&mut self, endpoint: usize) {
-        let Some(lru) = self.lrus.get_mut(endpoint) else { return };
+        let Some(lru) = self.lrus.get_mut(endpoint) else {
+            return;
+        };
         let bit = 1u64 << endpoint;
         while let Some((h, ())) = lru.pop_lru() {
             Self::clear(&mut self.index, h, bit);
@@ -185,7 +199,12 @@ impl PrefixIndex for EmptyIndex {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 mod tests {
     use super::*;
     use proptest::prelude::*;

@@ -52,7 +52,12 @@ pub fn rendezvous_weight(key: u64, endpoint: &str) -> u64 {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 mod tests {
     use super::*;
 
@@ -63,9 +68,15 @@ mod tests {
     fn golden_vectors() {
         assert_eq!(chain_root(""), 0xaae1_c7e9_d946_8162);
         assert_eq!(chain_root("m"), 0x81aa_0742_aee3_78bc);
-        assert_eq!(block_hash(chain_root("m"), b"hello world").0, 0xeeec_2f9c_da59_048b);
+        assert_eq!(
+            block_hash(chain_root("m"), b"hello world").0,
+            0xeeec_2f9c_da59_048b
+        );
         assert_eq!(session_key("user-1").0, 0xf55e_82c3_fdab_0b0c);
-        assert_eq!(prefix_key("You are a helpful assistant."), 0x3e01_494f_0a5e_c511);
+        assert_eq!(
+            prefix_key("You are a helpful assistant."),
+            0x3e01_494f_0a5e_c511
+        );
     }
 
     /// A whole request through parsing, canonical text and 16-char blocks.
@@ -75,8 +86,22 @@ mod tests {
         use crate::request::{parse_request, ApiKind};
         let body = br#"{"model":"llama","messages":[{"role":"system","content":"You are a helpful assistant."},{"role":"user","content":"Hello there, how are you today?"}]}"#;
         let req = parse_request(ApiKind::Chat, body).unwrap_or_else(|e| unreachable!("{e}"));
-        let blocks = request_blocks(&req, BlockSpec { block_chars: 16, max_blocks: 100 });
+        let blocks = request_blocks(
+            &req,
+            BlockSpec {
+                block_chars: 16,
+                max_blocks: 100,
+            },
+        );
         let got: Vec<u64> = blocks.iter().map(|b| b.0).collect();
-        assert_eq!(got, [0x4da0_7d29_87a7_029c, 0xa136_4ab9_cab0_3fc1, 0x94f4_9631_5c02_b29e, 0xa9e0_e582_5b43_b905]);
+        assert_eq!(
+            got,
+            [
+                0x4da0_7d29_87a7_029c,
+                0xa136_4ab9_cab0_3fc1,
+                0x94f4_9631_5c02_b29e,
+                0xa9e0_e582_5b43_b905
+            ]
+        );
     }
 }

@@ -170,7 +170,10 @@ pub fn policy(kind: PolicyKind) -> &'static dyn Policy {
 }
 
 fn primary(candidate: usize) -> Pick {
-    Pick { candidate, note: PickNote::Primary }
+    Pick {
+        candidate,
+        note: PickNote::Primary,
+    }
 }
 
 /// Index among the `n` maxima of `score` chosen by `rand`; 0 if `cands` is empty.
@@ -207,7 +210,9 @@ fn load_of(ctx: &PickContext<'_>, i: usize) -> f64 {
 }
 
 fn least_loaded(ctx: &PickContext<'_>) -> usize {
-    argbest(ctx.candidates.len(), ctx.rand, |a, b| load_of(ctx, b).total_cmp(&load_of(ctx, a)))
+    argbest(ctx.candidates.len(), ctx.rand, |a, b| {
+        load_of(ctx, b).total_cmp(&load_of(ctx, a))
+    })
 }
 
 /// Maps `key` onto a candidate with the configured hash mode.
@@ -216,7 +221,11 @@ pub fn hash_pick(ctx: &PickContext<'_>, key: u64) -> usize {
     match ctx.settings.hash_mode {
         HashMode::Modular => (key % n as u64) as usize,
         HashMode::Rendezvous => argbest(ctx.candidates.len(), 0, |a, b| {
-            let w = |i: usize| ctx.candidates.get(i).map_or(0, |c| rendezvous_weight(key, c.name));
+            let w = |i: usize| {
+                ctx.candidates
+                    .get(i)
+                    .map_or(0, |c| rendezvous_weight(key, c.name))
+            };
             w(a).cmp(&w(b))
         }),
     }
@@ -269,7 +278,11 @@ impl Policy for P2c {
     }
     fn pick(&self, ctx: &PickContext<'_>) -> Pick {
         let (i, j) = Self::pair(ctx.candidates.len(), ctx.rand);
-        primary(if load_of(ctx, j) < load_of(ctx, i) { j } else { i })
+        primary(if load_of(ctx, j) < load_of(ctx, i) {
+            j
+        } else {
+            i
+        })
     }
 }
 
@@ -283,7 +296,10 @@ impl Policy for SessionHash {
     fn pick(&self, ctx: &PickContext<'_>) -> Pick {
         match ctx.session {
             Some(key) => primary(hash_pick(ctx, key)),
-            None => Pick { candidate: least_loaded(ctx), note: PickNote::NoSession },
+            None => Pick {
+                candidate: least_loaded(ctx),
+                note: PickNote::NoSession,
+            },
         }
     }
 }
@@ -298,11 +314,17 @@ impl Policy for PrefixKey {
     }
     fn pick(&self, ctx: &PickContext<'_>) -> Pick {
         let Some(key) = ctx.prefix_key else {
-            return Pick { candidate: least_loaded(ctx), note: PickNote::NoPrefixKey };
+            return Pick {
+                candidate: least_loaded(ctx),
+                note: PickNote::NoPrefixKey,
+            };
         };
         let preferred = hash_pick(ctx, key);
         if load_of(ctx, preferred) > f64::from(ctx.settings.prefix_key_threshold) {
-            Pick { candidate: least_loaded(ctx), note: PickNote::Overflow }
+            Pick {
+                candidate: least_loaded(ctx),
+                note: PickNote::Overflow,
+            }
         } else {
             primary(preferred)
         }
@@ -320,14 +342,23 @@ pub struct LoadCacheAware;
 impl LoadCacheAware {
     /// The score of candidate `i`.
     pub fn score(ctx: &PickContext<'_>, i: usize) -> f64 {
-        let Some(c) = ctx.candidates.get(i) else { return f64::NEG_INFINITY };
+        let Some(c) = ctx.candidates.get(i) else {
+            return f64::NEG_INFINITY;
+        };
         let max_load = ctx.candidates.iter().map(|c| c.load).fold(0.0f64, f64::max);
-        let mut affinity =
-            if ctx.total_blocks == 0 { 0.0 } else { f64::from(c.matched_blocks) / f64::from(ctx.total_blocks) };
+        let mut affinity = if ctx.total_blocks == 0 {
+            0.0
+        } else {
+            f64::from(c.matched_blocks) / f64::from(ctx.total_blocks)
+        };
         if c.holds_session {
             affinity = affinity.max(ctx.settings.session_affinity);
         }
-        let pressure = if max_load > 0.0 { c.load / max_load } else { 0.0 };
+        let pressure = if max_load > 0.0 {
+            c.load / max_load
+        } else {
+            0.0
+        };
         ctx.settings.alpha * affinity - ctx.settings.beta * pressure
     }
 }
@@ -336,7 +367,9 @@ impl Policy for LoadCacheAware {
         PolicyKind::LoadCacheAware
     }
     fn pick(&self, ctx: &PickContext<'_>) -> Pick {
-        let scores: Vec<f64> = (0..ctx.candidates.len()).map(|i| Self::score(ctx, i)).collect();
+        let scores: Vec<f64> = (0..ctx.candidates.len())
+            .map(|i| Self::score(ctx, i))
+            .collect();
         let s = |i: usize| scores.get(i).copied().unwrap_or(f64::NEG_INFINITY);
         primary(argbest(ctx.candidates.len(), ctx.rand, |a, b| {
             let d = s(a) - s(b);
@@ -350,7 +383,12 @@ impl Policy for LoadCacheAware {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
@@ -372,8 +410,21 @@ mod tests {
         })
     }
 
-    fn ctx<'a>(c: &'a [Candidate<'a>], s: &'a PolicySettings, seq: u64, rand: u64) -> PickContext<'a> {
-        PickContext { candidates: c, total_blocks: 20, session: Some(seq), prefix_key: Some(seq), settings: s, seq, rand }
+    fn ctx<'a>(
+        c: &'a [Candidate<'a>],
+        s: &'a PolicySettings,
+        seq: u64,
+        rand: u64,
+    ) -> PickContext<'a> {
+        PickContext {
+            candidates: c,
+            total_blocks: 20,
+            session: Some(seq),
+            prefix_key: Some(seq),
+            settings: s,
+            seq,
+            rand,
+        }
     }
 
     #[test]
@@ -477,24 +528,74 @@ mod tests {
     fn no_session_or_key_falls_back_to_jsq() {
         let s = PolicySettings::default();
         let c = [
-            Candidate { endpoint: 0, name: "a", load: 3.0, matched_blocks: 0, holds_session: false },
-            Candidate { endpoint: 1, name: "b", load: 1.0, matched_blocks: 0, holds_session: false },
+            Candidate {
+                endpoint: 0,
+                name: "a",
+                load: 3.0,
+                matched_blocks: 0,
+                holds_session: false,
+            },
+            Candidate {
+                endpoint: 1,
+                name: "b",
+                load: 1.0,
+                matched_blocks: 0,
+                holds_session: false,
+            },
         ];
-        let x = PickContext { session: None, prefix_key: None, ..ctx(&c, &s, 0, 0) };
-        assert_eq!(SessionHash.pick(&x), Pick { candidate: 1, note: PickNote::NoSession });
-        assert_eq!(PrefixKey.pick(&x), Pick { candidate: 1, note: PickNote::NoPrefixKey });
+        let x = PickContext {
+            session: None,
+            prefix_key: None,
+            ..ctx(&c, &s, 0, 0)
+        };
+        assert_eq!(
+            SessionHash.pick(&x),
+            Pick {
+                candidate: 1,
+                note: PickNote::NoSession
+            }
+        );
+        assert_eq!(
+            PrefixKey.pick(&x),
+            Pick {
+                candidate: 1,
+                note: PickNote::NoPrefixKey
+            }
+        );
     }
 
     #[test]
     fn rendezvous_moves_only_removed_endpoint_keys() {
-        let s = PolicySettings { hash_mode: HashMode::Rendezvous, ..PolicySettings::default() };
+        let s = PolicySettings {
+            hash_mode: HashMode::Rendezvous,
+            ..PolicySettings::default()
+        };
         let all: Vec<Candidate<'_>> = (0..4)
-            .map(|i| Candidate { endpoint: i, name: NAMES[i], load: 0.0, matched_blocks: 0, holds_session: false })
+            .map(|i| Candidate {
+                endpoint: i,
+                name: NAMES[i],
+                load: 0.0,
+                matched_blocks: 0,
+                holds_session: false,
+            })
             .collect();
-        let without2: Vec<Candidate<'_>> = all.iter().filter(|c| c.endpoint != 2).cloned().collect();
+        let without2: Vec<Candidate<'_>> =
+            all.iter().filter(|c| c.endpoint != 2).cloned().collect();
         for key in 0..500u64 {
-            let a = all[SessionHash.pick(&PickContext { session: Some(key), ..ctx(&all, &s, 0, 0) }).candidate].endpoint;
-            let b = without2[SessionHash.pick(&PickContext { session: Some(key), ..ctx(&without2, &s, 0, 0) }).candidate].endpoint;
+            let a = all[SessionHash
+                .pick(&PickContext {
+                    session: Some(key),
+                    ..ctx(&all, &s, 0, 0)
+                })
+                .candidate]
+                .endpoint;
+            let b = without2[SessionHash
+                .pick(&PickContext {
+                    session: Some(key),
+                    ..ctx(&without2, &s, 0, 0)
+                })
+                .candidate]
+                .endpoint;
             if a != 2 {
                 assert_eq!(a, b);
             }

@@ -9,7 +9,7 @@
 //! blocks of `block_chars` Unicode scalar values and hashes each one chained to its parent.
 
 use crate::hash::{block_hash, chain_root, prefix_key, BlockHash};
-use crate::request::{Content, Part, ParsedRequest, Prompt, PromptText};
+use crate::request::{Content, ParsedRequest, Part, Prompt, PromptText};
 use xxhash_rust::xxh3::Xxh3;
 
 const RS: &str = "\u{1e}";
@@ -30,7 +30,10 @@ pub struct BlockSpec {
 
 impl Default for BlockSpec {
     fn default() -> Self {
-        Self { block_chars: 64, max_blocks: 1024 }
+        Self {
+            block_chars: 64,
+            max_blocks: 1024,
+        }
     }
 }
 
@@ -113,7 +116,10 @@ impl BlockChunker {
         let block_chars = spec.block_chars.max(1);
         let parent = chain_root(model);
         Self {
-            spec: BlockSpec { block_chars, max_blocks: spec.max_blocks },
+            spec: BlockSpec {
+                block_chars,
+                max_blocks: spec.max_blocks,
+            },
             hasher: Xxh3::with_seed(parent),
             parent,
             chars_in_block: 0,
@@ -238,7 +244,12 @@ pub fn canonical_text(req: &ParsedRequest<'_>) -> String {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 mod tests {
     use super::*;
     use crate::request::{parse_request, ApiKind};
@@ -254,8 +265,14 @@ mod tests {
 
     #[test]
     fn streaming_equals_one_piece() {
-        let spec = BlockSpec { block_chars: 7, max_blocks: 100 };
-        let body = chat_body(&[("system", "héllo wörld, ünïcode ✓ text"), ("user", "and more ascii text here")]);
+        let spec = BlockSpec {
+            block_chars: 7,
+            max_blocks: 100,
+        };
+        let body = chat_body(&[
+            ("system", "héllo wörld, ünïcode ✓ text"),
+            ("user", "and more ascii text here"),
+        ]);
         let req = parse_request(ApiKind::Chat, body.as_bytes()).unwrap();
         let text = canonical_text(&req);
         assert_eq!(request_blocks(&req, spec), text_blocks(&text, "m", spec));
@@ -264,7 +281,10 @@ mod tests {
 
     #[test]
     fn cap_on_blocks() {
-        let spec = BlockSpec { block_chars: 4, max_blocks: 3 };
+        let spec = BlockSpec {
+            block_chars: 4,
+            max_blocks: 3,
+        };
         let body = chat_body(&[("user", &"x".repeat(1000))]);
         let req = parse_request(ApiKind::Chat, body.as_bytes()).unwrap();
         assert_eq!(request_blocks(&req, spec).len(), 3);
@@ -281,7 +301,13 @@ mod tests {
     fn prefix_key_uses_system_prompt_first_200_chars() {
         let long = "s".repeat(300);
         let a = chat_body(&[("user", "q1"), ("system", &long)]);
-        let b = chat_body(&[("system", &format!("{}{}", "s".repeat(200), "different tail")), ("user", "q2")]);
+        let b = chat_body(&[
+            (
+                "system",
+                &format!("{}{}", "s".repeat(200), "different tail"),
+            ),
+            ("user", "q2"),
+        ]);
         let ra = parse_request(ApiKind::Chat, a.as_bytes()).unwrap();
         let rb = parse_request(ApiKind::Chat, b.as_bytes()).unwrap();
         assert_eq!(prefix_key_text(&ra).chars().count(), 200);

@@ -54,8 +54,13 @@ pub enum ParseError {
 
 impl ParseError {
     /// Every reason, for defining one counter each.
-    pub const ALL: [ParseError; 5] =
-        [Self::EmptyBody, Self::InvalidUtf8, Self::NotJson, Self::WrongType, Self::NoPrompt];
+    pub const ALL: [ParseError; 5] = [
+        Self::EmptyBody,
+        Self::InvalidUtf8,
+        Self::NotJson,
+        Self::WrongType,
+        Self::NoPrompt,
+    ];
 
     /// Stable name used in stats.
     pub fn reason(self) -> &'static str {
@@ -161,10 +166,16 @@ pub fn parse_request(kind: ApiKind, body: &[u8]) -> Result<ParsedRequest<'_>, Pa
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(ParseError::EmptyBody);
     }
-    let text = std::str::from_utf8(body).map_err(|_| ParseError::InvalidUtf8)?;
-    let raw: RawRequest<'_> = serde_json::from_str(text).map_err(|e| match e.classify() {
-        serde_json::error::Category::Data => ParseError::WrongType,
-        _ => ParseError::NotJson,
+    // One pass: serde_json validates UTF-8 inside strings as it parses. Only on failure is the body
+    // scanned again, to tell invalid UTF-8 from other syntax errors.
+    let raw: RawRequest<'_> = serde_json::from_slice(body).map_err(|e| {
+        if std::str::from_utf8(body).is_err() {
+            ParseError::InvalidUtf8
+        } else if e.classify() == serde_json::error::Category::Data {
+            ParseError::WrongType
+        } else {
+            ParseError::NotJson
+        }
     })?;
     let prompt = match kind {
         ApiKind::Chat => match raw.messages {
@@ -179,7 +190,11 @@ pub fn parse_request(kind: ApiKind, body: &[u8]) -> Result<ParsedRequest<'_>, Pa
     Ok(ParsedRequest {
         model: raw.model.unwrap_or(Cow::Borrowed("")),
         user: raw.user,
-        tools: if kind == ApiKind::Chat { raw.tools } else { None },
+        tools: if kind == ApiKind::Chat {
+            raw.tools
+        } else {
+            None
+        },
         prompt,
     })
 }
@@ -262,7 +277,11 @@ impl<'de: 'a, 'a> Deserialize<'de> for RawPrompt<'a> {
         match s.as_bytes().first() {
             Some(b'"') => {
                 let t = json_str(s).map_err(de::Error::custom)?;
-                Ok(RawPrompt(if t.is_empty() { None } else { Some(PromptText::Text(t)) }))
+                Ok(RawPrompt(if t.is_empty() {
+                    None
+                } else {
+                    Some(PromptText::Text(t))
+                }))
             }
             Some(b'[') => {
                 let mut items = serde_json::Deserializer::from_str(s);
@@ -272,11 +291,19 @@ impl<'de: 'a, 'a> Deserialize<'de> for RawPrompt<'a> {
                     Some(item) => match item.get().as_bytes().first() {
                         Some(b'"') => {
                             let t = json_str(item.get()).map_err(de::Error::custom)?;
-                            if t.is_empty() { None } else { Some(PromptText::Text(t)) }
+                            if t.is_empty() {
+                                None
+                            } else {
+                                Some(PromptText::Text(t))
+                            }
                         }
                         Some(b'[') => Some(PromptText::Tokens(item)),
                         Some(b'0'..=b'9') => Some(PromptText::Tokens(raw)),
-                        _ => return Err(de::Error::custom("prompt items must be strings or token ids")),
+                        _ => {
+                            return Err(de::Error::custom(
+                                "prompt items must be strings or token ids",
+                            ))
+                        }
                     },
                 }))
             }
@@ -315,7 +342,12 @@ impl<'de: 'a, 'a> Deserialize<'de> for FirstItem<'a> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 mod tests {
     use super::*;
 
@@ -325,9 +357,18 @@ mod tests {
 
     #[test]
     fn paths() {
-        assert_eq!(ApiKind::from_path("/v1/chat/completions"), Some(ApiKind::Chat));
-        assert_eq!(ApiKind::from_path("/v1/chat/completions?x=1"), Some(ApiKind::Chat));
-        assert_eq!(ApiKind::from_path("/v1/completions"), Some(ApiKind::Completions));
+        assert_eq!(
+            ApiKind::from_path("/v1/chat/completions"),
+            Some(ApiKind::Chat)
+        );
+        assert_eq!(
+            ApiKind::from_path("/v1/chat/completions?x=1"),
+            Some(ApiKind::Chat)
+        );
+        assert_eq!(
+            ApiKind::from_path("/v1/completions"),
+            Some(ApiKind::Completions)
+        );
         assert_eq!(ApiKind::from_path("/v1/models"), None);
         assert_eq!(ApiKind::from_path("/v1/chat/completionsx"), None);
     }
@@ -344,8 +385,13 @@ mod tests {
         assert_eq!(r.user.as_deref(), Some("u1"));
         let Prompt::Chat(m) = &r.prompt else { panic!() };
         assert_eq!(m.len(), 3);
-        assert!(matches!(&m[0].content, Content::Text(Cow::Borrowed("You are terse."))));
-        let Content::Parts(p) = &m[1].content else { panic!() };
+        assert!(matches!(
+            &m[0].content,
+            Content::Text(Cow::Borrowed("You are terse."))
+        ));
+        let Content::Parts(p) = &m[1].content else {
+            panic!()
+        };
         assert!(matches!(&p[0], Part::Text(t) if t == "hi"));
         assert!(matches!(&p[1], Part::Other(_)));
         assert!(matches!(m[2].content, Content::None));
@@ -362,30 +408,63 @@ mod tests {
     #[test]
     fn completions_prompt_forms() {
         let p = |b: &'static str| parse_request(ApiKind::Completions, b.as_bytes());
-        assert!(matches!(p(r#"{"prompt":"abc"}"#).unwrap().prompt, Prompt::Text(PromptText::Text(Cow::Borrowed("abc")))));
-        assert!(matches!(p(r#"{"prompt":["abc","def"]}"#).unwrap().prompt, Prompt::Text(PromptText::Text(t)) if t == "abc"));
-        assert!(matches!(p(r#"{"prompt":[1,2,3]}"#).unwrap().prompt, Prompt::Text(PromptText::Tokens(t)) if t.get() == "[1,2,3]"));
-        assert!(matches!(p(r#"{"prompt":[[1,2],[3]]}"#).unwrap().prompt, Prompt::Text(PromptText::Tokens(t)) if t.get() == "[1,2]"));
+        assert!(matches!(
+            p(r#"{"prompt":"abc"}"#).unwrap().prompt,
+            Prompt::Text(PromptText::Text(Cow::Borrowed("abc")))
+        ));
+        assert!(
+            matches!(p(r#"{"prompt":["abc","def"]}"#).unwrap().prompt, Prompt::Text(PromptText::Text(t)) if t == "abc")
+        );
+        assert!(
+            matches!(p(r#"{"prompt":[1,2,3]}"#).unwrap().prompt, Prompt::Text(PromptText::Tokens(t)) if t.get() == "[1,2,3]")
+        );
+        assert!(
+            matches!(p(r#"{"prompt":[[1,2],[3]]}"#).unwrap().prompt, Prompt::Text(PromptText::Tokens(t)) if t.get() == "[1,2]")
+        );
         assert_eq!(p(r#"{"prompt":""}"#).unwrap_err(), ParseError::NoPrompt);
         assert_eq!(p(r#"{"prompt":[]}"#).unwrap_err(), ParseError::NoPrompt);
         assert_eq!(p(r#"{"prompt":5}"#).unwrap_err(), ParseError::WrongType);
         assert_eq!(p(r#"{"prompt":[{}]}"#).unwrap_err(), ParseError::WrongType);
-        assert_eq!(p(r#"{"messages":[{"role":"user","content":"x"}]}"#).unwrap_err(), ParseError::NoPrompt);
+        assert_eq!(
+            p(r#"{"messages":[{"role":"user","content":"x"}]}"#).unwrap_err(),
+            ParseError::NoPrompt
+        );
     }
 
     #[test]
     fn errors_by_reason() {
         assert_eq!(chat("").unwrap_err(), ParseError::EmptyBody);
         assert_eq!(chat("  \n").unwrap_err(), ParseError::EmptyBody);
-        assert_eq!(parse_request(ApiKind::Chat, b"{\"messages\":\"\xff\"}").unwrap_err(), ParseError::InvalidUtf8);
+        assert_eq!(
+            parse_request(ApiKind::Chat, b"{\"messages\":\"\xff\"}").unwrap_err(),
+            ParseError::InvalidUtf8
+        );
         assert_eq!(chat("hello").unwrap_err(), ParseError::NotJson);
-        assert_eq!(chat(r#"{"messages":[{"role":"user","content":"x"}"#).unwrap_err(), ParseError::NotJson);
+        assert_eq!(
+            chat(r#"{"messages":[{"role":"user","content":"x"}"#).unwrap_err(),
+            ParseError::NotJson
+        );
         assert_eq!(chat("[1,2]").unwrap_err(), ParseError::WrongType);
-        assert_eq!(chat(r#"{"messages":"hi"}"#).unwrap_err(), ParseError::WrongType);
-        assert_eq!(chat(r#"{"messages":[{"role":5,"content":"x"}]}"#).unwrap_err(), ParseError::WrongType);
-        assert_eq!(chat(r#"{"messages":[{"role":"user","content":7}]}"#).unwrap_err(), ParseError::WrongType);
-        assert_eq!(chat(r#"{"model":1,"messages":[{"role":"user","content":"x"}]}"#).unwrap_err(), ParseError::WrongType);
-        assert_eq!(chat(r#"{"messages":[]}"#).unwrap_err(), ParseError::NoPrompt);
+        assert_eq!(
+            chat(r#"{"messages":"hi"}"#).unwrap_err(),
+            ParseError::WrongType
+        );
+        assert_eq!(
+            chat(r#"{"messages":[{"role":5,"content":"x"}]}"#).unwrap_err(),
+            ParseError::WrongType
+        );
+        assert_eq!(
+            chat(r#"{"messages":[{"role":"user","content":7}]}"#).unwrap_err(),
+            ParseError::WrongType
+        );
+        assert_eq!(
+            chat(r#"{"model":1,"messages":[{"role":"user","content":"x"}]}"#).unwrap_err(),
+            ParseError::WrongType
+        );
+        assert_eq!(
+            chat(r#"{"messages":[]}"#).unwrap_err(),
+            ParseError::NoPrompt
+        );
         assert_eq!(chat(r#"{"model":"m"}"#).unwrap_err(), ParseError::NoPrompt);
     }
 }

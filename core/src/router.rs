@@ -25,12 +25,20 @@ pub struct RequestFeatures {
 }
 
 /// Features of a parsed request. `session_header` is the value of the configured session header.
-pub fn features(req: &ParsedRequest<'_>, session_header: Option<&str>, spec: BlockSpec) -> RequestFeatures {
+pub fn features(
+    req: &ParsedRequest<'_>,
+    session_header: Option<&str>,
+    spec: BlockSpec,
+) -> RequestFeatures {
     let session = session_header
         .filter(|s| !s.is_empty())
         .or(req.user.as_deref().filter(|s| !s.is_empty()))
         .map(|s| session_key(s).0);
-    RequestFeatures { blocks: request_blocks(req, spec), session, prefix_key: request_prefix_key(req) }
+    RequestFeatures {
+        blocks: request_blocks(req, spec),
+        session,
+        prefix_key: request_prefix_key(req),
+    }
 }
 
 /// Parses a body and computes its features in one step.
@@ -147,7 +155,10 @@ pub fn decide(
     // endpoint even when the policy did not read it.
     let predicted_blocks = match lens.get(endpoint) {
         Some(l) => *l,
-        None => match_lengths(index, &features.blocks, n).get(endpoint).copied().unwrap_or(0),
+        None => match_lengths(index, &features.blocks, n)
+            .get(endpoint)
+            .copied()
+            .unwrap_or(0),
     };
     Decision {
         endpoint,
@@ -162,17 +173,33 @@ pub fn decide(
 
 /// The load-only fallback: JSQ over the healthy endpoints, for requests that cannot be parsed.
 pub fn decide_by_load(inputs: &Inputs<'_>) -> Decision {
-    decide(&RequestFeatures::default(), &crate::directory::EmptyIndex, inputs, Some(PolicyKind::Jsq))
+    decide(
+        &RequestFeatures::default(),
+        &crate::directory::EmptyIndex,
+        inputs,
+        Some(PolicyKind::Jsq),
+    )
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 mod tests {
     use super::*;
     use crate::directory::Directory;
 
     fn eps(n: usize) -> Vec<EndpointConfig> {
-        (0..n).map(|i| EndpointConfig { name: format!("e{i}"), cluster: None, capacity_blocks: None }).collect()
+        (0..n)
+            .map(|i| EndpointConfig {
+                name: format!("e{i}"),
+                cluster: None,
+                capacity_blocks: None,
+            })
+            .collect()
     }
 
     #[test]
@@ -180,16 +207,42 @@ mod tests {
         let endpoints = eps(3);
         let mut dir = Directory::new(&[1000; 3], 100);
         let body = br#"{"model":"m","messages":[{"role":"system","content":"You are a helpful assistant. Answer in full sentences and cite your sources."},{"role":"user","content":"What is the capital of France and why?"}]}"#;
-        let f = body_features(ApiKind::Chat, body, None, BlockSpec { block_chars: 16, max_blocks: 64 }).unwrap();
+        let f = body_features(
+            ApiKind::Chat,
+            body,
+            None,
+            BlockSpec {
+                block_chars: 16,
+                max_blocks: 64,
+            },
+        )
+        .unwrap();
         assert!(f.blocks.len() >= 5);
         dir.record(2, &f.blocks, None);
         let settings = PolicySettings::default();
         let mut status = vec![EndpointStatus::default(); 3];
-        let inputs = Inputs { endpoints: &endpoints, status: &status, inflight: &[0, 0, 0], settings: &settings, seq: 0, rand: 1 };
+        let inputs = Inputs {
+            endpoints: &endpoints,
+            status: &status,
+            inflight: &[0, 0, 0],
+            settings: &settings,
+            seq: 0,
+            rand: 1,
+        };
         let d = decide(&f, &dir, &inputs, None);
-        assert_eq!((d.endpoint, d.predicted_blocks, d.total_blocks), (2, f.blocks.len() as u32, f.blocks.len() as u32));
+        assert_eq!(
+            (d.endpoint, d.predicted_blocks, d.total_blocks),
+            (2, f.blocks.len() as u32, f.blocks.len() as u32)
+        );
         status[2].healthy = false;
-        let inputs = Inputs { endpoints: &endpoints, status: &status, inflight: &[0, 0, 0], settings: &settings, seq: 0, rand: 1 };
+        let inputs = Inputs {
+            endpoints: &endpoints,
+            status: &status,
+            inflight: &[0, 0, 0],
+            settings: &settings,
+            seq: 0,
+            rand: 1,
+        };
         let d = decide(&f, &dir, &inputs, None);
         assert_ne!(d.endpoint, 2);
         assert_eq!(d.predicted_blocks, 0);
@@ -199,18 +252,50 @@ mod tests {
     fn fallback_is_least_loaded_and_all_unhealthy_means_all() {
         let endpoints = eps(3);
         let settings = PolicySettings::default();
-        let status = vec![EndpointStatus { healthy: false, engine: None }; 3];
-        let inputs = Inputs { endpoints: &endpoints, status: &status, inflight: &[4, 1, 2], settings: &settings, seq: 0, rand: 9 };
+        let status = vec![
+            EndpointStatus {
+                healthy: false,
+                engine: None
+            };
+            3
+        ];
+        let inputs = Inputs {
+            endpoints: &endpoints,
+            status: &status,
+            inflight: &[4, 1, 2],
+            settings: &settings,
+            seq: 0,
+            rand: 9,
+        };
         let d = decide_by_load(&inputs);
-        assert_eq!((d.endpoint, d.policy, d.no_healthy), (1, PolicyKind::Jsq, true));
+        assert_eq!(
+            (d.endpoint, d.policy, d.no_healthy),
+            (1, PolicyKind::Jsq, true)
+        );
     }
 
     #[test]
     fn engine_signal_missing_uses_inflight() {
         let endpoints = eps(2);
-        let settings = PolicySettings { policy: PolicyKind::Jsq, load_signal: LoadSignal::EngineWaiting, ..Default::default() };
-        let inputs = Inputs { endpoints: &endpoints, status: &[], inflight: &[5, 2], settings: &settings, seq: 0, rand: 0 };
-        let d = decide(&RequestFeatures::default(), &crate::directory::EmptyIndex, &inputs, None);
+        let settings = PolicySettings {
+            policy: PolicyKind::Jsq,
+            load_signal: LoadSignal::EngineWaiting,
+            ..Default::default()
+        };
+        let inputs = Inputs {
+            endpoints: &endpoints,
+            status: &[],
+            inflight: &[5, 2],
+            settings: &settings,
+            seq: 0,
+            rand: 0,
+        };
+        let d = decide(
+            &RequestFeatures::default(),
+            &crate::directory::EmptyIndex,
+            &inputs,
+            None,
+        );
         assert_eq!(d.endpoint, 1);
         assert!(d.engine_load_missing);
     }

@@ -53,7 +53,10 @@ pub struct EndpointStatus {
 
 impl Default for EndpointStatus {
     fn default() -> Self {
-        Self { healthy: true, engine: None }
+        Self {
+            healthy: true,
+            engine: None,
+        }
     }
 }
 
@@ -68,6 +71,8 @@ pub struct StateHeader {
     pub settings: PolicySettings,
     /// One status per configured endpoint, in configuration order.
     pub endpoints: Vec<EndpointStatus>,
+    /// When the published directory was taken, in ms since the epoch (0: no directory published).
+    pub directory_as_of_ms: u64,
     /// Decisions the singleton has recorded in the directory so far.
     pub decisions_recorded: u64,
 }
@@ -86,18 +91,23 @@ pub enum StateError {
     Header,
 }
 
-/// Encodes a state with the directory's entries.
-pub fn encode(header: &StateHeader, directory: Option<&Directory>) -> Vec<u8> {
-    let head = postcard::to_allocvec(header).unwrap_or_default();
-    let dir_n = directory.map_or(0, Directory::distinct_blocks);
-    let sess_n = directory.map_or(0, Directory::sessions);
-    let mut out = Vec::with_capacity(16 + head.len() + 16 * (dir_n + sess_n));
-    out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&(head.len() as u32).to_le_bytes());
-    out.extend_from_slice(&head);
-    out.extend_from_slice(&(dir_n as u32).to_le_bytes());
-    out.extend_from_slice(&(sess_n as u32).to_le_bytes());
-    if let Some(d) = directory {
+/// The encoded directory part of a state (entry counts and pairs), kept between publishes so that
+/// a settings change can be published without publishing a newer directory.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DirectorySection(Vec<u8>);
+
+impl DirectorySection {
+    /// An empty directory.
+    pub fn empty() -> Self {
+        Self(vec![0; 8])
+    }
+
+    /// The directory's current entries and sessions.
+    pub fn of(d: &Directory) -> Self {
+        let (dir_n, sess_n) = (d.distinct_blocks(), d.sessions());
+        let mut out = Vec::with_capacity(8 + 16 * (dir_n + sess_n));
+        out.extend_from_slice(&(dir_n as u32).to_le_bytes());
+        out.extend_from_slice(&(sess_n as u32).to_le_bytes());
         for (h, m) in d.entries() {
             out.extend_from_slice(&h.0.to_le_bytes());
             out.extend_from_slice(&m.to_le_bytes());
@@ -108,8 +118,79 @@ pub fn encode(header: &StateHeader, directory: Option<&Directory>) -> Vec<u8> {
             out.extend_from_slice(&s.to_le_bytes());
             out.extend_from_slice(&(e as u64).to_le_bytes());
         }
+        Self(out)
     }
+
+    /// Encoded size in bytes.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// True when it holds no entries.
+    pub fn is_empty(&self) -> bool {
+        self.0.len() <= 8
+    }
+}
+
+/// Encodes a state.
+pub fn encode(header: &StateHeader, directory: &DirectorySection) -> Vec<u8> {
+    let head = postcard::to_allocvec(header).unwrap_or_default();
+    let dir = if directory.0.len() >= 8 {
+        &directory.0[..]
+    } else {
+        &[0u8; 8][..]
+    };
+    let mut out = Vec::with_capacity(8 + head.len() + dir.len());
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&(head.len() as u32).to_le_bytes());
+    out.extend_from_slice(&head);
+    out.extend_from_slice(dir);
     out
+}
+
+/// A worker's report of one decision, sent to the singleton over the shared queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DecisionReport {
+    /// Chosen endpoint.
+    pub endpoint: u16,
+    /// Session key, if any.
+    pub session: Option<u64>,
+    /// The request's block hashes.
+    pub blocks: Vec<BlockHash>,
+}
+
+impl DecisionReport {
+    /// Wire form: endpoint u16 LE, has_session u8, session u64 LE, n u32 LE, n hashes u64 LE.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(15 + 8 * self.blocks.len());
+        out.extend_from_slice(&self.endpoint.to_le_bytes());
+        out.push(u8::from(self.session.is_some()));
+        out.extend_from_slice(&self.session.unwrap_or(0).to_le_bytes());
+        out.extend_from_slice(&(self.blocks.len() as u32).to_le_bytes());
+        for b in &self.blocks {
+            out.extend_from_slice(&b.0.to_le_bytes());
+        }
+        out
+    }
+
+    /// Decodes the wire form; None if malformed.
+    pub fn decode(b: &[u8]) -> Option<Self> {
+        let endpoint = u16::from_le_bytes(b.get(0..2)?.try_into().ok()?);
+        let has_session = *b.get(2)? == 1;
+        let session = u64_at(b, 3)?;
+        let n = u32_at(b, 11)? as usize;
+        if b.len() != 15 + 8 * n {
+            return None;
+        }
+        let blocks = (0..n)
+            .map(|i| u64_at(b, 15 + 8 * i).map(BlockHash))
+            .collect::<Option<Vec<_>>>()?;
+        Some(Self {
+            endpoint,
+            session: has_session.then_some(session),
+            blocks,
+        })
+    }
 }
 
 /// A decoded state, owning its bytes; lookups read the bytes in place.
@@ -123,11 +204,15 @@ pub struct PublishedState {
 }
 
 fn u32_at(b: &[u8], at: usize) -> Option<u32> {
-    b.get(at..at + 4).and_then(|s| s.try_into().ok()).map(u32::from_le_bytes)
+    b.get(at..at + 4)
+        .and_then(|s| s.try_into().ok())
+        .map(u32::from_le_bytes)
 }
 
 fn u64_at(b: &[u8], at: usize) -> Option<u64> {
-    b.get(at..at + 8).and_then(|s| s.try_into().ok()).map(u64::from_le_bytes)
+    b.get(at..at + 8)
+        .and_then(|s| s.try_into().ok())
+        .map(u64::from_le_bytes)
 }
 
 impl PublishedState {
@@ -147,7 +232,12 @@ impl PublishedState {
         if bytes.len() != sess.end {
             return Err(StateError::Truncated);
         }
-        Ok(Self { bytes, header, dir, sess })
+        Ok(Self {
+            bytes,
+            header,
+            dir,
+            sess,
+        })
     }
 
     /// Directory entries published.
@@ -197,7 +287,12 @@ pub fn decode_inflight(bytes: &[u8], n: usize, out: &mut Vec<i64>) {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 mod tests {
     use super::*;
     use crate::directory::match_lengths;
@@ -208,7 +303,14 @@ mod tests {
             version: 7,
             published_at_ms: 1_700_000_000_000,
             settings: PolicySettings::default(),
-            endpoints: vec![EndpointStatus::default(), EndpointStatus { healthy: false, engine: None }],
+            endpoints: vec![
+                EndpointStatus::default(),
+                EndpointStatus {
+                    healthy: false,
+                    engine: None,
+                },
+            ],
+            directory_as_of_ms: 1_700_000_000_000,
             decisions_recorded: 3,
         }
     }
@@ -219,7 +321,7 @@ mod tests {
         let blocks: Vec<BlockHash> = (1..=20).map(BlockHash).collect();
         d.record(0, &blocks, Some(99));
         d.record(1, &blocks[..5], Some(5));
-        let s = PublishedState::decode(encode(&header(), Some(&d))).unwrap();
+        let s = PublishedState::decode(encode(&header(), &DirectorySection::of(&d))).unwrap();
         assert_eq!(s.header, header());
         assert_eq!(s.directory_entries(), 20);
         assert_eq!(match_lengths(&s, &blocks, 2), match_lengths(&d, &blocks, 2));
@@ -230,13 +332,22 @@ mod tests {
 
     #[test]
     fn rejects_bad_values() {
-        assert_eq!(PublishedState::decode(vec![]).unwrap_err(), StateError::Magic);
-        let mut b = encode(&header(), None);
+        assert_eq!(
+            PublishedState::decode(vec![]).unwrap_err(),
+            StateError::Magic
+        );
+        let mut b = encode(&header(), &DirectorySection::empty());
         b.pop();
-        assert_eq!(PublishedState::decode(b).unwrap_err(), StateError::Truncated);
-        let mut b = encode(&header(), None);
+        assert_eq!(
+            PublishedState::decode(b).unwrap_err(),
+            StateError::Truncated
+        );
+        let mut b = encode(&header(), &DirectorySection::empty());
         b.push(0);
-        assert_eq!(PublishedState::decode(b).unwrap_err(), StateError::Truncated);
+        assert_eq!(
+            PublishedState::decode(b).unwrap_err(),
+            StateError::Truncated
+        );
     }
 
     proptest! {
@@ -256,10 +367,26 @@ mod tests {
             for (e, b) in &ops {
                 d.record(*e, &b.iter().map(|x| BlockHash(*x)).collect::<Vec<_>>(), Some(*e as u64));
             }
-            let s = PublishedState::decode(encode(&header(), Some(&d))).unwrap();
+            let s = PublishedState::decode(encode(&header(), &DirectorySection::of(&d))).unwrap();
             let probe: Vec<BlockHash> = probe.into_iter().map(BlockHash).collect();
             prop_assert_eq!(match_lengths(&s, &probe, 3), match_lengths(&d, &probe, 3));
         }
+    }
+
+    #[test]
+    fn report_round_trip_and_rejects_garbage() {
+        let r = DecisionReport {
+            endpoint: 3,
+            session: Some(42),
+            blocks: vec![BlockHash(1), BlockHash(u64::MAX)],
+        };
+        assert_eq!(DecisionReport::decode(&r.encode()), Some(r.clone()));
+        let r2 = DecisionReport { session: None, ..r };
+        assert_eq!(DecisionReport::decode(&r2.encode()), Some(r2.clone()));
+        let mut b = r2.encode();
+        b.pop();
+        assert_eq!(DecisionReport::decode(&b), None);
+        assert_eq!(DecisionReport::decode(&[]), None);
     }
 
     #[test]

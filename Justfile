@@ -1,0 +1,57 @@
+# kvroute recipes. `./dev RECIPE` bootstraps the tools first; CI runs `./dev test`.
+set shell := ["bash", "-euo", "pipefail", "-c"]
+export PATH := justfile_directory() + "/.tools/bin:" + env_var("PATH")
+
+wasm_out := "target/wasm32-wasip1/release/kvroute_filter.wasm"
+
+default:
+    @just --list
+
+# Install the wasm target, Envoy and just into the project (idempotent).
+bootstrap:
+    bash scripts/bootstrap.sh
+
+# Build the wasm filter (release).
+wasm:
+    cargo build -p kvroute-filter --target wasm32-wasip1 --release
+    @ls -l {{wasm_out}} | awk '{print "wasm: " $5 " bytes"}'
+
+# Build everything: host crates and the filter.
+build: wasm
+    cargo build --workspace --release
+
+check-fmt:
+    cargo fmt --all --check
+
+# Clippy for the host crates and for the filter on wasm32, warnings denied.
+clippy:
+    cargo clippy --workspace --all-targets -- -D warnings
+    cargo clippy -p kvroute-filter --target wasm32-wasip1 -- -D warnings
+
+# Unit and property tests (no Envoy).
+unit:
+    cargo test -p kvroute-core -p kvroute-workloads
+
+# Validate every Envoy config the project ships (starts the VM and runs on_configure).
+validate-configs: wasm
+    for f in envoy/*.yaml; do envoy --mode validate -c "$f" --log-level warn >/dev/null && echo "valid: $f"; done
+
+# Regenerate envoy/envoy.yaml from the generator.
+envoy-config:
+    cargo run -q -p kvroute-workloads --bin kvroute-envoy-config > envoy/envoy.yaml
+
+# End-to-end tests against the real Envoy with the real filter.
+e2e: wasm
+    cargo test -p kvroute-e2e -- --test-threads 2
+
+# Everything CI checks.
+test: check-fmt clippy unit validate-configs e2e
+
+# The main job: build, then route scripted conversations with every policy through Envoy.
+main: build
+    cargo run -q --release -p kvroute-workloads --bin kvroute-demo -- --out results/demo
+
+# Benchmarks: decision cost in the core, and the filter's added latency in Envoy.
+bench: build
+    cargo bench -p kvroute-core --bench decision
+    cargo run -q --release -p kvroute-workloads --bin kvroute-bench-envoy

@@ -1,0 +1,112 @@
+//! kvroute-filter: the proxy-wasm glue between Envoy and kvroute-core.
+//!
+//! One wasm module, two roles, chosen by the plugin's `root_id`:
+//! - `kvroute` (HTTP filter, one root context per worker VM): pauses POST `/v1/chat/completions` and
+//!   `/v1/completions` on their headers, buffers the body up to `max_body_bytes`, asks the core for a
+//!   decision against the published state, sets the routing header and continues. Everything else
+//!   passes through. It never fails a request: any problem routes by load and is counted.
+//! - `kvroute_state` (singleton `envoy.bootstrap.wasm` service, same `vm_id`): owns the prefix
+//!   directory, applies the decisions the workers report over a shared queue, polls the admin
+//!   `/runtime` for `kvroute.*` values, and publishes one versioned state value to shared data.
+//!
+//! The request path reads only shared data and VM memory; it never waits on the network.
+
+mod host;
+mod metrics;
+mod singleton;
+mod worker;
+
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{ContextType, LogLevel};
+
+/// Root id of the HTTP filter role.
+pub const FILTER_ROOT_ID: &str = "kvroute";
+/// Root id of the singleton role.
+pub const SINGLETON_ROOT_ID: &str = "kvroute_state";
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(LogLevel::Info);
+    std::panic::set_hook(Box::new(|info| {
+        host::log(LogLevel::Critical, &format!("kvroute panicked: {info}"));
+    }));
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::Unconfigured) });
+}}
+
+/// A root context: unconfigured until `on_configure` tells which role it plays.
+enum Root {
+    Unconfigured,
+    Filter(std::rc::Rc<worker::Worker>),
+    Singleton(Box<singleton::Singleton>),
+}
+
+impl Context for Root {
+    fn on_http_call_response(
+        &mut self,
+        token: u32,
+        _headers: usize,
+        body_size: usize,
+        _trailers: usize,
+    ) {
+        if let Root::Singleton(s) = self {
+            s.on_http_call_response(token, body_size);
+        }
+    }
+}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, size: usize) -> bool {
+        let Some(bytes) = host::plugin_configuration(size) else {
+            host::log(LogLevel::Error, "kvroute: no plugin configuration");
+            return false;
+        };
+        let config = match kvroute_core::FilterConfig::from_json(&bytes) {
+            Ok(c) => c,
+            Err(e) => {
+                host::log(
+                    LogLevel::Error,
+                    &format!("kvroute: rejected configuration: {e}"),
+                );
+                return false;
+            }
+        };
+        let root_id = host::plugin_root_id().unwrap_or_default();
+        *self = if root_id == SINGLETON_ROOT_ID {
+            match singleton::Singleton::start(config) {
+                Some(s) => Root::Singleton(Box::new(s)),
+                None => return false,
+            }
+        } else if root_id == FILTER_ROOT_ID || root_id.is_empty() {
+            Root::Filter(std::rc::Rc::new(worker::Worker::new(config)))
+        } else {
+            host::log(
+                LogLevel::Error,
+                &format!("kvroute: unknown root_id {root_id:?} (use {FILTER_ROOT_ID:?} or {SINGLETON_ROOT_ID:?})"),
+            );
+            return false;
+        };
+        true
+    }
+
+    fn on_tick(&mut self) {
+        if let Root::Singleton(s) = self {
+            s.on_tick();
+        }
+    }
+
+    fn on_queue_ready(&mut self, queue_id: u32) {
+        if let Root::Singleton(s) = self {
+            s.on_queue_ready(queue_id);
+        }
+    }
+
+    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        match self {
+            Root::Filter(w) => Some(Box::new(worker::Request::new(w.clone()))),
+            _ => None,
+        }
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}

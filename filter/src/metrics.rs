@@ -1,0 +1,255 @@
+//! Every kvroute stat, defined once per VM.
+//!
+//! Names are flat (`kvroute_decisions.policy.jsq.endpoint.engine0`) because the Wasm ABI has no
+//! tags; the shipped bootstrap's `stats_config.stats_tags` turns `.policy.X`, `.endpoint.X`,
+//! `.reason.X` and `.op.X` into Prometheus labels. Values are summed across VMs by Envoy.
+
+use kvroute_core::policy::PolicyKind;
+use kvroute_core::request::ParseError;
+use kvroute_core::FilterConfig;
+use proxy_wasm::types::MetricType;
+
+use crate::host;
+
+/// Why a request was routed by the load-only fallback or with degraded state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fallback {
+    /// The body could not be parsed (also counted by parse reason).
+    ParseError,
+    /// The body was larger than `max_body_bytes`.
+    BodyTooLarge,
+    /// The request had no body.
+    NoBody,
+    /// No published state yet (configured defaults and an empty directory were used).
+    NoState,
+    /// No endpoint was healthy; all were candidates.
+    NoHealthy,
+    /// Engine load signal configured but missing; gateway in-flight counts were used.
+    EngineLoadMissing,
+    /// `session_hash` without a session id: JSQ.
+    NoSession,
+    /// `prefix_key` without key text: JSQ.
+    NoPrefixKey,
+}
+
+impl Fallback {
+    pub const ALL: [Fallback; 8] = [
+        Self::ParseError,
+        Self::BodyTooLarge,
+        Self::NoBody,
+        Self::NoState,
+        Self::NoHealthy,
+        Self::EngineLoadMissing,
+        Self::NoSession,
+        Self::NoPrefixKey,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ParseError => "parse_error",
+            Self::BodyTooLarge => "body_too_large",
+            Self::NoBody => "no_body",
+            Self::NoState => "no_state",
+            Self::NoHealthy => "no_healthy",
+            Self::EngineLoadMissing => "engine_load_missing",
+            Self::NoSession => "no_session",
+            Self::NoPrefixKey => "no_prefix_key",
+        }
+    }
+}
+
+/// Host operations whose failure is counted.
+#[derive(Debug, Clone, Copy)]
+pub enum HostOp {
+    SetHeader,
+    Inflight,
+    Enqueue,
+    StateRead,
+    RuntimePoll,
+    Publish,
+    BadReport,
+}
+
+impl HostOp {
+    const ALL: [HostOp; 7] = [
+        Self::SetHeader,
+        Self::Inflight,
+        Self::Enqueue,
+        Self::StateRead,
+        Self::RuntimePoll,
+        Self::Publish,
+        Self::BadReport,
+    ];
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::SetHeader => "set_header",
+            Self::Inflight => "inflight",
+            Self::Enqueue => "enqueue",
+            Self::StateRead => "state_read",
+            Self::RuntimePoll => "runtime_poll",
+            Self::Publish => "publish",
+            Self::BadReport => "bad_report",
+        }
+    }
+}
+
+type Id = Option<u32>;
+
+fn counter(name: &str) -> Id {
+    host::define(MetricType::Counter, name)
+}
+fn gauge(name: &str) -> Id {
+    host::define(MetricType::Gauge, name)
+}
+fn histogram(name: &str) -> Id {
+    host::define(MetricType::Histogram, name)
+}
+
+/// Stats of the HTTP filter role.
+pub struct FilterMetrics {
+    pub requests: Id,
+    pub passthrough: Id,
+    decisions: Vec<Vec<Id>>,
+    fallbacks: Vec<Id>,
+    parse_errors: Vec<Id>,
+    host_errors: Vec<Id>,
+    pub prefix_key_overflows: Id,
+    pub predicted_blocks: Id,
+    pub request_blocks: Id,
+    pub predicted_hits: Id,
+    pub decision_time_us: Id,
+    pub state_age_ms: Id,
+}
+
+impl FilterMetrics {
+    pub fn define(config: &FilterConfig) -> Self {
+        Self {
+            requests: counter("kvroute_requests_total"),
+            passthrough: counter("kvroute_passthrough_total"),
+            decisions: PolicyKind::ALL
+                .iter()
+                .map(|p| {
+                    config
+                        .endpoints
+                        .iter()
+                        .map(|e| {
+                            counter(&format!(
+                                "kvroute_decisions_total.policy.{p}.endpoint.{}",
+                                e.name
+                            ))
+                        })
+                        .collect()
+                })
+                .collect(),
+            fallbacks: Fallback::ALL
+                .iter()
+                .map(|f| counter(&format!("kvroute_fallbacks_total.reason.{}", f.as_str())))
+                .collect(),
+            parse_errors: ParseError::ALL
+                .iter()
+                .map(|r| counter(&format!("kvroute_parse_errors_total.reason.{}", r.reason())))
+                .collect(),
+            host_errors: host_error_ids(),
+            prefix_key_overflows: counter("kvroute_prefix_key_overflows_total"),
+            predicted_blocks: counter("kvroute_predicted_cached_blocks_total"),
+            request_blocks: counter("kvroute_request_blocks_total"),
+            predicted_hits: counter("kvroute_predicted_hits_total"),
+            decision_time_us: histogram("kvroute_decision_time_us"),
+            state_age_ms: histogram("kvroute_state_age_ms"),
+        }
+    }
+
+    pub fn decision(&self, policy: PolicyKind, endpoint: usize) {
+        let p = PolicyKind::ALL.iter().position(|k| *k == policy);
+        let id = p
+            .and_then(|p| self.decisions.get(p))
+            .and_then(|v| v.get(endpoint))
+            .copied()
+            .flatten();
+        host::increment(id, 1);
+    }
+
+    pub fn fallback(&self, f: Fallback) {
+        let i = Fallback::ALL.iter().position(|x| *x == f);
+        host::increment(i.and_then(|i| self.fallbacks.get(i)).copied().flatten(), 1);
+    }
+
+    pub fn parse_error(&self, e: ParseError) {
+        let i = ParseError::ALL.iter().position(|x| *x == e);
+        host::increment(
+            i.and_then(|i| self.parse_errors.get(i)).copied().flatten(),
+            1,
+        );
+    }
+
+    pub fn host_error(&self, op: HostOp) {
+        host::increment(self.host_errors.get(op as usize).copied().flatten(), 1);
+    }
+}
+
+fn host_error_ids() -> Vec<Id> {
+    HostOp::ALL
+        .iter()
+        .map(|o| counter(&format!("kvroute_host_errors_total.op.{}", o.as_str())))
+        .collect()
+}
+
+/// Stats of the singleton role.
+pub struct StateMetrics {
+    pub state_version: Id,
+    pub state_bytes: Id,
+    pub publishes: Id,
+    pub directory_blocks: Id,
+    pub directory_endpoint_blocks: Vec<Id>,
+    pub inflight: Vec<Id>,
+    pub sessions: Id,
+    pub decisions_recorded: Id,
+    pub runtime_polls: Id,
+    pub runtime_invalid: Id,
+    pub policy_active: Vec<Id>,
+    pub alpha_milli: Id,
+    pub beta_milli: Id,
+    pub publish_interval_ms: Id,
+    host_errors: Vec<Id>,
+}
+
+impl StateMetrics {
+    pub fn define(config: &FilterConfig) -> Self {
+        Self {
+            state_version: gauge("kvroute_state_version"),
+            state_bytes: gauge("kvroute_state_bytes"),
+            publishes: counter("kvroute_state_publishes_total"),
+            directory_blocks: gauge("kvroute_directory_blocks"),
+            directory_endpoint_blocks: config
+                .endpoints
+                .iter()
+                .map(|e| {
+                    gauge(&format!(
+                        "kvroute_directory_endpoint_blocks.endpoint.{}",
+                        e.name
+                    ))
+                })
+                .collect(),
+            inflight: config
+                .endpoints
+                .iter()
+                .map(|e| gauge(&format!("kvroute_inflight.endpoint.{}", e.name)))
+                .collect(),
+            sessions: gauge("kvroute_directory_sessions"),
+            decisions_recorded: counter("kvroute_decisions_recorded_total"),
+            runtime_polls: counter("kvroute_runtime_polls_total"),
+            runtime_invalid: gauge("kvroute_runtime_invalid_values"),
+            policy_active: PolicyKind::ALL
+                .iter()
+                .map(|p| gauge(&format!("kvroute_policy_active.policy.{p}")))
+                .collect(),
+            alpha_milli: gauge("kvroute_setting_alpha_milli"),
+            beta_milli: gauge("kvroute_setting_beta_milli"),
+            publish_interval_ms: gauge("kvroute_setting_publish_interval_ms"),
+            host_errors: host_error_ids(),
+        }
+    }
+
+    pub fn host_error(&self, op: HostOp) {
+        host::increment(self.host_errors.get(op as usize).copied().flatten(), 1);
+    }
+}

@@ -1,0 +1,300 @@
+//! The singleton role: owns the directory and the settings, publishes the state.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use kvroute_core::config::{PolicySettings, PublishInterval};
+use kvroute_core::directory::Directory;
+use kvroute_core::policy::PolicyKind;
+use kvroute_core::state::{self, DecisionReport, DirectorySection, EndpointStatus, StateHeader};
+use kvroute_core::FilterConfig;
+use proxy_wasm::types::LogLevel;
+use serde::Deserialize;
+
+use crate::host;
+use crate::metrics::{HostOp, StateMetrics};
+
+/// Most queued decision reports applied per queue wake-up (the rest wait for the next one).
+const MAX_REPORTS_PER_WAKE: usize = 4096;
+/// Tick period: the finest publish interval and runtime poll granularity.
+const TICK_MS: u64 = 20;
+
+pub struct Singleton {
+    config: FilterConfig,
+    metrics: StateMetrics,
+    directory: Directory,
+    settings: PolicySettings,
+    status: Vec<EndpointStatus>,
+    queue: u32,
+    version: u64,
+    decisions_recorded: u64,
+    published_dir: DirectorySection,
+    published_dir_at_ms: u64,
+    dir_dirty: bool,
+    poll_token: Option<u32>,
+    poll_sent_ms: u64,
+    last_runtime_errors: Vec<String>,
+    gauges_dirty: bool,
+}
+
+#[derive(Deserialize)]
+struct RuntimeDump<'a> {
+    #[serde(borrow, default)]
+    entries: BTreeMap<&'a str, RuntimeEntry<'a>>,
+}
+
+#[derive(Deserialize)]
+struct RuntimeEntry<'a> {
+    #[serde(borrow, default)]
+    final_value: Option<std::borrow::Cow<'a, str>>,
+}
+
+fn now_ms() -> u64 {
+    host::now_us() / 1000
+}
+
+impl Singleton {
+    pub fn start(config: FilterConfig) -> Option<Self> {
+        let Some(queue) = host::register_queue(state::DECISION_QUEUE) else {
+            host::log(
+                LogLevel::Critical,
+                "kvroute: cannot register the decision queue",
+            );
+            return None;
+        };
+        let capacities: Vec<u32> = (0..config.endpoints.len())
+            .map(|i| config.capacity_of(i))
+            .collect();
+        let n = config.endpoints.len();
+        let mut s = Self {
+            metrics: StateMetrics::define(&config),
+            directory: Directory::new(&capacities, config.session_capacity),
+            settings: config.defaults.clone(),
+            status: vec![EndpointStatus::default(); n],
+            queue,
+            version: 0,
+            decisions_recorded: 0,
+            published_dir: DirectorySection::empty(),
+            published_dir_at_ms: 0,
+            dir_dirty: false,
+            poll_token: None,
+            poll_sent_ms: 0,
+            last_runtime_errors: Vec::new(),
+            gauges_dirty: true,
+            config,
+        };
+        // Zeroed in-flight counters (kept if already there: a reloaded config keeps live counts).
+        let (existing, _) = host::shared_get(state::INFLIGHT_KEY);
+        if existing.is_none_or(|v| v.len() != 8 * n) {
+            let _ = host::shared_set(
+                state::INFLIGHT_KEY,
+                &state::encode_inflight(&vec![0; n]),
+                None,
+            );
+        }
+        s.publish(true);
+        s.update_gauges();
+        if !host::set_tick(Duration::from_millis(TICK_MS)) {
+            host::log(LogLevel::Critical, "kvroute: cannot set the tick period");
+            return None;
+        }
+        host::log(
+            LogLevel::Info,
+            &format!(
+                "kvroute: state service started with {n} endpoints, policy {}",
+                s.settings.policy
+            ),
+        );
+        Some(s)
+    }
+
+    pub fn on_tick(&mut self) {
+        let now = now_ms();
+        let poll_due =
+            now.saturating_sub(self.poll_sent_ms) >= u64::from(self.config.runtime_poll_ms);
+        // A poll that got no answer in 5 periods is given up (Envoy also times it out).
+        let stuck =
+            now.saturating_sub(self.poll_sent_ms) >= 5 * u64::from(self.config.runtime_poll_ms);
+        if poll_due && (self.poll_token.is_none() || stuck) {
+            self.poll_sent_ms = now;
+            let timeout = Duration::from_millis(u64::from(self.config.runtime_poll_ms).max(50) * 4);
+            self.poll_token = host::http_get(
+                &self.config.admin_cluster,
+                &self.config.admin_authority,
+                "/runtime",
+                timeout,
+            );
+            if self.poll_token.is_none() {
+                self.metrics.host_error(HostOp::RuntimePoll);
+            }
+        }
+        if self.dir_dirty {
+            if let PublishInterval::Millis(ms) = self.settings.publish_interval {
+                if now.saturating_sub(self.published_dir_at_ms) >= u64::from(ms) {
+                    self.publish(true);
+                }
+            }
+        }
+        self.mirror_inflight();
+        self.update_gauges();
+    }
+
+    fn mirror_inflight(&self) {
+        let (value, _) = host::shared_get(state::INFLIGHT_KEY);
+        let mut counts = Vec::new();
+        state::decode_inflight(
+            value.as_deref().unwrap_or_default(),
+            self.config.endpoints.len(),
+            &mut counts,
+        );
+        for (id, c) in self.metrics.inflight.iter().zip(&counts) {
+            host::record(*id, (*c).max(0) as u64);
+        }
+    }
+
+    pub fn on_http_call_response(&mut self, token: u32, body_size: usize) {
+        if self.poll_token != Some(token) {
+            return;
+        }
+        self.poll_token = None;
+        host::increment(self.metrics.runtime_polls, 1);
+        let body = match (
+            host::call_response_status().as_deref(),
+            host::call_response_body(body_size),
+        ) {
+            (Some("200"), Some(b)) => b,
+            _ => {
+                self.metrics.host_error(HostOp::RuntimePoll);
+                return;
+            }
+        };
+        let dump: RuntimeDump<'_> = match serde_json::from_slice(&body) {
+            Ok(d) => d,
+            Err(_) => {
+                self.metrics.host_error(HostOp::RuntimePoll);
+                return;
+            }
+        };
+        let entries = dump
+            .entries
+            .iter()
+            .filter_map(|(k, v)| v.final_value.as_deref().map(|v| (*k, v)));
+        let (settings, errors) = self.config.defaults.with_runtime(entries);
+        host::record(self.metrics.runtime_invalid, errors.len() as u64);
+        let messages: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        if messages != self.last_runtime_errors {
+            for m in &messages {
+                host::log(
+                    LogLevel::Warn,
+                    &format!("kvroute: ignoring runtime value: {m}"),
+                );
+            }
+            self.last_runtime_errors = messages;
+        }
+        if settings != self.settings {
+            host::log(
+                LogLevel::Info,
+                &format!(
+                    "kvroute: settings now policy={} alpha={} beta={} publish={:?}",
+                    settings.policy, settings.alpha, settings.beta, settings.publish_interval
+                ),
+            );
+            let dir_now = match settings.publish_interval {
+                PublishInterval::Never => false,
+                _ => self.settings.publish_interval == PublishInterval::Never,
+            };
+            self.settings = settings;
+            self.publish(dir_now);
+        }
+    }
+
+    pub fn on_queue_ready(&mut self, queue: u32) {
+        if queue != self.queue {
+            return;
+        }
+        let mut applied = 0usize;
+        while applied < MAX_REPORTS_PER_WAKE {
+            let Some(msg) = host::dequeue(queue) else {
+                break;
+            };
+            applied += 1;
+            match DecisionReport::decode(&msg) {
+                Some(r) => {
+                    self.directory
+                        .record(usize::from(r.endpoint), &r.blocks, r.session);
+                    self.decisions_recorded += 1;
+                }
+                None => self.metrics.host_error(HostOp::BadReport),
+            }
+        }
+        if applied == 0 {
+            return;
+        }
+        host::increment(self.metrics.decisions_recorded, applied as i64);
+        self.dir_dirty = true;
+        if self.settings.publish_interval == PublishInterval::EveryDecision {
+            self.publish(true);
+        }
+    }
+
+    /// Publishes the state; `with_directory` takes a fresh directory snapshot (else the last
+    /// published one is kept, so a settings change does not shorten the directory interval).
+    fn publish(&mut self, with_directory: bool) {
+        let now = now_ms();
+        if self.settings.publish_interval == PublishInterval::Never {
+            self.published_dir = DirectorySection::empty();
+            self.published_dir_at_ms = 0;
+        } else if with_directory {
+            self.published_dir = DirectorySection::of(&self.directory);
+            self.published_dir_at_ms = now;
+            self.dir_dirty = false;
+        }
+        self.version += 1;
+        let header = StateHeader {
+            version: self.version,
+            published_at_ms: now,
+            settings: self.settings.clone(),
+            endpoints: self.status.clone(),
+            directory_as_of_ms: self.published_dir_at_ms,
+            decisions_recorded: self.decisions_recorded,
+        };
+        let blob = state::encode(&header, &self.published_dir);
+        let ok = host::shared_set(state::STATE_KEY, &blob, None) == Ok(true)
+            && host::shared_set(state::VERSION_KEY, &self.version.to_le_bytes(), None) == Ok(true);
+        if !ok {
+            self.metrics.host_error(HostOp::Publish);
+            return;
+        }
+        host::increment(self.metrics.publishes, 1);
+        host::record(self.metrics.state_version, self.version);
+        host::record(self.metrics.state_bytes, blob.len() as u64);
+        self.gauges_dirty = true;
+    }
+
+    /// Gauges that describe the state, refreshed at most once per tick (not on every publish).
+    fn update_gauges(&mut self) {
+        if !self.gauges_dirty {
+            return;
+        }
+        self.gauges_dirty = false;
+        let m = &self.metrics;
+        host::record(m.directory_blocks, self.directory.distinct_blocks() as u64);
+        host::record(m.sessions, self.directory.sessions() as u64);
+        for (i, id) in m.directory_endpoint_blocks.iter().enumerate() {
+            host::record(*id, self.directory.endpoint_len(i) as u64);
+        }
+        for (k, id) in PolicyKind::ALL.iter().zip(&m.policy_active) {
+            host::record(*id, u64::from(*k == self.settings.policy));
+        }
+        host::record(m.alpha_milli, (self.settings.alpha * 1000.0).round() as u64);
+        host::record(m.beta_milli, (self.settings.beta * 1000.0).round() as u64);
+        host::record(
+            m.publish_interval_ms,
+            match self.settings.publish_interval {
+                PublishInterval::EveryDecision => 0,
+                PublishInterval::Millis(ms) => u64::from(ms),
+                PublishInterval::Never => u64::from(u32::MAX),
+            },
+        );
+    }
+}

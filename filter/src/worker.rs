@@ -1,0 +1,376 @@
+//! The HTTP filter role: one [`Worker`] per worker VM, one [`Request`] per HTTP stream.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use kvroute_core::policy::{PickNote, PolicyKind};
+use kvroute_core::request::{ApiKind, ParseError};
+use kvroute_core::router::{self, Decision, Inputs, RequestFeatures};
+use kvroute_core::state::{self, DecisionReport, EndpointStatus, PublishedState};
+use kvroute_core::{directory::EmptyIndex, FilterConfig};
+use proxy_wasm::traits::{Context, HttpContext};
+use proxy_wasm::types::{Action, LogLevel};
+
+use crate::host;
+use crate::metrics::{Fallback, FilterMetrics, HostOp};
+
+/// Response header naming the endpoint the filter chose.
+pub const RESPONSE_ENDPOINT_HEADER: &str = "x-kvroute-endpoint";
+/// Response header naming the policy that chose it.
+pub const RESPONSE_POLICY_HEADER: &str = "x-kvroute-policy";
+const CAS_RETRIES: usize = 16;
+
+/// Per-VM state of the filter role.
+pub struct Worker {
+    config: FilterConfig,
+    metrics: FilterMetrics,
+    state: RefCell<WorkerState>,
+}
+
+struct WorkerState {
+    version: Option<u64>,
+    published: Option<PublishedState>,
+    seq: u64,
+    rng: u64,
+    queue: Option<u32>,
+    vm_id: String,
+    inflight: Vec<i64>,
+}
+
+impl Worker {
+    pub fn new(config: FilterConfig) -> Self {
+        let metrics = FilterMetrics::define(&config);
+        let seed = host::now_us() ^ 0x9e37_79b9_7f4a_7c15;
+        Self {
+            metrics,
+            state: RefCell::new(WorkerState {
+                version: None,
+                published: None,
+                seq: 0,
+                rng: seed | 1,
+                queue: None,
+                vm_id: host::vm_id().unwrap_or_else(|| "kvroute".into()),
+                inflight: Vec::new(),
+            }),
+            config,
+        }
+    }
+
+    /// Re-reads the published state if its version changed.
+    fn refresh(&self, st: &mut WorkerState) {
+        let (v, _) = host::shared_get(state::VERSION_KEY);
+        let version = v
+            .and_then(|b| b.get(..8).and_then(|s| s.try_into().ok()))
+            .map(u64::from_le_bytes);
+        if version.is_none() || version == st.version {
+            return;
+        }
+        let (blob, _) = host::shared_get(state::STATE_KEY);
+        match blob.map(PublishedState::decode) {
+            Some(Ok(p)) => {
+                st.version = Some(p.header.version);
+                st.published = Some(p);
+            }
+            _ => self.metrics.host_error(HostOp::StateRead),
+        }
+    }
+
+    fn next_rand(st: &mut WorkerState) -> u64 {
+        // xorshift64*: seeded per VM; only p2c draws and ties read it.
+        let mut x = st.rng;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        st.rng = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// Decides for one request. `features` is None for the load-only fallback.
+    fn decide(&self, features: Option<&RequestFeatures>, now_us: u64) -> Decision {
+        let mut guard = self.state.borrow_mut();
+        let st = &mut *guard;
+        self.refresh(st);
+        let (value, _) = host::shared_get(state::INFLIGHT_KEY);
+        let mut inflight = std::mem::take(&mut st.inflight);
+        state::decode_inflight(
+            value.as_deref().unwrap_or_default(),
+            self.config.endpoints.len(),
+            &mut inflight,
+        );
+        let rand = Self::next_rand(st);
+        st.seq = st.seq.wrapping_add(1);
+        let no_status: Vec<EndpointStatus> = Vec::new();
+        let (settings, status) = match &st.published {
+            Some(p) => (&p.header.settings, &p.header.endpoints),
+            None => (&self.config.defaults, &no_status),
+        };
+        let inputs = Inputs {
+            endpoints: &self.config.endpoints,
+            status,
+            inflight: &inflight,
+            settings,
+            seq: st.seq,
+            rand,
+        };
+        let decision = match (features, &st.published) {
+            (Some(f), Some(p)) => router::decide(f, p, &inputs, None),
+            (Some(f), None) => router::decide(f, &EmptyIndex, &inputs, None),
+            (None, _) => router::decide_by_load(&inputs),
+        };
+        match &st.published {
+            None => self.metrics.fallback(Fallback::NoState),
+            Some(p) => {
+                // The age of the state this decision used: of the directory snapshot when one was
+                // published (the staleness knob), else of the state itself.
+                let as_of = match p.header.directory_as_of_ms {
+                    0 => p.header.published_at_ms,
+                    t => t,
+                };
+                host::record(
+                    self.metrics.state_age_ms,
+                    (now_us / 1000).saturating_sub(as_of),
+                );
+            }
+        }
+        st.inflight = inflight;
+        decision
+    }
+
+    /// Adds `delta` to an endpoint's gateway in-flight count (compare-and-swap on shared data).
+    fn add_inflight(&self, endpoint: usize, delta: i64) {
+        let n = self.config.endpoints.len();
+        let mut counts = Vec::with_capacity(n);
+        for _ in 0..CAS_RETRIES {
+            let (value, cas) = host::shared_get(state::INFLIGHT_KEY);
+            state::decode_inflight(value.as_deref().unwrap_or_default(), n, &mut counts);
+            if let Some(c) = counts.get_mut(endpoint) {
+                *c = (*c + delta).max(0);
+            }
+            match host::shared_set(state::INFLIGHT_KEY, &state::encode_inflight(&counts), cas) {
+                Ok(true) => return,
+                Ok(false) => continue,
+                Err(()) => break,
+            }
+        }
+        self.metrics.host_error(HostOp::Inflight);
+    }
+
+    /// Sends a decision to the singleton, which records it in the directory.
+    fn report(&self, report: &DecisionReport) {
+        let mut st = self.state.borrow_mut();
+        if st.queue.is_none() {
+            st.queue = host::resolve_queue(&st.vm_id, state::DECISION_QUEUE);
+        }
+        let ok = st.queue.is_some_and(|q| host::enqueue(q, &report.encode()));
+        if !ok {
+            st.queue = None;
+            self.metrics.host_error(HostOp::Enqueue);
+        }
+    }
+}
+
+/// Where a request is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Not a request the router handles.
+    Passthrough,
+    /// Waiting for the body.
+    Buffering(ApiKind),
+    /// Routed to this endpoint.
+    Routed {
+        endpoint: usize,
+        policy: PolicyKind,
+        counted: bool,
+    },
+}
+
+/// One HTTP stream.
+pub struct Request {
+    worker: Rc<Worker>,
+    phase: Phase,
+    session: Option<String>,
+}
+
+impl Request {
+    pub fn new(worker: Rc<Worker>) -> Self {
+        Self {
+            worker,
+            phase: Phase::Passthrough,
+            session: None,
+        }
+    }
+
+    /// Decides, sets the routing header and records everything. Called at most once per request,
+    /// always while the request headers are still paused.
+    fn route(&mut self, parsed: Result<RequestFeatures, Fallback>) {
+        let w = self.worker.clone();
+        let t0 = host::now_us();
+        let decision = match &parsed {
+            Ok(f) => w.decide(Some(f), t0),
+            Err(reason) => {
+                w.metrics.fallback(*reason);
+                w.decide(None, t0)
+            }
+        };
+        let Some(endpoint) = w.config.endpoints.get(decision.endpoint) else {
+            return;
+        };
+        if !host::set_request_header(&w.config.route_header, Some(endpoint.cluster())) {
+            // The request continues without the header and takes the fallback route.
+            w.metrics.host_error(HostOp::SetHeader);
+            return;
+        }
+        w.add_inflight(decision.endpoint, 1);
+        self.phase = Phase::Routed {
+            endpoint: decision.endpoint,
+            policy: decision.policy,
+            counted: true,
+        };
+        if let Ok(f) = parsed {
+            w.report(&DecisionReport {
+                endpoint: decision.endpoint as u16,
+                session: f.session,
+                blocks: f.blocks,
+            });
+        }
+        let m = &w.metrics;
+        m.decision(decision.policy, decision.endpoint);
+        host::increment(m.predicted_blocks, i64::from(decision.predicted_blocks));
+        host::increment(m.request_blocks, i64::from(decision.total_blocks));
+        if decision.predicted_blocks > 0 {
+            host::increment(m.predicted_hits, 1);
+        }
+        match decision.note {
+            PickNote::Primary => {}
+            PickNote::Overflow => host::increment(m.prefix_key_overflows, 1),
+            PickNote::NoSession => m.fallback(Fallback::NoSession),
+            PickNote::NoPrefixKey => m.fallback(Fallback::NoPrefixKey),
+        }
+        if decision.no_healthy {
+            m.fallback(Fallback::NoHealthy);
+        }
+        if decision.engine_load_missing {
+            m.fallback(Fallback::EngineLoadMissing);
+        }
+        host::record(m.decision_time_us, host::now_us().saturating_sub(t0));
+    }
+
+    fn route_body(&mut self, kind: ApiKind, size: usize) {
+        let w = self.worker.clone();
+        let body = if size == 0 {
+            Some(Vec::new())
+        } else {
+            host::request_body(size)
+        };
+        let parsed = match body {
+            None => Err(Fallback::NoBody),
+            Some(b) => {
+                router::body_features(kind, &b, self.session.as_deref(), w.config.block_spec())
+                    .map_err(|e: ParseError| {
+                        w.metrics.parse_error(e);
+                        Fallback::ParseError
+                    })
+            }
+        };
+        self.route(parsed);
+    }
+}
+
+impl Context for Request {}
+
+impl HttpContext for Request {
+    fn on_http_request_headers(&mut self, _headers: usize, end_of_stream: bool) -> Action {
+        let w = self.worker.clone();
+        // A client must never pick the cluster itself.
+        if host::request_header(&w.config.route_header).is_some() {
+            host::set_request_header(&w.config.route_header, None);
+        }
+        let method = host::request_header(":method");
+        let path = host::request_header(":path");
+        let kind = match (
+            method.as_deref(),
+            path.as_deref().and_then(|p| std::str::from_utf8(p).ok()),
+        ) {
+            (Some(b"POST"), Some(p)) => ApiKind::from_path(p),
+            _ => None,
+        };
+        let Some(kind) = kind else {
+            host::increment(w.metrics.passthrough, 1);
+            return Action::Continue;
+        };
+        host::increment(w.metrics.requests, 1);
+        self.session =
+            host::request_header(&w.config.session_header).and_then(|v| String::from_utf8(v).ok());
+        if end_of_stream {
+            w.metrics.parse_error(ParseError::EmptyBody);
+            self.route(Err(Fallback::ParseError));
+            return Action::Continue;
+        }
+        let declared = host::request_header("content-length").and_then(|v| {
+            std::str::from_utf8(&v)
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+        });
+        if declared.is_some_and(|n| n > u64::from(w.config.max_body_bytes)) {
+            self.route(Err(Fallback::BodyTooLarge));
+            return Action::Continue;
+        }
+        self.phase = Phase::Buffering(kind);
+        Action::Pause
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        let Phase::Buffering(kind) = self.phase else {
+            return Action::Continue;
+        };
+        if body_size > self.worker.config.max_body_bytes as usize {
+            self.route(Err(Fallback::BodyTooLarge));
+            return Action::Continue;
+        }
+        if !end_of_stream {
+            return Action::Pause;
+        }
+        self.route_body(kind, body_size);
+        Action::Continue
+    }
+
+    fn on_http_request_trailers(&mut self, _trailers: usize) -> Action {
+        if let Phase::Buffering(kind) = self.phase {
+            let size = host::request_body(self.worker.config.max_body_bytes as usize)
+                .map_or(0, |b| b.len());
+            self.route_body(kind, size);
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+        if let Phase::Routed {
+            endpoint, policy, ..
+        } = self.phase
+        {
+            if let Some(e) = self.worker.config.endpoints.get(endpoint) {
+                host::add_response_header(RESPONSE_ENDPOINT_HEADER, &e.name);
+                host::add_response_header(RESPONSE_POLICY_HEADER, policy.as_str());
+            }
+        }
+        Action::Continue
+    }
+
+    fn on_log(&mut self) {
+        if let Phase::Routed {
+            endpoint,
+            counted: true,
+            ..
+        } = self.phase
+        {
+            self.worker.add_inflight(endpoint, -1);
+            self.phase = Phase::Passthrough;
+        }
+        if let Phase::Buffering(_) = self.phase {
+            host::log(
+                LogLevel::Debug,
+                "kvroute: stream ended before its body was complete",
+            );
+        }
+    }
+}

