@@ -53,5 +53,6 @@ main: build
 
 # Benchmarks: decision cost in the core, and the filter's added latency in Envoy.
 bench: build
+    cargo build -p kvroute-filter --target wasm32-wasip1 --release --features bench-floor --target-dir target/bench-floor
     cargo bench -p kvroute-core --bench decision
     cargo run -q --release -p kvroute-workloads --bin kvroute-bench-envoy

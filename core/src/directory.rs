@@ -8,6 +8,7 @@
 //! sessions to the endpoint that served them last.
 
 use std::collections::BTreeMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::num::NonZeroUsize;
 
 use lru::LruCache;
@@ -61,12 +62,33 @@ pub fn match_lengths(index: &dyn PrefixIndex, blocks: &[BlockHash], n: usize) ->
     lens
 }
 
+/// Hasher for keys that are already uniformly distributed 64-bit hashes (block hashes, session
+/// keys): hashing them again would only cost time.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PrehashedHasher(u64);
+
+impl Hasher for PrehashedHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 << 8) | u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+type Prehashed = BuildHasherDefault<PrehashedHasher>;
+
 /// The authoritative, bounded directory (owned by the singleton, or by the simulator).
 #[derive(Debug)]
 pub struct Directory {
-    lrus: Vec<LruCache<BlockHash, ()>>,
+    lrus: Vec<LruCache<BlockHash, (), Prehashed>>,
     index: BTreeMap<BlockHash, u64>,
-    sessions: LruCache<u64, u8>,
+    sessions: LruCache<u64, u8, Prehashed>,
 }
 
 fn nz(n: u32) -> NonZeroUsize {
@@ -80,10 +102,10 @@ impl Directory {
             lrus: capacities
                 .iter()
                 .take(MAX_ENDPOINTS)
-                .map(|c| LruCache::new(nz(*c)))
+                .map(|c| LruCache::with_hasher(nz(*c), Prehashed::default()))
                 .collect(),
             index: BTreeMap::new(),
-            sessions: LruCache::new(nz(session_capacity)),
+            sessions: LruCache::with_hasher(nz(session_capacity), Prehashed::default()),
         }
     }
 

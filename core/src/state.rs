@@ -26,6 +26,8 @@ pub const STATE_KEY: &str = "kvroute.state";
 pub const VERSION_KEY: &str = "kvroute.state.version";
 /// Shared-data key of the gateway in-flight counters (one i64 LE per endpoint).
 pub const INFLIGHT_KEY: &str = "kvroute.inflight";
+/// Shared-data key of the gateway-wide round-robin sequence (u64 LE).
+pub const RR_SEQ_KEY: &str = "kvroute.rr_seq";
 /// Shared queue on which workers report their decisions to the singleton.
 pub const DECISION_QUEUE: &str = "kvroute.decisions";
 
@@ -163,6 +165,12 @@ impl DecisionReport {
     /// Wire form: endpoint u16 LE, has_session u8, session u64 LE, n u32 LE, n hashes u64 LE.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(15 + 8 * self.blocks.len());
+        self.encode_into(&mut out);
+        out
+    }
+
+    /// Appends the wire form to `out` (a batch is reports back to back).
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.endpoint.to_le_bytes());
         out.push(u8::from(self.session.is_some()));
         out.extend_from_slice(&self.session.unwrap_or(0).to_le_bytes());
@@ -170,10 +178,26 @@ impl DecisionReport {
         for b in &self.blocks {
             out.extend_from_slice(&b.0.to_le_bytes());
         }
-        out
     }
 
-    /// Decodes the wire form; None if malformed.
+    /// Decodes a batch of reports; stops at the first malformed one and says how many bytes were
+    /// left over (0 for a well-formed batch).
+    pub fn decode_batch(mut b: &[u8]) -> (Vec<Self>, usize) {
+        let mut out = Vec::new();
+        while !b.is_empty() {
+            let Some(n) = u32_at(b, 11) else { break };
+            let len = 15usize.saturating_add(8usize.saturating_mul(n as usize));
+            let Some(one) = b.get(..len) else { break };
+            match Self::decode(one) {
+                Some(r) => out.push(r),
+                None => break,
+            }
+            b = b.get(len..).unwrap_or_default();
+        }
+        (out, b.len())
+    }
+
+    /// Decodes the wire form of one report; None if malformed.
     pub fn decode(b: &[u8]) -> Option<Self> {
         let endpoint = u16::from_le_bytes(b.get(0..2)?.try_into().ok()?);
         let has_session = *b.get(2)? == 1;
@@ -381,12 +405,23 @@ mod tests {
             blocks: vec![BlockHash(1), BlockHash(u64::MAX)],
         };
         assert_eq!(DecisionReport::decode(&r.encode()), Some(r.clone()));
-        let r2 = DecisionReport { session: None, ..r };
+        let r2 = DecisionReport {
+            session: None,
+            ..r.clone()
+        };
         assert_eq!(DecisionReport::decode(&r2.encode()), Some(r2.clone()));
         let mut b = r2.encode();
         b.pop();
         assert_eq!(DecisionReport::decode(&b), None);
         assert_eq!(DecisionReport::decode(&[]), None);
+        let mut batch = r.encode();
+        r2.encode_into(&mut batch);
+        assert_eq!(
+            DecisionReport::decode_batch(&batch),
+            (vec![r.clone(), r2.clone()], 0)
+        );
+        batch.extend_from_slice(&[1, 2, 3]);
+        assert_eq!(DecisionReport::decode_batch(&batch), (vec![r, r2], 3));
     }
 
     #[test]

@@ -76,6 +76,13 @@ impl RootContext for Root {
                 None => return false,
             }
         } else if root_id == FILTER_ROOT_ID || root_id.is_empty() {
+            // The tick flushes coalesced decision reports.
+            if !host::set_tick(std::time::Duration::from_micros(worker::REPORT_COALESCE_US)) {
+                host::log(
+                    LogLevel::Warn,
+                    "kvroute: no tick; decision reports are sent one by one",
+                );
+            }
             Root::Filter(std::rc::Rc::new(worker::Worker::new(config)))
         } else {
             host::log(
@@ -88,8 +95,10 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
-        if let Root::Singleton(s) = self {
-            s.on_tick();
+        match self {
+            Root::Singleton(s) => s.on_tick(),
+            Root::Filter(w) => w.on_tick(),
+            Root::Unconfigured => {}
         }
     }
 

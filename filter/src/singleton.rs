@@ -14,8 +14,8 @@ use serde::Deserialize;
 use crate::host;
 use crate::metrics::{HostOp, StateMetrics};
 
-/// Most queued decision reports applied per queue wake-up (the rest wait for the next one).
-const MAX_REPORTS_PER_WAKE: usize = 4096;
+/// Most queued messages (report batches) applied per queue wake-up (the rest wait for the next one).
+const MAX_MESSAGES_PER_WAKE: usize = 1024;
 /// Tick period: the finest publish interval and runtime poll granularity.
 const TICK_MS: u64 = 20;
 
@@ -213,18 +213,21 @@ impl Singleton {
             return;
         }
         let mut applied = 0usize;
-        while applied < MAX_REPORTS_PER_WAKE {
+        let mut messages = 0usize;
+        while messages < MAX_MESSAGES_PER_WAKE {
             let Some(msg) = host::dequeue(queue) else {
                 break;
             };
-            applied += 1;
-            match DecisionReport::decode(&msg) {
-                Some(r) => {
-                    self.directory
-                        .record(usize::from(r.endpoint), &r.blocks, r.session);
-                    self.decisions_recorded += 1;
-                }
-                None => self.metrics.host_error(HostOp::BadReport),
+            messages += 1;
+            let (reports, leftover) = DecisionReport::decode_batch(&msg);
+            if leftover > 0 {
+                self.metrics.host_error(HostOp::BadReport);
+            }
+            for r in reports {
+                self.directory
+                    .record(usize::from(r.endpoint), &r.blocks, r.session);
+                self.decisions_recorded += 1;
+                applied += 1;
             }
         }
         if applied == 0 {

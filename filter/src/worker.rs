@@ -3,6 +3,7 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 
+use kvroute_core::config::PublishInterval;
 use kvroute_core::policy::{PickNote, PolicyKind};
 use kvroute_core::request::{ApiKind, ParseError};
 use kvroute_core::router::{self, Decision, Inputs, RequestFeatures};
@@ -19,6 +20,13 @@ pub const RESPONSE_ENDPOINT_HEADER: &str = "x-kvroute-endpoint";
 /// Response header naming the policy that chose it.
 pub const RESPONSE_POLICY_HEADER: &str = "x-kvroute-policy";
 const CAS_RETRIES: usize = 16;
+/// When the directory is published at an interval (not after every decision), a decision report goes
+/// to the singleton at once unless one went less than this long ago; then it waits in a batch that
+/// the worker's tick flushes. Under load the main thread then wakes at most once per interval per
+/// worker instead of once per request. With `publish_interval_ms=0` every report goes at once.
+pub const REPORT_COALESCE_US: u64 = 2_000;
+/// A batch larger than this is sent at once.
+const MAX_BATCH_BYTES: usize = 256 * 1024;
 
 /// Per-VM state of the filter role.
 pub struct Worker {
@@ -35,6 +43,9 @@ struct WorkerState {
     queue: Option<u32>,
     vm_id: String,
     inflight: Vec<i64>,
+    batch: Vec<u8>,
+    last_sent_us: u64,
+    coalesce_reports: bool,
 }
 
 impl Worker {
@@ -51,6 +62,9 @@ impl Worker {
                 queue: None,
                 vm_id: host::vm_id().unwrap_or_else(|| "kvroute".into()),
                 inflight: Vec::new(),
+                batch: Vec::new(),
+                last_sent_us: 0,
+                coalesce_reports: false,
             }),
             config,
         }
@@ -99,17 +113,30 @@ impl Worker {
         );
         let rand = Self::next_rand(st);
         st.seq = st.seq.wrapping_add(1);
+        let coalesce = !matches!(
+            st.published
+                .as_ref()
+                .map(|p| p.header.settings.publish_interval),
+            None | Some(PublishInterval::EveryDecision)
+        );
+        st.coalesce_reports = coalesce;
         let no_status: Vec<EndpointStatus> = Vec::new();
         let (settings, status) = match &st.published {
             Some(p) => (&p.header.settings, &p.header.endpoints),
             None => (&self.config.defaults, &no_status),
+        };
+        // Round robin cycles across the whole gateway, not per worker.
+        let seq = if settings.policy == PolicyKind::RoundRobin && features.is_some() {
+            self.next_shared_seq().unwrap_or(st.seq)
+        } else {
+            st.seq
         };
         let inputs = Inputs {
             endpoints: &self.config.endpoints,
             status,
             inflight: &inflight,
             settings,
-            seq: st.seq,
+            seq,
             rand,
         };
         let decision = match (features, &st.published) {
@@ -136,6 +163,24 @@ impl Worker {
         decision
     }
 
+    /// The next value of the gateway-wide round-robin sequence (compare-and-swap on shared data).
+    fn next_shared_seq(&self) -> Option<u64> {
+        for _ in 0..CAS_RETRIES {
+            let (value, cas) = host::shared_get(state::RR_SEQ_KEY);
+            let current = value
+                .and_then(|v| v.get(..8).and_then(|b| b.try_into().ok()))
+                .map_or(0, u64::from_le_bytes);
+            let next = current.wrapping_add(1);
+            match host::shared_set(state::RR_SEQ_KEY, &next.to_le_bytes(), cas) {
+                Ok(true) => return Some(next),
+                Ok(false) => continue,
+                Err(()) => break,
+            }
+        }
+        self.metrics.host_error(HostOp::Inflight);
+        None
+    }
+
     /// Adds `delta` to an endpoint's gateway in-flight count (compare-and-swap on shared data).
     fn add_inflight(&self, endpoint: usize, delta: i64) {
         let n = self.config.endpoints.len();
@@ -155,16 +200,42 @@ impl Worker {
         self.metrics.host_error(HostOp::Inflight);
     }
 
-    /// Sends a decision to the singleton, which records it in the directory.
-    fn report(&self, report: &DecisionReport) {
-        let mut st = self.state.borrow_mut();
+    /// Sends a decision to the singleton, which records it in the directory (at once, or in the
+    /// next batch when one was sent less than [`REPORT_COALESCE_US`] ago).
+    fn report(&self, report: &DecisionReport, now_us: u64) {
+        let mut guard = self.state.borrow_mut();
+        let st = &mut *guard;
+        report.encode_into(&mut st.batch);
+        if now_us.saturating_sub(st.last_sent_us) >= REPORT_COALESCE_US
+            || st.batch.len() >= MAX_BATCH_BYTES
+        {
+            self.flush(st, now_us);
+        }
+    }
+
+    /// Sends the pending batch, if any.
+    fn flush(&self, st: &mut WorkerState, now_us: u64) {
+        if st.batch.is_empty() {
+            return;
+        }
         if st.queue.is_none() {
             st.queue = host::resolve_queue(&st.vm_id, state::DECISION_QUEUE);
         }
-        let ok = st.queue.is_some_and(|q| host::enqueue(q, &report.encode()));
+        let ok = st.queue.is_some_and(|q| host::enqueue(q, &st.batch));
         if !ok {
             st.queue = None;
             self.metrics.host_error(HostOp::Enqueue);
+        }
+        st.batch.clear();
+        st.last_sent_us = now_us;
+    }
+
+    /// The worker's tick: sends what waited for the coalescing interval.
+    pub fn on_tick(&self) {
+        let mut guard = self.state.borrow_mut();
+        let st = &mut *guard;
+        if !st.batch.is_empty() {
+            self.flush(st, host::now_us());
         }
     }
 }
@@ -227,11 +298,14 @@ impl Request {
             counted: true,
         };
         if let Ok(f) = parsed {
-            w.report(&DecisionReport {
-                endpoint: decision.endpoint as u16,
-                session: f.session,
-                blocks: f.blocks,
-            });
+            w.report(
+                &DecisionReport {
+                    endpoint: decision.endpoint as u16,
+                    session: f.session,
+                    blocks: f.blocks,
+                },
+                t0,
+            );
         }
         let m = &w.metrics;
         m.decision(decision.policy, decision.endpoint);
@@ -257,6 +331,12 @@ impl Request {
 
     fn route_body(&mut self, kind: ApiKind, size: usize) {
         let w = self.worker.clone();
+        if cfg!(feature = "bench-floor") {
+            if let Some(e) = w.config.endpoints.first() {
+                host::set_request_header(&w.config.route_header, Some(e.cluster()));
+            }
+            return;
+        }
         let body = if size == 0 {
             Some(Vec::new())
         } else {

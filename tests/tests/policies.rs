@@ -27,7 +27,8 @@ fn served(r: &Routed) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn round_robin_cycles() {
     let s = Stack::with_policy(2, "round_robin").await;
-    // One client, one keep-alive connection, so one Envoy worker: its sequence cycles.
+    // One keep-alive connection (one Envoy worker), then a new connection per request (both
+    // workers): the sequence is gateway-wide, so it cycles either way.
     let mut seen = Vec::new();
     for i in 0..8 {
         seen.push(served(
@@ -35,18 +36,31 @@ async fn round_robin_cycles() {
                 .await,
         ));
     }
+    for i in 0..8 {
+        let fresh = reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .build()
+            .unwrap();
+        let r = fresh
+            .post(s.envoy.url("/v1/chat/completions"))
+            .json(&chat(&[("user", &format!("fresh {i}"))]))
+            .send()
+            .await
+            .unwrap();
+        seen.push(served(&Stack::routed(r).await));
+    }
     for w in seen.windows(2) {
         assert_ne!(w[0], w[1], "round robin must alternate: {seen:?}");
     }
     assert_eq!(
         s.stat("kvroute_decisions_total.policy.round_robin.endpoint.engine0")
             .await,
-        4
+        8
     );
     assert_eq!(
         s.stat("kvroute_decisions_total.policy.round_robin.endpoint.engine1")
             .await,
-        4
+        8
     );
     s.stop().await;
 }
@@ -215,6 +229,7 @@ async fn load_cache_aware_follows_cache_and_trades_with_load() {
     // prefix of earlier ones and must stay where that prefix is cached.
     let mut homes = Vec::new();
     let mut follow_ups = 0;
+    let mut sent = 0u64;
     for c in 0..4 {
         let sp = system_prompt(&format!("conversation {c}"));
         let mut history: Vec<(String, String)> = vec![("system".into(), sp)];
@@ -229,6 +244,17 @@ async fn load_cache_aware_follows_cache_and_trades_with_load() {
                 .map(|(r, t)| (r.as_str(), t.as_str()))
                 .collect();
             let e = served(&s.chat(&chat(&msgs), &[]).await);
+            sent += 1;
+            // The policy is checked against the directory: wait until the singleton applied the
+            // decision (with publish interval 0 it publishes in the same callback).
+            s.envoy
+                .wait_stat(
+                    "kvroute_decisions_recorded_total",
+                    Duration::from_secs(2),
+                    |v| v >= sent,
+                )
+                .await
+                .unwrap();
             match &home {
                 None => home = Some(e),
                 Some(h) => {

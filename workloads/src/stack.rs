@@ -70,7 +70,20 @@ pub struct Envoy {
 impl Envoy {
     /// Renders `spec` (with free ports filled in), starts Envoy with `--concurrency 2`, and waits until
     /// it is live and kvroute's singleton has published its first state.
-    pub async fn start(mut spec: EnvoySpec) -> anyhow::Result<Self> {
+    pub async fn start(spec: EnvoySpec) -> anyhow::Result<Self> {
+        // Free ports are found by binding and releasing them, which can race with other processes;
+        // an Envoy that exits at start is retried with fresh ports.
+        let mut last = None;
+        for _ in 0..3 {
+            match Self::start_once(spec.clone()).await {
+                Ok(e) => return Ok(e),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("Envoy did not start")))
+    }
+
+    async fn start_once(mut spec: EnvoySpec) -> anyhow::Result<Self> {
         let envoy = envoy_binary()?;
         spec.listen_address = "127.0.0.1".into();
         spec.listen_port = free_port()?;
@@ -101,7 +114,7 @@ impl Envoy {
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("starting {}", envoy.display()))?;
-        let me = Self {
+        let mut me = Self {
             child,
             listener: SocketAddr::from(([127, 0, 0, 1], spec.listen_port)),
             admin: SocketAddr::from(([127, 0, 0, 1], spec.admin_port)),
@@ -116,7 +129,7 @@ impl Envoy {
         Ok(me)
     }
 
-    async fn wait_ready(&self, with_filter: bool, limit: Duration) -> anyhow::Result<()> {
+    async fn wait_ready(&mut self, with_filter: bool, limit: Duration) -> anyhow::Result<()> {
         let start = Instant::now();
         loop {
             if let Ok(stats) = self.stats().await {
@@ -126,13 +139,19 @@ impl Envoy {
                     return Ok(());
                 }
             }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                bail!(
+                    "Envoy exited with {status} at start; log:\n{}",
+                    self.log_tail(40)
+                );
+            }
             if start.elapsed() > limit {
                 bail!(
                     "Envoy not ready after {limit:?}; log:\n{}",
                     self.log_tail(60)
                 );
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 

@@ -4,6 +4,9 @@
 //! - Latency: sequential requests on one keep-alive connection, 8 KB and 200 KB chat bodies;
 //!   client-side time from send to the last byte of the response. Added = with - without.
 //! - Throughput: concurrent clients for a fixed time against each, 8 KB bodies; ratio with/without.
+//! - The floor: a third Envoy whose wasm filter (feature `bench-floor`) only pauses, buffers the body
+//!   and sets the header. Its cost is what any body-reading wasm filter pays on this machine; the
+//!   difference between kvroute and the floor is kvroute's own work.
 //!
 //! Upstream are two echo endpoints (they answer at once), so what is measured is the proxy path.
 //! Run: `just bench` (or `cargo run --release -p kvroute-workloads --bin kvroute-bench-envoy`).
@@ -15,7 +18,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use kvroute_workloads::echo::EchoEngine;
 use kvroute_workloads::envoy_config::{Engine, EnvoySpec};
-use kvroute_workloads::stack::{filter_wasm, Envoy};
+use kvroute_workloads::stack::{filter_wasm, repo_root, Envoy};
 
 #[derive(Parser, Debug)]
 #[command(about = "Added latency and throughput cost of the kvroute filter in Envoy")]
@@ -80,23 +83,18 @@ async fn one(client: &reqwest::Client, url: &str, body: &[u8]) -> anyhow::Result
     Ok(t.elapsed().as_secs_f64() * 1e6)
 }
 
-async fn latency(
-    with: &Envoy,
-    without: &Envoy,
-    body: &[u8],
-    n: usize,
-) -> anyhow::Result<[Vec<f64>; 2]> {
-    let sides = [
-        (reqwest::Client::new(), with.url("/v1/chat/completions")),
-        (reqwest::Client::new(), without.url("/v1/chat/completions")),
-    ];
+async fn latency(envoys: &[&Envoy], body: &[u8], n: usize) -> anyhow::Result<Vec<Vec<f64>>> {
+    let sides: Vec<(reqwest::Client, String)> = envoys
+        .iter()
+        .map(|e| (reqwest::Client::new(), e.url("/v1/chat/completions")))
+        .collect();
     // Warm-up: connections, V8 tiers, caches.
     for (client, url) in &sides {
         for _ in 0..200 {
             one(client, url, body).await?;
         }
     }
-    let mut out = [Vec::with_capacity(n), Vec::with_capacity(n)];
+    let mut out: Vec<Vec<f64>> = sides.iter().map(|_| Vec::with_capacity(n)).collect();
     let batch = 50;
     while out.first().map_or(0, Vec::len) < n {
         for ((client, url), samples) in sides.iter().zip(out.iter_mut()) {
@@ -137,6 +135,14 @@ async fn throughput(
     Ok(done.load(Ordering::Relaxed) as f64 / secs as f64)
 }
 
+fn mean(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v.iter().sum::<f64>() / v.len() as f64
+    }
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -152,7 +158,7 @@ async fn main() -> anyhow::Result<()> {
         .collect();
     let wasm = filter_wasm()?.display().to_string();
     let with = Envoy::start(EnvoySpec::new(engines.clone(), wasm.clone())).await?;
-    let mut base = EnvoySpec::new(engines, wasm);
+    let mut base = EnvoySpec::new(engines.clone(), wasm);
     base.with_filter = false;
     let without = Envoy::start(base).await?;
     with.runtime_modify(&[
@@ -161,11 +167,22 @@ async fn main() -> anyhow::Result<()> {
     ])
     .await?;
     with.set_policy(&args.policy).await?;
+    let floor_wasm =
+        repo_root().join("target/bench-floor/wasm32-wasip1/release/kvroute_filter.wasm");
+    let floor = if floor_wasm.exists() {
+        Some(Envoy::start(EnvoySpec::new(engines, floor_wasm.display().to_string())).await?)
+    } else {
+        eprintln!(
+            "bench: no floor filter at {} (`just bench` builds it); floor skipped",
+            floor_wasm.display()
+        );
+        None
+    };
     tokio::time::sleep(Duration::from_millis(300)).await;
-    eprintln!(
-        "bench: Envoy with kvroute on {}, without on {}",
-        with.listener, without.listener
-    );
+    let mut envoys = vec![&with, &without];
+    if let Some(f) = &floor {
+        envoys.push(f);
+    }
 
     let mut results = serde_json::Map::new();
     results.insert("policy".into(), args.policy.clone().into());
@@ -174,74 +191,107 @@ async fn main() -> anyhow::Result<()> {
         args.publish_interval_ms.clone().into(),
     );
     println!(
-        "kvroute filter cost in Envoy 1.40 (--concurrency 2), policy {}, publish interval {}, same run, interleaved",
+        "kvroute filter cost in Envoy 1.40 (--concurrency 2), policy {}, publish interval {}; same run, interleaved",
         args.policy, args.publish_interval_ms
     );
     println!(
-        "{:>7} {:>6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
-        "body", "n", "p50_with", "p50_base", "added_p50", "p99_with", "p99_base", "added_p99"
+        "{:>6} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>11} {:>11}",
+        "body",
+        "n",
+        "p50_with",
+        "p50_base",
+        "added_p50",
+        "p99_with",
+        "p99_base",
+        "added_p99",
+        "floor_add50",
+        "floor_add99"
     );
     for (label, bytes, n) in [
         ("8KB", 8 * 1024, args.requests),
         ("200KB", 200 * 1024, args.requests / 4),
     ] {
         let body = body_of(bytes);
-        let [w, b] = latency(&with, &without, &body, n).await?;
+        let runs = latency(&envoys, &body, n).await?;
+        let empty = Vec::new();
+        let (w, b) = (
+            runs.first().unwrap_or(&empty),
+            runs.get(1).unwrap_or(&empty),
+        );
+        let floor_added = |p: f64| runs.get(2).map_or(f64::NAN, |f| pct(f, p) - pct(b, p));
         let row = serde_json::json!({
             "body_bytes": body.len(), "requests_per_side": w.len(),
-            "p50_with_us": pct(&w, 0.5), "p50_without_us": pct(&b, 0.5),
-            "p99_with_us": pct(&w, 0.99), "p99_without_us": pct(&b, 0.99),
-            "added_p50_us": pct(&w, 0.5) - pct(&b, 0.5), "added_p99_us": pct(&w, 0.99) - pct(&b, 0.99),
+            "p50_with_us": pct(w, 0.5), "p50_without_us": pct(b, 0.5),
+            "p99_with_us": pct(w, 0.99), "p99_without_us": pct(b, 0.99),
+            "added_p50_us": pct(w, 0.5) - pct(b, 0.5), "added_p99_us": pct(w, 0.99) - pct(b, 0.99),
+            "floor_added_p50_us": floor_added(0.5), "floor_added_p99_us": floor_added(0.99),
         });
         println!(
-            "{:>7} {:>6} {:>10.0} {:>10.0} {:>10.0} {:>10.0} {:>10.0} {:>10.0}",
+            "{:>6} {:>5} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>11.0} {:>11.0}",
             label,
             w.len(),
-            pct(&w, 0.5),
-            pct(&b, 0.5),
-            pct(&w, 0.5) - pct(&b, 0.5),
-            pct(&w, 0.99),
-            pct(&b, 0.99),
-            pct(&w, 0.99) - pct(&b, 0.99)
+            pct(w, 0.5),
+            pct(b, 0.5),
+            pct(w, 0.5) - pct(b, 0.5),
+            pct(w, 0.99),
+            pct(b, 0.99),
+            pct(w, 0.99) - pct(b, 0.99),
+            floor_added(0.5),
+            floor_added(0.99)
         );
         results.insert(format!("latency_{label}"), row);
     }
-    println!("(microseconds; client-side, one keep-alive connection)");
+    println!("(microseconds, client-side, one keep-alive connection per Envoy)");
 
     let body = Arc::new(body_of(8 * 1024));
-    let (mut rw, mut rb) = (Vec::new(), Vec::new());
+    let mut rounds: Vec<Vec<f64>> = envoys.iter().map(|_| Vec::new()).collect();
     for _ in 0..2 {
-        rw.push(
-            throughput(
-                &with.url("/v1/chat/completions"),
-                body.clone(),
-                args.clients,
-                args.seconds,
-            )
-            .await?,
-        );
-        rb.push(
-            throughput(
-                &without.url("/v1/chat/completions"),
-                body.clone(),
-                args.clients,
-                args.seconds,
-            )
-            .await?,
-        );
+        for (e, r) in envoys.iter().zip(rounds.iter_mut()) {
+            r.push(
+                throughput(
+                    &e.url("/v1/chat/completions"),
+                    body.clone(),
+                    args.clients,
+                    args.seconds,
+                )
+                .await?,
+            );
+        }
     }
-    let (tw, tb) = (rw.iter().sum::<f64>() / 2.0, rb.iter().sum::<f64>() / 2.0);
-    println!(
-        "throughput 8KB, {} clients: with {:.0} rps, without {:.0} rps, ratio {:.2}",
-        args.clients,
-        tw,
-        tb,
-        tw / tb
+    let t: Vec<f64> = rounds.iter().map(|r| mean(r)).collect();
+    let (tw, tb) = (
+        t.first().copied().unwrap_or(f64::NAN),
+        t.get(1).copied().unwrap_or(f64::NAN),
     );
-    println!("(load generator, both Envoys and the echo endpoints share the same 2 cores)");
+    let tf = t.get(2).copied().unwrap_or(f64::NAN);
+    println!(
+        "throughput 8KB, {} clients: without {:.0} rps; with kvroute {:.0} rps (ratio {:.2}); floor {:.0} rps (ratio {:.2})",
+        args.clients, tb, tw, tw / tb, tf, tf / tb
+    );
+    println!("(the load generator, the Envoys and the echo endpoints share this machine's cores)");
     results.insert(
         "throughput_8KB".into(),
-        serde_json::json!({"clients": args.clients, "with_rps": tw, "without_rps": tb, "ratio": tw / tb, "rounds_with": rw, "rounds_without": rb}),
+        serde_json::json!({"clients": args.clients, "with_rps": tw, "without_rps": tb, "floor_rps": tf,
+            "ratio": tw / tb, "floor_ratio": tf / tb, "rounds": rounds}),
+    );
+    // Envoy flushes histograms every 5 s; wait for one flush, then show the filter's own timing.
+    tokio::time::sleep(Duration::from_millis(5500)).await;
+    let hist = reqwest::get(format!(
+        "http://{}/stats?filter=kvroute_decision_time_us",
+        with.admin
+    ))
+    .await?
+    .text()
+    .await?;
+    for line in hist.lines().filter(|l| l.contains("P50")) {
+        println!(
+            "in-filter decision time, µs (interval,cumulative): {}",
+            line.trim()
+        );
+    }
+    results.insert(
+        "decision_time_us_envoy_histogram".into(),
+        hist.trim().to_string().into(),
     );
     let stats = with.stats().await?;
     let fallbacks: u64 = stats
@@ -252,6 +302,9 @@ async fn main() -> anyhow::Result<()> {
     results.insert("fallbacks_during_bench".into(), fallbacks.into());
     with.stop(false).await;
     without.stop(false).await;
+    if let Some(f) = floor {
+        f.stop(false).await;
+    }
     if let Some(dir) = args.out.parent() {
         std::fs::create_dir_all(dir)?;
     }
