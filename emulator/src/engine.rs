@@ -1,0 +1,767 @@
+//! The engine core, as vLLM V1 schedules: no I/O, no clock (time is an argument).
+//!
+//! Each [`Engine::step`] at time `now`:
+//! 1. schedules running requests first, in order, each for all its uncomputed tokens up to the
+//!    step's token budget (`max_num_batched_tokens`: chunked prefill); when blocks run out it
+//!    preempts the last running request (recompute: its blocks are freed, it returns to the front of
+//!    the waiting queue);
+//! 2. if nothing was preempted, admits waiting requests first-come-first-served while the budget
+//!    and `max_num_seqs` allow: each gets its longest cached prefix (full blocks, at most
+//!    `prompt - 1` tokens), takes references on those blocks and allocates the rest; a request that
+//!    does not fit blocks the queue;
+//! 3. prices the step with the latency model and commits it at `now + duration`: computed tokens
+//!    advance, newly full blocks enter the prefix cache, requests that caught up sample a token,
+//!    finished ones free their blocks (tail first).
+//!
+//! The events and metric observations of a step carry that commit time.
+
+use std::collections::{HashMap, VecDeque};
+
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::block_pool::{block_hash, chain_root, BlockId, BlockPool};
+use crate::profile::{LatencyModel, StepShape};
+use crate::tokenizer::filler_token;
+
+/// Engine settings (what `vllm serve` flags and the profile decide).
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineConfig {
+    /// Served model name (also the root of block hashes).
+    pub model: String,
+    /// Tokens per KV block.
+    pub block_size: u32,
+    /// KV blocks.
+    pub num_gpu_blocks: u32,
+    /// Most running requests.
+    pub max_num_seqs: u32,
+    /// Token budget of one step.
+    pub max_num_batched_tokens: u32,
+    /// Longest prompt + output.
+    pub max_model_len: u32,
+    /// Automatic prefix caching.
+    pub enable_prefix_caching: bool,
+    /// Step latency model.
+    pub latency: LatencyModel,
+    /// Share of the GPU this instance gets (1 = alone); step times are divided by it.
+    pub gpu_share: f64,
+}
+
+/// Why a request finished (vLLM's `finished_reason` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FinishReason {
+    /// The model emitted end-of-sequence.
+    Stop,
+    /// `max_tokens` or the context limit.
+    Length,
+    /// The client went away or the request was aborted.
+    Abort,
+}
+
+impl FinishReason {
+    /// OpenAI / vLLM name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stop => "stop",
+            Self::Length => "length",
+            Self::Abort => "abort",
+        }
+    }
+}
+
+/// A request as the API hands it to the engine.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewRequest {
+    /// Unique id.
+    pub id: u64,
+    /// Prompt token ids (after the chat template).
+    pub prompt: Vec<u32>,
+    /// Most tokens to generate.
+    pub max_tokens: u32,
+    /// Fewest tokens to generate before end-of-sequence may stop it.
+    pub min_tokens: u32,
+    /// Generate exactly `max_tokens`.
+    pub ignore_eos: bool,
+}
+
+/// Token accounting of a request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Prompt tokens.
+    pub prompt_tokens: u32,
+    /// Generated tokens.
+    pub completion_tokens: u32,
+    /// Prompt tokens served from the prefix cache at the request's first scheduling.
+    pub cached_tokens: u32,
+}
+
+/// What a step produced for one request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A generated token.
+    Token {
+        /// Request.
+        id: u64,
+        /// Index of the token in the output.
+        index: u32,
+        /// Its text.
+        text: &'static str,
+    },
+    /// The request finished (after its last token, if any).
+    Finished {
+        /// Request.
+        id: u64,
+        /// Why.
+        reason: FinishReason,
+        /// Its token accounting.
+        usage: Usage,
+    },
+}
+
+/// A metric observation, with vLLM's meaning.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Observation {
+    /// `time_to_first_token_seconds`
+    Ttft(f64),
+    /// `inter_token_latency_seconds`
+    Itl(f64),
+    /// `e2e_request_latency_seconds`
+    E2e(f64),
+    /// `request_queue_time_seconds`
+    QueueTime(f64),
+    /// `request_prefill_kv_computed_tokens`
+    PrefillKvComputed(u32),
+    /// `request_prompt_tokens`
+    PromptTokens(u32),
+    /// `request_generation_tokens`
+    GenerationTokens(u32),
+    /// `iteration_tokens_total`
+    IterationTokens(u32),
+}
+
+/// Cumulative counters and current gauges.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EngineStats {
+    /// Prompt tokens looked up in the prefix cache.
+    pub prefix_cache_queries: u64,
+    /// Of those, tokens found.
+    pub prefix_cache_hits: u64,
+    /// Prompt tokens of requests that produced their first token.
+    pub prompt_tokens: u64,
+    /// Tokens generated.
+    pub generation_tokens: u64,
+    /// Preemptions.
+    pub preemptions: u64,
+    /// Finished requests by reason: stop, length, abort.
+    pub finished: [u64; 3],
+    /// Requests running.
+    pub running: usize,
+    /// Requests waiting.
+    pub waiting: usize,
+    /// KV blocks in use (0..=1).
+    pub kv_usage: f64,
+    /// Steps taken.
+    pub steps: u64,
+    /// Sum of step durations, seconds.
+    pub busy_seconds: f64,
+}
+
+/// The outcome of one step.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StepOutcome {
+    /// Step duration, seconds (0 when there was nothing to do).
+    pub duration: f64,
+    /// What the latency model was given.
+    pub shape: StepShape,
+    /// Events, all at `now + duration`.
+    pub events: Vec<Event>,
+    /// Metric observations.
+    pub observations: Vec<Observation>,
+}
+
+#[derive(Debug)]
+struct Req {
+    prompt_len: usize,
+    tokens: Vec<u32>,
+    hashes: Vec<u64>,
+    target: u32,
+    stop_reason: FinishReason,
+    blocks: Vec<BlockId>,
+    num_computed: usize,
+    cached_tokens: Option<usize>,
+    arrival: f64,
+    first_scheduled: Option<f64>,
+    last_token: Option<f64>,
+}
+
+impl Req {
+    fn outputs(&self) -> u32 {
+        (self.tokens.len() - self.prompt_len) as u32
+    }
+}
+
+/// One emulated engine.
+#[derive(Debug)]
+pub struct Engine {
+    cfg: EngineConfig,
+    pool: BlockPool,
+    root: u64,
+    reqs: HashMap<u64, Req>,
+    running: Vec<u64>,
+    waiting: VecDeque<u64>,
+    stats: EngineStats,
+}
+
+/// Why a request was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AddError {
+    /// Prompt plus output cannot fit `max_model_len`.
+    #[error("This model's maximum context length is {max} tokens. However, your request has {prompt} input tokens. Please reduce the length of the input messages.")]
+    TooLong {
+        /// `max_model_len`
+        max: u32,
+        /// Prompt tokens.
+        prompt: usize,
+    },
+    /// The prompt needs more KV blocks than the engine has.
+    #[error("The prompt needs {need} KV cache blocks but the engine has {have}.")]
+    TooManyBlocks {
+        /// Blocks needed.
+        need: usize,
+        /// Blocks available in all.
+        have: usize,
+    },
+    /// Same id twice.
+    #[error("duplicate request id {0}")]
+    Duplicate(u64),
+}
+
+impl Engine {
+    /// A fresh engine.
+    pub fn new(cfg: EngineConfig) -> Self {
+        let pool = BlockPool::new(cfg.num_gpu_blocks, cfg.enable_prefix_caching);
+        let root = chain_root(&cfg.model);
+        Self {
+            cfg,
+            pool,
+            root,
+            reqs: HashMap::new(),
+            running: Vec::new(),
+            waiting: VecDeque::new(),
+            stats: EngineStats::default(),
+        }
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+
+    /// Counters and gauges.
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
+    }
+
+    /// The block pool (read-only).
+    pub fn pool(&self) -> &BlockPool {
+        &self.pool
+    }
+
+    /// Whether a step would do anything.
+    pub fn has_work(&self) -> bool {
+        !self.running.is_empty() || !self.waiting.is_empty()
+    }
+
+    /// Requests the engine holds.
+    pub fn len(&self) -> usize {
+        self.reqs.len()
+    }
+
+    /// True when it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.reqs.is_empty()
+    }
+
+    /// Output length a request will have: `max_tokens` with `ignore_eos`, else a deterministic
+    /// "natural" length from the prompt (32..512 tokens), kept within `min_tokens..=max_tokens`.
+    pub fn planned_output(req: &NewRequest) -> (u32, FinishReason) {
+        if req.ignore_eos {
+            return (req.max_tokens, FinishReason::Length);
+        }
+        let mut bytes = Vec::with_capacity(req.prompt.len() * 4);
+        for t in &req.prompt {
+            bytes.extend_from_slice(&t.to_le_bytes());
+        }
+        let natural = 32 + (xxh3_64(&bytes) % 480) as u32;
+        let natural = natural.max(req.min_tokens);
+        if natural >= req.max_tokens {
+            (req.max_tokens, FinishReason::Length)
+        } else {
+            (natural, FinishReason::Stop)
+        }
+    }
+
+    /// Queues a request arriving at `now`.
+    pub fn add(&mut self, r: NewRequest, now: f64) -> Result<(), AddError> {
+        if self.reqs.contains_key(&r.id) {
+            return Err(AddError::Duplicate(r.id));
+        }
+        if r.prompt.len() >= self.cfg.max_model_len as usize {
+            return Err(AddError::TooLong {
+                max: self.cfg.max_model_len,
+                prompt: r.prompt.len(),
+            });
+        }
+        let need = (r.prompt.len() + 1).div_ceil(self.cfg.block_size.max(1) as usize);
+        if need > self.pool.capacity() {
+            return Err(AddError::TooManyBlocks {
+                need,
+                have: self.pool.capacity(),
+            });
+        }
+        let (target, stop_reason) = Self::planned_output(&r);
+        // A request must fit the whole KV cache on its own, or it would preempt itself forever.
+        let kv_room = self.pool.capacity() * self.cfg.block_size.max(1) as usize;
+        let room = (self.cfg.max_model_len as usize)
+            .min(kv_room)
+            .saturating_sub(r.prompt.len());
+        let (target, stop_reason) = if target as usize > room {
+            (room as u32, FinishReason::Length)
+        } else {
+            (target, stop_reason)
+        };
+        let id = r.id;
+        self.reqs.insert(
+            id,
+            Req {
+                prompt_len: r.prompt.len(),
+                tokens: r.prompt,
+                hashes: Vec::new(),
+                target: target.max(1),
+                stop_reason,
+                blocks: Vec::new(),
+                num_computed: 0,
+                cached_tokens: None,
+                arrival: now,
+                first_scheduled: None,
+                last_token: None,
+            },
+        );
+        self.waiting.push_back(id);
+        self.refresh_gauges();
+        Ok(())
+    }
+
+    /// Aborts a request (client gone): frees its blocks. False if unknown or finished.
+    pub fn abort(&mut self, id: u64) -> Option<Usage> {
+        let req = self.reqs.remove(&id)?;
+        self.running.retain(|r| *r != id);
+        self.waiting.retain(|r| *r != id);
+        self.pool.free(req.blocks.iter().rev().copied());
+        if let Some(f) = self.stats.finished.get_mut(2) {
+            *f += 1;
+        }
+        self.refresh_gauges();
+        Some(Usage {
+            prompt_tokens: req.prompt_len as u32,
+            completion_tokens: req.outputs(),
+            cached_tokens: req.cached_tokens.unwrap_or(0) as u32,
+        })
+    }
+
+    /// `POST /reset_prefix_cache`: false (and nothing reset) while any block is in use.
+    pub fn reset_prefix_cache(&mut self) -> bool {
+        self.pool.reset_prefix_cache()
+    }
+
+    fn refresh_gauges(&mut self) {
+        self.stats.running = self.running.len();
+        self.stats.waiting = self.waiting.len();
+        self.stats.kv_usage = self.pool.usage();
+    }
+
+    fn ensure_hashes(root: u64, req: &mut Req, bs: usize) {
+        let full = req.tokens.len() / bs;
+        while req.hashes.len() < full {
+            let i = req.hashes.len();
+            let parent = if i == 0 {
+                root
+            } else {
+                req.hashes.get(i - 1).copied().unwrap_or(root)
+            };
+            let toks = req.tokens.get(i * bs..(i + 1) * bs).unwrap_or_default();
+            req.hashes.push(block_hash(parent, toks));
+        }
+    }
+
+    /// Gives a running request the blocks for `num_new` more tokens.
+    fn allocate_more(&mut self, id: u64, num_new: usize) -> bool {
+        let bs = self.cfg.block_size.max(1) as usize;
+        let Some(req) = self.reqs.get(&id) else {
+            return false;
+        };
+        let need = (req.num_computed + num_new)
+            .div_ceil(bs)
+            .saturating_sub(req.blocks.len());
+        if need == 0 {
+            return true;
+        }
+        match self.pool.allocate(need) {
+            Some(b) => {
+                if let Some(req) = self.reqs.get_mut(&id) {
+                    req.blocks.extend(b);
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn preempt(&mut self, id: u64) {
+        if let Some(req) = self.reqs.get_mut(&id) {
+            let blocks = std::mem::take(&mut req.blocks);
+            self.pool.free(blocks.into_iter().rev());
+            req.num_computed = 0;
+        }
+        self.waiting.push_front(id);
+        self.stats.preemptions += 1;
+    }
+
+    /// Runs one step starting at `now`.
+    pub fn step(&mut self, now: f64) -> StepOutcome {
+        let bs = self.cfg.block_size.max(1) as usize;
+        let mut budget = self.cfg.max_num_batched_tokens as usize;
+        let mut scheduled: Vec<(u64, usize)> = Vec::new();
+        let mut preempted = false;
+
+        // 1. Running requests.
+        let mut i = 0usize;
+        while i < self.running.len() && budget > 0 {
+            let Some(&id) = self.running.get(i) else {
+                break;
+            };
+            let Some(req) = self.reqs.get(&id) else {
+                self.running.remove(i);
+                continue;
+            };
+            let num_new = (req.tokens.len() - req.num_computed).min(budget);
+            if num_new == 0 {
+                i += 1;
+                continue;
+            }
+            let mut scheduled_self = true;
+            while !self.allocate_more(id, num_new) {
+                let Some(victim) = self.running.pop() else {
+                    break;
+                };
+                self.preempt(victim);
+                preempted = true;
+                if victim == id {
+                    scheduled_self = false;
+                    break;
+                }
+            }
+            if !scheduled_self || !self.running.contains(&id) {
+                break;
+            }
+            scheduled.push((id, num_new));
+            budget -= num_new;
+            i += 1;
+        }
+
+        // 2. Waiting requests, first come first served.
+        while !preempted && budget > 0 && self.running.len() < self.cfg.max_num_seqs as usize {
+            let Some(&id) = self.waiting.front() else {
+                break;
+            };
+            let root = self.root;
+            let Some(req) = self.reqs.get_mut(&id) else {
+                self.waiting.pop_front();
+                continue;
+            };
+            Self::ensure_hashes(root, req, bs);
+            let max_hit = (req.tokens.len() - 1) / bs;
+            let hit = self.pool.longest_cached(&req.hashes, max_hit);
+            let num_computed = hit.len() * bs;
+            let num_new = (req.tokens.len() - num_computed).min(budget);
+            let need = (num_computed + num_new).div_ceil(bs) - hit.len();
+            if need + self.pool.free_among(&hit) > self.pool.num_free() {
+                break;
+            }
+            self.pool.touch(&hit);
+            let Some(fresh) = self.pool.allocate(need) else {
+                self.pool.free(hit.iter().rev().copied());
+                break;
+            };
+            req.blocks = hit;
+            req.blocks.extend(fresh);
+            req.num_computed = num_computed;
+            self.stats.prefix_cache_queries += req.tokens.len() as u64;
+            self.stats.prefix_cache_hits += num_computed as u64;
+            if req.cached_tokens.is_none() {
+                req.cached_tokens = Some(num_computed);
+                req.first_scheduled = Some(now);
+            }
+            self.waiting.pop_front();
+            self.running.push(id);
+            scheduled.push((id, num_new));
+            budget -= num_new;
+        }
+
+        // 3. Price the step.
+        let mut shape = StepShape::default();
+        for (id, n) in &scheduled {
+            let Some(req) = self.reqs.get(id) else {
+                continue;
+            };
+            let n64 = *n as u64;
+            shape.tokens += n64;
+            let prompt_left = req.prompt_len.saturating_sub(req.num_computed);
+            shape.prefill_tokens += prompt_left.min(*n) as u64;
+            if req.num_computed >= req.prompt_len {
+                shape.decode_seqs += 1;
+            }
+            if req.num_computed + n == req.tokens.len() {
+                shape.sampled_seqs += 1;
+            }
+            shape.attn_token_ctx +=
+                (*n as f64) * req.num_computed as f64 + (*n as f64) * (*n as f64) / 2.0;
+            shape.kv_tokens_read += (req.num_computed + n) as u64;
+        }
+        let share = if self.cfg.gpu_share > 0.0 {
+            self.cfg.gpu_share
+        } else {
+            1.0
+        };
+        let duration = self.cfg.latency.step_seconds(&shape) / share;
+        let t = now + duration;
+        let mut out = StepOutcome {
+            duration,
+            shape,
+            events: Vec::new(),
+            observations: Vec::new(),
+        };
+        if !scheduled.is_empty() {
+            self.stats.steps += 1;
+            self.stats.busy_seconds += duration;
+            out.observations
+                .push(Observation::IterationTokens(shape.tokens as u32));
+        }
+
+        // 4. Commit at now + duration.
+        for (id, n) in scheduled {
+            let root = self.root;
+            let Some(req) = self.reqs.get_mut(&id) else {
+                continue;
+            };
+            let before = req.num_computed / bs;
+            req.num_computed += n;
+            let after = req.num_computed / bs;
+            Self::ensure_hashes(root, req, bs);
+            for j in before..after {
+                if let (Some(b), Some(h)) = (req.blocks.get(j), req.hashes.get(j)) {
+                    self.pool.cache(*b, *h);
+                }
+            }
+            if req.num_computed < req.tokens.len() {
+                continue; // a prefill chunk: no token yet
+            }
+            let index = req.outputs();
+            let (token, text) = filler_token(index as usize);
+            req.tokens.push(token);
+            if index == 0 {
+                out.observations.push(Observation::Ttft(t - req.arrival));
+                out.observations.push(Observation::QueueTime(
+                    req.first_scheduled.unwrap_or(now) - req.arrival,
+                ));
+                out.observations
+                    .push(Observation::PromptTokens(req.prompt_len as u32));
+                let cached = req.cached_tokens.unwrap_or(0);
+                out.observations.push(Observation::PrefillKvComputed(
+                    (req.prompt_len - cached.min(req.prompt_len)) as u32,
+                ));
+                self.stats.prompt_tokens += req.prompt_len as u64;
+            } else if let Some(last) = req.last_token {
+                out.observations.push(Observation::Itl(t - last));
+            }
+            req.last_token = Some(t);
+            self.stats.generation_tokens += 1;
+            out.events.push(Event::Token { id, index, text });
+            if req.outputs() >= req.target {
+                let reason = req.stop_reason;
+                let usage = Usage {
+                    prompt_tokens: req.prompt_len as u32,
+                    completion_tokens: req.outputs(),
+                    cached_tokens: req.cached_tokens.unwrap_or(0) as u32,
+                };
+                out.observations.push(Observation::E2e(t - req.arrival));
+                out.observations
+                    .push(Observation::GenerationTokens(usage.completion_tokens));
+                let blocks = std::mem::take(&mut req.blocks);
+                self.pool.free(blocks.into_iter().rev());
+                self.reqs.remove(&id);
+                self.running.retain(|r| *r != id);
+                let slot = if reason == FinishReason::Stop { 0 } else { 1 };
+                if let Some(f) = self.stats.finished.get_mut(slot) {
+                    *f += 1;
+                }
+                out.events.push(Event::Finished { id, reason, usage });
+            }
+        }
+        self.refresh_gauges();
+        out
+    }
+}
+
+#[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+mod tests {
+    use super::*;
+    use crate::profile::a100_llama2_13b;
+    use proptest::prelude::*;
+
+    fn cfg(blocks: u32) -> EngineConfig {
+        EngineConfig {
+            model: "m".into(),
+            block_size: 16,
+            num_gpu_blocks: blocks,
+            max_num_seqs: 8,
+            max_num_batched_tokens: 512,
+            max_model_len: 4096,
+            enable_prefix_caching: true,
+            latency: a100_llama2_13b().latency,
+            gpu_share: 1.0,
+        }
+    }
+
+    fn req(id: u64, prompt: Vec<u32>, max_tokens: u32) -> NewRequest {
+        NewRequest {
+            id,
+            prompt,
+            max_tokens,
+            min_tokens: 0,
+            ignore_eos: true,
+        }
+    }
+
+    /// Runs until idle; returns (time, usage per request).
+    fn run(e: &mut Engine, mut now: f64) -> (f64, HashMap<u64, Usage>) {
+        let mut done = HashMap::new();
+        for _ in 0..100_000 {
+            if !e.has_work() {
+                break;
+            }
+            let o = e.step(now);
+            now += o.duration;
+            for ev in o.events {
+                if let Event::Finished { id, usage, .. } = ev {
+                    done.insert(id, usage);
+                }
+            }
+        }
+        (now, done)
+    }
+
+    #[test]
+    fn identical_second_request_hits_every_full_block_but_the_last_token() {
+        let mut e = Engine::new(cfg(100));
+        let prompt: Vec<u32> = (0..160).collect(); // exactly 10 blocks
+        e.add(req(1, prompt.clone(), 4), 0.0).unwrap();
+        let (t, _) = run(&mut e, 0.0);
+        e.add(req(2, prompt.clone(), 4), t).unwrap();
+        let (_, done) = run(&mut e, t);
+        // Capped at prompt - 1 tokens: the last block is recomputed.
+        assert_eq!(done[&2].cached_tokens, 144);
+        let p2: Vec<u32> = (0..170).collect(); // 10 full blocks + 10 tokens
+        e.add(req(3, p2, 4), t).unwrap();
+        let (_, done) = run(&mut e, t);
+        assert_eq!(done[&3].cached_tokens, 160);
+        assert_eq!(e.stats().prefix_cache_hits, 144 + 160);
+        assert_eq!(e.stats().prefix_cache_queries, 160 + 160 + 170);
+    }
+
+    #[test]
+    fn running_blocks_are_never_evicted_and_preemption_recomputes() {
+        // 10 blocks; two requests that each grow to 6 blocks cannot both stay.
+        let mut c = cfg(10);
+        c.max_num_batched_tokens = 4096;
+        let mut e = Engine::new(c);
+        e.add(req(1, (0..64).collect(), 30), 0.0).unwrap();
+        e.add(req(2, (1000..1064).collect(), 30), 0.0).unwrap();
+        let (_, done) = run(&mut e, 0.0);
+        assert_eq!(done.len(), 2);
+        assert!(e.stats().preemptions >= 1);
+        assert_eq!(e.pool().num_free(), 10);
+        assert_eq!(done[&1].completion_tokens, 30);
+        assert_eq!(done[&2].completion_tokens, 30);
+    }
+
+    #[test]
+    fn chunked_prefill_respects_the_budget() {
+        let mut c = cfg(200);
+        c.max_num_batched_tokens = 256;
+        let mut e = Engine::new(c);
+        e.add(req(1, (0..1000).collect(), 1), 0.0).unwrap();
+        let mut steps = 0;
+        while e.has_work() {
+            let o = e.step(0.0);
+            assert!(o.shape.tokens <= 256);
+            steps += 1;
+        }
+        assert_eq!(steps, 4);
+    }
+
+    #[test]
+    fn abort_frees_blocks() {
+        let mut e = Engine::new(cfg(50));
+        e.add(req(1, (0..100).collect(), 100), 0.0).unwrap();
+        e.step(0.0);
+        assert!(e.pool().num_free() < 50);
+        assert!(e.abort(1).is_some());
+        assert_eq!(e.pool().num_free(), 50);
+        assert!(!e.has_work());
+        assert_eq!(e.stats().finished[2], 1);
+    }
+
+    #[test]
+    fn rejects_too_long() {
+        let mut e = Engine::new(cfg(1000));
+        assert!(matches!(
+            e.add(req(1, vec![0; 4096], 1), 0.0),
+            Err(AddError::TooLong { .. })
+        ));
+    }
+
+    proptest! {
+        /// Every request finishes with its planned length, blocks all come back, counters add up.
+        #[test]
+        fn everything_finishes_and_blocks_return(
+            reqs in prop::collection::vec((1usize..300, 1u32..40, 0u64..4), 1..12),
+            blocks in 40u32..120,
+            batched in 32u32..600,
+        ) {
+            let mut c = cfg(blocks);
+            c.max_num_batched_tokens = batched;
+            let mut e = Engine::new(c);
+            let mut expected = HashMap::new();
+            for (i, (len, out, family)) in reqs.iter().enumerate() {
+                // Families share prefixes, so the cache is exercised.
+                let prompt: Vec<u32> = (0..*len as u32).map(|t| t + 10_000 * *family as u32).collect();
+                e.add(req(i as u64, prompt, *out), 0.0).unwrap();
+                expected.insert(i as u64, *out);
+            }
+            let (_, done) = run(&mut e, 0.0);
+            prop_assert_eq!(done.len(), expected.len());
+            for (id, u) in &done {
+                prop_assert_eq!(u.completion_tokens, expected[id]);
+            }
+            prop_assert_eq!(e.pool().num_free(), blocks as usize);
+            prop_assert!(e.stats().prefix_cache_hits <= e.stats().prefix_cache_queries);
+            prop_assert_eq!(e.stats().generation_tokens, expected.values().map(|v| u64::from(*v)).sum::<u64>());
+        }
+    }
+}
