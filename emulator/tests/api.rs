@@ -453,7 +453,7 @@ async fn ttft_of_cached_and_uncached_2k_prompts_match_the_profile() {
     let base = serve(cfg.clone(), scale).await;
     let prompt = tokens(2000, 9);
     let want_miss = model_ttft(&cfg, &[], &prompt);
-    let want_hit = model_ttft(&cfg, &[prompt.clone()], &prompt);
+    let want_hit = model_ttft(&cfg, std::slice::from_ref(&prompt), &prompt);
     // Warm the connection (and the server) with an unrelated request first.
     client_ttft(&client, &base, &tokens(20, 77), scale).await;
     let (miss, c0) = client_ttft(&client, &base, &prompt, scale).await;
