@@ -66,6 +66,14 @@ pub struct DriverTiming {
     pub modelled_us: AtomicU64,
     /// Sum of wall time from step start to events delivered, microseconds.
     pub actual_us: AtomicU64,
+    /// Most any step ran late against its modelled end, microseconds.
+    pub max_late_us: AtomicU64,
+    /// Sum over steps of how late each one's tokens were delivered after its modelled end, microseconds.
+    pub sum_late_us: AtomicU64,
+    /// Blocks holding a cached prefix (after the last step).
+    pub cached_blocks: AtomicU64,
+    /// Requests the engine holds.
+    pub requests: AtomicU64,
 }
 
 /// Shared state of the HTTP handlers.
@@ -104,13 +112,13 @@ pub fn start(cfg: ServerConfig) -> anyhow::Result<(Router, AppState)> {
     let (tx, rx) = mpsc::unbounded_channel();
     let timing = Arc::new(DriverTiming::default());
     let engine = Engine::new(cfg.engine.clone());
-    tokio::spawn(drive(
-        engine,
-        rx,
-        metrics.clone(),
-        timing.clone(),
-        cfg.time_scale.max(1e-6),
-    ));
+    // The engine loop has a thread of its own: its step timing must not depend on how busy the
+    // async runtime is with streams, and an OS sleep is precise where the runtime's timer rounds
+    // to milliseconds.
+    let (m, t, scale) = (metrics.clone(), timing.clone(), cfg.time_scale.max(1e-6));
+    std::thread::Builder::new()
+        .name("kvroute-engine".into())
+        .spawn(move || drive(engine, rx, m, t, scale))?;
     let state = AppState {
         cfg: Arc::new(cfg),
         tx,
@@ -126,12 +134,13 @@ pub fn start(cfg: ServerConfig) -> anyhow::Result<(Router, AppState)> {
         .route("/health", get(|| async { StatusCode::OK }))
         .route("/metrics", get(metrics_page))
         .route("/reset_prefix_cache", post(reset_prefix_cache))
+        .route("/emulator/stats", get(emulator_stats))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "Not Found", "NotFoundError", None) })
         .with_state(state.clone());
     Ok((app, state))
 }
 
-async fn drive(
+fn drive(
     mut engine: Engine,
     mut rx: mpsc::UnboundedReceiver<Command>,
     metrics: Arc<Metrics>,
@@ -142,6 +151,7 @@ async fn drive(
     let model_now = |t: Instant| t.duration_since(start).as_secs_f64() * scale;
     let mut sinks: HashMap<u64, mpsc::UnboundedSender<Event>> = HashMap::new();
     let mut last_end = 0.0f64;
+    let mut busy = false;
     loop {
         // Take every command that arrived; sleep on the channel when there is nothing to do.
         loop {
@@ -152,12 +162,19 @@ async fn drive(
                     Err(mpsc::error::TryRecvError::Disconnected) => return,
                 }
             } else {
-                match rx.recv().await {
+                match rx.blocking_recv() {
                     Some(c) => c,
                     None => return,
                 }
             };
-            let now = model_now(Instant::now()).max(last_end);
+            // Arrival in model time: while the engine is busy, no later than the next step's start
+            // (the end of the step in flight); when idle, now.
+            let wall_now = model_now(Instant::now());
+            let now = if engine.has_work() {
+                wall_now.min(last_end)
+            } else {
+                wall_now.max(last_end)
+            };
             match cmd {
                 Command::Add { req, events, reply } => {
                     let id = req.id;
@@ -179,12 +196,22 @@ async fn drive(
             metrics.update(engine.stats(), &[]);
         }
         let wall_start = Instant::now();
-        let now = model_now(wall_start).max(last_end);
+        // Steps run back to back in model time while the engine is busy, as vLLM's loop does, so a
+        // late wake-up delays one step's delivery but never shifts the model's timeline.
+        let now = if busy {
+            last_end
+        } else {
+            model_now(wall_start).max(last_end)
+        };
         let out = engine.step(now);
         last_end = now + out.duration;
         // The step's results exist when the modelled step ends.
         let end = start + Duration::from_secs_f64(last_end / scale);
-        tokio::time::sleep_until(end.into()).await;
+        let wait = end.saturating_duration_since(Instant::now());
+        if !wait.is_zero() {
+            std::thread::sleep(wait);
+        }
+        let late_from = Instant::now();
         let mut gone = Vec::new();
         for ev in out.events {
             let (id, finished) = match &ev {
@@ -205,7 +232,21 @@ async fn drive(
             sinks.remove(&id);
             engine.abort(id);
         }
+        if out.duration > 0.0 {
+            // Lateness: from the step's modelled end to its tokens handed to the streams.
+            let late = late_from.saturating_duration_since(end).as_micros() as u64
+                + late_from.elapsed().as_micros() as u64;
+            timing.max_late_us.fetch_max(late, Ordering::Relaxed);
+            timing.sum_late_us.fetch_add(late, Ordering::Relaxed);
+        }
+        busy = engine.has_work();
         metrics.update(engine.stats(), &out.observations);
+        timing
+            .cached_blocks
+            .store(engine.pool().num_cached() as u64, Ordering::Relaxed);
+        timing
+            .requests
+            .store(engine.len() as u64, Ordering::Relaxed);
         if out.duration > 0.0 {
             timing.steps.fetch_add(1, Ordering::Relaxed);
             timing
@@ -803,6 +844,28 @@ async fn reset_prefix_cache(State(state): State<AppState>) -> Response {
             None,
         ),
     }
+}
+
+/// Not in vLLM: how closely the driver keeps to the model, and the pool's state.
+async fn emulator_stats(State(state): State<AppState>) -> Response {
+    let t = &state.timing;
+    let (modelled, actual) = (
+        t.modelled_us.load(Ordering::Relaxed),
+        t.actual_us.load(Ordering::Relaxed),
+    );
+    Json(json!({
+        "steps": t.steps.load(Ordering::Relaxed),
+        "modelled_step_wall_us": modelled,
+        "actual_step_wall_us": actual,
+        "actual_over_modelled": if modelled > 0 { actual as f64 / modelled as f64 } else { 0.0 },
+        "max_late_us": t.max_late_us.load(Ordering::Relaxed),
+        "sum_late_us": t.sum_late_us.load(Ordering::Relaxed),
+        "cached_blocks": t.cached_blocks.load(Ordering::Relaxed),
+        "num_gpu_blocks": state.cfg.engine.num_gpu_blocks,
+        "requests": t.requests.load(Ordering::Relaxed),
+        "time_scale": state.cfg.time_scale,
+    }))
+    .into_response()
 }
 
 /// The timing counters, for benchmarks.

@@ -17,14 +17,27 @@ fn main() -> anyhow::Result<()> {
             .map(|a| {
                 a.iter()
                     .map(|m| {
-                        (m["role"].as_str().unwrap_or("user").to_string(), m["content"].as_str().unwrap_or("").to_string())
+                        (
+                            m["role"].as_str().unwrap_or("user").to_string(),
+                            m["content"].as_str().unwrap_or("").to_string(),
+                        )
                     })
                     .collect()
             })
             .unwrap_or_default();
-        let chat: Vec<ChatMessage<'_>> = msgs.iter().map(|(r, c)| ChatMessage { role: r, content: c }).collect();
+        let chat: Vec<ChatMessage<'_>> = msgs
+            .iter()
+            .map(|(r, c)| ChatMessage {
+                role: r,
+                content: c,
+            })
+            .collect();
         let content: Vec<usize> = msgs.iter().map(|(_, c)| count(c)).collect();
-        writeln!(out, "{}", serde_json::json!({"prompt_tokens": encode_chat(&chat).len(), "content_tokens": content}))?;
+        writeln!(
+            out,
+            "{}",
+            serde_json::json!({"prompt_tokens": encode_chat(&chat).len(), "content_tokens": content})
+        )?;
     }
     Ok(())
 }
