@@ -12,8 +12,9 @@ fn main() -> anyhow::Result<()> {
     let mut out = std::io::BufWriter::new(std::io::stdout());
     for line in stdin.lock().lines() {
         let v: serde_json::Value = serde_json::from_str(&line?)?;
-        let msgs: Vec<(String, String)> = v["messages"]
-            .as_array()
+        let msgs: Vec<(String, String)> = v
+            .get("messages")
+            .and_then(|m| m.as_array())
             .map(|a| {
                 a.iter()
                     .map(|m| {

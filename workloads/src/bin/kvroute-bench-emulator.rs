@@ -7,7 +7,7 @@
 //! Run: `cargo run --release -p kvroute-workloads --bin kvroute-bench-emulator` (after
 //! `cargo build --release -p kvroute-emulator`).
 
-// `serde_json::Value[use std::process::Stdio;str]` yields Null for a missing key; it never panics.
+// `serde_json::Value["key"]` yields Null for a missing key; it never panics.
 #![allow(clippy::indexing_slicing)]
 
 use std::process::Stdio;
