@@ -318,6 +318,9 @@ pub struct PolicySettings {
     pub load_signal: LoadSignal,
     /// `kvroute.publish_interval_ms`: 0 (every decision), N ms, or `never`.
     pub publish_interval: PublishInterval,
+    /// `kvroute.directory_epoch`: any change of this value makes the singleton forget the whole
+    /// directory (set it after resetting the engines' prefix caches).
+    pub directory_epoch: u64,
 }
 
 impl Default for PolicySettings {
@@ -331,6 +334,7 @@ impl Default for PolicySettings {
             session_affinity: 0.5,
             load_signal: LoadSignal::GatewayInflight,
             publish_interval: PublishInterval::EveryDecision,
+            directory_epoch: 0,
         }
     }
 }
@@ -339,7 +343,7 @@ impl Default for PolicySettings {
 pub const RUNTIME_PREFIX: &str = "kvroute.";
 
 /// Every runtime key, without the prefix.
-pub const RUNTIME_KEYS: [&str; 8] = [
+pub const RUNTIME_KEYS: [&str; 9] = [
     "policy",
     "alpha",
     "beta",
@@ -348,6 +352,7 @@ pub const RUNTIME_KEYS: [&str; 8] = [
     "session_affinity",
     "load_signal",
     "publish_interval_ms",
+    "directory_epoch",
 ];
 
 impl PolicySettings {
@@ -397,6 +402,7 @@ impl PolicySettings {
                 "publish_interval_ms" => PublishInterval::parse(v)
                     .map(|x| s.publish_interval = x)
                     .is_some(),
+                "directory_epoch" => v.parse().map(|x| s.directory_epoch = x).is_ok(),
                 _ => {
                     errors.push(FieldError::new(key, "unknown kvroute runtime key"));
                     continue;
@@ -498,6 +504,7 @@ mod tests {
             ("kvroute.beta", "nan"),
             ("kvroute.publish_interval_ms", "never"),
             ("kvroute.hash_mode", "rendezvous"),
+            ("kvroute.directory_epoch", "7"),
             ("kvroute.frobnicate", "1"),
             ("other.key", "x"),
         ]);
@@ -506,6 +513,7 @@ mod tests {
         assert_eq!(s.beta, 0.3);
         assert_eq!(s.publish_interval, PublishInterval::Never);
         assert_eq!(s.hash_mode, HashMode::Rendezvous);
+        assert_eq!(s.directory_epoch, 7);
         let fields: Vec<&str> = e.iter().map(|f| f.field.as_str()).collect();
         assert_eq!(fields, ["kvroute.beta", "kvroute.frobnicate"]);
         let (s, _) = base.with_runtime([("kvroute.publish_interval_ms", "0")]);

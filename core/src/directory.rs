@@ -123,7 +123,7 @@ impl Directory {
         for h in blocks.iter().rev() {
             if let Some((evicted, ())) = lru.push(*h, ()) {
                 if evicted != *h {
-                    Self::clear(&mut self.index, evicted, bit);
+                    Self::unset(&mut self.index, evicted, bit);
                 }
             }
             *self.index.entry(*h).or_insert(0) |= bit;
@@ -133,7 +133,7 @@ impl Directory {
         }
     }
 
-    fn clear(index: &mut BTreeMap<BlockHash, u64>, h: BlockHash, bit: u64) {
+    fn unset(index: &mut BTreeMap<BlockHash, u64>, h: BlockHash, bit: u64) {
         if let Some(m) = index.get_mut(&h) {
             *m &= !bit;
             if *m == 0 {
@@ -150,7 +150,7 @@ impl Directory {
         let bit = 1u64 << endpoint;
         while lru.len() > blocks as usize {
             if let Some((h, ())) = lru.pop_lru() {
-                Self::clear(&mut self.index, h, bit);
+                Self::unset(&mut self.index, h, bit);
             }
         }
         lru.resize(nz(blocks));
@@ -163,8 +163,18 @@ impl Directory {
         };
         let bit = 1u64 << endpoint;
         while let Some((h, ())) = lru.pop_lru() {
-            Self::clear(&mut self.index, h, bit);
+            Self::unset(&mut self.index, h, bit);
         }
+    }
+
+    /// Forgets everything: every endpoint's blocks and every session (the engines' caches were
+    /// reset, or an operator asked for it).
+    pub fn clear(&mut self) {
+        for lru in &mut self.lrus {
+            lru.clear();
+        }
+        self.index.clear();
+        self.sessions.clear();
     }
 
     /// Blocks held by one endpoint.
@@ -268,6 +278,13 @@ mod tests {
         assert_eq!(d.endpoint_len(1), 0);
         assert_eq!(d.holders(BlockHash(1)), 1);
         assert_eq!(d.distinct_blocks(), 2);
+        d.record(1, &hs(&[7]), Some(3));
+        d.clear();
+        assert_eq!(
+            (d.distinct_blocks(), d.endpoint_len(0), d.sessions()),
+            (0, 0, 0)
+        );
+        assert_eq!(d.session_endpoint(3), None);
     }
 
     proptest! {

@@ -209,6 +209,7 @@ pub struct StateMetrics {
     pub alpha_milli: Id,
     pub beta_milli: Id,
     pub publish_interval_ms: Id,
+    pub directory_epoch: Id,
     host_errors: Vec<Id>,
 }
 
@@ -245,6 +246,7 @@ impl StateMetrics {
             alpha_milli: gauge("kvroute_setting_alpha_milli"),
             beta_milli: gauge("kvroute_setting_beta_milli"),
             publish_interval_ms: gauge("kvroute_setting_publish_interval_ms"),
+            directory_epoch: gauge("kvroute_setting_directory_epoch"),
             host_errors: host_error_ids(),
         }
     }

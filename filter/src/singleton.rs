@@ -199,10 +199,21 @@ impl Singleton {
                     settings.policy, settings.alpha, settings.beta, settings.publish_interval
                 ),
             );
-            let dir_now = match settings.publish_interval {
+            let mut dir_now = match settings.publish_interval {
                 PublishInterval::Never => false,
                 _ => self.settings.publish_interval == PublishInterval::Never,
             };
+            if settings.directory_epoch != self.settings.directory_epoch {
+                host::log(
+                    LogLevel::Info,
+                    &format!(
+                        "kvroute: directory epoch {}: forgetting the directory",
+                        settings.directory_epoch
+                    ),
+                );
+                self.directory.clear();
+                dir_now = true;
+            }
             self.settings = settings;
             self.publish(dir_now);
         }
@@ -291,6 +302,7 @@ impl Singleton {
         }
         host::record(m.alpha_milli, (self.settings.alpha * 1000.0).round() as u64);
         host::record(m.beta_milli, (self.settings.beta * 1000.0).round() as u64);
+        host::record(m.directory_epoch, self.settings.directory_epoch);
         host::record(
             m.publish_interval_ms,
             match self.settings.publish_interval {

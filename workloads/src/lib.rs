@@ -4,9 +4,12 @@
 //!   layers, stats tags) for any set of engines; `envoy/envoy.yaml` is its default output.
 //! - [`stack`]: owns an Envoy process as a child, waits until kvroute has published its state, and
 //!   talks to the admin API (stats, runtime values).
-//! - [`echo`]: a minimal OpenAI-shaped HTTP endpoint that says which endpoint served each request.
-//!   It stands in for engines in the end-to-end tests and the demo until the emulator exists.
+//! - [`echo`]: a minimal OpenAI-shaped HTTP endpoint that says which endpoint served each request
+//!   and can hold requests open: the routing tests use it where they need that control.
+//! - [`emulated`]: emulated vLLM engines (kvroute-emulator) run in-process, for the demo and the
+//!   end-to-end tests of caching behind Envoy.
 
 pub mod echo;
+pub mod emulated;
 pub mod envoy_config;
 pub mod stack;

@@ -1,38 +1,143 @@
-//! The short demo (the main job until the study runner lands): two endpoints behind the real Envoy
-//! with the real filter; every policy in turn is switched on live through `runtime_modify`, the same
-//! scripted multi-turn conversations are sent, and a report shows where each turn went and what the
-//! filter's stats say.
+//! The short demo (the main job until the study runner lands): two emulated vLLM engines (the seed
+//! rig's profile, 5x real time) behind the real Envoy with the real filter. For every policy in
+//! turn: both engines' prefix caches are reset, the policy is switched on live through
+//! `runtime_modify`, and the same multi-turn workload runs (conversations resend their history;
+//! they share one of three system prompts; four run at a time). The report gives, per policy, the
+//! engines' own prefix-cache hit rate and mean TTFT (deltas of their `/metrics`), the routing split
+//! from Envoy's stats, and the filter's predicted cached blocks.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use clap::Parser;
+use futures_util::StreamExt;
 use kvroute_core::policy::PolicyKind;
-use kvroute_workloads::echo::EchoEngine;
+use kvroute_workloads::emulated::EmulatedEngine;
 use kvroute_workloads::envoy_config::{Engine, EnvoySpec};
 use kvroute_workloads::stack::{filter_wasm, Envoy};
+use serde_json::{json, Value};
 
 #[derive(Parser, Debug)]
-#[command(about = "Route scripted conversations with every kvroute policy through a real Envoy")]
+#[command(
+    about = "Every kvroute policy on the same workload through a real Envoy and emulated vLLM engines"
+)]
 struct Args {
     /// Where the report goes.
     #[arg(long, default_value = "results/demo")]
     out: PathBuf,
     /// Conversations per policy.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 16)]
     conversations: usize,
     /// Turns per conversation.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 5)]
     turns: usize,
+    /// Conversations in flight at once.
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
+    /// Emulated time runs this many times faster than real time. Higher is quicker but multiplies
+    /// the host's scheduling jitter into emulated time.
+    #[arg(long, default_value_t = 5.0)]
+    time_scale: f64,
+}
+
+/// Sums of an engine's counters and histograms that the report uses.
+#[derive(Debug, Default, Clone, Copy)]
+struct Snapshot {
+    hits: f64,
+    queries: f64,
+    ttft_sum: f64,
+    ttft_count: f64,
+}
+
+async fn snapshot(
+    client: &reqwest::Client,
+    engines: &[EmulatedEngine],
+) -> anyhow::Result<Snapshot> {
+    let mut s = Snapshot::default();
+    for e in engines {
+        let text = client
+            .get(format!("{}/metrics", e.url()))
+            .send()
+            .await?
+            .text()
+            .await?;
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let Some((series, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let v: f64 = value.parse().unwrap_or(0.0);
+            let name = series.split('{').next().unwrap_or("");
+            match name {
+                "vllm:prefix_cache_hits_total" => s.hits += v,
+                "vllm:prefix_cache_queries_total" => s.queries += v,
+                "vllm:time_to_first_token_seconds_sum" => s.ttft_sum += v,
+                "vllm:time_to_first_token_seconds_count" => s.ttft_count += v,
+                _ => {}
+            }
+        }
+    }
+    Ok(s)
+}
+
+async fn conversation(
+    client: reqwest::Client,
+    url: String,
+    c: usize,
+    turns: usize,
+) -> anyhow::Result<()> {
+    let family = c % 3;
+    let system = format!("[team {family}] You are the meticulous assistant of team {family}; cite sources, be precise. ").repeat(10);
+    let mut messages = vec![json!({"role": "system", "content": system})];
+    for t in 0..turns {
+        messages.push(json!({"role": "user", "content": format!("Conversation {c}, turn {t}: please continue the analysis with more detail.")}));
+        let body = json!({"messages": messages, "max_tokens": 32, "ignore_eos": true, "stream": true,
+                          "stream_options": {"include_usage": true}});
+        let r = client
+            .post(&url)
+            .header("x-session-id", format!("user-{c}"))
+            .json(&body)
+            .send()
+            .await?;
+        if !r.status().is_success() {
+            anyhow::bail!("request failed: {}", r.status());
+        }
+        let mut answer = String::new();
+        let mut stream = r.bytes_stream();
+        let mut buf = String::new();
+        while let Some(chunk) = stream.next().await {
+            buf.push_str(&String::from_utf8_lossy(&chunk?));
+        }
+        for data in buf.lines().filter_map(|l| l.strip_prefix("data: ")) {
+            if let Ok(v) = serde_json::from_str::<Value>(data) {
+                if let Some(t) = v
+                    .pointer("/choices/0/delta/content")
+                    .and_then(Value::as_str)
+                {
+                    answer.push_str(t);
+                }
+            }
+        }
+        messages.push(json!({"role": "assistant", "content": answer}));
+    }
+    Ok(())
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let e0 = EchoEngine::start("engine0").await?;
-    let e1 = EchoEngine::start("engine1").await?;
-    let engines = [&e0, &e1]
+    let mut engines = Vec::new();
+    for i in 0..2 {
+        engines.push(
+            EmulatedEngine::start(
+                &format!("engine{i}"),
+                "rtx5080-llama3.2-3b",
+                args.time_scale,
+            )
+            .await?,
+        );
+    }
+    let spec_engines = engines
         .iter()
         .map(|e| Engine {
             name: e.name.clone(),
@@ -40,89 +145,100 @@ async fn main() -> anyhow::Result<()> {
             port: e.addr.port(),
         })
         .collect();
-    let spec = EnvoySpec::new(engines, filter_wasm()?.display().to_string());
-    eprintln!("demo: starting Envoy (--concurrency 2) with the kvroute filter");
+    let spec = EnvoySpec::new(spec_engines, filter_wasm()?.display().to_string());
+    eprintln!("demo: two emulated Llama-3.2-3B engines (RTX 5080 profile, 711 KV blocks each, x{}), Envoy with kvroute", args.time_scale);
     let envoy = Envoy::start(spec).await?;
     let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
+        .timeout(Duration::from_secs(120))
         .build()?;
     let mut report = String::new();
     let _ = writeln!(report, "# kvroute demo\n");
     let _ = writeln!(
         report,
-        "Two endpoints behind Envoy 1.40 (`--concurrency 2`) with the kvroute filter. For each policy, \
-         set live with `POST /runtime_modify?kvroute.policy=...`, the same {} conversations of {} turns \
-         are sent (each turn resends the history; conversation c has session id `user-c`). Cells show \
-         the endpoint that served each turn.\n",
-        args.conversations, args.turns
+        "Two emulated vLLM engines (Llama-3.2-3B on an RTX 5080 at 0.45 memory: 711 KV blocks of 16 \
+         tokens each; emulated time x{}) behind Envoy 1.40 (`--concurrency 2`) with the kvroute filter. \
+         For each policy, switched live with `POST /runtime_modify?kvroute.policy=...` after both \
+         engines' prefix caches were reset (and the router's directory, with a new \
+         `kvroute.directory_epoch`): {} conversations of {} turns (each turn resends the \
+         history; three system prompts shared across conversations; session id per conversation; \
+         {} conversations at a time). Hit rate and TTFT are the engines' own metrics \
+         (`vllm:prefix_cache_hits_total / vllm:prefix_cache_queries_total`, \
+         `vllm:time_to_first_token_seconds`, in emulated time). This is a demo, not the study: one \
+         run, no repeats.\n",
+        args.time_scale, args.conversations, args.turns, args.concurrency
     );
-    for policy in PolicyKind::ALL {
-        let took = envoy.set_policy(policy.as_str()).await?;
-        eprintln!("demo: policy {policy} (live after {} ms)", took.as_millis());
-        let _ = writeln!(
-            report,
-            "## {policy}\n\nswitched live in {} ms\n",
-            took.as_millis()
-        );
-        let _ = writeln!(
-            report,
-            "| conversation | {} |",
-            (1..=args.turns)
-                .map(|t| format!("turn {t}"))
-                .collect::<Vec<_>>()
-                .join(" | ")
-        );
-        let _ = writeln!(report, "|---|{}", "---|".repeat(args.turns));
-        for c in 0..args.conversations {
-            let mut messages = vec![
-                serde_json::json!({"role": "system", "content": format!("[team {}] You are a meticulous assistant for team {}. ", c % 2, c % 2).repeat(12)}),
-            ];
-            let mut row = Vec::new();
-            for t in 0..args.turns {
-                messages.push(serde_json::json!({"role": "user", "content": format!("Conversation {c}, turn {t}: please continue the analysis.")}));
-                let body =
-                    serde_json::json!({"model": "demo", "messages": messages, "max_tokens": 16});
-                let t0 = Instant::now();
-                let r = client
-                    .post(format!("http://{}/v1/chat/completions", envoy.listener))
-                    .header("x-session-id", format!("user-{c}"))
-                    .json(&body)
-                    .send()
-                    .await?;
-                let served = r
-                    .headers()
-                    .get("x-served-by")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("none")
-                    .to_string();
-                let status = r.status();
-                let _ = r.bytes().await;
-                if !status.is_success() {
-                    anyhow::bail!("request failed with {status}");
-                }
-                row.push(format!("{served} ({} ms)", t0.elapsed().as_millis()));
-                messages.push(
-                    serde_json::json!({"role": "assistant", "content": "Certainly. Here is more."}),
-                );
-            }
-            let _ = writeln!(report, "| {c} | {} |", row.join(" | "));
+    let _ = writeln!(report, "| policy | requests engine0 / engine1 | engine prefix hit rate | mean TTFT (ms) | filter: predicted cached blocks / request blocks |");
+    let _ = writeln!(report, "|---|---|---|---|---|");
+    let mut prev_pred = (0u64, 0u64);
+    for (run, policy) in PolicyKind::ALL.iter().enumerate() {
+        // Cold start for every policy: the engines' prefix caches and the router's directory.
+        for e in &engines {
+            client
+                .post(format!("{}/reset_prefix_cache", e.url()))
+                .send()
+                .await?;
         }
+        let epoch = (run + 1).to_string();
+        envoy
+            .runtime_modify(&[("kvroute.directory_epoch", epoch.as_str())])
+            .await?;
+        envoy
+            .wait_stat(
+                "kvroute_setting_directory_epoch",
+                Duration::from_secs(5),
+                |v| v == run as u64 + 1,
+            )
+            .await?;
+        let took = envoy.set_policy(policy.as_str()).await?;
+        let before = snapshot(&client, &engines).await?;
+        let url = envoy.url("/v1/chat/completions");
+        let results: Vec<anyhow::Result<()>> = futures_util::stream::iter(0..args.conversations)
+            .map(|c| conversation(client.clone(), url.clone(), c, args.turns))
+            .buffer_unordered(args.concurrency)
+            .collect()
+            .await;
+        for r in results {
+            r?;
+        }
+        let after = snapshot(&client, &engines).await?;
         let stats = envoy.stats().await?;
         let get = |k: &str| stats.get(k).copied().unwrap_or(0);
-        let _ = writeln!(
-            report,
-            "\nstats: decisions engine0={} engine1={}, predicted cached blocks {} of {}, fallbacks no_session={}\n",
-            get(&format!("kvroute_decisions_total.policy.{policy}.endpoint.engine0")),
-            get(&format!("kvroute_decisions_total.policy.{policy}.endpoint.engine1")),
+        let split = (
+            get(&format!(
+                "kvroute_decisions_total.policy.{policy}.endpoint.engine0"
+            )),
+            get(&format!(
+                "kvroute_decisions_total.policy.{policy}.endpoint.engine1"
+            )),
+        );
+        let pred = (
             get("kvroute_predicted_cached_blocks_total"),
             get("kvroute_request_blocks_total"),
-            get("kvroute_fallbacks_total.reason.no_session"),
         );
+        let hit = (after.hits - before.hits) / (after.queries - before.queries).max(1.0);
+        let ttft =
+            (after.ttft_sum - before.ttft_sum) / (after.ttft_count - before.ttft_count).max(1.0);
+        eprintln!(
+            "demo: {policy:<16} live after {:>4} ms; hit rate {hit:.3}, mean TTFT {:.1} ms",
+            took.as_millis(),
+            ttft * 1e3
+        );
+        let _ = writeln!(
+            report,
+            "| {policy} | {} / {} | {:.3} | {:.1} | {} / {} |",
+            split.0,
+            split.1,
+            hit,
+            ttft * 1e3,
+            pred.0 - prev_pred.0,
+            pred.1 - prev_pred.1
+        );
+        prev_pred = pred;
     }
     let prom = envoy.prometheus().await?;
     let _ = writeln!(
         report,
-        "## Envoy `/stats/prometheus` (kvroute lines)\n\n```"
+        "\n## Envoy `/stats/prometheus`, kvroute lines\n\n```"
     );
     for l in prom
         .lines()
