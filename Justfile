@@ -68,3 +68,4 @@ bench: build
     cargo build -p kvroute-filter --target wasm32-wasip1 --release --features bench-floor --target-dir target/bench-floor
     cargo bench -p kvroute-core --bench decision
     cargo run -q --release -p kvroute-workloads --bin kvroute-bench-envoy
+    cargo run -q --release -p kvroute-workloads --bin kvroute-bench-emulator
