@@ -97,6 +97,7 @@ fn main() {
             endpoints: vec![EndpointStatus::default(); 2],
             directory_as_of_ms: 0,
             decisions_recorded: 0,
+            stale: false,
         };
         let state = PublishedState::decode(encode(&header, &DirectorySection::of(&dir))).unwrap();
         let mut seq = 0u64;

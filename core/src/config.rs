@@ -61,6 +61,37 @@ impl EndpointConfig {
     }
 }
 
+/// Where the singleton pulls engine state from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SidecarEndpoint {
+    /// Envoy cluster that reaches the sidecar.
+    pub cluster: String,
+    /// Authority sent to it.
+    #[serde(default = "d_sidecar_authority")]
+    pub authority: String,
+    /// Path of the snapshot.
+    #[serde(default = "d_sidecar_path")]
+    pub path: String,
+    /// A snapshot older than this (no successful pull since) marks the state stale: engine load is
+    /// dropped (policies use gateway in-flight counts) and every engine counts as healthy.
+    #[serde(default = "d_stale_after")]
+    pub stale_after_ms: u32,
+}
+
+fn d_sidecar_authority() -> String {
+    "kvroute-sidecar".into()
+}
+fn d_sidecar_path() -> String {
+    "/snapshot".into()
+}
+fn d_stale_after() -> u32 {
+    1000
+}
+fn d_chars_per_token() -> f64 {
+    4.0
+}
+
 /// The plugin configuration (JSON in the Wasm `configuration` StringValue). The singleton and the
 /// HTTP filter read the same document.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -98,6 +129,13 @@ pub struct FilterConfig {
     /// How often the singleton polls runtime values, in ms.
     #[serde(default = "d_runtime_poll")]
     pub runtime_poll_ms: u32,
+    /// The sidecar serving engine state, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sidecar: Option<SidecarEndpoint>,
+    /// Characters of prompt text per engine token, to turn an engine's KV capacity (tokens) into
+    /// directory blocks (`block_chars` characters each).
+    #[serde(default = "d_chars_per_token")]
+    pub chars_per_token: f64,
     /// Policy settings used until (and where) runtime values say otherwise.
     #[serde(default)]
     pub defaults: PolicySettings,
@@ -162,6 +200,8 @@ impl FilterConfig {
             admin_cluster: d_admin_cluster(),
             admin_authority: d_admin_authority(),
             runtime_poll_ms: d_runtime_poll(),
+            sidecar: None,
+            chars_per_token: d_chars_per_token(),
             defaults: PolicySettings::default(),
         }
     }
@@ -248,6 +288,23 @@ impl FilterConfig {
         if !(10..=60_000).contains(&self.runtime_poll_ms) {
             e.push(FieldError::new("runtime_poll_ms", "must be 10 to 60000"));
         }
+        if let Some(sc) = &self.sidecar {
+            if sc.cluster.is_empty() {
+                e.push(FieldError::new("sidecar.cluster", "must not be empty"));
+            }
+            if !sc.path.starts_with('/') {
+                e.push(FieldError::new("sidecar.path", "must start with /"));
+            }
+            if !(10..=600_000).contains(&sc.stale_after_ms) {
+                e.push(FieldError::new(
+                    "sidecar.stale_after_ms",
+                    "must be 10 to 600000",
+                ));
+            }
+        }
+        if !(self.chars_per_token.is_finite() && (0.5..=32.0).contains(&self.chars_per_token)) {
+            e.push(FieldError::new("chars_per_token", "must be 0.5 to 32"));
+        }
         e.extend(self.defaults.validate("defaults."));
         if e.is_empty() {
             Ok(())
@@ -262,6 +319,12 @@ impl FilterConfig {
             block_chars: self.block_chars as usize,
             max_blocks: self.max_blocks as usize,
         }
+    }
+
+    /// Directory blocks that hold what an engine's KV cache of `tokens` tokens holds.
+    pub fn blocks_for_tokens(&self, tokens: u64) -> u32 {
+        let blocks = tokens as f64 * self.chars_per_token / f64::from(self.block_chars.max(1));
+        blocks.clamp(1.0, f64::from(1u32 << 20)) as u32
     }
 
     /// Directory capacity of endpoint `i`, in blocks.
@@ -321,6 +384,8 @@ pub struct PolicySettings {
     /// `kvroute.directory_epoch`: any change of this value makes the singleton forget the whole
     /// directory (set it after resetting the engines' prefix caches).
     pub directory_epoch: u64,
+    /// `kvroute.load_refresh_ms`: how often the singleton pulls the sidecar's snapshot.
+    pub load_refresh_ms: u32,
 }
 
 impl Default for PolicySettings {
@@ -335,6 +400,7 @@ impl Default for PolicySettings {
             load_signal: LoadSignal::GatewayInflight,
             publish_interval: PublishInterval::EveryDecision,
             directory_epoch: 0,
+            load_refresh_ms: 100,
         }
     }
 }
@@ -343,7 +409,7 @@ impl Default for PolicySettings {
 pub const RUNTIME_PREFIX: &str = "kvroute.";
 
 /// Every runtime key, without the prefix.
-pub const RUNTIME_KEYS: [&str; 9] = [
+pub const RUNTIME_KEYS: [&str; 10] = [
     "policy",
     "alpha",
     "beta",
@@ -353,6 +419,7 @@ pub const RUNTIME_KEYS: [&str; 9] = [
     "load_signal",
     "publish_interval_ms",
     "directory_epoch",
+    "load_refresh_ms",
 ];
 
 impl PolicySettings {
@@ -365,6 +432,12 @@ impl PolicySettings {
                     "must be a number in 0..=100",
                 ));
             }
+        }
+        if !(10..=600_000).contains(&self.load_refresh_ms) {
+            e.push(FieldError::new(
+                format!("{prefix}load_refresh_ms"),
+                "must be 10 to 600000",
+            ));
         }
         if !(self.session_affinity.is_finite() && (0.0..=1.0).contains(&self.session_affinity)) {
             e.push(FieldError::new(
@@ -403,6 +476,12 @@ impl PolicySettings {
                     .map(|x| s.publish_interval = x)
                     .is_some(),
                 "directory_epoch" => v.parse().map(|x| s.directory_epoch = x).is_ok(),
+                "load_refresh_ms" => v
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|x| (10..=600_000).contains(x))
+                    .map(|x| s.load_refresh_ms = x)
+                    .is_some(),
                 _ => {
                     errors.push(FieldError::new(key, "unknown kvroute runtime key"));
                     continue;
@@ -505,6 +584,7 @@ mod tests {
             ("kvroute.publish_interval_ms", "never"),
             ("kvroute.hash_mode", "rendezvous"),
             ("kvroute.directory_epoch", "7"),
+            ("kvroute.load_refresh_ms", "250"),
             ("kvroute.frobnicate", "1"),
             ("other.key", "x"),
         ]);
@@ -514,6 +594,7 @@ mod tests {
         assert_eq!(s.publish_interval, PublishInterval::Never);
         assert_eq!(s.hash_mode, HashMode::Rendezvous);
         assert_eq!(s.directory_epoch, 7);
+        assert_eq!(s.load_refresh_ms, 250);
         let fields: Vec<&str> = e.iter().map(|f| f.field.as_str()).collect();
         assert_eq!(fields, ["kvroute.beta", "kvroute.frobnicate"]);
         let (s, _) = base.with_runtime([("kvroute.publish_interval_ms", "0")]);

@@ -18,6 +18,7 @@ pub mod policy;
 pub mod prefix;
 pub mod request;
 pub mod router;
+pub mod snapshot;
 pub mod state;
 
 /// Most endpoints one router can address (one bit each in a 64-bit mask).

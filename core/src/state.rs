@@ -77,6 +77,9 @@ pub struct StateHeader {
     pub directory_as_of_ms: u64,
     /// Decisions the singleton has recorded in the directory so far.
     pub decisions_recorded: u64,
+    /// A sidecar is configured but its snapshot is missing or too old: engine load was dropped
+    /// and health is unknown (every endpoint counts as healthy).
+    pub stale: bool,
 }
 
 /// Why a state value could not be read.
@@ -336,6 +339,7 @@ mod tests {
             ],
             directory_as_of_ms: 1_700_000_000_000,
             decisions_recorded: 3,
+            stale: false,
         }
     }
 

@@ -244,6 +244,9 @@ impl Metrics {
                 .inc_by(0.0);
         }
         let l = m.l();
+        for g in [&m.running, &m.waiting, &m.kv_usage] {
+            g.with_label_values(&l).set(0.0);
+        }
         for c in [
             &m.queries,
             &m.hits,
@@ -335,5 +338,46 @@ impl Metrics {
         let mut buf = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+mod tests {
+    use super::*;
+    use crate::profile::seed_rig;
+
+    /// A fresh engine exports every family, gauges at 0, as vLLM does from startup.
+    #[test]
+    fn fresh_page_has_every_gauge() {
+        let cfg = EngineConfig {
+            model: "m".into(),
+            block_size: 16,
+            num_gpu_blocks: 711,
+            max_num_seqs: 8,
+            max_num_batched_tokens: 512,
+            max_model_len: 4096,
+            enable_prefix_caching: true,
+            latency: seed_rig().latency,
+            gpu_share: 1.0,
+        };
+        let page = Metrics::new("m", &cfg, 0.45).unwrap().render();
+        for name in [
+            "vllm:num_requests_running{",
+            "vllm:num_requests_waiting{",
+            "vllm:kv_cache_usage_perc{",
+            "vllm:prefix_cache_hits_total{",
+        ] {
+            assert!(
+                page.lines()
+                    .any(|l| l.starts_with(name) && l.ends_with(" 0")),
+                "{name} missing from a fresh page"
+            );
+        }
     }
 }

@@ -30,10 +30,12 @@ pub enum Fallback {
     NoSession,
     /// `prefix_key` without key text: JSQ.
     NoPrefixKey,
+    /// The sidecar's snapshot is missing or too old: gateway in-flight load, health unknown.
+    StaleState,
 }
 
 impl Fallback {
-    pub const ALL: [Fallback; 8] = [
+    pub const ALL: [Fallback; 9] = [
         Self::ParseError,
         Self::BodyTooLarge,
         Self::NoBody,
@@ -42,6 +44,7 @@ impl Fallback {
         Self::EngineLoadMissing,
         Self::NoSession,
         Self::NoPrefixKey,
+        Self::StaleState,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -53,6 +56,7 @@ impl Fallback {
             Self::EngineLoadMissing => "engine_load_missing",
             Self::NoSession => "no_session",
             Self::NoPrefixKey => "no_prefix_key",
+            Self::StaleState => "stale_state",
         }
     }
 }
@@ -67,6 +71,7 @@ pub enum HostOp {
     RuntimePoll,
     Publish,
     BadReport,
+    SidecarPull,
 }
 
 impl HostOp {
@@ -88,6 +93,7 @@ impl HostOp {
             Self::RuntimePoll => "runtime_poll",
             Self::Publish => "publish",
             Self::BadReport => "bad_report",
+            Self::SidecarPull => "sidecar_pull",
         }
     }
 }
@@ -118,6 +124,7 @@ pub struct FilterMetrics {
     pub predicted_hits: Id,
     pub decision_time_us: Id,
     pub state_age_ms: Id,
+    pub load_age_ms: Id,
 }
 
 impl FilterMetrics {
@@ -155,6 +162,7 @@ impl FilterMetrics {
             predicted_hits: counter("kvroute_predicted_hits_total"),
             decision_time_us: histogram("kvroute_decision_time_us"),
             state_age_ms: histogram("kvroute_state_age_ms"),
+            load_age_ms: histogram("kvroute_load_age_ms"),
         }
     }
 
@@ -186,6 +194,14 @@ impl FilterMetrics {
     }
 }
 
+fn per_endpoint(config: &FilterConfig, name: &str) -> Vec<Id> {
+    config
+        .endpoints
+        .iter()
+        .map(|e| gauge(&format!("{name}.endpoint.{}", e.name)))
+        .collect()
+}
+
 fn host_error_ids() -> Vec<Id> {
     HostOp::ALL
         .iter()
@@ -210,6 +226,11 @@ pub struct StateMetrics {
     pub beta_milli: Id,
     pub publish_interval_ms: Id,
     pub directory_epoch: Id,
+    pub stale: Id,
+    pub sidecar_pulls: Id,
+    pub endpoint_healthy: Vec<Id>,
+    pub engine_queue: Vec<Id>,
+    pub directory_capacity: Vec<Id>,
     host_errors: Vec<Id>,
 }
 
@@ -247,6 +268,11 @@ impl StateMetrics {
             beta_milli: gauge("kvroute_setting_beta_milli"),
             publish_interval_ms: gauge("kvroute_setting_publish_interval_ms"),
             directory_epoch: gauge("kvroute_setting_directory_epoch"),
+            stale: gauge("kvroute_state_stale"),
+            sidecar_pulls: counter("kvroute_sidecar_pulls_total"),
+            endpoint_healthy: per_endpoint(config, "kvroute_endpoint_healthy"),
+            engine_queue: per_endpoint(config, "kvroute_engine_queue"),
+            directory_capacity: per_endpoint(config, "kvroute_directory_endpoint_capacity"),
             host_errors: host_error_ids(),
         }
     }

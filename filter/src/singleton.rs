@@ -6,7 +6,10 @@ use std::time::Duration;
 use kvroute_core::config::{PolicySettings, PublishInterval};
 use kvroute_core::directory::Directory;
 use kvroute_core::policy::PolicyKind;
-use kvroute_core::state::{self, DecisionReport, DirectorySection, EndpointStatus, StateHeader};
+use kvroute_core::snapshot::Snapshot;
+use kvroute_core::state::{
+    self, DecisionReport, DirectorySection, EndpointStatus, EngineLoad, StateHeader,
+};
 use kvroute_core::FilterConfig;
 use proxy_wasm::types::LogLevel;
 use serde::Deserialize;
@@ -35,6 +38,10 @@ pub struct Singleton {
     poll_sent_ms: u64,
     last_runtime_errors: Vec<String>,
     gauges_dirty: bool,
+    snapshot_token: Option<u32>,
+    snapshot_sent_ms: u64,
+    snapshot_ok_ms: u64,
+    stale: bool,
 }
 
 #[derive(Deserialize)]
@@ -81,6 +88,11 @@ impl Singleton {
             poll_sent_ms: 0,
             last_runtime_errors: Vec::new(),
             gauges_dirty: true,
+            snapshot_token: None,
+            snapshot_sent_ms: 0,
+            snapshot_ok_ms: 0,
+            // With a sidecar configured, the state is stale until its first snapshot arrives.
+            stale: config.sidecar.is_some(),
             config,
         };
         // Zeroed in-flight counters (kept if already there: a reloaded config keeps live counts).
@@ -135,8 +147,97 @@ impl Singleton {
                 }
             }
         }
+        self.pull_snapshot(now);
         self.mirror_inflight();
         self.update_gauges();
+    }
+
+    /// Pulls the sidecar's snapshot when due; marks the state stale when none arrived in time.
+    fn pull_snapshot(&mut self, now: u64) {
+        let Some(sc) = &self.config.sidecar else {
+            return;
+        };
+        let period = u64::from(self.settings.load_refresh_ms);
+        let since = now.saturating_sub(self.snapshot_sent_ms);
+        if since >= period && (self.snapshot_token.is_none() || since >= 5 * period.max(100)) {
+            self.snapshot_sent_ms = now;
+            let timeout = Duration::from_millis(u64::from(sc.stale_after_ms).max(50));
+            self.snapshot_token = host::http_get(&sc.cluster, &sc.authority, &sc.path, timeout);
+            if self.snapshot_token.is_none() {
+                self.metrics.host_error(HostOp::SidecarPull);
+            }
+        }
+        let fresh = self.snapshot_ok_ms > 0
+            && now.saturating_sub(self.snapshot_ok_ms) <= u64::from(sc.stale_after_ms);
+        if !fresh && !self.stale {
+            host::log(
+                LogLevel::Warn,
+                "kvroute: sidecar snapshot missing or stale; routing on gateway load",
+            );
+            self.stale = true;
+            for s in &mut self.status {
+                *s = EndpointStatus::default();
+            }
+            self.publish(false);
+        }
+    }
+
+    fn on_snapshot(&mut self, body_size: usize) {
+        let body = match (
+            host::call_response_status().as_deref(),
+            host::call_response_body(body_size),
+        ) {
+            (Some("200"), Some(b)) => b,
+            _ => {
+                self.metrics.host_error(HostOp::SidecarPull);
+                return;
+            }
+        };
+        let snapshot = match Snapshot::from_json(&body) {
+            Ok(s) => s,
+            Err(e) => {
+                host::log(
+                    LogLevel::Warn,
+                    &format!("kvroute: bad sidecar snapshot: {e}"),
+                );
+                self.metrics.host_error(HostOp::SidecarPull);
+                return;
+            }
+        };
+        host::increment(self.metrics.sidecar_pulls, 1);
+        for (i, ep) in self.config.endpoints.iter().enumerate() {
+            let Some(status) = self.status.get_mut(i) else {
+                continue;
+            };
+            match snapshot.engines.iter().find(|e| e.name == ep.name) {
+                Some(e) => {
+                    *status = EndpointStatus {
+                        healthy: e.healthy,
+                        engine: (e.scraped_at_ms > 0).then_some(EngineLoad {
+                            waiting: e.waiting,
+                            running: e.running,
+                            kv_usage: e.kv_usage,
+                            scraped_at_ms: e.scraped_at_ms,
+                        }),
+                    };
+                    // The directory forgets roughly what this engine's KV cache can hold.
+                    if let (Some(tokens), None) = (e.capacity_tokens, ep.capacity_blocks) {
+                        let blocks = self.config.blocks_for_tokens(tokens);
+                        if blocks as usize != self.directory.endpoint_capacity(i) {
+                            self.directory.set_capacity(i, blocks);
+                        }
+                    }
+                }
+                // An engine the sidecar does not know: no load, health unknown.
+                None => *status = EndpointStatus::default(),
+            }
+        }
+        self.snapshot_ok_ms = now_ms();
+        if self.stale {
+            host::log(LogLevel::Info, "kvroute: sidecar snapshot fresh again");
+        }
+        self.stale = false;
+        self.publish(false);
     }
 
     fn mirror_inflight(&self) {
@@ -153,6 +254,11 @@ impl Singleton {
     }
 
     pub fn on_http_call_response(&mut self, token: u32, body_size: usize) {
+        if self.snapshot_token == Some(token) {
+            self.snapshot_token = None;
+            self.on_snapshot(body_size);
+            return;
+        }
         if self.poll_token != Some(token) {
             return;
         }
@@ -271,6 +377,7 @@ impl Singleton {
             endpoints: self.status.clone(),
             directory_as_of_ms: self.published_dir_at_ms,
             decisions_recorded: self.decisions_recorded,
+            stale: self.stale,
         };
         let blob = state::encode(&header, &self.published_dir);
         let ok = host::shared_set(state::STATE_KEY, &blob, None) == Ok(true)
@@ -303,6 +410,22 @@ impl Singleton {
         host::record(m.alpha_milli, (self.settings.alpha * 1000.0).round() as u64);
         host::record(m.beta_milli, (self.settings.beta * 1000.0).round() as u64);
         host::record(m.directory_epoch, self.settings.directory_epoch);
+        host::record(m.stale, u64::from(self.stale));
+        for (i, st) in self.status.iter().enumerate() {
+            host::record(
+                m.endpoint_healthy.get(i).copied().flatten(),
+                u64::from(st.healthy),
+            );
+            let queue = st.engine.map_or(0.0, |e| e.waiting + e.running);
+            host::record(
+                m.engine_queue.get(i).copied().flatten(),
+                queue.max(0.0).round() as u64,
+            );
+            host::record(
+                m.directory_capacity.get(i).copied().flatten(),
+                self.directory.endpoint_capacity(i) as u64,
+            );
+        }
         host::record(
             m.publish_interval_ms,
             match self.settings.publish_interval {

@@ -147,16 +147,29 @@ impl Worker {
         match &st.published {
             None => self.metrics.fallback(Fallback::NoState),
             Some(p) => {
+                let now_ms = now_us / 1000;
                 // The age of the state this decision used: of the directory snapshot when one was
                 // published (the staleness knob), else of the state itself.
                 let as_of = match p.header.directory_as_of_ms {
                     0 => p.header.published_at_ms,
                     t => t,
                 };
-                host::record(
-                    self.metrics.state_age_ms,
-                    (now_us / 1000).saturating_sub(as_of),
-                );
+                host::record(self.metrics.state_age_ms, now_ms.saturating_sub(as_of));
+                // And the age of the engine load it used (the sidecar's scrape of that engine).
+                if let Some(load) = p
+                    .header
+                    .endpoints
+                    .get(decision.endpoint)
+                    .and_then(|e| e.engine)
+                {
+                    host::record(
+                        self.metrics.load_age_ms,
+                        now_ms.saturating_sub(load.scraped_at_ms),
+                    );
+                }
+                if p.header.stale {
+                    self.metrics.fallback(Fallback::StaleState);
+                }
             }
         }
         st.inflight = inflight;

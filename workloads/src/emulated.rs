@@ -1,10 +1,12 @@
-//! Emulated vLLM engines (kvroute-emulator) run in-process on free ports.
+//! Emulated vLLM engines (kvroute-emulator) and the sidecar, run in-process.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use kvroute_emulator::engine::EngineConfig;
 use kvroute_emulator::profile::Profile;
 use kvroute_emulator::server::{start, ServerConfig};
+use kvroute_sidecar::{EngineTarget, Sidecar, SidecarConfig};
 use tokio::sync::oneshot;
 
 /// One emulated engine; stops when dropped.
@@ -20,6 +22,16 @@ pub struct EmulatedEngine {
 impl EmulatedEngine {
     /// Starts an engine with a built-in profile (or profile file), `time_scale` times real time.
     pub async fn start(name: &str, profile: &str, time_scale: f64) -> anyhow::Result<Self> {
+        Self::start_at(name, profile, time_scale, "127.0.0.1:0".parse()?).await
+    }
+
+    /// Starts an engine on a given address (to bring a stopped engine back on the same port).
+    pub async fn start_at(
+        name: &str,
+        profile: &str,
+        time_scale: f64,
+        at: SocketAddr,
+    ) -> anyhow::Result<Self> {
         let p = Profile::load(profile).map_err(anyhow::Error::msg)?;
         let util = p.default_gpu_memory_utilization;
         let cfg = ServerConfig {
@@ -39,7 +51,7 @@ impl EmulatedEngine {
             gpu_memory_utilization: util,
         };
         let (app, _) = start(cfg)?;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let listener = tokio::net::TcpListener::bind(at).await?;
         let addr = listener.local_addr()?;
         let (tx, rx) = oneshot::channel::<()>();
         tokio::spawn(async move {
@@ -63,6 +75,60 @@ impl EmulatedEngine {
 }
 
 impl Drop for EmulatedEngine {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// A sidecar polling engines; stops when dropped.
+#[derive(Debug)]
+pub struct RunningSidecar {
+    /// Where it serves.
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl RunningSidecar {
+    /// Starts a sidecar at `at` (port 0: any) polling `engines` every `interval`.
+    pub async fn start_at(
+        engines: &[&EmulatedEngine],
+        interval: Duration,
+        at: SocketAddr,
+    ) -> anyhow::Result<Self> {
+        let cfg = SidecarConfig {
+            engines: engines
+                .iter()
+                .map(|e| EngineTarget {
+                    name: e.name.clone(),
+                    metrics_url: format!("{}/metrics", e.url()),
+                })
+                .collect(),
+            poll_interval: interval,
+            timeout: Duration::from_millis(500),
+            unhealthy_after: 3,
+            window: Duration::from_secs(10),
+        };
+        let listener = tokio::net::TcpListener::bind(at).await?;
+        let addr = listener.local_addr()?;
+        let (app, _) = Sidecar::start(cfg)?;
+        let (tx, rx) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = rx.await;
+                })
+                .await;
+        });
+        Ok(Self {
+            addr,
+            stop: Some(tx),
+        })
+    }
+}
+
+impl Drop for RunningSidecar {
     fn drop(&mut self) {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());

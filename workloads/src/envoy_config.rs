@@ -2,7 +2,10 @@
 
 use std::fmt::Write as _;
 
-use kvroute_core::config::{EndpointConfig, FilterConfig};
+use kvroute_core::config::{EndpointConfig, FilterConfig, SidecarEndpoint};
+
+/// Cluster name of the sidecar.
+pub const SIDECAR_CLUSTER: &str = "kvroute_sidecar";
 
 /// One engine behind Envoy.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,12 +35,14 @@ pub struct EnvoySpec {
     pub filter: FilterConfig,
     /// False renders the same Envoy without kvroute (the baseline of the latency benchmark).
     pub with_filter: bool,
+    /// The sidecar serving engine state (cluster `kvroute_sidecar`), if any.
+    pub sidecar: Option<Engine>,
 }
 
 impl EnvoySpec {
     /// The example setup: two engines on 127.0.0.1:8001 and :8002, Envoy on :10000, admin on :9901.
     pub fn example() -> Self {
-        Self::new(
+        let mut spec = Self::new(
             vec![
                 Engine {
                     name: "engine0".into(),
@@ -51,7 +56,24 @@ impl EnvoySpec {
                 },
             ],
             "target/wasm32-wasip1/release/kvroute_filter.wasm".into(),
-        )
+        );
+        spec.set_sidecar(Engine {
+            name: "sidecar".into(),
+            host: "127.0.0.1".into(),
+            port: 9100,
+        });
+        spec
+    }
+
+    /// Routes engine state through a sidecar at this address.
+    pub fn set_sidecar(&mut self, at: Engine) {
+        self.filter.sidecar = Some(SidecarEndpoint {
+            cluster: SIDECAR_CLUSTER.into(),
+            authority: "kvroute-sidecar".into(),
+            path: "/snapshot".into(),
+            stale_after_ms: 1000,
+        });
+        self.sidecar = Some(at);
     }
 
     /// A spec with default ports and filter settings for these engines.
@@ -74,6 +96,7 @@ impl EnvoySpec {
             wasm_path,
             filter,
             with_filter: true,
+            sidecar: None,
         }
     }
 }
@@ -237,6 +260,9 @@ pub fn render(spec: &EnvoySpec) -> String {
         port: spec.admin_port,
     };
     cluster(w, &spec.filter.admin_cluster, "ROUND_ROBIN", &[&admin]);
+    if let (true, Some(sc)) = (spec.with_filter, &spec.sidecar) {
+        cluster(w, SIDECAR_CLUSTER, "ROUND_ROBIN", &[sc]);
+    }
     y
 }
 

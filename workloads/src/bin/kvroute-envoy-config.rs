@@ -26,6 +26,9 @@ struct Args {
     /// Default policy (runtime key kvroute.policy overrides it).
     #[arg(long)]
     policy: Option<String>,
+    /// The sidecar as HOST:PORT ("none" for no sidecar).
+    #[arg(long, default_value = "127.0.0.1:9100")]
+    sidecar: String,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -52,6 +55,19 @@ fn main() -> anyhow::Result<()> {
             .collect::<anyhow::Result<Vec<_>>>()?;
         EnvoySpec::new(engines, args.wasm.clone())
     };
+    spec.sidecar = None;
+    spec.filter.sidecar = None;
+    if args.sidecar != "none" {
+        let (host, port) = args
+            .sidecar
+            .rsplit_once(':')
+            .ok_or_else(|| anyhow::anyhow!("--sidecar: want HOST:PORT or none"))?;
+        spec.set_sidecar(Engine {
+            name: "sidecar".into(),
+            host: host.into(),
+            port: port.parse()?,
+        });
+    }
     spec.listen_port = args.listen_port;
     spec.admin_port = args.admin_port;
     spec.wasm_path = args.wasm;

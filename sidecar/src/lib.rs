@@ -1,0 +1,265 @@
+//! kvroute-sidecar: polls every engine's Prometheus `/metrics` and serves the snapshot that
+//! kvroute's Envoy singleton pulls.
+//!
+//! - One polling task per engine, at `poll_interval` (the staleness knob), each scrape bounded by
+//!   a timeout; after failures the task backs off (doubling, at most 8 intervals) and the engine is
+//!   marked unhealthy after `unhealthy_after` consecutive failures.
+//! - Per engine it derives waiting, running, KV usage, prefix hit rate and token rates over a
+//!   window (counter deltas; a counter going down is an engine restart, not a negative rate),
+//!   KV capacity from `cache_config_info`, health and scrape age.
+//! - `GET /snapshot` serves [`kvroute_core::snapshot::Snapshot`] (JSON); `GET /metrics` the
+//!   sidecar's own stats; `GET /health`. Any number of Envoy replicas may pull the same snapshot.
+//!
+//! It reads vLLM's metric names, so real vLLM and the emulator work alike.
+
+pub mod scrape;
+pub mod tracker;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use kvroute_core::snapshot::{Snapshot, SCHEMA};
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::scrape::parse_vllm;
+use crate::tracker::Tracker;
+
+/// One engine to poll.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineTarget {
+    /// Endpoint name (as in the filter's configuration).
+    pub name: String,
+    /// Its metrics URL (`http://host:port/metrics`).
+    pub metrics_url: String,
+}
+
+/// Sidecar settings.
+#[derive(Debug, Clone)]
+pub struct SidecarConfig {
+    /// The engines.
+    pub engines: Vec<EngineTarget>,
+    /// Poll period.
+    pub poll_interval: Duration,
+    /// Timeout of one scrape.
+    pub timeout: Duration,
+    /// Consecutive failures before an engine is unhealthy.
+    pub unhealthy_after: u32,
+    /// Window for hit rate and token rates.
+    pub window: Duration,
+}
+
+struct Metrics {
+    registry: Registry,
+    scrapes: IntCounterVec,
+    duration: HistogramVec,
+    healthy: IntGaugeVec,
+    snapshots: prometheus::IntCounter,
+}
+
+impl Metrics {
+    fn new() -> prometheus::Result<Self> {
+        let registry = Registry::new();
+        let scrapes = IntCounterVec::new(
+            Opts::new(
+                "kvroute_sidecar_scrapes_total",
+                "Engine /metrics scrapes by result.",
+            ),
+            &["engine", "result"],
+        )?;
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "kvroute_sidecar_scrape_duration_seconds",
+                "Time to fetch and parse one engine's /metrics.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0,
+            ]),
+            &["engine"],
+        )?;
+        let healthy = IntGaugeVec::new(
+            Opts::new(
+                "kvroute_sidecar_engine_healthy",
+                "1 if the engine is healthy.",
+            ),
+            &["engine"],
+        )?;
+        let snapshots = prometheus::IntCounter::new(
+            "kvroute_sidecar_snapshots_served_total",
+            "Snapshots served.",
+        )?;
+        registry.register(Box::new(scrapes.clone()))?;
+        registry.register(Box::new(duration.clone()))?;
+        registry.register(Box::new(healthy.clone()))?;
+        registry.register(Box::new(snapshots.clone()))?;
+        Ok(Self {
+            registry,
+            scrapes,
+            duration,
+            healthy,
+            snapshots,
+        })
+    }
+}
+
+/// The running sidecar's state.
+#[derive(Clone)]
+pub struct Sidecar {
+    cfg: Arc<SidecarConfig>,
+    trackers: Arc<Vec<Mutex<Tracker>>>,
+    version: Arc<AtomicU64>,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Sidecar {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sidecar")
+            .field("engines", &self.cfg.engines)
+            .finish()
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Sidecar {
+    /// Starts one polling task per engine and returns the HTTP app.
+    pub fn start(cfg: SidecarConfig) -> anyhow::Result<(Router, Sidecar)> {
+        let window_ms = cfg.window.as_millis() as u64;
+        let trackers = cfg
+            .engines
+            .iter()
+            .map(|e| Mutex::new(Tracker::new(&e.name, window_ms, cfg.unhealthy_after)))
+            .collect();
+        let me = Sidecar {
+            cfg: Arc::new(cfg),
+            trackers: Arc::new(trackers),
+            version: Arc::new(AtomicU64::new(0)),
+            metrics: Arc::new(Metrics::new()?),
+        };
+        let client = reqwest::Client::builder()
+            .timeout(me.cfg.timeout)
+            .pool_max_idle_per_host(1)
+            .build()?;
+        for i in 0..me.cfg.engines.len() {
+            tokio::spawn(poll(me.clone(), client.clone(), i));
+        }
+        let app = Router::new()
+            .route("/snapshot", get(snapshot))
+            .route("/metrics", get(own_metrics))
+            .route("/health", get(|| async { StatusCode::OK }))
+            .with_state(me.clone());
+        Ok((app, me))
+    }
+
+    /// The current snapshot.
+    pub fn snapshot(&self) -> Snapshot {
+        let engines = self
+            .trackers
+            .iter()
+            .map(|t| t.lock().map(|t| t.snapshot()))
+            .collect::<Result<Vec<_>, _>>();
+        Snapshot {
+            schema: SCHEMA,
+            version: self.version.load(Ordering::Relaxed),
+            generated_at_ms: now_ms(),
+            poll_interval_ms: self.cfg.poll_interval.as_millis() as u32,
+            engines: engines.unwrap_or_default(),
+        }
+    }
+}
+
+async fn poll(sc: Sidecar, client: reqwest::Client, i: usize) {
+    let Some(target) = sc.cfg.engines.get(i).cloned() else {
+        return;
+    };
+    let Some(tracker) = sc.trackers.get(i) else {
+        return;
+    };
+    let mut next = tokio::time::Instant::now();
+    loop {
+        let t0 = Instant::now();
+        let result = match client.get(&target.metrics_url).send().await {
+            Ok(r) if r.status().is_success() => match r.text().await {
+                Ok(text) => parse_vllm(&text).map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            },
+            Ok(r) => Err(format!("status {}", r.status())),
+            Err(e) => Err(format!("{e:?}")),
+        };
+        sc.metrics
+            .duration
+            .with_label_values(&[&target.name])
+            .observe(t0.elapsed().as_secs_f64());
+        let failures = {
+            let Ok(mut t) = tracker.lock() else { return };
+            let was_healthy = t.healthy();
+            match result {
+                Ok(sample) => {
+                    t.ok(now_ms(), sample);
+                    sc.metrics
+                        .scrapes
+                        .with_label_values(&[&target.name, "ok"])
+                        .inc();
+                }
+                Err(why) => {
+                    t.failed(why);
+                    sc.metrics
+                        .scrapes
+                        .with_label_values(&[&target.name, "error"])
+                        .inc();
+                }
+            }
+            if t.healthy() != was_healthy {
+                let why = t.snapshot().last_error.unwrap_or_default();
+                eprintln!(
+                    "kvroute-sidecar: {} is now {} {why}",
+                    target.name,
+                    if t.healthy() { "healthy" } else { "unhealthy:" }
+                );
+            }
+            sc.metrics
+                .healthy
+                .with_label_values(&[&target.name])
+                .set(i64::from(t.healthy()));
+            t.consecutive_failures()
+        };
+        sc.version.fetch_add(1, Ordering::Relaxed);
+        // Back off while failing: 1, 2, 4, 8 intervals.
+        let factor = 1u32 << failures.min(3);
+        next += sc.cfg.poll_interval * factor;
+        let now = tokio::time::Instant::now();
+        if next < now {
+            next = now;
+        }
+        tokio::time::sleep_until(next).await;
+    }
+}
+
+async fn snapshot(State(sc): State<Sidecar>) -> Response {
+    sc.metrics.snapshots.inc();
+    Json(sc.snapshot()).into_response()
+}
+
+async fn own_metrics(State(sc): State<Sidecar>) -> Response {
+    let mut buf = Vec::new();
+    let _ = TextEncoder::new().encode(&sc.metrics.registry.gather(), &mut buf);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        buf,
+    )
+        .into_response()
+}

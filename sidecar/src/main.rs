@@ -1,0 +1,69 @@
+//! `kvroute-sidecar --engine engine0=http://127.0.0.1:8001 --engine engine1=http://127.0.0.1:8002`
+
+use std::time::Duration;
+
+use clap::Parser;
+use kvroute_sidecar::{EngineTarget, Sidecar, SidecarConfig};
+
+#[derive(Parser, Debug)]
+#[command(about = "Poll vLLM engines' /metrics and serve kvroute's snapshot")]
+struct Args {
+    /// An engine as NAME=BASE_URL (its /metrics is polled); repeat.
+    #[arg(long = "engine", required = true)]
+    engines: Vec<String>,
+    /// Address to serve on.
+    #[arg(long, default_value = "127.0.0.1:9100")]
+    listen: String,
+    /// Poll period, ms.
+    #[arg(long, default_value_t = 100)]
+    poll_interval_ms: u64,
+    /// Timeout of one scrape, ms.
+    #[arg(long, default_value_t = 500)]
+    timeout_ms: u64,
+    /// Consecutive failed scrapes before an engine is unhealthy.
+    #[arg(long, default_value_t = 3)]
+    unhealthy_after: u32,
+    /// Window for hit rate and token rates, ms.
+    #[arg(long, default_value_t = 10_000)]
+    window_ms: u64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let engines = args
+        .engines
+        .iter()
+        .map(|e| {
+            let (name, url) = e
+                .split_once('=')
+                .ok_or_else(|| anyhow::anyhow!("--engine {e}: want NAME=BASE_URL"))?;
+            Ok(EngineTarget {
+                name: name.into(),
+                metrics_url: format!("{}/metrics", url.trim_end_matches('/')),
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let cfg = SidecarConfig {
+        engines,
+        poll_interval: Duration::from_millis(args.poll_interval_ms.max(1)),
+        timeout: Duration::from_millis(args.timeout_ms.max(1)),
+        unhealthy_after: args.unhealthy_after,
+        window: Duration::from_millis(args.window_ms),
+    };
+    let listener = tokio::net::TcpListener::bind(&args.listen).await?;
+    let addr = listener.local_addr()?;
+    eprintln!(
+        "kvroute-sidecar: {} engines every {} ms, serving http://{addr}/snapshot",
+        cfg.engines.len(),
+        args.poll_interval_ms
+    );
+    println!("listening on {addr}");
+    let (app, _) = Sidecar::start(cfg)?;
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+    Ok(())
+}

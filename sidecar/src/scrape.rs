@@ -1,0 +1,160 @@
+//! One engine's `/metrics` page, read into the numbers the router needs.
+//!
+//! Names of vLLM V1 (and their V0 spellings, so older engines work too). Samples of one family are
+//! summed over label sets (a data-parallel vLLM reports one per engine index), except KV usage,
+//! which is averaged.
+
+use prom_text_format_parser::{Scrape, ValueType};
+
+/// What one scrape says.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct EngineSample {
+    /// `vllm:num_requests_waiting`
+    pub waiting: f64,
+    /// `vllm:num_requests_running`
+    pub running: f64,
+    /// `vllm:kv_cache_usage_perc` (V0: `vllm:gpu_cache_usage_perc`)
+    pub kv_usage: f64,
+    /// `vllm:prefix_cache_hits_total` (V0: `vllm:gpu_prefix_cache_hits_total`)
+    pub hits: Option<f64>,
+    /// `vllm:prefix_cache_queries_total` (V0: `vllm:gpu_prefix_cache_queries_total`)
+    pub queries: Option<f64>,
+    /// `vllm:prompt_tokens_total`
+    pub prompt_tokens: Option<f64>,
+    /// `vllm:generation_tokens_total`
+    pub generation_tokens: Option<f64>,
+    /// `vllm:cache_config_info{num_gpu_blocks, block_size}`: KV capacity in tokens.
+    pub capacity_tokens: Option<u64>,
+}
+
+/// Why a page could not be used.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ScrapeError {
+    /// Not the Prometheus text format.
+    #[error("not a Prometheus text page: {0}")]
+    Format(String),
+    /// A metric every vLLM exports is missing.
+    #[error("no {0} on the page: not a vLLM engine?")]
+    Missing(&'static str),
+}
+
+fn value(v: &prom_text_format_parser::Value) -> Option<f64> {
+    v.value.parse::<f64>().ok().filter(|x| x.is_finite())
+}
+
+/// Reads a vLLM `/metrics` page.
+pub fn parse_vllm(text: &str) -> Result<EngineSample, ScrapeError> {
+    let scrape = Scrape::parse(text).map_err(|e| ScrapeError::Format(format!("{e:?}")))?;
+    let family = |names: &[&str]| -> Option<(f64, usize)> {
+        let m = scrape
+            .metrics
+            .iter()
+            .find(|m| names.contains(&m.name.as_str()))?;
+        let values: Vec<f64> = m
+            .samples
+            .iter()
+            .filter(|s| s.value.value_type == ValueType::Sample)
+            .filter_map(|s| value(&s.value))
+            .collect();
+        (!values.is_empty()).then(|| (values.iter().sum(), values.len()))
+    };
+    let sum = |names: &[&str]| family(names).map(|(s, _)| s);
+    let waiting = sum(&["vllm:num_requests_waiting"])
+        .ok_or(ScrapeError::Missing("vllm:num_requests_waiting"))?;
+    let running = sum(&["vllm:num_requests_running"])
+        .ok_or(ScrapeError::Missing("vllm:num_requests_running"))?;
+    let kv_usage = family(&["vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"])
+        .map(|(s, n)| s / n as f64)
+        .ok_or(ScrapeError::Missing("vllm:kv_cache_usage_perc"))?;
+    let capacity_tokens = scrape
+        .metrics
+        .iter()
+        .find(|m| m.name == "vllm:cache_config_info")
+        .and_then(|m| {
+            m.samples
+                .iter()
+                .filter_map(|s| {
+                    let get = |k: &str| {
+                        s.labels
+                            .iter()
+                            .find(|l| l.key == k)
+                            .and_then(|l| l.value.parse::<u64>().ok())
+                    };
+                    Some(get("num_gpu_blocks")? * get("block_size")?)
+                })
+                .reduce(|a, b| a + b)
+        });
+    Ok(EngineSample {
+        waiting,
+        running,
+        kv_usage,
+        hits: sum(&[
+            "vllm:prefix_cache_hits_total",
+            "vllm:gpu_prefix_cache_hits_total",
+        ]),
+        queries: sum(&[
+            "vllm:prefix_cache_queries_total",
+            "vllm:gpu_prefix_cache_queries_total",
+        ]),
+        prompt_tokens: sum(&["vllm:prompt_tokens_total"]),
+        generation_tokens: sum(&["vllm:generation_tokens_total"]),
+        capacity_tokens,
+    })
+}
+
+#[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+mod tests {
+    use super::*;
+
+    /// The sample page produced from vLLM's own metric definitions (shared/reference).
+    #[test]
+    fn reads_the_reference_vllm_page() {
+        let page = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../shared/reference/vllm_metrics_sample.prom"
+        ))
+        .unwrap();
+        let s = parse_vllm(&page).unwrap();
+        assert_eq!((s.waiting, s.running, s.kv_usage), (1.0, 3.0, 0.42));
+        assert_eq!((s.hits, s.queries), (Some(640.0), Some(1000.0)));
+        assert_eq!(s.prompt_tokens, Some(1000.0));
+        assert_eq!(s.generation_tokens, Some(200.0));
+        // The reference page has no cache_config_info.
+        assert_eq!(s.capacity_tokens, None);
+    }
+
+    #[test]
+    fn data_parallel_pages_sum_and_capacity_multiplies() {
+        let page = "# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{engine=\"0\"} 2
+vllm:num_requests_waiting{engine=\"1\"} 3
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine=\"0\"} 1
+# TYPE vllm:gpu_cache_usage_perc gauge
+vllm:gpu_cache_usage_perc{engine=\"0\"} 0.2
+vllm:gpu_cache_usage_perc{engine=\"1\"} 0.4
+# TYPE vllm:cache_config_info gauge
+vllm:cache_config_info{block_size=\"16\",num_gpu_blocks=\"711\"} 1
+";
+        let s = parse_vllm(page).unwrap();
+        assert_eq!((s.waiting, s.running), (5.0, 1.0));
+        assert!((s.kv_usage - 0.3).abs() < 1e-12);
+        assert_eq!(s.capacity_tokens, Some(11_376));
+        assert_eq!(s.hits, None);
+    }
+
+    #[test]
+    fn rejects_non_vllm_pages() {
+        assert!(matches!(
+            parse_vllm("# TYPE up gauge\nup 1\n"),
+            Err(ScrapeError::Missing(_))
+        ));
+        assert!(parse_vllm("<html>nope</html>").is_err());
+    }
+}
