@@ -132,4 +132,65 @@ fn main() {
     println!(
         "baseline: serde_json::from_slice::<Value> of the same body; ratio = decision / baseline"
     );
+    published_state_cost();
+}
+
+/// The published state as the directory grows to its bound: what the singleton pays to encode it
+/// on every publish, and what a worker pays to decode it and look up a 1,024-block prompt. (Inside
+/// Envoy each read also copies the value out of shared data.)
+fn published_state_cost() {
+    println!();
+    println!("published state vs directory size (2 endpoints; native: wasm in V8 is slower)");
+    println!(
+        "{:>9} {:>10} {:>12} {:>15} {:>12}",
+        "entries", "bytes", "encode_us", "copy+decode_us", "lookup_us"
+    );
+    let blocks: Vec<kvroute_core::BlockHash> = (0..1024u64)
+        .map(|i| kvroute_core::BlockHash(i.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x55))
+        .collect();
+    for entries in [1_024u32, 8_192, 65_536, 262_144] {
+        let mut dir = Directory::new(&[entries / 2, entries / 2], 4096);
+        for i in 0..u64::from(entries) {
+            dir.record(
+                (i % 2) as usize,
+                &[kvroute_core::BlockHash(
+                    i.wrapping_mul(0x2545_f491_4f6c_dd1d),
+                )],
+                None,
+            );
+        }
+        dir.record(0, &blocks, Some(1));
+        let header = StateHeader {
+            version: 1,
+            published_at_ms: 0,
+            settings: PolicySettings::default(),
+            endpoints: vec![EndpointStatus::default(); 2],
+            directory_as_of_ms: 0,
+            decisions_recorded: 0,
+            stale: false,
+        };
+        let encoded = encode(&header, &DirectorySection::of(&dir));
+        let enc = measure(|| {
+            black_box(encode(&header, &DirectorySection::of(black_box(&dir))));
+        });
+        let dec = measure(|| {
+            black_box(PublishedState::decode(black_box(encoded.clone())).unwrap());
+        });
+        let state = PublishedState::decode(encoded.clone()).unwrap();
+        let look = measure(|| {
+            black_box(kvroute_core::directory::match_lengths(
+                &state,
+                black_box(&blocks),
+                2,
+            ));
+        });
+        println!(
+            "{:>9} {:>10} {:>12.1} {:>15.1} {:>12.1}",
+            dir.distinct_blocks(),
+            encoded.len(),
+            enc.as_secs_f64() * 1e6,
+            dec.as_secs_f64() * 1e6,
+            look.as_secs_f64() * 1e6
+        );
+    }
 }

@@ -310,3 +310,46 @@ mod tests {
         assert_eq!(b.session, Some(session_key("alice").0));
     }
 }
+
+/// The engine-reported `usage.prompt_tokens_details.cached_tokens` in a chunk of a response body
+/// (a JSON response, or an SSE event carrying usage), if the chunk holds it.
+pub fn find_cached_tokens(chunk: &[u8]) -> Option<u64> {
+    const KEY: &[u8] = b"\"cached_tokens\"";
+    let at = chunk.windows(KEY.len()).position(|w| w == KEY)? + KEY.len();
+    let rest = chunk.get(at..)?;
+    let rest = rest.get(rest.iter().position(|b| !b.is_ascii_whitespace())?..)?;
+    let rest = rest.strip_prefix(b":")?;
+    let start = rest.iter().position(|b| !b.is_ascii_whitespace())?;
+    let digits = rest.get(start..)?;
+    let end = digits
+        .iter()
+        .position(|b| !b.is_ascii_digit())
+        .unwrap_or(digits.len());
+    std::str::from_utf8(digits.get(..end)?).ok()?.parse().ok()
+}
+
+#[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+mod usage_tests {
+    use super::find_cached_tokens;
+
+    #[test]
+    fn finds_cached_tokens_in_json_and_sse() {
+        let json = br#"{"usage":{"prompt_tokens":44,"prompt_tokens_details":{"cached_tokens":32},"total_tokens":47}}"#;
+        assert_eq!(find_cached_tokens(json), Some(32));
+        let sse = b"data: {\"choices\":[],\"usage\":{\"prompt_tokens_details\": { \"cached_tokens\" : 1984 }}}\n\n";
+        assert_eq!(find_cached_tokens(sse), Some(1984));
+        assert_eq!(
+            find_cached_tokens(b"data: {\"choices\":[{\"delta\":{\"content\":\"x\"}}]}"),
+            None
+        );
+        assert_eq!(find_cached_tokens(b"\"cached_tokens\":"), None);
+        assert_eq!(find_cached_tokens(b"\"cached_tokens\":null"), None);
+        assert_eq!(find_cached_tokens(b""), None);
+    }
+}

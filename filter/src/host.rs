@@ -51,6 +51,12 @@ pub fn request_body(size: usize) -> Option<Vec<u8>> {
         .flatten()
 }
 
+pub fn response_body(size: usize) -> Option<Vec<u8>> {
+    hostcalls::get_buffer(BufferType::HttpResponseBody, 0, size)
+        .ok()
+        .flatten()
+}
+
 pub fn call_response_body(size: usize) -> Option<Vec<u8>> {
     hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, size)
         .ok()

@@ -125,6 +125,10 @@ pub struct FilterMetrics {
     pub decision_time_us: Id,
     pub state_age_ms: Id,
     pub load_age_ms: Id,
+    pub prediction_reports: Id,
+    pub predicted_tokens: Id,
+    pub reported_tokens: Id,
+    pub prediction_abs_error: Id,
 }
 
 impl FilterMetrics {
@@ -163,6 +167,10 @@ impl FilterMetrics {
             decision_time_us: histogram("kvroute_decision_time_us"),
             state_age_ms: histogram("kvroute_state_age_ms"),
             load_age_ms: histogram("kvroute_load_age_ms"),
+            prediction_reports: counter("kvroute_prediction_reports_total"),
+            predicted_tokens: counter("kvroute_prediction_predicted_tokens_total"),
+            reported_tokens: counter("kvroute_prediction_reported_tokens_total"),
+            prediction_abs_error: histogram("kvroute_prediction_abs_error_tokens"),
         }
     }
 

@@ -265,6 +265,8 @@ enum Phase {
         endpoint: usize,
         policy: PolicyKind,
         counted: bool,
+        /// Tokens the directory predicted the engine holds; None once compared (or unknown).
+        predicted_tokens: Option<u64>,
     },
 }
 
@@ -305,10 +307,15 @@ impl Request {
             return;
         }
         w.add_inflight(decision.endpoint, 1);
+        let predicted_tokens = parsed.is_ok().then(|| {
+            let per_block = f64::from(w.config.block_chars) / w.config.chars_per_token;
+            (f64::from(decision.predicted_blocks) * per_block).round() as u64
+        });
         self.phase = Phase::Routed {
             endpoint: decision.endpoint,
             policy: decision.policy,
             counted: true,
+            predicted_tokens,
         };
         if let Ok(f) = parsed {
             w.report(
@@ -444,6 +451,33 @@ impl HttpContext for Request {
             if let Some(e) = self.worker.config.endpoints.get(endpoint) {
                 host::add_response_header(RESPONSE_ENDPOINT_HEADER, &e.name);
                 host::add_response_header(RESPONSE_POLICY_HEADER, policy.as_str());
+            }
+        }
+        Action::Continue
+    }
+
+    /// Compares the prediction with what the engine reports (`cached_tokens` in the usage of a JSON
+    /// response or of the last SSE event). Chunks are read, never held: the response streams on.
+    fn on_http_response_body(&mut self, body_size: usize, _end_of_stream: bool) -> Action {
+        if let Phase::Routed {
+            predicted_tokens: Some(predicted),
+            ..
+        } = self.phase
+        {
+            if let Some(reported) =
+                host::response_body(body_size).and_then(|c| router::find_cached_tokens(&c))
+            {
+                let m = &self.worker.metrics;
+                host::increment(m.prediction_reports, 1);
+                host::increment(m.predicted_tokens, predicted as i64);
+                host::increment(m.reported_tokens, reported as i64);
+                host::record(m.prediction_abs_error, predicted.abs_diff(reported));
+                if let Phase::Routed {
+                    predicted_tokens, ..
+                } = &mut self.phase
+                {
+                    *predicted_tokens = None;
+                }
             }
         }
         Action::Continue

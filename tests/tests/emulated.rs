@@ -89,13 +89,21 @@ async fn converse(policy: &str) -> (Vec<Vec<Turn>>, u64) {
         }
         all.push(turns);
     }
-    let predicted = envoy
-        .stats()
-        .await
-        .unwrap()
-        .get("kvroute_predicted_cached_blocks_total")
-        .copied()
-        .unwrap_or(0);
+    let stats = envoy.stats().await.unwrap();
+    let get = |k: &str| stats.get(k).copied().unwrap_or(0);
+    let predicted = get("kvroute_predicted_cached_blocks_total");
+    // The filter read the engine's cached_tokens from every response, exactly as the client did.
+    let reported: u64 = all.iter().flatten().map(|t| t.cached).sum();
+    assert_eq!(get("kvroute_prediction_reports_total"), sent, "{policy}");
+    assert_eq!(
+        get("kvroute_prediction_reported_tokens_total"),
+        reported,
+        "{policy}"
+    );
+    println!(
+        "{policy}: directory predicted {} cached tokens, engines reported {reported}",
+        get("kvroute_prediction_predicted_tokens_total")
+    );
     envoy.stop(false).await;
     (all, predicted)
 }

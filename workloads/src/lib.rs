@@ -8,8 +8,11 @@
 //!   and can hold requests open: the routing tests use it where they need that control.
 //! - [`emulated`]: emulated vLLM engines (kvroute-emulator) run in-process, for the demo and the
 //!   end-to-end tests of caching behind Envoy.
+//! - [`scripted`]: a small scripted multi-turn workload and the engine-side numbers it is judged
+//!   by (the demo's and the benchmarks').
 
 pub mod echo;
 pub mod emulated;
 pub mod envoy_config;
+pub mod scripted;
 pub mod stack;

@@ -15,8 +15,8 @@ use futures_util::StreamExt;
 use kvroute_core::policy::PolicyKind;
 use kvroute_workloads::emulated::EmulatedEngine;
 use kvroute_workloads::envoy_config::{Engine, EnvoySpec};
+use kvroute_workloads::scripted::{conversation, snapshot, Spread};
 use kvroute_workloads::stack::{filter_wasm, Envoy};
-use serde_json::{json, Value};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -39,88 +39,6 @@ struct Args {
     /// the host's scheduling jitter into emulated time.
     #[arg(long, default_value_t = 5.0)]
     time_scale: f64,
-}
-
-/// Sums of an engine's counters and histograms that the report uses.
-#[derive(Debug, Default, Clone, Copy)]
-struct Snapshot {
-    hits: f64,
-    queries: f64,
-    ttft_sum: f64,
-    ttft_count: f64,
-}
-
-async fn snapshot(
-    client: &reqwest::Client,
-    engines: &[EmulatedEngine],
-) -> anyhow::Result<Snapshot> {
-    let mut s = Snapshot::default();
-    for e in engines {
-        let text = client
-            .get(format!("{}/metrics", e.url()))
-            .send()
-            .await?
-            .text()
-            .await?;
-        for line in text.lines().filter(|l| !l.starts_with('#')) {
-            let Some((series, value)) = line.rsplit_once(' ') else {
-                continue;
-            };
-            let v: f64 = value.parse().unwrap_or(0.0);
-            let name = series.split('{').next().unwrap_or("");
-            match name {
-                "vllm:prefix_cache_hits_total" => s.hits += v,
-                "vllm:prefix_cache_queries_total" => s.queries += v,
-                "vllm:time_to_first_token_seconds_sum" => s.ttft_sum += v,
-                "vllm:time_to_first_token_seconds_count" => s.ttft_count += v,
-                _ => {}
-            }
-        }
-    }
-    Ok(s)
-}
-
-async fn conversation(
-    client: reqwest::Client,
-    url: String,
-    c: usize,
-    turns: usize,
-) -> anyhow::Result<()> {
-    let family = c % 3;
-    let system = format!("[team {family}] You are the meticulous assistant of team {family}; cite sources, be precise. ").repeat(10);
-    let mut messages = vec![json!({"role": "system", "content": system})];
-    for t in 0..turns {
-        messages.push(json!({"role": "user", "content": format!("Conversation {c}, turn {t}: please continue the analysis with more detail.")}));
-        let body = json!({"messages": messages, "max_tokens": 32, "ignore_eos": true, "stream": true,
-                          "stream_options": {"include_usage": true}});
-        let r = client
-            .post(&url)
-            .header("x-session-id", format!("user-{c}"))
-            .json(&body)
-            .send()
-            .await?;
-        if !r.status().is_success() {
-            anyhow::bail!("request failed: {}", r.status());
-        }
-        let mut answer = String::new();
-        let mut stream = r.bytes_stream();
-        let mut buf = String::new();
-        while let Some(chunk) = stream.next().await {
-            buf.push_str(&String::from_utf8_lossy(&chunk?));
-        }
-        for data in buf.lines().filter_map(|l| l.strip_prefix("data: ")) {
-            if let Ok(v) = serde_json::from_str::<Value>(data) {
-                if let Some(t) = v
-                    .pointer("/choices/0/delta/content")
-                    .and_then(Value::as_str)
-                {
-                    answer.push_str(t);
-                }
-            }
-        }
-        messages.push(json!({"role": "assistant", "content": answer}));
-    }
-    Ok(())
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -193,7 +111,15 @@ async fn main() -> anyhow::Result<()> {
         let before = snapshot(&client, &engines).await?;
         let url = envoy.url("/v1/chat/completions");
         let results: Vec<anyhow::Result<()>> = futures_util::stream::iter(0..args.conversations)
-            .map(|c| conversation(client.clone(), url.clone(), c, args.turns))
+            .map(|c| {
+                conversation(
+                    client.clone(),
+                    vec![url.clone()],
+                    Spread::Single,
+                    c,
+                    args.turns,
+                )
+            })
             .buffer_unordered(args.concurrency)
             .collect()
             .await;
