@@ -69,3 +69,5 @@ bench: build
     cargo bench -p kvroute-core --bench decision
     cargo run -q --release -p kvroute-workloads --bin kvroute-bench-envoy
     cargo run -q --release -p kvroute-workloads --bin kvroute-bench-emulator
+    cargo run -q --release -p kvroute-workloads --bin kvroute-bench-sidecar
+    cargo run -q --release -p kvroute-workloads --bin kvroute-bench-replicas
