@@ -386,6 +386,9 @@ pub struct PolicySettings {
     pub directory_epoch: u64,
     /// `kvroute.load_refresh_ms`: how often the singleton pulls the sidecar's snapshot.
     pub load_refresh_ms: u32,
+    /// `kvroute.sidecar_poll_ms`: the engine poll interval asked of the sidecar (0: the sidecar's
+    /// own setting).
+    pub sidecar_poll_ms: u32,
 }
 
 impl Default for PolicySettings {
@@ -401,6 +404,7 @@ impl Default for PolicySettings {
             publish_interval: PublishInterval::EveryDecision,
             directory_epoch: 0,
             load_refresh_ms: 100,
+            sidecar_poll_ms: 0,
         }
     }
 }
@@ -409,7 +413,7 @@ impl Default for PolicySettings {
 pub const RUNTIME_PREFIX: &str = "kvroute.";
 
 /// Every runtime key, without the prefix.
-pub const RUNTIME_KEYS: [&str; 10] = [
+pub const RUNTIME_KEYS: [&str; 11] = [
     "policy",
     "alpha",
     "beta",
@@ -420,6 +424,7 @@ pub const RUNTIME_KEYS: [&str; 10] = [
     "publish_interval_ms",
     "directory_epoch",
     "load_refresh_ms",
+    "sidecar_poll_ms",
 ];
 
 impl PolicySettings {
@@ -476,6 +481,12 @@ impl PolicySettings {
                     .map(|x| s.publish_interval = x)
                     .is_some(),
                 "directory_epoch" => v.parse().map(|x| s.directory_epoch = x).is_ok(),
+                "sidecar_poll_ms" => v
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|x| *x == 0 || (10..=600_000).contains(x))
+                    .map(|x| s.sidecar_poll_ms = x)
+                    .is_some(),
                 "load_refresh_ms" => v
                     .parse::<u32>()
                     .ok()

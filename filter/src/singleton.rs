@@ -162,7 +162,11 @@ impl Singleton {
         if since >= period && (self.snapshot_token.is_none() || since >= 5 * period.max(100)) {
             self.snapshot_sent_ms = now;
             let timeout = Duration::from_millis(u64::from(sc.stale_after_ms).max(50));
-            self.snapshot_token = host::http_get(&sc.cluster, &sc.authority, &sc.path, timeout);
+            let path = match self.settings.sidecar_poll_ms {
+                0 => sc.path.clone(),
+                ms => format!("{}?poll_interval_ms={ms}", sc.path),
+            };
+            self.snapshot_token = host::http_get(&sc.cluster, &sc.authority, &path, timeout);
             if self.snapshot_token.is_none() {
                 self.metrics.host_error(HostOp::SidecarPull);
             }
@@ -205,6 +209,10 @@ impl Singleton {
             }
         };
         host::increment(self.metrics.sidecar_pulls, 1);
+        host::record(
+            self.metrics.sidecar_poll_interval_ms,
+            u64::from(snapshot.poll_interval_ms),
+        );
         for (i, ep) in self.config.endpoints.iter().enumerate() {
             let Some(status) = self.status.get_mut(i) else {
                 continue;

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -109,10 +109,15 @@ impl Metrics {
     }
 }
 
+/// How long a client's requested poll interval stays in force without being asked again.
+const REQUEST_TTL_MS: u64 = 5_000;
+
 /// The running sidecar's state.
 #[derive(Clone)]
 pub struct Sidecar {
     cfg: Arc<SidecarConfig>,
+    /// (requested interval ms, when asked ms): the smallest request seen recently wins.
+    requested: Arc<Mutex<Option<(u64, u64)>>>,
     trackers: Arc<Vec<Mutex<Tracker>>>,
     version: Arc<AtomicU64>,
     metrics: Arc<Metrics>,
@@ -143,6 +148,7 @@ impl Sidecar {
             .collect();
         let me = Sidecar {
             cfg: Arc::new(cfg),
+            requested: Arc::new(Mutex::new(None)),
             trackers: Arc::new(trackers),
             version: Arc::new(AtomicU64::new(0)),
             metrics: Arc::new(Metrics::new()?),
@@ -162,6 +168,27 @@ impl Sidecar {
         Ok((app, me))
     }
 
+    /// The poll interval in force: the smallest one a client asked for in the last 5 s, else the
+    /// configured one.
+    pub fn poll_interval(&self) -> Duration {
+        let now = now_ms();
+        match self.requested.lock().ok().and_then(|r| *r) {
+            Some((ms, at)) if now.saturating_sub(at) <= REQUEST_TTL_MS => Duration::from_millis(ms),
+            _ => self.cfg.poll_interval,
+        }
+    }
+
+    fn request_interval(&self, ms: u64) {
+        let now = now_ms();
+        if let Ok(mut r) = self.requested.lock() {
+            // A smaller request still in force stays; its own requester keeps it fresh.
+            let smaller_in_force = matches!(*r, Some((cur, at)) if cur < ms && now.saturating_sub(at) <= REQUEST_TTL_MS);
+            if !smaller_in_force {
+                *r = Some((ms, now));
+            }
+        }
+    }
+
     /// The current snapshot.
     pub fn snapshot(&self) -> Snapshot {
         let engines = self
@@ -173,7 +200,7 @@ impl Sidecar {
             schema: SCHEMA,
             version: self.version.load(Ordering::Relaxed),
             generated_at_ms: now_ms(),
-            poll_interval_ms: self.cfg.poll_interval.as_millis() as u32,
+            poll_interval_ms: self.poll_interval().as_millis() as u32,
             engines: engines.unwrap_or_default(),
         }
     }
@@ -237,7 +264,7 @@ async fn poll(sc: Sidecar, client: reqwest::Client, i: usize) {
         sc.version.fetch_add(1, Ordering::Relaxed);
         // Back off while failing: 1, 2, 4, 8 intervals.
         let factor = 1u32 << failures.min(3);
-        next += sc.cfg.poll_interval * factor;
+        next += sc.poll_interval() * factor;
         let now = tokio::time::Instant::now();
         if next < now {
             next = now;
@@ -246,8 +273,17 @@ async fn poll(sc: Sidecar, client: reqwest::Client, i: usize) {
     }
 }
 
-async fn snapshot(State(sc): State<Sidecar>) -> Response {
+#[derive(serde::Deserialize)]
+struct SnapshotQuery {
+    /// The engine poll interval the caller wants (10 ms to 10 min).
+    poll_interval_ms: Option<u64>,
+}
+
+async fn snapshot(State(sc): State<Sidecar>, Query(q): Query<SnapshotQuery>) -> Response {
     sc.metrics.snapshots.inc();
+    if let Some(ms) = q.poll_interval_ms.filter(|ms| (10..=600_000).contains(ms)) {
+        sc.request_interval(ms);
+    }
     Json(sc.snapshot()).into_response()
 }
 

@@ -266,6 +266,62 @@ async fn quantiles(envoy: &Envoy, name: &str) -> Vec<(String, f64)> {
         .collect()
 }
 
+/// The sidecar's engine poll interval is an Envoy runtime value too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sidecar_poll_interval_follows_a_runtime_value() {
+    let rig = Rig::start(PolicyKind::Jsq, LoadSignal::EngineQueue).await;
+    rig.envoy
+        .wait_stat(
+            "kvroute_sidecar_poll_interval_ms",
+            Duration::from_secs(5),
+            |v| v == 50,
+        )
+        .await
+        .unwrap();
+    rig.envoy
+        .runtime_modify(&[("kvroute.sidecar_poll_ms", "400")])
+        .await
+        .unwrap();
+    rig.envoy
+        .wait_stat(
+            "kvroute_sidecar_poll_interval_ms",
+            Duration::from_secs(5),
+            |v| v == 400,
+        )
+        .await
+        .unwrap();
+    let snap: serde_json::Value = reqwest::get(format!("http://{}/snapshot", rig.sidecar_addr))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(snap["poll_interval_ms"], 400);
+    // Fewer scrapes per second now: about 2.5 per engine.
+    let m = |t: &str| -> f64 {
+        t.lines()
+            .filter(|l| l.starts_with("kvroute_sidecar_scrapes_total{") && l.contains("engine0"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let page = |a| async move {
+        reqwest::get(format!("http://{a}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let before = m(&page(rig.sidecar_addr).await);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = m(&page(rig.sidecar_addr).await);
+    assert!(
+        (3.0..=7.0).contains(&(after - before)),
+        "{} scrapes in 2 s at 400 ms",
+        after - before
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_five_second_directory_interval_shows_in_the_age_histogram() {
     let rig = Rig::start(PolicyKind::LoadCacheAware, LoadSignal::GatewayInflight).await;
