@@ -30,7 +30,7 @@ clippy:
 
 # Unit and property tests (no Envoy).
 unit:
-    cargo test -p kvroute-core -p kvroute-emulator -p kvroute-sidecar -p kvroute-workloads
+    cargo test -p kvroute-core -p kvroute-emulator -p kvroute-sidecar -p kvroute-traces -p kvroute-workloads
 
 # Validate every Envoy config the project ships (starts the VM and runs on_configure).
 validate-configs: wasm
