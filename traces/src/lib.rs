@@ -70,50 +70,6 @@ pub fn mix(a: &[Session], b: &[Session], fraction: f64, total: usize, seed: u64)
     out
 }
 
-#[cfg(test)]
-#[allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing
-)]
-mod tests {
-    use super::*;
-
-    fn sessions(prefix: &str, n: usize) -> Vec<Session> {
-        (0..n)
-            .map(|i| Session {
-                id: format!("{prefix}{i}"),
-                start_ms: i as f64,
-                system: None,
-                turns: vec![],
-                think_ms: 0.0,
-            })
-            .collect()
-    }
-
-    #[test]
-    fn mix_blends_by_fraction_and_orders_by_start() {
-        let m = mix(&sessions("a", 1000), &sessions("b", 1000), 0.25, 1000, 3);
-        assert_eq!(m.len(), 1000);
-        let from_a = m.iter().filter(|s| s.id.starts_with('a')).count();
-        assert!((200..300).contains(&from_a), "{from_a}");
-        assert!(m.windows(2).all(|w| w[0].start_ms <= w[1].start_ms));
-        // When one side runs out, the other fills in.
-        assert_eq!(
-            mix(&sessions("a", 3), &sessions("b", 100), 0.9, 50, 1).len(),
-            50
-        );
-    }
-
-    #[test]
-    fn words_are_deterministic_and_counted() {
-        assert_eq!(words(5, 10), words(5, 10));
-        assert_ne!(words(5, 10), words(6, 10));
-        assert_eq!(words(5, 512).split(' ').count(), 512);
-    }
-}
-
 /// Assigns start times to sessions in order (e.g. from [`arrivals`]).
 pub fn with_arrivals(mut sessions: Vec<Session>, starts_ms: &[f64]) -> Vec<Session> {
     sessions.truncate(starts_ms.len());
@@ -279,4 +235,48 @@ pub fn words(key: u64, n: usize) -> String {
         );
     }
     s
+}
+
+#[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+mod tests {
+    use super::*;
+
+    fn sessions(prefix: &str, n: usize) -> Vec<Session> {
+        (0..n)
+            .map(|i| Session {
+                id: format!("{prefix}{i}"),
+                start_ms: i as f64,
+                system: None,
+                turns: vec![],
+                think_ms: 0.0,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn mix_blends_by_fraction_and_orders_by_start() {
+        let m = mix(&sessions("a", 1000), &sessions("b", 1000), 0.25, 1000, 3);
+        assert_eq!(m.len(), 1000);
+        let from_a = m.iter().filter(|s| s.id.starts_with('a')).count();
+        assert!((200..300).contains(&from_a), "{from_a}");
+        assert!(m.windows(2).all(|w| w[0].start_ms <= w[1].start_ms));
+        // When one side runs out, the other fills in.
+        assert_eq!(
+            mix(&sessions("a", 3), &sessions("b", 100), 0.9, 50, 1).len(),
+            50
+        );
+    }
+
+    #[test]
+    fn words_are_deterministic_and_counted() {
+        assert_eq!(words(5, 10), words(5, 10));
+        assert_ne!(words(5, 10), words(6, 10));
+        assert_eq!(words(5, 512).split(' ').count(), 512);
+    }
 }
