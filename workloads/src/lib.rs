@@ -8,11 +8,14 @@
 //!   and can hold requests open: the routing tests use it where they need that control.
 //! - [`emulated`]: emulated vLLM engines (kvroute-emulator) run in-process, for the demo and the
 //!   end-to-end tests of caching behind Envoy.
+//! - [`replay`]: the replayer: sessions with streaming requests against any OpenAI endpoint, one
+//!   JSON line per request (TTFT, inter-token gaps, tokens, cached tokens, endpoint, status).
 //! - [`scripted`]: a small scripted multi-turn workload and the engine-side numbers it is judged
 //!   by (the demo's and the benchmarks').
 
 pub mod echo;
 pub mod emulated;
 pub mod envoy_config;
+pub mod replay;
 pub mod scripted;
 pub mod stack;

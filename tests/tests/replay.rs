@@ -1,0 +1,128 @@
+//! The replayer through Envoy with kvroute to emulated engines: every request is recorded, the
+//! counts add up across client, Envoy and engines, and the engines' cache hits are what the client
+//! records.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kvroute_traces::{arrivals, rag, with_arrivals};
+use kvroute_workloads::emulated::EmulatedEngine;
+use kvroute_workloads::envoy_config::{Engine, EnvoySpec};
+use kvroute_workloads::replay::{replay, ReplayOptions, RequestRecord};
+use kvroute_workloads::stack::{filter_wasm, Envoy};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_counts_add_up_and_hits_are_recorded() {
+    let mut engines = Vec::new();
+    for i in 0..2 {
+        engines.push(
+            EmulatedEngine::start(&format!("engine{i}"), "rtx5080-llama3.2-3b", 20.0)
+                .await
+                .unwrap(),
+        );
+    }
+    let spec_engines = engines
+        .iter()
+        .map(|e| Engine {
+            name: e.name.clone(),
+            host: "127.0.0.1".into(),
+            port: e.addr.port(),
+        })
+        .collect();
+    let envoy = Envoy::start(EnvoySpec::new(
+        spec_engines,
+        filter_wasm().unwrap().display().to_string(),
+    ))
+    .await
+    .unwrap();
+    let sessions = rag::generate(&rag::RagOptions {
+        users: 30,
+        questions_per_user: 2,
+        max_tokens: 8,
+        think_ms: 10.0,
+        ..Default::default()
+    });
+    let starts = arrivals::poisson(sessions.len(), 40.0, 3);
+    let sessions = with_arrivals(sessions, &starts);
+    let buf: Arc<Mutex<Vec<u8>>> = Arc::new(Mutex::new(Vec::new()));
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Sink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let opts = ReplayOptions {
+        url: envoy.url("/v1/chat/completions"),
+        model: None,
+        max_in_flight: 8,
+        timeout: Duration::from_secs(60),
+        session_header: "x-session-id".into(),
+    };
+    let summary = replay(
+        sessions,
+        opts,
+        Arc::new(Mutex::new(Sink(buf.clone()))),
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(|_, _| {}),
+    )
+    .await
+    .unwrap();
+    let text = String::from_utf8(buf.lock().unwrap().clone()).unwrap();
+    let records: Vec<RequestRecord> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!((summary.finished, summary.failed), (60, 0));
+    assert_eq!(records.len(), 60);
+    assert!(records
+        .iter()
+        .all(|r| r.status == 200 && r.ttft_ms.is_some() && r.completion_tokens == Some(8)));
+    assert!(records
+        .iter()
+        .all(|r| r.itl_ms.len() == 7 && r.endpoint.is_some()));
+    // Client, Envoy and the engines count the same requests.
+    let routed = envoy
+        .stats()
+        .await
+        .unwrap()
+        .get("kvroute_requests_total")
+        .copied()
+        .unwrap_or(0);
+    let mut engine_done = 0.0;
+    let mut hits = 0.0;
+    for e in &engines {
+        let page = reqwest::get(format!("{}/metrics", e.url()))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        for l in page.lines().filter(|l| !l.starts_with('#')) {
+            let v: f64 = l.rsplit(' ').next().unwrap().parse().unwrap();
+            if l.starts_with("vllm:request_success_total{") {
+                engine_done += v;
+            }
+            if l.starts_with("vllm:prefix_cache_hits_total{") {
+                hits += v;
+            }
+        }
+    }
+    assert_eq!(routed, 60);
+    assert_eq!(engine_done, 60.0);
+    // The hits the engines count are the cached tokens the client recorded.
+    let recorded: u64 = records.iter().map(|r| r.cached_tokens.unwrap()).sum();
+    assert_eq!(recorded as f64, hits);
+    assert!(recorded > 0, "users of the same document share its prefix");
+    envoy.stop(false).await;
+}
