@@ -126,3 +126,89 @@ async fn replay_counts_add_up_and_hits_are_recorded() {
     assert!(recorded > 0, "users of the same document share its prefix");
     envoy.stop(false).await;
 }
+
+/// The analysis reproduces what an engine sees: conversations replayed one after another through
+/// one engine that never evicts get exactly the oracle's hits (with an infinite cache), and the
+/// same prompt token counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_oracle_matches_an_engine_that_never_evicts() {
+    use kvroute_traces::sharegpt;
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../shared/data/sharegpt_dev_3000.json"
+    ))
+    .unwrap();
+    let sessions = sharegpt::parse(
+        &text,
+        &sharegpt::ShareGptOptions {
+            limit: 8,
+            max_turns: 4,
+            max_tokens: 8,
+            think_ms: 1.0,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let engine = EmulatedEngine::start("engine0", "h100-llama3.1-8b", 50.0)
+        .await
+        .unwrap();
+    let model = "meta-llama/Llama-3.1-8B-Instruct";
+    let analysis = kvroute_workloads::analyze::analyze(&sessions, model, 1, 1_000_000);
+    let (mut cached, mut prompt) = (0u64, 0u64);
+    for s in sessions {
+        let buf: Arc<Mutex<Vec<u8>>> = Arc::new(Mutex::new(Vec::new()));
+        struct Sink(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Sink {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let opts = ReplayOptions {
+            url: format!("{}/v1/chat/completions", engine.url()),
+            model: Some(model.into()),
+            max_in_flight: 1,
+            timeout: Duration::from_secs(60),
+            session_header: "x-session-id".into(),
+        };
+        replay(
+            vec![s],
+            opts,
+            Arc::new(Mutex::new(Sink(buf.clone()))),
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(|_, _| {}),
+        )
+        .await
+        .unwrap();
+        for line in String::from_utf8(buf.lock().unwrap().clone())
+            .unwrap()
+            .lines()
+        {
+            let r: RequestRecord = serde_json::from_str(line).unwrap();
+            assert_eq!(r.status, 200, "{r:?}");
+            cached += r.cached_tokens.unwrap();
+            prompt += r.prompt_tokens.unwrap();
+        }
+    }
+    println!(
+        "prompt tokens {prompt}, engine cached {cached}, oracle {:.4} of {}",
+        analysis.oracle_infinite, analysis.prompt_tokens
+    );
+    assert_eq!(prompt, analysis.prompt_tokens);
+    assert_eq!(
+        cached,
+        (analysis.oracle_infinite * analysis.prompt_tokens as f64).round() as u64
+    );
+    // The reuse splits exactly into within and across sessions; conversations reuse their own.
+    assert!(
+        (analysis.within_session + analysis.across_sessions - analysis.oracle_infinite).abs()
+            < 1e-9
+    );
+    assert!(
+        analysis.within_session > 5.0 * analysis.across_sessions,
+        "{analysis:?}"
+    );
+}

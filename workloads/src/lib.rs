@@ -1,5 +1,7 @@
 //! kvroute-workloads: running kvroute for real.
 //!
+//! - [`analyze`]: how much prefix reuse a workload offers, and the oracle hit rates (infinite
+//!   cache; the fleet's capacity) that bound every policy.
 //! - [`envoy_config`]: renders a complete Envoy bootstrap (filter, singleton, routes, clusters, runtime
 //!   layers, stats tags) for any set of engines; `envoy/envoy.yaml` is its default output.
 //! - [`stack`]: owns an Envoy process as a child, waits until kvroute has published its state, and
@@ -13,6 +15,7 @@
 //! - [`scripted`]: a small scripted multi-turn workload and the engine-side numbers it is judged
 //!   by (the demo's and the benchmarks').
 
+pub mod analyze;
 pub mod echo;
 pub mod emulated;
 pub mod envoy_config;
