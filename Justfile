@@ -59,8 +59,17 @@ tokenizer-error:
 # Everything CI checks.
 test: check-fmt clippy unit validate-configs e2e py-tests
 
-# The main job: build, then route scripted conversations with every policy through Envoy.
+# The main job: build, then the reduced routing study (experiments 1-4 on emulated engines, about
+# 10 minutes on 2 cores); writes results/study/report.html.
 main: build
+    cargo run -q --release -p kvroute-workloads --bin kvroute-study -- --out results/study
+
+# The full-size study.
+study-full: build
+    cargo run -q --release -p kvroute-workloads --bin kvroute-study -- --full --out results/study-full
+
+# A one-minute demo: every policy on scripted conversations, report in results/demo.
+demo: build
     cargo run -q --release -p kvroute-workloads --bin kvroute-demo -- --out results/demo
 
 # Benchmarks: decision cost in the core, and the filter's added latency in Envoy.

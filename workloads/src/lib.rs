@@ -20,5 +20,7 @@ pub mod echo;
 pub mod emulated;
 pub mod envoy_config;
 pub mod replay;
+pub mod report;
 pub mod scripted;
 pub mod stack;
+pub mod study;

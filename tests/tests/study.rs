@@ -1,0 +1,178 @@
+//! A tiny study through the live stack: its runs and report are internally consistent.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use kvroute_core::policy::PolicyKind;
+use kvroute_traces::{arrivals, rag, sharegpt, with_arrivals, Session};
+use kvroute_workloads::analyze::analyze;
+use kvroute_workloads::report::{write, Meta};
+use kvroute_workloads::study::{Lab, RunSpec};
+
+fn conversations(seed: u64) -> Vec<Session> {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../shared/data/sharegpt_dev_3000.json"
+    ))
+    .unwrap();
+    let s = sharegpt::parse(
+        &text,
+        &sharegpt::ShareGptOptions {
+            limit: 6,
+            max_turns: 3,
+            max_tokens: 16,
+            think_ms: 500.0,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let starts = arrivals::poisson(s.len(), 4.0, seed);
+    with_arrivals(s, &starts)
+}
+
+fn spec(exp: &str, workload: &str, policy: PolicyKind, runtime: &[(&str, &str)]) -> RunSpec {
+    RunSpec {
+        experiment: exp.into(),
+        workload: workload.into(),
+        policy,
+        runtime: runtime
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        rate: 4.0,
+        rate_label: "1x".into(),
+        seed: 1,
+        repeat: 0,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tiny_study_is_internally_consistent() {
+    let mut lab = Lab::emulated(2, "rtx5080-llama3.2-3b", 8.0).await.unwrap();
+    let rag_users = rag::generate(&rag::RagOptions {
+        users: 8,
+        max_tokens: 8,
+        ..Default::default()
+    });
+    let rag_users = with_arrivals(rag_users, &arrivals::poisson(8, 4.0, 1));
+    let plan = vec![
+        (
+            spec("exp1", "sharegpt", PolicyKind::RoundRobin, &[]),
+            conversations(1),
+        ),
+        (
+            spec("exp1", "sharegpt", PolicyKind::LoadCacheAware, &[]),
+            conversations(1),
+        ),
+        (
+            spec("exp2", "rag", PolicyKind::LoadCacheAware, &[]),
+            rag_users.clone(),
+        ),
+        (
+            spec(
+                "exp3",
+                "sharegpt",
+                PolicyKind::LoadCacheAware,
+                &[("kvroute.alpha", "0.5"), ("kvroute.beta", "0.5")],
+            ),
+            conversations(1),
+        ),
+        (
+            spec(
+                "exp4",
+                "sharegpt",
+                PolicyKind::LoadCacheAware,
+                &[("kvroute.publish_interval_ms", "1000")],
+            ),
+            conversations(1),
+        ),
+    ];
+    let mut runs = Vec::new();
+    for (s, sessions) in plan {
+        let requests = kvroute_traces::requests(&sessions);
+        let r = lab.run(&s, vec![], sessions).await.unwrap();
+        assert_eq!((r.requests, r.failed), (requests, 0), "{:?}", s.experiment);
+        // Engine counters and client usage agree; Envoy routed every request the client sent.
+        assert!(
+            (r.hit_rate - r.hit_rate_client).abs() < 0.002,
+            "engine {} vs client {}",
+            r.hit_rate,
+            r.hit_rate_client
+        );
+        assert_eq!(r.per_endpoint.iter().sum::<u64>() as usize, requests);
+        runs.push(r);
+    }
+    lab.envoy
+        .runtime_modify(&[("kvroute.publish_interval_ms", "0")])
+        .await
+        .unwrap();
+    let bounds = vec![
+        (
+            "sharegpt".to_string(),
+            analyze(
+                &conversations(1),
+                "meta-llama/Llama-3.2-3B-Instruct",
+                2,
+                711,
+            ),
+        ),
+        (
+            "rag".to_string(),
+            analyze(&rag_users, "meta-llama/Llama-3.2-3B-Instruct", 2, 711),
+        ),
+    ];
+    // No policy beats the oracle.
+    for r in &runs {
+        let bound = bounds
+            .iter()
+            .find(|(w, _)| *w == r.spec.workload)
+            .unwrap()
+            .1
+            .oracle_infinite;
+        assert!(
+            r.hit_rate <= bound + 1e-9,
+            "{} > oracle {bound}",
+            r.hit_rate
+        );
+    }
+    let dir = std::env::temp_dir().join(format!("kvroute-study-{}", std::process::id()));
+    let meta = Meta {
+        mode: "smoke".into(),
+        profile: "rtx5080-llama3.2-3b".into(),
+        time_scale: 8.0,
+        engines: 2,
+        sustainable_rate: 4.0,
+        slo_ms: 1000.0,
+        search_capped: false,
+        repeats: 1,
+        sessions: 6,
+        wall_s: 0.0,
+        envoy: "1.40.0".into(),
+        kvroute: "test".into(),
+    };
+    let page = std::fs::read_to_string(write(&dir, &runs, &bounds, &meta).unwrap()).unwrap();
+    for section in [
+        "Oracle bounds",
+        "Experiment 1",
+        "Experiment 2",
+        "Experiment 3",
+        "Experiment 4",
+        "Consistency",
+        "<svg",
+    ] {
+        assert!(page.contains(section), "report lacks {section}");
+    }
+    let figs: Vec<String> = std::fs::read_dir(dir.join("figures"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(
+        figs.iter().filter(|f| f.ends_with(".svg")).count(),
+        figs.iter().filter(|f| f.ends_with(".png")).count()
+    );
+    assert!(figs.len() >= 20, "{figs:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

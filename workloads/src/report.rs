@@ -1,0 +1,830 @@
+//! Figures (SVG) and the self-contained HTML report of a study.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use plotters::prelude::*;
+use serde::Serialize;
+
+use crate::analyze::Analysis;
+use crate::study::{quantile, RunResult};
+
+/// What the report says about how it was made.
+#[derive(Debug, Clone, Serialize)]
+pub struct Meta {
+    /// reduced or full.
+    pub mode: String,
+    /// Engine profile.
+    pub profile: String,
+    /// Emulated time per wall time.
+    pub time_scale: f64,
+    /// Engines.
+    pub engines: usize,
+    /// 1x, sessions/s.
+    pub sustainable_rate: f64,
+    /// The search's P95 TTFT objective, ms.
+    pub slo_ms: f64,
+    /// The search ended at its highest probe without exceeding the objective.
+    pub search_capped: bool,
+    /// Repeats per configuration.
+    pub repeats: usize,
+    /// Sessions per run.
+    pub sessions: usize,
+    /// Wall time of the study, s.
+    pub wall_s: f64,
+    /// Envoy version.
+    pub envoy: String,
+    /// kvroute version.
+    pub kvroute: String,
+}
+
+type Res<T> = Result<T, Box<dyn std::error::Error>>;
+type Series = (String, Vec<(f64, f64)>);
+/// A bar series: name, one value per category, one (low, high) range per category.
+type BarSeries = (String, Vec<f64>, Vec<(f64, f64)>);
+
+fn color(i: usize) -> RGBColor {
+    let p = Palette99::pick(i).to_rgba();
+    RGBColor(p.0, p.1, p.2)
+}
+
+fn range(vals: impl Iterator<Item = f64>, pad: f64) -> (f64, f64) {
+    let (mut lo, mut hi) = (f64::INFINITY, f64::NEG_INFINITY);
+    for v in vals.filter(|v| v.is_finite()) {
+        lo = lo.min(v);
+        hi = hi.max(v);
+    }
+    if !lo.is_finite() {
+        return (0.0, 1.0);
+    }
+    if hi - lo < 1e-9 {
+        hi = lo + 1.0;
+    }
+    (lo - (hi - lo) * pad, hi + (hi - lo) * pad)
+}
+
+fn lines(path: &Path, title: &str, xl: &str, yl: &str, series: &[Series], y0: bool) -> Res<()> {
+    let root = SVGBackend::new(path, (720, 420)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (x0, x1) = range(series.iter().flat_map(|s| s.1.iter().map(|p| p.0)), 0.02);
+    let (ya, yb) = range(series.iter().flat_map(|s| s.1.iter().map(|p| p.1)), 0.05);
+    let ya = if y0 { 0f64.min(ya) } else { ya };
+    let mut c = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(x0..x1, ya..yb)?;
+    c.configure_mesh().x_desc(xl).y_desc(yl).draw()?;
+    for (i, (name, pts)) in series.iter().enumerate() {
+        let col = color(i);
+        c.draw_series(LineSeries::new(pts.iter().copied(), col.stroke_width(2)))?
+            .label(name.as_str())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], col.stroke_width(2)));
+        if pts.len() < 12 {
+            c.draw_series(pts.iter().map(|p| Circle::new(*p, 3, col.filled())))?;
+        }
+    }
+    c.configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+/// Grouped bars: one group per category, one bar per series; optional (lo, hi) ranges and
+/// horizontal reference lines per category.
+fn bars(
+    path: &Path,
+    title: &str,
+    yl: &str,
+    categories: &[String],
+    series: &[BarSeries],
+    refs: &[(usize, f64)],
+) -> Res<()> {
+    let root = SVGBackend::new(path, (760, 420)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let n = series.len().max(1) as f64;
+    let ymax = series
+        .iter()
+        .flat_map(|s| s.1.iter().copied().chain(s.2.iter().map(|r| r.1)))
+        .chain(refs.iter().map(|r| r.1))
+        .filter(|v| v.is_finite())
+        .fold(0.0f64, f64::max)
+        * 1.15;
+    let mut c = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0f64..categories.len() as f64, 0f64..ymax.max(1e-9))?;
+    let cats = categories.to_vec();
+    c.configure_mesh()
+        .disable_x_mesh()
+        .x_labels(categories.len().max(1) * 2 + 1)
+        .x_label_formatter(&move |x| {
+            let i = x.floor() as usize;
+            if (x - x.floor() - 0.5).abs() < 0.01 {
+                cats.get(i).cloned().unwrap_or_default()
+            } else {
+                String::new()
+            }
+        })
+        .y_desc(yl)
+        .draw()?;
+    for (si, (name, vals, errs)) in series.iter().enumerate() {
+        let col = color(si);
+        let w = 0.8 / n;
+        c.draw_series(vals.iter().enumerate().map(|(ci, v)| {
+            let x0 = ci as f64 + 0.1 + w * si as f64;
+            Rectangle::new([(x0, 0.0), (x0 + w * 0.9, *v)], col.filled())
+        }))?
+        .label(name.as_str())
+        .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], col.filled()));
+        c.draw_series(
+            errs.iter()
+                .enumerate()
+                .filter(|(_, e)| e.0.is_finite())
+                .map(|(ci, e)| {
+                    let x = ci as f64 + 0.1 + w * si as f64 + w * 0.45;
+                    PathElement::new(vec![(x, e.0), (x, e.1)], BLACK.stroke_width(1))
+                }),
+        )?;
+    }
+    for (ci, v) in refs {
+        let x = *ci as f64;
+        c.draw_series(std::iter::once(PathElement::new(
+            vec![(x + 0.05, *v), (x + 0.95, *v)],
+            BLACK.stroke_width(2),
+        )))?;
+    }
+    c.configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+fn heatmap(
+    path: &Path,
+    title: &str,
+    xs: &[f64],
+    ys: &[f64],
+    v: &BTreeMap<(usize, usize), f64>,
+) -> Res<()> {
+    let root = SVGBackend::new(path, (560, 480)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (lo, hi) = range(v.values().copied(), 0.0);
+    let xl: Vec<f64> = xs.to_vec();
+    let yl: Vec<f64> = ys.to_vec();
+    let mut c = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0f64..xs.len() as f64, 0f64..ys.len() as f64)?;
+    c.configure_mesh()
+        .disable_mesh()
+        .x_labels(xs.len() * 2 + 1)
+        .y_labels(ys.len() * 2 + 1)
+        .x_label_formatter(&move |x| label_at(&xl, *x))
+        .y_label_formatter(&move |y| label_at(&yl, *y))
+        .x_desc("alpha (cache affinity)")
+        .y_desc("beta (load)")
+        .draw()?;
+    for ((i, j), val) in v {
+        let t = if hi > lo { (val - lo) / (hi - lo) } else { 0.0 };
+        let col = RGBColor(
+            (40.0 + 215.0 * t) as u8,
+            (90.0 + 60.0 * (1.0 - t)) as u8,
+            (230.0 * (1.0 - t)) as u8,
+        );
+        let (x, y) = (*i as f64, *j as f64);
+        c.draw_series(std::iter::once(Rectangle::new(
+            [(x, y), (x + 1.0, y + 1.0)],
+            col.filled(),
+        )))?;
+        c.draw_series(std::iter::once(Text::new(
+            format!("{val:.0}"),
+            (x + 0.3, y + 0.55),
+            ("sans-serif", 14).into_font().color(&WHITE),
+        )))?;
+    }
+    root.present()?;
+    Ok(())
+}
+
+fn label_at(vals: &[f64], x: f64) -> String {
+    if (x - x.floor() - 0.5).abs() < 0.01 {
+        vals.get(x.floor() as usize)
+            .map(|v| format!("{v}"))
+            .unwrap_or_default()
+    } else {
+        String::new()
+    }
+}
+
+fn scatter(path: &Path, title: &str, xl: &str, yl: &str, pts: &[(String, f64, f64)]) -> Res<()> {
+    let root = SVGBackend::new(path, (640, 440)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (x0, x1) = range(pts.iter().map(|p| p.1), 0.1);
+    let (y0, y1) = range(pts.iter().map(|p| p.2), 0.1);
+    let mut c = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(x0..x1, y0..y1)?;
+    c.configure_mesh().x_desc(xl).y_desc(yl).draw()?;
+    c.draw_series(
+        pts.iter()
+            .map(|p| Circle::new((p.1, p.2), 4, color(0).filled())),
+    )?;
+    c.draw_series(
+        pts.iter()
+            .map(|p| Text::new(p.0.clone(), (p.1, p.2), ("sans-serif", 11).into_font())),
+    )?;
+    root.present()?;
+    Ok(())
+}
+
+/// Mean and (min, max) over repeats of `f` for runs matching `keep`, grouped by `key`.
+fn agg<K: Ord + Clone>(
+    runs: &[RunResult],
+    keep: impl Fn(&RunResult) -> bool,
+    key: impl Fn(&RunResult) -> K,
+    f: impl Fn(&RunResult) -> f64,
+) -> BTreeMap<K, (f64, f64, f64)> {
+    let mut groups: BTreeMap<K, Vec<f64>> = BTreeMap::new();
+    for r in runs.iter().filter(|r| keep(r)) {
+        groups.entry(key(r)).or_default().push(f(r));
+    }
+    groups
+        .into_iter()
+        .map(|(k, v)| {
+            let mean = v.iter().sum::<f64>() / v.len().max(1) as f64;
+            let lo = v.iter().cloned().fold(f64::INFINITY, f64::min);
+            let hi = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            (k, (mean, lo, hi))
+        })
+        .collect()
+}
+
+fn policies(runs: &[RunResult], exp: &str) -> Vec<String> {
+    let mut seen: Vec<String> = Vec::new();
+    for r in runs.iter().filter(|r| r.spec.experiment == exp) {
+        let p = r.spec.policy.as_str().to_string();
+        if !seen.contains(&p) {
+            seen.push(p);
+        }
+    }
+    seen
+}
+
+fn runtime_value(r: &RunResult, key: &str) -> String {
+    r.spec
+        .runtime
+        .iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default()
+}
+
+fn fmt3(t: (f64, f64, f64)) -> String {
+    format!("{:.3} <small>[{:.3}, {:.3}]</small>", t.0, t.1, t.2)
+}
+
+fn fmt0(t: (f64, f64, f64)) -> String {
+    format!("{:.0} <small>[{:.0}, {:.0}]</small>", t.0, t.1, t.2)
+}
+
+/// Writes the figures and `report.html` into `dir`; returns the report's path.
+pub fn write(
+    dir: &Path,
+    runs: &[RunResult],
+    bounds: &[(String, Analysis)],
+    meta: &Meta,
+) -> anyhow::Result<PathBuf> {
+    let figs = dir.join("figures");
+    std::fs::create_dir_all(&figs)?;
+    let fig = |name: &str| figs.join(format!("{name}.svg"));
+    let e = |r: Res<()>| r.map_err(|e| anyhow::anyhow!("figure: {e}"));
+    let pols = policies(runs, "exp1");
+    let is = |exp: &'static str, rate: &'static str| {
+        move |r: &RunResult| r.spec.experiment == exp && r.spec.rate_label == rate
+    };
+
+    // 1. TTFT CDF per policy, ShareGPT at 1x.
+    let cdf: Vec<Series> = pols
+        .iter()
+        .map(|p| {
+            let mut t: Vec<f64> = runs
+                .iter()
+                .filter(|r| is("exp1", "1x")(r) && r.spec.policy.as_str() == p)
+                .flat_map(|r| r.ttfts.clone())
+                .collect();
+            t.sort_by(f64::total_cmp);
+            let n = t.len().max(1) as f64;
+            (
+                p.clone(),
+                t.iter()
+                    .enumerate()
+                    .map(|(i, v)| (*v, (i + 1) as f64 / n))
+                    .collect(),
+            )
+        })
+        .collect();
+    e(lines(
+        &fig("ttft_cdf"),
+        "TTFT CDF, ShareGPT at 1x (all repeats)",
+        "TTFT (ms, emulated)",
+        "fraction of requests",
+        &cdf,
+        true,
+    ))?;
+
+    // 2. Hit rate by policy and workload, with the oracle bound.
+    let sg = agg(
+        runs,
+        is("exp1", "1x"),
+        |r| r.spec.policy.as_str().to_string(),
+        |r| r.hit_rate,
+    );
+    let rg = agg(
+        runs,
+        |r| r.spec.experiment == "exp2",
+        |r| r.spec.policy.as_str().to_string(),
+        |r| r.hit_rate,
+    );
+    let cats = vec!["ShareGPT 1x".to_string(), "RAG".to_string()];
+    let series: Vec<BarSeries> = pols
+        .iter()
+        .map(|p| {
+            let a = sg.get(p).copied().unwrap_or((f64::NAN, f64::NAN, f64::NAN));
+            let b = rg.get(p).copied().unwrap_or((f64::NAN, f64::NAN, f64::NAN));
+            (p.clone(), vec![a.0, b.0], vec![(a.1, a.2), (b.1, b.2)])
+        })
+        .collect();
+    let oracle = |w: &str| {
+        bounds
+            .iter()
+            .find(|(n, _)| n == w)
+            .map_or(f64::NAN, |(_, a)| a.oracle_capacity)
+    };
+    e(bars(
+        &fig("hit_rate"),
+        "Engine prefix hit rate by policy (line: oracle bound, 2 engines x 711 blocks)",
+        "hit rate",
+        &cats,
+        &series,
+        &[(0, oracle("sharegpt")), (1, oracle("rag"))],
+    ))?;
+
+    // 3. Throughput vs latency.
+    let tl: Vec<Series> = pols
+        .iter()
+        .map(|p| {
+            let pts = ["0.5x", "1x", "2x"]
+                .iter()
+                .filter_map(|rate| {
+                    let sel: Vec<&RunResult> = runs
+                        .iter()
+                        .filter(|r| {
+                            r.spec.experiment == "exp1"
+                                && r.spec.rate_label == *rate
+                                && r.spec.policy.as_str() == p
+                        })
+                        .collect();
+                    if sel.is_empty() {
+                        return None;
+                    }
+                    let k = sel.len() as f64;
+                    Some((
+                        sel.iter().map(|r| r.throughput_rps).sum::<f64>() / k,
+                        sel.iter().map(|r| r.ttft_ms[1]).sum::<f64>() / k,
+                    ))
+                })
+                .collect();
+            (p.clone(), pts)
+        })
+        .collect();
+    e(lines(
+        &fig("throughput_latency"),
+        "Throughput vs P95 TTFT, ShareGPT at 0.5x / 1x / 2x",
+        "requests/s (emulated)",
+        "P95 TTFT (ms)",
+        &tl,
+        true,
+    ))?;
+
+    // 4-5. alpha / beta.
+    let ab = agg(
+        runs,
+        |r| r.spec.experiment == "exp3",
+        |r| {
+            (
+                runtime_value(r, "kvroute.alpha"),
+                runtime_value(r, "kvroute.beta"),
+            )
+        },
+        |r| r.ttft_ms[1],
+    );
+    let mut alphas: Vec<f64> = ab.keys().filter_map(|k| k.0.parse().ok()).collect();
+    alphas.sort_by(f64::total_cmp);
+    alphas.dedup();
+    let mut betas: Vec<f64> = ab.keys().filter_map(|k| k.1.parse().ok()).collect();
+    betas.sort_by(f64::total_cmp);
+    betas.dedup();
+    let cells: BTreeMap<(usize, usize), f64> = ab
+        .iter()
+        .filter_map(|((a_, b_), v)| {
+            let i = alphas
+                .iter()
+                .position(|x| a_.parse::<f64>().ok() == Some(*x))?;
+            let j = betas
+                .iter()
+                .position(|x| b_.parse::<f64>().ok() == Some(*x))?;
+            Some(((i, j), v.0))
+        })
+        .collect();
+    if !cells.is_empty() {
+        e(heatmap(
+            &fig("alpha_beta_p95"),
+            "load_cache_aware: P95 TTFT (ms) by alpha and beta",
+            &alphas,
+            &betas,
+            &cells,
+        ))?;
+    }
+    let hit_ab = agg(
+        runs,
+        |r| r.spec.experiment == "exp3",
+        |r| {
+            (
+                runtime_value(r, "kvroute.alpha"),
+                runtime_value(r, "kvroute.beta"),
+            )
+        },
+        |r| r.hit_rate,
+    );
+    let imb_ab = agg(
+        runs,
+        |r| r.spec.experiment == "exp3",
+        |r| {
+            (
+                runtime_value(r, "kvroute.alpha"),
+                runtime_value(r, "kvroute.beta"),
+            )
+        },
+        |r| r.imbalance,
+    );
+    let pareto: Vec<(String, f64, f64)> = hit_ab
+        .iter()
+        .filter_map(|(k, h)| Some((format!(" a{} b{}", k.0, k.1), imb_ab.get(k)?.0, h.0)))
+        .collect();
+    if !pareto.is_empty() {
+        e(scatter(
+            &fig("pareto"),
+            "Hit rate vs load imbalance (alpha, beta)",
+            "imbalance (max/mean requests)",
+            "hit rate",
+            &pareto,
+        ))?;
+    }
+
+    // 6. Staleness.
+    let order = ["0", "100", "500", "1000", "5000", "30000", "never"];
+    let st_hit = agg(
+        runs,
+        |r| r.spec.experiment == "exp4",
+        |r| runtime_value(r, "kvroute.publish_interval_ms"),
+        |r| r.hit_rate,
+    );
+    let st_p95 = agg(
+        runs,
+        |r| r.spec.experiment == "exp4",
+        |r| runtime_value(r, "kvroute.publish_interval_ms"),
+        |r| r.ttft_ms[1],
+    );
+    let xs: Vec<(f64, &str)> = order
+        .iter()
+        .enumerate()
+        .filter(|(_, k)| st_hit.contains_key(**k))
+        .map(|(i, k)| (i as f64, *k))
+        .collect();
+    let stale = vec![(
+        "hit rate".to_string(),
+        xs.iter()
+            .filter_map(|(i, k)| Some((*i, st_hit.get(*k)?.0)))
+            .collect(),
+    )];
+    e(lines(
+        &fig("staleness_hit"),
+        "Directory publish interval: hit rate (x: 0, 100, 500, 1000, 5000, 30000 ms, never)",
+        "interval (index)",
+        "hit rate",
+        &stale,
+        true,
+    ))?;
+    let stale_t = vec![(
+        "P95 TTFT".to_string(),
+        xs.iter()
+            .filter_map(|(i, k)| Some((*i, st_p95.get(*k)?.0)))
+            .collect(),
+    )];
+    e(lines(
+        &fig("staleness_ttft"),
+        "Directory publish interval: P95 TTFT (x: 0, 100, 500, 1000, 5000, 30000 ms, never)",
+        "interval (index)",
+        "P95 TTFT (ms)",
+        &stale_t,
+        true,
+    ))?;
+
+    // 7. Load imbalance per policy (median and range over repeats).
+    let imb = agg(
+        runs,
+        is("exp1", "1x"),
+        |r| r.spec.policy.as_str().to_string(),
+        |r| r.imbalance,
+    );
+    let imb_series = vec![(
+        "imbalance".to_string(),
+        pols.iter()
+            .map(|p| imb.get(p).map_or(f64::NAN, |v| v.0))
+            .collect(),
+        pols.iter()
+            .map(|p| imb.get(p).map_or((f64::NAN, f64::NAN), |v| (v.1, v.2)))
+            .collect(),
+    )];
+    e(bars(
+        &fig("imbalance"),
+        "Load imbalance (max/mean requests per engine), ShareGPT 1x: mean and range",
+        "max / mean",
+        &pols,
+        &imb_series,
+        &[],
+    ))?;
+
+    // 8. Hit rate over time (repeat 0, rolling mean of 10 requests).
+    let over: Vec<Series> = pols
+        .iter()
+        .filter_map(|p| {
+            let r = runs.iter().find(|r| {
+                is("exp1", "1x")(r) && r.spec.policy.as_str() == p && r.spec.repeat == 0
+            })?;
+            let w = 10usize;
+            let pts = r
+                .hit_timeline
+                .windows(w.min(r.hit_timeline.len()).max(1))
+                .map(|win| {
+                    (
+                        win.last().map_or(0.0, |x| x.0) / 1000.0,
+                        win.iter().map(|x| x.1).sum::<f64>() / win.len() as f64,
+                    )
+                })
+                .collect();
+            Some((p.clone(), pts))
+        })
+        .collect();
+    e(lines(
+        &fig("hit_over_time"),
+        "Cached share of each prompt over time (ShareGPT 1x, rolling mean of 10)",
+        "time (s, emulated)",
+        "cached / prompt tokens",
+        &over,
+        true,
+    ))?;
+
+    // 9. TTFT of hits vs misses.
+    let hm_series: Vec<BarSeries> = ["hit (cached > half)", "miss"]
+        .iter()
+        .enumerate()
+        .map(|(k, name)| {
+            let m = agg(
+                runs,
+                is("exp1", "1x"),
+                |r| r.spec.policy.as_str().to_string(),
+                |r| r.ttft_hit_miss_ms.get(k).copied().unwrap_or(f64::NAN),
+            );
+            (
+                name.to_string(),
+                pols.iter()
+                    .map(|p| m.get(p).map_or(f64::NAN, |v| v.0))
+                    .collect(),
+                vec![],
+            )
+        })
+        .collect();
+    e(bars(
+        &fig("ttft_hit_miss"),
+        "Mean TTFT of cache hits and misses, ShareGPT 1x",
+        "TTFT (ms)",
+        &pols,
+        &hm_series,
+        &[],
+    ))?;
+
+    // 10. Prefix-match length distribution.
+    let dist: Vec<Series> = pols
+        .iter()
+        .map(|p| {
+            let mut bins = [0f64; 10];
+            let mut n = 0.0f64;
+            for r in runs
+                .iter()
+                .filter(|r| is("exp1", "1x")(r) && r.spec.policy.as_str() == p)
+            {
+                for (_, f) in &r.hit_timeline {
+                    let b = ((f * 10.0).floor() as usize).min(9);
+                    if let Some(x) = bins.get_mut(b) {
+                        *x += 1.0;
+                    }
+                    n += 1.0;
+                }
+            }
+            (
+                p.clone(),
+                bins.iter()
+                    .enumerate()
+                    .map(|(i, c)| (i as f64 / 10.0 + 0.05, c / n.max(1.0)))
+                    .collect(),
+            )
+        })
+        .collect();
+    e(lines(
+        &fig("match_distribution"),
+        "Distribution of the cached share of each prompt, ShareGPT 1x",
+        "cached / prompt tokens (bin centre)",
+        "fraction of requests",
+        &dist,
+        true,
+    ))?;
+
+    // 11. Requests per engine.
+    let per: Vec<BarSeries> = (0..meta.engines)
+        .map(|ei| {
+            let m = agg(
+                runs,
+                is("exp1", "1x"),
+                |r| r.spec.policy.as_str().to_string(),
+                |r| r.per_endpoint.get(ei).copied().unwrap_or(0) as f64,
+            );
+            (
+                format!("engine{ei}"),
+                pols.iter()
+                    .map(|p| m.get(p).map_or(f64::NAN, |v| v.0))
+                    .collect(),
+                pols.iter()
+                    .map(|p| m.get(p).map_or((f64::NAN, f64::NAN), |v| (v.1, v.2)))
+                    .collect(),
+            )
+        })
+        .collect();
+    e(bars(
+        &fig("requests_per_engine"),
+        "Requests per engine, ShareGPT 1x: mean and range over repeats",
+        "requests",
+        &pols,
+        &per,
+        &[],
+    ))?;
+
+    // PNG beside every SVG.
+    let mut fonts = resvg::usvg::fontdb::Database::new();
+    fonts.load_system_fonts();
+    let opts = resvg::usvg::Options {
+        fontdb: std::sync::Arc::new(fonts),
+        ..Default::default()
+    };
+    for entry in std::fs::read_dir(&figs)?.flatten() {
+        let path = entry.path();
+        if path.extension().and_then(|e| e.to_str()) != Some("svg") {
+            continue;
+        }
+        let tree = resvg::usvg::Tree::from_data(&std::fs::read(&path)?, &opts)?;
+        let size = tree.size().to_int_size();
+        let mut pixmap = resvg::tiny_skia::Pixmap::new(size.width() * 2, size.height() * 2)
+            .ok_or_else(|| anyhow::anyhow!("empty figure {}", path.display()))?;
+        resvg::render(
+            &tree,
+            resvg::tiny_skia::Transform::from_scale(2.0, 2.0),
+            &mut pixmap.as_mut(),
+        );
+        pixmap.save_png(path.with_extension("png"))?;
+    }
+
+    // The page.
+    let svg = |name: &str| std::fs::read_to_string(fig(name)).unwrap_or_default();
+    let mut h = String::new();
+    let _ = write!(
+        h,
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>kvroute study</title><style>\
+         body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}} table{{border-collapse:collapse;margin:1em 0}}\
+         td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}} th{{background:#f3f3f3}} td:first-child,th:first-child{{text-align:left}}\
+         small{{color:#777}} .fig{{display:inline-block;margin:6px}}</style></head><body>"
+    );
+    let _ = write!(h, "<h1>kvroute routing study ({})</h1>", meta.mode);
+    if meta.search_capped {
+        let _ = write!(h, "<p><b>Note:</b> the sustainable-rate search reached its highest probe without exceeding the TTFT objective, so 1x is that probe, not a measured limit; at this run size the engines never saturated.</p>");
+    }
+    let _ = write!(
+        h,
+        "<p>{} emulated engines (profile <code>{}</code>, emulated time x{}) behind Envoy {} with kvroute {} and the sidecar. \
+         Each run starts cold (engine caches reset, directory forgotten), sets its policy through Envoy runtime values, warms up, \
+         and measures; {} repeats with seeds 1..{}; values are mean <small>[min, max]</small>. Hit rate: the engines' \
+         <code>prefix_cache_hits / prefix_cache_queries</code> deltas. Times are emulated ms. Sustainable rate (1x): {:.2} sessions/s, \
+         the highest probed rate with P95 TTFT &le; {} ms under round_robin. {} sessions per run. Study wall time {:.0} s.</p>",
+        meta.engines, meta.profile, meta.time_scale, meta.envoy, meta.kvroute, meta.repeats, meta.repeats, meta.sustainable_rate, meta.slo_ms, meta.sessions, meta.wall_s
+    );
+    let _ = write!(h, "<h2>Oracle bounds</h2><table><tr><th>workload</th><th>requests</th><th>prompt tokens</th><th>oracle, infinite cache</th><th>oracle, 2 x 711 blocks</th><th>within session</th><th>across sessions</th></tr>");
+    for (name, a) in bounds {
+        let _ = write!(h, "<tr><td>{name}</td><td>{}</td><td>{}</td><td>{:.3}</td><td>{:.3}</td><td>{:.3}</td><td>{:.3}</td></tr>", a.requests, a.prompt_tokens, a.oracle_infinite, a.oracle_capacity, a.within_session, a.across_sessions);
+    }
+    let _ = write!(h, "</table>");
+    let table = |h: &mut String,
+                 title: &str,
+                 keep: &dyn Fn(&RunResult) -> bool,
+                 key: &dyn Fn(&RunResult) -> String| {
+        let f = |g: &dyn Fn(&RunResult) -> f64| agg(runs, keep, key, g);
+        let (hit, hc, p50, p95, p99, thr, imb, fail) = (
+            f(&|r| r.hit_rate),
+            f(&|r| r.hit_rate_client),
+            f(&|r| r.ttft_ms[0]),
+            f(&|r| r.ttft_ms[1]),
+            f(&|r| r.ttft_ms[2]),
+            f(&|r| r.throughput_rps),
+            f(&|r| r.imbalance),
+            f(&|r| r.failed as f64),
+        );
+        let _ = write!(h, "<h3>{title}</h3><table><tr><th>configuration</th><th>hit rate (engines)</th><th>hit rate (clients)</th><th>TTFT p50</th><th>p95</th><th>p99</th><th>req/s</th><th>imbalance</th><th>failed</th></tr>");
+        for (k, v) in &hit {
+            let g = |m: &BTreeMap<String, (f64, f64, f64)>| {
+                m.get(k).copied().unwrap_or((f64::NAN, f64::NAN, f64::NAN))
+            };
+            let _ = write!(h, "<tr><td>{k}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.2}</td><td>{:.2}</td><td>{:.0}</td></tr>", fmt3(*v), fmt3(g(&hc)), fmt0(g(&p50)), fmt0(g(&p95)), fmt0(g(&p99)), g(&thr).0, g(&imb).0, g(&fail).2);
+        }
+        let _ = write!(h, "</table>");
+    };
+    let _ = write!(h, "<h2>Experiment 1: policies on ShareGPT multi-turn</h2><div class=fig>{}</div><div class=fig>{}</div><div class=fig>{}</div><div class=fig>{}</div><div class=fig>{}</div><div class=fig>{}</div><div class=fig>{}</div><div class=fig>{}</div>",
+        svg("ttft_cdf"), svg("hit_rate"), svg("throughput_latency"), svg("imbalance"), svg("hit_over_time"), svg("ttft_hit_miss"), svg("match_distribution"), svg("requests_per_engine"));
+    for rate in ["0.5x", "1x", "2x"] {
+        table(
+            &mut h,
+            &format!("ShareGPT at {rate}"),
+            &|r| r.spec.experiment == "exp1" && r.spec.rate_label == rate,
+            &|r| r.spec.policy.as_str().to_string(),
+        );
+    }
+    let _ = write!(h, "<h2>Experiment 2: RAG, shared system prompts</h2>");
+    table(
+        &mut h,
+        "RAG by policy",
+        &|r| r.spec.experiment == "exp2",
+        &|r| r.spec.policy.as_str().to_string(),
+    );
+    let _ = write!(h, "<h2>Experiment 3: alpha / beta sweep (load_cache_aware, ShareGPT 1x)</h2><div class=fig>{}</div><div class=fig>{}</div>", svg("alpha_beta_p95"), svg("pareto"));
+    table(
+        &mut h,
+        "alpha, beta",
+        &|r| r.spec.experiment == "exp3",
+        &|r| {
+            format!(
+                "alpha {} beta {}",
+                runtime_value(r, "kvroute.alpha"),
+                runtime_value(r, "kvroute.beta")
+            )
+        },
+    );
+    let _ = write!(h, "<h2>Experiment 4: directory publish interval (load_cache_aware, ShareGPT 1x)</h2><div class=fig>{}</div><div class=fig>{}</div>", svg("staleness_hit"), svg("staleness_ttft"));
+    table(
+        &mut h,
+        "publish interval (ms)",
+        &|r| r.spec.experiment == "exp4",
+        &|r| format!("{:>6}", runtime_value(r, "kvroute.publish_interval_ms")),
+    );
+    table(
+        &mut h,
+        "Sustainable-rate search (round_robin)",
+        &|r| r.spec.experiment == "search",
+        &|r| format!("{:>8.3} sessions/s", r.spec.rate),
+    );
+    // Consistency: engine counters against the clients' usage.
+    let worst = runs
+        .iter()
+        .map(|r| (r.hit_rate - r.hit_rate_client).abs())
+        .fold(0.0f64, f64::max);
+    let _ = write!(h, "<h2>Consistency</h2><p>Largest difference between the engines' hit rate and the clients' <code>cached_tokens</code> share over all {} runs: {:.4}. Failed requests in all: {}.</p>", runs.len(), worst, runs.iter().map(|r| r.failed).sum::<usize>());
+    let _ = write!(
+        h,
+        "<h2>Run metadata</h2><pre>{}</pre></body></html>",
+        serde_json::to_string_pretty(meta).unwrap_or_default()
+    );
+    let path = dir.join("report.html");
+    std::fs::write(&path, h)?;
+    let _ = quantile(&[], 0.5);
+    Ok(path)
+}
