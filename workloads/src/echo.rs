@@ -74,14 +74,7 @@ impl EchoEngine {
             .route("/health", get(health))
             .fallback(not_found)
             .with_state(shared);
-        let (tx, rx) = oneshot::channel::<()>();
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(async {
-                    let _ = rx.await;
-                })
-                .await;
-        });
+        let tx = crate::stack::serve_in_background(listener, app);
         Ok(Self {
             name: name.to_string(),
             addr,

@@ -53,14 +53,7 @@ impl EmulatedEngine {
         let (app, _) = start(cfg)?;
         let listener = tokio::net::TcpListener::bind(at).await?;
         let addr = listener.local_addr()?;
-        let (tx, rx) = oneshot::channel::<()>();
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(async {
-                    let _ = rx.await;
-                })
-                .await;
-        });
+        let tx = crate::stack::serve_in_background(listener, app);
         Ok(Self {
             name: name.to_string(),
             addr,
@@ -113,14 +106,7 @@ impl RunningSidecar {
         let listener = tokio::net::TcpListener::bind(at).await?;
         let addr = listener.local_addr()?;
         let (app, _) = Sidecar::start(cfg)?;
-        let (tx, rx) = oneshot::channel::<()>();
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(async {
-                    let _ = rx.await;
-                })
-                .await;
-        });
+        let tx = crate::stack::serve_in_background(listener, app);
         Ok(Self {
             addr,
             stop: Some(tx),

@@ -19,6 +19,7 @@ pub mod analyze;
 pub mod echo;
 pub mod emulated;
 pub mod envoy_config;
+pub mod procs;
 pub mod replay;
 pub mod report;
 pub mod scripted;

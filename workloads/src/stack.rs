@@ -265,6 +265,22 @@ impl Envoy {
     }
 }
 
+/// Serves `app` on `listener` in a background task until the returned sender is used or dropped.
+pub fn serve_in_background(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+) -> tokio::sync::oneshot::Sender<()> {
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = rx.await;
+            })
+            .await;
+    });
+    tx
+}
+
 /// Parses Envoy's `/stats` text (`name: value` lines; histograms are skipped).
 pub fn parse_stats(text: &str) -> BTreeMap<String, u64> {
     text.lines()

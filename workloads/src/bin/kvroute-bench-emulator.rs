@@ -10,7 +10,6 @@
 // `serde_json::Value["key"]` yields Null for a missing key; it never panics.
 #![allow(clippy::indexing_slicing)]
 
-use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,8 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use clap::Parser;
 use futures_util::StreamExt;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use kvroute_workloads::procs;
 
 #[derive(Parser, Debug)]
 #[command(about = "Load and footprint of one kvroute-emulator process")]
@@ -41,59 +39,15 @@ struct Args {
     out: std::path::PathBuf,
 }
 
-fn binary() -> std::path::PathBuf {
-    kvroute_workloads::stack::repo_root().join("target/release/kvroute-emulator")
-}
-
-async fn spawn(args: &[&str]) -> anyhow::Result<(Child, String)> {
-    let mut child = Command::new(binary())
-        .args(["--port", "0"])
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| {
-            format!(
-                "{} (cargo build --release -p kvroute-emulator)",
-                binary().display()
-            )
-        })?;
-    let out = child.stdout.take().context("no stdout")?;
-    let mut line = String::new();
-    BufReader::new(out).read_line(&mut line).await?;
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .context("no address")?
-        .to_string();
+async fn spawn(args: &[&str]) -> anyhow::Result<(tokio::process::Child, String)> {
+    let mut all = vec!["--port".to_string(), "0".to_string()];
+    all.extend(args.iter().map(|a| a.to_string()));
+    let (child, addr) = procs::spawn_listening("kvroute-emulator", &all).await?;
     Ok((child, format!("http://{addr}")))
 }
 
-/// (CPU seconds, RSS bytes) of a process.
 fn usage(pid: u32) -> anyhow::Result<(f64, u64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let fields: Vec<&str> = stat
-        .rsplit_once(") ")
-        .map(|(_, r)| r)
-        .unwrap_or("")
-        .split(' ')
-        .collect();
-    let ticks: f64 = fields
-        .get(11)
-        .and_then(|v| v.parse::<f64>().ok())
-        .unwrap_or(0.0)
-        + fields
-            .get(12)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0);
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let rss_kb = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-        .unwrap_or(0);
-    Ok((ticks / 100.0, rss_kb * 1024))
+    procs::cpu_rss(pid)
 }
 
 async fn stats(base: &str) -> anyhow::Result<serde_json::Value> {

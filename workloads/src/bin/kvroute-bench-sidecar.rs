@@ -4,13 +4,11 @@
 //! Run: `cargo run --release -p kvroute-workloads --bin kvroute-bench-sidecar` (after
 //! `cargo build --release -p kvroute-emulator -p kvroute-sidecar`).
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::Parser;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use kvroute_workloads::procs;
 
 #[derive(Parser, Debug)]
 #[command(about = "CPU and latency of the sidecar polling N engines")]
@@ -29,43 +27,12 @@ struct Args {
     out: std::path::PathBuf,
 }
 
-async fn spawn(bin: &str, args: &[String]) -> anyhow::Result<(Child, String)> {
-    let path = kvroute_workloads::stack::repo_root()
-        .join("target/release")
-        .join(bin);
-    let mut child = Command::new(&path)
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| {
-            format!(
-                "{} (cargo build --release -p kvroute-emulator -p kvroute-sidecar)",
-                path.display()
-            )
-        })?;
-    let out = child.stdout.take().context("no stdout")?;
-    let mut line = String::new();
-    BufReader::new(out).read_line(&mut line).await?;
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .context("no address")?
-        .to_string();
-    Ok((child, addr))
+async fn spawn(bin: &str, args: &[String]) -> anyhow::Result<(tokio::process::Child, String)> {
+    procs::spawn_listening(bin, args).await
 }
 
 fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let f: Vec<&str> = stat
-        .rsplit_once(") ")
-        .map(|(_, r)| r)
-        .unwrap_or("")
-        .split(' ')
-        .collect();
-    let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    Ok((t(11) + t(12)) / 100.0)
+    Ok(procs::cpu_rss(pid)?.0)
 }
 
 fn metric(page: &str, name: &str) -> f64 {
