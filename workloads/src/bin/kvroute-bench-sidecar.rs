@@ -83,7 +83,8 @@ async fn main() -> anyhow::Result<()> {
             l.starts_with("kvroute_sidecar_scrapes_total{") && l.contains("result=\"error\"")
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
+        .sum::<f64>()
+        .max(0.0);
     let latency_ms = d("kvroute_sidecar_scrape_duration_seconds_sum")
         / d("kvroute_sidecar_scrape_duration_seconds_count")
         * 1e3;
