@@ -42,6 +42,15 @@ pub enum LatencyModel {
         /// Fixed cost of one step (scheduling, launch, sampling), seconds.
         step_overhead_s: f64,
     },
+    /// Measured points (a calibration of a real endpoint), interpolated linearly: the duration of a
+    /// prefill over its computed tokens (with the prefix already cached for the rest), and of a
+    /// decode step over the batch size. A step that does both pays both.
+    Measured {
+        /// (tokens computed, seconds), ascending by tokens.
+        prefill: Vec<(f64, f64)>,
+        /// (sequences decoding, seconds per step), ascending by sequences.
+        decode: Vec<(f64, f64)>,
+    },
     /// Fitted linear model.
     Linear {
         /// Cost of a step that computes any prefill tokens, seconds.
@@ -115,6 +124,39 @@ impl LatencyModel {
                 }
                 t
             }
+            LatencyModel::Measured { prefill, decode } => {
+                let mut t = 0.0;
+                if s.prefill_tokens > 0 {
+                    t += interpolate(prefill, s.prefill_tokens as f64);
+                }
+                if s.decode_seqs > 0 {
+                    t += interpolate(decode, s.decode_seqs as f64);
+                }
+                t
+            }
+        }
+    }
+}
+
+/// Piecewise-linear interpolation through `points` (sorted by x), extrapolated from the end
+/// segments; 0 without points.
+pub fn interpolate(points: &[(f64, f64)], x: f64) -> f64 {
+    match points {
+        [] => 0.0,
+        [(_, y)] => *y,
+        _ => {
+            let i = points
+                .iter()
+                .position(|p| p.0 >= x)
+                .unwrap_or(points.len() - 1)
+                .clamp(1, points.len() - 1);
+            let (Some(a), Some(b)) = (points.get(i - 1), points.get(i)) else {
+                return 0.0;
+            };
+            if (b.0 - a.0).abs() < f64::EPSILON {
+                return b.1;
+            }
+            (a.1 + (b.1 - a.1) * (x - a.0) / (b.0 - a.0)).max(0.0)
         }
     }
 }
@@ -386,6 +428,33 @@ mod tests {
             ..Default::default()
         });
         assert!((t - (0.005 + 2.0 * 0.0025 + 0.015)).abs() < 1e-12);
+    }
+
+    #[test]
+    fn measured_model_interpolates() {
+        let m = LatencyModel::Measured {
+            prefill: vec![(128.0, 0.01), (1024.0, 0.05)],
+            decode: vec![(1.0, 0.007), (32.0, 0.011)],
+        };
+        let prefill = |n: u64| {
+            m.step_seconds(&StepShape {
+                tokens: n,
+                prefill_tokens: n,
+                ..Default::default()
+            })
+        };
+        assert!((prefill(576) - 0.03).abs() < 1e-12);
+        assert!(
+            (prefill(2048) - (0.05 + 0.04 * 1024.0 / 896.0)).abs() < 1e-9,
+            "extrapolates"
+        );
+        let d = m.step_seconds(&StepShape {
+            tokens: 32,
+            decode_seqs: 32,
+            ..Default::default()
+        });
+        assert!((d - 0.011).abs() < 1e-12);
+        assert_eq!(interpolate(&[], 5.0), 0.0);
     }
 
     #[test]

@@ -16,6 +16,7 @@
 //!   by (the demo's and the benchmarks').
 
 pub mod analyze;
+pub mod calibrate;
 pub mod echo;
 pub mod emulated;
 pub mod envoy_config;

@@ -1,0 +1,97 @@
+//! Calibration closes the loop: an emulator calibrated into a profile file, loaded by another
+//! emulator, reproduces the first one's prefill and decode times.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::time::Instant;
+
+use futures_util::StreamExt;
+use kvroute_workloads::calibrate::{calibrate, profile};
+use kvroute_workloads::emulated::EmulatedEngine;
+use serde_json::json;
+
+/// (TTFT, median token gap) of one streamed completion, s.
+async fn timing(base: &str, prompt: Vec<u32>, batch: usize) -> (f64, f64) {
+    let client = reqwest::Client::new();
+    let one = |p: Vec<u32>| {
+        let client = client.clone();
+        async move {
+            let t0 = Instant::now();
+            let r = client
+                .post(format!("{base}/v1/completions"))
+                .json(&json!({"prompt": p, "max_tokens": 40, "ignore_eos": true, "stream": true}))
+                .send()
+                .await
+                .unwrap();
+            let mut s = r.bytes_stream();
+            let mut times = Vec::new();
+            while let Some(c) = s.next().await {
+                if String::from_utf8_lossy(&c.unwrap()).contains("\"text\"") {
+                    times.push(t0.elapsed().as_secs_f64());
+                }
+            }
+            times
+        }
+    };
+    let runs = futures_util::future::join_all((0..batch).map(|k| {
+        let mut p = prompt.clone();
+        p.push(90_000 + k as u32);
+        one(p)
+    }))
+    .await;
+    let ttft = runs[0][0];
+    let mut gaps: Vec<f64> = runs
+        .iter()
+        .flat_map(|t| {
+            t.windows(2)
+                .skip(4)
+                .map(|w| w[1] - w[0])
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    gaps.sort_by(f64::total_cmp);
+    (ttft, gaps[gaps.len() / 2])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_calibrated_profile_reproduces_the_engine() {
+    let a = EmulatedEngine::start("a", "rtx5080-llama3.2-3b", 1.0)
+        .await
+        .unwrap();
+    let c = calibrate(&a.url(), &[128, 512, 2048], &[1, 4, 16], 1.0)
+        .await
+        .unwrap();
+    for p in &c.prefill {
+        assert!(p.hit_s < p.miss_s, "a repeated prompt is faster: {p:?}");
+        assert_eq!(p.hit_cached as usize, (p.tokens - 1) / 16 * 16);
+    }
+    let file = std::env::temp_dir().join(format!("kvroute-calibrated-{}.json", std::process::id()));
+    std::fs::write(
+        &file,
+        serde_json::to_string(&profile(&c, "calibrated", "m", 711, 32_768, "test")).unwrap(),
+    )
+    .unwrap();
+    let b = EmulatedEngine::start("b", file.to_str().unwrap(), 1.0)
+        .await
+        .unwrap();
+    let prompt: Vec<u32> = (0..1024).map(|i| 2000 + i * 7).collect();
+    let (ttft_a, _) = timing(&a.url(), prompt.clone(), 1).await;
+    let (ttft_b, _) = timing(&b.url(), prompt.clone(), 1).await;
+    let other: Vec<u32> = (0..64).map(|i| 50_000 + i).collect();
+    let (_, step_a) = timing(&a.url(), other.clone(), 4).await;
+    let (_, step_b) = timing(&b.url(), other, 4).await;
+    println!("1,024-token TTFT: engine {:.1} ms, calibrated {:.1} ms; decode at batch 4: {:.2} vs {:.2} ms", ttft_a * 1e3, ttft_b * 1e3, step_a * 1e3, step_b * 1e3);
+    assert!(
+        (ttft_b - ttft_a).abs() <= 0.1 * ttft_a,
+        "TTFT {ttft_b} vs {ttft_a}"
+    );
+    assert!(
+        (step_b - step_a).abs() <= 0.1 * step_a,
+        "decode {step_b} vs {step_a}"
+    );
+    let _ = std::fs::remove_file(file);
+}
