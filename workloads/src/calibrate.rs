@@ -2,7 +2,8 @@
 //! profile the emulator and the simulator load.
 //!
 //! - TTFT on a cache miss and on a hit, for prompt lengths 128 to 8192 tokens (prompts are token
-//!   ids on `/v1/completions`, so lengths are exact): a fresh prompt, then the same one again.
+//!   ids on `/v1/completions`, so lengths are exact): a fresh prompt, then the same one again; the
+//!   median of three.
 //! - Decode time per token against batch size: `b` concurrent streams, the median gap between
 //!   their tokens.
 //!
@@ -46,6 +47,9 @@ pub struct Calibration {
     /// Decode measurements.
     pub decode: Vec<DecodePoint>,
 }
+
+/// Samples per prompt length (the median is kept).
+pub const REPEATS: usize = 3;
 
 fn ids(n: usize, salt: u64) -> Vec<u32> {
     let mut x = salt.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
@@ -133,13 +137,19 @@ pub async fn calibrate(
     stream(&client, base, &ids(32, nonce), 2, scale).await?;
     let mut prefill = Vec::new();
     for (i, n) in lengths.iter().enumerate() {
-        let p = ids(*n, nonce + 1 + i as u64);
-        let (miss, _, _) = stream(&client, base, &p, 1, scale).await?;
-        let (hit, _, cached) = stream(&client, base, &p, 1, scale).await?;
+        // The median of `REPEATS` fresh prompts (misses) and their repeats (hits).
+        let (mut misses, mut hits, mut cached) = (Vec::new(), Vec::new(), 0);
+        for r in 0..REPEATS {
+            let p = ids(*n, nonce + 1 + (i * REPEATS + r) as u64);
+            misses.push(stream(&client, base, &p, 1, scale).await?.0);
+            let (hit, _, c) = stream(&client, base, &p, 1, scale).await?;
+            hits.push(hit);
+            cached = c;
+        }
         prefill.push(PrefillPoint {
             tokens: *n,
-            miss_s: miss,
-            hit_s: hit,
+            miss_s: median(misses),
+            hit_s: median(hits),
             hit_cached: cached,
         });
     }
