@@ -153,8 +153,23 @@ async fn a_tiny_study_is_internally_consistent() {
         envoy: "1.40.0".into(),
         kvroute: "test".into(),
     };
-    let page = std::fs::read_to_string(write(&dir, &runs, &bounds, &meta).unwrap()).unwrap();
+    let calibration = kvroute_workloads::calibrate::Calibration {
+        prefill: vec![kvroute_workloads::calibrate::PrefillPoint {
+            tokens: 128,
+            miss_s: 0.014,
+            hit_s: 0.011,
+            hit_cached: 112,
+        }],
+        decode: vec![kvroute_workloads::calibrate::DecodePoint {
+            batch: 1,
+            step_s: 0.009,
+        }],
+    };
+    let page =
+        std::fs::read_to_string(write(&dir, &runs, &bounds, Some(&calibration), &meta).unwrap())
+            .unwrap();
     for section in [
+        "Calibration",
         "Oracle bounds",
         "Experiment 1",
         "Experiment 2",

@@ -8,6 +8,7 @@ use plotters::prelude::*;
 use serde::Serialize;
 
 use crate::analyze::Analysis;
+use crate::calibrate::Calibration;
 use crate::study::{quantile, RunResult};
 
 /// What the report says about how it was made.
@@ -306,6 +307,7 @@ pub fn write(
     dir: &Path,
     runs: &[RunResult],
     bounds: &[(String, Analysis)],
+    calibration: Option<&Calibration>,
     meta: &Meta,
 ) -> anyhow::Result<PathBuf> {
     let figs = dir.join("figures");
@@ -693,6 +695,49 @@ pub fn write(
         &[],
     ))?;
 
+    // Calibration of the engine profile.
+    if let Some(c) = calibration {
+        let ttft = vec![
+            (
+                "miss".to_string(),
+                c.prefill
+                    .iter()
+                    .map(|p| (p.tokens as f64, p.miss_s * 1e3))
+                    .collect(),
+            ),
+            (
+                "hit (repeat)".to_string(),
+                c.prefill
+                    .iter()
+                    .map(|p| (p.tokens as f64, p.hit_s * 1e3))
+                    .collect(),
+            ),
+        ];
+        e(lines(
+            &fig("calibration_ttft"),
+            "Calibration: TTFT of a miss and of a hit by prompt length",
+            "prompt tokens",
+            "TTFT (ms)",
+            &ttft,
+            true,
+        ))?;
+        let dec = vec![(
+            "decode".to_string(),
+            c.decode
+                .iter()
+                .map(|d| (d.batch as f64, d.step_s * 1e3))
+                .collect(),
+        )];
+        e(lines(
+            &fig("calibration_decode"),
+            "Calibration: decode time per token by batch size",
+            "concurrent sequences",
+            "ms per token",
+            &dec,
+            true,
+        ))?;
+    }
+
     // PNG beside every SVG.
     let mut fonts = resvg::usvg::fontdb::Database::new();
     fonts.load_system_fonts();
@@ -740,6 +785,32 @@ pub fn write(
          the highest probed rate with P95 TTFT &le; {} ms under round_robin. {} sessions per run. Study wall time {:.0} s.</p>",
         meta.engines, meta.profile, meta.time_scale, meta.envoy, meta.kvroute, meta.repeats, meta.repeats, meta.sustainable_rate, meta.slo_ms, meta.sessions, meta.wall_s
     );
+    if let Some(c) = calibration {
+        let _ = write!(h, "<h2>Calibration of the engine profile</h2><p>Measured with <code>kvroute-calibrate</code>'s method on an engine of the same profile at real time (medians of three; hit = the same prompt again).</p><div class=fig>{}</div><div class=fig>{}</div><table><tr><th>prompt tokens</th><th>miss TTFT ms</th><th>hit TTFT ms</th><th>cached tokens</th></tr>", svg("calibration_ttft"), svg("calibration_decode"));
+        for p in &c.prefill {
+            let _ = write!(
+                h,
+                "<tr><td>{}</td><td>{:.1}</td><td>{:.1}</td><td>{}</td></tr>",
+                p.tokens,
+                p.miss_s * 1e3,
+                p.hit_s * 1e3,
+                p.hit_cached
+            );
+        }
+        let _ = write!(
+            h,
+            "</table><table><tr><th>batch</th><th>decode ms per token</th></tr>"
+        );
+        for d in &c.decode {
+            let _ = write!(
+                h,
+                "<tr><td>{}</td><td>{:.2}</td></tr>",
+                d.batch,
+                d.step_s * 1e3
+            );
+        }
+        let _ = write!(h, "</table>");
+    }
     let _ = write!(h, "<h2>Oracle bounds</h2><table><tr><th>workload</th><th>requests</th><th>prompt tokens</th><th>oracle, infinite cache</th><th>oracle, 2 x 711 blocks</th><th>within session</th><th>across sessions</th></tr>");
     for (name, a) in bounds {
         let _ = write!(h, "<tr><td>{name}</td><td>{}</td><td>{}</td><td>{:.3}</td><td>{:.3}</td><td>{:.3}</td><td>{:.3}</td></tr>", a.requests, a.prompt_tokens, a.oracle_infinite, a.oracle_capacity, a.within_session, a.across_sessions);

@@ -15,6 +15,8 @@ use clap::Parser;
 use kvroute_core::policy::PolicyKind;
 use kvroute_traces::{arrivals, rag, sharegpt, with_arrivals, Session};
 use kvroute_workloads::analyze::{analyze, Analysis};
+use kvroute_workloads::calibrate::calibrate;
+use kvroute_workloads::emulated::EmulatedEngine;
 use kvroute_workloads::report;
 use kvroute_workloads::study::{save, Lab, RunResult, RunSpec};
 
@@ -325,6 +327,19 @@ async fn main() -> anyhow::Result<()> {
         .runtime_modify(&[("kvroute.publish_interval_ms", "0")])
         .await?;
 
+    // Calibration of the profile, on a separate engine at real time (the lab's engines run faster,
+    // which would multiply the host's timing noise).
+    eprintln!("study: calibrating the {} profile", a.profile);
+    let calib_engine = EmulatedEngine::start("calibration", &a.profile, 1.0).await?;
+    let calibration = calibrate(
+        &calib_engine.url(),
+        &[128, 256, 512, 1024, 2048, 4096, 8192],
+        &[1, 2, 4, 8, 16, 32],
+        1.0,
+    )
+    .await?;
+    drop(calib_engine);
+
     // The oracle bounds of the measured workloads (seed 1).
     let model = "meta-llama/Llama-3.2-3B-Instruct";
     let bounds: Vec<(String, Analysis)> = vec![
@@ -360,7 +375,7 @@ async fn main() -> anyhow::Result<()> {
         envoy: "1.40.0".into(),
         kvroute: env!("CARGO_PKG_VERSION").into(),
     };
-    let path = report::write(&a.out, &results, &bounds, &meta)?;
+    let path = report::write(&a.out, &results, &bounds, Some(&calibration), &meta)?;
     println!(
         "study: {} runs in {:.0} s; report: {}",
         results.len(),
