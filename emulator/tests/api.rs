@@ -43,6 +43,9 @@ async fn serve(engine: EngineConfig, time_scale: f64) -> String {
     let (app, _) = start(cfg).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     tokio::spawn(async move { axum::serve(listener, app).await });
     format!("http://{addr}")
 }

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use axum::serve::ListenerExt;
 use clap::Parser;
 use kvroute_sidecar::{EngineTarget, Sidecar, SidecarConfig};
 
@@ -60,6 +61,9 @@ async fn main() -> anyhow::Result<()> {
     );
     println!("listening on {addr}");
     let (app, _) = Sidecar::start(cfg)?;
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, app)
         .with_graceful_shutdown(async {
             let _ = tokio::signal::ctrl_c().await;

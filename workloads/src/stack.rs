@@ -270,7 +270,12 @@ pub fn serve_in_background(
     listener: tokio::net::TcpListener,
     app: axum::Router,
 ) -> tokio::sync::oneshot::Sender<()> {
+    use axum::serve::ListenerExt;
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    // TCP_NODELAY, as vLLM's server has: small responses are not held for the peer's delayed ACK.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     tokio::spawn(async move {
         let _ = axum::serve(listener, app)
             .with_graceful_shutdown(async {
