@@ -15,7 +15,7 @@ use std::time::Duration;
 use kvroute_traces::{arrivals, rag, with_arrivals};
 use kvroute_workloads::emulated::EmulatedEngine;
 use kvroute_workloads::envoy_config::{Engine, EnvoySpec};
-use kvroute_workloads::replay::{replay, ReplayOptions, RequestRecord};
+use kvroute_workloads::replay::{replay, MemorySink, ReplayOptions, RequestRecord};
 use kvroute_workloads::stack::{filter_wasm, Envoy};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -51,17 +51,7 @@ async fn replay_counts_add_up_and_hits_are_recorded() {
     });
     let starts = arrivals::poisson(sessions.len(), 40.0, 3);
     let sessions = with_arrivals(sessions, &starts);
-    let buf: Arc<Mutex<Vec<u8>>> = Arc::new(Mutex::new(Vec::new()));
-    struct Sink(Arc<Mutex<Vec<u8>>>);
-    impl std::io::Write for Sink {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
+    let sink = MemorySink::default();
     let opts = ReplayOptions {
         url: envoy.url("/v1/chat/completions"),
         model: None,
@@ -72,13 +62,13 @@ async fn replay_counts_add_up_and_hits_are_recorded() {
     let summary = replay(
         sessions,
         opts,
-        Arc::new(Mutex::new(Sink(buf.clone()))),
+        Arc::new(Mutex::new(sink.clone())),
         Arc::new(AtomicBool::new(false)),
         Arc::new(|_, _| {}),
     )
     .await
     .unwrap();
-    let text = String::from_utf8(buf.lock().unwrap().clone()).unwrap();
+    let text = sink.text();
     let records: Vec<RequestRecord> = text
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
@@ -156,17 +146,7 @@ async fn the_oracle_matches_an_engine_that_never_evicts() {
     let analysis = kvroute_workloads::analyze::analyze(&sessions, model, 1, 1_000_000);
     let (mut cached, mut prompt) = (0u64, 0u64);
     for s in sessions {
-        let buf: Arc<Mutex<Vec<u8>>> = Arc::new(Mutex::new(Vec::new()));
-        struct Sink(Arc<Mutex<Vec<u8>>>);
-        impl std::io::Write for Sink {
-            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(b);
-                Ok(b.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
+        let sink = MemorySink::default();
         let opts = ReplayOptions {
             url: format!("{}/v1/chat/completions", engine.url()),
             model: Some(model.into()),
@@ -177,16 +157,13 @@ async fn the_oracle_matches_an_engine_that_never_evicts() {
         replay(
             vec![s],
             opts,
-            Arc::new(Mutex::new(Sink(buf.clone()))),
+            Arc::new(Mutex::new(sink.clone())),
             Arc::new(AtomicBool::new(false)),
             Arc::new(|_, _| {}),
         )
         .await
         .unwrap();
-        for line in String::from_utf8(buf.lock().unwrap().clone())
-            .unwrap()
-            .lines()
-        {
+        for line in sink.text().lines() {
             let r: RequestRecord = serde_json::from_str(line).unwrap();
             assert_eq!(r.status, 200, "{r:?}");
             cached += r.cached_tokens.unwrap();

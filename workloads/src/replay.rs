@@ -49,6 +49,32 @@ pub struct RequestRecord {
     pub error: Option<String>,
 }
 
+/// Records kept in memory: a `Write` into a shared buffer (the study and the tests read it back).
+#[derive(Debug, Clone, Default)]
+pub struct MemorySink(Arc<Mutex<Vec<u8>>>);
+
+impl MemorySink {
+    /// Everything written so far.
+    pub fn text(&self) -> String {
+        self.0
+            .lock()
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+}
+
+impl Write for MemorySink {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        if let Ok(mut v) = self.0.lock() {
+            v.extend_from_slice(b);
+        }
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// How to replay.
 #[derive(Debug, Clone)]
 pub struct ReplayOptions {

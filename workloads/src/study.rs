@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::emulated::{EmulatedEngine, RunningSidecar};
 use crate::envoy_config::{Engine, EnvoySpec};
-use crate::replay::{replay, ReplayOptions, RequestRecord};
+use crate::replay::{replay, MemorySink, ReplayOptions, RequestRecord};
 use crate::stack::{filter_wasm, Envoy};
 
 /// The stack the runs go through.
@@ -190,8 +190,8 @@ impl Lab {
         }
         let before = self.engine_counters().await?;
         let decisions_before = self.decisions().await?;
-        let buf: Arc<Mutex<Vec<u8>>> = Arc::new(Mutex::new(Vec::new()));
-        let out: Arc<Mutex<dyn Write + Send>> = Arc::new(Mutex::new(SharedBuf(buf.clone())));
+        let sink = MemorySink::default();
+        let out: Arc<Mutex<dyn Write + Send>> = Arc::new(Mutex::new(sink.clone()));
         let summary = replay(
             measured,
             opts,
@@ -202,10 +202,7 @@ impl Lab {
         .await?;
         let after = self.engine_counters().await?;
         let decisions_after = self.decisions().await?;
-        let text = buf
-            .lock()
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
-            .unwrap_or_default();
+        let text = sink.text();
         let records: Vec<RequestRecord> = text
             .lines()
             .filter_map(|l| serde_json::from_str(l).ok())
@@ -239,20 +236,6 @@ impl Lab {
                     .sum()
             })
             .collect())
-    }
-}
-
-struct SharedBuf(Arc<Mutex<Vec<u8>>>);
-
-impl Write for SharedBuf {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        if let Ok(mut v) = self.0.lock() {
-            v.extend_from_slice(b);
-        }
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
     }
 }
 

@@ -262,65 +262,50 @@ async fn main() -> anyhow::Result<()> {
             );
         }
     }
-    // Experiment 3: alpha / beta sweep on ShareGPT at 1x.
+    // Experiments 3 (alpha / beta sweep) and 4 (directory publish interval): load_cache_aware on
+    // ShareGPT at 1x, one configuration of runtime values each.
+    let kv = |pairs: &[(&str, String)]| -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect()
+    };
+    let mut sweeps: Vec<(&str, Vec<(String, String)>)> = Vec::new();
     for alpha in &plan.ab {
         for beta in &plan.ab {
-            for rep in 0..a.repeats {
-                let seed = rep as u64 + 1;
-                let runtime = vec![
-                    ("kvroute.alpha".to_string(), alpha.to_string()),
-                    ("kvroute.beta".to_string(), beta.to_string()),
-                ];
-                let spec = RunSpec {
-                    experiment: "exp3".into(),
-                    workload: "sharegpt".into(),
-                    policy: PolicyKind::LoadCacheAware,
-                    runtime,
-                    rate: sustainable,
-                    rate_label: "1x".into(),
-                    seed,
-                    repeat: rep,
-                };
-                results.push(
-                    run(
-                        &mut lab,
-                        &a.out,
-                        &mut n,
-                        spec,
-                        warm(seed, sustainable)?,
-                        sharegpt_sessions(&text, &plan, seed, sustainable, 0)?,
-                    )
-                    .await?,
-                );
-            }
+            sweeps.push((
+                "exp3",
+                kv(&[
+                    ("kvroute.alpha", alpha.to_string()),
+                    ("kvroute.beta", beta.to_string()),
+                ]),
+            ));
         }
     }
-    // Experiment 4: directory refresh interval on ShareGPT at 1x.
     for iv in &plan.intervals {
+        sweeps.push((
+            "exp4",
+            kv(&[("kvroute.publish_interval_ms", iv.to_string())]),
+        ));
+    }
+    for (experiment, runtime) in sweeps {
         for rep in 0..a.repeats {
             let seed = rep as u64 + 1;
-            let runtime = vec![("kvroute.publish_interval_ms".to_string(), iv.to_string())];
             let spec = RunSpec {
-                experiment: "exp4".into(),
+                experiment: experiment.into(),
                 workload: "sharegpt".into(),
                 policy: PolicyKind::LoadCacheAware,
-                runtime,
+                runtime: runtime.clone(),
                 rate: sustainable,
                 rate_label: "1x".into(),
                 seed,
                 repeat: rep,
             };
-            results.push(
-                run(
-                    &mut lab,
-                    &a.out,
-                    &mut n,
-                    spec,
-                    warm(seed, sustainable)?,
-                    sharegpt_sessions(&text, &plan, seed, sustainable, 0)?,
-                )
-                .await?,
+            let (warm_up, measured) = (
+                warm(seed, sustainable)?,
+                sharegpt_sessions(&text, &plan, seed, sustainable, 0)?,
             );
+            results.push(run(&mut lab, &a.out, &mut n, spec, warm_up, measured).await?);
         }
     }
     lab.envoy
