@@ -389,6 +389,24 @@ pub struct PolicySettings {
     /// `kvroute.sidecar_poll_ms`: the engine poll interval asked of the sidecar (0: the sidecar's
     /// own setting).
     pub sidecar_poll_ms: u32,
+    /// `kvroute.cache_threshold`: `sglang_cache_aware` follows the longest match only above this
+    /// match ratio (SGLang's `--cache-threshold`, 0.3).
+    pub cache_threshold: f64,
+    /// `kvroute.balance_abs_threshold`: `sglang_cache_aware` is imbalanced when max - min in-flight
+    /// exceeds this (SGLang's `--balance-abs-threshold`, 64) ...
+    pub balance_abs_threshold: f64,
+    /// `kvroute.balance_rel_threshold`: ... and max exceeds this times min (SGLang's
+    /// `--balance-rel-threshold`, 1.5).
+    pub balance_rel_threshold: f64,
+    /// `kvroute.chwbl_load_factor`: `chwbl`'s bound on an endpoint's load over the mean (KubeAI's
+    /// `meanLoadPercentage` 125 = 1.25).
+    pub chwbl_load_factor: f64,
+    /// `kvroute.dynamo_overlap_weight`: weight of prefill blocks in `dynamo_cost` (Dynamo's
+    /// `overlap_score_weight`, 1.0).
+    pub dynamo_overlap_weight: f64,
+    /// `kvroute.dynamo_temperature`: softmax temperature of `dynamo_cost` (0: argmin, Dynamo's
+    /// default).
+    pub dynamo_temperature: f64,
 }
 
 impl Default for PolicySettings {
@@ -405,6 +423,12 @@ impl Default for PolicySettings {
             directory_epoch: 0,
             load_refresh_ms: 100,
             sidecar_poll_ms: 0,
+            cache_threshold: 0.3,
+            balance_abs_threshold: 64.0,
+            balance_rel_threshold: 1.5,
+            chwbl_load_factor: 1.25,
+            dynamo_overlap_weight: 1.0,
+            dynamo_temperature: 0.0,
         }
     }
 }
@@ -413,7 +437,7 @@ impl Default for PolicySettings {
 pub const RUNTIME_PREFIX: &str = "kvroute.";
 
 /// Every runtime key, without the prefix.
-pub const RUNTIME_KEYS: [&str; 11] = [
+pub const RUNTIME_KEYS: [&str; 17] = [
     "policy",
     "alpha",
     "beta",
@@ -425,6 +449,12 @@ pub const RUNTIME_KEYS: [&str; 11] = [
     "directory_epoch",
     "load_refresh_ms",
     "sidecar_poll_ms",
+    "cache_threshold",
+    "balance_abs_threshold",
+    "balance_rel_threshold",
+    "chwbl_load_factor",
+    "dynamo_overlap_weight",
+    "dynamo_temperature",
 ];
 
 impl PolicySettings {
@@ -443,6 +473,36 @@ impl PolicySettings {
                 format!("{prefix}load_refresh_ms"),
                 "must be 10 to 600000",
             ));
+        }
+        for (name, v, lo, hi) in [
+            ("cache_threshold", self.cache_threshold, 0.0, 1.0),
+            (
+                "balance_abs_threshold",
+                self.balance_abs_threshold,
+                0.0,
+                1e9,
+            ),
+            (
+                "balance_rel_threshold",
+                self.balance_rel_threshold,
+                1.0,
+                1e9,
+            ),
+            ("chwbl_load_factor", self.chwbl_load_factor, 1.0, 100.0),
+            (
+                "dynamo_overlap_weight",
+                self.dynamo_overlap_weight,
+                0.0,
+                100.0,
+            ),
+            ("dynamo_temperature", self.dynamo_temperature, 0.0, 100.0),
+        ] {
+            if !(v.is_finite() && (lo..=hi).contains(&v)) {
+                e.push(FieldError::new(
+                    format!("{prefix}{name}"),
+                    format!("must be a number in {lo}..={hi}"),
+                ));
+            }
         }
         if !(self.session_affinity.is_finite() && (0.0..=1.0).contains(&self.session_affinity)) {
             e.push(FieldError::new(
@@ -493,6 +553,24 @@ impl PolicySettings {
                     .filter(|x| (10..=600_000).contains(x))
                     .map(|x| s.load_refresh_ms = x)
                     .is_some(),
+                "cache_threshold" => parse_range(v, 0.0, 1.0)
+                    .map(|x| s.cache_threshold = x)
+                    .is_some(),
+                "balance_abs_threshold" => parse_range(v, 0.0, 1e9)
+                    .map(|x| s.balance_abs_threshold = x)
+                    .is_some(),
+                "balance_rel_threshold" => parse_range(v, 1.0, 1e9)
+                    .map(|x| s.balance_rel_threshold = x)
+                    .is_some(),
+                "chwbl_load_factor" => parse_range(v, 1.0, 100.0)
+                    .map(|x| s.chwbl_load_factor = x)
+                    .is_some(),
+                "dynamo_overlap_weight" => parse_weight(v, 100.0)
+                    .map(|x| s.dynamo_overlap_weight = x)
+                    .is_some(),
+                "dynamo_temperature" => parse_weight(v, 100.0)
+                    .map(|x| s.dynamo_temperature = x)
+                    .is_some(),
                 _ => {
                     errors.push(FieldError::new(key, "unknown kvroute runtime key"));
                     continue;
@@ -507,9 +585,13 @@ impl PolicySettings {
 }
 
 fn parse_weight(v: &str, max: f64) -> Option<f64> {
+    parse_range(v, 0.0, max)
+}
+
+fn parse_range(v: &str, lo: f64, hi: f64) -> Option<f64> {
     v.parse::<f64>()
         .ok()
-        .filter(|x| x.is_finite() && (0.0..=max).contains(x))
+        .filter(|x| x.is_finite() && (lo..=hi).contains(x))
 }
 
 #[cfg(test)]

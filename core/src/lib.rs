@@ -16,6 +16,7 @@ pub mod directory;
 pub mod hash;
 pub mod policy;
 pub mod prefix;
+pub mod reference;
 pub mod request;
 pub mod router;
 pub mod snapshot;

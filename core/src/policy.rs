@@ -52,6 +52,16 @@ string_enum! {
         /// `alpha * cache_affinity - beta * load_pressure`, highest score wins.
         #[default]
         LoadCacheAware = "load_cache_aware",
+        /// SGLang router `cache_aware` (reference; see [`crate::reference`]).
+        SglangCacheAware = "sglang_cache_aware",
+        /// Gateway API Inference Extension / llm-d weighted scorers (reference).
+        LlmdScorer = "llmd_scorer",
+        /// NVIDIA Dynamo KV router cost (reference).
+        DynamoCost = "dynamo_cost",
+        /// KubeAI consistent hashing with bounded loads (reference).
+        Chwbl = "chwbl",
+        /// DualMap-style two hashes of the prefix, the less loaded (reference).
+        Dualmap = "dualmap",
     }
 }
 
@@ -82,7 +92,7 @@ string_enum! {
 }
 
 /// One endpoint a policy may pick.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Candidate<'a> {
     /// Index of the endpoint in the configuration.
     pub endpoint: usize,
@@ -94,6 +104,14 @@ pub struct Candidate<'a> {
     pub matched_blocks: u32,
     /// Whether the directory places the request's session on this endpoint.
     pub holds_session: bool,
+    /// Requests the gateway has sent to this endpoint and not yet seen finish.
+    pub inflight: f64,
+    /// Engine-reported waiting requests, when a sidecar reports them.
+    pub waiting: Option<f64>,
+    /// Engine-reported KV cache usage (0..=1), when a sidecar reports it.
+    pub kv_usage: Option<f64>,
+    /// Directory capacity of the endpoint, in blocks (the size of its KV cache in block units).
+    pub capacity_blocks: u32,
 }
 
 /// Everything a policy reads.
@@ -107,6 +125,9 @@ pub struct PickContext<'a> {
     pub session: Option<u64>,
     /// Prefix key, if the request has one.
     pub prefix_key: Option<u64>,
+    /// Hash of the prompt's first characters (whole blocks covering
+    /// [`crate::reference::HEAD_CHARS`]), the key of the hashing reference policies.
+    pub head_key: Option<u64>,
     /// Active settings.
     pub settings: &'a PolicySettings,
     /// Sequence number of this decision (round robin).
@@ -135,6 +156,13 @@ pub enum PickNote {
     NoSession,
     /// `prefix_key`: the request has no prefix key text, so JSQ.
     NoPrefixKey,
+    /// `sglang_cache_aware`: the loads were imbalanced, so the least loaded.
+    Imbalanced,
+    /// `sglang_cache_aware`: the best match ratio was at or under the cache threshold, so the
+    /// least loaded.
+    LowMatch,
+    /// `chwbl`: the key's first endpoint was at its load bound, so the next one in hash order.
+    Spill,
 }
 
 impl PickNote {
@@ -145,6 +173,9 @@ impl PickNote {
             Self::Overflow => "overflow",
             Self::NoSession => "no_session",
             Self::NoPrefixKey => "no_prefix_key",
+            Self::Imbalanced => "imbalanced",
+            Self::LowMatch => "low_match",
+            Self::Spill => "spill",
         }
     }
 }
@@ -166,10 +197,37 @@ pub fn policy(kind: PolicyKind) -> &'static dyn Policy {
         PolicyKind::SessionHash => &SessionHash,
         PolicyKind::PrefixKey => &PrefixKey,
         PolicyKind::LoadCacheAware => &LoadCacheAware,
+        PolicyKind::SglangCacheAware => &crate::reference::SglangCacheAware,
+        PolicyKind::LlmdScorer => &crate::reference::LlmdScorer,
+        PolicyKind::DynamoCost => &crate::reference::DynamoCost,
+        PolicyKind::Chwbl => &crate::reference::Chwbl,
+        PolicyKind::Dualmap => &crate::reference::Dualmap,
     }
 }
 
-fn primary(candidate: usize) -> Pick {
+impl PolicyKind {
+    /// Whether the policy reads the directory's prefix matches (only those pay for matching).
+    pub fn reads_prefix(self) -> bool {
+        matches!(
+            self,
+            Self::LoadCacheAware | Self::SglangCacheAware | Self::LlmdScorer | Self::DynamoCost
+        )
+    }
+
+    /// Whether the policy is a reference policy from another router (not one of kvroute's six).
+    pub fn is_reference(self) -> bool {
+        matches!(
+            self,
+            Self::SglangCacheAware
+                | Self::LlmdScorer
+                | Self::DynamoCost
+                | Self::Chwbl
+                | Self::Dualmap
+        )
+    }
+}
+
+pub(crate) fn primary(candidate: usize) -> Pick {
     Pick {
         candidate,
         note: PickNote::Primary,
@@ -177,7 +235,11 @@ fn primary(candidate: usize) -> Pick {
 }
 
 /// Index among the `n` maxima of `score` chosen by `rand`; 0 if `cands` is empty.
-fn argbest(n: usize, rand: u64, better: impl Fn(usize, usize) -> std::cmp::Ordering) -> usize {
+pub(crate) fn argbest(
+    n: usize,
+    rand: u64,
+    better: impl Fn(usize, usize) -> std::cmp::Ordering,
+) -> usize {
     let mut best = 0usize;
     let mut ties = 1u64;
     let mut chosen = 0usize;
@@ -209,7 +271,7 @@ fn load_of(ctx: &PickContext<'_>, i: usize) -> f64 {
     ctx.candidates.get(i).map_or(f64::INFINITY, |c| c.load)
 }
 
-fn least_loaded(ctx: &PickContext<'_>) -> usize {
+pub(crate) fn least_loaded(ctx: &PickContext<'_>) -> usize {
     argbest(ctx.candidates.len(), ctx.rand, |a, b| {
         load_of(ctx, b).total_cmp(&load_of(ctx, a))
     })
@@ -405,6 +467,8 @@ mod tests {
                     load: f64::from(load),
                     matched_blocks: m,
                     holds_session: s,
+                    inflight: f64::from(load),
+                    ..Candidate::default()
                 })
                 .collect()
         })
@@ -421,6 +485,7 @@ mod tests {
             total_blocks: 20,
             session: Some(seq),
             prefix_key: Some(seq),
+            head_key: Some(seq),
             settings: s,
             seq,
             rand,
@@ -433,7 +498,11 @@ mod tests {
             assert_eq!(k.as_str().parse::<PolicyKind>(), Ok(*k));
             assert_eq!(policy(*k).kind(), *k);
         }
-        assert_eq!(PolicyKind::ALL.len(), 6);
+        assert_eq!(PolicyKind::ALL.len(), 11);
+        assert_eq!(
+            PolicyKind::ALL.iter().filter(|k| !k.is_reference()).count(),
+            6
+        );
     }
 
     proptest! {
@@ -534,6 +603,7 @@ mod tests {
                 load: 3.0,
                 matched_blocks: 0,
                 holds_session: false,
+                ..Candidate::default()
             },
             Candidate {
                 endpoint: 1,
@@ -541,6 +611,7 @@ mod tests {
                 load: 1.0,
                 matched_blocks: 0,
                 holds_session: false,
+                ..Candidate::default()
             },
         ];
         let x = PickContext {
@@ -577,6 +648,7 @@ mod tests {
                 load: 0.0,
                 matched_blocks: 0,
                 holds_session: false,
+                ..Candidate::default()
             })
             .collect();
         let without2: Vec<Candidate<'_>> =

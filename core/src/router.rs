@@ -22,6 +22,9 @@ pub struct RequestFeatures {
     pub session: Option<u64>,
     /// Prefix key (`prefix_key` policy).
     pub prefix_key: Option<u64>,
+    /// Hash of the prompt's head ([`crate::reference::HEAD_CHARS`] characters, whole blocks): the
+    /// key of `chwbl` and `dualmap`.
+    pub head_key: Option<u64>,
 }
 
 /// Features of a parsed request. `session_header` is the value of the configured session header.
@@ -34,10 +37,16 @@ pub fn features(
         .filter(|s| !s.is_empty())
         .or(req.user.as_deref().filter(|s| !s.is_empty()))
         .map(|s| session_key(s).0);
+    let blocks = request_blocks(req, spec);
+    let head = (crate::reference::HEAD_CHARS as usize).div_ceil(spec.block_chars.max(1));
+    let head_key = blocks
+        .get(head.min(blocks.len()).saturating_sub(1))
+        .map(|b| b.0);
     RequestFeatures {
-        blocks: request_blocks(req, spec),
+        blocks,
         session,
         prefix_key: request_prefix_key(req),
+        head_key,
     }
 }
 
@@ -80,6 +89,8 @@ pub struct Inputs<'a> {
     pub status: &'a [EndpointStatus],
     /// Gateway in-flight requests per endpoint.
     pub inflight: &'a [i64],
+    /// Directory capacity, in blocks, of endpoints that do not set their own.
+    pub default_capacity_blocks: u32,
     /// Active settings.
     pub settings: &'a PolicySettings,
     /// Decision sequence number (round robin).
@@ -114,7 +125,7 @@ pub fn decide(
     let n = inputs.endpoints.len();
     let kind = force.unwrap_or(inputs.settings.policy);
     // Prefix matching is the costly part: only the policy that reads it pays for it.
-    let lens = if kind == PolicyKind::LoadCacheAware {
+    let lens = if kind.reads_prefix() {
         match_lengths(index, &features.blocks, n)
     } else {
         Vec::new()
@@ -131,12 +142,22 @@ pub fn decide(
         .iter()
         .enumerate()
         .filter(|(i, _)| no_healthy || healthy(*i))
-        .map(|(i, e)| Candidate {
-            endpoint: i,
-            name: &e.name,
-            load: load(inputs, i, &mut missing),
-            matched_blocks: lens.get(i).copied().unwrap_or(0),
-            holds_session: session_at == Some(i),
+        .map(|(i, e)| {
+            let engine = inputs.status.get(i).and_then(|s| s.engine);
+            Candidate {
+                endpoint: i,
+                name: &e.name,
+                load: load(inputs, i, &mut missing),
+                matched_blocks: lens.get(i).copied().unwrap_or(0),
+                holds_session: session_at == Some(i),
+                inflight: inputs.inflight.get(i).copied().unwrap_or(0).max(0) as f64,
+                waiting: engine.map(|e| e.waiting),
+                kv_usage: engine.map(|e| e.kv_usage),
+                capacity_blocks: e
+                    .capacity_blocks
+                    .or(engine.map(|x| x.capacity_blocks).filter(|c| *c > 0))
+                    .unwrap_or(inputs.default_capacity_blocks),
+            }
         })
         .collect();
     let total_blocks = features.blocks.len() as u32;
@@ -145,6 +166,7 @@ pub fn decide(
         total_blocks,
         session: features.session,
         prefix_key: features.prefix_key,
+        head_key: features.head_key,
         settings: inputs.settings,
         seq: inputs.seq,
         rand: inputs.rand,
@@ -223,6 +245,7 @@ mod tests {
         let mut status = vec![EndpointStatus::default(); 3];
         let inputs = Inputs {
             endpoints: &endpoints,
+            default_capacity_blocks: 1000,
             status: &status,
             inflight: &[0, 0, 0],
             settings: &settings,
@@ -237,6 +260,7 @@ mod tests {
         status[2].healthy = false;
         let inputs = Inputs {
             endpoints: &endpoints,
+            default_capacity_blocks: 1000,
             status: &status,
             inflight: &[0, 0, 0],
             settings: &settings,
@@ -261,6 +285,7 @@ mod tests {
         ];
         let inputs = Inputs {
             endpoints: &endpoints,
+            default_capacity_blocks: 1000,
             status: &status,
             inflight: &[4, 1, 2],
             settings: &settings,
@@ -284,6 +309,7 @@ mod tests {
         };
         let inputs = Inputs {
             endpoints: &endpoints,
+            default_capacity_blocks: 1000,
             status: &[],
             inflight: &[5, 2],
             settings: &settings,

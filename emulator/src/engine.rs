@@ -235,6 +235,26 @@ pub enum AddError {
     Duplicate(u64),
 }
 
+impl EngineConfig {
+    /// What `vllm serve` starts with on `profile`: block size 16, 256 sequences, 2048 batched
+    /// tokens, prefix caching on, the profile's memory utilization and context length. The live
+    /// lab and the simulator both build their engines from this.
+    pub fn vllm_defaults(profile: &crate::profile::Profile) -> Self {
+        let util = profile.default_gpu_memory_utilization;
+        EngineConfig {
+            model: profile.model.clone(),
+            block_size: 16,
+            num_gpu_blocks: profile.num_gpu_blocks(util, 16),
+            max_num_seqs: 256,
+            max_num_batched_tokens: 2048,
+            max_model_len: profile.max_model_len,
+            enable_prefix_caching: true,
+            latency: profile.latency.clone(),
+            gpu_share: 1.0,
+        }
+    }
+}
+
 impl Engine {
     /// A fresh engine.
     pub fn new(cfg: EngineConfig) -> Self {

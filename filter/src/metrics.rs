@@ -119,6 +119,9 @@ pub struct FilterMetrics {
     parse_errors: Vec<Id>,
     host_errors: Vec<Id>,
     pub prefix_key_overflows: Id,
+    /// `kvroute_reference_rule_total.reason.{imbalanced,low_match,spill}`: picks a reference
+    /// policy made by its secondary rule.
+    pub reference_rules: [Id; 3],
     pub predicted_blocks: Id,
     pub request_blocks: Id,
     pub predicted_hits: Id,
@@ -161,6 +164,8 @@ impl FilterMetrics {
                 .collect(),
             host_errors: host_error_ids(),
             prefix_key_overflows: counter("kvroute_prefix_key_overflows_total"),
+            reference_rules: ["imbalanced", "low_match", "spill"]
+                .map(|r| counter(&format!("kvroute_reference_rule_total.reason.{r}"))),
             predicted_blocks: counter("kvroute_predicted_cached_blocks_total"),
             request_blocks: counter("kvroute_request_blocks_total"),
             predicted_hits: counter("kvroute_predicted_hits_total"),

@@ -133,6 +133,7 @@ impl Worker {
         };
         let inputs = Inputs {
             endpoints: &self.config.endpoints,
+            default_capacity_blocks: self.config.default_capacity_blocks,
             status,
             inflight: &inflight,
             settings,
@@ -339,6 +340,9 @@ impl Request {
             PickNote::Overflow => host::increment(m.prefix_key_overflows, 1),
             PickNote::NoSession => m.fallback(Fallback::NoSession),
             PickNote::NoPrefixKey => m.fallback(Fallback::NoPrefixKey),
+            PickNote::Imbalanced => host::increment(m.reference_rules[0], 1),
+            PickNote::LowMatch => host::increment(m.reference_rules[1], 1),
+            PickNote::Spill => host::increment(m.reference_rules[2], 1),
         }
         if decision.no_healthy {
             m.fallback(Fallback::NoHealthy);

@@ -36,17 +36,7 @@ impl EmulatedEngine {
         let util = p.default_gpu_memory_utilization;
         let cfg = ServerConfig {
             served_model_name: p.model.clone(),
-            engine: EngineConfig {
-                model: p.model.clone(),
-                block_size: 16,
-                num_gpu_blocks: p.num_gpu_blocks(util, 16),
-                max_num_seqs: 256,
-                max_num_batched_tokens: 2048,
-                max_model_len: p.max_model_len,
-                enable_prefix_caching: true,
-                latency: p.latency.clone(),
-                gpu_share: 1.0,
-            },
+            engine: EngineConfig::vllm_defaults(&p),
             time_scale,
             gpu_memory_utilization: util,
         };

@@ -1,0 +1,748 @@
+//! kvroute-sim: a deterministic discrete-event simulation of N engines behind kvroute.
+//!
+//! It runs the same code as the live stack, not copies of it:
+//! - the engines are the emulator's engine model ([`kvroute_emulator::engine::Engine`]: vLLM's
+//!   block pool, prefix cache, eviction and V1 scheduler, the profile's latency model), fed the
+//!   token ids the emulator's server would compute for the same chat;
+//! - the router is kvroute-core's: request features from the same canonical prompt text, the same
+//!   policies through [`kvroute_core::router::decide`], the same bounded [`Directory`], published to
+//!   the deciding side through the same state encoding ([`kvroute_core::state`]) at the configured
+//!   publish interval;
+//! - the workloads are kvroute-traces' [`Session`]s, as the replayer runs them: each turn resends
+//!   the history, the next turn leaves a think time after the response ends.
+//!
+//! What it models besides: the freshness of the router's state (the sidecar polls the engines
+//! every `sidecar_poll_us`; the router takes the sidecar's snapshot every `load_refresh_ms`; the
+//! directory is republished every `publish_interval_ms`), gateway in-flight counts, and the
+//! gateway's per-request cost (a fixed delay on the request path and on the response path).
+//!
+//! Time is integer microseconds. Events are ordered by (time, rank, sequence number) — step ends
+//! first, then state refreshes, arrivals, engine admissions, and step starts last, so a request
+//! admitted at the instant a step ends joins the next step as it would in the live engine loop.
+//! Random draws come from one seeded generator. Same inputs and seed, same output, byte for byte.
+
+use std::borrow::Cow;
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+
+use kvroute_core::config::PublishInterval;
+use kvroute_core::directory::{Directory, EmptyIndex, PrefixIndex};
+use kvroute_core::request::{Content, Message, ParsedRequest, Prompt};
+use kvroute_core::router::{decide, features, Inputs, RequestFeatures};
+use kvroute_core::state::{
+    encode, DirectorySection, EndpointStatus, EngineLoad, PublishedState, StateHeader,
+};
+use kvroute_core::{FilterConfig, PolicySettings};
+use kvroute_emulator::engine::{Engine, EngineConfig, Event, NewRequest, Observation};
+use kvroute_emulator::tokenizer::{encode_chat, filler_token, ChatMessage};
+use kvroute_traces::rng::Rng;
+use kvroute_traces::Session;
+use serde::{Deserialize, Serialize};
+
+/// One turn, ready to send: the engine's prompt tokens and the router's features.
+#[derive(Debug, Clone)]
+pub struct PreparedTurn {
+    /// Token ids of the templated chat (what the emulator's server computes).
+    pub prompt: Vec<u32>,
+    /// Blocks, session and keys (what the filter computes from the body).
+    pub features: RequestFeatures,
+    /// `max_tokens` (sent with `ignore_eos`).
+    pub max_tokens: u32,
+}
+
+/// One session, ready to run.
+#[derive(Debug, Clone)]
+pub struct PreparedSession {
+    /// Session id.
+    pub id: String,
+    /// First turn's send time, us.
+    pub start_us: u64,
+    /// Think time after a response, us.
+    pub think_us: u64,
+    /// The turns.
+    pub turns: Vec<PreparedTurn>,
+}
+
+fn us(ms: f64) -> u64 {
+    (ms.max(0.0) * 1000.0).round() as u64
+}
+
+/// The assistant's reply as the engine produces it (its filler, `max_tokens` long with
+/// `ignore_eos`), or the file's reply.
+fn reply(turn: &kvroute_traces::Turn) -> String {
+    match &turn.assistant {
+        Some(a) => a.clone(),
+        None => (0..turn.max_tokens as usize)
+            .map(|i| filler_token(i).1)
+            .collect(),
+    }
+}
+
+/// Prepares one session: every turn's prompt tokens and features, as the emulator and the filter
+/// compute them from the chat the replayer would send.
+pub fn prepare_session(s: &Session, filter: &FilterConfig) -> PreparedSession {
+    let mut history: Vec<(&'static str, String)> = Vec::new();
+    if let Some(sys) = &s.system {
+        history.push(("system", sys.clone()));
+    }
+    let mut turns = Vec::with_capacity(s.turns.len());
+    for turn in &s.turns {
+        history.push(("user", turn.user.clone()));
+        let msgs: Vec<ChatMessage<'_>> = history
+            .iter()
+            .map(|(r, c)| ChatMessage {
+                role: r,
+                content: c,
+            })
+            .collect();
+        let prompt = encode_chat(&msgs);
+        let parsed = ParsedRequest {
+            model: Cow::Borrowed(""),
+            user: None,
+            tools: None,
+            prompt: Prompt::Chat(
+                history
+                    .iter()
+                    .map(|(r, c)| Message {
+                        role: Cow::Borrowed(r),
+                        content: Content::Text(Cow::Borrowed(c)),
+                        name: None,
+                        tool_calls: None,
+                        tool_call_id: None,
+                    })
+                    .collect(),
+            ),
+        };
+        let f = features(&parsed, Some(&s.id), filter.block_spec());
+        turns.push(PreparedTurn {
+            prompt,
+            features: f,
+            max_tokens: turn.max_tokens,
+        });
+        history.push(("assistant", reply(turn)));
+    }
+    PreparedSession {
+        id: s.id.clone(),
+        start_us: us(s.start_ms),
+        think_us: us(s.think_ms),
+        turns,
+    }
+}
+
+/// Prepares a workload, on up to `threads` threads (the result does not depend on it).
+pub fn prepare(
+    sessions: &[Session],
+    filter: &FilterConfig,
+    threads: usize,
+) -> Vec<PreparedSession> {
+    let threads = threads.clamp(1, 64);
+    if threads == 1 || sessions.len() < 64 {
+        return sessions
+            .iter()
+            .map(|s| prepare_session(s, filter))
+            .collect();
+    }
+    let chunk = sessions.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = sessions
+            .chunks(chunk)
+            .map(|part| {
+                scope.spawn(move || {
+                    part.iter()
+                        .map(|s| prepare_session(s, filter))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_default())
+            .collect()
+    })
+}
+
+/// The gateway's own cost per request.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct GatewayCost {
+    /// From the client's send to the engine's admission, us.
+    pub request_us: u64,
+    /// From the engine's output to the client, us.
+    pub response_us: u64,
+}
+
+/// What to simulate.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    /// Engines, all alike.
+    pub engine: EngineConfig,
+    /// The filter's configuration: endpoints (one per engine, in order), block spec, capacities.
+    pub filter: FilterConfig,
+    /// Policy and its parameters, publish interval, load refresh interval.
+    pub settings: PolicySettings,
+    /// How often the sidecar polls the engines' metrics, us.
+    pub sidecar_poll_us: u64,
+    /// The gateway's per-request cost.
+    pub gateway: GatewayCost,
+    /// Seed of the router's random draws.
+    pub seed: u64,
+    /// Keep inter-token gaps per request (memory grows with output tokens).
+    pub record_itl: bool,
+}
+
+impl SimConfig {
+    /// `n` engines named `engine0..` with `engine`'s settings, the filter's defaults, and the
+    /// live lab's freshness (sidecar poll 100 ms, load refresh 100 ms).
+    pub fn new(n: usize, engine: EngineConfig, settings: PolicySettings) -> Self {
+        let filter = FilterConfig::with_endpoints(
+            (0..n)
+                .map(|i| kvroute_core::config::EndpointConfig {
+                    name: format!("engine{i}"),
+                    cluster: None,
+                    capacity_blocks: None,
+                })
+                .collect(),
+        );
+        Self {
+            engine,
+            filter,
+            settings,
+            sidecar_poll_us: 100_000,
+            gateway: GatewayCost {
+                request_us: 0,
+                response_us: 0,
+            },
+            seed: 1,
+            record_itl: true,
+        }
+    }
+}
+
+/// One request as the client would have seen it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SimRecord {
+    /// Index of the session in the workload.
+    pub session: u32,
+    /// Turn index.
+    pub turn: u32,
+    /// Endpoint index.
+    pub endpoint: u32,
+    /// Sent at, us.
+    pub sent_us: u64,
+    /// First token at the client, us after sending (None: rejected).
+    pub ttft_us: Option<u64>,
+    /// Response end at the client, us after sending.
+    pub e2e_us: u64,
+    /// Gaps between tokens, us.
+    pub itl_us: Vec<u64>,
+    /// Prompt tokens.
+    pub prompt_tokens: u32,
+    /// Generated tokens.
+    pub completion_tokens: u32,
+    /// Prompt tokens served from the prefix cache.
+    pub cached_tokens: u32,
+    /// Blocks the directory predicted on the chosen endpoint.
+    pub predicted_blocks: u32,
+    /// The engine's rejection, if any (HTTP 400 in the live stack).
+    pub error: Option<String>,
+}
+
+/// Engine counters summed over engines, with vLLM's meanings.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Counters {
+    /// `prefix_cache_hits_total`
+    pub hits: f64,
+    /// `prefix_cache_queries_total`
+    pub queries: f64,
+    /// `prompt_tokens_total`
+    pub prompt_tokens: f64,
+    /// `request_prefill_kv_computed_tokens_sum`
+    pub prefill_computed: f64,
+    /// `time_to_first_token_seconds_sum`
+    pub ttft_sum: f64,
+    /// `time_to_first_token_seconds_count`
+    pub ttft_count: f64,
+    /// `num_preemptions_total`
+    pub preemptions: f64,
+}
+
+/// What a simulation produced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SimOutput {
+    /// One record per request, in completion order.
+    pub records: Vec<SimRecord>,
+    /// Engine counters at the end (they start at zero).
+    pub counters: Counters,
+    /// Decisions per endpoint.
+    pub per_endpoint: Vec<u64>,
+    /// Events processed.
+    pub events: u64,
+    /// Simulated time at the last event, us.
+    pub end_us: u64,
+    /// Engine queue samples: (time us, waiting + running per engine), at every sidecar poll.
+    pub queue_samples: Vec<(u64, Vec<u32>)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Kind {
+    StepEnd = 0,
+    Poll = 1,
+    Refresh = 2,
+    Publish = 3,
+    Arrive = 4,
+    Admit = 5,
+    StepStart = 6,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Ev {
+    at: u64,
+    kind: Kind,
+    seq: u64,
+    /// Session (Arrive), request (Admit) or engine (steps).
+    a: u32,
+    /// Turn (Arrive), engine (Admit).
+    b: u32,
+}
+
+/// A request between its decision and its end.
+#[derive(Debug)]
+struct Open {
+    session: u32,
+    turn: u32,
+    endpoint: u32,
+    sent_us: u64,
+    first_us: Option<u64>,
+    last_us: u64,
+    itl: Vec<u64>,
+    predicted_blocks: u32,
+}
+
+struct Sim<'a> {
+    cfg: &'a SimConfig,
+    work: &'a [PreparedSession],
+    queue: BinaryHeap<Reverse<Ev>>,
+    seq: u64,
+    engines: Vec<Engine>,
+    busy: Vec<bool>,
+    start_pending: Vec<bool>,
+    pending: Vec<Vec<Event>>,
+    open: Vec<Option<Open>>,
+    free_slots: Vec<u32>,
+    directory: Directory,
+    published: Option<PublishedState>,
+    sidecar: Vec<EngineLoad>,
+    status: Vec<EndpointStatus>,
+    inflight: Vec<i64>,
+    rng: Rng,
+    decisions: u64,
+    out: SimOutput,
+}
+
+impl Sim<'_> {
+    fn push(&mut self, at: u64, kind: Kind, a: u32, b: u32) {
+        self.seq += 1;
+        self.queue.push(Reverse(Ev {
+            at,
+            kind,
+            seq: self.seq,
+            a,
+            b,
+        }));
+    }
+
+    fn publish(&mut self) {
+        let section = match self.cfg.settings.publish_interval {
+            PublishInterval::Never => DirectorySection::empty(),
+            _ => DirectorySection::of(&self.directory),
+        };
+        let header = StateHeader {
+            version: self.seq,
+            published_at_ms: 0,
+            settings: self.cfg.settings.clone(),
+            endpoints: self.status.clone(),
+            directory_as_of_ms: 0,
+            decisions_recorded: self.decisions,
+            stale: false,
+        };
+        self.published = PublishedState::decode(encode(&header, &section)).ok();
+    }
+
+    fn arrive(&mut self, now: u64, session: u32, turn: u32) {
+        let Some(t) = self
+            .work
+            .get(session as usize)
+            .and_then(|s| s.turns.get(turn as usize))
+        else {
+            return;
+        };
+        let live: &dyn PrefixIndex = match (&self.cfg.settings.publish_interval, &self.published) {
+            (PublishInterval::EveryDecision, _) => &self.directory,
+            (_, Some(p)) => p,
+            (_, None) => &EmptyIndex,
+        };
+        let inputs = Inputs {
+            endpoints: &self.cfg.filter.endpoints,
+            default_capacity_blocks: self.cfg.filter.default_capacity_blocks,
+            status: &self.status,
+            inflight: &self.inflight,
+            settings: &self.cfg.settings,
+            seq: self.decisions,
+            rand: self.rng.next_u64(),
+        };
+        let d = decide(&t.features, live, &inputs, None);
+        self.decisions += 1;
+        self.directory
+            .record(d.endpoint, &t.features.blocks, t.features.session);
+        if let Some(c) = self.inflight.get_mut(d.endpoint) {
+            *c += 1;
+        }
+        if let Some(c) = self.out.per_endpoint.get_mut(d.endpoint) {
+            *c += 1;
+        }
+        let open = Open {
+            session,
+            turn,
+            endpoint: d.endpoint as u32,
+            sent_us: now,
+            first_us: None,
+            last_us: now,
+            itl: Vec::new(),
+            predicted_blocks: d.predicted_blocks,
+        };
+        let slot = match self.free_slots.pop() {
+            Some(s) => {
+                if let Some(o) = self.open.get_mut(s as usize) {
+                    *o = Some(open);
+                }
+                s
+            }
+            None => {
+                self.open.push(Some(open));
+                (self.open.len() - 1) as u32
+            }
+        };
+        self.push(
+            now + self.cfg.gateway.request_us,
+            Kind::Admit,
+            slot,
+            d.endpoint as u32,
+        );
+    }
+
+    fn admit(&mut self, now: u64, slot: u32, engine: u32) {
+        let Some(o) = self.open.get(slot as usize).and_then(Option::as_ref) else {
+            return;
+        };
+        let Some(t) = self
+            .work
+            .get(o.session as usize)
+            .and_then(|s| s.turns.get(o.turn as usize))
+        else {
+            return;
+        };
+        let req = NewRequest {
+            id: u64::from(slot),
+            prompt: t.prompt.clone(),
+            max_tokens: t.max_tokens,
+            min_tokens: 0,
+            ignore_eos: true,
+        };
+        let Some(e) = self.engines.get_mut(engine as usize) else {
+            return;
+        };
+        if let Err(err) = e.add(req, now as f64 / 1e6) {
+            let done = now + self.cfg.gateway.response_us;
+            self.finish(slot, done, 0, 0, 0, Some(err.to_string()));
+            return;
+        }
+        self.kick(now, engine);
+    }
+
+    /// Starts a step on an idle engine with work (once per instant).
+    fn kick(&mut self, now: u64, engine: u32) {
+        let i = engine as usize;
+        let idle = !self.busy.get(i).copied().unwrap_or(true);
+        let pending = self.start_pending.get(i).copied().unwrap_or(true);
+        if idle && !pending {
+            if let Some(p) = self.start_pending.get_mut(i) {
+                *p = true;
+            }
+            self.push(now, Kind::StepStart, engine, 0);
+        }
+    }
+
+    fn step_start(&mut self, now: u64, engine: u32) {
+        let i = engine as usize;
+        if let Some(p) = self.start_pending.get_mut(i) {
+            *p = false;
+        }
+        let Some(e) = self.engines.get_mut(i) else {
+            return;
+        };
+        if !e.has_work() {
+            return;
+        }
+        let out = e.step(now as f64 / 1e6);
+        for o in &out.observations {
+            match o {
+                Observation::Ttft(s) => {
+                    self.out.counters.ttft_sum += s;
+                    self.out.counters.ttft_count += 1.0;
+                }
+                Observation::PrefillKvComputed(n) => {
+                    self.out.counters.prefill_computed += f64::from(*n)
+                }
+                _ => {}
+            }
+        }
+        // A step that did nothing (everything waiting for blocks) still takes the fixed cost,
+        // so time moves on.
+        let dur = ((out.duration * 1e6).ceil() as u64).max(1);
+        if let Some(b) = self.busy.get_mut(i) {
+            *b = true;
+        }
+        if let Some(p) = self.pending.get_mut(i) {
+            *p = out.events;
+        }
+        self.push(now + dur, Kind::StepEnd, engine, 0);
+    }
+
+    fn step_end(&mut self, now: u64, engine: u32) {
+        let i = engine as usize;
+        if let Some(b) = self.busy.get_mut(i) {
+            *b = false;
+        }
+        let events = self
+            .pending
+            .get_mut(i)
+            .map(std::mem::take)
+            .unwrap_or_default();
+        let at_client = now + self.cfg.gateway.response_us;
+        for ev in events {
+            match ev {
+                Event::Token { id, .. } => {
+                    if let Some(Some(o)) = self.open.get_mut(id as usize) {
+                        match o.first_us {
+                            None => o.first_us = Some(at_client),
+                            Some(_) if self.cfg.record_itl => {
+                                o.itl.push(at_client - o.last_us);
+                            }
+                            Some(_) => {}
+                        }
+                        o.last_us = at_client;
+                    }
+                }
+                Event::Finished { id, usage, .. } => {
+                    self.finish(
+                        id as u32,
+                        at_client,
+                        usage.prompt_tokens,
+                        usage.completion_tokens,
+                        usage.cached_tokens,
+                        None,
+                    );
+                }
+            }
+        }
+        if self.engines.get(i).is_some_and(Engine::has_work) {
+            self.kick(now, engine);
+        }
+    }
+
+    fn finish(
+        &mut self,
+        slot: u32,
+        at: u64,
+        prompt: u32,
+        completion: u32,
+        cached: u32,
+        error: Option<String>,
+    ) {
+        let Some(o) = self.open.get_mut(slot as usize).and_then(Option::take) else {
+            return;
+        };
+        self.free_slots.push(slot);
+        if let Some(c) = self.inflight.get_mut(o.endpoint as usize) {
+            *c -= 1;
+        }
+        self.out.records.push(SimRecord {
+            session: o.session,
+            turn: o.turn,
+            endpoint: o.endpoint,
+            sent_us: o.sent_us,
+            ttft_us: o.first_us.map(|f| f - o.sent_us),
+            e2e_us: at - o.sent_us,
+            itl_us: o.itl,
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            cached_tokens: cached,
+            predicted_blocks: o.predicted_blocks,
+            error,
+        });
+        // The session's next turn, after the think time.
+        let next = o.turn + 1;
+        if let Some(s) = self.work.get(o.session as usize) {
+            if (next as usize) < s.turns.len() {
+                self.push(at + s.think_us, Kind::Arrive, o.session, next);
+            }
+        }
+    }
+
+    fn poll(&mut self, now: u64) {
+        let mut sample = Vec::with_capacity(self.engines.len());
+        for (i, e) in self.engines.iter().enumerate() {
+            let s = e.stats();
+            if let Some(l) = self.sidecar.get_mut(i) {
+                *l = EngineLoad {
+                    waiting: s.waiting as f64,
+                    running: s.running as f64,
+                    kv_usage: s.kv_usage,
+                    scraped_at_ms: now / 1000 + 1,
+                    capacity_blocks: self.cfg.filter.blocks_for_tokens(u64::from(
+                        e.config().num_gpu_blocks * e.config().block_size,
+                    )),
+                };
+            }
+            sample.push((s.waiting + s.running) as u32);
+        }
+        self.out.queue_samples.push((now, sample));
+    }
+
+    fn refresh(&mut self) {
+        for (st, l) in self.status.iter_mut().zip(&self.sidecar) {
+            *st = EndpointStatus {
+                healthy: true,
+                engine: Some(*l),
+            };
+        }
+    }
+
+    fn busy_anywhere(&self) -> bool {
+        !self.open.iter().all(Option::is_none)
+    }
+}
+
+/// Simulates `work` under `cfg`.
+pub fn simulate(cfg: &SimConfig, work: &[PreparedSession]) -> SimOutput {
+    let n = cfg.filter.endpoints.len().max(1);
+    let capacity = cfg
+        .filter
+        .blocks_for_tokens(u64::from(cfg.engine.num_gpu_blocks * cfg.engine.block_size));
+    let mut sim = Sim {
+        cfg,
+        work,
+        queue: BinaryHeap::new(),
+        seq: 0,
+        engines: (0..n).map(|_| Engine::new(cfg.engine.clone())).collect(),
+        busy: vec![false; n],
+        start_pending: vec![false; n],
+        pending: vec![Vec::new(); n],
+        open: Vec::new(),
+        free_slots: Vec::new(),
+        directory: Directory::new(&vec![capacity; n], cfg.filter.session_capacity),
+        published: None,
+        sidecar: vec![
+            EngineLoad {
+                waiting: 0.0,
+                running: 0.0,
+                kv_usage: 0.0,
+                scraped_at_ms: 1,
+                capacity_blocks: capacity,
+            };
+            n
+        ],
+        status: vec![EndpointStatus::default(); n],
+        inflight: vec![0; n],
+        rng: Rng::new(cfg.seed),
+        decisions: 0,
+        out: SimOutput {
+            records: Vec::with_capacity(kvroute_traces_requests(work)),
+            counters: Counters::default(),
+            per_endpoint: vec![0; n],
+            events: 0,
+            end_us: 0,
+            queue_samples: Vec::new(),
+        },
+    };
+    for (i, s) in work.iter().enumerate() {
+        if !s.turns.is_empty() {
+            sim.push(s.start_us, Kind::Arrive, i as u32, 0);
+        }
+    }
+    let poll_us = cfg.sidecar_poll_us.max(1_000);
+    let refresh_us = u64::from(cfg.settings.load_refresh_ms.max(10)) * 1000;
+    let publish_us = match cfg.settings.publish_interval {
+        PublishInterval::Millis(ms) => Some(u64::from(ms.max(1)) * 1000),
+        _ => None,
+    };
+    sim.refresh();
+    sim.publish();
+    sim.push(poll_us, Kind::Poll, 0, 0);
+    sim.push(refresh_us, Kind::Refresh, 0, 0);
+    if let Some(p) = publish_us {
+        sim.push(p, Kind::Publish, 0, 0);
+    }
+    let mut remaining_arrivals = work.iter().filter(|s| !s.turns.is_empty()).count();
+    while let Some(Reverse(ev)) = sim.queue.pop() {
+        sim.out.events += 1;
+        let now = ev.at;
+        // Periodic events stop once nothing is left to do, so the run ends.
+        let active = remaining_arrivals > 0 || sim.busy_anywhere();
+        match ev.kind {
+            Kind::Arrive => {
+                if ev.b == 0 {
+                    remaining_arrivals -= 1;
+                }
+                sim.arrive(now, ev.a, ev.b);
+            }
+            Kind::Admit => sim.admit(now, ev.a, ev.b),
+            Kind::StepStart => sim.step_start(now, ev.a),
+            Kind::StepEnd => sim.step_end(now, ev.a),
+            Kind::Poll => {
+                if !active {
+                    continue;
+                }
+                sim.poll(now);
+                sim.push(now + poll_us, Kind::Poll, 0, 0);
+            }
+            Kind::Refresh => {
+                if !active {
+                    continue;
+                }
+                sim.refresh();
+                sim.push(now + refresh_us, Kind::Refresh, 0, 0);
+            }
+            Kind::Publish => {
+                if !active {
+                    continue;
+                }
+                sim.publish();
+                if let Some(p) = publish_us {
+                    sim.push(now + p, Kind::Publish, 0, 0);
+                }
+            }
+        }
+        sim.out.end_us = now;
+    }
+    for e in &sim.engines {
+        let s = e.stats();
+        sim.out.counters.hits += s.prefix_cache_hits as f64;
+        sim.out.counters.queries += s.prefix_cache_queries as f64;
+        sim.out.counters.prompt_tokens += s.prompt_tokens as f64;
+        sim.out.counters.preemptions += s.preemptions as f64;
+    }
+    sim.out
+}
+
+fn kvroute_traces_requests(work: &[PreparedSession]) -> usize {
+    work.iter().map(|s| s.turns.len()).sum()
+}
+
+#[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+mod tests;

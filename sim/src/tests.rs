@@ -1,0 +1,181 @@
+use super::*;
+use kvroute_core::PolicyKind;
+use kvroute_emulator::profile::seed_rig;
+use kvroute_traces::{arrivals, rag, with_arrivals, words, Turn};
+
+fn chats(n: usize, turns: usize, seed: u64) -> Vec<Session> {
+    let v: Vec<Session> = (0..n)
+        .map(|i| Session {
+            id: format!("chat-{seed}-{i}"),
+            start_ms: 0.0,
+            system: None,
+            turns: (0..turns)
+                .map(|t| Turn {
+                    user: words(seed * 10_000 + (i * 100 + t) as u64, 150),
+                    assistant: None,
+                    max_tokens: 24,
+                })
+                .collect(),
+            think_ms: 500.0,
+        })
+        .collect();
+    let starts = arrivals::poisson(n, 4.0, seed);
+    with_arrivals(v, &starts)
+}
+
+fn cfg(n: usize, policy: PolicyKind) -> SimConfig {
+    SimConfig::new(
+        n,
+        EngineConfig::vllm_defaults(&seed_rig()),
+        PolicySettings {
+            policy,
+            ..PolicySettings::default()
+        },
+    )
+}
+
+fn hit_rate(o: &SimOutput) -> f64 {
+    o.counters.hits / o.counters.queries.max(1.0)
+}
+
+#[test]
+fn same_seed_same_output_and_every_request_accounted() {
+    let work = prepare(&chats(20, 4, 1), &cfg(3, PolicyKind::P2c).filter, 1);
+    let a = simulate(&cfg(3, PolicyKind::P2c), &work);
+    let b = simulate(&cfg(3, PolicyKind::P2c), &work);
+    assert_eq!(format!("{a:?}"), format!("{b:?}"));
+    assert_eq!(a.records.len(), 80);
+    assert_eq!(a.per_endpoint.iter().sum::<u64>(), 80);
+    assert!(a.records.iter().all(|r| r.error.is_none()
+        && r.completion_tokens == 24
+        && r.ttft_us.is_some_and(|t| t > 0 && t <= r.e2e_us)));
+    // The engines' own counters agree with what the requests saw.
+    let cached: u64 = a.records.iter().map(|r| u64::from(r.cached_tokens)).sum();
+    let prompt: u64 = a.records.iter().map(|r| u64::from(r.prompt_tokens)).sum();
+    assert_eq!(cached as f64, a.counters.hits);
+    assert_eq!(prompt as f64, a.counters.queries);
+    assert_eq!(a.counters.ttft_count, 80.0);
+    // Another seed draws differently.
+    let c = simulate(
+        &SimConfig {
+            seed: 2,
+            ..cfg(3, PolicyKind::P2c)
+        },
+        &work,
+    );
+    assert_ne!(a.per_endpoint, c.per_endpoint);
+}
+
+#[test]
+fn preparation_does_not_depend_on_threads() {
+    let sessions = chats(130, 2, 3);
+    let f = cfg(2, PolicyKind::Jsq).filter;
+    let one = prepare(&sessions, &f, 1);
+    let four = prepare(&sessions, &f, 4);
+    assert_eq!(format!("{one:?}"), format!("{four:?}"));
+}
+
+#[test]
+fn multi_turn_affinity_beats_round_robin_and_turns_hit() {
+    let work = prepare(&chats(40, 4, 5), &cfg(4, PolicyKind::RoundRobin).filter, 1);
+    let rr = simulate(&cfg(4, PolicyKind::RoundRobin), &work);
+    let sh = simulate(&cfg(4, PolicyKind::SessionHash), &work);
+    let lca = simulate(&cfg(4, PolicyKind::LoadCacheAware), &work);
+    // Sessions stick: each later turn finds the previous turn's prompt cached (its full blocks).
+    let prompt_of = |s: u32, t: u32| {
+        sh.records
+            .iter()
+            .find(|r| r.session == s && r.turn == t)
+            .map(|r| r.prompt_tokens)
+            .unwrap()
+    };
+    for r in &sh.records {
+        if r.turn > 0 {
+            let prev = prompt_of(r.session, r.turn - 1);
+            assert!(r.cached_tokens >= prev / 16 * 16, "{r:?} after {prev}");
+        }
+    }
+    assert!(
+        hit_rate(&sh) > hit_rate(&rr) + 0.2,
+        "{} vs {}",
+        hit_rate(&sh),
+        hit_rate(&rr)
+    );
+    assert!(hit_rate(&lca) > hit_rate(&rr) + 0.2);
+    // Later turns reach their first token sooner when their history is cached.
+    let later = |o: &SimOutput| {
+        let v: Vec<f64> = o
+            .records
+            .iter()
+            .filter(|r| r.turn > 0)
+            .filter_map(|r| r.ttft_us)
+            .map(|t| t as f64)
+            .collect();
+        v.iter().sum::<f64>() / v.len() as f64
+    };
+    assert!(later(&sh) < later(&rr), "{} vs {}", later(&sh), later(&rr));
+}
+
+#[test]
+fn every_policy_runs_and_reference_policies_share_rag_documents() {
+    let sessions = {
+        let s = rag::generate(&rag::RagOptions {
+            users: 60,
+            documents: 3,
+            seed: 2,
+            ..Default::default()
+        });
+        let starts = arrivals::poisson(s.len(), 6.0, 2);
+        with_arrivals(s, &starts)
+    };
+    let work = prepare(&sessions, &cfg(4, PolicyKind::Jsq).filter, 1);
+    let rr = hit_rate(&simulate(&cfg(4, PolicyKind::RoundRobin), &work));
+    for p in PolicyKind::ALL {
+        let o = simulate(&cfg(4, *p), &work);
+        assert_eq!(o.records.len(), 60, "{p}");
+        if p.reads_prefix() || matches!(p, PolicyKind::Chwbl | PolicyKind::Dualmap) {
+            assert!(hit_rate(&o) >= rr, "{p}: {} < rr {rr}", hit_rate(&o));
+        }
+    }
+}
+
+#[test]
+fn stale_directory_loses_hits() {
+    let work = prepare(
+        &chats(40, 4, 7),
+        &cfg(4, PolicyKind::LoadCacheAware).filter,
+        1,
+    );
+    let fresh = simulate(&cfg(4, PolicyKind::LoadCacheAware), &work);
+    let mut never = cfg(4, PolicyKind::LoadCacheAware);
+    never.settings.publish_interval = PublishInterval::Never;
+    let never = simulate(&never, &work);
+    assert!(hit_rate(&fresh) > hit_rate(&never) + 0.1);
+    // With no directory, nothing is predicted.
+    assert!(never.records.iter().all(|r| r.predicted_blocks == 0));
+}
+
+#[test]
+fn gateway_cost_adds_to_every_request() {
+    let work = prepare(&chats(1, 3, 9), &cfg(2, PolicyKind::SessionHash).filter, 1);
+    let base = simulate(&cfg(2, PolicyKind::SessionHash), &work);
+    let mut c = cfg(2, PolicyKind::SessionHash);
+    c.gateway = GatewayCost {
+        request_us: 300,
+        response_us: 200,
+    };
+    let slow = simulate(&c, &work);
+    // One session alone: every request meets an idle engine, so the cost adds exactly.
+    let sort = |o: &SimOutput| {
+        let mut v: Vec<(u32, u32, u64)> = o
+            .records
+            .iter()
+            .map(|r| (r.session, r.turn, r.ttft_us.unwrap_or(0)))
+            .collect();
+        v.sort_unstable();
+        v
+    };
+    for (a, b) in sort(&base).iter().zip(sort(&slow)) {
+        assert_eq!(b.2, a.2 + 500, "{a:?} {b:?}");
+    }
+}
