@@ -7,7 +7,7 @@
 //! first. An index maps each block hash to the bit mask of endpoints holding it; a bounded LRU maps
 //! sessions to the endpoint that served them last.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::num::NonZeroUsize;
 
@@ -87,7 +87,7 @@ type Prehashed = BuildHasherDefault<PrehashedHasher>;
 #[derive(Debug)]
 pub struct Directory {
     lrus: Vec<LruCache<BlockHash, (), Prehashed>>,
-    index: BTreeMap<BlockHash, u64>,
+    index: HashMap<BlockHash, u64, Prehashed>,
     sessions: LruCache<u64, u8, Prehashed>,
 }
 
@@ -104,7 +104,7 @@ impl Directory {
                 .take(MAX_ENDPOINTS)
                 .map(|c| LruCache::with_hasher(nz(*c), Prehashed::default()))
                 .collect(),
-            index: BTreeMap::new(),
+            index: HashMap::default(),
             sessions: LruCache::with_hasher(nz(session_capacity), Prehashed::default()),
         }
     }
@@ -133,7 +133,7 @@ impl Directory {
         }
     }
 
-    fn unset(index: &mut BTreeMap<BlockHash, u64>, h: BlockHash, bit: u64) {
+    fn unset(index: &mut HashMap<BlockHash, u64, Prehashed>, h: BlockHash, bit: u64) {
         if let Some(m) = index.get_mut(&h) {
             *m &= !bit;
             if *m == 0 {
@@ -197,9 +197,12 @@ impl Directory {
         self.sessions.len()
     }
 
-    /// (hash, holders mask) pairs in ascending hash order.
-    pub fn entries(&self) -> impl Iterator<Item = (BlockHash, u64)> + '_ {
-        self.index.iter().map(|(h, m)| (*h, *m))
+    /// (hash, holders mask) pairs in ascending hash order (sorted here: the index is a hash map,
+    /// which makes every decision's record and lookups cheap; only a publish pays for order).
+    pub fn entries(&self) -> Vec<(BlockHash, u64)> {
+        let mut v: Vec<(BlockHash, u64)> = self.index.iter().map(|(h, m)| (*h, *m)).collect();
+        v.sort_unstable_by_key(|(h, _)| *h);
+        v
     }
 
     /// (session, endpoint) pairs in no particular order.
@@ -303,10 +306,10 @@ mod tests {
                     prop_assert!(d.endpoint_len(i) <= *c as usize);
                 }
                 prop_assert!(d.sessions() <= session_cap as usize);
-                let total_bits: usize = d.entries().map(|(_, m)| m.count_ones() as usize).sum();
+                let total_bits: usize = d.entries().iter().map(|(_, m)| m.count_ones() as usize).sum();
                 let total_len: usize = (0..caps.len()).map(|i| d.endpoint_len(i)).sum();
                 prop_assert_eq!(total_bits, total_len);
-                prop_assert!(d.entries().all(|(_, m)| m != 0));
+                prop_assert!(d.entries().iter().all(|(_, m)| *m != 0));
             }
         }
     }

@@ -9,6 +9,7 @@
 //! - Requests free their blocks tail first, so a prefix's last blocks are evicted before its first.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
@@ -52,6 +53,25 @@ pub fn block_hashes(root: u64, tokens: &[u32], block_size: usize) -> Vec<u64> {
         .collect()
 }
 
+/// Hasher for block hashes, which are already uniform 64-bit values: hashing them again would
+/// only cost time (the map is looked up for every block of every scheduled prompt).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct IdentityHasher(u64);
+
+impl Hasher for IdentityHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
 /// The pool.
 #[derive(Debug)]
 pub struct BlockPool {
@@ -59,7 +79,7 @@ pub struct BlockPool {
     head: u32,
     tail: u32,
     num_free: usize,
-    cached: HashMap<u64, BlockId>,
+    cached: HashMap<u64, BlockId, BuildHasherDefault<IdentityHasher>>,
     caching: bool,
     /// Cached blocks evicted so far.
     pub evictions: u64,
@@ -73,7 +93,7 @@ impl BlockPool {
             head: NONE,
             tail: NONE,
             num_free: 0,
-            cached: HashMap::new(),
+            cached: HashMap::default(),
             caching: enable_caching,
             evictions: 0,
         };
