@@ -110,6 +110,7 @@ fn main() {
                 default_capacity_blocks: 4096,
                 status: &state.header.endpoints,
                 inflight: &[3, 1],
+                inflight_blocks: &[],
                 settings: &state.header.settings,
                 seq,
                 rand: seq.wrapping_mul(0x2545_f491_4f6c_dd1d),

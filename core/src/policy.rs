@@ -112,6 +112,9 @@ pub struct Candidate<'a> {
     pub kv_usage: Option<f64>,
     /// Directory capacity of the endpoint, in blocks (the size of its KV cache in block units).
     pub capacity_blocks: u32,
+    /// Prefix blocks of the requests the gateway has in flight on this endpoint (the router's own
+    /// account of the KV blocks it has sent there, fresh at every decision).
+    pub active_blocks: f64,
 }
 
 /// Everything a policy reads.

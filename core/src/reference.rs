@@ -7,7 +7,7 @@
 //! |---|---|---|---|
 //! | `sglang_cache_aware` | SGLang router `cache_aware` | gateway in-flight requests | longest prefix match in the directory |
 //! | `llmd_scorer` | Gateway API Inference Extension / llm-d scorers | engine waiting queue, engine KV usage | prefix match ratio |
-//! | `dynamo_cost` | NVIDIA Dynamo KV router | active KV blocks | overlap blocks |
+//! | `dynamo_cost` | NVIDIA Dynamo KV router | gateway in-flight blocks | overlap blocks |
 //! | `chwbl` | KubeAI `PrefixHash` (consistent hashing with bounded loads) | gateway in-flight | hash of the prompt's head |
 //! | `dualmap` | DualMap (two-choice hashing of the prefix) | gateway in-flight | hash of the prompt's head |
 //!
@@ -149,10 +149,11 @@ impl Policy for LlmdScorer {
 /// `overlap_score_weight` 1.0, `router_temperature` 0).
 ///
 /// cost = `dynamo_overlap_weight` x prefill blocks + decode blocks, where prefill blocks are the
-/// request's blocks not matched on the endpoint and decode blocks are the endpoint's active KV
-/// blocks (engine KV usage x capacity; without an engine report, in-flight requests x this
-/// request's blocks). Temperature 0 takes the argmin (ties at random); above 0 samples from the
-/// softmax of the negated costs normalised to 0..=1, divided by the temperature.
+/// request's blocks not matched on the endpoint and decode blocks are the blocks the router has in
+/// flight there plus this request's (as Dynamo's router counts its own active sequences rather than
+/// reading the engines' KV usage, which a scrape makes stale). Temperature 0 takes the argmin (ties
+/// at random); above 0 samples from the softmax of the negated costs normalised to 0..=1, divided
+/// by the temperature.
 #[derive(Debug)]
 pub struct DynamoCost;
 impl DynamoCost {
@@ -163,11 +164,7 @@ impl DynamoCost {
             .iter()
             .map(|c| {
                 let prefill = (total - f64::from(c.matched_blocks)).max(0.0);
-                let active = match c.kv_usage {
-                    Some(u) => u.clamp(0.0, 1.0) * f64::from(c.capacity_blocks),
-                    None => c.inflight * total,
-                };
-                ctx.settings.dynamo_overlap_weight * prefill + active
+                ctx.settings.dynamo_overlap_weight * prefill + c.active_blocks + total
             })
             .collect()
     }
@@ -349,6 +346,7 @@ mod tests {
                     kv_usage: kv,
                     waiting: q.map(f64::from),
                     capacity_blocks: 1000,
+                    active_blocks: f64::from(load) * 20.0,
                     ..Candidate::default()
                 })
                 .collect()

@@ -89,6 +89,8 @@ pub struct Inputs<'a> {
     pub status: &'a [EndpointStatus],
     /// Gateway in-flight requests per endpoint.
     pub inflight: &'a [i64],
+    /// Prefix blocks of those requests per endpoint (empty: unknown, read as 0).
+    pub inflight_blocks: &'a [i64],
     /// Directory capacity, in blocks, of endpoints that do not set their own.
     pub default_capacity_blocks: u32,
     /// Active settings.
@@ -151,6 +153,7 @@ pub fn decide(
                 matched_blocks: lens.get(i).copied().unwrap_or(0),
                 holds_session: session_at == Some(i),
                 inflight: inputs.inflight.get(i).copied().unwrap_or(0).max(0) as f64,
+                active_blocks: inputs.inflight_blocks.get(i).copied().unwrap_or(0).max(0) as f64,
                 waiting: engine.map(|e| e.waiting),
                 kv_usage: engine.map(|e| e.kv_usage),
                 capacity_blocks: e
@@ -248,6 +251,7 @@ mod tests {
             default_capacity_blocks: 1000,
             status: &status,
             inflight: &[0, 0, 0],
+            inflight_blocks: &[],
             settings: &settings,
             seq: 0,
             rand: 1,
@@ -263,6 +267,7 @@ mod tests {
             default_capacity_blocks: 1000,
             status: &status,
             inflight: &[0, 0, 0],
+            inflight_blocks: &[],
             settings: &settings,
             seq: 0,
             rand: 1,
@@ -288,6 +293,7 @@ mod tests {
             default_capacity_blocks: 1000,
             status: &status,
             inflight: &[4, 1, 2],
+            inflight_blocks: &[],
             settings: &settings,
             seq: 0,
             rand: 9,
@@ -312,6 +318,7 @@ mod tests {
             default_capacity_blocks: 1000,
             status: &[],
             inflight: &[5, 2],
+            inflight_blocks: &[],
             settings: &settings,
             seq: 0,
             rand: 0,

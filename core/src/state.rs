@@ -24,7 +24,8 @@ pub const MAGIC: &[u8; 4] = b"KVR1";
 pub const STATE_KEY: &str = "kvroute.state";
 /// Shared-data key of the state's version (8 bytes LE), read on every request.
 pub const VERSION_KEY: &str = "kvroute.state.version";
-/// Shared-data key of the gateway in-flight counters (one i64 LE per endpoint).
+/// Shared-data key of the gateway in-flight counters: one i64 LE per endpoint (requests), then one
+/// per endpoint (prefix blocks of those requests).
 pub const INFLIGHT_KEY: &str = "kvroute.inflight";
 /// Shared-data key of the gateway-wide round-robin sequence (u64 LE).
 pub const RR_SEQ_KEY: &str = "kvroute.rr_seq";
@@ -309,10 +310,18 @@ pub fn encode_inflight(counts: &[i64]) -> Vec<u8> {
     counts.iter().flat_map(|c| c.to_le_bytes()).collect()
 }
 
-/// Decodes gateway in-flight counters into `out` (resized to `n`; missing ones read 0).
+/// Decodes gateway in-flight counters into `out` (resized to `n`; missing ones read 0). With
+/// `n` = endpoints these are the request counts; with `2 * endpoints`, the request counts followed
+/// by the block counts.
 pub fn decode_inflight(bytes: &[u8], n: usize, out: &mut Vec<i64>) {
     out.clear();
     out.extend((0..n).map(|i| u64_at(bytes, i * 8).map_or(0, |v| v as i64)));
+}
+
+/// Decodes the in-flight block counts (the second half of the counters) of `n` endpoints.
+pub fn decode_inflight_blocks(bytes: &[u8], n: usize, out: &mut Vec<i64>) {
+    out.clear();
+    out.extend((0..n).map(|i| u64_at(bytes, (n + i) * 8).map_or(0, |v| v as i64)));
 }
 
 #[cfg(test)]

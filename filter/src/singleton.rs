@@ -97,10 +97,10 @@ impl Singleton {
         };
         // Zeroed in-flight counters (kept if already there: a reloaded config keeps live counts).
         let (existing, _) = host::shared_get(state::INFLIGHT_KEY);
-        if existing.is_none_or(|v| v.len() != 8 * n) {
+        if existing.is_none_or(|v| v.len() != 16 * n) {
             let _ = host::shared_set(
                 state::INFLIGHT_KEY,
-                &state::encode_inflight(&vec![0; n]),
+                &state::encode_inflight(&vec![0; 2 * n]),
                 None,
             );
         }

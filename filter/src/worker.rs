@@ -43,6 +43,7 @@ struct WorkerState {
     queue: Option<u32>,
     vm_id: String,
     inflight: Vec<i64>,
+    inflight_blocks: Vec<i64>,
     batch: Vec<u8>,
     last_sent_us: u64,
     coalesce_reports: bool,
@@ -62,6 +63,7 @@ impl Worker {
                 queue: None,
                 vm_id: host::vm_id().unwrap_or_else(|| "kvroute".into()),
                 inflight: Vec::new(),
+                inflight_blocks: Vec::new(),
                 batch: Vec::new(),
                 last_sent_us: 0,
                 coalesce_reports: false,
@@ -106,11 +108,10 @@ impl Worker {
         self.refresh(st);
         let (value, _) = host::shared_get(state::INFLIGHT_KEY);
         let mut inflight = std::mem::take(&mut st.inflight);
-        state::decode_inflight(
-            value.as_deref().unwrap_or_default(),
-            self.config.endpoints.len(),
-            &mut inflight,
-        );
+        let mut inflight_blocks = std::mem::take(&mut st.inflight_blocks);
+        let bytes = value.as_deref().unwrap_or_default();
+        state::decode_inflight(bytes, self.config.endpoints.len(), &mut inflight);
+        state::decode_inflight_blocks(bytes, self.config.endpoints.len(), &mut inflight_blocks);
         let rand = Self::next_rand(st);
         st.seq = st.seq.wrapping_add(1);
         let coalesce = !matches!(
@@ -136,6 +137,7 @@ impl Worker {
             default_capacity_blocks: self.config.default_capacity_blocks,
             status,
             inflight: &inflight,
+            inflight_blocks: &inflight_blocks,
             settings,
             seq,
             rand,
@@ -174,6 +176,7 @@ impl Worker {
             }
         }
         st.inflight = inflight;
+        st.inflight_blocks = inflight_blocks;
         decision
     }
 
@@ -195,15 +198,19 @@ impl Worker {
         None
     }
 
-    /// Adds `delta` to an endpoint's gateway in-flight count (compare-and-swap on shared data).
-    fn add_inflight(&self, endpoint: usize, delta: i64) {
+    /// Adds `delta` requests and `blocks` prefix blocks to an endpoint's gateway in-flight counts
+    /// (compare-and-swap on shared data).
+    fn add_inflight(&self, endpoint: usize, delta: i64, blocks: i64) {
         let n = self.config.endpoints.len();
-        let mut counts = Vec::with_capacity(n);
+        let mut counts = Vec::with_capacity(2 * n);
         for _ in 0..CAS_RETRIES {
             let (value, cas) = host::shared_get(state::INFLIGHT_KEY);
-            state::decode_inflight(value.as_deref().unwrap_or_default(), n, &mut counts);
+            state::decode_inflight(value.as_deref().unwrap_or_default(), 2 * n, &mut counts);
             if let Some(c) = counts.get_mut(endpoint) {
                 *c = (*c + delta).max(0);
+            }
+            if let Some(c) = counts.get_mut(n + endpoint) {
+                *c = (*c + blocks).max(0);
             }
             match host::shared_set(state::INFLIGHT_KEY, &state::encode_inflight(&counts), cas) {
                 Ok(true) => return,
@@ -264,6 +271,8 @@ enum Phase {
     /// Routed to this endpoint.
     Routed {
         endpoint: usize,
+        /// Prefix blocks counted in flight for this request.
+        blocks: u32,
         policy: PolicyKind,
         counted: bool,
         /// Tokens the directory predicted the engine holds; None once compared (or unknown).
@@ -307,13 +316,14 @@ impl Request {
             w.metrics.host_error(HostOp::SetHeader);
             return;
         }
-        w.add_inflight(decision.endpoint, 1);
+        w.add_inflight(decision.endpoint, 1, i64::from(decision.total_blocks));
         let predicted_tokens = parsed.is_ok().then(|| {
             let per_block = f64::from(w.config.block_chars) / w.config.chars_per_token;
             (f64::from(decision.predicted_blocks) * per_block).round() as u64
         });
         self.phase = Phase::Routed {
             endpoint: decision.endpoint,
+            blocks: decision.total_blocks,
             policy: decision.policy,
             counted: true,
             predicted_tokens,
@@ -490,11 +500,12 @@ impl HttpContext for Request {
     fn on_log(&mut self) {
         if let Phase::Routed {
             endpoint,
+            blocks,
             counted: true,
             ..
         } = self.phase
         {
-            self.worker.add_inflight(endpoint, -1);
+            self.worker.add_inflight(endpoint, -1, -i64::from(blocks));
             self.phase = Phase::Passthrough;
         }
         if let Phase::Buffering(_) = self.phase {

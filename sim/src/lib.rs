@@ -315,6 +315,7 @@ struct Open {
     last_us: u64,
     itl: Vec<u64>,
     predicted_blocks: u32,
+    blocks: u32,
 }
 
 struct Sim<'a> {
@@ -327,12 +328,14 @@ struct Sim<'a> {
     start_pending: Vec<bool>,
     pending: Vec<Vec<Event>>,
     open: Vec<Option<Open>>,
+    open_count: usize,
     free_slots: Vec<u32>,
     directory: Directory,
     published: Option<PublishedState>,
     sidecar: Vec<EngineLoad>,
     status: Vec<EndpointStatus>,
     inflight: Vec<i64>,
+    inflight_blocks: Vec<i64>,
     rng: Rng,
     decisions: u64,
     out: SimOutput,
@@ -385,6 +388,7 @@ impl Sim<'_> {
             default_capacity_blocks: self.cfg.filter.default_capacity_blocks,
             status: &self.status,
             inflight: &self.inflight,
+            inflight_blocks: &self.inflight_blocks,
             settings: &self.cfg.settings,
             seq: self.decisions,
             rand: self.rng.next_u64(),
@@ -395,6 +399,9 @@ impl Sim<'_> {
             .record(d.endpoint, &t.features.blocks, t.features.session);
         if let Some(c) = self.inflight.get_mut(d.endpoint) {
             *c += 1;
+        }
+        if let Some(c) = self.inflight_blocks.get_mut(d.endpoint) {
+            *c += i64::from(d.total_blocks);
         }
         if let Some(c) = self.out.per_endpoint.get_mut(d.endpoint) {
             *c += 1;
@@ -408,7 +415,9 @@ impl Sim<'_> {
             last_us: now,
             itl: Vec::new(),
             predicted_blocks: d.predicted_blocks,
+            blocks: d.total_blocks,
         };
+        self.open_count += 1;
         let slot = match self.free_slots.pop() {
             Some(s) => {
                 if let Some(o) = self.open.get_mut(s as usize) {
@@ -562,8 +571,12 @@ impl Sim<'_> {
             return;
         };
         self.free_slots.push(slot);
+        self.open_count -= 1;
         if let Some(c) = self.inflight.get_mut(o.endpoint as usize) {
             *c -= 1;
+        }
+        if let Some(c) = self.inflight_blocks.get_mut(o.endpoint as usize) {
+            *c -= i64::from(o.blocks);
         }
         self.out.records.push(SimRecord {
             session: o.session,
@@ -618,7 +631,7 @@ impl Sim<'_> {
     }
 
     fn busy_anywhere(&self) -> bool {
-        !self.open.iter().all(Option::is_none)
+        self.open_count > 0
     }
 }
 
@@ -638,6 +651,7 @@ pub fn simulate(cfg: &SimConfig, work: &[PreparedSession]) -> SimOutput {
         start_pending: vec![false; n],
         pending: vec![Vec::new(); n],
         open: Vec::new(),
+        open_count: 0,
         free_slots: Vec::new(),
         directory: Directory::new(&vec![capacity; n], cfg.filter.session_capacity),
         published: None,
@@ -653,6 +667,7 @@ pub fn simulate(cfg: &SimConfig, work: &[PreparedSession]) -> SimOutput {
         ],
         status: vec![EndpointStatus::default(); n],
         inflight: vec![0; n],
+        inflight_blocks: vec![0; n],
         rng: Rng::new(cfg.seed),
         decisions: 0,
         out: SimOutput {

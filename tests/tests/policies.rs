@@ -387,3 +387,115 @@ async fn stats_have_prometheus_labels() {
     assert!(page.contains("kvroute_fallbacks_total{reason=\"parse_error\"}"));
     s.stop().await;
 }
+
+/// Sends a three-turn conversation; returns the endpoint of each turn, waiting after each turn
+/// until the singleton applied the decision.
+async fn conversation(s: &Stack, tag: &str, recorded: &mut u64) -> Vec<String> {
+    let mut history: Vec<(String, String)> = vec![("system".into(), system_prompt(tag))];
+    let mut out = Vec::new();
+    for turn in 0..3 {
+        history.push(("user".into(), format!("Turn {turn} of {tag}: go on.")));
+        let msgs: Vec<(&str, &str)> = history
+            .iter()
+            .map(|(r, t)| (r.as_str(), t.as_str()))
+            .collect();
+        out.push(served(&s.chat(&chat(&msgs), &[]).await));
+        *recorded += 1;
+        let want = *recorded;
+        s.envoy
+            .wait_stat(
+                "kvroute_decisions_recorded_total",
+                Duration::from_secs(2),
+                |v| v >= want,
+            )
+            .await
+            .unwrap();
+        history.push(("assistant".into(), "ok".into()));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reference_policies_keep_conversations_home_at_idle() {
+    // Cache readers follow the directory; hashers follow the prompt's head: either way, with no
+    // load every turn of a conversation goes where its first turn went.
+    let s = Stack::with_policy(2, "sglang_cache_aware").await;
+    let mut recorded = 0u64;
+    for policy in [
+        "sglang_cache_aware",
+        "llmd_scorer",
+        "dynamo_cost",
+        "chwbl",
+        "dualmap",
+    ] {
+        s.envoy.set_policy(policy).await.unwrap();
+        for c in 0..3 {
+            let e = conversation(&s, &format!("{policy} {c}"), &mut recorded).await;
+            assert!(e.iter().all(|x| *x == e[0]), "{policy}: {e:?}");
+        }
+        let n = s
+            .stat(&format!(
+                "kvroute_decisions_total.policy.{policy}.endpoint.engine0"
+            ))
+            .await
+            + s.stat(&format!(
+                "kvroute_decisions_total.policy.{policy}.endpoint.engine1"
+            ))
+            .await;
+        assert_eq!(n, 9, "{policy}");
+    }
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chwbl_spills_over_its_bound_and_sglang_gates_on_imbalance() {
+    let s = std::sync::Arc::new(Stack::with_policy(2, "chwbl").await);
+    let body = chat(&[("system", &system_prompt("bounded")), ("user", "hello")]);
+    let home = served(&s.chat(&body, &[]).await);
+    let hi = s.index_of(&home);
+    // Two held requests with the same head: the bound ceil(1.25 x (in flight + 1) / 2) admits
+    // both at home; the third goes to the other endpoint.
+    let mut held = Vec::new();
+    for k in 1..=2 {
+        let (s2, b2) = (s.clone(), body.clone());
+        held.push(tokio::spawn(async move { s2.chat(&b2, &[SLOW]).await }));
+        s.wait_active(hi, k).await;
+    }
+    assert_ne!(served(&s.chat(&body, &[]).await), home, "chwbl must spill");
+    assert_eq!(s.stat("kvroute_reference_rule_total.reason.spill").await, 1);
+    for h in held {
+        assert_eq!(served(&h.await.unwrap()), home);
+    }
+
+    // sglang_cache_aware: thresholds at 0 / 1 make any difference an imbalance.
+    s.envoy
+        .runtime_modify(&[
+            ("kvroute.balance_abs_threshold", "0"),
+            ("kvroute.balance_rel_threshold", "1"),
+        ])
+        .await
+        .unwrap();
+    s.envoy.set_policy("sglang_cache_aware").await.unwrap();
+    let mut recorded = s.stat("kvroute_decisions_recorded_total").await;
+    let e = conversation(&s, "imbalance", &mut recorded).await;
+    let home = e[0].clone();
+    let hi = s.index_of(&home);
+    // Turn 0 of that conversation, held at its home (loads equal: the cache decides) ...
+    let msgs = [
+        ("system", system_prompt("imbalance")),
+        ("user", "Turn 0 of imbalance: go on.".to_string()),
+    ];
+    let m: Vec<(&str, &str)> = msgs.iter().map(|(r, t)| (*r, t.as_str())).collect();
+    let turn0 = chat(&m);
+    let (s2, b2) = (s.clone(), turn0.clone());
+    let slow = tokio::spawn(async move { s2.chat(&b2, &[SLOW]).await });
+    s.wait_active(hi, 1).await;
+    // ... then the same request again: 1 vs 0 in flight is an imbalance, so the least loaded.
+    assert_ne!(served(&s.chat(&turn0, &[]).await), home);
+    assert!(
+        s.stat("kvroute_reference_rule_total.reason.imbalanced")
+            .await
+            >= 1
+    );
+    assert_eq!(served(&slow.await.unwrap()), home);
+}
