@@ -30,7 +30,7 @@ clippy:
 
 # Unit and property tests (no Envoy).
 unit:
-    cargo test -p kvroute-core -p kvroute-emulator -p kvroute-sidecar -p kvroute-traces -p kvroute-workloads
+    cargo test -p kvroute-core -p kvroute-emulator -p kvroute-sidecar -p kvroute-traces -p kvroute-sim -p kvroute-workloads
 
 # Validate every Envoy config the project ships (starts the VM and runs on_configure).
 validate-configs: wasm
@@ -80,3 +80,4 @@ bench: build
     cargo run -q --release -p kvroute-workloads --bin kvroute-bench-emulator
     cargo run -q --release -p kvroute-workloads --bin kvroute-bench-sidecar
     cargo run -q --release -p kvroute-workloads --bin kvroute-bench-replicas
+    cargo run -q --release -p kvroute-workloads --bin kvroute-bench-sim

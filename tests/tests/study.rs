@@ -9,7 +9,8 @@
 use kvroute_core::policy::PolicyKind;
 use kvroute_traces::{arrivals, rag, sharegpt, with_arrivals, Session};
 use kvroute_workloads::analyze::analyze;
-use kvroute_workloads::report::{write, Meta};
+use kvroute_workloads::report::{write, Meta, SimMeta};
+use kvroute_workloads::simulated;
 use kvroute_workloads::study::{Lab, RunSpec};
 
 fn conversations(seed: u64) -> Vec<Session> {
@@ -109,6 +110,48 @@ async fn a_tiny_study_is_internally_consistent() {
         .runtime_modify(&[("kvroute.publish_interval_ms", "0")])
         .await
         .unwrap();
+    // The simulator on the same sessions: the same kind of results, and just as consistent.
+    let live = lab
+        .run(
+            &spec("val-live", "sharegpt", PolicyKind::SessionHash, &[]),
+            vec![],
+            conversations(1),
+        )
+        .await
+        .unwrap();
+    let engine = kvroute_workloads::simulated::engine_config("rtx5080-llama3.2-3b").unwrap();
+    let base = kvroute_sim::SimConfig::new(2, engine, Default::default());
+    let work = simulated::prepare_for(&base, &conversations(1));
+    let sim = simulated::run(
+        &spec("val-sim", "sharegpt", PolicyKind::SessionHash, &[]),
+        &base,
+        &work,
+    )
+    .unwrap();
+    assert_eq!((sim.requests, sim.failed), (live.requests, 0));
+    assert_eq!(sim.hit_rate, sim.hit_rate_client);
+    assert_eq!(sim.per_endpoint.iter().sum::<u64>() as usize, sim.requests);
+    // Session hashing routes every session to the same engine live and simulated, and the
+    // engines are the same model: the hit rates agree.
+    assert!(
+        (sim.hit_rate - live.hit_rate).abs() < 0.02,
+        "sim {} live {}",
+        sim.hit_rate,
+        live.hit_rate
+    );
+    let base4 = kvroute_sim::SimConfig::new(
+        4,
+        kvroute_workloads::simulated::engine_config("rtx5080-llama3.2-3b").unwrap(),
+        Default::default(),
+    );
+    let e5 = simulated::run(
+        &spec("exp5", "sharegpt", PolicyKind::LoadCacheAware, &[]),
+        &base4,
+        &simulated::prepare_for(&base4, &conversations(2)),
+    )
+    .unwrap();
+    assert_eq!(e5.per_endpoint.len(), 4);
+    runs.extend([live, sim, e5]);
     let bounds = vec![
         (
             "sharegpt".to_string(),
@@ -152,6 +195,12 @@ async fn a_tiny_study_is_internally_consistent() {
         wall_s: 0.0,
         envoy: "1.40.0".into(),
         kvroute: "test".into(),
+        simulator: Some(SimMeta {
+            gateway_ms: 0.0,
+            per_instance_rate: 2.0,
+            mooncake_profile: "h100-llama3.1-8b".into(),
+            wall_s: 0.0,
+        }),
     };
     let calibration = kvroute_workloads::calibrate::Calibration {
         prefill: vec![kvroute_workloads::calibrate::PrefillPoint {
@@ -175,6 +224,9 @@ async fn a_tiny_study_is_internally_consistent() {
         "Experiment 2",
         "Experiment 3",
         "Experiment 4",
+        "Simulator validation",
+        "configurations within every tolerance",
+        "Experiment 5",
         "Consistency",
         "<svg",
     ] {

@@ -24,5 +24,6 @@ pub mod procs;
 pub mod replay;
 pub mod report;
 pub mod scripted;
+pub mod simulated;
 pub mod stack;
 pub mod study;

@@ -38,7 +38,28 @@ pub struct Meta {
     pub envoy: String,
     /// kvroute version.
     pub kvroute: String,
+    /// The simulated part of the study, if it ran.
+    pub simulator: Option<SimMeta>,
 }
+
+/// How the simulated runs were set up.
+#[derive(Debug, Clone, Serialize)]
+pub struct SimMeta {
+    /// The gateway's per-request cost the simulator adds (request path + response path), ms:
+    /// client TTFT minus engine TTFT, measured on idle probes through the live stack.
+    pub gateway_ms: f64,
+    /// Session arrival rate per engine in experiment 5, sessions/s.
+    pub per_instance_rate: f64,
+    /// Engine profile of the Mooncake runs (its prompts need a large KV cache).
+    pub mooncake_profile: String,
+    /// Wall time of all simulated runs, s.
+    pub wall_s: f64,
+}
+
+/// The tolerances of the simulator's validation: TTFT P50 and P95 within this fraction ...
+pub const VALIDATION_TTFT: f64 = 0.10;
+/// ... and hit rate within this many points.
+pub const VALIDATION_HIT: f64 = 0.02;
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 type Series = (String, Vec<(f64, f64)>);
@@ -422,129 +443,183 @@ pub fn write(
         true,
     ))?;
 
-    // 4-5. alpha / beta.
-    let ab = agg(
-        runs,
-        |r| r.spec.experiment == "exp3",
-        |r| {
-            (
-                runtime_value(r, "kvroute.alpha"),
-                runtime_value(r, "kvroute.beta"),
-            )
-        },
-        |r| r.ttft_ms[1],
-    );
-    let mut alphas: Vec<f64> = ab.keys().filter_map(|k| k.0.parse().ok()).collect();
-    alphas.sort_by(f64::total_cmp);
-    alphas.dedup();
-    let mut betas: Vec<f64> = ab.keys().filter_map(|k| k.1.parse().ok()).collect();
-    betas.sort_by(f64::total_cmp);
-    betas.dedup();
-    let cells: BTreeMap<(usize, usize), f64> = ab
-        .iter()
-        .filter_map(|((a_, b_), v)| {
-            let i = alphas
-                .iter()
-                .position(|x| a_.parse::<f64>().ok() == Some(*x))?;
-            let j = betas
-                .iter()
-                .position(|x| b_.parse::<f64>().ok() == Some(*x))?;
-            Some(((i, j), v.0))
-        })
-        .collect();
-    if !cells.is_empty() {
-        e(heatmap(
-            &fig("alpha_beta_p95"),
-            "load_cache_aware: P95 TTFT (ms) by alpha and beta",
-            &alphas,
-            &betas,
-            &cells,
-        ))?;
-    }
-    let hit_ab = agg(
-        runs,
-        |r| r.spec.experiment == "exp3",
-        |r| {
-            (
-                runtime_value(r, "kvroute.alpha"),
-                runtime_value(r, "kvroute.beta"),
-            )
-        },
-        |r| r.hit_rate,
-    );
-    let imb_ab = agg(
-        runs,
-        |r| r.spec.experiment == "exp3",
-        |r| {
-            (
-                runtime_value(r, "kvroute.alpha"),
-                runtime_value(r, "kvroute.beta"),
-            )
-        },
-        |r| r.imbalance,
-    );
-    let pareto: Vec<(String, f64, f64)> = hit_ab
-        .iter()
-        .filter_map(|(k, h)| Some((format!(" a{} b{}", k.0, k.1), imb_ab.get(k)?.0, h.0)))
-        .collect();
-    if !pareto.is_empty() {
-        e(scatter(
-            &fig("pareto"),
-            "Hit rate vs load imbalance (alpha, beta)",
-            "imbalance (max/mean requests)",
+    // 4-6. alpha / beta and staleness: live at N=2 (experiments 3, 4), simulated at N=8 (5).
+    for (exp_ab, exp_st, pre, what) in [
+        ("exp3", "exp4", "", ""),
+        ("exp5-ab", "exp5-staleness", "n8_", ", N=8 simulated"),
+    ] {
+        // 4-5. alpha / beta.
+        let ab = agg(
+            runs,
+            |r| r.spec.experiment == exp_ab,
+            |r| {
+                (
+                    runtime_value(r, "kvroute.alpha"),
+                    runtime_value(r, "kvroute.beta"),
+                )
+            },
+            |r| r.ttft_ms[1],
+        );
+        let mut alphas: Vec<f64> = ab.keys().filter_map(|k| k.0.parse().ok()).collect();
+        alphas.sort_by(f64::total_cmp);
+        alphas.dedup();
+        let mut betas: Vec<f64> = ab.keys().filter_map(|k| k.1.parse().ok()).collect();
+        betas.sort_by(f64::total_cmp);
+        betas.dedup();
+        let cells: BTreeMap<(usize, usize), f64> = ab
+            .iter()
+            .filter_map(|((a_, b_), v)| {
+                let i = alphas
+                    .iter()
+                    .position(|x| a_.parse::<f64>().ok() == Some(*x))?;
+                let j = betas
+                    .iter()
+                    .position(|x| b_.parse::<f64>().ok() == Some(*x))?;
+                Some(((i, j), v.0))
+            })
+            .collect();
+        if !cells.is_empty() {
+            e(heatmap(
+                &fig(&format!("{pre}alpha_beta_p95")),
+                &format!("load_cache_aware: P95 TTFT (ms) by alpha and beta{what}"),
+                &alphas,
+                &betas,
+                &cells,
+            ))?;
+        }
+        let hit_ab = agg(
+            runs,
+            |r| r.spec.experiment == exp_ab,
+            |r| {
+                (
+                    runtime_value(r, "kvroute.alpha"),
+                    runtime_value(r, "kvroute.beta"),
+                )
+            },
+            |r| r.hit_rate,
+        );
+        let imb_ab = agg(
+            runs,
+            |r| r.spec.experiment == exp_ab,
+            |r| {
+                (
+                    runtime_value(r, "kvroute.alpha"),
+                    runtime_value(r, "kvroute.beta"),
+                )
+            },
+            |r| r.imbalance,
+        );
+        let pareto: Vec<(String, f64, f64)> = hit_ab
+            .iter()
+            .filter_map(|(k, h)| Some((format!(" a{} b{}", k.0, k.1), imb_ab.get(k)?.0, h.0)))
+            .collect();
+        if !pareto.is_empty() {
+            e(scatter(
+                &fig(&format!("{pre}pareto")),
+                &format!("Hit rate vs load imbalance (alpha, beta){what}"),
+                "imbalance (max/mean requests)",
+                "hit rate",
+                &pareto,
+            ))?;
+        }
+
+        // 6. Staleness.
+        let order = ["0", "100", "500", "1000", "5000", "30000", "never"];
+        let st_hit = agg(
+            runs,
+            |r| r.spec.experiment == exp_st,
+            |r| runtime_value(r, "kvroute.publish_interval_ms"),
+            |r| r.hit_rate,
+        );
+        let st_p95 = agg(
+            runs,
+            |r| r.spec.experiment == exp_st,
+            |r| runtime_value(r, "kvroute.publish_interval_ms"),
+            |r| r.ttft_ms[1],
+        );
+        let xs: Vec<(f64, &str)> = order
+            .iter()
+            .enumerate()
+            .filter(|(_, k)| st_hit.contains_key(**k))
+            .map(|(i, k)| (i as f64, *k))
+            .collect();
+        let stale = vec![(
+            "hit rate".to_string(),
+            xs.iter()
+                .filter_map(|(i, k)| Some((*i, st_hit.get(*k)?.0)))
+                .collect(),
+        )];
+        e(lines(
+            &fig(&format!("{pre}staleness_hit")),
+            &format!(
+                "Publish interval: hit rate{what} (x: 0, 100, 500, 1000, 5000, 30000 ms, never)"
+            ),
+            "interval (index)",
             "hit rate",
-            &pareto,
+            &stale,
+            true,
+        ))?;
+        let stale_t = vec![(
+            "P95 TTFT".to_string(),
+            xs.iter()
+                .filter_map(|(i, k)| Some((*i, st_p95.get(*k)?.0)))
+                .collect(),
+        )];
+        e(lines(
+            &fig(&format!("{pre}staleness_ttft")),
+            &format!(
+                "Publish interval: P95 TTFT{what} (x: 0, 100, 500, 1000, 5000, 30000 ms, never)"
+            ),
+            "interval (index)",
+            "P95 TTFT (ms)",
+            &stale_t,
+            true,
         ))?;
     }
 
-    // 6. Staleness.
-    let order = ["0", "100", "500", "1000", "5000", "30000", "never"];
-    let st_hit = agg(
-        runs,
-        |r| r.spec.experiment == "exp4",
-        |r| runtime_value(r, "kvroute.publish_interval_ms"),
-        |r| r.hit_rate,
-    );
-    let st_p95 = agg(
-        runs,
-        |r| r.spec.experiment == "exp4",
-        |r| runtime_value(r, "kvroute.publish_interval_ms"),
-        |r| r.ttft_ms[1],
-    );
-    let xs: Vec<(f64, &str)> = order
-        .iter()
-        .enumerate()
-        .filter(|(_, k)| st_hit.contains_key(**k))
-        .map(|(i, k)| (i as f64, *k))
-        .collect();
-    let stale = vec![(
-        "hit rate".to_string(),
-        xs.iter()
-            .filter_map(|(i, k)| Some((*i, st_hit.get(*k)?.0)))
-            .collect(),
-    )];
-    e(lines(
-        &fig("staleness_hit"),
-        "Directory publish interval: hit rate (x: 0, 100, 500, 1000, 5000, 30000 ms, never)",
-        "interval (index)",
-        "hit rate",
-        &stale,
-        true,
-    ))?;
-    let stale_t = vec![(
-        "P95 TTFT".to_string(),
-        xs.iter()
-            .filter_map(|(i, k)| Some((*i, st_p95.get(*k)?.0)))
-            .collect(),
-    )];
-    e(lines(
-        &fig("staleness_ttft"),
-        "Directory publish interval: P95 TTFT (x: 0, 100, 500, 1000, 5000, 30000 ms, never)",
-        "interval (index)",
-        "P95 TTFT (ms)",
-        &stale_t,
-        true,
-    ))?;
+    // Experiment 5: P95 TTFT and hit rate against N, per policy (simulated).
+    let e5 = |f: &dyn Fn(&RunResult) -> f64| {
+        agg(
+            runs,
+            |r| r.spec.experiment == "exp5",
+            |r| (r.spec.policy.as_str().to_string(), r.per_endpoint.len()),
+            f,
+        )
+    };
+    let (e5_p95, e5_hit) = (e5(&|r| r.ttft_ms[1]), e5(&|r| r.hit_rate));
+    if !e5_p95.is_empty() {
+        let pols5 = policies(runs, "exp5");
+        let by_n = |m: &BTreeMap<(String, usize), (f64, f64, f64)>| -> Vec<Series> {
+            pols5
+                .iter()
+                .map(|p| {
+                    (
+                        p.clone(),
+                        m.iter()
+                            .filter(|((q, _), _)| q == p)
+                            .map(|((_, n), v)| ((*n as f64).log2(), v.0))
+                            .collect(),
+                    )
+                })
+                .collect()
+        };
+        e(lines(
+            &fig("exp5_p95_vs_n"),
+            "Experiment 5 (simulated): P95 TTFT by engines, fixed load per engine",
+            "log2 of engines (1 = 2 ... 6 = 64)",
+            "P95 TTFT (ms)",
+            &by_n(&e5_p95),
+            true,
+        ))?;
+        e(lines(
+            &fig("exp5_hit_vs_n"),
+            "Experiment 5 (simulated): prefix hit rate by engines",
+            "log2 of engines (1 = 2 ... 6 = 64)",
+            "hit rate",
+            &by_n(&e5_hit),
+            true,
+        ))?;
+    }
 
     // 7. Load imbalance per policy (median and range over repeats).
     let imb = agg(
@@ -877,6 +952,53 @@ pub fn write(
         &|r| r.spec.experiment == "exp4",
         &|r| format!("{:>6}", runtime_value(r, "kvroute.publish_interval_ms")),
     );
+    if let Some(sm) = &meta.simulator {
+        validation_section(&mut h, runs, sm);
+        let _ = write!(h, "<h2>Experiment 5: scaling to 64 engines (simulated)</h2><p>The discrete-event simulator (the emulator's engine model, kvroute-core's policies and directory, the same workloads) at N = 2 to 64 engines, {:.3} ShareGPT sessions/s per engine, the sessions scaled with N. The staleness and alpha/beta sweeps are repeated at N = 8, and the Mooncake trace runs at N = 8 and 16 on the <code>{}</code> profile (its prompts, up to 40k tokens, need a large KV cache).</p><div class=fig>{}</div><div class=fig>{}</div>",
+            sm.per_instance_rate, sm.mooncake_profile, svg("exp5_p95_vs_n"), svg("exp5_hit_vs_n"));
+        table(
+            &mut h,
+            "ShareGPT by engines and policy",
+            &|r| r.spec.experiment == "exp5",
+            &|r| format!("N={:>2} {}", r.per_endpoint.len(), r.spec.policy.as_str()),
+        );
+        let _ = write!(
+            h,
+            "<div class=fig>{}</div><div class=fig>{}</div>",
+            svg("n8_staleness_hit"),
+            svg("n8_staleness_ttft")
+        );
+        table(
+            &mut h,
+            "Publish interval at N=8 (load_cache_aware)",
+            &|r| r.spec.experiment == "exp5-staleness",
+            &|r| format!("{:>6}", runtime_value(r, "kvroute.publish_interval_ms")),
+        );
+        let _ = write!(
+            h,
+            "<div class=fig>{}</div><div class=fig>{}</div>",
+            svg("n8_alpha_beta_p95"),
+            svg("n8_pareto")
+        );
+        table(
+            &mut h,
+            "alpha, beta at N=8",
+            &|r| r.spec.experiment == "exp5-ab",
+            &|r| {
+                format!(
+                    "alpha {} beta {}",
+                    runtime_value(r, "kvroute.alpha"),
+                    runtime_value(r, "kvroute.beta")
+                )
+            },
+        );
+        table(
+            &mut h,
+            "Mooncake trace by engines and policy",
+            &|r| r.spec.experiment == "exp5-mooncake",
+            &|r| format!("N={:>2} {}", r.per_endpoint.len(), r.spec.policy.as_str()),
+        );
+    }
     table(
         &mut h,
         "Sustainable-rate search (round_robin)",
@@ -898,4 +1020,55 @@ pub fn write(
     std::fs::write(&path, h)?;
     let _ = quantile(&[], 0.5);
     Ok(path)
+}
+
+/// The simulator against the live stack: every validation run (`val-live`, N = 2, real time)
+/// re-run in the simulator with the same sessions and seeds (`val-sim`), compared over repeats.
+fn validation_section(h: &mut String, runs: &[RunResult], sm: &SimMeta) {
+    let key = |r: &RunResult| {
+        (
+            r.spec.rate_label.clone(),
+            r.spec.policy.as_str().to_string(),
+        )
+    };
+    let m = |exp: &'static str, f: &dyn Fn(&RunResult) -> f64| {
+        agg(runs, |r| r.spec.experiment == exp, key, f)
+    };
+    let (lp50, lp95, lhit) = (
+        m("val-live", &|r| r.ttft_ms[0]),
+        m("val-live", &|r| r.ttft_ms[1]),
+        m("val-live", &|r| r.hit_rate),
+    );
+    let (sp50, sp95, shit) = (
+        m("val-sim", &|r| r.ttft_ms[0]),
+        m("val-sim", &|r| r.ttft_ms[1]),
+        m("val-sim", &|r| r.hit_rate),
+    );
+    let _ = write!(h, "<h2>Simulator validation: live stack against simulator at N = 2</h2><p>Experiment 1's ShareGPT workload at 1x through a live stack of its own at real time (at the study's time scale every millisecond of host overhead would count several times over), three repeats, then the same runs in the simulator: same sessions, seeds, policy and settings; the simulator adds the gateway's per-request cost measured on idle probes through that stack ({:.1} ms, client TTFT minus engine TTFT). Tolerances: TTFT P50 and P95 within {:.0}%, hit rate within {:.0} points. Means over repeats.</p><table><tr><th>rate, policy</th><th>P50 live</th><th>P50 sim</th><th>diff</th><th>P95 live</th><th>P95 sim</th><th>diff</th><th>hit live</th><th>hit sim</th><th>diff (pts)</th><th>within</th></tr>",
+        sm.gateway_ms, VALIDATION_TTFT * 100.0, VALIDATION_HIT * 100.0);
+    let (mut ok, mut all) = (0usize, 0usize);
+    for (k, l50) in &lp50 {
+        let (Some(s50), Some(l95), Some(s95), Some(lh), Some(sh)) = (
+            sp50.get(k),
+            lp95.get(k),
+            sp95.get(k),
+            lhit.get(k),
+            shit.get(k),
+        ) else {
+            continue;
+        };
+        let rel = |a: f64, b: f64| (b - a) / a.max(1e-9);
+        let (d50, d95, dh) = (rel(l50.0, s50.0), rel(l95.0, s95.0), sh.0 - lh.0);
+        let within = d50.abs() <= VALIDATION_TTFT
+            && d95.abs() <= VALIDATION_TTFT
+            && dh.abs() <= VALIDATION_HIT;
+        all += 1;
+        ok += usize::from(within);
+        let _ = write!(h, "<tr><td>{} {}</td><td>{:.0}</td><td>{:.0}</td><td>{:+.1}%</td><td>{:.0}</td><td>{:.0}</td><td>{:+.1}%</td><td>{:.3}</td><td>{:.3}</td><td>{:+.1}</td><td>{}</td></tr>",
+            k.0, k.1, l50.0, s50.0, d50 * 100.0, l95.0, s95.0, d95 * 100.0, lh.0, sh.0, dh * 100.0, if within { "yes" } else { "<b>no</b>" });
+    }
+    let _ = write!(
+        h,
+        "</table><p>{ok} of {all} configurations within every tolerance.</p>"
+    );
 }

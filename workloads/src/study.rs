@@ -338,7 +338,9 @@ fn mean(v: &[f64]) -> f64 {
 }
 
 impl RunResult {
-    fn new(
+    /// A run's results from its client records, the engines' counters before and after, and the
+    /// decisions per endpoint (the live runner and the simulator both build results here).
+    pub fn new(
         spec: &RunSpec,
         records: &[RequestRecord],
         (before, after): (EngineCounters, EngineCounters),

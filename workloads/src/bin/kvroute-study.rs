@@ -13,11 +13,16 @@ use std::time::Instant;
 
 use clap::Parser;
 use kvroute_core::policy::PolicyKind;
-use kvroute_traces::{arrivals, rag, sharegpt, with_arrivals, Session};
+use kvroute_core::PolicySettings;
+use kvroute_emulator::engine::EngineConfig;
+use kvroute_emulator::profile::Profile;
+use kvroute_sim::{GatewayCost, SimConfig};
+use kvroute_traces::{arrivals, mooncake, rag, sharegpt, with_arrivals, words, Session, Turn};
 use kvroute_workloads::analyze::{analyze, Analysis};
 use kvroute_workloads::calibrate::calibrate;
 use kvroute_workloads::emulated::EmulatedEngine;
 use kvroute_workloads::report;
+use kvroute_workloads::simulated;
 use kvroute_workloads::study::{save, Lab, RunResult, RunSpec};
 
 #[derive(Parser, Debug)]
@@ -47,6 +52,15 @@ struct Args {
     /// Repeats per configuration (fixed seeds 1, 2, 3, ...).
     #[arg(long, default_value_t = 3)]
     repeats: usize,
+    /// Mooncake JSONL trace (experiment 5).
+    #[arg(long, default_value = "../shared/data/mooncake_synthetic_trace.jsonl")]
+    mooncake: PathBuf,
+    /// Engine profile of the Mooncake runs (prompts up to 40k tokens need a large KV cache).
+    #[arg(long, default_value = "h100-llama3.1-8b")]
+    mooncake_profile: String,
+    /// Skip the simulated part (validation and experiment 5).
+    #[arg(long)]
+    no_sim: bool,
 }
 
 struct Plan {
@@ -312,6 +326,15 @@ async fn main() -> anyhow::Result<()> {
         .runtime_modify(&[("kvroute.publish_interval_ms", "0")])
         .await?;
 
+    drop(lab);
+    let simulator = if a.no_sim {
+        None
+    } else {
+        let gateway_ms =
+            validation_live(&a, &plan, &text, &mut results, &mut n, sustainable).await?;
+        Some(simulated_part(&a, &plan, &text, &mut results, gateway_ms)?)
+    };
+
     // Calibration of the profile, on a separate engine at real time (the lab's engines run faster,
     // which would multiply the host's timing noise).
     eprintln!("study: calibrating the {} profile", a.profile);
@@ -359,6 +382,7 @@ async fn main() -> anyhow::Result<()> {
         wall_s: t0.elapsed().as_secs_f64(),
         envoy: "1.40.0".into(),
         kvroute: env!("CARGO_PKG_VERSION").into(),
+        simulator,
     };
     let path = report::write(&a.out, &results, &bounds, Some(&calibration), &meta)?;
     println!(
@@ -368,4 +392,286 @@ async fn main() -> anyhow::Result<()> {
         path.display()
     );
     Ok(())
+}
+
+/// The gateway's per-request cost (ms of emulated time): the clients' mean TTFT minus the engines'
+/// mean TTFT over short requests sent one at a time, so no queue forms.
+async fn gateway_probe(lab: &mut Lab, out: &std::path::Path, n: &mut usize) -> anyhow::Result<f64> {
+    let sessions: Vec<Session> = (0..12u64)
+        .map(|i| Session {
+            id: format!("probe-{i}"),
+            start_ms: i as f64 * 400.0,
+            system: None,
+            turns: vec![Turn {
+                user: words(90_000 + i, 64),
+                assistant: None,
+                max_tokens: 8,
+            }],
+            think_ms: 0.0,
+        })
+        .collect();
+    let spec = RunSpec {
+        experiment: "probe".into(),
+        workload: "probe".into(),
+        policy: PolicyKind::RoundRobin,
+        runtime: vec![],
+        rate: 2.5,
+        rate_label: "idle".into(),
+        seed: 1,
+        repeat: 0,
+    };
+    let r = run(lab, out, n, spec, vec![], sessions).await?;
+    let client = r.ttfts.iter().sum::<f64>() / r.ttfts.len().max(1) as f64;
+    let cost = (client - r.engine_ttft_mean_ms).max(0.0);
+    eprintln!(
+        "study: gateway cost {cost:.2} ms (client TTFT {client:.2} ms, engine TTFT {:.2} ms)",
+        r.engine_ttft_mean_ms
+    );
+    Ok(cost)
+}
+
+/// Logs and saves one simulated run.
+fn keep(out: &std::path::Path, results: &mut Vec<RunResult>, r: RunResult) -> anyhow::Result<()> {
+    eprintln!(
+        "study: sim {:<14} N={:<2} {:<18} {:<5} {:<34} hit {:.3} p95 TTFT {:>7.0} ms",
+        r.spec.experiment,
+        r.per_endpoint.len(),
+        r.spec.policy.as_str(),
+        r.spec.rate_label,
+        r.spec
+            .runtime
+            .iter()
+            .map(|(k, v)| format!("{}={v}", k.trim_start_matches("kvroute.")))
+            .collect::<Vec<_>>()
+            .join(","),
+        r.hit_rate,
+        r.ttft_ms[1]
+    );
+    save(out, &r)?;
+    results.push(r);
+    Ok(())
+}
+
+/// Policies of the simulator's validation (reduced study; the full study validates every policy).
+const VALIDATION_POLICIES: [PolicyKind; 4] = [
+    PolicyKind::RoundRobin,
+    PolicyKind::SessionHash,
+    PolicyKind::LoadCacheAware,
+    PolicyKind::DynamoCost,
+];
+
+/// The live half of the simulator's validation, on a lab of its own at real time (at the study's
+/// time scale every millisecond of host overhead is several emulated ones, and on a small machine
+/// that noise, not the model, would dominate the comparison): the gateway's per-request cost from
+/// idle probes, then experiment 1's workload at 1x for the validation policies, 3 repeats, no
+/// warm-up. Returns the gateway cost in ms.
+async fn validation_live(
+    a: &Args,
+    plan: &Plan,
+    text: &str,
+    results: &mut Vec<RunResult>,
+    n: &mut usize,
+    rate: f64,
+) -> anyhow::Result<f64> {
+    eprintln!("study: validation lab: 2 emulated engines at real time");
+    let mut lab = Lab::emulated(2, &a.profile, 1.0).await?;
+    let gateway_ms = gateway_probe(&mut lab, &a.out, n).await?;
+    let policies: Vec<PolicyKind> = if a.full {
+        PolicyKind::ALL.to_vec()
+    } else {
+        VALIDATION_POLICIES.to_vec()
+    };
+    for p in policies {
+        for rep in 0..a.repeats {
+            let seed = rep as u64 + 1;
+            let spec = RunSpec {
+                experiment: "val-live".into(),
+                workload: "sharegpt".into(),
+                policy: p,
+                runtime: vec![],
+                rate,
+                rate_label: "1x".into(),
+                seed,
+                repeat: rep,
+            };
+            let meas = sharegpt_sessions(text, plan, seed, rate, 0)?;
+            results.push(run(&mut lab, &a.out, n, spec, vec![], meas).await?);
+        }
+    }
+    Ok(gateway_ms)
+}
+
+/// The simulated part: every validation run again in the simulator, then
+/// experiment 5 (N = 2 to 64; staleness and alpha/beta at N = 8; Mooncake at N = 8 and 16).
+fn simulated_part(
+    a: &Args,
+    plan: &Plan,
+    text: &str,
+    results: &mut Vec<RunResult>,
+    gateway_ms: f64,
+) -> anyhow::Result<report::SimMeta> {
+    let t0 = Instant::now();
+    let half = (gateway_ms * 500.0).round() as u64;
+    let engine =
+        EngineConfig::vllm_defaults(&Profile::load(&a.profile).map_err(anyhow::Error::msg)?);
+    let base = |n: usize, engine: &EngineConfig| SimConfig {
+        gateway: GatewayCost {
+            request_us: half,
+            response_us: half,
+        },
+        ..SimConfig::new(n, engine.clone(), PolicySettings::default())
+    };
+
+    // Validation: the live validation runs, simulated.
+    let live: Vec<RunResult> = results
+        .iter()
+        .filter(|r| r.spec.experiment == "val-live")
+        .cloned()
+        .collect();
+    let b2 = base(2, &engine);
+    for r in &live {
+        let spec = RunSpec {
+            experiment: "val-sim".into(),
+            ..r.spec.clone()
+        };
+        let m = simulated::prepare_for(
+            &b2,
+            &sharegpt_sessions(text, plan, spec.seed, spec.rate, 0)?,
+        );
+        keep(&a.out, results, simulated::run(&spec, &b2, &m)?)?;
+    }
+
+    // Experiment 5. The load per engine: the highest session rate per engine (doubling from
+    // 0.125/s) at which round_robin keeps P95 TTFT within the objective at N = 2.
+    let per_engine_sessions = plan.sessions;
+    let sessions_at = |n: usize, rate: f64, seed: u64| -> anyhow::Result<Vec<Session>> {
+        let p = Plan {
+            sessions: per_engine_sessions * n,
+            max_turns: plan.max_turns,
+            rag_users: 0,
+            ab: vec![],
+            intervals: vec![],
+        };
+        sharegpt_sessions(text, &p, seed, rate * n as f64, 0)
+    };
+    let mut per_engine = 0.125;
+    let mut rate = 0.125;
+    for _ in 0..8 {
+        let spec = RunSpec {
+            experiment: "sim-search".into(),
+            workload: "sharegpt".into(),
+            policy: PolicyKind::RoundRobin,
+            runtime: vec![],
+            rate: rate * 2.0,
+            rate_label: format!("{rate}/s/engine"),
+            seed: 1,
+            repeat: 0,
+        };
+        let work = simulated::prepare_for(&b2, &sessions_at(2, rate, 1)?);
+        let r = simulated::run(&spec, &b2, &work)?;
+        let ok = r.failed == 0 && r.ttft_ms[1] <= a.slo_ms;
+        keep(&a.out, results, r)?;
+        if !ok {
+            break;
+        }
+        per_engine = rate;
+        rate *= 2.0;
+    }
+    eprintln!("study: simulated load per engine {per_engine} sessions/s");
+    for n in [2usize, 4, 8, 16, 32, 64] {
+        let b = base(n, &engine);
+        for rep in 0..a.repeats {
+            let seed = rep as u64 + 1;
+            let work = simulated::prepare_for(&b, &sessions_at(n, per_engine, seed)?);
+            for p in PolicyKind::ALL {
+                let spec = RunSpec {
+                    experiment: "exp5".into(),
+                    workload: "sharegpt".into(),
+                    policy: *p,
+                    runtime: vec![],
+                    rate: per_engine * n as f64,
+                    rate_label: "1x".into(),
+                    seed,
+                    repeat: rep,
+                };
+                keep(&a.out, results, simulated::run(&spec, &b, &work)?)?;
+            }
+        }
+    }
+    // Staleness and alpha / beta at N = 8.
+    let b8 = base(8, &engine);
+    let kv = |pairs: &[(&str, String)]| -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect()
+    };
+    let mut sweeps: Vec<(&str, Vec<(String, String)>)> = Vec::new();
+    for iv in &plan.intervals {
+        sweeps.push((
+            "exp5-staleness",
+            kv(&[("kvroute.publish_interval_ms", iv.to_string())]),
+        ));
+    }
+    for alpha in &plan.ab {
+        for beta in &plan.ab {
+            sweeps.push((
+                "exp5-ab",
+                kv(&[
+                    ("kvroute.alpha", alpha.to_string()),
+                    ("kvroute.beta", beta.to_string()),
+                ]),
+            ));
+        }
+    }
+    for rep in 0..a.repeats {
+        let seed = rep as u64 + 1;
+        let work = simulated::prepare_for(&b8, &sessions_at(8, per_engine, seed)?);
+        for (experiment, runtime) in &sweeps {
+            let spec = RunSpec {
+                experiment: experiment.to_string(),
+                workload: "sharegpt".into(),
+                policy: PolicyKind::LoadCacheAware,
+                runtime: runtime.clone(),
+                rate: per_engine * 8.0,
+                rate_label: "1x".into(),
+                seed,
+                repeat: rep,
+            };
+            keep(&a.out, results, simulated::run(&spec, &b8, &work)?)?;
+        }
+    }
+    // Mooncake at N = 8 and 16, at the trace's own arrival times.
+    let big = EngineConfig::vllm_defaults(
+        &Profile::load(&a.mooncake_profile).map_err(anyhow::Error::msg)?,
+    );
+    let mtext = std::fs::read_to_string(&a.mooncake)?;
+    let reqs =
+        mooncake::parse(&mtext).map_err(|e| anyhow::anyhow!("{}: {e}", a.mooncake.display()))?;
+    let work = simulated::prepare_for(&base(16, &big), &mooncake::sessions(&reqs, 1.0));
+    for n in [8usize, 16] {
+        let b = SimConfig {
+            record_itl: false,
+            ..base(n, &big)
+        };
+        for p in PolicyKind::ALL {
+            let spec = RunSpec {
+                experiment: "exp5-mooncake".into(),
+                workload: "mooncake".into(),
+                policy: *p,
+                runtime: vec![],
+                rate: 0.0,
+                rate_label: "trace".into(),
+                seed: 1,
+                repeat: 0,
+            };
+            keep(&a.out, results, simulated::run(&spec, &b, &work)?)?;
+        }
+    }
+    Ok(report::SimMeta {
+        gateway_ms,
+        per_instance_rate: per_engine,
+        mooncake_profile: a.mooncake_profile.clone(),
+        wall_s: t0.elapsed().as_secs_f64(),
+    })
 }

@@ -1,0 +1,94 @@
+//! Simulated runs as study results: the simulator's output turned into the replayer's records and
+//! the runner's [`RunResult`], so the same report and figures come out of a simulated run.
+
+use kvroute_sim::{prepare, simulate, PreparedSession, SimConfig, SimOutput};
+use kvroute_traces::Session;
+
+use crate::replay::RequestRecord;
+use crate::study::{EngineCounters, RunResult, RunSpec};
+
+/// The client records of a simulated run, as the replayer writes them.
+pub fn records(out: &SimOutput, work: &[PreparedSession]) -> Vec<RequestRecord> {
+    let ms = |us: u64| us as f64 / 1000.0;
+    out.records
+        .iter()
+        .map(|r| RequestRecord {
+            session: work
+                .get(r.session as usize)
+                .map(|s| s.id.clone())
+                .unwrap_or_default(),
+            turn: r.turn as usize,
+            sent_ms: ms(r.sent_us),
+            sent_unix_ms: r.sent_us / 1000,
+            status: if r.error.is_none() { 200 } else { 400 },
+            ttft_ms: r.ttft_us.map(ms),
+            itl_ms: r.itl_us.iter().map(|u| ms(*u)).collect(),
+            e2e_ms: ms(r.e2e_us),
+            prompt_tokens: Some(u64::from(r.prompt_tokens)),
+            completion_tokens: Some(u64::from(r.completion_tokens)),
+            cached_tokens: Some(u64::from(r.cached_tokens)),
+            endpoint: Some(format!("engine{}", r.endpoint)),
+            error: r.error.clone(),
+        })
+        .collect()
+}
+
+/// The study result of a simulated run.
+pub fn result(spec: &RunSpec, out: &SimOutput, work: &[PreparedSession], wall_s: f64) -> RunResult {
+    let c = out.counters;
+    let after = EngineCounters {
+        hits: c.hits,
+        queries: c.queries,
+        prompt_tokens: c.prompt_tokens,
+        prefill_computed: c.prefill_computed,
+        ttft_sum: c.ttft_sum,
+        ttft_count: c.ttft_count,
+        preemptions: c.preemptions,
+    };
+    RunResult::new(
+        spec,
+        &records(out, work),
+        (EngineCounters::default(), after),
+        out.per_endpoint.clone(),
+        wall_s,
+        1.0,
+    )
+}
+
+/// Runs `spec` in the simulator: `base` with the spec's policy and runtime values applied.
+pub fn run(
+    spec: &RunSpec,
+    base: &SimConfig,
+    work: &[PreparedSession],
+) -> anyhow::Result<RunResult> {
+    let cfg = configured(spec, base)?;
+    let t = std::time::Instant::now();
+    let out = simulate(&cfg, work);
+    Ok(result(spec, &out, work, t.elapsed().as_secs_f64()))
+}
+
+/// Prepares sessions for `base`'s filter on every core.
+pub fn prepare_for(base: &SimConfig, sessions: &[Session]) -> Vec<PreparedSession> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    prepare(sessions, &base.filter, threads)
+}
+
+fn configured(spec: &RunSpec, base: &SimConfig) -> anyhow::Result<SimConfig> {
+    let mut cfg = base.clone();
+    let (settings, errors) = base.settings.with_runtime(
+        std::iter::once(("kvroute.policy", spec.policy.as_str()))
+            .chain(spec.runtime.iter().map(|(k, v)| (k.as_str(), v.as_str()))),
+    );
+    if let Some(e) = errors.first() {
+        anyhow::bail!("run {}: {}: {}", spec.experiment, e.field, e.message);
+    }
+    cfg.settings = settings;
+    cfg.seed = spec.seed;
+    Ok(cfg)
+}
+
+/// The engine configuration `vllm serve` would start with on a built-in profile or profile file.
+pub fn engine_config(profile: &str) -> anyhow::Result<kvroute_emulator::engine::EngineConfig> {
+    let p = kvroute_emulator::profile::Profile::load(profile).map_err(anyhow::Error::msg)?;
+    Ok(kvroute_emulator::engine::EngineConfig::vllm_defaults(&p))
+}
