@@ -954,7 +954,7 @@ pub fn write(
     );
     if let Some(sm) = &meta.simulator {
         validation_section(&mut h, runs, sm);
-        let _ = write!(h, "<h2>Experiment 5: scaling to 64 engines (simulated)</h2><p>The discrete-event simulator (the emulator's engine model, kvroute-core's policies and directory, the same workloads) at N = 2 to 64 engines, {:.3} ShareGPT sessions/s per engine, the sessions scaled with N (the highest rate per engine at which round_robin kept P95 TTFT within the objective at N = 2, searched by doubling). The staleness and alpha/beta sweeps are repeated at N = 8, and the Mooncake trace runs at N = 8 and 16 on the <code>{}</code> profile (its prompts, up to 40k tokens, need a large KV cache).</p><div class=fig>{}</div><div class=fig>{}</div>",
+        let _ = write!(h, "<h2>Experiment 5: scaling to 64 engines (simulated)</h2><p>The discrete-event simulator (the emulator's engine model, kvroute-core's policies and directory, the same workloads) at N = 2 to 64 engines, {:.3} ShareGPT sessions/s per engine, the sessions scaled with N: half the highest rate per engine at which round_robin kept P95 TTFT within the objective at N = 2 (searched by doubling, then bisection). The staleness and alpha/beta sweeps are repeated at N = 8, and the Mooncake trace runs at N = 8 and 16 on the <code>{}</code> profile (its prompts, up to 40k tokens, need a large KV cache).</p><div class=fig>{}</div><div class=fig>{}</div>",
             sm.per_instance_rate, sm.mooncake_profile, svg("exp5_p95_vs_n"), svg("exp5_hit_vs_n"));
         table(
             &mut h,

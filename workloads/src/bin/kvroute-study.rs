@@ -556,16 +556,14 @@ fn simulated_part(
         };
         sharegpt_sessions(text, &p, seed, rate * n as f64, 0)
     };
-    let mut per_engine = 0.125;
-    let mut rate = 0.125;
-    for _ in 0..12 {
+    let probe = |rate: f64, results: &mut Vec<RunResult>| -> anyhow::Result<bool> {
         let spec = RunSpec {
             experiment: "sim-search".into(),
             workload: "sharegpt".into(),
             policy: PolicyKind::RoundRobin,
             runtime: vec![],
             rate: rate * 2.0,
-            rate_label: format!("{rate}/s/engine"),
+            rate_label: format!("{rate:.3}/s/engine"),
             seed: 1,
             repeat: 0,
         };
@@ -573,13 +571,33 @@ fn simulated_part(
         let r = simulated::run(&spec, &b2, &work)?;
         let ok = r.failed == 0 && r.ttft_ms[1] <= a.slo_ms;
         keep(&a.out, results, r)?;
-        if !ok {
+        Ok(ok)
+    };
+    // Doubling to the first rate over the objective, then four bisection steps between the last
+    // rate within it and that one: the knee, to about 6%.
+    let (mut lo, mut hi) = (0.0f64, 0.125f64);
+    for _ in 0..12 {
+        if !probe(hi, results)? {
             break;
         }
-        per_engine = rate;
-        rate *= 2.0;
+        lo = hi;
+        hi *= 2.0;
     }
-    eprintln!("study: simulated load per engine {per_engine} sessions/s");
+    for _ in 0..4 {
+        let mid = (lo + hi) / 2.0;
+        if probe(mid, results)? {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    // Experiment 5 runs at half the knee: loaded, but short of saturation at N = 2, where
+    // placement rather than overload decides.
+    let knee = lo.max(0.125);
+    let per_engine = knee / 2.0;
+    eprintln!(
+        "study: simulated knee {knee:.3} sessions/s per engine; experiment 5 at {per_engine:.3}"
+    );
     for n in [2usize, 4, 8, 16, 32, 64] {
         let b = base(n, &engine);
         for rep in 0..a.repeats {
