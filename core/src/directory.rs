@@ -7,7 +7,7 @@
 //! first. An index maps each block hash to the bit mask of endpoints holding it; a bounded LRU maps
 //! sessions to the endpoint that served them last.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::num::NonZeroUsize;
 
@@ -83,11 +83,79 @@ impl Hasher for PrehashedHasher {
 
 type Prehashed = BuildHasherDefault<PrehashedHasher>;
 
+/// The block index: ordered where the directory is published often (the filter's singleton
+/// publishes after every decision by default, and the published form is sorted), hashed where
+/// lookups and records dominate and publishes are rare (the simulator).
+#[derive(Debug)]
+enum Index {
+    Ordered(BTreeMap<BlockHash, u64>),
+    Hashed(HashMap<BlockHash, u64, Prehashed>),
+}
+
+impl Index {
+    fn get(&self, h: &BlockHash) -> Option<u64> {
+        match self {
+            Self::Ordered(m) => m.get(h).copied(),
+            Self::Hashed(m) => m.get(h).copied(),
+        }
+    }
+    fn set_bit(&mut self, h: BlockHash, bit: u64) {
+        match self {
+            Self::Ordered(m) => *m.entry(h).or_insert(0) |= bit,
+            Self::Hashed(m) => *m.entry(h).or_insert(0) |= bit,
+        }
+    }
+    fn unset(&mut self, h: BlockHash, bit: u64) {
+        let gone = match self {
+            Self::Ordered(m) => m.get_mut(&h).map(|v| {
+                *v &= !bit;
+                *v == 0
+            }),
+            Self::Hashed(m) => m.get_mut(&h).map(|v| {
+                *v &= !bit;
+                *v == 0
+            }),
+        };
+        if gone == Some(true) {
+            match self {
+                Self::Ordered(m) => {
+                    m.remove(&h);
+                }
+                Self::Hashed(m) => {
+                    m.remove(&h);
+                }
+            }
+        }
+    }
+    fn len(&self) -> usize {
+        match self {
+            Self::Ordered(m) => m.len(),
+            Self::Hashed(m) => m.len(),
+        }
+    }
+    fn clear(&mut self) {
+        match self {
+            Self::Ordered(m) => m.clear(),
+            Self::Hashed(m) => m.clear(),
+        }
+    }
+    fn sorted(&self) -> Vec<(BlockHash, u64)> {
+        match self {
+            Self::Ordered(m) => m.iter().map(|(h, v)| (*h, *v)).collect(),
+            Self::Hashed(m) => {
+                let mut v: Vec<(BlockHash, u64)> = m.iter().map(|(h, v)| (*h, *v)).collect();
+                v.sort_unstable_by_key(|(h, _)| *h);
+                v
+            }
+        }
+    }
+}
+
 /// The authoritative, bounded directory (owned by the singleton, or by the simulator).
 #[derive(Debug)]
 pub struct Directory {
     lrus: Vec<LruCache<BlockHash, (), Prehashed>>,
-    index: HashMap<BlockHash, u64, Prehashed>,
+    index: Index,
     sessions: LruCache<u64, u8, Prehashed>,
 }
 
@@ -98,13 +166,32 @@ fn nz(n: u32) -> NonZeroUsize {
 impl Directory {
     /// A directory for endpoints with these capacities (blocks each; at most [`MAX_ENDPOINTS`]).
     pub fn new(capacities: &[u32], session_capacity: u32) -> Self {
+        Self::with_index(
+            capacities,
+            session_capacity,
+            Index::Ordered(BTreeMap::new()),
+        )
+    }
+
+    /// The same directory with a hashed block index: cheaper records and lookups, a sort on every
+    /// [`Directory::entries`] (for the simulator, which reads the live directory and publishes
+    /// rarely; the filter publishes after every decision by default and keeps [`Directory::new`]).
+    pub fn new_hashed(capacities: &[u32], session_capacity: u32) -> Self {
+        Self::with_index(
+            capacities,
+            session_capacity,
+            Index::Hashed(HashMap::default()),
+        )
+    }
+
+    fn with_index(capacities: &[u32], session_capacity: u32, index: Index) -> Self {
         Self {
             lrus: capacities
                 .iter()
                 .take(MAX_ENDPOINTS)
                 .map(|c| LruCache::with_hasher(nz(*c), Prehashed::default()))
                 .collect(),
-            index: HashMap::default(),
+            index,
             sessions: LruCache::with_hasher(nz(session_capacity), Prehashed::default()),
         }
     }
@@ -123,22 +210,13 @@ impl Directory {
         for h in blocks.iter().rev() {
             if let Some((evicted, ())) = lru.push(*h, ()) {
                 if evicted != *h {
-                    Self::unset(&mut self.index, evicted, bit);
+                    self.index.unset(evicted, bit);
                 }
             }
-            *self.index.entry(*h).or_insert(0) |= bit;
+            self.index.set_bit(*h, bit);
         }
         if let Some(s) = session {
             self.sessions.put(s, endpoint as u8);
-        }
-    }
-
-    fn unset(index: &mut HashMap<BlockHash, u64, Prehashed>, h: BlockHash, bit: u64) {
-        if let Some(m) = index.get_mut(&h) {
-            *m &= !bit;
-            if *m == 0 {
-                index.remove(&h);
-            }
         }
     }
 
@@ -150,7 +228,7 @@ impl Directory {
         let bit = 1u64 << endpoint;
         while lru.len() > blocks as usize {
             if let Some((h, ())) = lru.pop_lru() {
-                Self::unset(&mut self.index, h, bit);
+                self.index.unset(h, bit);
             }
         }
         lru.resize(nz(blocks));
@@ -163,7 +241,7 @@ impl Directory {
         };
         let bit = 1u64 << endpoint;
         while let Some((h, ())) = lru.pop_lru() {
-            Self::unset(&mut self.index, h, bit);
+            self.index.unset(h, bit);
         }
     }
 
@@ -197,12 +275,9 @@ impl Directory {
         self.sessions.len()
     }
 
-    /// (hash, holders mask) pairs in ascending hash order (sorted here: the index is a hash map,
-    /// which makes every decision's record and lookups cheap; only a publish pays for order).
+    /// (hash, holders mask) pairs in ascending hash order.
     pub fn entries(&self) -> Vec<(BlockHash, u64)> {
-        let mut v: Vec<(BlockHash, u64)> = self.index.iter().map(|(h, m)| (*h, *m)).collect();
-        v.sort_unstable_by_key(|(h, _)| *h);
-        v
+        self.index.sorted()
     }
 
     /// (session, endpoint) pairs in no particular order.
@@ -213,7 +288,7 @@ impl Directory {
 
 impl PrefixIndex for Directory {
     fn holders(&self, h: BlockHash) -> u64 {
-        self.index.get(&h).copied().unwrap_or(0)
+        self.index.get(&h).unwrap_or(0)
     }
     fn session_endpoint(&self, s: u64) -> Option<usize> {
         self.sessions.peek(&s).map(|e| usize::from(*e))
@@ -291,6 +366,22 @@ mod tests {
     }
 
     proptest! {
+        /// The ordered and the hashed index are the same directory: same entries, same matches.
+        #[test]
+        fn hashed_index_equals_ordered(
+            ops in prop::collection::vec((0usize..4, prop::collection::vec(0u64..40, 0..20)), 0..60),
+            probe in prop::collection::vec(0u64..40, 0..10),
+        ) {
+            let mut a = Directory::new(&[7, 9, 11, 13], 4);
+            let mut b = Directory::new_hashed(&[7, 9, 11, 13], 4);
+            for (e, blocks) in &ops {
+                a.record(*e, &hs(blocks), None);
+                b.record(*e, &hs(blocks), None);
+            }
+            prop_assert_eq!(a.entries(), b.entries());
+            prop_assert_eq!(match_lengths(&a, &hs(&probe), 4), match_lengths(&b, &hs(&probe), 4));
+        }
+
         /// No endpoint ever holds more blocks than its capacity, the index holds exactly the union
         /// of the endpoint sets, and the sessions stay within their bound.
         #[test]
