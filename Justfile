@@ -59,8 +59,9 @@ tokenizer-error:
 # Everything CI checks.
 test: check-fmt clippy unit validate-configs e2e py-tests
 
-# The main job: build, then the reduced routing study (experiments 1-4 on emulated engines, about
-# 10 minutes on 2 cores); writes results/study/report.html.
+# The main job: build, then the reduced routing study (experiments 1-4 live on emulated engines,
+# the simulator's validation, experiment 5 simulated; about 11 minutes on 2 cores);
+# writes results/study/report.html.
 main: build
     cargo run -q --release -p kvroute-workloads --bin kvroute-study -- --out results/study
 
