@@ -107,7 +107,6 @@ fn main() {
                 body_features(ApiKind::Chat, black_box(&body), Some("session-1"), spec).unwrap();
             let inputs = Inputs {
                 endpoints: &endpoints,
-                default_capacity_blocks: 4096,
                 status: &state.header.endpoints,
                 inflight: &[3, 1],
                 inflight_blocks: &[],

@@ -110,8 +110,6 @@ pub struct Candidate<'a> {
     pub waiting: Option<f64>,
     /// Engine-reported KV cache usage (0..=1), when a sidecar reports it.
     pub kv_usage: Option<f64>,
-    /// Directory capacity of the endpoint, in blocks (the size of its KV cache in block units).
-    pub capacity_blocks: u32,
     /// Prefix blocks of the requests the gateway has in flight on this endpoint (the router's own
     /// account of the KV blocks it has sent there, fresh at every decision).
     pub active_blocks: f64,

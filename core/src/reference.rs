@@ -345,7 +345,6 @@ mod tests {
                     inflight: f64::from(load),
                     kv_usage: kv,
                     waiting: q.map(f64::from),
-                    capacity_blocks: 1000,
                     active_blocks: f64::from(load) * 20.0,
                     ..Candidate::default()
                 })

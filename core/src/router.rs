@@ -11,7 +11,7 @@ use crate::hash::{session_key, BlockHash};
 use crate::policy::{policy, Candidate, LoadSignal, PickContext, PickNote, PolicyKind};
 use crate::prefix::{request_blocks, request_prefix_key, BlockSpec};
 use crate::request::{parse_request, ApiKind, ParseError, ParsedRequest};
-use crate::state::EndpointStatus;
+use crate::state::{EndpointStatus, EngineLoad};
 
 /// What the policies read from a request.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -91,8 +91,6 @@ pub struct Inputs<'a> {
     pub inflight: &'a [i64],
     /// Prefix blocks of those requests per endpoint (empty: unknown, read as 0).
     pub inflight_blocks: &'a [i64],
-    /// Directory capacity, in blocks, of endpoints that do not set their own.
-    pub default_capacity_blocks: u32,
     /// Active settings.
     pub settings: &'a PolicySettings,
     /// Decision sequence number (round robin).
@@ -101,10 +99,7 @@ pub struct Inputs<'a> {
     pub rand: u64,
 }
 
-fn load(inputs: &Inputs<'_>, i: usize, missing: &mut bool) -> f64 {
-    let inflight = inputs.inflight.get(i).copied().unwrap_or(0).max(0) as f64;
-    let engine = inputs.status.get(i).and_then(|s| s.engine);
-    let signal = inputs.settings.load_signal;
+fn load(signal: LoadSignal, inflight: f64, engine: Option<EngineLoad>, missing: &mut bool) -> f64 {
     match (signal, engine) {
         (LoadSignal::GatewayInflight, _) => inflight,
         (LoadSignal::EngineWaiting, Some(e)) => e.waiting,
@@ -146,20 +141,17 @@ pub fn decide(
         .filter(|(i, _)| no_healthy || healthy(*i))
         .map(|(i, e)| {
             let engine = inputs.status.get(i).and_then(|s| s.engine);
+            let inflight = inputs.inflight.get(i).copied().unwrap_or(0).max(0) as f64;
             Candidate {
                 endpoint: i,
                 name: &e.name,
-                load: load(inputs, i, &mut missing),
+                load: load(inputs.settings.load_signal, inflight, engine, &mut missing),
                 matched_blocks: lens.get(i).copied().unwrap_or(0),
                 holds_session: session_at == Some(i),
-                inflight: inputs.inflight.get(i).copied().unwrap_or(0).max(0) as f64,
+                inflight,
                 active_blocks: inputs.inflight_blocks.get(i).copied().unwrap_or(0).max(0) as f64,
                 waiting: engine.map(|e| e.waiting),
                 kv_usage: engine.map(|e| e.kv_usage),
-                capacity_blocks: e
-                    .capacity_blocks
-                    .or(engine.map(|x| x.capacity_blocks).filter(|c| *c > 0))
-                    .unwrap_or(inputs.default_capacity_blocks),
             }
         })
         .collect();
@@ -248,7 +240,6 @@ mod tests {
         let mut status = vec![EndpointStatus::default(); 3];
         let inputs = Inputs {
             endpoints: &endpoints,
-            default_capacity_blocks: 1000,
             status: &status,
             inflight: &[0, 0, 0],
             inflight_blocks: &[],
@@ -264,7 +255,6 @@ mod tests {
         status[2].healthy = false;
         let inputs = Inputs {
             endpoints: &endpoints,
-            default_capacity_blocks: 1000,
             status: &status,
             inflight: &[0, 0, 0],
             inflight_blocks: &[],
@@ -290,7 +280,6 @@ mod tests {
         ];
         let inputs = Inputs {
             endpoints: &endpoints,
-            default_capacity_blocks: 1000,
             status: &status,
             inflight: &[4, 1, 2],
             inflight_blocks: &[],
@@ -315,7 +304,6 @@ mod tests {
         };
         let inputs = Inputs {
             endpoints: &endpoints,
-            default_capacity_blocks: 1000,
             status: &[],
             inflight: &[5, 2],
             inflight_blocks: &[],

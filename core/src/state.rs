@@ -43,8 +43,6 @@ pub struct EngineLoad {
     pub kv_usage: f64,
     /// When it was scraped, in ms since the epoch.
     pub scraped_at_ms: u64,
-    /// The engine's KV cache size in directory blocks (0: unknown).
-    pub capacity_blocks: u32,
 }
 
 /// What the router knows about one endpoint.

@@ -226,9 +226,6 @@ impl Singleton {
                             running: e.running,
                             kv_usage: e.kv_usage,
                             scraped_at_ms: e.scraped_at_ms,
-                            capacity_blocks: e
-                                .capacity_tokens
-                                .map_or(0, |t| self.config.blocks_for_tokens(t)),
                         }),
                     };
                     // The directory forgets roughly what this engine's KV cache can hold.

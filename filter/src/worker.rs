@@ -134,7 +134,6 @@ impl Worker {
         };
         let inputs = Inputs {
             endpoints: &self.config.endpoints,
-            default_capacity_blocks: self.config.default_capacity_blocks,
             status,
             inflight: &inflight,
             inflight_blocks: &inflight_blocks,

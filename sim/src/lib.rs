@@ -385,7 +385,6 @@ impl Sim<'_> {
         };
         let inputs = Inputs {
             endpoints: &self.cfg.filter.endpoints,
-            default_capacity_blocks: self.cfg.filter.default_capacity_blocks,
             status: &self.status,
             inflight: &self.inflight,
             inflight_blocks: &self.inflight_blocks,
@@ -611,9 +610,6 @@ impl Sim<'_> {
                     running: s.running as f64,
                     kv_usage: s.kv_usage,
                     scraped_at_ms: now / 1000 + 1,
-                    capacity_blocks: self.cfg.filter.blocks_for_tokens(u64::from(
-                        e.config().num_gpu_blocks * e.config().block_size,
-                    )),
                 };
             }
             sample.push((s.waiting + s.running) as u32);
@@ -662,7 +658,6 @@ pub fn simulate(cfg: &SimConfig, work: &[PreparedSession]) -> SimOutput {
                 running: 0.0,
                 kv_usage: 0.0,
                 scraped_at_ms: 1,
-                capacity_blocks: capacity,
             };
             n
         ],

@@ -46,11 +46,7 @@ impl Stack {
         }
         let spec_engines = engines
             .iter()
-            .map(|e| Engine {
-                name: e.name.clone(),
-                host: "127.0.0.1".into(),
-                port: e.addr.port(),
-            })
+            .map(|e| Engine::local(&e.name, e.addr.port()))
             .collect();
         let mut spec = EnvoySpec::new(spec_engines, filter_wasm().unwrap().display().to_string());
         tweak(&mut spec.filter);

@@ -30,11 +30,7 @@ async fn replay_counts_add_up_and_hits_are_recorded() {
     }
     let spec_engines = engines
         .iter()
-        .map(|e| Engine {
-            name: e.name.clone(),
-            host: "127.0.0.1".into(),
-            port: e.addr.port(),
-        })
+        .map(|e| Engine::local(&e.name, e.addr.port()))
         .collect();
     let envoy = Envoy::start(EnvoySpec::new(
         spec_engines,

@@ -45,18 +45,10 @@ impl Rig {
             .unwrap();
         let spec_engines = engines
             .iter()
-            .map(|e| Engine {
-                name: e.name.clone(),
-                host: "127.0.0.1".into(),
-                port: e.addr.port(),
-            })
+            .map(|e| Engine::local(&e.name, e.addr.port()))
             .collect();
         let mut spec = EnvoySpec::new(spec_engines, filter_wasm().unwrap().display().to_string());
-        spec.set_sidecar(Engine {
-            name: "sidecar".into(),
-            host: "127.0.0.1".into(),
-            port: sidecar.addr.port(),
-        });
+        spec.set_sidecar(Engine::local("sidecar", sidecar.addr.port()));
         spec.filter.defaults = PolicySettings {
             policy,
             load_signal: signal,

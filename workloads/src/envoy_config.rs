@@ -18,6 +18,17 @@ pub struct Engine {
     pub port: u16,
 }
 
+impl Engine {
+    /// An endpoint listening on this machine's loopback address.
+    pub fn local(name: &str, port: u16) -> Self {
+        Self {
+            name: name.to_string(),
+            host: "127.0.0.1".into(),
+            port,
+        }
+    }
+}
+
 /// What the bootstrap is made of.
 #[derive(Debug, Clone)]
 pub struct EnvoySpec {
@@ -44,24 +55,12 @@ impl EnvoySpec {
     pub fn example() -> Self {
         let mut spec = Self::new(
             vec![
-                Engine {
-                    name: "engine0".into(),
-                    host: "127.0.0.1".into(),
-                    port: 8001,
-                },
-                Engine {
-                    name: "engine1".into(),
-                    host: "127.0.0.1".into(),
-                    port: 8002,
-                },
+                Engine::local("engine0", 8001),
+                Engine::local("engine1", 8002),
             ],
             "target/wasm32-wasip1/release/kvroute_filter.wasm".into(),
         );
-        spec.set_sidecar(Engine {
-            name: "sidecar".into(),
-            host: "127.0.0.1".into(),
-            port: 9100,
-        });
+        spec.set_sidecar(Engine::local("sidecar", 9100));
         spec
     }
 

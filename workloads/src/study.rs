@@ -51,18 +51,10 @@ impl Lab {
                 .await?;
         let spec_engines = engines
             .iter()
-            .map(|e| Engine {
-                name: e.name.clone(),
-                host: "127.0.0.1".into(),
-                port: e.addr.port(),
-            })
+            .map(|e| Engine::local(&e.name, e.addr.port()))
             .collect();
         let mut spec = EnvoySpec::new(spec_engines, filter_wasm()?.display().to_string());
-        spec.set_sidecar(Engine {
-            name: "sidecar".into(),
-            host: "127.0.0.1".into(),
-            port: sidecar.addr.port(),
-        });
+        spec.set_sidecar(Engine::local("sidecar", sidecar.addr.port()));
         let envoy = Envoy::start(spec).await?;
         envoy
             .wait_stat("kvroute_state_stale", Duration::from_secs(10), |v| v == 0)
@@ -277,6 +269,36 @@ pub struct RunSpec {
     pub seed: u64,
     /// Repeat index.
     pub repeat: usize,
+}
+
+impl RunSpec {
+    /// A run of `policy` on `workload` at `rate` sessions/s; repeat `repeat` uses seed
+    /// `repeat + 1`, and no extra runtime values.
+    pub fn new(
+        experiment: &str,
+        workload: &str,
+        policy: PolicyKind,
+        rate: f64,
+        rate_label: &str,
+        repeat: usize,
+    ) -> Self {
+        Self {
+            experiment: experiment.into(),
+            workload: workload.into(),
+            policy,
+            runtime: Vec::new(),
+            rate,
+            rate_label: rate_label.into(),
+            seed: repeat as u64 + 1,
+            repeat,
+        }
+    }
+
+    /// The same run with these runtime values.
+    pub fn with_runtime(mut self, runtime: Vec<(String, String)>) -> Self {
+        self.runtime = runtime;
+        self
+    }
 }
 
 /// What a run measured. Times are emulated milliseconds (client wall time x time scale).

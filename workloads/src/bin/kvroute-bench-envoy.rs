@@ -150,11 +150,7 @@ async fn main() -> anyhow::Result<()> {
     let e1 = EchoEngine::start("engine1").await?;
     let engines: Vec<Engine> = [&e0, &e1]
         .iter()
-        .map(|e| Engine {
-            name: e.name.clone(),
-            host: "127.0.0.1".into(),
-            port: e.addr.port(),
-        })
+        .map(|e| Engine::local(&e.name, e.addr.port()))
         .collect();
     let wasm = filter_wasm()?.display().to_string();
     let with = Envoy::start(EnvoySpec::new(engines.clone(), wasm.clone())).await?;

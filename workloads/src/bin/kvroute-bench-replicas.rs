@@ -50,18 +50,10 @@ async fn main() -> anyhow::Result<()> {
     for _ in 0..2 {
         let spec_engines = engines
             .iter()
-            .map(|e| Engine {
-                name: e.name.clone(),
-                host: "127.0.0.1".into(),
-                port: e.addr.port(),
-            })
+            .map(|e| Engine::local(&e.name, e.addr.port()))
             .collect();
         let mut spec = EnvoySpec::new(spec_engines, filter_wasm()?.display().to_string());
-        spec.set_sidecar(Engine {
-            name: "sidecar".into(),
-            host: "127.0.0.1".into(),
-            port: sidecar.addr.port(),
-        });
+        spec.set_sidecar(Engine::local("sidecar", sidecar.addr.port()));
         replicas.push(Envoy::start(spec).await?);
     }
     let urls: Vec<String> = replicas

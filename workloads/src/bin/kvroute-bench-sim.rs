@@ -14,10 +14,9 @@ use std::time::Instant;
 
 use clap::Parser;
 use kvroute_core::{PolicyKind, PolicySettings};
-use kvroute_emulator::engine::EngineConfig;
-use kvroute_emulator::profile::Profile;
-use kvroute_sim::{prepare, simulate, SimConfig};
+use kvroute_sim::{simulate, SimConfig};
 use kvroute_traces::{arrivals, mooncake, rag, with_arrivals};
+use kvroute_workloads::simulated;
 
 #[derive(Parser, Debug)]
 #[command(about = "Benchmark the simulator: Mooncake at N=16 per policy, and a million requests")]
@@ -42,8 +41,7 @@ fn threads() -> usize {
 
 fn main() -> anyhow::Result<()> {
     let a = Args::parse();
-    let profile = Profile::load(&a.profile).map_err(anyhow::Error::msg)?;
-    let engine = EngineConfig::vllm_defaults(&profile);
+    let engine = simulated::engine_config(&a.profile)?;
     let base = |n: usize, policy: PolicyKind| SimConfig {
         record_itl: false,
         ..SimConfig::new(
@@ -62,7 +60,7 @@ fn main() -> anyhow::Result<()> {
         mooncake::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", a.mooncake.display()))?;
     let sessions = mooncake::sessions(&reqs, 1.0);
     let t = Instant::now();
-    let work = prepare(&sessions, &base(16, PolicyKind::Jsq).filter, threads());
+    let work = simulated::prepare_for(&base(16, PolicyKind::Jsq), &sessions);
     let prep_s = t.elapsed().as_secs_f64();
     let tokens: usize = work
         .iter()
@@ -115,11 +113,7 @@ fn main() -> anyhow::Result<()> {
     let starts = arrivals::poisson(docs.len(), rate, 7);
     let sessions = with_arrivals(docs, &starts);
     let t = Instant::now();
-    let work = prepare(
-        &sessions,
-        &base(a.engines, PolicyKind::Jsq).filter,
-        threads(),
-    );
+    let work = simulated::prepare_for(&base(a.engines, PolicyKind::Jsq), &sessions);
     let prep_s = t.elapsed().as_secs_f64();
     let t = Instant::now();
     let out = simulate(&base(a.engines, PolicyKind::LoadCacheAware), &work);

@@ -57,11 +57,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let spec_engines = engines
         .iter()
-        .map(|e| Engine {
-            name: e.name.clone(),
-            host: "127.0.0.1".into(),
-            port: e.addr.port(),
-        })
+        .map(|e| Engine::local(&e.name, e.addr.port()))
         .collect();
     let spec = EnvoySpec::new(spec_engines, filter_wasm()?.display().to_string());
     eprintln!("demo: two emulated Llama-3.2-3B engines (RTX 5080 profile, 711 KV blocks each, x{}), Envoy with kvroute", args.time_scale);

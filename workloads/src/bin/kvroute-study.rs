@@ -15,7 +15,6 @@ use clap::Parser;
 use kvroute_core::policy::PolicyKind;
 use kvroute_core::PolicySettings;
 use kvroute_emulator::engine::EngineConfig;
-use kvroute_emulator::profile::Profile;
 use kvroute_sim::{GatewayCost, SimConfig};
 use kvroute_traces::{arrivals, mooncake, rag, sharegpt, with_arrivals, words, Session, Turn};
 use kvroute_workloads::analyze::{analyze, Analysis};
@@ -111,6 +110,34 @@ fn rag_sessions(p: &Plan, seed: u64, rate: f64) -> Vec<Session> {
     with_arrivals(s, &starts)
 }
 
+/// The runtime values of the `load_cache_aware` sweeps: every (alpha, beta) of the plan under
+/// experiment `ab`, then every directory publish interval under experiment `staleness`.
+fn sweeps(
+    plan: &Plan,
+    ab: &'static str,
+    staleness: &'static str,
+) -> Vec<(&'static str, Vec<(String, String)>)> {
+    let mut out = Vec::new();
+    for alpha in &plan.ab {
+        for beta in &plan.ab {
+            out.push((
+                ab,
+                vec![
+                    ("kvroute.alpha".to_string(), alpha.to_string()),
+                    ("kvroute.beta".to_string(), beta.to_string()),
+                ],
+            ));
+        }
+    }
+    for iv in &plan.intervals {
+        out.push((
+            staleness,
+            vec![("kvroute.publish_interval_ms".to_string(), iv.to_string())],
+        ));
+    }
+    out
+}
+
 /// Runs one spec, logs a line, appends it to `out/runs.jsonl`.
 async fn run(
     lab: &mut Lab,
@@ -122,22 +149,28 @@ async fn run(
 ) -> anyhow::Result<RunResult> {
     *n += 1;
     let r = lab.run(&spec, warm, meas).await?;
-    eprintln!(
-        "study: run {:>3} {:<6} {:<16} {:<5} {:<34} hit {:.3} p95 TTFT {:>7.0} ms",
-        n,
-        spec.experiment,
-        spec.policy.as_str(),
-        spec.rate_label,
-        spec.runtime
+    eprintln!("study: run {:>3} {}", n, summary(&r));
+    save(out, &r)?;
+    Ok(r)
+}
+
+/// One log line's worth of a run: experiment, engines, policy, rate, runtime values, results.
+fn summary(r: &RunResult) -> String {
+    format!(
+        "{:<14} N={:<2} {:<18} {:<5} {:<34} hit {:.3} p95 TTFT {:>7.0} ms",
+        r.spec.experiment,
+        r.per_endpoint.len(),
+        r.spec.policy.as_str(),
+        r.spec.rate_label,
+        r.spec
+            .runtime
             .iter()
             .map(|(k, v)| format!("{}={v}", k.trim_start_matches("kvroute.")))
             .collect::<Vec<_>>()
             .join(","),
         r.hit_rate,
         r.ttft_ms[1]
-    );
-    save(out, &r)?;
-    Ok(r)
+    )
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -178,16 +211,14 @@ async fn main() -> anyhow::Result<()> {
     let mut sustainable = a.start_rate;
     let mut capped = true;
     for _ in 0..7 {
-        let spec = RunSpec {
-            experiment: "search".into(),
-            workload: "sharegpt".into(),
-            policy: PolicyKind::RoundRobin,
-            runtime: vec![],
+        let spec = RunSpec::new(
+            "search",
+            "sharegpt",
+            PolicyKind::RoundRobin,
             rate,
-            rate_label: format!("{rate}/s"),
-            seed: 1,
-            repeat: 0,
-        };
+            &format!("{rate}/s"),
+            0,
+        );
         let r = run(
             &mut lab,
             &a.out,
@@ -224,16 +255,7 @@ async fn main() -> anyhow::Result<()> {
             for rep in 0..a.repeats {
                 let seed = rep as u64 + 1;
                 let r_ = sustainable * k;
-                let spec = RunSpec {
-                    experiment: "exp1".into(),
-                    workload: "sharegpt".into(),
-                    policy: *p,
-                    runtime: vec![],
-                    rate: r_,
-                    rate_label: label.into(),
-                    seed,
-                    repeat: rep,
-                };
+                let spec = RunSpec::new("exp1", "sharegpt", *p, r_, label, rep);
                 results.push(
                     run(
                         &mut lab,
@@ -253,16 +275,7 @@ async fn main() -> anyhow::Result<()> {
         for rep in 0..a.repeats {
             let seed = rep as u64 + 1;
             let r_ = sustainable * 2.0;
-            let spec = RunSpec {
-                experiment: "exp2".into(),
-                workload: "rag".into(),
-                policy: *p,
-                runtime: vec![],
-                rate: r_,
-                rate_label: "1x".into(),
-                seed,
-                repeat: rep,
-            };
+            let spec = RunSpec::new("exp2", "rag", *p, r_, "1x", rep);
             results.push(
                 run(
                     &mut lab,
@@ -278,43 +291,19 @@ async fn main() -> anyhow::Result<()> {
     }
     // Experiments 3 (alpha / beta sweep) and 4 (directory publish interval): load_cache_aware on
     // ShareGPT at 1x, one configuration of runtime values each.
-    let kv = |pairs: &[(&str, String)]| -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.clone()))
-            .collect()
-    };
-    let mut sweeps: Vec<(&str, Vec<(String, String)>)> = Vec::new();
-    for alpha in &plan.ab {
-        for beta in &plan.ab {
-            sweeps.push((
-                "exp3",
-                kv(&[
-                    ("kvroute.alpha", alpha.to_string()),
-                    ("kvroute.beta", beta.to_string()),
-                ]),
-            ));
-        }
-    }
-    for iv in &plan.intervals {
-        sweeps.push((
-            "exp4",
-            kv(&[("kvroute.publish_interval_ms", iv.to_string())]),
-        ));
-    }
+    let sweeps = sweeps(&plan, "exp3", "exp4");
     for (experiment, runtime) in sweeps {
         for rep in 0..a.repeats {
             let seed = rep as u64 + 1;
-            let spec = RunSpec {
-                experiment: experiment.into(),
-                workload: "sharegpt".into(),
-                policy: PolicyKind::LoadCacheAware,
-                runtime: runtime.clone(),
-                rate: sustainable,
-                rate_label: "1x".into(),
-                seed,
-                repeat: rep,
-            };
+            let spec = RunSpec::new(
+                experiment,
+                "sharegpt",
+                PolicyKind::LoadCacheAware,
+                sustainable,
+                "1x",
+                rep,
+            )
+            .with_runtime(runtime.clone());
             let (warm_up, measured) = (
                 warm(seed, sustainable)?,
                 sharegpt_sessions(&text, &plan, seed, sustainable, 0)?,
@@ -410,16 +399,7 @@ async fn gateway_probe(lab: &mut Lab, out: &std::path::Path, n: &mut usize) -> a
             think_ms: 0.0,
         })
         .collect();
-    let spec = RunSpec {
-        experiment: "probe".into(),
-        workload: "probe".into(),
-        policy: PolicyKind::RoundRobin,
-        runtime: vec![],
-        rate: 2.5,
-        rate_label: "idle".into(),
-        seed: 1,
-        repeat: 0,
-    };
+    let spec = RunSpec::new("probe", "probe", PolicyKind::RoundRobin, 2.5, "idle", 0);
     let r = run(lab, out, n, spec, vec![], sessions).await?;
     let client = r.ttfts.iter().sum::<f64>() / r.ttfts.len().max(1) as f64;
     let cost = (client - r.engine_ttft_mean_ms).max(0.0);
@@ -432,21 +412,7 @@ async fn gateway_probe(lab: &mut Lab, out: &std::path::Path, n: &mut usize) -> a
 
 /// Logs and saves one simulated run.
 fn keep(out: &std::path::Path, results: &mut Vec<RunResult>, r: RunResult) -> anyhow::Result<()> {
-    eprintln!(
-        "study: sim {:<14} N={:<2} {:<18} {:<5} {:<34} hit {:.3} p95 TTFT {:>7.0} ms",
-        r.spec.experiment,
-        r.per_endpoint.len(),
-        r.spec.policy.as_str(),
-        r.spec.rate_label,
-        r.spec
-            .runtime
-            .iter()
-            .map(|(k, v)| format!("{}={v}", k.trim_start_matches("kvroute.")))
-            .collect::<Vec<_>>()
-            .join(","),
-        r.hit_rate,
-        r.ttft_ms[1]
-    );
+    eprintln!("study: sim {}", summary(&r));
     save(out, &r)?;
     results.push(r);
     Ok(())
@@ -484,16 +450,7 @@ async fn validation_live(
     for p in policies {
         for rep in 0..a.repeats {
             let seed = rep as u64 + 1;
-            let spec = RunSpec {
-                experiment: "val-live".into(),
-                workload: "sharegpt".into(),
-                policy: p,
-                runtime: vec![],
-                rate,
-                rate_label: "1x".into(),
-                seed,
-                repeat: rep,
-            };
+            let spec = RunSpec::new("val-live", "sharegpt", p, rate, "1x", rep);
             let meas = sharegpt_sessions(text, plan, seed, rate, 0)?;
             results.push(run(&mut lab, &a.out, n, spec, vec![], meas).await?);
         }
@@ -512,8 +469,7 @@ fn simulated_part(
 ) -> anyhow::Result<report::SimMeta> {
     let t0 = Instant::now();
     let half = (gateway_ms * 500.0).round() as u64;
-    let engine =
-        EngineConfig::vllm_defaults(&Profile::load(&a.profile).map_err(anyhow::Error::msg)?);
+    let engine = simulated::engine_config(&a.profile)?;
     let base = |n: usize, engine: &EngineConfig| SimConfig {
         gateway: GatewayCost {
             request_us: half,
@@ -557,16 +513,14 @@ fn simulated_part(
         sharegpt_sessions(text, &p, seed, rate * n as f64, 0)
     };
     let probe = |rate: f64, results: &mut Vec<RunResult>| -> anyhow::Result<bool> {
-        let spec = RunSpec {
-            experiment: "sim-search".into(),
-            workload: "sharegpt".into(),
-            policy: PolicyKind::RoundRobin,
-            runtime: vec![],
-            rate: rate * 2.0,
-            rate_label: format!("{rate:.3}/s/engine"),
-            seed: 1,
-            repeat: 0,
-        };
+        let spec = RunSpec::new(
+            "sim-search",
+            "sharegpt",
+            PolicyKind::RoundRobin,
+            rate * 2.0,
+            &format!("{rate:.3}/s/engine"),
+            0,
+        );
         let work = simulated::prepare_for(&b2, &sessions_at(2, rate, 1)?);
         let r = simulated::run(&spec, &b2, &work)?;
         let ok = r.failed == 0 && r.ttft_ms[1] <= a.slo_ms;
@@ -604,67 +558,32 @@ fn simulated_part(
             let seed = rep as u64 + 1;
             let work = simulated::prepare_for(&b, &sessions_at(n, per_engine, seed)?);
             for p in PolicyKind::ALL {
-                let spec = RunSpec {
-                    experiment: "exp5".into(),
-                    workload: "sharegpt".into(),
-                    policy: *p,
-                    runtime: vec![],
-                    rate: per_engine * n as f64,
-                    rate_label: "1x".into(),
-                    seed,
-                    repeat: rep,
-                };
+                let spec = RunSpec::new("exp5", "sharegpt", *p, per_engine * n as f64, "1x", rep);
                 keep(&a.out, results, simulated::run(&spec, &b, &work)?)?;
             }
         }
     }
     // Staleness and alpha / beta at N = 8.
     let b8 = base(8, &engine);
-    let kv = |pairs: &[(&str, String)]| -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.clone()))
-            .collect()
-    };
-    let mut sweeps: Vec<(&str, Vec<(String, String)>)> = Vec::new();
-    for iv in &plan.intervals {
-        sweeps.push((
-            "exp5-staleness",
-            kv(&[("kvroute.publish_interval_ms", iv.to_string())]),
-        ));
-    }
-    for alpha in &plan.ab {
-        for beta in &plan.ab {
-            sweeps.push((
-                "exp5-ab",
-                kv(&[
-                    ("kvroute.alpha", alpha.to_string()),
-                    ("kvroute.beta", beta.to_string()),
-                ]),
-            ));
-        }
-    }
+    let sweeps = sweeps(plan, "exp5-ab", "exp5-staleness");
     for rep in 0..a.repeats {
         let seed = rep as u64 + 1;
         let work = simulated::prepare_for(&b8, &sessions_at(8, per_engine, seed)?);
         for (experiment, runtime) in &sweeps {
-            let spec = RunSpec {
-                experiment: experiment.to_string(),
-                workload: "sharegpt".into(),
-                policy: PolicyKind::LoadCacheAware,
-                runtime: runtime.clone(),
-                rate: per_engine * 8.0,
-                rate_label: "1x".into(),
-                seed,
-                repeat: rep,
-            };
+            let spec = RunSpec::new(
+                experiment,
+                "sharegpt",
+                PolicyKind::LoadCacheAware,
+                per_engine * 8.0,
+                "1x",
+                rep,
+            )
+            .with_runtime(runtime.clone());
             keep(&a.out, results, simulated::run(&spec, &b8, &work)?)?;
         }
     }
     // Mooncake at N = 8 and 16, at the trace's own arrival times.
-    let big = EngineConfig::vllm_defaults(
-        &Profile::load(&a.mooncake_profile).map_err(anyhow::Error::msg)?,
-    );
+    let big = simulated::engine_config(&a.mooncake_profile)?;
     let mtext = std::fs::read_to_string(&a.mooncake)?;
     let reqs =
         mooncake::parse(&mtext).map_err(|e| anyhow::anyhow!("{}: {e}", a.mooncake.display()))?;
@@ -675,16 +594,7 @@ fn simulated_part(
             ..base(n, &big)
         };
         for p in PolicyKind::ALL {
-            let spec = RunSpec {
-                experiment: "exp5-mooncake".into(),
-                workload: "mooncake".into(),
-                policy: *p,
-                runtime: vec![],
-                rate: 0.0,
-                rate_label: "trace".into(),
-                seed: 1,
-                repeat: 0,
-            };
+            let spec = RunSpec::new("exp5-mooncake", "mooncake", *p, 0.0, "trace", 0);
             keep(&a.out, results, simulated::run(&spec, &b, &work)?)?;
         }
     }
