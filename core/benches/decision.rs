@@ -69,8 +69,8 @@ fn main() {
     let spec = BlockSpec::default();
     println!("decision cost in kvroute-core (parse + hash + score), median of batches");
     println!(
-        "{:>8} {:>7} {:>12} {:>16} {:>8}",
-        "body", "blocks", "decision_us", "baseline_us", "ratio"
+        "{:>8} {:>7} {:>12} {:>14} {:>12} {:>8}",
+        "body", "blocks", "decision_us", "parse_hash_us", "baseline_us", "ratio"
     );
     for kb in [1usize, 8, 100] {
         let body = body_of(kb * 1024);
@@ -116,16 +116,22 @@ fn main() {
             };
             black_box(decide(&f, &state, &inputs, None));
         });
+        let features = measure(|| {
+            black_box(
+                body_features(ApiKind::Chat, black_box(&body), Some("session-1"), spec).unwrap(),
+            );
+        });
         let baseline = measure(|| {
             black_box(serde_json::from_slice::<serde_json::Value>(black_box(&body)).unwrap());
         });
         let d_us = decision.as_secs_f64() * 1e6;
         let b_us = baseline.as_secs_f64() * 1e6;
         println!(
-            "{:>6}KB {:>7} {:>12.2} {:>16.2} {:>7.2}x",
+            "{:>6}KB {:>7} {:>12.2} {:>14.2} {:>12.2} {:>7.2}x",
             body.len() / 1024,
             f.blocks.len(),
             d_us,
+            features.as_secs_f64() * 1e6,
             b_us,
             d_us / b_us
         );

@@ -297,9 +297,8 @@ impl Request {
 
     /// Decides, sets the routing header and records everything. Called at most once per request,
     /// always while the request headers are still paused.
-    fn route(&mut self, parsed: Result<RequestFeatures, Fallback>) {
+    fn route(&mut self, parsed: Result<RequestFeatures, Fallback>, t0: u64) {
         let w = self.worker.clone();
-        let t0 = host::now_us();
         let decision = match &parsed {
             Ok(f) => w.decide(Some(f), t0),
             Err(reason) => {
@@ -364,6 +363,9 @@ impl Request {
 
     fn route_body(&mut self, kind: ApiKind, size: usize) {
         let w = self.worker.clone();
+        // The decision time covers all of the filter's work on the request: reading the body,
+        // parsing, hashing, deciding, recording.
+        let t0 = host::now_us();
         if cfg!(feature = "bench-floor") {
             if let Some(e) = w.config.endpoints.first() {
                 host::set_request_header(&w.config.route_header, Some(e.cluster()));
@@ -385,7 +387,7 @@ impl Request {
                     })
             }
         };
-        self.route(parsed);
+        self.route(parsed, t0);
     }
 }
 
@@ -416,7 +418,7 @@ impl HttpContext for Request {
             host::request_header(&w.config.session_header).and_then(|v| String::from_utf8(v).ok());
         if end_of_stream {
             w.metrics.parse_error(ParseError::EmptyBody);
-            self.route(Err(Fallback::ParseError));
+            self.route(Err(Fallback::ParseError), host::now_us());
             return Action::Continue;
         }
         let declared = host::request_header("content-length").and_then(|v| {
@@ -425,7 +427,7 @@ impl HttpContext for Request {
                 .and_then(|s| s.trim().parse::<u64>().ok())
         });
         if declared.is_some_and(|n| n > u64::from(w.config.max_body_bytes)) {
-            self.route(Err(Fallback::BodyTooLarge));
+            self.route(Err(Fallback::BodyTooLarge), host::now_us());
             return Action::Continue;
         }
         self.phase = Phase::Buffering(kind);
@@ -437,7 +439,7 @@ impl HttpContext for Request {
             return Action::Continue;
         };
         if body_size > self.worker.config.max_body_bytes as usize {
-            self.route(Err(Fallback::BodyTooLarge));
+            self.route(Err(Fallback::BodyTooLarge), host::now_us());
             return Action::Continue;
         }
         if !end_of_stream {
