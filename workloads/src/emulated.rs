@@ -80,12 +80,23 @@ impl RunningSidecar {
         interval: Duration,
         at: SocketAddr,
     ) -> anyhow::Result<Self> {
+        let named: Vec<(String, String)> =
+            engines.iter().map(|e| (e.name.clone(), e.url())).collect();
+        Self::start_for(&named, interval, at).await
+    }
+
+    /// Starts a sidecar at `at` polling engines given as (name, base URL), every `interval`.
+    pub async fn start_for(
+        engines: &[(String, String)],
+        interval: Duration,
+        at: SocketAddr,
+    ) -> anyhow::Result<Self> {
         let cfg = SidecarConfig {
             engines: engines
                 .iter()
-                .map(|e| EngineTarget {
-                    name: e.name.clone(),
-                    metrics_url: format!("{}/metrics", e.url()),
+                .map(|(name, url)| EngineTarget {
+                    name: name.clone(),
+                    metrics_url: format!("{}/metrics", url.trim_end_matches('/')),
                 })
                 .collect(),
             poll_interval: interval,

@@ -906,12 +906,16 @@ pub fn write(
             f(&|r| r.imbalance),
             f(&|r| r.failed as f64),
         );
-        let _ = write!(h, "<h3>{title}</h3><table><tr><th>configuration</th><th>hit rate (engines)</th><th>hit rate (clients)</th><th>TTFT p50</th><th>p95</th><th>p99</th><th>req/s</th><th>imbalance</th><th>failed</th></tr>");
+        let (ep95, queue) = (
+            f(&|r| r.engine_ttft_ms[1]),
+            f(&|r| r.queue_mean.iter().sum::<f64>() / r.queue_mean.len().max(1) as f64),
+        );
+        let _ = write!(h, "<h3>{title}</h3><table><tr><th>configuration</th><th>hit rate (engines)</th><th>hit rate (clients)</th><th>TTFT p50</th><th>p95</th><th>p99</th><th>engine TTFT p95</th><th>mean queue</th><th>req/s</th><th>imbalance</th><th>failed</th></tr>");
         for (k, v) in &hit {
             let g = |m: &BTreeMap<String, (f64, f64, f64)>| {
                 m.get(k).copied().unwrap_or((f64::NAN, f64::NAN, f64::NAN))
             };
-            let _ = write!(h, "<tr><td>{k}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.2}</td><td>{:.2}</td><td>{:.0}</td></tr>", fmt3(*v), fmt3(g(&hc)), fmt0(g(&p50)), fmt0(g(&p95)), fmt0(g(&p99)), g(&thr).0, g(&imb).0, g(&fail).2);
+            let _ = write!(h, "<tr><td>{k}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.1}</td><td>{:.2}</td><td>{:.2}</td><td>{:.0}</td></tr>", fmt3(*v), fmt3(g(&hc)), fmt0(g(&p50)), fmt0(g(&p95)), fmt0(g(&p99)), fmt0(g(&ep95)), g(&queue).0, g(&thr).0, g(&imb).0, g(&fail).2);
         }
         let _ = write!(h, "</table>");
     };

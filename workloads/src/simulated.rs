@@ -44,15 +44,23 @@ pub fn result(spec: &RunSpec, out: &SimOutput, work: &[PreparedSession], wall_s:
         ttft_sum: c.ttft_sum,
         ttft_count: c.ttft_count,
         preemptions: c.preemptions,
+        ttft_buckets: Vec::new(),
     };
-    RunResult::new(
+    let mut r = RunResult::new(
         spec,
         &records(out, work),
         (EngineCounters::default(), after),
         out.per_endpoint.clone(),
         wall_s,
         1.0,
-    )
+    );
+    let samples: Vec<Vec<f64>> = out
+        .queue_samples
+        .iter()
+        .map(|(_, q)| q.iter().map(|x| f64::from(*x)).collect())
+        .collect();
+    r.set_queue_depths(&samples);
+    r
 }
 
 /// Runs `spec` in the simulator: `base` with the spec's policy and runtime values applied.

@@ -10,7 +10,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -32,6 +32,12 @@ pub struct Lab {
     pub envoy: Envoy,
     /// Emulated time per wall time (1 for real engines): client-side times are multiplied by it.
     pub time_scale: f64,
+    /// Where each run's per-request records go (`<dir>/<run id>.jsonl`); None keeps them in memory.
+    pub records_dir: Option<PathBuf>,
+    /// How often engine queue depths are sampled during a measured run (wall time).
+    pub queue_sample_every: Duration,
+    /// The `model` every request names (None: the workload's own; the emulator serves any).
+    pub model: Option<String>,
     _engines: Vec<EmulatedEngine>,
     _sidecar: RunningSidecar,
     client: reqwest::Client,
@@ -63,7 +69,57 @@ impl Lab {
             engine_urls: engines.iter().map(EmulatedEngine::url).collect(),
             envoy,
             time_scale,
+            records_dir: None,
+            queue_sample_every: Duration::from_millis(100),
+            model: None,
             _engines: engines,
+            _sidecar: sidecar,
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()?,
+            epoch: 0,
+        })
+    }
+
+    /// Real engines (vLLM, or anything that speaks its API and metrics) at `urls`
+    /// (`http://host:port`), with the sidecar and Envoy started here. Times are real (scale 1).
+    /// Requests carry `model` when given. Cold starts call each engine's `POST /reset_prefix_cache`
+    /// (vLLM serves it with `VLLM_SERVER_DEV_MODE=1`); where it is missing the run still goes on,
+    /// with a warning, from a warm cache.
+    pub async fn remote(urls: &[String], model: Option<String>) -> anyhow::Result<Lab> {
+        let mut named = Vec::new();
+        let mut spec_engines = Vec::new();
+        for (i, url) in urls.iter().enumerate() {
+            let parsed =
+                reqwest::Url::parse(url).map_err(|e| anyhow::anyhow!("engine URL {url}: {e}"))?;
+            let host = parsed
+                .host_str()
+                .ok_or_else(|| anyhow::anyhow!("engine URL {url} has no host"))?
+                .to_string();
+            let port = parsed
+                .port_or_known_default()
+                .ok_or_else(|| anyhow::anyhow!("engine URL {url} has no port"))?;
+            let name = format!("engine{i}");
+            named.push((name.clone(), url.trim_end_matches('/').to_string()));
+            spec_engines.push(Engine { name, host, port });
+        }
+        let sidecar =
+            RunningSidecar::start_for(&named, Duration::from_millis(100), "127.0.0.1:0".parse()?)
+                .await?;
+        let mut spec = EnvoySpec::new(spec_engines, filter_wasm()?.display().to_string());
+        spec.set_sidecar(Engine::local("sidecar", sidecar.addr.port()));
+        let envoy = Envoy::start(spec).await?;
+        envoy
+            .wait_stat("kvroute_state_stale", Duration::from_secs(10), |v| v == 0)
+            .await?;
+        Ok(Lab {
+            engine_urls: named.into_iter().map(|(_, u)| u).collect(),
+            envoy,
+            time_scale: 1.0,
+            records_dir: None,
+            queue_sample_every: Duration::from_millis(100),
+            model,
+            _engines: Vec::new(),
             _sidecar: sidecar,
             client: reqwest::Client::builder()
                 .timeout(Duration::from_secs(30))
@@ -96,20 +152,41 @@ impl Lab {
                     "vllm:time_to_first_token_seconds_sum" => c.ttft_sum += v,
                     "vllm:time_to_first_token_seconds_count" => c.ttft_count += v,
                     "vllm:num_preemptions_total" => c.preemptions += v,
+                    "vllm:time_to_first_token_seconds_bucket" => {
+                        let le = series
+                            .split("le=\"")
+                            .nth(1)
+                            .and_then(|r| r.split('"').next())
+                            .and_then(|x| x.parse::<f64>().ok());
+                        if let Some(le) = le {
+                            match c.ttft_buckets.iter_mut().find(|(l, _)| *l == le) {
+                                Some(b) => b.1 += v,
+                                None => c.ttft_buckets.push((le, v)),
+                            }
+                        }
+                    }
                     _ => {}
                 }
             }
         }
+        c.ttft_buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
         Ok(c)
     }
 
     /// Cold start: every engine's prefix cache reset, the router's directory forgotten.
     pub async fn cold_start(&mut self) -> anyhow::Result<()> {
         for url in &self.engine_urls {
-            self.client
+            let r = self
+                .client
                 .post(format!("{url}/reset_prefix_cache"))
                 .send()
                 .await?;
+            if !r.status().is_success() {
+                eprintln!(
+                    "study: {url}/reset_prefix_cache answered {}; this run starts from the engine's warm cache",
+                    r.status()
+                );
+            }
         }
         self.epoch += 1;
         let epoch = self.epoch.to_string();
@@ -164,7 +241,7 @@ impl Lab {
         self.configure(spec.policy, &spec.runtime).await?;
         let opts = ReplayOptions {
             url: self.envoy.url("/v1/chat/completions"),
-            model: None,
+            model: self.model.clone(),
             max_in_flight: 256,
             timeout: Duration::from_secs(120),
             session_header: "x-session-id".into(),
@@ -182,6 +259,23 @@ impl Lab {
         }
         let before = self.engine_counters().await?;
         let decisions_before = self.decisions().await?;
+        let stats_before = self.envoy.stats().await?;
+        let sampling = Arc::new(AtomicBool::new(true));
+        let sampler = {
+            let lab = QueueProbe {
+                engine_urls: self.engine_urls.clone(),
+                client: self.client.clone(),
+            };
+            let (sampling, every) = (sampling.clone(), self.queue_sample_every);
+            tokio::spawn(async move {
+                let mut samples: Vec<Vec<Option<f64>>> = Vec::new();
+                while sampling.load(Ordering::Relaxed) {
+                    samples.push(lab.depths().await);
+                    tokio::time::sleep(every).await;
+                }
+                samples
+            })
+        };
         let sink = MemorySink::default();
         let out: Arc<Mutex<dyn Write + Send>> = Arc::new(Mutex::new(sink.clone()));
         let summary = replay(
@@ -192,9 +286,21 @@ impl Lab {
             Arc::new(|_, _| {}),
         )
         .await?;
+        sampling.store(false, Ordering::Relaxed);
+        let samples = sampler.await.unwrap_or_default();
         let after = self.engine_counters().await?;
         let decisions_after = self.decisions().await?;
+        let stats_after = self.envoy.stats().await?;
         let text = sink.text();
+        let requests_file = match &self.records_dir {
+            Some(dir) => {
+                std::fs::create_dir_all(dir)?;
+                let path = dir.join(format!("{}.jsonl", spec.id()));
+                std::fs::write(&path, &text)?;
+                Some(path.display().to_string())
+            }
+            None => None,
+        };
         let records: Vec<RequestRecord> = text
             .lines()
             .filter_map(|l| serde_json::from_str(l).ok())
@@ -204,14 +310,31 @@ impl Lab {
             .zip(&decisions_before)
             .map(|(a, b)| a.saturating_sub(*b))
             .collect();
-        Ok(RunResult::new(
+        let mut result = RunResult::new(
             spec,
             &records,
             (before, after),
             per_endpoint,
             summary.wall_s,
             self.time_scale,
-        ))
+        );
+        result.set_queue_depths(
+            &samples
+                .iter()
+                .map(|s| s.iter().map(|d| d.unwrap_or(f64::NAN)).collect())
+                .collect::<Vec<Vec<f64>>>(),
+        );
+        result.envoy_stats = stats_after
+            .iter()
+            .filter(|(k, _)| !k.starts_with("kvroute_setting"))
+            .map(|(k, v)| {
+                let b = stats_before.get(k).copied().unwrap_or(0);
+                (k.clone(), *v as f64 - b as f64)
+            })
+            .filter(|(_, d)| *d != 0.0)
+            .collect();
+        result.requests_file = requests_file;
+        Ok(result)
     }
 
     async fn decisions(&self) -> anyhow::Result<Vec<u64>> {
@@ -231,8 +354,42 @@ impl Lab {
     }
 }
 
+/// The engine URLs and an HTTP client, for sampling queue depths from a task of its own.
+struct QueueProbe {
+    engine_urls: Vec<String>,
+    client: reqwest::Client,
+}
+
+impl QueueProbe {
+    async fn depths(&self) -> Vec<Option<f64>> {
+        let mut out = Vec::new();
+        for url in &self.engine_urls {
+            let page = match self.client.get(format!("{url}/metrics")).send().await {
+                Ok(r) => r.text().await.ok(),
+                Err(_) => None,
+            };
+            out.push(page.map(|p| queue_depth(&p)));
+        }
+        out
+    }
+}
+
+/// Waiting + running requests in one engine's `/metrics` page.
+pub fn queue_depth(page: &str) -> f64 {
+    page.lines()
+        .filter_map(|l| l.rsplit_once(' '))
+        .filter(|(series, _)| {
+            matches!(
+                series.split('{').next(),
+                Some("vllm:num_requests_waiting" | "vllm:num_requests_running")
+            )
+        })
+        .filter_map(|(_, v)| v.parse::<f64>().ok())
+        .sum()
+}
+
 /// Engine counters summed over engines.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct EngineCounters {
     /// `vllm:prefix_cache_hits_total`
     pub hits: f64,
@@ -248,6 +405,48 @@ pub struct EngineCounters {
     pub ttft_count: f64,
     /// `vllm:num_preemptions_total`
     pub preemptions: f64,
+    /// `vllm:time_to_first_token_seconds_bucket`: (upper bound s, cumulative count), summed over
+    /// engines, in bound order.
+    #[serde(default)]
+    pub ttft_buckets: Vec<(f64, f64)>,
+}
+
+impl EngineCounters {
+    /// The q-quantile of TTFT (ms) between `before` and `self`, from the histogram's bucket deltas
+    /// (linear inside a bucket, as Prometheus' `histogram_quantile` does); NaN without buckets.
+    pub fn ttft_quantile_ms(&self, before: &EngineCounters, q: f64) -> f64 {
+        let delta: Vec<(f64, f64)> = self
+            .ttft_buckets
+            .iter()
+            .map(|(le, c)| {
+                let b = before
+                    .ttft_buckets
+                    .iter()
+                    .find(|(l, _)| l == le)
+                    .map_or(0.0, |x| x.1);
+                (*le, c - b)
+            })
+            .collect();
+        let Some(&(_, total)) = delta.last() else {
+            return f64::NAN;
+        };
+        if total <= 0.0 {
+            return f64::NAN;
+        }
+        let rank = q * total;
+        let (mut lo, mut below) = (0.0, 0.0);
+        for (le, cum) in delta {
+            if cum >= rank {
+                if le.is_infinite() {
+                    return lo * 1e3;
+                }
+                let inside = (cum - below).max(1e-12);
+                return (lo + (le - lo) * (rank - below) / inside) * 1e3;
+            }
+            (lo, below) = (le, cum);
+        }
+        f64::NAN
+    }
 }
 
 /// One measured run's definition.
@@ -292,6 +491,28 @@ impl RunSpec {
             seed: repeat as u64 + 1,
             repeat,
         }
+    }
+
+    /// A file-name-safe identity of the run: experiment, workload, policy, rate label, runtime
+    /// values and repeat.
+    pub fn id(&self) -> String {
+        let mut id = format!(
+            "{}-{}-{}-{}",
+            self.experiment, self.workload, self.policy, self.rate_label
+        );
+        for (k, v) in &self.runtime {
+            id.push_str(&format!("-{}={v}", k.trim_start_matches("kvroute.")));
+        }
+        id.push_str(&format!("-r{}", self.repeat));
+        id.chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || "-_.=".contains(c) {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect()
     }
 
     /// The same run with these runtime values.
@@ -340,6 +561,43 @@ pub struct RunResult {
     pub ttft_hit_miss_ms: [f64; 2],
     /// Per request: (sent ms, cached tokens / prompt tokens).
     pub hit_timeline: Vec<(f64, f64)>,
+    /// Engines' TTFT p50 and p95 from their histogram's bucket deltas, ms (NaN where unknown: the
+    /// simulator has no engine histogram).
+    #[serde(default = "nan2", deserialize_with = "nan_pair")]
+    pub engine_ttft_ms: [f64; 2],
+    /// Mean queue depth (waiting + running) per engine over the run's samples (NaN: no answer).
+    #[serde(default, deserialize_with = "nan_vec")]
+    pub queue_mean: Vec<f64>,
+    /// Largest queue depth of any engine in any sample.
+    #[serde(default)]
+    pub queue_max: f64,
+    /// Queue-depth samples taken.
+    #[serde(default)]
+    pub queue_samples: usize,
+    /// Changes of Envoy's kvroute counters over the measured part (live runs).
+    #[serde(default)]
+    pub envoy_stats: std::collections::BTreeMap<String, f64>,
+    /// The run's per-request records (JSON lines), when written.
+    #[serde(default)]
+    pub requests_file: Option<String>,
+}
+
+fn nan2() -> [f64; 2] {
+    [f64::NAN; 2]
+}
+
+/// JSON has no NaN: serde_json writes it as null; these read null back as NaN.
+fn nan_vec<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<f64>, D::Error> {
+    let v: Vec<Option<f64>> = Deserialize::deserialize(d)?;
+    Ok(v.into_iter().map(|x| x.unwrap_or(f64::NAN)).collect())
+}
+
+fn nan_pair<'de, D: serde::Deserializer<'de>>(d: D) -> Result<[f64; 2], D::Error> {
+    let v = nan_vec(d)?;
+    Ok([
+        v.first().copied().unwrap_or(f64::NAN),
+        v.get(1).copied().unwrap_or(f64::NAN),
+    ])
 }
 
 /// The q-quantile of sorted values.
@@ -451,7 +709,38 @@ impl RunResult {
             ttfts,
             ttft_hit_miss_ms: [mean(&hits), mean(&misses)],
             hit_timeline: timeline,
+            engine_ttft_ms: [
+                after.ttft_quantile_ms(&before, 0.5),
+                after.ttft_quantile_ms(&before, 0.95),
+            ],
+            queue_mean: Vec::new(),
+            queue_max: 0.0,
+            queue_samples: 0,
+            envoy_stats: std::collections::BTreeMap::new(),
+            requests_file: None,
         }
+    }
+
+    /// Records queue-depth samples: one row per sample, one column per engine (NaN: no answer).
+    pub fn set_queue_depths(&mut self, samples: &[Vec<f64>]) {
+        let n = samples.iter().map(Vec::len).max().unwrap_or(0);
+        self.queue_mean = (0..n)
+            .map(|e| {
+                let v: Vec<f64> = samples
+                    .iter()
+                    .filter_map(|s| s.get(e).copied())
+                    .filter(|x| x.is_finite())
+                    .collect();
+                mean(&v)
+            })
+            .collect();
+        self.queue_max = samples
+            .iter()
+            .flatten()
+            .copied()
+            .filter(|x| x.is_finite())
+            .fold(0.0, f64::max);
+        self.queue_samples = samples.len();
     }
 }
 
@@ -474,4 +763,40 @@ pub fn load(dir: &Path) -> anyhow::Result<Vec<RunResult>> {
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ttft_quantile_from_bucket_deltas() {
+        let before = EngineCounters {
+            ttft_buckets: vec![(0.1, 5.0), (0.5, 5.0), (1.0, 5.0), (f64::INFINITY, 5.0)],
+            ..Default::default()
+        };
+        // 10 new requests: 4 under 100 ms, 4 in (100, 500], 2 in (500, 1000].
+        let after = EngineCounters {
+            ttft_buckets: vec![(0.1, 9.0), (0.5, 13.0), (1.0, 15.0), (f64::INFINITY, 15.0)],
+            ..Default::default()
+        };
+        // The 5th of 10 is a quarter into the (100, 500] bucket; the 9.5th three quarters into
+        // (500, 1000].
+        assert!((after.ttft_quantile_ms(&before, 0.5) - 200.0).abs() < 1e-6);
+        assert!((after.ttft_quantile_ms(&before, 0.95) - 875.0).abs() < 1e-6);
+        assert!(before.ttft_quantile_ms(&before, 0.5).is_nan());
+        assert!(EngineCounters::default()
+            .ttft_quantile_ms(&before, 0.5)
+            .is_nan());
+    }
+
+    #[test]
+    fn queue_depth_reads_waiting_and_running() {
+        let page = "# HELP x\nvllm:num_requests_running{engine=\"0\",model_name=\"m\"} 3.0\n\
+                    vllm:num_requests_waiting{engine=\"0\",model_name=\"m\"} 2.0\n\
+                    vllm:num_requests_waiting_by_reason{reason=\"capacity\"} 9.0\n";
+        // `_by_reason` shares the prefix; only exact names count.
+        assert_eq!(queue_depth(page), 5.0);
+    }
 }

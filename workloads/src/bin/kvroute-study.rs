@@ -1,8 +1,10 @@
 //! The routing study from one command: experiments 1-4 of the research plan on the live stack
 //! (emulated engines by default), the oracle bounds, figures and an HTML report.
 //!
-//! Reduced (default, about 10 minutes on 2 cores) or `--full`. Every run is a row of
-//! `<out>/runs.jsonl` with its spec and seed; `<out>/report.html` is self-contained.
+//! Reduced (default, about 11 minutes on 2 cores) or `--full`. Every run is a row of
+//! `<out>/runs.jsonl` with its spec and seed, queue-depth samples, engine TTFT quantiles and the
+//! changes of Envoy's kvroute counters; every live run's requests are lines of
+//! `<out>/requests/<run id>.jsonl`; `<out>/report.html` is self-contained.
 //!
 //! The sustainable rate: session arrival rates are probed with `round_robin`, doubling from
 //! `--start-rate`; 1x is the highest probed rate at which P95 TTFT stays under `--slo-ms` and no
@@ -60,6 +62,15 @@ struct Args {
     /// Skip the simulated part (validation and experiment 5).
     #[arg(long)]
     no_sim: bool,
+    /// Run experiments 1-4 against these engines instead of emulated ones (repeat the flag, one
+    /// per engine: `--engine-url http://gpu0:8000 --engine-url http://gpu1:8000`). Real time;
+    /// calibration runs against the first engine; the simulated part is skipped (its validation
+    /// needs emulated engines of a known profile).
+    #[arg(long = "engine-url")]
+    engine_urls: Vec<String>,
+    /// The `model` of every request (what the engines serve; required by real vLLM).
+    #[arg(long)]
+    model: Option<String>,
 }
 
 struct Plan {
@@ -199,11 +210,25 @@ async fn main() -> anyhow::Result<()> {
         std::fs::remove_dir_all(&a.out)?;
     }
     std::fs::create_dir_all(&a.out)?;
-    eprintln!(
-        "study: starting 2 emulated engines ({}, x{}), the sidecar and Envoy with kvroute",
-        a.profile, a.time_scale
-    );
-    let mut lab = Lab::emulated(2, &a.profile, a.time_scale).await?;
+    let remote = !a.engine_urls.is_empty();
+    let mut lab = if remote {
+        eprintln!(
+            "study: {} engines by URL ({}), the sidecar and Envoy with kvroute, real time",
+            a.engine_urls.len(),
+            a.engine_urls.join(", ")
+        );
+        Lab::remote(&a.engine_urls, a.model.clone()).await?
+    } else {
+        eprintln!(
+            "study: starting 2 emulated engines ({}, x{}), the sidecar and Envoy with kvroute",
+            a.profile, a.time_scale
+        );
+        let mut lab = Lab::emulated(2, &a.profile, a.time_scale).await?;
+        lab.model = a.model.clone();
+        lab
+    };
+    let engines = lab.engine_urls.len();
+    lab.records_dir = Some(a.out.join("requests"));
     let mut results: Vec<RunResult> = Vec::new();
     let mut n = 0usize;
     // Sustainable rate.
@@ -316,7 +341,10 @@ async fn main() -> anyhow::Result<()> {
         .await?;
 
     drop(lab);
-    let simulator = if a.no_sim {
+    let simulator = if a.no_sim || remote {
+        if remote {
+            eprintln!("study: engines by URL: the simulated part is skipped");
+        }
         None
     } else {
         let gateway_ms =
@@ -326,10 +354,19 @@ async fn main() -> anyhow::Result<()> {
 
     // Calibration of the profile, on a separate engine at real time (the lab's engines run faster,
     // which would multiply the host's timing noise).
-    eprintln!("study: calibrating the {} profile", a.profile);
-    let calib_engine = EmulatedEngine::start("calibration", &a.profile, 1.0).await?;
+    let first_url = a.engine_urls.first().cloned().unwrap_or_default();
+    let calib_engine = if remote {
+        eprintln!("study: calibrating against {first_url}");
+        None
+    } else {
+        eprintln!("study: calibrating the {} profile", a.profile);
+        Some(EmulatedEngine::start("calibration", &a.profile, 1.0).await?)
+    };
+    let calib_url = calib_engine
+        .as_ref()
+        .map_or_else(|| first_url.clone(), EmulatedEngine::url);
     let calibration = calibrate(
-        &calib_engine.url(),
+        &calib_url,
         &[128, 256, 512, 1024, 2048, 4096, 8192],
         &[1, 2, 4, 8, 16, 32],
         1.0,
@@ -360,9 +397,13 @@ async fn main() -> anyhow::Result<()> {
         } else {
             "reduced".into()
         },
-        profile: a.profile.clone(),
-        time_scale: a.time_scale,
-        engines: 2,
+        profile: if remote {
+            format!("engines at {}", a.engine_urls.join(", "))
+        } else {
+            a.profile.clone()
+        },
+        time_scale: if remote { 1.0 } else { a.time_scale },
+        engines,
         sustainable_rate: sustainable,
         slo_ms: a.slo_ms,
         search_capped: capped,
@@ -441,6 +482,7 @@ async fn validation_live(
 ) -> anyhow::Result<f64> {
     eprintln!("study: validation lab: 2 emulated engines at real time");
     let mut lab = Lab::emulated(2, &a.profile, 1.0).await?;
+    lab.records_dir = Some(a.out.join("requests"));
     let gateway_ms = gateway_probe(&mut lab, &a.out, n).await?;
     let policies: Vec<PolicyKind> = if a.full {
         PolicyKind::ALL.to_vec()
