@@ -239,7 +239,8 @@ async fn a_tiny_study_is_internally_consistent() {
             .unwrap();
     for section in [
         "Calibration",
-        "Oracle bounds",
+        "Trace analysis and oracle bounds",
+        "Prefix overlap by workload",
         "Experiment 1",
         "Experiment 2",
         "Experiment 3",

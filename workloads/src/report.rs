@@ -406,6 +406,45 @@ pub fn write(
         &[(0, oracle("sharegpt")), (1, oracle("rag"))],
     ))?;
 
+    // 2b. Trace analysis: how much of each workload's prompt tokens could ever be reused, and from
+    // where (the bounds every policy is measured against).
+    let wl: Vec<String> = bounds.iter().map(|(n, _)| n.clone()).collect();
+    let pick = |f: fn(&Analysis) -> f64| -> Vec<f64> { bounds.iter().map(|(_, a)| f(a)).collect() };
+    let overlap: Vec<BarSeries> = vec![
+        (
+            "oracle, infinite cache".into(),
+            pick(|a| a.oracle_infinite),
+            Vec::new(),
+        ),
+        (
+            format!(
+                "oracle, {} x {} blocks",
+                bounds.first().map_or(0, |b| b.1.engines),
+                bounds.first().map_or(0, |b| b.1.capacity_blocks)
+            ),
+            pick(|a| a.oracle_capacity),
+            Vec::new(),
+        ),
+        (
+            "reusable within the session".into(),
+            pick(|a| a.within_session),
+            Vec::new(),
+        ),
+        (
+            "reusable across sessions".into(),
+            pick(|a| a.across_sessions),
+            Vec::new(),
+        ),
+    ];
+    e(bars(
+        &fig("prefix_overlap"),
+        "Prefix overlap by workload (share of prompt tokens)",
+        "share of prompt tokens",
+        &wl,
+        &overlap,
+        &[],
+    ))?;
+
     // 3. Throughput vs latency.
     let tl: Vec<Series> = pols
         .iter()
@@ -886,7 +925,8 @@ pub fn write(
         }
         let _ = write!(h, "</table>");
     }
-    let _ = write!(h, "<h2>Oracle bounds</h2><table><tr><th>workload</th><th>requests</th><th>prompt tokens</th><th>oracle, infinite cache</th><th>oracle, 2 x 711 blocks</th><th>within session</th><th>across sessions</th></tr>");
+    let _ = write!(h, "<h2>Trace analysis and oracle bounds</h2><p>For each measured workload (seed 1), rebuilt as the engines tokenize it: the hit rate no router can beat, with an infinite cache (each request hits the longest run of leading blocks any earlier request computed) and with the fleet's capacity (the same over one LRU of all engines' blocks: perfect placement), and the share of prompt tokens reusable from the same session and from other sessions (infinite cache).</p><div class=fig>{}</div><table>", svg("prefix_overlap"));
+    let _ = write!(h, "<tr><th>workload</th><th>requests</th><th>prompt tokens</th><th>oracle, infinite cache</th><th>oracle, 2 x 711 blocks</th><th>within session</th><th>across sessions</th></tr>");
     for (name, a) in bounds {
         let _ = write!(h, "<tr><td>{name}</td><td>{}</td><td>{}</td><td>{:.3}</td><td>{:.3}</td><td>{:.3}</td><td>{:.3}</td></tr>", a.requests, a.prompt_tokens, a.oracle_infinite, a.oracle_capacity, a.within_session, a.across_sessions);
     }
