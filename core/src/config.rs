@@ -513,6 +513,36 @@ impl PolicySettings {
         e
     }
 
+    /// The runtime value of `key` (`kvroute.alpha`, ...) that gives these settings: the inverse of
+    /// [`PolicySettings::with_runtime`]. None for a key kvroute does not read.
+    pub fn runtime_value(&self, key: &str) -> Option<String> {
+        let k = key.strip_prefix(RUNTIME_PREFIX)?;
+        Some(match k {
+            "policy" => self.policy.as_str().to_string(),
+            "alpha" => self.alpha.to_string(),
+            "beta" => self.beta.to_string(),
+            "prefix_key_threshold" => self.prefix_key_threshold.to_string(),
+            "hash_mode" => self.hash_mode.as_str().to_string(),
+            "session_affinity" => self.session_affinity.to_string(),
+            "load_signal" => self.load_signal.as_str().to_string(),
+            "publish_interval_ms" => match self.publish_interval {
+                PublishInterval::EveryDecision => "0".to_string(),
+                PublishInterval::Millis(ms) => ms.to_string(),
+                PublishInterval::Never => "never".to_string(),
+            },
+            "directory_epoch" => self.directory_epoch.to_string(),
+            "load_refresh_ms" => self.load_refresh_ms.to_string(),
+            "sidecar_poll_ms" => self.sidecar_poll_ms.to_string(),
+            "cache_threshold" => self.cache_threshold.to_string(),
+            "balance_abs_threshold" => self.balance_abs_threshold.to_string(),
+            "balance_rel_threshold" => self.balance_rel_threshold.to_string(),
+            "chwbl_load_factor" => self.chwbl_load_factor.to_string(),
+            "dynamo_overlap_weight" => self.dynamo_overlap_weight.to_string(),
+            "dynamo_temperature" => self.dynamo_temperature.to_string(),
+            _ => return None,
+        })
+    }
+
     /// These settings with runtime values applied. `entries` are (key, value) pairs of the runtime;
     /// keys without the `kvroute.` prefix are ignored. Each invalid or unknown `kvroute.*` entry is
     /// reported and leaves the field as it was.
@@ -603,6 +633,40 @@ fn parse_range(v: &str, lo: f64, hi: f64) -> Option<f64> {
 )]
 mod tests {
     use super::*;
+
+    #[test]
+    fn runtime_values_round_trip() {
+        let mut odd = PolicySettings {
+            policy: PolicyKind::Chwbl,
+            alpha: 0.25,
+            publish_interval: PublishInterval::Millis(750),
+            load_signal: LoadSignal::EngineQueue,
+            hash_mode: HashMode::Rendezvous,
+            dynamo_temperature: 1.5,
+            ..PolicySettings::default()
+        };
+        for settings in [PolicySettings::default(), odd.clone()] {
+            let entries: Vec<(String, String)> = RUNTIME_KEYS
+                .iter()
+                .map(|k| {
+                    let key = format!("{RUNTIME_PREFIX}{k}");
+                    let v = settings.runtime_value(&key).unwrap();
+                    (key, v)
+                })
+                .collect();
+            let (back, errors) = PolicySettings::default()
+                .with_runtime(entries.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+            assert!(errors.is_empty(), "{errors:?}");
+            assert_eq!(back, settings);
+        }
+        odd.publish_interval = PublishInterval::Never;
+        assert_eq!(
+            odd.runtime_value("kvroute.publish_interval_ms").unwrap(),
+            "never"
+        );
+        assert_eq!(odd.runtime_value("kvroute.nope"), None);
+        assert_eq!(odd.runtime_value("alpha"), None);
+    }
 
     #[test]
     fn minimal_config_gets_defaults() {

@@ -20,6 +20,7 @@ pub mod calibrate;
 pub mod echo;
 pub mod emulated;
 pub mod envoy_config;
+pub mod plan;
 pub mod procs;
 pub mod replay;
 pub mod report;

@@ -996,6 +996,42 @@ pub fn write(
         &|r| r.spec.experiment == "exp4",
         &|r| format!("{:>6}", runtime_value(r, "kvroute.publish_interval_ms")),
     );
+    // Experiments of a user's plan beyond the four of the research plan: a table each.
+    let known = |e: &str| {
+        matches!(
+            e,
+            "search" | "exp1" | "exp2" | "exp3" | "exp4" | "probe" | "sim-search"
+        ) || e.starts_with("exp5")
+            || e.starts_with("val-")
+    };
+    let others: std::collections::BTreeSet<&str> = runs
+        .iter()
+        .map(|r| r.spec.experiment.as_str())
+        .filter(|e| !known(e))
+        .collect();
+    for exp in others {
+        let _ = write!(h, "<h2>Experiment {exp} (from the plan)</h2>");
+        table(
+            &mut h,
+            "by rate, policy and runtime values",
+            &|r| r.spec.experiment == exp,
+            &|r| {
+                let rt: Vec<String> = r
+                    .spec
+                    .runtime
+                    .iter()
+                    .map(|(k, v)| format!("{}={v}", k.trim_start_matches("kvroute.")))
+                    .collect();
+                format!(
+                    "{} {} {} {}",
+                    r.spec.workload,
+                    r.spec.rate_label,
+                    r.spec.policy,
+                    rt.join(",")
+                )
+            },
+        );
+    }
     if let Some(sm) = &meta.simulator {
         validation_section(&mut h, runs, sm);
         let _ = write!(h, "<h2>Experiment 5: scaling to 64 engines (simulated)</h2><p>The discrete-event simulator (the emulator's engine model, kvroute-core's policies and directory, the same workloads) at N = 2 to 64 engines, {:.3} ShareGPT sessions/s per engine, the sessions scaled with N: half the highest rate per engine at which round_robin kept P95 TTFT within the objective at N = 2 (searched by doubling, then bisection). The staleness and alpha/beta sweeps are repeated at N = 8, and the Mooncake trace runs at N = 8 and 16 on the <code>{}</code> profile (its prompts, up to 40k tokens, need a large KV cache).</p><div class=fig>{}</div><div class=fig>{}</div>",

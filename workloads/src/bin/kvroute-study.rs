@@ -22,6 +22,7 @@ use kvroute_traces::{arrivals, mooncake, rag, sharegpt, with_arrivals, words, Se
 use kvroute_workloads::analyze::{analyze, Analysis};
 use kvroute_workloads::calibrate::calibrate;
 use kvroute_workloads::emulated::EmulatedEngine;
+use kvroute_workloads::plan::{self, RagPlan, ShareGptPlan, SimulatedPlan, StudyPlan, Workload};
 use kvroute_workloads::report;
 use kvroute_workloads::simulated;
 use kvroute_workloads::study::{save, Lab, RunResult, RunSpec};
@@ -29,9 +30,12 @@ use kvroute_workloads::study::{save, Lab, RunResult, RunSpec};
 #[derive(Parser, Debug)]
 #[command(about = "Run the routing study (experiments 1-4) and write the report")]
 struct Args {
-    /// The full-size study (more sessions, finer sweeps).
+    /// The full-size study (the embedded `plans/full.toml`: more sessions, finer sweeps).
     #[arg(long)]
     full: bool,
+    /// A study plan file (TOML; see `workloads/plans/reduced.toml`) instead of the embedded one.
+    #[arg(long, conflicts_with = "full")]
+    plan: Option<PathBuf>,
     /// ShareGPT file.
     #[arg(long, default_value = "../shared/data/sharegpt_dev_3000.json")]
     sharegpt: PathBuf,
@@ -44,15 +48,9 @@ struct Args {
     /// Emulated time per wall time.
     #[arg(long, default_value_t = 8.0)]
     time_scale: f64,
-    /// TTFT objective of the sustainable-rate search, ms (P95).
-    #[arg(long, default_value_t = 1000.0)]
-    slo_ms: f64,
-    /// First probed rate, sessions/s.
-    #[arg(long, default_value_t = 0.5)]
-    start_rate: f64,
-    /// Repeats per configuration (fixed seeds 1, 2, 3, ...).
-    #[arg(long, default_value_t = 3)]
-    repeats: usize,
+    /// Repeats per configuration (overrides the plan's; seeds 1, 2, 3, ...).
+    #[arg(long)]
+    repeats: Option<usize>,
     /// Mooncake JSONL trace (experiment 5).
     #[arg(long, default_value = "../shared/data/mooncake_synthetic_trace.jsonl")]
     mooncake: PathBuf,
@@ -73,17 +71,12 @@ struct Args {
     model: Option<String>,
 }
 
-struct Plan {
-    sessions: usize,
-    max_turns: usize,
-    rag_users: usize,
-    ab: Vec<f64>,
-    intervals: Vec<&'static str>,
-}
-
+/// `count` ShareGPT conversations of the plan's shape, picked by `seed` (from `offset`), starting
+/// as a Poisson process of `rate` sessions/s.
 fn sharegpt_sessions(
     text: &str,
-    p: &Plan,
+    p: &ShareGptPlan,
+    count: usize,
     seed: u64,
     rate: f64,
     offset: usize,
@@ -92,8 +85,8 @@ fn sharegpt_sessions(
         text,
         &sharegpt::ShareGptOptions {
             max_turns: p.max_turns,
-            max_tokens: 64,
-            think_ms: 2000.0,
+            max_tokens: p.max_tokens,
+            think_ms: p.think_ms,
             ..Default::default()
         },
     )?;
@@ -103,17 +96,17 @@ fn sharegpt_sessions(
         .iter()
         .cycle()
         .skip(start)
-        .take(p.sessions)
+        .take(count)
         .cloned()
         .collect();
     let starts = arrivals::poisson(picked.len(), rate, seed);
     Ok(with_arrivals(picked, &starts))
 }
 
-fn rag_sessions(p: &Plan, seed: u64, rate: f64) -> Vec<Session> {
+fn rag_sessions(p: &RagPlan, seed: u64, rate: f64) -> Vec<Session> {
     let s = rag::generate(&rag::RagOptions {
-        users: p.rag_users,
-        max_tokens: 32,
+        users: p.users,
+        max_tokens: p.max_tokens,
         seed,
         ..Default::default()
     });
@@ -121,10 +114,10 @@ fn rag_sessions(p: &Plan, seed: u64, rate: f64) -> Vec<Session> {
     with_arrivals(s, &starts)
 }
 
-/// The runtime values of the `load_cache_aware` sweeps: every (alpha, beta) of the plan under
-/// experiment `ab`, then every directory publish interval under experiment `staleness`.
+/// The runtime values of the simulated `load_cache_aware` sweeps: every (alpha, beta) of the plan
+/// under experiment `ab`, then every directory publish interval under experiment `staleness`.
 fn sweeps(
-    plan: &Plan,
+    plan: &SimulatedPlan,
     ab: &'static str,
     staleness: &'static str,
 ) -> Vec<(&'static str, Vec<(String, String)>)> {
@@ -134,8 +127,8 @@ fn sweeps(
             out.push((
                 ab,
                 vec![
-                    ("kvroute.alpha".to_string(), alpha.to_string()),
-                    ("kvroute.beta".to_string(), beta.to_string()),
+                    ("kvroute.alpha".to_string(), alpha.clone()),
+                    ("kvroute.beta".to_string(), beta.clone()),
                 ],
             ));
         }
@@ -143,7 +136,7 @@ fn sweeps(
     for iv in &plan.intervals {
         out.push((
             staleness,
-            vec![("kvroute.publish_interval_ms".to_string(), iv.to_string())],
+            vec![("kvroute.publish_interval_ms".to_string(), iv.clone())],
         ));
     }
     out
@@ -188,28 +181,35 @@ fn summary(r: &RunResult) -> String {
 async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     let t0 = Instant::now();
-    let plan = if a.full {
-        Plan {
-            sessions: 120,
-            max_turns: 6,
-            rag_users: 200,
-            ab: vec![0.0, 0.2, 0.4, 0.6, 0.8, 1.0],
-            intervals: vec!["0", "100", "500", "1000", "5000", "30000", "never"],
-        }
-    } else {
-        Plan {
-            sessions: 24,
-            max_turns: 4,
-            rag_users: 48,
-            ab: vec![0.0, 0.5, 1.0],
-            intervals: vec!["0", "100", "500", "1000", "5000", "30000", "never"],
-        }
+    let (source, plan_text) = match (&a.plan, a.full) {
+        (Some(path), _) => (
+            path.display().to_string(),
+            std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("plan {}: {e}", path.display()))?,
+        ),
+        (None, true) => ("embedded plans/full.toml".into(), plan::FULL.to_string()),
+        (None, false) => (
+            "embedded plans/reduced.toml".into(),
+            plan::REDUCED.to_string(),
+        ),
     };
+    let mut plan =
+        StudyPlan::parse(&plan_text).map_err(|e| anyhow::anyhow!("plan {source}: {e}"))?;
+    if let Some(r) = a.repeats {
+        plan.repeats = r.max(1);
+    }
+    eprintln!(
+        "study: plan {:?} ({source}): {} live experiments, {} repeats",
+        plan.name,
+        plan.experiments.len(),
+        plan.repeats
+    );
     let text = std::fs::read_to_string(&a.sharegpt)?;
     if a.out.exists() {
         std::fs::remove_dir_all(&a.out)?;
     }
     std::fs::create_dir_all(&a.out)?;
+    std::fs::write(a.out.join("plan.toml"), plan.to_toml())?;
     let remote = !a.engine_urls.is_empty();
     let mut lab = if remote {
         eprintln!(
@@ -232,28 +232,23 @@ async fn main() -> anyhow::Result<()> {
     let mut results: Vec<RunResult> = Vec::new();
     let mut n = 0usize;
     // Sustainable rate.
-    let mut rate = a.start_rate;
-    let mut sustainable = a.start_rate;
+    let search = plan.search.clone();
+    let mut rate = search.start_rate;
+    let mut sustainable = search.start_rate;
     let mut capped = true;
-    for _ in 0..7 {
+    for _ in 0..search.max_steps {
         let spec = RunSpec::new(
             "search",
             "sharegpt",
-            PolicyKind::RoundRobin,
+            search.policy,
             rate,
             &format!("{rate}/s"),
             0,
         );
-        let r = run(
-            &mut lab,
-            &a.out,
-            &mut n,
-            spec,
-            vec![],
-            sharegpt_sessions(&text, &plan, 1, rate, 0)?,
-        )
-        .await?;
-        let ok = r.failed == 0 && r.ttft_ms[1] <= a.slo_ms;
+        let sessions =
+            sharegpt_sessions(&text, &plan.sharegpt, plan.sharegpt.sessions, 1, rate, 0)?;
+        let r = run(&mut lab, &a.out, &mut n, spec, vec![], sessions).await?;
+        let ok = r.failed == 0 && r.ttft_ms[1] <= search.slo_ms;
         results.push(r);
         if !ok {
             capped = false;
@@ -263,77 +258,73 @@ async fn main() -> anyhow::Result<()> {
         rate *= 2.0;
     }
     eprintln!(
-        "study: sustainable rate {sustainable} sessions/s (P95 TTFT <= {} ms with round_robin)",
-        a.slo_ms
+        "study: sustainable rate {sustainable} sessions/s (P95 TTFT <= {} ms with {})",
+        search.slo_ms, search.policy
     );
-    let policies = PolicyKind::ALL;
+    // The live experiments of the plan: every rate x policy x grid point, each repeated.
     let warm = |seed: u64, rate: f64| {
-        sharegpt_sessions(&text, &plan, seed + 1000, rate, 1500).map(|mut v| {
-            v.truncate(plan.sessions / 4);
-            v
-        })
+        sharegpt_sessions(
+            &text,
+            &plan.sharegpt,
+            plan.sharegpt.warmup_sessions,
+            seed + 1000,
+            rate,
+            1500,
+        )
     };
-
-    // Experiment 1: policies x rates on ShareGPT.
-    for (label, k) in [("0.5x", 0.5), ("1x", 1.0), ("2x", 2.0)] {
-        for p in policies {
-            for rep in 0..a.repeats {
-                let seed = rep as u64 + 1;
-                let r_ = sustainable * k;
-                let spec = RunSpec::new("exp1", "sharegpt", *p, r_, label, rep);
-                results.push(
-                    run(
-                        &mut lab,
-                        &a.out,
-                        &mut n,
-                        spec,
-                        warm(seed, r_)?,
-                        sharegpt_sessions(&text, &plan, seed, r_, 0)?,
-                    )
-                    .await?,
-                );
+    for exp in &plan.experiments {
+        let policies = exp.policies.resolve().map_err(|e| anyhow::anyhow!(e))?;
+        for rate in &exp.rates {
+            let r_ = sustainable * rate.x;
+            for p in &policies {
+                for point in exp.points() {
+                    for rep in 0..plan.repeats {
+                        let seed = rep as u64 + 1;
+                        let spec = RunSpec::new(
+                            &exp.name,
+                            exp.workload.as_str(),
+                            *p,
+                            r_,
+                            &rate.label,
+                            rep,
+                        )
+                        .with_runtime(point.clone());
+                        let (warm_up, measured) = match exp.workload {
+                            Workload::Sharegpt => (
+                                if exp.warmup {
+                                    warm(seed, r_)?
+                                } else {
+                                    Vec::new()
+                                },
+                                sharegpt_sessions(
+                                    &text,
+                                    &plan.sharegpt,
+                                    plan.sharegpt.sessions,
+                                    seed,
+                                    r_,
+                                    0,
+                                )?,
+                            ),
+                            Workload::Rag => (Vec::new(), rag_sessions(&plan.rag, seed, r_)),
+                        };
+                        results.push(run(&mut lab, &a.out, &mut n, spec, warm_up, measured).await?);
+                    }
+                }
+                // Runtime values of a grid do not carry over to the next experiment.
+                if !exp.grid.is_empty() {
+                    let defaults: Vec<(String, String)> = exp
+                        .grid
+                        .keys()
+                        .map(|k| {
+                            let v = PolicySettings::default()
+                                .runtime_value(k)
+                                .unwrap_or_default();
+                            (k.clone(), v)
+                        })
+                        .collect();
+                    lab.configure(*p, &defaults).await?;
+                }
             }
-        }
-    }
-    // Experiment 2: RAG, hit rate by policy.
-    for p in policies {
-        for rep in 0..a.repeats {
-            let seed = rep as u64 + 1;
-            let r_ = sustainable * 2.0;
-            let spec = RunSpec::new("exp2", "rag", *p, r_, "1x", rep);
-            results.push(
-                run(
-                    &mut lab,
-                    &a.out,
-                    &mut n,
-                    spec,
-                    vec![],
-                    rag_sessions(&plan, seed, r_),
-                )
-                .await?,
-            );
-        }
-    }
-    // Experiments 3 (alpha / beta sweep) and 4 (directory publish interval): load_cache_aware on
-    // ShareGPT at 1x, one configuration of runtime values each.
-    let sweeps = sweeps(&plan, "exp3", "exp4");
-    for (experiment, runtime) in sweeps {
-        for rep in 0..a.repeats {
-            let seed = rep as u64 + 1;
-            let spec = RunSpec::new(
-                experiment,
-                "sharegpt",
-                PolicyKind::LoadCacheAware,
-                sustainable,
-                "1x",
-                rep,
-            )
-            .with_runtime(runtime.clone());
-            let (warm_up, measured) = (
-                warm(seed, sustainable)?,
-                sharegpt_sessions(&text, &plan, seed, sustainable, 0)?,
-            );
-            results.push(run(&mut lab, &a.out, &mut n, spec, warm_up, measured).await?);
         }
     }
     lab.envoy
@@ -380,7 +371,14 @@ async fn main() -> anyhow::Result<()> {
         (
             "sharegpt".into(),
             analyze(
-                &sharegpt_sessions(&text, &plan, 1, sustainable, 0)?,
+                &sharegpt_sessions(
+                    &text,
+                    &plan.sharegpt,
+                    plan.sharegpt.sessions,
+                    1,
+                    sustainable,
+                    0,
+                )?,
                 model,
                 2,
                 711,
@@ -388,15 +386,16 @@ async fn main() -> anyhow::Result<()> {
         ),
         (
             "rag".into(),
-            analyze(&rag_sessions(&plan, 1, sustainable * 2.0), model, 2, 711),
+            analyze(
+                &rag_sessions(&plan.rag, 1, sustainable * 2.0),
+                model,
+                2,
+                711,
+            ),
         ),
     ];
     let meta = report::Meta {
-        mode: if a.full {
-            "full".into()
-        } else {
-            "reduced".into()
-        },
+        mode: plan.name.clone(),
         profile: if remote {
             format!("engines at {}", a.engine_urls.join(", "))
         } else {
@@ -405,10 +404,10 @@ async fn main() -> anyhow::Result<()> {
         time_scale: if remote { 1.0 } else { a.time_scale },
         engines,
         sustainable_rate: sustainable,
-        slo_ms: a.slo_ms,
+        slo_ms: plan.search.slo_ms,
         search_capped: capped,
-        repeats: a.repeats,
-        sessions: plan.sessions,
+        repeats: plan.repeats,
+        sessions: plan.sharegpt.sessions,
         wall_s: t0.elapsed().as_secs_f64(),
         envoy: "1.40.0".into(),
         kvroute: env!("CARGO_PKG_VERSION").into(),
@@ -459,14 +458,6 @@ fn keep(out: &std::path::Path, results: &mut Vec<RunResult>, r: RunResult) -> an
     Ok(())
 }
 
-/// Policies of the simulator's validation (reduced study; the full study validates every policy).
-const VALIDATION_POLICIES: [PolicyKind; 4] = [
-    PolicyKind::RoundRobin,
-    PolicyKind::SessionHash,
-    PolicyKind::LoadCacheAware,
-    PolicyKind::DynamoCost,
-];
-
 /// The live half of the simulator's validation, on a lab of its own at real time (at the study's
 /// time scale every millisecond of host overhead is several emulated ones, and on a small machine
 /// that noise, not the model, would dominate the comparison): the gateway's per-request cost from
@@ -474,7 +465,7 @@ const VALIDATION_POLICIES: [PolicyKind; 4] = [
 /// warm-up. Returns the gateway cost in ms.
 async fn validation_live(
     a: &Args,
-    plan: &Plan,
+    plan: &StudyPlan,
     text: &str,
     results: &mut Vec<RunResult>,
     n: &mut usize,
@@ -484,16 +475,17 @@ async fn validation_live(
     let mut lab = Lab::emulated(2, &a.profile, 1.0).await?;
     lab.records_dir = Some(a.out.join("requests"));
     let gateway_ms = gateway_probe(&mut lab, &a.out, n).await?;
-    let policies: Vec<PolicyKind> = if a.full {
-        PolicyKind::ALL.to_vec()
-    } else {
-        VALIDATION_POLICIES.to_vec()
-    };
+    let policies = plan
+        .simulated
+        .validation_policies
+        .resolve()
+        .map_err(|e| anyhow::anyhow!(e))?;
     for p in policies {
-        for rep in 0..a.repeats {
+        for rep in 0..plan.repeats {
             let seed = rep as u64 + 1;
             let spec = RunSpec::new("val-live", "sharegpt", p, rate, "1x", rep);
-            let meas = sharegpt_sessions(text, plan, seed, rate, 0)?;
+            let meas =
+                sharegpt_sessions(text, &plan.sharegpt, plan.sharegpt.sessions, seed, rate, 0)?;
             results.push(run(&mut lab, &a.out, n, spec, vec![], meas).await?);
         }
     }
@@ -504,7 +496,7 @@ async fn validation_live(
 /// experiment 5 (N = 2 to 64; staleness and alpha/beta at N = 8; Mooncake at N = 8 and 16).
 fn simulated_part(
     a: &Args,
-    plan: &Plan,
+    plan: &StudyPlan,
     text: &str,
     results: &mut Vec<RunResult>,
     gateway_ms: f64,
@@ -534,7 +526,14 @@ fn simulated_part(
         };
         let m = simulated::prepare_for(
             &b2,
-            &sharegpt_sessions(text, plan, spec.seed, spec.rate, 0)?,
+            &sharegpt_sessions(
+                text,
+                &plan.sharegpt,
+                plan.sharegpt.sessions,
+                spec.seed,
+                spec.rate,
+                0,
+            )?,
         );
         keep(&a.out, results, simulated::run(&spec, &b2, &m)?)?;
     }
@@ -543,16 +542,17 @@ fn simulated_part(
     // 0.125/s) at which round_robin keeps P95 TTFT within the objective at N = 2. Runs are long
     // enough (sessions per engine) for queues to reach a steady state, which the live runs' size
     // does not allow.
-    let per_engine_sessions = if a.full { 150 } else { 60 };
+    let sim = &plan.simulated;
+    let sim_policies = sim.policies.resolve().map_err(|e| anyhow::anyhow!(e))?;
     let sessions_at = |n: usize, rate: f64, seed: u64| -> anyhow::Result<Vec<Session>> {
-        let p = Plan {
-            sessions: per_engine_sessions * n,
-            max_turns: plan.max_turns,
-            rag_users: 0,
-            ab: vec![],
-            intervals: vec![],
-        };
-        sharegpt_sessions(text, &p, seed, rate * n as f64, 0)
+        sharegpt_sessions(
+            text,
+            &plan.sharegpt,
+            sim.sessions_per_engine * n,
+            seed,
+            rate * n as f64,
+            0,
+        )
     };
     let probe = |rate: f64, results: &mut Vec<RunResult>| -> anyhow::Result<bool> {
         let spec = RunSpec::new(
@@ -565,7 +565,7 @@ fn simulated_part(
         );
         let work = simulated::prepare_for(&b2, &sessions_at(2, rate, 1)?);
         let r = simulated::run(&spec, &b2, &work)?;
-        let ok = r.failed == 0 && r.ttft_ms[1] <= a.slo_ms;
+        let ok = r.failed == 0 && r.ttft_ms[1] <= plan.search.slo_ms;
         keep(&a.out, results, r)?;
         Ok(ok)
     };
@@ -594,29 +594,30 @@ fn simulated_part(
     eprintln!(
         "study: simulated knee {knee:.3} sessions/s per engine; experiment 5 at {per_engine:.3}"
     );
-    for n in [2usize, 4, 8, 16, 32, 64] {
+    for &n in &sim.engines {
         let b = base(n, &engine);
-        for rep in 0..a.repeats {
+        for rep in 0..plan.repeats {
             let seed = rep as u64 + 1;
             let work = simulated::prepare_for(&b, &sessions_at(n, per_engine, seed)?);
-            for p in PolicyKind::ALL {
+            for p in &sim_policies {
                 let spec = RunSpec::new("exp5", "sharegpt", *p, per_engine * n as f64, "1x", rep);
                 keep(&a.out, results, simulated::run(&spec, &b, &work)?)?;
             }
         }
     }
     // Staleness and alpha / beta at N = 8.
-    let b8 = base(8, &engine);
-    let sweeps = sweeps(plan, "exp5-ab", "exp5-staleness");
-    for rep in 0..a.repeats {
+    let ns = sim.sweep_engines;
+    let b8 = base(ns, &engine);
+    let sweeps = sweeps(sim, "exp5-ab", "exp5-staleness");
+    for rep in 0..plan.repeats {
         let seed = rep as u64 + 1;
-        let work = simulated::prepare_for(&b8, &sessions_at(8, per_engine, seed)?);
+        let work = simulated::prepare_for(&b8, &sessions_at(ns, per_engine, seed)?);
         for (experiment, runtime) in &sweeps {
             let spec = RunSpec::new(
                 experiment,
                 "sharegpt",
                 PolicyKind::LoadCacheAware,
-                per_engine * 8.0,
+                per_engine * ns as f64,
                 "1x",
                 rep,
             )
@@ -629,13 +630,14 @@ fn simulated_part(
     let mtext = std::fs::read_to_string(&a.mooncake)?;
     let reqs =
         mooncake::parse(&mtext).map_err(|e| anyhow::anyhow!("{}: {e}", a.mooncake.display()))?;
-    let work = simulated::prepare_for(&base(16, &big), &mooncake::sessions(&reqs, 1.0));
-    for n in [8usize, 16] {
+    let biggest = sim.mooncake_engines.iter().copied().max().unwrap_or(1);
+    let work = simulated::prepare_for(&base(biggest, &big), &mooncake::sessions(&reqs, 1.0));
+    for &n in &sim.mooncake_engines {
         let b = SimConfig {
             record_itl: false,
             ..base(n, &big)
         };
-        for p in PolicyKind::ALL {
+        for p in &sim_policies {
             let spec = RunSpec::new("exp5-mooncake", "mooncake", *p, 0.0, "trace", 0);
             keep(&a.out, results, simulated::run(&spec, &b, &work)?)?;
         }

@@ -1,0 +1,340 @@
+//! The routing study's plan as a file: workloads and their sizes, the sustainable-rate search, the
+//! live experiments (policies x rates x runtime values) and the simulated part. The reduced and
+//! full plans are embedded (`plans/reduced.toml`, `plans/full.toml`); `kvroute-study --plan FILE`
+//! runs any other, and every study writes the plan it ran next to its results.
+
+use std::collections::BTreeMap;
+
+use kvroute_core::policy::PolicyKind;
+use kvroute_core::PolicySettings;
+use serde::{Deserialize, Serialize};
+
+/// The embedded reduced plan (the main job).
+pub const REDUCED: &str = include_str!("../plans/reduced.toml");
+/// The embedded full-size plan.
+pub const FULL: &str = include_str!("../plans/full.toml");
+
+/// A whole study.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StudyPlan {
+    /// Its name (the report's mode).
+    pub name: String,
+    /// Repeats per configuration (seeds 1, 2, ...).
+    pub repeats: usize,
+    /// ShareGPT multi-turn replay.
+    pub sharegpt: ShareGptPlan,
+    /// Synthetic RAG.
+    pub rag: RagPlan,
+    /// The sustainable-rate search.
+    pub search: SearchPlan,
+    /// Live experiments, in order.
+    #[serde(rename = "experiment", default)]
+    pub experiments: Vec<Experiment>,
+    /// The simulated part.
+    pub simulated: SimulatedPlan,
+}
+
+/// ShareGPT sessions of a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShareGptPlan {
+    /// Conversations per run.
+    pub sessions: usize,
+    /// Turns per conversation at most.
+    pub max_turns: usize,
+    /// Answer tokens per turn.
+    pub max_tokens: u32,
+    /// Think time between turns, ms.
+    pub think_ms: f64,
+    /// Unrecorded conversations before a run that asks for a warm-up.
+    pub warmup_sessions: usize,
+}
+
+/// RAG users of a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RagPlan {
+    /// Users (one request each).
+    pub users: usize,
+    /// Answer tokens.
+    pub max_tokens: u32,
+}
+
+/// The sustainable-rate search.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SearchPlan {
+    /// Policy probed.
+    pub policy: PolicyKind,
+    /// First rate, sessions/s.
+    pub start_rate: f64,
+    /// P95 TTFT objective, ms.
+    pub slo_ms: f64,
+    /// Doublings at most.
+    pub max_steps: usize,
+}
+
+/// Which workload an experiment replays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Workload {
+    /// ShareGPT multi-turn.
+    Sharegpt,
+    /// Synthetic RAG.
+    Rag,
+}
+
+impl Workload {
+    /// Its name in results.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Workload::Sharegpt => "sharegpt",
+            Workload::Rag => "rag",
+        }
+    }
+}
+
+/// "all" or a list of policies.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Policies {
+    /// `"all"`: every policy of the core.
+    All(String),
+    /// These policies.
+    List(Vec<PolicyKind>),
+}
+
+impl Policies {
+    /// The policies meant.
+    pub fn resolve(&self) -> Result<Vec<PolicyKind>, String> {
+        match self {
+            Policies::All(s) if s == "all" => Ok(PolicyKind::ALL.to_vec()),
+            Policies::All(s) => Err(format!("policies: \"{s}\" is neither \"all\" nor a list")),
+            Policies::List(v) if v.is_empty() => Err("policies: empty list".into()),
+            Policies::List(v) => Ok(v.clone()),
+        }
+    }
+}
+
+/// A multiple of the sustainable rate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rate {
+    /// Its label in results (`1x`).
+    pub label: String,
+    /// The multiple.
+    pub x: f64,
+}
+
+/// One live experiment: every policy at every rate over every grid point, each repeated.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Experiment {
+    /// Its name in results (the report has sections for exp1-exp4; others get a table each).
+    pub name: String,
+    /// What it shows.
+    #[serde(default)]
+    pub title: String,
+    /// The workload.
+    pub workload: Workload,
+    /// Policies.
+    pub policies: Policies,
+    /// Rates.
+    pub rates: Vec<Rate>,
+    /// Warm-up conversations before each run (ShareGPT only).
+    #[serde(default)]
+    pub warmup: bool,
+    /// Runtime values: every combination of the values listed per key.
+    #[serde(default)]
+    pub grid: BTreeMap<String, Vec<String>>,
+}
+
+impl Experiment {
+    /// Every combination of the grid's values (one empty point without a grid), keys in order.
+    pub fn points(&self) -> Vec<Vec<(String, String)>> {
+        let mut points: Vec<Vec<(String, String)>> = vec![Vec::new()];
+        for (key, values) in &self.grid {
+            points = points
+                .into_iter()
+                .flat_map(|p| {
+                    values.iter().map(move |v| {
+                        let mut q = p.clone();
+                        q.push((key.clone(), v.clone()));
+                        q
+                    })
+                })
+                .collect();
+        }
+        points
+    }
+}
+
+/// The simulated part.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimulatedPlan {
+    /// Policies validated against the live stack.
+    pub validation_policies: Policies,
+    /// Policies of experiment 5 and the Mooncake runs.
+    pub policies: Policies,
+    /// Engine counts of experiment 5.
+    pub engines: Vec<usize>,
+    /// ShareGPT sessions per engine.
+    pub sessions_per_engine: usize,
+    /// Engines of the repeated sweeps.
+    pub sweep_engines: usize,
+    /// alpha and beta values of the repeated sweep (grid).
+    pub ab: Vec<String>,
+    /// Publish intervals of the repeated staleness sweep.
+    pub intervals: Vec<String>,
+    /// Engine counts of the Mooncake trace.
+    pub mooncake_engines: Vec<usize>,
+}
+
+impl StudyPlan {
+    /// Reads and checks a plan: every policy, runtime key and value must be one the router takes.
+    pub fn parse(text: &str) -> Result<StudyPlan, String> {
+        let plan: StudyPlan = toml::from_str(text).map_err(|e| e.to_string())?;
+        plan.check()?;
+        Ok(plan)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        let mut errors = Vec::new();
+        if self.repeats == 0 {
+            errors.push("repeats: at least 1".to_string());
+        }
+        if self.sharegpt.sessions == 0 || self.sharegpt.max_turns == 0 {
+            errors.push("sharegpt: sessions and max_turns at least 1".into());
+        }
+        if self.search.start_rate.is_nan()
+            || self.search.start_rate <= 0.0
+            || self.search.slo_ms.is_nan()
+            || self.search.slo_ms <= 0.0
+        {
+            errors.push("search: start_rate and slo_ms must be positive".into());
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for e in &self.experiments {
+            let at = format!("experiment {}", e.name);
+            if !names.insert(e.name.clone()) {
+                errors.push(format!("{at}: name used twice"));
+            }
+            if let Err(m) = e.policies.resolve() {
+                errors.push(format!("{at}: {m}"));
+            }
+            if e.rates.is_empty() || e.rates.iter().any(|r| r.x.is_nan() || r.x <= 0.0) {
+                errors.push(format!(
+                    "{at}: rates must be a non-empty list of positive multiples"
+                ));
+            }
+            for (key, values) in &e.grid {
+                if values.is_empty() {
+                    errors.push(format!("{at}: grid {key} has no values"));
+                }
+                for v in values {
+                    let (_, errs) =
+                        PolicySettings::default().with_runtime([(key.as_str(), v.as_str())]);
+                    let known = key
+                        .strip_prefix("kvroute.")
+                        .is_some_and(|k| kvroute_core::config::RUNTIME_KEYS.contains(&k));
+                    if !known || !errs.is_empty() {
+                        errors.push(format!(
+                            "{at}: grid {key} = {v:?} is not a runtime value the router takes"
+                        ));
+                    }
+                }
+            }
+        }
+        if let Err(m) = self.simulated.validation_policies.resolve() {
+            errors.push(format!("simulated.validation_policies: {m}"));
+        }
+        if let Err(m) = self.simulated.policies.resolve() {
+            errors.push(format!("simulated.policies: {m}"));
+        }
+        if self
+            .simulated
+            .engines
+            .iter()
+            .chain(&self.simulated.mooncake_engines)
+            .any(|n| *n < 1 || *n > 64)
+            || !(1..=64).contains(&self.simulated.sweep_engines)
+        {
+            errors.push("simulated: engine counts must be 1 to 64".into());
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("; "))
+        }
+    }
+
+    /// The plan as TOML (written next to a study's results).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_plans_parse_and_round_trip() {
+        for text in [REDUCED, FULL] {
+            let p = StudyPlan::parse(text).unwrap();
+            assert_eq!(StudyPlan::parse(&p.to_toml()).unwrap(), p);
+            assert_eq!(
+                p.experiments
+                    .iter()
+                    .map(|e| e.name.as_str())
+                    .collect::<Vec<_>>(),
+                ["exp1", "exp2", "exp3", "exp4"]
+            );
+        }
+        let r = StudyPlan::parse(REDUCED).unwrap();
+        assert_eq!(
+            r.experiments[0].policies.resolve().unwrap().len(),
+            PolicyKind::ALL.len()
+        );
+        // exp3: the alpha x beta grid.
+        let pts = r.experiments[2].points();
+        assert_eq!(pts.len(), 9);
+        assert_eq!(
+            pts[1],
+            vec![
+                ("kvroute.alpha".to_string(), "0".to_string()),
+                ("kvroute.beta".to_string(), "0.5".to_string())
+            ]
+        );
+        assert_eq!(r.experiments[0].points(), vec![Vec::new()]);
+    }
+
+    #[test]
+    fn bad_plans_are_refused_with_the_field() {
+        let bad = |from: &str, to: &str| {
+            assert!(REDUCED.contains(from), "{from}");
+            StudyPlan::parse(&REDUCED.replacen(from, to, 1)).unwrap_err()
+        };
+        assert!(bad("\"kvroute.beta\"", "\"kvroute.betta\"").contains("kvroute.betta"));
+        assert!(bad("\"kvroute.alpha\" = [\"0\"", "\"kvroute.alpha\" = [\"-3\"").contains("-3"));
+        assert!(bad(
+            "policies = [\"load_cache_aware\"]",
+            "policies = [\"fastest\"]"
+        )
+        .contains("policies"));
+        assert!(bad("policies = \"all\"", "policies = \"some\"").contains("neither"));
+        assert!(bad(
+            "{ label = \"0.5x\", x = 0.5 }",
+            "{ label = \"0.5x\", x = 0 }"
+        )
+        .contains("rates"));
+        assert!(bad("repeats = 3", "repeats = 3\nrepeat = 2").contains("repeat"));
+        assert!(bad("name = \"exp2\"", "name = \"exp1\"").contains("twice"));
+        assert!(
+            bad("mooncake_engines = [8, 16]", "mooncake_engines = [8, 128]").contains("1 to 64")
+        );
+    }
+}
