@@ -162,14 +162,20 @@ pub async fn calibrate(
             prompts.iter().map(|p| stream(&client, base, p, 48, scale)),
         )
         .await;
-        let mut gaps = Vec::new();
+        // Per request, the mean gap after the first few (while the batch forms): the span from the
+        // 5th token to the last over the tokens in it. A median of single gaps would not do: when
+        // the client reads late, or the engine streams several tokens per chunk, events arrive
+        // together and most single gaps are near zero, but the span stays right.
+        let mut steps = Vec::new();
         for r in runs {
-            // Skip the first gaps while the batch forms.
-            gaps.extend(r?.1.into_iter().skip(4));
+            let gaps: Vec<f64> = r?.1.into_iter().skip(4).collect();
+            if !gaps.is_empty() {
+                steps.push(gaps.iter().sum::<f64>() / gaps.len() as f64);
+            }
         }
         decode.push(DecodePoint {
             batch: *b,
-            step_s: median(gaps),
+            step_s: median(steps),
         });
     }
     Ok(Calibration { prefill, decode })
