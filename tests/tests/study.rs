@@ -220,6 +220,7 @@ async fn a_tiny_study_is_internally_consistent() {
             per_instance_rate: 2.0,
             mooncake_profile: "h100-llama3.1-8b".into(),
             wall_s: 0.0,
+            validation_sessions: 6,
         }),
     };
     let calibration = kvroute_workloads::calibrate::Calibration {

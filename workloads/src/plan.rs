@@ -176,6 +176,9 @@ impl Experiment {
 pub struct SimulatedPlan {
     /// Policies validated against the live stack.
     pub validation_policies: Policies,
+    /// ShareGPT conversations per validation run (live and simulated; more than the live
+    /// experiments' so that P95 rests on more requests).
+    pub validation_sessions: usize,
     /// Policies of experiment 5 and the Mooncake runs.
     pub policies: Policies,
     /// Engine counts of experiment 5.

@@ -54,6 +54,8 @@ pub struct SimMeta {
     pub mooncake_profile: String,
     /// Wall time of all simulated runs, s.
     pub wall_s: f64,
+    /// ShareGPT conversations per validation run.
+    pub validation_sessions: usize,
 }
 
 /// The tolerances of the simulator's validation: TTFT P50 and P95 within this fraction ...
@@ -1134,8 +1136,8 @@ fn validation_section(h: &mut String, runs: &[RunResult], sm: &SimMeta) {
     let (live_t, sim_t) = (pooled("val-live"), pooled("val-sim"));
     let hits = |exp: &'static str| agg(runs, |r| r.spec.experiment == exp, key, |r| r.hit_rate);
     let (lhit, shit) = (hits("val-live"), hits("val-sim"));
-    let _ = write!(h, "<h2>Simulator validation: live stack against simulator at N = 2</h2><p>Experiment 1's ShareGPT workload at 1x through a live stack of its own at real time (at the study's time scale every millisecond of host overhead would count several times over), three repeats, then the same runs in the simulator: same sessions, seeds, policy and settings; the simulator adds the gateway's per-request cost measured on idle probes through that stack ({:.1} ms, client TTFT minus engine TTFT). Tolerances: TTFT P50 and P95 within {:.0}%, hit rate within {:.0} points. TTFT quantiles over the requests of all repeats together; hit rate the mean over repeats.</p><table><tr><th>rate, policy</th><th>P50 live</th><th>P50 sim</th><th>diff</th><th>P95 live</th><th>P95 sim</th><th>diff</th><th>hit live</th><th>hit sim</th><th>diff (pts)</th><th>within</th></tr>",
-        sm.gateway_ms, VALIDATION_TTFT * 100.0, VALIDATION_HIT * 100.0);
+    let _ = write!(h, "<h2>Simulator validation: live stack against simulator at N = 2</h2><p>Experiment 1's ShareGPT workload at 1x ({} conversations per run) through a live stack of its own at real time (at the study's time scale every millisecond of host overhead would count several times over), every repeat, then the same runs in the simulator: same sessions, seeds, policy and settings; the simulator adds the gateway's per-request cost measured on idle probes through that stack ({:.1} ms, client TTFT minus engine TTFT). Tolerances: TTFT P50 and P95 within {:.0}%, hit rate within {:.0} points. TTFT quantiles over the requests of all repeats together; hit rate the mean over repeats.</p><table><tr><th>rate, policy</th><th>P50 live</th><th>P50 sim</th><th>diff</th><th>P95 live</th><th>P95 sim</th><th>diff</th><th>hit live</th><th>hit sim</th><th>diff (pts)</th><th>within</th></tr>",
+        sm.validation_sessions, sm.gateway_ms, VALIDATION_TTFT * 100.0, VALIDATION_HIT * 100.0);
     let (mut ok, mut all) = (0usize, 0usize);
     for (k, (l50, l95)) in &live_t {
         let (Some((s50, s95)), Some(lh), Some(sh)) = (sim_t.get(k), lhit.get(k), shit.get(k))

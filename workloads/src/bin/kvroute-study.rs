@@ -484,8 +484,14 @@ async fn validation_live(
         for rep in 0..plan.repeats {
             let seed = rep as u64 + 1;
             let spec = RunSpec::new("val-live", "sharegpt", p, rate, "1x", rep);
-            let meas =
-                sharegpt_sessions(text, &plan.sharegpt, plan.sharegpt.sessions, seed, rate, 0)?;
+            let meas = sharegpt_sessions(
+                text,
+                &plan.sharegpt,
+                plan.simulated.validation_sessions,
+                seed,
+                rate,
+                0,
+            )?;
             results.push(run(&mut lab, &a.out, n, spec, vec![], meas).await?);
         }
     }
@@ -529,7 +535,7 @@ fn simulated_part(
             &sharegpt_sessions(
                 text,
                 &plan.sharegpt,
-                plan.sharegpt.sessions,
+                plan.simulated.validation_sessions,
                 spec.seed,
                 spec.rate,
                 0,
@@ -647,5 +653,6 @@ fn simulated_part(
         per_instance_rate: per_engine,
         mooncake_profile: a.mooncake_profile.clone(),
         wall_s: t0.elapsed().as_secs_f64(),
+        validation_sessions: plan.simulated.validation_sessions,
     })
 }
