@@ -202,22 +202,32 @@ impl Directory {
     }
 
     /// Records that `endpoint` now holds `blocks` (and serves `session`).
-    pub fn record(&mut self, endpoint: usize, blocks: &[BlockHash], session: Option<u64>) {
+    ///
+    /// Returns whether what the directory holds changed (a block new to the endpoint, an eviction,
+    /// a session that moved): a decision that only refreshes recency changes nothing a published
+    /// snapshot shows, so it need not be republished.
+    pub fn record(&mut self, endpoint: usize, blocks: &[BlockHash], session: Option<u64>) -> bool {
         let Some(lru) = self.lrus.get_mut(endpoint) else {
-            return;
+            return false;
         };
         let bit = 1u64 << endpoint;
+        let mut changed = false;
         for h in blocks.iter().rev() {
-            if let Some((evicted, ())) = lru.push(*h, ()) {
-                if evicted != *h {
+            match lru.push(*h, ()) {
+                // Already held: only its recency changed.
+                Some((k, ())) if k == *h => {}
+                Some((evicted, ())) => {
                     self.index.unset(evicted, bit);
+                    changed = true;
                 }
+                None => changed = true,
             }
             self.index.set_bit(*h, bit);
         }
         if let Some(s) = session {
-            self.sessions.put(s, endpoint as u8);
+            changed |= self.sessions.put(s, endpoint as u8) != Some(endpoint as u8);
         }
+        changed
     }
 
     /// Changes one endpoint's capacity, forgetting its least recently used blocks if it shrinks.
@@ -380,6 +390,29 @@ mod tests {
             }
             prop_assert_eq!(a.entries(), b.entries());
             prop_assert_eq!(match_lengths(&a, &hs(&probe), 4), match_lengths(&b, &hs(&probe), 4));
+        }
+
+        /// `record` says it changed the directory exactly when the published view (blocks with
+        /// their holders, sessions with their endpoint) changed.
+        #[test]
+        fn record_reports_exactly_the_visible_changes(
+            ops in prop::collection::vec(
+                (0usize..3, prop::collection::vec(0u64..12, 0..6), prop::option::of(0u64..4)),
+                0..60,
+            ),
+        ) {
+            let mut d = Directory::new(&[5, 6, 7], 3);
+            let view = |d: &Directory| {
+                let mut sessions: Vec<(u64, usize)> = d.session_entries().collect();
+                sessions.sort_unstable();
+                (d.entries(), sessions)
+            };
+            for (e, blocks, session) in &ops {
+                let before = view(&d);
+                let changed = d.record(*e, &hs(blocks), *session);
+                let after = view(&d);
+                prop_assert_eq!(changed, before != after);
+            }
         }
 
         /// No endpoint ever holds more blocks than its capacity, the index holds exactly the union

@@ -22,8 +22,24 @@ use crate::hash::BlockHash;
 pub const MAGIC: &[u8; 4] = b"KVR1";
 /// Shared-data key of the state blob.
 pub const STATE_KEY: &str = "kvroute.state";
-/// Shared-data key of the state's version (8 bytes LE), read on every request.
+/// Shared-data key of the state's version and directory as-of time ([`encode_version`]), read on
+/// every request.
 pub const VERSION_KEY: &str = "kvroute.state.version";
+
+/// The value under [`VERSION_KEY`]: the state's version, and the time (ms) up to which the
+/// published directory is known to be current. When decisions only refresh recency the singleton
+/// advances that time without republishing the (unchanged) state.
+pub fn encode_version(version: u64, directory_as_of_ms: u64) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&version.to_le_bytes());
+    b[8..].copy_from_slice(&directory_as_of_ms.to_le_bytes());
+    b
+}
+
+/// Reads [`encode_version`]'s value: (version, directory as-of ms if present).
+pub fn decode_version(b: &[u8]) -> Option<(u64, Option<u64>)> {
+    Some((u64_at(b, 0)?, u64_at(b, 8)))
+}
 /// Shared-data key of the gateway in-flight counters: one i64 LE per endpoint (requests), then one
 /// per endpoint (prefix blocks of those requests).
 pub const INFLIGHT_KEY: &str = "kvroute.inflight";
@@ -475,6 +491,17 @@ mod tests {
         );
         batch.extend_from_slice(&[1, 2, 3]);
         assert_eq!(DecisionReport::decode_batch(&batch), (vec![r, r2], 3));
+    }
+
+    #[test]
+    fn version_round_trip() {
+        assert_eq!(
+            decode_version(&encode_version(7, 1_234)),
+            Some((7, Some(1_234)))
+        );
+        // The 8-byte form (version only) still reads.
+        assert_eq!(decode_version(&9u64.to_le_bytes()), Some((9, None)));
+        assert_eq!(decode_version(&[1, 2, 3]), None);
     }
 
     #[test]

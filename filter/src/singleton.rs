@@ -34,6 +34,8 @@ pub struct Singleton {
     published_dir: DirectorySection,
     published_dir_at_ms: u64,
     dir_dirty: bool,
+    /// Decisions were recorded since the last publish, but they changed nothing it shows.
+    dir_touched: bool,
     poll_token: Option<u32>,
     poll_sent_ms: u64,
     last_runtime_errors: Vec<String>,
@@ -84,6 +86,7 @@ impl Singleton {
             published_dir: DirectorySection::empty(),
             published_dir_at_ms: 0,
             dir_dirty: false,
+            dir_touched: false,
             poll_token: None,
             poll_sent_ms: 0,
             last_runtime_errors: Vec::new(),
@@ -140,11 +143,9 @@ impl Singleton {
                 self.metrics.host_error(HostOp::RuntimePoll);
             }
         }
-        if self.dir_dirty {
-            if let PublishInterval::Millis(ms) = self.settings.publish_interval {
-                if now.saturating_sub(self.published_dir_at_ms) >= u64::from(ms) {
-                    self.publish(true);
-                }
+        if let PublishInterval::Millis(ms) = self.settings.publish_interval {
+            if now.saturating_sub(self.published_dir_at_ms) >= u64::from(ms) {
+                self.publish_due(now);
             }
         }
         self.pull_snapshot(now);
@@ -338,6 +339,7 @@ impl Singleton {
             return;
         }
         let mut applied = 0usize;
+        let mut changed = false;
         let mut messages = 0usize;
         while messages < MAX_MESSAGES_PER_WAKE {
             let Some(msg) = host::dequeue(queue) else {
@@ -349,7 +351,8 @@ impl Singleton {
                 self.metrics.host_error(HostOp::BadReport);
             }
             for r in reports {
-                self.directory
+                changed |= self
+                    .directory
                     .record(usize::from(r.endpoint), &r.blocks, r.session);
                 self.decisions_recorded += 1;
                 applied += 1;
@@ -359,9 +362,32 @@ impl Singleton {
             return;
         }
         host::increment(self.metrics.decisions_recorded, applied as i64);
-        self.dir_dirty = true;
+        // Decisions that only refreshed recency leave the published view as it is: no publish
+        // (the workers keep their copy), only the time it is current as of moves on.
+        if changed {
+            self.dir_dirty = true;
+        } else {
+            self.dir_touched = true;
+        }
         if self.settings.publish_interval == PublishInterval::EveryDecision {
+            self.publish_due(now_ms());
+        }
+    }
+
+    /// A directory publish that is due: the whole state when the directory changed, else (only
+    /// recency refreshed) just the time the published directory is current as of.
+    fn publish_due(&mut self, now: u64) {
+        if self.dir_dirty {
             self.publish(true);
+        } else if self.dir_touched {
+            self.dir_touched = false;
+            if self.published_dir_at_ms != 0 {
+                self.published_dir_at_ms = now;
+                let v = state::encode_version(self.version, now);
+                if host::shared_set(state::VERSION_KEY, &v, None) != Ok(true) {
+                    self.metrics.host_error(HostOp::Publish);
+                }
+            }
         }
     }
 
@@ -376,6 +402,7 @@ impl Singleton {
             self.published_dir = DirectorySection::of(&self.directory);
             self.published_dir_at_ms = now;
             self.dir_dirty = false;
+            self.dir_touched = false;
         }
         self.version += 1;
         let header = StateHeader {
@@ -389,7 +416,11 @@ impl Singleton {
         };
         let blob = state::encode(&header, &self.published_dir);
         let ok = host::shared_set(state::STATE_KEY, &blob, None) == Ok(true)
-            && host::shared_set(state::VERSION_KEY, &self.version.to_le_bytes(), None) == Ok(true);
+            && host::shared_set(
+                state::VERSION_KEY,
+                &state::encode_version(self.version, self.published_dir_at_ms),
+                None,
+            ) == Ok(true);
         if !ok {
             self.metrics.host_error(HostOp::Publish);
             return;

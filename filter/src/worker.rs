@@ -4,11 +4,12 @@ use std::cell::RefCell;
 use std::rc::Rc;
 
 use kvroute_core::config::PublishInterval;
+use kvroute_core::directory::{EmptyIndex, PrefixIndex};
 use kvroute_core::policy::{PickNote, PolicyKind};
 use kvroute_core::request::{ApiKind, ParseError};
 use kvroute_core::router::{self, Decision, Inputs, RequestFeatures};
 use kvroute_core::state::{self, DecisionReport, EndpointStatus, PublishedState};
-use kvroute_core::{directory::EmptyIndex, FilterConfig};
+use kvroute_core::FilterConfig;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, LogLevel};
 
@@ -20,10 +21,11 @@ pub const RESPONSE_ENDPOINT_HEADER: &str = "x-kvroute-endpoint";
 /// Response header naming the policy that chose it.
 pub const RESPONSE_POLICY_HEADER: &str = "x-kvroute-policy";
 const CAS_RETRIES: usize = 16;
-/// When the directory is published at an interval (not after every decision), a decision report goes
-/// to the singleton at once unless one went less than this long ago; then it waits in a batch that
-/// the worker's tick flushes. Under load the main thread then wakes at most once per interval per
-/// worker instead of once per request. With `publish_interval_ms=0` every report goes at once.
+/// A decision report goes to the singleton at once unless one went less than this long ago; then it
+/// waits in a batch that the worker's tick flushes, so under load the main thread wakes at most
+/// once per interval per worker instead of once per request. With `publish_interval_ms=0` a report
+/// that changes what the directory shows (blocks new to the endpoint, a session that moves) goes at
+/// once, so the next decision can see it; one that only refreshes recency waits in the batch.
 pub const REPORT_COALESCE_US: u64 = 2_000;
 /// A batch larger than this is sent at once.
 const MAX_BATCH_BYTES: usize = 256 * 1024;
@@ -75,19 +77,28 @@ impl Worker {
     /// Re-reads the published state if its version changed.
     fn refresh(&self, st: &mut WorkerState) {
         let (v, _) = host::shared_get(state::VERSION_KEY);
-        let version = v
-            .and_then(|b| b.get(..8).and_then(|s| s.try_into().ok()))
-            .map(u64::from_le_bytes);
-        if version.is_none() || version == st.version {
+        let Some((version, as_of)) = v.as_deref().and_then(state::decode_version) else {
             return;
-        }
-        let (blob, _) = host::shared_get(state::STATE_KEY);
-        match blob.map(PublishedState::decode) {
-            Some(Ok(p)) => {
-                st.version = Some(p.header.version);
-                st.published = Some(p);
+        };
+        if Some(version) != st.version {
+            let (blob, _) = host::shared_get(state::STATE_KEY);
+            match blob.map(PublishedState::decode) {
+                Some(Ok(p)) => {
+                    st.version = Some(p.header.version);
+                    st.published = Some(p);
+                }
+                _ => {
+                    self.metrics.host_error(HostOp::StateRead);
+                    return;
+                }
             }
-            _ => self.metrics.host_error(HostOp::StateRead),
+        }
+        // The directory may be known current later than the state's publish (recency-only
+        // decisions since then).
+        if let (Some(t), Some(p)) = (as_of, st.published.as_mut()) {
+            if p.header.version == version && p.header.directory_as_of_ms != 0 {
+                p.header.directory_as_of_ms = p.header.directory_as_of_ms.max(t);
+            }
         }
     }
 
@@ -220,13 +231,23 @@ impl Worker {
         self.metrics.host_error(HostOp::Inflight);
     }
 
-    /// Sends a decision to the singleton, which records it in the directory (at once, or in the
-    /// next batch when one was sent less than [`REPORT_COALESCE_US`] ago).
-    fn report(&self, report: &DecisionReport, now_us: u64) {
+    /// Sends a decision to the singleton, which records it in the directory: at once when every
+    /// decision is published and this one changes what the published directory shows, else at
+    /// once or in the next batch when one was sent less than [`REPORT_COALESCE_US`] ago.
+    fn report(&self, report: &DecisionReport, predicted_blocks: u32, now_us: u64) {
         let mut guard = self.state.borrow_mut();
         let st = &mut *guard;
+        // Recency only: the published directory already places every block of the request on
+        // the chosen endpoint, and its session there.
+        let recency_only = st.published.as_ref().is_some_and(|p| {
+            predicted_blocks as usize == report.blocks.len()
+                && report
+                    .session
+                    .is_none_or(|s| p.session_endpoint(s) == Some(usize::from(report.endpoint)))
+        });
         report.encode_into(&mut st.batch);
-        if now_us.saturating_sub(st.last_sent_us) >= REPORT_COALESCE_US
+        if (!st.coalesce_reports && !recency_only)
+            || now_us.saturating_sub(st.last_sent_us) >= REPORT_COALESCE_US
             || st.batch.len() >= MAX_BATCH_BYTES
         {
             self.flush(st, now_us);
@@ -333,6 +354,7 @@ impl Request {
                     session: f.session,
                     blocks: f.blocks,
                 },
+                decision.predicted_blocks,
                 t0,
             );
         }

@@ -499,3 +499,50 @@ async fn chwbl_spills_over_its_bound_and_sglang_gates_on_imbalance() {
     );
     assert_eq!(served(&slow.await.unwrap()), home);
 }
+
+/// A decision that only refreshes recency (the directory already places the request's blocks on
+/// that endpoint) is recorded without republishing the state: the workers keep their copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_prompts_are_recorded_without_republishing() {
+    let s = Stack::with_policy(2, "load_cache_aware").await;
+    let body = chat(&[
+        ("system", &system_prompt("repeat")),
+        ("user", "The same question, again and again."),
+    ]);
+    let home = served(&s.chat(&body, &[]).await);
+    s.envoy
+        .wait_stat(
+            "kvroute_decisions_recorded_total",
+            Duration::from_secs(2),
+            |v| v >= 1,
+        )
+        .await
+        .unwrap();
+    let publishes = s.stat("kvroute_state_publishes_total").await;
+    for _ in 0..5 {
+        assert_eq!(served(&s.chat(&body, &[]).await), home);
+    }
+    s.envoy
+        .wait_stat(
+            "kvroute_decisions_recorded_total",
+            Duration::from_secs(2),
+            |v| v >= 6,
+        )
+        .await
+        .unwrap();
+    assert_eq!(s.stat("kvroute_state_publishes_total").await, publishes);
+    // A new prompt changes the directory: published at once (publish interval 0).
+    let other = chat(&[
+        ("system", &system_prompt("another")),
+        ("user", "Something new."),
+    ]);
+    s.chat(&other, &[]).await;
+    s.envoy
+        .wait_stat(
+            "kvroute_state_publishes_total",
+            Duration::from_secs(2),
+            |v| v > publishes,
+        )
+        .await
+        .unwrap();
+}
