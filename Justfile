@@ -73,10 +73,17 @@ study-full: build
 demo: build
     cargo run -q --release -p kvroute-workloads --bin kvroute-demo -- --out results/demo
 
+# The core's decision benchmark compiled to wasm32-wasip1 and run under V8 (Node, TurboFan only, as
+# in Envoy): the filter's computation without Envoy's host calls. Skipped where Node is missing.
+bench-wasm:
+    cargo build -q --release --target wasm32-wasip1 -p kvroute-bench-wasm
+    @if command -v node >/dev/null; then echo "decision cost in wasm under V8 (node $(node --version)):"; node --no-liftoff scripts/run-wasi.js target/wasm32-wasip1/release/kvroute-bench-decision.wasm; else echo "bench-wasm: node not found; skipped"; fi
+
 # Benchmarks: decision cost in the core, and the filter's added latency in Envoy.
 bench: build
     cargo build -p kvroute-filter --target wasm32-wasip1 --release --features bench-floor --target-dir target/bench-floor
     cargo bench -p kvroute-core --bench decision
+    just bench-wasm
     cargo run -q --release -p kvroute-workloads --bin kvroute-bench-envoy
     cargo run -q --release -p kvroute-workloads --bin kvroute-bench-emulator
     cargo run -q --release -p kvroute-workloads --bin kvroute-bench-sidecar
