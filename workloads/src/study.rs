@@ -51,34 +51,11 @@ impl Lab {
         for i in 0..n {
             engines.push(EmulatedEngine::start(&format!("engine{i}"), profile, time_scale).await?);
         }
-        let refs: Vec<&EmulatedEngine> = engines.iter().collect();
-        let sidecar =
-            RunningSidecar::start_at(&refs, Duration::from_millis(100), "127.0.0.1:0".parse()?)
-                .await?;
-        let spec_engines = engines
+        let targets = engines
             .iter()
-            .map(|e| Engine::local(&e.name, e.addr.port()))
+            .map(|e| (Engine::local(&e.name, e.addr.port()), e.url()))
             .collect();
-        let mut spec = EnvoySpec::new(spec_engines, filter_wasm()?.display().to_string());
-        spec.set_sidecar(Engine::local("sidecar", sidecar.addr.port()));
-        let envoy = Envoy::start(spec).await?;
-        envoy
-            .wait_stat("kvroute_state_stale", Duration::from_secs(10), |v| v == 0)
-            .await?;
-        Ok(Lab {
-            engine_urls: engines.iter().map(EmulatedEngine::url).collect(),
-            envoy,
-            time_scale,
-            records_dir: None,
-            queue_sample_every: Duration::from_millis(100),
-            model: None,
-            _engines: engines,
-            _sidecar: sidecar,
-            client: reqwest::Client::builder()
-                .timeout(Duration::from_secs(30))
-                .build()?,
-            epoch: 0,
-        })
+        Self::assemble(targets, engines, time_scale, None).await
     }
 
     /// Real engines (vLLM, or anything that speaks its API and metrics) at `urls`
@@ -87,8 +64,7 @@ impl Lab {
     /// (vLLM serves it with `VLLM_SERVER_DEV_MODE=1`); where it is missing the run still goes on,
     /// with a warning, from a warm cache.
     pub async fn remote(urls: &[String], model: Option<String>) -> anyhow::Result<Lab> {
-        let mut named = Vec::new();
-        let mut spec_engines = Vec::new();
+        let mut targets = Vec::new();
         for (i, url) in urls.iter().enumerate() {
             let parsed =
                 reqwest::Url::parse(url).map_err(|e| anyhow::anyhow!("engine URL {url}: {e}"))?;
@@ -100,12 +76,29 @@ impl Lab {
                 .port_or_known_default()
                 .ok_or_else(|| anyhow::anyhow!("engine URL {url} has no port"))?;
             let name = format!("engine{i}");
-            named.push((name.clone(), url.trim_end_matches('/').to_string()));
-            spec_engines.push(Engine { name, host, port });
+            targets.push((
+                Engine { name, host, port },
+                url.trim_end_matches('/').to_string(),
+            ));
         }
+        Self::assemble(targets, Vec::new(), 1.0, model).await
+    }
+
+    /// The sidecar polling `targets` (Envoy endpoint, base URL) and Envoy routing to them.
+    async fn assemble(
+        targets: Vec<(Engine, String)>,
+        engines: Vec<EmulatedEngine>,
+        time_scale: f64,
+        model: Option<String>,
+    ) -> anyhow::Result<Lab> {
+        let named: Vec<(String, String)> = targets
+            .iter()
+            .map(|(e, url)| (e.name.clone(), url.clone()))
+            .collect();
         let sidecar =
             RunningSidecar::start_for(&named, Duration::from_millis(100), "127.0.0.1:0".parse()?)
                 .await?;
+        let spec_engines = targets.into_iter().map(|(e, _)| e).collect();
         let mut spec = EnvoySpec::new(spec_engines, filter_wasm()?.display().to_string());
         spec.set_sidecar(Engine::local("sidecar", sidecar.addr.port()));
         let envoy = Envoy::start(spec).await?;
@@ -115,11 +108,11 @@ impl Lab {
         Ok(Lab {
             engine_urls: named.into_iter().map(|(_, u)| u).collect(),
             envoy,
-            time_scale: 1.0,
+            time_scale,
             records_dir: None,
             queue_sample_every: Duration::from_millis(100),
             model,
-            _engines: Vec::new(),
+            _engines: engines,
             _sidecar: sidecar,
             client: reqwest::Client::builder()
                 .timeout(Duration::from_secs(30))
