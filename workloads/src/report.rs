@@ -892,13 +892,29 @@ pub fn write(
     if meta.search_capped {
         let _ = write!(h, "<p><b>Note:</b> the sustainable-rate search reached its highest probe without exceeding the TTFT objective, so 1x is that probe, not a measured limit; at this run size the engines never saturated.</p>");
     }
+    // The plan names the search's policy and the simulated engine counts; the runs say which.
+    let search_policy = runs
+        .iter()
+        .find(|r| r.spec.experiment == "search")
+        .map_or("round_robin", |r| r.spec.policy.as_str());
+    let engine_counts = |exp: &str| -> String {
+        let ns: std::collections::BTreeSet<usize> = runs
+            .iter()
+            .filter(|r| r.spec.experiment == exp)
+            .map(|r| r.per_endpoint.len())
+            .collect();
+        ns.iter()
+            .map(usize::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     let _ = write!(
         h,
         "<p>{} emulated engines (profile <code>{}</code>, emulated time x{}) behind Envoy {} with kvroute {} and the sidecar. \
          Each run starts cold (engine caches reset, directory forgotten), sets its policy through Envoy runtime values, warms up, \
          and measures; {} repeats with seeds 1..{}; values are mean <small>[min, max]</small>. Hit rate: the engines' \
          <code>prefix_cache_hits / prefix_cache_queries</code> deltas. Times are emulated ms. Sustainable rate (1x): {:.2} sessions/s, \
-         the highest probed rate with P95 TTFT &le; {} ms under round_robin. {} sessions per run. Study wall time {:.0} s.</p>",
+         the highest probed rate with P95 TTFT &le; {} ms under {search_policy}. {} sessions per run. Study wall time {:.0} s.</p>",
         meta.engines, meta.profile, meta.time_scale, meta.envoy, meta.kvroute, meta.repeats, meta.repeats, meta.sustainable_rate, meta.slo_ms, meta.sessions, meta.wall_s
     );
     if let Some(c) = calibration {
@@ -1036,8 +1052,8 @@ pub fn write(
     }
     if let Some(sm) = &meta.simulator {
         validation_section(&mut h, runs, sm);
-        let _ = write!(h, "<h2>Experiment 5: scaling to 64 engines (simulated)</h2><p>The discrete-event simulator (the emulator's engine model, kvroute-core's policies and directory, the same workloads) at N = 2 to 64 engines, {:.3} ShareGPT sessions/s per engine, the sessions scaled with N: half the highest rate per engine at which round_robin kept P95 TTFT within the objective at N = 2 (searched by doubling, then bisection). The staleness and alpha/beta sweeps are repeated at N = 8, and the Mooncake trace runs at N = 8 and 16 on the <code>{}</code> profile (its prompts, up to 40k tokens, need a large KV cache).</p><div class=fig>{}</div><div class=fig>{}</div>",
-            sm.per_instance_rate, sm.mooncake_profile, svg("exp5_p95_vs_n"), svg("exp5_hit_vs_n"));
+        let _ = write!(h, "<h2>Experiment 5: scaling the number of engines (simulated)</h2><p>The discrete-event simulator (the emulator's engine model, kvroute-core's policies and directory, the same workloads) at N = {} engines, {:.3} ShareGPT sessions/s per engine, the sessions scaled with N: half the highest rate per engine at which round_robin kept P95 TTFT within the objective at N = 2 (searched by doubling, then bisection). The staleness and alpha/beta sweeps are repeated at N = {}, and the Mooncake trace runs at N = {} on the <code>{}</code> profile (its prompts, up to 40k tokens, need a large KV cache).</p><div class=fig>{}</div><div class=fig>{}</div>",
+            engine_counts("exp5"), sm.per_instance_rate, engine_counts("exp5-ab"), engine_counts("exp5-mooncake"), sm.mooncake_profile, svg("exp5_p95_vs_n"), svg("exp5_hit_vs_n"));
         table(
             &mut h,
             "Load search at N=2 (round_robin): sessions/s per engine",
@@ -1089,7 +1105,7 @@ pub fn write(
     }
     table(
         &mut h,
-        "Sustainable-rate search (round_robin)",
+        &format!("Sustainable-rate search ({search_policy})"),
         &|r| r.spec.experiment == "search",
         &|r| format!("{:>8.3} sessions/s", r.spec.rate),
     );
