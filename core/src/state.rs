@@ -350,12 +350,6 @@ pub fn decode_inflight(bytes: &[u8], n: usize, out: &mut Vec<i64>) {
     out.extend((0..n).map(|i| u64_at(bytes, i * 8).map_or(0, |v| v as i64)));
 }
 
-/// Decodes the in-flight block counts (the second half of the counters) of `n` endpoints.
-pub fn decode_inflight_blocks(bytes: &[u8], n: usize, out: &mut Vec<i64>) {
-    out.clear();
-    out.extend((0..n).map(|i| u64_at(bytes, (n + i) * 8).map_or(0, |v| v as i64)));
-}
-
 #[cfg(test)]
 #[allow(
     clippy::unwrap_used,

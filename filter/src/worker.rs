@@ -44,11 +44,10 @@ struct WorkerState {
     rng: u64,
     queue: Option<u32>,
     vm_id: String,
+    /// Gateway in-flight counters as last read: requests per endpoint, then blocks per endpoint.
     inflight: Vec<i64>,
-    inflight_blocks: Vec<i64>,
     batch: Vec<u8>,
     last_sent_us: u64,
-    coalesce_reports: bool,
 }
 
 impl Worker {
@@ -65,10 +64,8 @@ impl Worker {
                 queue: None,
                 vm_id: host::vm_id().unwrap_or_else(|| "kvroute".into()),
                 inflight: Vec::new(),
-                inflight_blocks: Vec::new(),
                 batch: Vec::new(),
                 last_sent_us: 0,
-                coalesce_reports: false,
             }),
             config,
         }
@@ -118,20 +115,12 @@ impl Worker {
         let st = &mut *guard;
         self.refresh(st);
         let (value, _) = host::shared_get(state::INFLIGHT_KEY);
-        let mut inflight = std::mem::take(&mut st.inflight);
-        let mut inflight_blocks = std::mem::take(&mut st.inflight_blocks);
-        let bytes = value.as_deref().unwrap_or_default();
-        state::decode_inflight(bytes, self.config.endpoints.len(), &mut inflight);
-        state::decode_inflight_blocks(bytes, self.config.endpoints.len(), &mut inflight_blocks);
+        let n = self.config.endpoints.len();
+        let mut counts = std::mem::take(&mut st.inflight);
+        state::decode_inflight(value.as_deref().unwrap_or_default(), 2 * n, &mut counts);
+        let (inflight, inflight_blocks) = counts.split_at(n.min(counts.len()));
         let rand = Self::next_rand(st);
         st.seq = st.seq.wrapping_add(1);
-        let coalesce = !matches!(
-            st.published
-                .as_ref()
-                .map(|p| p.header.settings.publish_interval),
-            None | Some(PublishInterval::EveryDecision)
-        );
-        st.coalesce_reports = coalesce;
         let no_status: Vec<EndpointStatus> = Vec::new();
         let (settings, status) = match &st.published {
             Some(p) => (&p.header.settings, &p.header.endpoints),
@@ -146,8 +135,8 @@ impl Worker {
         let inputs = Inputs {
             endpoints: &self.config.endpoints,
             status,
-            inflight: &inflight,
-            inflight_blocks: &inflight_blocks,
+            inflight,
+            inflight_blocks,
             settings,
             seq,
             rand,
@@ -185,8 +174,7 @@ impl Worker {
                 }
             }
         }
-        st.inflight = inflight;
-        st.inflight_blocks = inflight_blocks;
+        st.inflight = counts;
         decision
     }
 
@@ -239,6 +227,11 @@ impl Worker {
         let st = &mut *guard;
         // Recency only: the published directory already places every block of the request on
         // the chosen endpoint, and its session there.
+        // Reports wait for a batch unless every decision is published (or nothing is yet).
+        let every_decision = st
+            .published
+            .as_ref()
+            .is_none_or(|p| p.header.settings.publish_interval == PublishInterval::EveryDecision);
         let recency_only = st.published.as_ref().is_some_and(|p| {
             predicted_blocks as usize == report.blocks.len()
                 && report
@@ -246,7 +239,7 @@ impl Worker {
                     .is_none_or(|s| p.session_endpoint(s) == Some(usize::from(report.endpoint)))
         });
         report.encode_into(&mut st.batch);
-        if (!st.coalesce_reports && !recency_only)
+        if (every_decision && !recency_only)
             || now_us.saturating_sub(st.last_sent_us) >= REPORT_COALESCE_US
             || st.batch.len() >= MAX_BATCH_BYTES
         {

@@ -564,8 +564,7 @@ pub fn write(
             ))?;
         }
 
-        // 6. Staleness.
-        let order = ["0", "100", "500", "1000", "5000", "30000", "never"];
+        // 6. Staleness: one point per publish interval the runs used, in interval order.
         let st_hit = agg(
             runs,
             |r| r.spec.experiment == exp_st,
@@ -578,44 +577,36 @@ pub fn write(
             |r| runtime_value(r, "kvroute.publish_interval_ms"),
             |r| r.ttft_ms[1],
         );
-        let xs: Vec<(f64, &str)> = order
-            .iter()
-            .enumerate()
-            .filter(|(_, k)| st_hit.contains_key(**k))
-            .map(|(i, k)| (i as f64, *k))
-            .collect();
-        let stale = vec![(
-            "hit rate".to_string(),
-            xs.iter()
-                .filter_map(|(i, k)| Some((*i, st_hit.get(*k)?.0)))
-                .collect(),
-        )];
-        e(lines(
-            &fig(&format!("{pre}staleness_hit")),
-            &format!(
-                "Publish interval: hit rate{what} (x: 0, 100, 500, 1000, 5000, 30000 ms, never)"
-            ),
-            "interval (index)",
-            "hit rate",
-            &stale,
-            true,
-        ))?;
-        let stale_t = vec![(
-            "P95 TTFT".to_string(),
-            xs.iter()
-                .filter_map(|(i, k)| Some((*i, st_p95.get(*k)?.0)))
-                .collect(),
-        )];
-        e(lines(
-            &fig(&format!("{pre}staleness_ttft")),
-            &format!(
-                "Publish interval: P95 TTFT{what} (x: 0, 100, 500, 1000, 5000, 30000 ms, never)"
-            ),
-            "interval (index)",
-            "P95 TTFT (ms)",
-            &stale_t,
-            true,
-        ))?;
+        let mut order: Vec<&str> = st_hit.keys().map(String::as_str).collect();
+        order.sort_by(|a, b| {
+            let ms = |k: &str| k.trim().parse::<f64>().unwrap_or(f64::INFINITY);
+            ms(a).total_cmp(&ms(b))
+        });
+        let axis = order.join(", ");
+        for (name, metric, values) in [
+            ("staleness_hit", "hit rate", &st_hit),
+            ("staleness_ttft", "P95 TTFT (ms)", &st_p95),
+        ] {
+            let line = vec![(
+                metric.to_string(),
+                order
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, k)| Some((i as f64, values.get(*k)?.0)))
+                    .collect(),
+            )];
+            e(lines(
+                &fig(&format!("{pre}{name}")),
+                &format!(
+                    "Publish interval: {}{what} (x, ms: {axis})",
+                    metric.trim_end_matches(" (ms)")
+                ),
+                "interval (index)",
+                metric,
+                &line,
+                true,
+            ))?;
+        }
     }
 
     // Experiment 5: P95 TTFT and hit rate against N, per policy (simulated).
