@@ -60,7 +60,7 @@ tokenizer-error:
 test: check-fmt clippy unit validate-configs e2e py-tests
 
 # The main job: build, then the reduced routing study (experiments 1-4 live on emulated engines,
-# the simulator's validation, experiment 5 simulated; about 11 minutes on 2 cores);
+# the simulator's validation, experiment 5 simulated; about 9 minutes on 2 cores after the build);
 # writes results/study/report.html.
 main: build
     cargo run -q --release -p kvroute-workloads --bin kvroute-study -- --out results/study

@@ -121,6 +121,7 @@ pub struct Sidecar {
     trackers: Arc<Vec<Mutex<Tracker>>>,
     version: Arc<AtomicU64>,
     metrics: Arc<Metrics>,
+    pollers: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
 }
 
 impl std::fmt::Debug for Sidecar {
@@ -152,13 +153,17 @@ impl Sidecar {
             trackers: Arc::new(trackers),
             version: Arc::new(AtomicU64::new(0)),
             metrics: Arc::new(Metrics::new()?),
+            pollers: Arc::new(Mutex::new(Vec::new())),
         };
         let client = reqwest::Client::builder()
             .timeout(me.cfg.timeout)
             .pool_max_idle_per_host(1)
             .build()?;
-        for i in 0..me.cfg.engines.len() {
-            tokio::spawn(poll(me.clone(), client.clone(), i));
+        let handles: Vec<tokio::task::AbortHandle> = (0..me.cfg.engines.len())
+            .map(|i| tokio::spawn(poll(me.clone(), client.clone(), i)).abort_handle())
+            .collect();
+        if let Ok(mut p) = me.pollers.lock() {
+            *p = handles;
         }
         let app = Router::new()
             .route("/snapshot", get(snapshot))
@@ -166,6 +171,16 @@ impl Sidecar {
             .route("/health", get(|| async { StatusCode::OK }))
             .with_state(me.clone());
         Ok((app, me))
+    }
+
+    /// Stops the polling tasks (an in-process sidecar that outlives its use would otherwise poll
+    /// its engines for as long as the runtime runs). The snapshot stays as it was.
+    pub fn stop(&self) {
+        if let Ok(mut p) = self.pollers.lock() {
+            for h in p.drain(..) {
+                h.abort();
+            }
+        }
     }
 
     /// The poll interval in force: the smallest one a client asked for in the last 5 s, else the

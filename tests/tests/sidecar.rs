@@ -350,3 +350,38 @@ async fn a_five_second_directory_interval_shows_in_the_age_histogram() {
     assert!(get("P90") > 3000.0);
     assert!(get("P100") < 7000.0);
 }
+
+/// An in-process sidecar stops polling when asked (the study's labs start and drop several; a
+/// poller left running would scrape dead engines for as long as the process lives).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_sidecar_polls_no_more() {
+    use kvroute_sidecar::{EngineTarget, Sidecar, SidecarConfig};
+    let engine = EmulatedEngine::start("engine0", PROFILE, 1.0)
+        .await
+        .unwrap();
+    let (_app, sidecar) = Sidecar::start(SidecarConfig {
+        engines: vec![EngineTarget {
+            name: engine.name.clone(),
+            metrics_url: format!("{}/metrics", engine.url()),
+        }],
+        poll_interval: Duration::from_millis(20),
+        timeout: Duration::from_millis(500),
+        unhealthy_after: 3,
+        window: Duration::from_secs(10),
+    })
+    .unwrap();
+    let t0 = Instant::now();
+    while sidecar.snapshot().version < 3 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "the sidecar never polled"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    sidecar.stop();
+    // A poll under way when stopped may still land; none after it.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let v = sidecar.snapshot().version;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(sidecar.snapshot().version, v, "polled after stop()");
+}

@@ -112,6 +112,20 @@ async fn a_tiny_study_is_internally_consistent() {
             r.envoy_stats.get("kvroute_requests_total"),
             Some(&(requests as f64))
         );
+        // Every decision of the measured part was made under the run's policy: the cold start's
+        // one runtime update (epoch, policy, values) was in force before the first request.
+        let decided: f64 = r
+            .envoy_stats
+            .iter()
+            .filter(|(k, _)| {
+                k.starts_with(&format!(
+                    "kvroute_decisions_total.policy.{}.",
+                    s.policy.as_str()
+                ))
+            })
+            .map(|(_, v)| *v)
+            .sum();
+        assert_eq!(decided, requests as f64, "{:?}", r.envoy_stats);
         // The per-request file holds one record per request.
         let file = std::fs::read_to_string(r.requests_file.as_deref().unwrap()).unwrap();
         assert_eq!(file.lines().count(), requests);
@@ -174,7 +188,7 @@ async fn a_tiny_study_is_internally_consistent() {
     runs.extend([live, sim, e5]);
     let bounds = vec![
         (
-            "sharegpt".to_string(),
+            "sharegpt 1x".to_string(),
             analyze(
                 &conversations(1),
                 "meta-llama/Llama-3.2-3B-Instruct",
@@ -191,7 +205,7 @@ async fn a_tiny_study_is_internally_consistent() {
     for r in &runs {
         let bound = bounds
             .iter()
-            .find(|(w, _)| *w == r.spec.workload)
+            .find(|(w, _)| w.split(' ').next() == Some(r.spec.workload.as_str()))
             .unwrap()
             .1
             .oracle_infinite;
@@ -212,6 +226,7 @@ async fn a_tiny_study_is_internally_consistent() {
         search_capped: false,
         repeats: 1,
         sessions: 6,
+        window_s: 0.0,
         wall_s: 0.0,
         envoy: "1.40.0".into(),
         kvroute: "test".into(),
@@ -221,6 +236,7 @@ async fn a_tiny_study_is_internally_consistent() {
             mooncake_profile: "h100-llama3.1-8b".into(),
             wall_s: 0.0,
             validation_sessions: 6,
+            validation_time_scale: 1.0,
         }),
     };
     let calibration = kvroute_workloads::calibrate::Calibration {
@@ -243,6 +259,7 @@ async fn a_tiny_study_is_internally_consistent() {
         "Trace analysis and oracle bounds",
         "Prefix overlap by workload",
         "Experiment 1",
+        "Against the plan's expectation",
         "Experiment 2",
         "Experiment 3",
         "Experiment 4",

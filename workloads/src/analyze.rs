@@ -31,7 +31,9 @@ pub struct Analysis {
     pub prompt_tokens: u64,
     /// Hit rate of the oracle with an infinite cache.
     pub oracle_infinite: f64,
-    /// Hit rate of the oracle with `engines x capacity_blocks` blocks.
+    /// Hit rate of perfect placement with `engines x capacity_blocks` blocks: one LRU over all
+    /// of them, requests in arrival order. An estimate, not a bound: engines serve queued requests
+    /// later than they arrive, and LRU is not the best replacement.
     pub oracle_capacity: f64,
     /// Share of prompt tokens reusable from the same session (infinite cache).
     pub within_session: f64,

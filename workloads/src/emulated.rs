@@ -65,12 +65,13 @@ impl Drop for EmulatedEngine {
     }
 }
 
-/// A sidecar polling engines; stops when dropped.
+/// A sidecar polling engines; stops serving and polling when dropped.
 #[derive(Debug)]
 pub struct RunningSidecar {
     /// Where it serves.
     pub addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
+    sidecar: Sidecar,
 }
 
 impl RunningSidecar {
@@ -106,17 +107,19 @@ impl RunningSidecar {
         };
         let listener = tokio::net::TcpListener::bind(at).await?;
         let addr = listener.local_addr()?;
-        let (app, _) = Sidecar::start(cfg)?;
+        let (app, sidecar) = Sidecar::start(cfg)?;
         let tx = crate::stack::serve_in_background(listener, app);
         Ok(Self {
             addr,
             stop: Some(tx),
+            sidecar,
         })
     }
 }
 
 impl Drop for RunningSidecar {
     fn drop(&mut self) {
+        self.sidecar.stop();
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }

@@ -12,6 +12,7 @@
 //!   end-to-end tests of caching behind Envoy.
 //! - [`replay`]: the replayer: sessions with streaming requests against any OpenAI endpoint, one
 //!   JSON line per request (TTFT, inter-token gaps, tokens, cached tokens, endpoint, status).
+//! - [`search`]: the sustainable-rate search (doubling, then bisection), live and simulated.
 //! - [`scripted`]: a small scripted multi-turn workload and the engine-side numbers it is judged
 //!   by (the demo's and the benchmarks').
 
@@ -25,6 +26,7 @@ pub mod procs;
 pub mod replay;
 pub mod report;
 pub mod scripted;
+pub mod search;
 pub mod simulated;
 pub mod stack;
 pub mod study;

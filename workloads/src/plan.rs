@@ -39,8 +39,13 @@ pub struct StudyPlan {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ShareGptPlan {
-    /// Conversations per run.
+    /// Conversations per run at least.
     pub sessions: usize,
+    /// Seconds (emulated) over which a run's conversations arrive: a run at `r` sessions/s has
+    /// `max(sessions, ceil(r x window_s))` of them, so a higher rate is more load, not the same
+    /// conversations sooner. 0: always `sessions`.
+    #[serde(default)]
+    pub window_s: f64,
     /// Turns per conversation at most.
     pub max_turns: usize,
     /// Answer tokens per turn.
@@ -49,14 +54,22 @@ pub struct ShareGptPlan {
     pub think_ms: f64,
     /// Unrecorded conversations before a run that asks for a warm-up.
     pub warmup_sessions: usize,
+    /// Turns of each warm-up conversation (0: all of them). One turn fills the caches and the
+    /// directory with other prompts at a fraction of a whole conversation's time.
+    #[serde(default)]
+    pub warmup_turns: usize,
 }
 
 /// RAG users of a run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RagPlan {
-    /// Users (one request each).
+    /// Users (one request each) at least.
     pub users: usize,
+    /// Seconds (emulated) over which a run's users arrive: `max(users, ceil(r x window_s))`
+    /// at `r` requests/s. 0: always `users`.
+    #[serde(default)]
+    pub window_s: f64,
     /// Answer tokens.
     pub max_tokens: u32,
 }
@@ -73,6 +86,37 @@ pub struct SearchPlan {
     pub slo_ms: f64,
     /// Doublings at most.
     pub max_steps: usize,
+    /// Bisection steps between the last rate within the objective and the first over it.
+    #[serde(default)]
+    pub bisect_steps: usize,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+/// Conversations (or users) at `rate` over `window_s`, at least `min`.
+fn sized(min: usize, window_s: f64, rate: f64) -> usize {
+    let n = (rate * window_s).ceil();
+    if n.is_finite() && n > min as f64 {
+        n as usize
+    } else {
+        min
+    }
+}
+
+impl ShareGptPlan {
+    /// Conversations of a run at `rate` sessions/s.
+    pub fn sessions_at(&self, rate: f64) -> usize {
+        sized(self.sessions, self.window_s, rate)
+    }
+}
+
+impl RagPlan {
+    /// Users of a run at `rate` requests/s.
+    pub fn users_at(&self, rate: f64) -> usize {
+        sized(self.users, self.window_s, rate)
+    }
 }
 
 /// Which workload an experiment replays.
@@ -142,6 +186,10 @@ pub struct Experiment {
     pub policies: Policies,
     /// Rates.
     pub rates: Vec<Rate>,
+    /// Repeats of each configuration, where the plan's `repeats` is not wanted (a long sweep in a
+    /// reduced plan); `--repeats` overrides both.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repeats: Option<usize>,
     /// Warm-up conversations before each run (ShareGPT only).
     #[serde(default)]
     pub warmup: bool,
@@ -179,6 +227,10 @@ pub struct SimulatedPlan {
     /// ShareGPT conversations per validation run (live and simulated; more than the live
     /// experiments' so that P95 rests on more requests).
     pub validation_sessions: usize,
+    /// Emulated time per wall time of the validation's live stack (1: real time; more is faster,
+    /// but every millisecond of host overhead then counts that many times).
+    #[serde(default = "one")]
+    pub validation_time_scale: f64,
     /// Policies of experiment 5 and the Mooncake runs.
     pub policies: Policies,
     /// Engine counts of experiment 5.
@@ -211,6 +263,14 @@ impl StudyPlan {
         if self.sharegpt.sessions == 0 || self.sharegpt.max_turns == 0 {
             errors.push("sharegpt: sessions and max_turns at least 1".into());
         }
+        for (what, w) in [
+            ("sharegpt.window_s", self.sharegpt.window_s),
+            ("rag.window_s", self.rag.window_s),
+        ] {
+            if !(0.0..=3600.0).contains(&w) {
+                errors.push(format!("{what}: 0 to 3600 seconds"));
+            }
+        }
         if self.search.start_rate.is_nan()
             || self.search.start_rate <= 0.0
             || self.search.slo_ms.is_nan()
@@ -226,6 +286,9 @@ impl StudyPlan {
             }
             if let Err(m) = e.policies.resolve() {
                 errors.push(format!("{at}: {m}"));
+            }
+            if e.repeats == Some(0) {
+                errors.push(format!("{at}: repeats at least 1"));
             }
             if e.rates.is_empty() || e.rates.iter().any(|r| r.x.is_nan() || r.x <= 0.0) {
                 errors.push(format!(
@@ -249,6 +312,9 @@ impl StudyPlan {
                     }
                 }
             }
+        }
+        if !(1.0..=16.0).contains(&self.simulated.validation_time_scale) {
+            errors.push("simulated.validation_time_scale: 1 to 16".into());
         }
         if let Err(m) = self.simulated.validation_policies.resolve() {
             errors.push(format!("simulated.validation_policies: {m}"));
@@ -313,6 +379,26 @@ mod tests {
             ]
         );
         assert_eq!(r.experiments[0].points(), vec![Vec::new()]);
+        // The sweeps' own repeats; the others take the plan's.
+        assert_eq!(r.experiments[0].repeats, None);
+        assert_eq!(r.experiments[2].repeats, Some(2));
+    }
+
+    #[test]
+    fn runs_are_sized_by_rate_and_window() {
+        let mut p = StudyPlan::parse(REDUCED).unwrap();
+        p.sharegpt.sessions = 24;
+        p.sharegpt.window_s = 10.0;
+        assert_eq!(p.sharegpt.sessions_at(1.0), 24);
+        assert_eq!(p.sharegpt.sessions_at(4.05), 41);
+        assert_eq!(p.sharegpt.sessions_at(8.0), 80);
+        p.sharegpt.window_s = 0.0;
+        assert_eq!(p.sharegpt.sessions_at(8.0), 24);
+        p.rag.users = 48;
+        p.rag.window_s = 10.0;
+        assert_eq!(p.rag.users_at(2.0), 48);
+        assert_eq!(p.rag.users_at(16.0), 160);
+        assert_eq!(p.rag.users_at(f64::NAN), 48);
     }
 
     #[test]
@@ -335,6 +421,8 @@ mod tests {
         )
         .contains("rates"));
         assert!(bad("repeats = 3", "repeats = 3\nrepeat = 2").contains("repeat"));
+        assert!(bad("window_s = 6", "window_s = -1").contains("sharegpt.window_s"));
+        assert!(bad("repeats = 2", "repeats = 0").contains("experiment exp3: repeats"));
         assert!(bad("name = \"exp2\"", "name = \"exp1\"").contains("twice"));
         assert!(
             bad("mooncake_engines = [8, 16]", "mooncake_engines = [8, 128]").contains("1 to 64")

@@ -30,8 +30,10 @@ pub struct Meta {
     pub search_capped: bool,
     /// Repeats per configuration.
     pub repeats: usize,
-    /// Sessions per run.
+    /// ShareGPT conversations per run at 1x.
     pub sessions: usize,
+    /// Seconds (emulated) over which a run's conversations arrive (0: a fixed count per run).
+    pub window_s: f64,
     /// Wall time of the study, s.
     pub wall_s: f64,
     /// Envoy version.
@@ -56,6 +58,8 @@ pub struct SimMeta {
     pub wall_s: f64,
     /// ShareGPT conversations per validation run.
     pub validation_sessions: usize,
+    /// Emulated time per wall time of the validation's live stack.
+    pub validation_time_scale: f64,
 }
 
 /// The tolerances of the simulator's validation: TTFT P50 and P95 within this fraction ...
@@ -67,6 +71,8 @@ type Res<T> = Result<T, Box<dyn std::error::Error>>;
 type Series = (String, Vec<(f64, f64)>);
 /// A bar series: name, one value per category, one (low, high) range per category.
 type BarSeries = (String, Vec<f64>, Vec<(f64, f64)>);
+/// Mean, min and max over repeats, per key.
+type Spread = BTreeMap<String, (f64, f64, f64)>;
 
 fn color(i: usize) -> RGBColor {
     let p = Palette99::pick(i).to_rgba();
@@ -325,6 +331,61 @@ fn fmt0(t: (f64, f64, f64)) -> String {
     format!("{:.0} <small>[{:.0}, {:.0}]</small>", t.0, t.1, t.2)
 }
 
+/// The rate labels of experiment 1's runs, in rate order.
+fn exp1_rates(runs: &[RunResult]) -> Vec<String> {
+    let mut v: Vec<(f64, String)> = Vec::new();
+    for r in runs.iter().filter(|r| r.spec.experiment == "exp1") {
+        if !v.iter().any(|(_, l)| *l == r.spec.rate_label) {
+            v.push((r.spec.rate, r.spec.rate_label.clone()));
+        }
+    }
+    v.sort_by(|a, b| a.0.total_cmp(&b.0));
+    v.into_iter().map(|(_, l)| l).collect()
+}
+
+/// What experiment 1 shows against the research plan's expectation (session_hash and
+/// load_cache_aware above round_robin and jsq), per rate, with each rate's oracle bound and
+/// fleet-capacity estimate: measured figures only, and the reading that follows from them.
+fn exp1_observations(h: &mut String, runs: &[RunResult], bounds: &[(String, Analysis)]) {
+    let hit = agg(
+        runs,
+        |r| r.spec.experiment == "exp1",
+        |r| {
+            (
+                r.spec.rate_label.clone(),
+                r.spec.policy.as_str().to_string(),
+            )
+        },
+        |r| r.hit_rate,
+    );
+    let mean = |rate: &str, p: &str| {
+        hit.get(&(rate.to_string(), p.to_string()))
+            .map_or(f64::NAN, |v| v.0)
+    };
+    let _ = write!(h, "<p><b>Against the plan's expectation</b> (session_hash and load_cache_aware reach a higher hit rate than round_robin and jsq):</p><table><tr><th>rate</th><th>session_hash</th><th>load_cache_aware</th><th>round_robin</th><th>jsq</th><th>lead (points)</th><th>fleet-capacity estimate</th><th>oracle, infinite cache</th><th>holds</th></tr>");
+    for rate in exp1_rates(runs) {
+        let (sh, lca) = (mean(&rate, "session_hash"), mean(&rate, "load_cache_aware"));
+        let (rr, jsq) = (mean(&rate, "round_robin"), mean(&rate, "jsq"));
+        let lead = sh.min(lca) - rr.max(jsq);
+        let name = format!("sharegpt {rate}");
+        let infinite = bounds
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map_or(f64::NAN, |(_, a)| a.oracle_infinite);
+        let _ = write!(h, "<tr><td>{rate}</td><td>{sh:.3}</td><td>{lca:.3}</td><td>{rr:.3}</td><td>{jsq:.3}</td><td>{:+.1}</td><td>{:.3}</td><td>{infinite:.3}</td><td>{}</td></tr>",
+            lead * 100.0, oracle_capacity(bounds, &name), if lead > 0.0 { "yes" } else { "no" });
+    }
+    let _ = write!(h, "</table><p>The oracle with an infinite cache bounds every policy. The fleet-capacity estimate (trace analysis: one LRU over all engines' blocks, requests in arrival order) is what perfect placement would keep with these engines' KV caches if every request were served as it arrives; it is an estimate, not a bound (queued requests are served later, and LRU is not the best replacement), so policies can land slightly above it where it is lowest. Where it is low, the conversations in flight do not fit in the caches: prefixes are evicted during the think time between turns whatever the placement, every policy's hit rate falls toward it and the policies' differences shrink with the headroom. A lead of a point or two is within the spread of the repeats (tables below).</p>");
+}
+
+/// The oracle hit rate with the fleet's capacity of the workload `name` (NaN if not analysed).
+fn oracle_capacity(bounds: &[(String, Analysis)], name: &str) -> f64 {
+    bounds
+        .iter()
+        .find(|(n, _)| n == name)
+        .map_or(f64::NAN, |(_, a)| a.oracle_capacity)
+}
+
 /// Writes the figures and `report.html` into `dir`; returns the report's path.
 pub fn write(
     dir: &Path,
@@ -371,41 +432,58 @@ pub fn write(
         true,
     ))?;
 
-    // 2. Hit rate by policy and workload, with the oracle bound.
-    let sg = agg(
-        runs,
-        is("exp1", "1x"),
-        |r| r.spec.policy.as_str().to_string(),
-        |r| r.hit_rate,
-    );
-    let rg = agg(
-        runs,
-        |r| r.spec.experiment == "exp2",
-        |r| r.spec.policy.as_str().to_string(),
-        |r| r.hit_rate,
-    );
-    let cats = vec!["ShareGPT 1x".to_string(), "RAG".to_string()];
+    // 2. Hit rate by policy, workload and rate, with the capacity estimate of each.
+    let groups: Vec<(String, Spread)> = exp1_rates(runs)
+        .into_iter()
+        .map(|rate| {
+            let m = agg(
+                runs,
+                |r| r.spec.experiment == "exp1" && r.spec.rate_label == rate,
+                |r| r.spec.policy.as_str().to_string(),
+                |r| r.hit_rate,
+            );
+            (format!("sharegpt {rate}"), m)
+        })
+        .chain(std::iter::once((
+            "rag".to_string(),
+            agg(
+                runs,
+                |r| r.spec.experiment == "exp2",
+                |r| r.spec.policy.as_str().to_string(),
+                |r| r.hit_rate,
+            ),
+        )))
+        .collect();
+    let cats: Vec<String> = groups
+        .iter()
+        .map(|(n, _)| n.replace("sharegpt", "ShareGPT").replace("rag", "RAG"))
+        .collect();
     let series: Vec<BarSeries> = pols
         .iter()
         .map(|p| {
-            let a = sg.get(p).copied().unwrap_or((f64::NAN, f64::NAN, f64::NAN));
-            let b = rg.get(p).copied().unwrap_or((f64::NAN, f64::NAN, f64::NAN));
-            (p.clone(), vec![a.0, b.0], vec![(a.1, a.2), (b.1, b.2)])
+            let v: Vec<(f64, f64, f64)> = groups
+                .iter()
+                .map(|(_, m)| m.get(p).copied().unwrap_or((f64::NAN, f64::NAN, f64::NAN)))
+                .collect();
+            (
+                p.clone(),
+                v.iter().map(|x| x.0).collect(),
+                v.iter().map(|x| (x.1, x.2)).collect(),
+            )
         })
         .collect();
-    let oracle = |w: &str| {
-        bounds
-            .iter()
-            .find(|(n, _)| n == w)
-            .map_or(f64::NAN, |(_, a)| a.oracle_capacity)
-    };
+    let lines_at: Vec<(usize, f64)> = groups
+        .iter()
+        .enumerate()
+        .map(|(i, (n, _))| (i, oracle_capacity(bounds, n)))
+        .collect();
     e(bars(
         &fig("hit_rate"),
-        "Engine prefix hit rate by policy (line: oracle bound, 2 engines x 711 blocks)",
+        "Engine prefix hit rate by policy (line: fleet-capacity estimate, perfect placement)",
         "hit rate",
         &cats,
         &series,
-        &[(0, oracle("sharegpt")), (1, oracle("rag"))],
+        &lines_at,
     ))?;
 
     // 2b. Trace analysis: how much of each workload's prompt tokens could ever be reused, and from
@@ -899,14 +977,35 @@ pub fn write(
             .collect::<Vec<_>>()
             .join(", ")
     };
+    // Experiments a plan repeats fewer times than the rest, as their runs show.
+    let mut reps: BTreeMap<&str, usize> = BTreeMap::new();
+    for r in runs {
+        let e = reps.entry(r.spec.experiment.as_str()).or_default();
+        *e = (*e).max(r.spec.repeat + 1);
+    }
+    let fewer: Vec<String> = reps
+        .iter()
+        .filter(|(e, n)| e.starts_with("exp") && !e.starts_with("exp5") && **n < meta.repeats)
+        .map(|(e, n)| format!("{e} {n}"))
+        .collect();
+    let fewer = if fewer.is_empty() {
+        String::new()
+    } else {
+        format!(" (fewer where the plan says: {})", fewer.join(", "))
+    };
+    let sizing = if meta.window_s > 0.0 {
+        format!("A run's conversations arrive over {} s at its rate (rate x window of them), so a higher rate is more load: {} conversations per run at 1x.", meta.window_s, meta.sessions)
+    } else {
+        format!("{} conversations per run.", meta.sessions)
+    };
     let _ = write!(
         h,
         "<p>{} emulated engines (profile <code>{}</code>, emulated time x{}) behind Envoy {} with kvroute {} and the sidecar. \
-         Each run starts cold (engine caches reset, directory forgotten), sets its policy through Envoy runtime values, warms up, \
-         and measures; {} repeats with seeds 1..{}; values are mean <small>[min, max]</small>. Hit rate: the engines' \
+         Each run starts cold (engine caches reset, directory forgotten), sets its policy through Envoy runtime values, warms up where the plan asks, \
+         and measures; {} repeats with seeds 1..{}{fewer}; values are mean <small>[min, max]</small>. Hit rate: the engines' \
          <code>prefix_cache_hits / prefix_cache_queries</code> deltas. Times are emulated ms. Sustainable rate (1x): {:.2} sessions/s, \
-         the highest probed rate with P95 TTFT &le; {} ms under {search_policy}. {} sessions per run. Study wall time {:.0} s.</p>",
-        meta.engines, meta.profile, meta.time_scale, meta.envoy, meta.kvroute, meta.repeats, meta.repeats, meta.sustainable_rate, meta.slo_ms, meta.sessions, meta.wall_s
+         the highest probed rate with P95 TTFT &le; {} ms under {search_policy} (doubling, then bisection). {sizing} Study wall time {:.0} s.</p>",
+        meta.engines, meta.profile, meta.time_scale, meta.envoy, meta.kvroute, meta.repeats, meta.repeats, meta.sustainable_rate, meta.slo_ms, meta.wall_s
     );
     if let Some(c) = calibration {
         let _ = write!(h, "<h2>Calibration of the engine profile</h2><p>Measured with <code>kvroute-calibrate</code>'s method on an engine of the same profile at real time (medians of three; hit = the same prompt again).</p><div class=fig>{}</div><div class=fig>{}</div><table><tr><th>prompt tokens</th><th>miss TTFT ms</th><th>hit TTFT ms</th><th>cached tokens</th></tr>", svg("calibration_ttft"), svg("calibration_decode"));
@@ -934,8 +1033,8 @@ pub fn write(
         }
         let _ = write!(h, "</table>");
     }
-    let _ = write!(h, "<h2>Trace analysis and oracle bounds</h2><p>For each measured workload (seed 1), rebuilt as the engines tokenize it: the hit rate no router can beat, with an infinite cache (each request hits the longest run of leading blocks any earlier request computed) and with the fleet's capacity (the same over one LRU of all engines' blocks: perfect placement), and the share of prompt tokens reusable from the same session and from other sessions (infinite cache).</p><div class=fig>{}</div><table>", svg("prefix_overlap"));
-    let _ = write!(h, "<tr><th>workload</th><th>requests</th><th>prompt tokens</th><th>oracle, infinite cache</th><th>oracle, 2 x 711 blocks</th><th>within session</th><th>across sessions</th></tr>");
+    let _ = write!(h, "<h2>Trace analysis and oracle bounds</h2><p>For each measured workload (seed 1), rebuilt as the engines tokenize it: the hit rate no router can beat with an infinite cache (each request hits the longest run of leading blocks any earlier request computed), the same with the fleet's capacity (one LRU of all engines' blocks in arrival order: perfect placement; an estimate rather than a bound, since engines serve queued requests later and LRU is not the best replacement), and the share of prompt tokens reusable from the same session and from other sessions (infinite cache).</p><div class=fig>{}</div><table>", svg("prefix_overlap"));
+    let _ = write!(h, "<tr><th>workload</th><th>requests</th><th>prompt tokens</th><th>oracle, infinite cache</th><th>fleet capacity (2 x 711 blocks), estimate</th><th>within session</th><th>across sessions</th></tr>");
     for (name, a) in bounds {
         let _ = write!(h, "<tr><td>{name}</td><td>{}</td><td>{}</td><td>{:.3}</td><td>{:.3}</td><td>{:.3}</td><td>{:.3}</td></tr>", a.requests, a.prompt_tokens, a.oracle_infinite, a.oracle_capacity, a.within_session, a.across_sessions);
     }
@@ -970,7 +1069,8 @@ pub fn write(
     };
     let _ = write!(h, "<h2>Experiment 1: policies on ShareGPT multi-turn</h2><div class=fig>{}</div><div class=fig>{}</div><div class=fig>{}</div><div class=fig>{}</div><div class=fig>{}</div><div class=fig>{}</div><div class=fig>{}</div><div class=fig>{}</div>",
         svg("ttft_cdf"), svg("hit_rate"), svg("throughput_latency"), svg("imbalance"), svg("hit_over_time"), svg("ttft_hit_miss"), svg("match_distribution"), svg("requests_per_engine"));
-    for rate in ["0.5x", "1x", "2x"] {
+    exp1_observations(&mut h, runs, bounds);
+    for rate in exp1_rates(runs) {
         table(
             &mut h,
             &format!("ShareGPT at {rate}"),
@@ -985,7 +1085,13 @@ pub fn write(
         &|r| r.spec.experiment == "exp2",
         &|r| r.spec.policy.as_str().to_string(),
     );
-    let _ = write!(h, "<h2>Experiment 3: alpha / beta sweep (load_cache_aware, ShareGPT 1x)</h2><div class=fig>{}</div><div class=fig>{}</div>", svg("alpha_beta_p95"), svg("pareto"));
+    // The rate of a sweep, as its runs name it.
+    let rate_of = |exp: &str| {
+        runs.iter()
+            .find(|r| r.spec.experiment == exp)
+            .map_or_else(String::new, |r| r.spec.rate_label.clone())
+    };
+    let _ = write!(h, "<h2>Experiment 3: alpha / beta sweep (load_cache_aware, ShareGPT {})</h2><div class=fig>{}</div><div class=fig>{}</div>", rate_of("exp3"), svg("alpha_beta_p95"), svg("pareto"));
     table(
         &mut h,
         "alpha, beta",
@@ -998,7 +1104,7 @@ pub fn write(
             )
         },
     );
-    let _ = write!(h, "<h2>Experiment 4: directory publish interval (load_cache_aware, ShareGPT 1x)</h2><div class=fig>{}</div><div class=fig>{}</div>", svg("staleness_hit"), svg("staleness_ttft"));
+    let _ = write!(h, "<h2>Experiment 4: directory publish interval (load_cache_aware, ShareGPT {})</h2><div class=fig>{}</div><div class=fig>{}</div>", rate_of("exp4"), svg("staleness_hit"), svg("staleness_ttft"));
     table(
         &mut h,
         "publish interval (ms)",
@@ -1117,7 +1223,7 @@ pub fn write(
     Ok(path)
 }
 
-/// The simulator against the live stack: every validation run (`val-live`, N = 2, real time)
+/// The simulator against the live stack: every validation run (`val-live`, N = 2)
 /// re-run in the simulator with the same sessions and seeds (`val-sim`), compared over repeats.
 fn validation_section(h: &mut String, runs: &[RunResult], sm: &SimMeta) {
     let key = |r: &RunResult| {
@@ -1143,8 +1249,8 @@ fn validation_section(h: &mut String, runs: &[RunResult], sm: &SimMeta) {
     let (live_t, sim_t) = (pooled("val-live"), pooled("val-sim"));
     let hits = |exp: &'static str| agg(runs, |r| r.spec.experiment == exp, key, |r| r.hit_rate);
     let (lhit, shit) = (hits("val-live"), hits("val-sim"));
-    let _ = write!(h, "<h2>Simulator validation: live stack against simulator at N = 2</h2><p>Experiment 1's ShareGPT workload at 1x ({} conversations per run) through a live stack of its own at real time (at the study's time scale every millisecond of host overhead would count several times over), every repeat, then the same runs in the simulator: same sessions, seeds, policy and settings; the simulator adds the gateway's per-request cost measured on idle probes through that stack ({:.1} ms, client TTFT minus engine TTFT). Tolerances: TTFT P50 and P95 within {:.0}%, hit rate within {:.0} points. TTFT quantiles over the requests of all repeats together; hit rate the mean over repeats.</p><table><tr><th>rate, policy</th><th>P50 live</th><th>P50 sim</th><th>diff</th><th>P95 live</th><th>P95 sim</th><th>diff</th><th>hit live</th><th>hit sim</th><th>diff (pts)</th><th>within</th></tr>",
-        sm.validation_sessions, sm.gateway_ms, VALIDATION_TTFT * 100.0, VALIDATION_HIT * 100.0);
+    let _ = write!(h, "<h2>Simulator validation: live stack against simulator at N = 2</h2><p>Experiment 1's ShareGPT workload at 1x ({} conversations per run) through a live stack of its own {} (at the study's x8 every millisecond of host overhead would count eight times over), every repeat, then the same runs in the simulator: same sessions, seeds, policy and settings; the simulator adds the gateway's per-request cost measured on idle probes through that stack ({:.1} ms, client TTFT minus engine TTFT). Tolerances: TTFT P50 and P95 within {:.0}%, hit rate within {:.0} points. TTFT quantiles over the requests of all repeats together; hit rate the mean over repeats.</p><table><tr><th>rate, policy</th><th>P50 live</th><th>P50 sim</th><th>diff</th><th>P95 live</th><th>P95 sim</th><th>diff</th><th>hit live</th><th>hit sim</th><th>diff (pts)</th><th>within</th></tr>",
+        sm.validation_sessions, if sm.validation_time_scale == 1.0 { "at real time".to_string() } else { format!("at x{}", sm.validation_time_scale) }, sm.gateway_ms, VALIDATION_TTFT * 100.0, VALIDATION_HIT * 100.0);
     let (mut ok, mut all) = (0usize, 0usize);
     for (k, (l50, l95)) in &live_t {
         let (Some((s50, s95)), Some(lh), Some(sh)) = (sim_t.get(k), lhit.get(k), shit.get(k))

@@ -38,8 +38,9 @@ pub struct Lab {
     pub queue_sample_every: Duration,
     /// The `model` every request names (None: the workload's own; the emulator serves any).
     pub model: Option<String>,
-    _engines: Vec<EmulatedEngine>,
+    // Fields drop in order: the sidecar stops before the engines it polls.
     _sidecar: RunningSidecar,
+    _engines: Vec<EmulatedEngine>,
     client: reqwest::Client,
     epoch: u64,
 }
@@ -166,8 +167,16 @@ impl Lab {
         Ok(c)
     }
 
-    /// Cold start: every engine's prefix cache reset, the router's directory forgotten.
-    pub async fn cold_start(&mut self) -> anyhow::Result<()> {
+    /// Cold start under `policy` and runtime `values`: every engine's prefix cache reset, then one
+    /// runtime update that forgets the router's directory (a new `kvroute.directory_epoch`) and sets
+    /// the policy and values. Envoy applies one update as one snapshot and the singleton publishes
+    /// the settings it polled before its gauges show them, so once the epoch gauge reads the new
+    /// epoch every worker's next request sees all of it.
+    pub async fn cold_start(
+        &mut self,
+        policy: PolicyKind,
+        values: &[(String, String)],
+    ) -> anyhow::Result<()> {
         for url in &self.engine_urls {
             let r = self
                 .client
@@ -183,9 +192,12 @@ impl Lab {
         }
         self.epoch += 1;
         let epoch = self.epoch.to_string();
-        self.envoy
-            .runtime_modify(&[("kvroute.directory_epoch", epoch.as_str())])
-            .await?;
+        let mut all: Vec<(&str, &str)> = vec![
+            ("kvroute.directory_epoch", epoch.as_str()),
+            ("kvroute.policy", policy.as_str()),
+        ];
+        all.extend(values.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        self.envoy.runtime_modify(&all).await?;
         let want = self.epoch;
         self.envoy
             .wait_stat(
@@ -230,8 +242,7 @@ impl Lab {
                 .collect()
         };
         let (warmup, measured) = (to_wall(warmup), to_wall(measured));
-        self.cold_start().await?;
-        self.configure(spec.policy, &spec.runtime).await?;
+        self.cold_start(spec.policy, &spec.runtime).await?;
         let opts = ReplayOptions {
             url: self.envoy.url("/v1/chat/completions"),
             model: self.model.clone(),

@@ -1,14 +1,17 @@
 //! The routing study from one command: experiments 1-4 of the research plan on the live stack
 //! (emulated engines by default), the oracle bounds, figures and an HTML report.
 //!
-//! Reduced (default, about 11 minutes on 2 cores) or `--full`. Every run is a row of
+//! Reduced (default, about 9 minutes on 2 cores) or `--full`. Every run is a row of
 //! `<out>/runs.jsonl` with its spec and seed, queue-depth samples, engine TTFT quantiles and the
 //! changes of Envoy's kvroute counters; every live run's requests are lines of
 //! `<out>/requests/<run id>.jsonl`; `<out>/report.html` is self-contained.
 //!
-//! The sustainable rate: session arrival rates are probed with `round_robin`, doubling from
-//! `--start-rate`; 1x is the highest probed rate at which P95 TTFT stays under `--slo-ms` and no
-//! request fails. Experiments then run at 0.5x, 1x and 2x of it.
+//! The sustainable rate: session arrival rates are probed with the plan's search policy
+//! (`round_robin`), doubling from its start rate, then bisecting between the last rate within the
+//! objective and the first over it; 1x is the highest probed rate at which P95 TTFT stays within
+//! the objective and no request fails. Every run's conversations arrive over the plan's window at
+//! its rate (rate x window of them), so 2x is twice the load, not the same conversations sooner.
+//! Experiments then run at the plan's multiples of it (0.5x, 1x, 2x).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -24,6 +27,7 @@ use kvroute_workloads::calibrate::calibrate;
 use kvroute_workloads::emulated::EmulatedEngine;
 use kvroute_workloads::plan::{self, RagPlan, ShareGptPlan, SimulatedPlan, StudyPlan, Workload};
 use kvroute_workloads::report;
+use kvroute_workloads::search::RateSearch;
 use kvroute_workloads::simulated;
 use kvroute_workloads::study::{save, Lab, RunResult, RunSpec};
 
@@ -103,9 +107,10 @@ fn sharegpt_sessions(
     Ok(with_arrivals(picked, &starts))
 }
 
+/// The RAG users of a run at `rate` requests/s (one request each).
 fn rag_sessions(p: &RagPlan, seed: u64, rate: f64) -> Vec<Session> {
     let s = rag::generate(&rag::RagOptions {
-        users: p.users,
+        users: p.users_at(rate),
         max_tokens: p.max_tokens,
         seed,
         ..Default::default()
@@ -197,6 +202,9 @@ async fn main() -> anyhow::Result<()> {
         StudyPlan::parse(&plan_text).map_err(|e| anyhow::anyhow!("plan {source}: {e}"))?;
     if let Some(r) = a.repeats {
         plan.repeats = r.max(1);
+        for e in &mut plan.experiments {
+            e.repeats = None;
+        }
     }
     eprintln!(
         "study: plan {:?} ({source}): {} live experiments, {} repeats",
@@ -231,12 +239,10 @@ async fn main() -> anyhow::Result<()> {
     lab.records_dir = Some(a.out.join("requests"));
     let mut results: Vec<RunResult> = Vec::new();
     let mut n = 0usize;
-    // Sustainable rate.
+    // Sustainable rate: doubling, then bisection, each probe sized by its rate.
     let search = plan.search.clone();
-    let mut rate = search.start_rate;
-    let mut sustainable = search.start_rate;
-    let mut capped = true;
-    for _ in 0..search.max_steps {
+    let mut probes = RateSearch::new(search.start_rate, search.max_steps, search.bisect_steps);
+    while let Some(rate) = probes.next() {
         let spec = RunSpec::new(
             "search",
             "sharegpt",
@@ -245,32 +251,43 @@ async fn main() -> anyhow::Result<()> {
             &format!("{rate}/s"),
             0,
         );
-        let sessions =
-            sharegpt_sessions(&text, &plan.sharegpt, plan.sharegpt.sessions, 1, rate, 0)?;
+        let count = plan.sharegpt.sessions_at(rate);
+        let sessions = sharegpt_sessions(&text, &plan.sharegpt, count, 1, rate, 0)?;
         let r = run(&mut lab, &a.out, &mut n, spec, vec![], sessions).await?;
-        let ok = r.failed == 0 && r.ttft_ms[1] <= search.slo_ms;
+        probes.record(r.failed == 0 && r.ttft_ms[1] <= search.slo_ms);
         results.push(r);
-        if !ok {
-            capped = false;
-            break;
-        }
-        sustainable = rate;
-        rate *= 2.0;
     }
+    let capped = probes.capped();
+    let sustainable = probes.knee().unwrap_or_else(|| {
+        eprintln!(
+            "study: warning: even {} sessions/s missed the objective; the experiments run at it",
+            search.start_rate
+        );
+        search.start_rate
+    });
     eprintln!(
-        "study: sustainable rate {sustainable} sessions/s (P95 TTFT <= {} ms with {})",
-        search.slo_ms, search.policy
+        "study: sustainable rate {sustainable} sessions/s (P95 TTFT <= {} ms with {}{}); {} conversations per run at 1x",
+        search.slo_ms,
+        search.policy,
+        if capped { ", capped: no probe missed" } else { "" },
+        plan.sharegpt.sessions_at(sustainable)
     );
     // The live experiments of the plan: every rate x policy x grid point, each repeated.
-    let warm = |seed: u64, rate: f64| {
-        sharegpt_sessions(
+    let warm = |seed: u64, rate: f64| -> anyhow::Result<Vec<Session>> {
+        let mut v = sharegpt_sessions(
             &text,
             &plan.sharegpt,
             plan.sharegpt.warmup_sessions,
             seed + 1000,
             rate,
             1500,
-        )
+        )?;
+        if plan.sharegpt.warmup_turns > 0 {
+            for s in &mut v {
+                s.turns.truncate(plan.sharegpt.warmup_turns);
+            }
+        }
+        Ok(v)
     };
     for exp in &plan.experiments {
         let policies = exp.policies.resolve().map_err(|e| anyhow::anyhow!(e))?;
@@ -278,7 +295,7 @@ async fn main() -> anyhow::Result<()> {
             let r_ = sustainable * rate.x;
             for p in &policies {
                 for point in exp.points() {
-                    for rep in 0..plan.repeats {
+                    for rep in 0..exp.repeats.unwrap_or(plan.repeats) {
                         let seed = rep as u64 + 1;
                         let spec = RunSpec::new(
                             &exp.name,
@@ -299,7 +316,7 @@ async fn main() -> anyhow::Result<()> {
                                 sharegpt_sessions(
                                     &text,
                                     &plan.sharegpt,
-                                    plan.sharegpt.sessions,
+                                    plan.sharegpt.sessions_at(r_),
                                     seed,
                                     r_,
                                     0,
@@ -367,33 +384,35 @@ async fn main() -> anyhow::Result<()> {
 
     // The oracle bounds of the measured workloads (seed 1).
     let model = "meta-llama/Llama-3.2-3B-Instruct";
-    let bounds: Vec<(String, Analysis)> = vec![
-        (
-            "sharegpt".into(),
-            analyze(
-                &sharegpt_sessions(
-                    &text,
-                    &plan.sharegpt,
-                    plan.sharegpt.sessions,
-                    1,
-                    sustainable,
-                    0,
-                )?,
-                model,
-                2,
-                711,
-            ),
-        ),
-        (
-            "rag".into(),
-            analyze(
-                &rag_sessions(&plan.rag, 1, sustainable * 2.0),
-                model,
-                2,
-                711,
-            ),
-        ),
-    ];
+    // ShareGPT at every rate of experiment 1 (the capacity bound falls as more conversations are
+    // in flight), RAG at experiment 2's.
+    let mut bounds: Vec<(String, Analysis)> = Vec::new();
+    let exp_rates = |name: &str| -> Vec<plan::Rate> {
+        plan.experiments
+            .iter()
+            .find(|e| e.name == name)
+            .map(|e| e.rates.clone())
+            .unwrap_or_default()
+    };
+    for rate in exp_rates("exp1") {
+        let r_ = sustainable * rate.x;
+        let sessions = sharegpt_sessions(
+            &text,
+            &plan.sharegpt,
+            plan.sharegpt.sessions_at(r_),
+            1,
+            r_,
+            0,
+        )?;
+        bounds.push((
+            format!("sharegpt {}", rate.label),
+            analyze(&sessions, model, engines, 711),
+        ));
+    }
+    for rate in exp_rates("exp2") {
+        let sessions = rag_sessions(&plan.rag, 1, sustainable * rate.x);
+        bounds.push(("rag".into(), analyze(&sessions, model, engines, 711)));
+    }
     let meta = report::Meta {
         mode: plan.name.clone(),
         profile: if remote {
@@ -407,7 +426,8 @@ async fn main() -> anyhow::Result<()> {
         slo_ms: plan.search.slo_ms,
         search_capped: capped,
         repeats: plan.repeats,
-        sessions: plan.sharegpt.sessions,
+        sessions: plan.sharegpt.sessions_at(sustainable),
+        window_s: plan.sharegpt.window_s,
         wall_s: t0.elapsed().as_secs_f64(),
         envoy: "1.40.0".into(),
         kvroute: env!("CARGO_PKG_VERSION").into(),
@@ -458,11 +478,12 @@ fn keep(out: &std::path::Path, results: &mut Vec<RunResult>, r: RunResult) -> an
     Ok(())
 }
 
-/// The live half of the simulator's validation, on a lab of its own at real time (at the study's
-/// time scale every millisecond of host overhead is several emulated ones, and on a small machine
-/// that noise, not the model, would dominate the comparison): the gateway's per-request cost from
-/// idle probes, then experiment 1's workload at 1x for the validation policies, 3 repeats, no
-/// warm-up. Returns the gateway cost in ms.
+/// The live half of the simulator's validation, on a lab of its own at the plan's validation time
+/// scale, real time or close to it (at the study's x8 every millisecond of host overhead is eight
+/// emulated ones, and on a small machine that noise, not the model, would dominate the
+/// comparison): the gateway's per-request cost from idle probes, then experiment 1's workload at
+/// 1x (the plan's validation conversations) for the validation policies, every repeat, no warm-up.
+/// Returns the gateway cost in emulated ms.
 async fn validation_live(
     a: &Args,
     plan: &StudyPlan,
@@ -471,8 +492,9 @@ async fn validation_live(
     n: &mut usize,
     rate: f64,
 ) -> anyhow::Result<f64> {
-    eprintln!("study: validation lab: 2 emulated engines at real time");
-    let mut lab = Lab::emulated(2, &a.profile, 1.0).await?;
+    let scale = plan.simulated.validation_time_scale;
+    eprintln!("study: validation lab: 2 emulated engines at x{scale}");
+    let mut lab = Lab::emulated(2, &a.profile, scale).await?;
     lab.records_dir = Some(a.out.join("requests"));
     let gateway_ms = gateway_probe(&mut lab, &a.out, n).await?;
     let policies = plan
@@ -577,25 +599,13 @@ fn simulated_part(
     };
     // Doubling to the first rate over the objective, then four bisection steps between the last
     // rate within it and that one: the knee, to about 6%.
-    let (mut lo, mut hi) = (0.0f64, 0.125f64);
-    for _ in 0..12 {
-        if !probe(hi, results)? {
-            break;
-        }
-        lo = hi;
-        hi *= 2.0;
-    }
-    for _ in 0..4 {
-        let mid = (lo + hi) / 2.0;
-        if probe(mid, results)? {
-            lo = mid;
-        } else {
-            hi = mid;
-        }
+    let mut search = RateSearch::new(0.125, 12, 4);
+    while let Some(rate) = search.next() {
+        search.record(probe(rate, results)?);
     }
     // Experiment 5 runs at half the knee: loaded, but short of saturation at N = 2, where
     // placement rather than overload decides.
-    let knee = lo.max(0.125);
+    let knee = search.knee().unwrap_or(0.125);
     let per_engine = knee / 2.0;
     eprintln!(
         "study: simulated knee {knee:.3} sessions/s per engine; experiment 5 at {per_engine:.3}"
@@ -654,5 +664,6 @@ fn simulated_part(
         mooncake_profile: a.mooncake_profile.clone(),
         wall_s: t0.elapsed().as_secs_f64(),
         validation_sessions: plan.simulated.validation_sessions,
+        validation_time_scale: plan.simulated.validation_time_scale,
     })
 }
