@@ -225,21 +225,22 @@ impl Worker {
     fn report(&self, report: &DecisionReport, predicted_blocks: u32, now_us: u64) {
         let mut guard = self.state.borrow_mut();
         let st = &mut *guard;
-        // Recency only: the published directory already places every block of the request on
-        // the chosen endpoint, and its session there.
-        // Reports wait for a batch unless every decision is published (or nothing is yet).
-        let every_decision = st
-            .published
-            .as_ref()
-            .is_none_or(|p| p.header.settings.publish_interval == PublishInterval::EveryDecision);
-        let recency_only = st.published.as_ref().is_some_and(|p| {
-            predicted_blocks as usize == report.blocks.len()
-                && report
-                    .session
-                    .is_none_or(|s| p.session_endpoint(s) == Some(usize::from(report.endpoint)))
-        });
+        // A report goes at once when every decision is published (or nothing is yet) and it
+        // changes what the published directory shows; one that only refreshes recency (the
+        // directory already places every block of the request on the chosen endpoint, and its
+        // session there) waits for the batch like any report under an interval.
+        let at_once = match &st.published {
+            None => true,
+            Some(p) => {
+                p.header.settings.publish_interval == PublishInterval::EveryDecision
+                    && (predicted_blocks as usize != report.blocks.len()
+                        || report.session.is_some_and(|s| {
+                            p.session_endpoint(s) != Some(usize::from(report.endpoint))
+                        }))
+            }
+        };
         report.encode_into(&mut st.batch);
-        if (every_decision && !recency_only)
+        if at_once
             || now_us.saturating_sub(st.last_sent_us) >= REPORT_COALESCE_US
             || st.batch.len() >= MAX_BATCH_BYTES
         {

@@ -224,8 +224,7 @@ impl Experiment {
 pub struct SimulatedPlan {
     /// Policies validated against the live stack.
     pub validation_policies: Policies,
-    /// ShareGPT conversations per validation run (live and simulated; more than the live
-    /// experiments' so that P95 rests on more requests).
+    /// ShareGPT conversations per validation run (live and simulated, at the 1x rate).
     pub validation_sessions: usize,
     /// Emulated time per wall time of the validation's live stack (1: real time; more is faster,
     /// but every millisecond of host overhead then counts that many times).

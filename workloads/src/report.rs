@@ -367,23 +367,19 @@ fn exp1_observations(h: &mut String, runs: &[RunResult], bounds: &[(String, Anal
         let (sh, lca) = (mean(&rate, "session_hash"), mean(&rate, "load_cache_aware"));
         let (rr, jsq) = (mean(&rate, "round_robin"), mean(&rate, "jsq"));
         let lead = sh.min(lca) - rr.max(jsq);
-        let name = format!("sharegpt {rate}");
-        let infinite = bounds
-            .iter()
-            .find(|(n, _)| *n == name)
-            .map_or(f64::NAN, |(_, a)| a.oracle_infinite);
-        let _ = write!(h, "<tr><td>{rate}</td><td>{sh:.3}</td><td>{lca:.3}</td><td>{rr:.3}</td><td>{jsq:.3}</td><td>{:+.1}</td><td>{:.3}</td><td>{infinite:.3}</td><td>{}</td></tr>",
-            lead * 100.0, oracle_capacity(bounds, &name), if lead > 0.0 { "yes" } else { "no" });
+        let b = bound(bounds, &format!("sharegpt {rate}"));
+        let (capacity, infinite) = b.map_or((f64::NAN, f64::NAN), |a| {
+            (a.oracle_capacity, a.oracle_infinite)
+        });
+        let _ = write!(h, "<tr><td>{rate}</td><td>{sh:.3}</td><td>{lca:.3}</td><td>{rr:.3}</td><td>{jsq:.3}</td><td>{:+.1}</td><td>{capacity:.3}</td><td>{infinite:.3}</td><td>{}</td></tr>",
+            lead * 100.0, if lead > 0.0 { "yes" } else { "no" });
     }
     let _ = write!(h, "</table><p>The oracle with an infinite cache bounds every policy. The fleet-capacity estimate (trace analysis: one LRU over all engines' blocks, requests in arrival order) is what perfect placement would keep with these engines' KV caches if every request were served as it arrives; it is an estimate, not a bound (queued requests are served later, and LRU is not the best replacement), so policies can land slightly above it where it is lowest. Where it is low, the conversations in flight do not fit in the caches: prefixes are evicted during the think time between turns whatever the placement, every policy's hit rate falls toward it and the policies' differences shrink with the headroom. A lead of a point or two is within the spread of the repeats (tables below).</p>");
 }
 
-/// The oracle hit rate with the fleet's capacity of the workload `name` (NaN if not analysed).
-fn oracle_capacity(bounds: &[(String, Analysis)], name: &str) -> f64 {
-    bounds
-        .iter()
-        .find(|(n, _)| n == name)
-        .map_or(f64::NAN, |(_, a)| a.oracle_capacity)
+/// The trace analysis of the workload `name`, if it was analysed.
+fn bound<'a>(bounds: &'a [(String, Analysis)], name: &str) -> Option<&'a Analysis> {
+    bounds.iter().find(|(n, _)| n == name).map(|(_, a)| a)
 }
 
 /// Writes the figures and `report.html` into `dir`; returns the report's path.
@@ -475,7 +471,7 @@ pub fn write(
     let lines_at: Vec<(usize, f64)> = groups
         .iter()
         .enumerate()
-        .map(|(i, (n, _))| (i, oracle_capacity(bounds, n)))
+        .map(|(i, (n, _))| (i, bound(bounds, n).map_or(f64::NAN, |a| a.oracle_capacity)))
         .collect();
     e(bars(
         &fig("hit_rate"),
@@ -529,7 +525,7 @@ pub fn write(
     let tl: Vec<Series> = pols
         .iter()
         .map(|p| {
-            let pts = ["0.5x", "1x", "2x"]
+            let pts = exp1_rates(runs)
                 .iter()
                 .filter_map(|rate| {
                     let sel: Vec<&RunResult> = runs

@@ -23,6 +23,13 @@ use crate::envoy_config::{Engine, EnvoySpec};
 use crate::replay::{replay, MemorySink, ReplayOptions, RequestRecord};
 use crate::stack::{filter_wasm, Envoy};
 
+/// The runtime values that set `policy` and `values`, as one update.
+fn runtime_update(policy: PolicyKind, values: &[(String, String)]) -> Vec<(&str, &str)> {
+    std::iter::once(("kvroute.policy", policy.as_str()))
+        .chain(values.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .collect()
+}
+
 /// The stack the runs go through.
 #[derive(Debug)]
 pub struct Lab {
@@ -192,11 +199,8 @@ impl Lab {
         }
         self.epoch += 1;
         let epoch = self.epoch.to_string();
-        let mut all: Vec<(&str, &str)> = vec![
-            ("kvroute.directory_epoch", epoch.as_str()),
-            ("kvroute.policy", policy.as_str()),
-        ];
-        all.extend(values.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let mut all = runtime_update(policy, values);
+        all.push(("kvroute.directory_epoch", epoch.as_str()));
         self.envoy.runtime_modify(&all).await?;
         let want = self.epoch;
         self.envoy
@@ -215,9 +219,9 @@ impl Lab {
         policy: PolicyKind,
         values: &[(String, String)],
     ) -> anyhow::Result<()> {
-        let mut all: Vec<(&str, &str)> = vec![("kvroute.policy", policy.as_str())];
-        all.extend(values.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-        self.envoy.runtime_modify(&all).await?;
+        self.envoy
+            .runtime_modify(&runtime_update(policy, values))
+            .await?;
         self.envoy.set_policy(policy.as_str()).await?;
         // The settings gauges refresh on the singleton's tick; give the workers a publish too.
         tokio::time::sleep(Duration::from_millis(250)).await;
