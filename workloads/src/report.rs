@@ -34,6 +34,8 @@ pub struct Meta {
     pub sessions: usize,
     /// Seconds (emulated) over which a run's conversations arrive (0: a fixed count per run).
     pub window_s: f64,
+    /// The same for the search's probes.
+    pub search_window_s: f64,
     /// Wall time of the study, s.
     pub wall_s: f64,
     /// Envoy version.
@@ -60,6 +62,10 @@ pub struct SimMeta {
     pub validation_sessions: usize,
     /// Emulated time per wall time of the validation's live stack.
     pub validation_time_scale: f64,
+    /// Repeats of each validation run (live and simulated).
+    pub validation_repeats: usize,
+    /// Router seeds per simulated validation run (pooled).
+    pub validation_router_seeds: usize,
 }
 
 /// The tolerances of the simulator's validation: TTFT P50 and P95 within this fraction ...
@@ -994,13 +1000,18 @@ pub fn write(
     } else {
         format!("{} conversations per run.", meta.sessions)
     };
+    let probes = if meta.search_window_s > meta.window_s {
+        format!(" The search's probes are longer, {} s of arrivals: queues build for about a conversation's lifetime, and a shorter probe would measure a ramp and overstate the rate the fleet sustains.", meta.search_window_s)
+    } else {
+        String::new()
+    };
     let _ = write!(
         h,
         "<p>{} emulated engines (profile <code>{}</code>, emulated time x{}) behind Envoy {} with kvroute {} and the sidecar. \
          Each run starts cold (engine caches reset, directory forgotten), sets its policy through Envoy runtime values, warms up where the plan asks, \
          and measures; {} repeats with seeds 1..{}{fewer}; values are mean <small>[min, max]</small>. Hit rate: the engines' \
          <code>prefix_cache_hits / prefix_cache_queries</code> deltas. Times are emulated ms. Sustainable rate (1x): {:.2} sessions/s, \
-         the highest probed rate with P95 TTFT &le; {} ms under {search_policy} (doubling, then bisection). {sizing} Study wall time {:.0} s.</p>",
+         the highest probed rate with P95 TTFT &le; {} ms under {search_policy} (doubling, then bisection).{probes} {sizing} Study wall time {:.0} s.</p>",
         meta.engines, meta.profile, meta.time_scale, meta.envoy, meta.kvroute, meta.repeats, meta.repeats, meta.sustainable_rate, meta.slo_ms, meta.wall_s
     );
     if let Some(c) = calibration {
@@ -1245,8 +1256,8 @@ fn validation_section(h: &mut String, runs: &[RunResult], sm: &SimMeta) {
     let (live_t, sim_t) = (pooled("val-live"), pooled("val-sim"));
     let hits = |exp: &'static str| agg(runs, |r| r.spec.experiment == exp, key, |r| r.hit_rate);
     let (lhit, shit) = (hits("val-live"), hits("val-sim"));
-    let _ = write!(h, "<h2>Simulator validation: live stack against simulator at N = 2</h2><p>Experiment 1's ShareGPT workload at 1x ({} conversations per run) through a live stack of its own {} (at the study's x8 every millisecond of host overhead would count eight times over), every repeat, then the same runs in the simulator: same sessions, seeds, policy and settings; the simulator adds the gateway's per-request cost measured on idle probes through that stack ({:.1} ms, client TTFT minus engine TTFT). Tolerances: TTFT P50 and P95 within {:.0}%, hit rate within {:.0} points. TTFT quantiles over the requests of all repeats together; hit rate the mean over repeats.</p><table><tr><th>rate, policy</th><th>P50 live</th><th>P50 sim</th><th>diff</th><th>P95 live</th><th>P95 sim</th><th>diff</th><th>hit live</th><th>hit sim</th><th>diff (pts)</th><th>within</th></tr>",
-        sm.validation_sessions, if sm.validation_time_scale == 1.0 { "at real time".to_string() } else { format!("at x{}", sm.validation_time_scale) }, sm.gateway_ms, VALIDATION_TTFT * 100.0, VALIDATION_HIT * 100.0);
+    let _ = write!(h, "<h2>Simulator validation: live stack against simulator at N = 2</h2><p>Experiment 1's ShareGPT workload at 1x ({} conversations per run) through a live stack of its own {} (at the study's x8 every millisecond of host overhead would count eight times over), {} repeats, then the same runs in the simulator: same sessions, seeds, policy and settings; the simulator adds the gateway's per-request cost measured on idle probes through that stack ({:.1} ms, client TTFT minus engine TTFT). The live filter's random draws (ties, p2c) are its own, and a run's tail depends on them, so the simulator runs each live run under {} router seeds and pools them: its figures are the model's expectation, the live ones one realisation. Tolerances: TTFT P50 and P95 within {:.0}%, hit rate within {:.0} points. TTFT quantiles over the requests of all runs together; hit rate the mean over runs.</p><table><tr><th>rate, policy</th><th>P50 live</th><th>P50 sim</th><th>diff</th><th>P95 live</th><th>P95 sim</th><th>diff</th><th>hit live</th><th>hit sim</th><th>diff (pts)</th><th>within</th></tr>",
+        sm.validation_sessions, if sm.validation_time_scale == 1.0 { "at real time".to_string() } else { format!("at x{}", sm.validation_time_scale) }, sm.validation_repeats, sm.gateway_ms, sm.validation_router_seeds, VALIDATION_TTFT * 100.0, VALIDATION_HIT * 100.0);
     let (mut ok, mut all) = (0usize, 0usize);
     for (k, (l50, l95)) in &live_t {
         let (Some((s50, s95)), Some(lh), Some(sh)) = (sim_t.get(k), lhit.get(k), shit.get(k))

@@ -91,7 +91,7 @@ fn configured(spec: &RunSpec, base: &SimConfig) -> anyhow::Result<SimConfig> {
         anyhow::bail!("run {}: {}: {}", spec.experiment, e.field, e.message);
     }
     cfg.settings = settings;
-    cfg.seed = spec.seed;
+    cfg.seed = spec.router_seed.unwrap_or(spec.seed);
     Ok(cfg)
 }
 

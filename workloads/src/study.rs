@@ -476,6 +476,10 @@ pub struct RunSpec {
     pub seed: u64,
     /// Repeat index.
     pub repeat: usize,
+    /// Seed of the simulated router's random draws where it is not `seed` (the simulated
+    /// validation runs every live run under several).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub router_seed: Option<u64>,
 }
 
 impl RunSpec {
@@ -498,6 +502,7 @@ impl RunSpec {
             rate_label: rate_label.into(),
             seed: repeat as u64 + 1,
             repeat,
+            router_seed: None,
         }
     }
 

@@ -205,6 +205,7 @@ async fn main() -> anyhow::Result<()> {
         for e in &mut plan.experiments {
             e.repeats = None;
         }
+        plan.simulated.validation_repeats = None;
     }
     eprintln!(
         "study: plan {:?} ({source}): {} live experiments, {} repeats",
@@ -251,7 +252,7 @@ async fn main() -> anyhow::Result<()> {
             &format!("{rate}/s"),
             0,
         );
-        let count = plan.sharegpt.sessions_at(rate);
+        let count = plan.search_sessions_at(rate);
         let sessions = sharegpt_sessions(&text, &plan.sharegpt, count, 1, rate, 0)?;
         let r = run(&mut lab, &a.out, &mut n, spec, vec![], sessions).await?;
         probes.record(r.failed == 0 && r.ttft_ms[1] <= search.slo_ms);
@@ -428,6 +429,7 @@ async fn main() -> anyhow::Result<()> {
         repeats: plan.repeats,
         sessions: plan.sharegpt.sessions_at(sustainable),
         window_s: plan.sharegpt.window_s,
+        search_window_s: plan.search.window_s.unwrap_or(plan.sharegpt.window_s),
         wall_s: t0.elapsed().as_secs_f64(),
         envoy: "1.40.0".into(),
         kvroute: env!("CARGO_PKG_VERSION").into(),
@@ -482,7 +484,8 @@ fn keep(out: &std::path::Path, results: &mut Vec<RunResult>, r: RunResult) -> an
 /// scale, real time or close to it (at the study's x8 every millisecond of host overhead is eight
 /// emulated ones, and on a small machine that noise, not the model, would dominate the
 /// comparison): the gateway's per-request cost from idle probes, then experiment 1's workload at
-/// 1x (the plan's validation conversations) for the validation policies, every repeat, no warm-up.
+/// 1x (the plan's validation conversations) for the validation policies, every validation repeat,
+/// no warm-up.
 /// Returns the gateway cost in emulated ms.
 async fn validation_live(
     a: &Args,
@@ -503,7 +506,7 @@ async fn validation_live(
         .resolve()
         .map_err(|e| anyhow::anyhow!(e))?;
     for p in policies {
-        for rep in 0..plan.repeats {
+        for rep in 0..plan.validation_repeats() {
             let seed = rep as u64 + 1;
             let spec = RunSpec::new("val-live", "sharegpt", p, rate, "1x", rep);
             let meas = sharegpt_sessions(
@@ -540,7 +543,8 @@ fn simulated_part(
         ..SimConfig::new(n, engine.clone(), PolicySettings::default())
     };
 
-    // Validation: the live validation runs, simulated.
+    // Validation: the live validation runs, simulated, each under the plan's router seeds (the
+    // report pools them).
     let live: Vec<RunResult> = results
         .iter()
         .filter(|r| r.spec.experiment == "val-live")
@@ -563,7 +567,13 @@ fn simulated_part(
                 0,
             )?,
         );
-        keep(&a.out, results, simulated::run(&spec, &b2, &m)?)?;
+        for k in 0..plan.simulated.validation_router_seeds as u64 {
+            let spec = RunSpec {
+                router_seed: (k > 0).then(|| spec.seed + 1000 * k),
+                ..spec.clone()
+            };
+            keep(&a.out, results, simulated::run(&spec, &b2, &m)?)?;
+        }
     }
 
     // Experiment 5. The load per engine: the highest session rate per engine (doubling from
@@ -665,5 +675,7 @@ fn simulated_part(
         wall_s: t0.elapsed().as_secs_f64(),
         validation_sessions: plan.simulated.validation_sessions,
         validation_time_scale: plan.simulated.validation_time_scale,
+        validation_repeats: plan.validation_repeats(),
+        validation_router_seeds: plan.simulated.validation_router_seeds,
     })
 }
