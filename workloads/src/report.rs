@@ -352,6 +352,10 @@ fn exp1_rates(runs: &[RunResult]) -> Vec<String> {
 /// What experiment 1 shows against the research plan's expectation (session_hash and
 /// load_cache_aware above round_robin and jsq), per rate, with each rate's oracle bound and
 /// fleet-capacity estimate: measured figures only, and the reading that follows from them.
+/// A lead in hit rate this small (2 points) is within the spread of the repeats: neither holds
+/// nor fails the plan's expectation.
+const LEAD_NOISE: f64 = 0.02;
+
 fn exp1_observations(h: &mut String, runs: &[RunResult], bounds: &[(String, Analysis)]) {
     let hit = agg(
         runs,
@@ -378,9 +382,9 @@ fn exp1_observations(h: &mut String, runs: &[RunResult], bounds: &[(String, Anal
             (a.oracle_capacity, a.oracle_infinite)
         });
         let _ = write!(h, "<tr><td>{rate}</td><td>{sh:.3}</td><td>{lca:.3}</td><td>{rr:.3}</td><td>{jsq:.3}</td><td>{:+.1}</td><td>{capacity:.3}</td><td>{infinite:.3}</td><td>{}</td></tr>",
-            lead * 100.0, if lead > 0.0 { "yes" } else { "no" });
+            lead * 100.0, if lead > LEAD_NOISE { "yes" } else if lead >= -LEAD_NOISE { "within noise" } else { "no" });
     }
-    let _ = write!(h, "</table><p>The oracle with an infinite cache bounds every policy. The fleet-capacity estimate (trace analysis: one LRU over all engines' blocks, requests in arrival order) is what perfect placement would keep with these engines' KV caches if every request were served as it arrives; it is an estimate, not a bound (queued requests are served later, and LRU is not the best replacement), so policies can land slightly above it where it is lowest. Where it is low, the conversations in flight do not fit in the caches: prefixes are evicted during the think time between turns whatever the placement, every policy's hit rate falls toward it and the policies' differences shrink with the headroom. A lead of a point or two is within the spread of the repeats (tables below).</p>");
+    let _ = write!(h, "</table><p>The oracle with an infinite cache bounds every policy. The fleet-capacity estimate (trace analysis: one LRU over all engines' blocks, requests in arrival order) is what perfect placement would keep with these engines' KV caches if every request were served as it arrives; it is an estimate, not a bound (queued requests are served later, and LRU is not the best replacement), so policies can land slightly above it where it is lowest. Where it is low, the conversations in flight do not fit in the caches: prefixes are evicted during the think time between turns whatever the placement, every policy's hit rate falls toward it and the policies' differences shrink with the headroom. A lead of two points or less is within the spread of the repeats (tables below): \"within noise\".</p>");
 }
 
 /// The trace analysis of the workload `name`, if it was analysed.
