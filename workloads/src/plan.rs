@@ -274,10 +274,14 @@ impl StudyPlan {
         Ok(plan)
     }
 
+    /// Seconds (emulated) over which a search probe's conversations arrive.
+    pub fn search_window_s(&self) -> f64 {
+        self.search.window_s.unwrap_or(self.sharegpt.window_s)
+    }
+
     /// Conversations of a search probe at `rate` sessions/s.
     pub fn search_sessions_at(&self, rate: f64) -> usize {
-        let window = self.search.window_s.unwrap_or(self.sharegpt.window_s);
-        sized(self.sharegpt.sessions, window, rate)
+        sized(self.sharegpt.sessions, self.search_window_s(), rate)
     }
 
     /// Repeats of each validation run: the simulated part's own, else the plan's.

@@ -349,13 +349,13 @@ fn exp1_rates(runs: &[RunResult]) -> Vec<String> {
     v.into_iter().map(|(_, l)| l).collect()
 }
 
-/// What experiment 1 shows against the research plan's expectation (session_hash and
-/// load_cache_aware above round_robin and jsq), per rate, with each rate's oracle bound and
-/// fleet-capacity estimate: measured figures only, and the reading that follows from them.
 /// A lead in hit rate this small (2 points) is within the spread of the repeats: neither holds
 /// nor fails the plan's expectation.
 const LEAD_NOISE: f64 = 0.02;
 
+/// What experiment 1 shows against the research plan's expectation (session_hash and
+/// load_cache_aware above round_robin and jsq), per rate, with each rate's oracle bound and
+/// fleet-capacity estimate: measured figures only, and the reading that follows from them.
 fn exp1_observations(h: &mut String, runs: &[RunResult], bounds: &[(String, Analysis)]) {
     let hit = agg(
         runs,

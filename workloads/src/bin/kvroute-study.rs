@@ -429,7 +429,7 @@ async fn main() -> anyhow::Result<()> {
         repeats: plan.repeats,
         sessions: plan.sharegpt.sessions_at(sustainable),
         window_s: plan.sharegpt.window_s,
-        search_window_s: plan.search.window_s.unwrap_or(plan.sharegpt.window_s),
+        search_window_s: plan.search_window_s(),
         wall_s: t0.elapsed().as_secs_f64(),
         envoy: "1.40.0".into(),
         kvroute: env!("CARGO_PKG_VERSION").into(),
