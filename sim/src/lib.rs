@@ -13,8 +13,13 @@
 //!
 //! What it models besides: the freshness of the router's state (the sidecar polls the engines
 //! every `sidecar_poll_us`; the router takes the sidecar's snapshot every `load_refresh_ms`; the
-//! directory is republished every `publish_interval_ms`), gateway in-flight counts, and the
-//! gateway's per-request cost (a fixed delay on the request path and on the response path).
+//! directory is republished every `publish_interval_ms`), gateway in-flight counts, the
+//! gateway's per-request cost (a fixed delay on the request path and on the response path), and
+//! the client's send delay: a real client sends a turn a little after it means to (timer
+//! granularity, scheduling), by a random amount. That jitter reorders sends that are close, and a
+//! policy whose outcome depends on the order of decisions (round_robin's parity) samples a
+//! different interleaving in every realisation; the simulator draws it from a measured
+//! distribution, so its router seeds sample interleavings as live repeats do.
 //!
 //! Time is integer microseconds. Events are ordered by (time, rank, sequence number) — step ends
 //! first, then state refreshes, arrivals, engine admissions, and step starts last, so a request
@@ -183,6 +188,10 @@ pub struct SimConfig {
     pub sidecar_poll_us: u64,
     /// The gateway's per-request cost.
     pub gateway: GatewayCost,
+    /// The client's send delay, us: quantiles evenly spaced in probability (the first is the
+    /// minimum, the last the maximum) of the time from when a client means to send a turn to when
+    /// it does. Each send draws from it (linear between quantiles). Empty: sends are on time.
+    pub send_delay_us: Vec<u64>,
     /// Seed of the router's random draws.
     pub seed: u64,
     /// Keep inter-token gaps per request (memory grows with output tokens).
@@ -211,6 +220,7 @@ impl SimConfig {
                 request_us: 0,
                 response_us: 0,
             },
+            send_delay_us: Vec::new(),
             seed: 1,
             record_itl: true,
         }
@@ -337,11 +347,29 @@ struct Sim<'a> {
     inflight: Vec<i64>,
     inflight_blocks: Vec<i64>,
     rng: Rng,
+    /// The send delays' draws, apart from the router's.
+    jitter: Rng,
     decisions: u64,
     out: SimOutput,
 }
 
 impl Sim<'_> {
+    /// One draw of the client's send delay.
+    fn send_delay(&mut self) -> u64 {
+        let q = &self.cfg.send_delay_us;
+        if q.len() < 2 {
+            return q.first().copied().unwrap_or(0);
+        }
+        let x = self.jitter.uniform() * (q.len() - 1) as f64;
+        let i = (x as usize).min(q.len() - 2);
+        match (q.get(i), q.get(i + 1)) {
+            (Some(&lo), Some(&hi)) => {
+                (lo as f64 + (hi as f64 - lo as f64) * (x - i as f64)).round() as u64
+            }
+            _ => 0,
+        }
+    }
+
     fn push(&mut self, at: u64, kind: Kind, a: u32, b: u32) {
         self.seq += 1;
         self.queue.push(Reverse(Ev {
@@ -595,7 +623,8 @@ impl Sim<'_> {
         let next = o.turn + 1;
         if let Some(s) = self.work.get(o.session as usize) {
             if (next as usize) < s.turns.len() {
-                self.push(at + s.think_us, Kind::Arrive, o.session, next);
+                let delay = self.send_delay();
+                self.push(at + s.think_us + delay, Kind::Arrive, o.session, next);
             }
         }
     }
@@ -665,6 +694,7 @@ pub fn simulate(cfg: &SimConfig, work: &[PreparedSession]) -> SimOutput {
         inflight: vec![0; n],
         inflight_blocks: vec![0; n],
         rng: Rng::new(cfg.seed),
+        jitter: Rng::new(cfg.seed ^ 0x5eed_de1a_7c11_e4e7),
         decisions: 0,
         out: SimOutput {
             records: Vec::with_capacity(kvroute_traces_requests(work)),
@@ -677,7 +707,8 @@ pub fn simulate(cfg: &SimConfig, work: &[PreparedSession]) -> SimOutput {
     };
     for (i, s) in work.iter().enumerate() {
         if !s.turns.is_empty() {
-            sim.push(s.start_us, Kind::Arrive, i as u32, 0);
+            let delay = sim.send_delay();
+            sim.push(s.start_us + delay, Kind::Arrive, i as u32, 0);
         }
     }
     let poll_us = cfg.sidecar_poll_us.max(1_000);

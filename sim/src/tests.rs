@@ -179,3 +179,76 @@ fn gateway_cost_adds_to_every_request() {
         assert_eq!(b.2, a.2 + 500, "{a:?} {b:?}");
     }
 }
+
+/// Each record's send time, by (session, turn).
+fn sends(o: &SimOutput) -> std::collections::BTreeMap<(u32, u32), (u64, u64)> {
+    o.records
+        .iter()
+        .map(|r| ((r.session, r.turn), (r.sent_us, r.e2e_us)))
+        .collect()
+}
+
+#[test]
+fn send_delays_come_from_their_distribution_and_reorder_close_sends() {
+    let sessions = chats(40, 3, 11);
+    let work = prepare(&sessions, &cfg(2, PolicyKind::RoundRobin).filter, 1);
+    let on_time = simulate(&cfg(2, PolicyKind::RoundRobin), &work);
+    // Without delays, every send is when it was meant to be: the session's start, or the previous
+    // response's end plus the think time; and router seeds cannot change round_robin.
+    let t = sends(&on_time);
+    for (&(s, turn), &(sent, _)) in &t {
+        let meant = match turn {
+            0 => work[s as usize].start_us,
+            _ => t[&(s, turn - 1)].0 + t[&(s, turn - 1)].1 + work[s as usize].think_us,
+        };
+        assert_eq!(sent, meant, "session {s} turn {turn}");
+    }
+    let reseeded = simulate(
+        &SimConfig {
+            seed: 7,
+            ..cfg(2, PolicyKind::RoundRobin)
+        },
+        &work,
+    );
+    assert_eq!(format!("{on_time:?}"), format!("{reseeded:?}"));
+
+    // With delays of 1 to 9 ms, every send is late by an amount within those bounds.
+    let jittered = |seed: u64| SimConfig {
+        send_delay_us: vec![1_000, 2_000, 9_000],
+        seed,
+        ..cfg(2, PolicyKind::RoundRobin)
+    };
+    let a = simulate(&jittered(1), &work);
+    let t = sends(&a);
+    for (&(s, turn), &(sent, _)) in &t {
+        let meant = match turn {
+            0 => work[s as usize].start_us,
+            _ => t[&(s, turn - 1)].0 + t[&(s, turn - 1)].1 + work[s as usize].think_us,
+        };
+        assert!(
+            (1_000..=9_000).contains(&(sent - meant)),
+            "session {s} turn {turn}: {} us late",
+            sent - meant
+        );
+    }
+    // Same seed, same run; other seeds draw other delays, so round_robin sees another order of
+    // sends and sends other turns to other engines.
+    assert_eq!(
+        format!("{a:?}"),
+        format!("{:?}", simulate(&jittered(1), &work))
+    );
+    let routes = |o: &SimOutput| -> Vec<(u32, u32, u32)> {
+        let mut v: Vec<_> = o
+            .records
+            .iter()
+            .map(|r| (r.session, r.turn, r.endpoint))
+            .collect();
+        v.sort_unstable();
+        v
+    };
+    let other = (2..6)
+        .map(|seed| routes(&simulate(&jittered(seed), &work)))
+        .filter(|r| *r != routes(&a))
+        .count();
+    assert!(other > 0, "router seeds never changed round_robin's routes");
+}

@@ -77,6 +77,29 @@ async fn replay_counts_add_up_and_hits_are_recorded() {
     assert!(records
         .iter()
         .all(|r| r.itl_ms.len() == 7 && r.endpoint.is_some()));
+    // Each record says when it was meant to go: the session's start, then the previous response's
+    // end plus the think time; it went at that time or a little after.
+    let by: std::collections::BTreeMap<(&str, usize), &RequestRecord> = records
+        .iter()
+        .map(|r| ((r.session.as_str(), r.turn), r))
+        .collect();
+    for r in &records {
+        let meant = r.scheduled_ms.unwrap();
+        if r.turn > 0 {
+            let prev = by[&(r.session.as_str(), r.turn - 1)];
+            assert!((meant - (prev.sent_ms + prev.e2e_ms + 10.0)).abs() < 1e-6);
+        }
+        assert!(r.sent_ms >= meant - 0.5, "{r:?}");
+    }
+    let first_delays: Vec<f64> = records
+        .iter()
+        .filter(|r| r.turn == 0)
+        .map(|r| r.sent_ms - r.scheduled_ms.unwrap())
+        .collect();
+    assert!(
+        first_delays.iter().all(|d| *d < 1_000.0),
+        "{first_delays:?}"
+    );
     // Client, Envoy and the engines count the same requests.
     let routed = envoy
         .stats()

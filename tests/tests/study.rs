@@ -234,6 +234,7 @@ async fn a_tiny_study_is_internally_consistent() {
         kvroute: "test".into(),
         simulator: Some(SimMeta {
             gateway_ms: 0.0,
+            send_delay_ms: Vec::new(),
             per_instance_rate: 2.0,
             mooncake_profile: "h100-llama3.1-8b".into(),
             wall_s: 0.0,

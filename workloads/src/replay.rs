@@ -29,6 +29,11 @@ pub struct RequestRecord {
     pub sent_ms: f64,
     /// When it was sent, ms since the epoch.
     pub sent_unix_ms: u64,
+    /// When the client meant to send it, ms since the run started: the session's start, or the
+    /// previous response's end plus the think time. `sent_ms` minus this is the client's send
+    /// delay (timer granularity, scheduling, the in-flight limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduled_ms: Option<f64>,
     /// HTTP status (0: no response).
     pub status: u16,
     /// Time to the first content token, ms.
@@ -141,6 +146,7 @@ pub async fn replay(
         tasks.push(tokio::spawn(async move {
             let at = start + Duration::from_secs_f64(s.start_ms.max(0.0) / 1000.0);
             tokio::time::sleep_until(at.into()).await;
+            let mut scheduled = s.start_ms.max(0.0);
             let mut messages: Vec<Value> = Vec::new();
             if let Some(sys) = &s.system {
                 messages.push(json!({"role": "system", "content": sys}));
@@ -156,9 +162,11 @@ pub async fn replay(
                 let Ok(permit) = gate.acquire().await else {
                     return;
                 };
-                let (record, answer) =
+                let (mut record, answer) =
                     one(&client, &opts, &s.id, t, &messages, turn.max_tokens, start).await;
                 drop(permit);
+                record.scheduled_ms = Some(scheduled);
+                scheduled = record.sent_ms + record.e2e_ms + s.think_ms.max(0.0);
                 let failed = record.status != 200 || record.error.is_some();
                 if let Ok(mut w) = out.lock() {
                     if let Ok(line) = serde_json::to_string(&record) {
@@ -213,6 +221,7 @@ async fn one(
         turn,
         sent_ms: t0.duration_since(run_start).as_secs_f64() * 1e3,
         sent_unix_ms: unix_ms(),
+        scheduled_ms: None,
         status: 0,
         ttft_ms: None,
         itl_ms: Vec::new(),

@@ -20,6 +20,7 @@ pub fn records(out: &SimOutput, work: &[PreparedSession]) -> Vec<RequestRecord> 
             turn: r.turn as usize,
             sent_ms: ms(r.sent_us),
             sent_unix_ms: r.sent_us / 1000,
+            scheduled_ms: None,
             status: if r.error.is_none() { 200 } else { 400 },
             ttft_ms: r.ttft_us.map(ms),
             itl_ms: r.itl_us.iter().map(|u| ms(*u)).collect(),

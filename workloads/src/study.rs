@@ -593,7 +593,14 @@ pub struct RunResult {
     /// The run's per-request records (JSON lines), when written.
     #[serde(default)]
     pub requests_file: Option<String>,
+    /// The client's send delay (sent minus meant to send), ms: quantiles at 0, 5, ..., 100%
+    /// (live runs; empty where the records do not say when they were meant to be sent).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub send_delay_ms: Vec<f64>,
 }
+
+/// Quantiles of the send delay kept per run: 0, 5, ..., 100%.
+pub const SEND_DELAY_QUANTILES: usize = 21;
 
 fn nan2() -> [f64; 2] {
     [f64::NAN; 2]
@@ -697,6 +704,18 @@ impl RunResult {
             })
             .collect();
         timeline.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let mut delays: Vec<f64> = records
+            .iter()
+            .filter_map(|r| r.scheduled_ms.map(|s| (r.sent_ms - s).max(0.0) * scale))
+            .collect();
+        delays.sort_by(f64::total_cmp);
+        let send_delay_ms = if delays.is_empty() {
+            Vec::new()
+        } else {
+            (0..SEND_DELAY_QUANTILES)
+                .map(|i| quantile(&delays, i as f64 / (SEND_DELAY_QUANTILES - 1) as f64))
+                .collect()
+        };
         RunResult {
             spec: spec.clone(),
             requests: records.len(),
@@ -731,6 +750,7 @@ impl RunResult {
             queue_samples: 0,
             envoy_stats: std::collections::BTreeMap::new(),
             requests_file: None,
+            send_delay_ms,
         }
     }
 

@@ -29,7 +29,7 @@ use kvroute_workloads::plan::{self, RagPlan, ShareGptPlan, SimulatedPlan, StudyP
 use kvroute_workloads::report;
 use kvroute_workloads::search::RateSearch;
 use kvroute_workloads::simulated;
-use kvroute_workloads::study::{save, Lab, RunResult, RunSpec};
+use kvroute_workloads::study::{save, Lab, RunResult, RunSpec, SEND_DELAY_QUANTILES};
 
 #[derive(Parser, Debug)]
 #[command(about = "Run the routing study (experiments 1-4) and write the report")]
@@ -472,6 +472,23 @@ async fn gateway_probe(lab: &mut Lab, out: &std::path::Path, n: &mut usize) -> a
     Ok(cost)
 }
 
+/// The client's send delay over the live validation runs: the mean of their quantiles, quantile
+/// by quantile (empty if none says).
+fn pooled_send_delay(results: &[RunResult]) -> Vec<f64> {
+    let runs: Vec<&[f64]> = results
+        .iter()
+        .filter(|r| r.spec.experiment == "val-live")
+        .map(|r| r.send_delay_ms.as_slice())
+        .filter(|q| q.len() == SEND_DELAY_QUANTILES)
+        .collect();
+    if runs.is_empty() {
+        return Vec::new();
+    }
+    (0..SEND_DELAY_QUANTILES)
+        .map(|i| runs.iter().filter_map(|q| q.get(i)).sum::<f64>() / runs.len() as f64)
+        .collect()
+}
+
 /// Logs and saves one simulated run.
 fn keep(out: &std::path::Path, results: &mut Vec<RunResult>, r: RunResult) -> anyhow::Result<()> {
     eprintln!("study: sim {}", summary(&r));
@@ -535,11 +552,27 @@ fn simulated_part(
     let t0 = Instant::now();
     let half = (gateway_ms * 500.0).round() as u64;
     let engine = simulated::engine_config(&a.profile)?;
+    // The live client's send delay, pooled over the live validation runs: the simulated clients
+    // draw theirs from it, so close sends reorder as they do live.
+    let send_delay_ms = pooled_send_delay(results);
+    if let (Some(p50), Some(max)) = (
+        send_delay_ms.get(send_delay_ms.len() / 2),
+        send_delay_ms.last(),
+    ) {
+        eprintln!(
+            "study: client send delay p50 {p50:.2} ms, max {max:.2} ms (live validation runs)"
+        );
+    }
+    let send_delay_us: Vec<u64> = send_delay_ms
+        .iter()
+        .map(|ms| (ms * 1000.0).round() as u64)
+        .collect();
     let base = |n: usize, engine: &EngineConfig| SimConfig {
         gateway: GatewayCost {
             request_us: half,
             response_us: half,
         },
+        send_delay_us: send_delay_us.clone(),
         ..SimConfig::new(n, engine.clone(), PolicySettings::default())
     };
 
@@ -670,6 +703,7 @@ fn simulated_part(
     }
     Ok(report::SimMeta {
         gateway_ms,
+        send_delay_ms,
         per_instance_rate: per_engine,
         mooncake_profile: a.mooncake_profile.clone(),
         wall_s: t0.elapsed().as_secs_f64(),
