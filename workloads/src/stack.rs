@@ -196,6 +196,21 @@ impl Envoy {
         Ok(parse_stats(&text))
     }
 
+    /// CPU time Envoy has used so far, all threads, user and system, in seconds (None where
+    /// `/proc` cannot tell: not Linux, or the process is gone). From `/proc/PID/stat`, in Linux's
+    /// USER_HZ ticks (100 per second on every Linux ABI that has /proc's stat in ticks).
+    pub fn cpu_seconds(&self) -> Option<f64> {
+        let pid = self.child.id()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // Fields after the command (which may hold spaces) start after the last ')'.
+        let rest = stat.rsplit_once(')')?.1;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        // utime and stime are fields 14 and 15 of the line, 12 and 13 after the command.
+        let ticks: u64 =
+            fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+        Some(ticks as f64 / 100.0)
+    }
+
     /// The raw `/stats/prometheus` page.
     pub async fn prometheus(&self) -> anyhow::Result<String> {
         Ok(self

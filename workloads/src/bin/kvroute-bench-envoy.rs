@@ -4,6 +4,10 @@
 //! - Latency: sequential requests on one keep-alive connection, 8 KB and 200 KB chat bodies;
 //!   client-side time from send to the last byte of the response. Added = with - without.
 //! - Throughput: concurrent clients for a fixed time against each, 8 KB bodies; ratio with/without.
+//!   On a machine where the load generator, the Envoys and the echo endpoints share the cores, the
+//!   ratio also moves with how the client's share of the CPU changes; so the bench also reports
+//!   each Envoy's own CPU time per request over the same rounds (from `/proc`), the filter's cost
+//!   in CPU microseconds, which does not depend on who else runs.
 //! - The floor: a third Envoy whose wasm filter (feature `bench-floor`) only pauses, buffers the body
 //!   and sets the header. Its cost is what any body-reading wasm filter pays on this machine; the
 //!   difference between kvroute and the floor is kvroute's own work.
@@ -241,19 +245,30 @@ async fn main() -> anyhow::Result<()> {
 
     let body = Arc::new(body_of(8 * 1024));
     let mut rounds: Vec<Vec<f64>> = envoys.iter().map(|_| Vec::new()).collect();
+    // Per Envoy: CPU seconds and requests over its rounds.
+    let mut cpu: Vec<(f64, f64)> = envoys.iter().map(|_| (0.0, 0.0)).collect();
     for _ in 0..2 {
-        for (e, r) in envoys.iter().zip(rounds.iter_mut()) {
-            r.push(
-                throughput(
-                    &e.url("/v1/chat/completions"),
-                    body.clone(),
-                    args.clients,
-                    args.seconds,
-                )
-                .await?,
-            );
+        for ((e, r), c) in envoys.iter().zip(rounds.iter_mut()).zip(cpu.iter_mut()) {
+            let before = e.cpu_seconds();
+            let rps = throughput(
+                &e.url("/v1/chat/completions"),
+                body.clone(),
+                args.clients,
+                args.seconds,
+            )
+            .await?;
+            if let (Some(b), Some(a)) = (before, e.cpu_seconds()) {
+                c.0 += a - b;
+                c.1 += rps * args.seconds as f64;
+            }
+            r.push(rps);
         }
     }
+    // CPU microseconds per request, per Envoy.
+    let per_request: Vec<f64> = cpu
+        .iter()
+        .map(|(s, n)| if *n > 0.0 { s * 1e6 / n } else { f64::NAN })
+        .collect();
     let t: Vec<f64> = rounds.iter().map(|r| mean(r)).collect();
     let (tw, tb) = (
         t.first().copied().unwrap_or(f64::NAN),
@@ -265,10 +280,21 @@ async fn main() -> anyhow::Result<()> {
         args.clients, tb, tw, tw / tb, tf, tf / tb
     );
     println!("(the load generator, the Envoys and the echo endpoints share this machine's cores)");
+    let cpu_of = |i: usize| per_request.get(i).copied().unwrap_or(f64::NAN);
+    let (cw, cb, cf) = (cpu_of(0), cpu_of(1), cpu_of(2));
+    println!(
+        "Envoy CPU per request over those rounds: without {cb:.0} us; with kvroute {cw:.0} us (+{:.0}, {:.2}x); floor {cf:.0} us (+{:.0}); kvroute's own work beyond the floor {:.0} us",
+        cw - cb,
+        cw / cb,
+        cf - cb,
+        cw - cf
+    );
     results.insert(
         "throughput_8KB".into(),
         serde_json::json!({"clients": args.clients, "with_rps": tw, "without_rps": tb, "floor_rps": tf,
-            "ratio": tw / tb, "floor_ratio": tf / tb, "rounds": rounds}),
+            "ratio": tw / tb, "floor_ratio": tf / tb, "rounds": rounds,
+            "cpu_us_per_request": {"with": cw, "without": cb, "floor": cf},
+            "cpu_ratio_without_over_with": cb / cw}),
     );
     // Envoy flushes histograms every 5 s; wait for one flush, then show the filter's own timing.
     tokio::time::sleep(Duration::from_millis(5500)).await;
