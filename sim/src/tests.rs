@@ -180,11 +180,22 @@ fn gateway_cost_adds_to_every_request() {
     }
 }
 
-/// Each record's send time, by (session, turn).
-fn sends(o: &SimOutput) -> std::collections::BTreeMap<(u32, u32), (u64, u64)> {
-    o.records
+/// How late each request was sent, us, by (session, turn): after the session's start, or after the
+/// previous response's end plus the think time.
+fn lateness(o: &SimOutput, work: &[PreparedSession]) -> Vec<((u32, u32), u64)> {
+    let t: std::collections::BTreeMap<(u32, u32), (u64, u64)> = o
+        .records
         .iter()
         .map(|r| ((r.session, r.turn), (r.sent_us, r.e2e_us)))
+        .collect();
+    t.iter()
+        .map(|(&(s, turn), &(sent, _))| {
+            let meant = match turn {
+                0 => work[s as usize].start_us,
+                _ => t[&(s, turn - 1)].0 + t[&(s, turn - 1)].1 + work[s as usize].think_us,
+            };
+            ((s, turn), sent - meant)
+        })
         .collect()
 }
 
@@ -195,13 +206,8 @@ fn send_delays_come_from_their_distribution_and_reorder_close_sends() {
     let on_time = simulate(&cfg(2, PolicyKind::RoundRobin), &work);
     // Without delays, every send is when it was meant to be: the session's start, or the previous
     // response's end plus the think time; and router seeds cannot change round_robin.
-    let t = sends(&on_time);
-    for (&(s, turn), &(sent, _)) in &t {
-        let meant = match turn {
-            0 => work[s as usize].start_us,
-            _ => t[&(s, turn - 1)].0 + t[&(s, turn - 1)].1 + work[s as usize].think_us,
-        };
-        assert_eq!(sent, meant, "session {s} turn {turn}");
+    for ((s, turn), late) in lateness(&on_time, &work) {
+        assert_eq!(late, 0, "session {s} turn {turn}");
     }
     let reseeded = simulate(
         &SimConfig {
@@ -219,16 +225,10 @@ fn send_delays_come_from_their_distribution_and_reorder_close_sends() {
         ..cfg(2, PolicyKind::RoundRobin)
     };
     let a = simulate(&jittered(1), &work);
-    let t = sends(&a);
-    for (&(s, turn), &(sent, _)) in &t {
-        let meant = match turn {
-            0 => work[s as usize].start_us,
-            _ => t[&(s, turn - 1)].0 + t[&(s, turn - 1)].1 + work[s as usize].think_us,
-        };
+    for ((s, turn), late) in lateness(&a, &work) {
         assert!(
-            (1_000..=9_000).contains(&(sent - meant)),
-            "session {s} turn {turn}: {} us late",
-            sent - meant
+            (1_000..=9_000).contains(&late),
+            "session {s} turn {turn}: {late} us late"
         );
     }
     // Same seed, same run; other seeds draw other delays, so round_robin sees another order of

@@ -72,6 +72,11 @@ pub struct SimMeta {
     pub validation_router_seeds: usize,
 }
 
+/// Median and maximum of quantiles evenly spaced from 0 to 100% (None if there are none).
+pub fn median_and_max(quantiles: &[f64]) -> Option<(f64, f64)> {
+    Some((*quantiles.get(quantiles.len() / 2)?, *quantiles.last()?))
+}
+
 /// The tolerances of the simulator's validation: TTFT P50 and P95 within this fraction ...
 pub const VALIDATION_TTFT: f64 = 0.10;
 /// ... and hit rate within this many points.
@@ -1264,8 +1269,8 @@ fn validation_section(h: &mut String, runs: &[RunResult], sm: &SimMeta) {
     let (live_t, sim_t) = (pooled("val-live"), pooled("val-sim"));
     let hits = |exp: &'static str| agg(runs, |r| r.spec.experiment == exp, key, |r| r.hit_rate);
     let (lhit, shit) = (hits("val-live"), hits("val-sim"));
-    let send_delay = match (sm.send_delay_ms.get(sm.send_delay_ms.len() / 2), sm.send_delay_ms.last()) {
-        (Some(p50), Some(max)) => format!(" and the live client's send delay, drawn for every send from its distribution over the live runs (median {p50:.1} ms, max {max:.1} ms from when a turn was meant to go to when it went: timers and scheduling). Sends a few milliseconds apart swap live, and round_robin's hits are a lottery over the order of sends (a turn hits when it lands on its previous turn's engine), so without that jitter every simulated realisation would draw the same order"),
+    let send_delay = match median_and_max(&sm.send_delay_ms) {
+        Some((p50, max)) => format!(" and the live client's send delay, drawn for every send from its distribution over the live runs (median {p50:.1} ms, max {max:.1} ms from when a turn was meant to go to when it went: timers and scheduling). Sends a few milliseconds apart swap live, and round_robin's hits are a lottery over the order of sends (a turn hits when it lands on its previous turn's engine), so without that jitter every simulated realisation would draw the same order"),
         _ => String::new(),
     };
     let _ = write!(h, "<h2>Simulator validation: live stack against simulator at N = 2</h2><p>Experiment 1's ShareGPT workload at 1x ({} conversations per run) through a live stack of its own {} (at the study's x8 every millisecond of host overhead would count eight times over), {} repeats, then the same runs in the simulator: same sessions, seeds, policy and settings; the simulator adds the gateway's per-request cost measured on idle probes through that stack ({:.1} ms, client TTFT minus engine TTFT){}. The live filter's random draws (ties, p2c) are its own, and a run's tail depends on them, so the simulator runs each live run under {} router seeds and pools them: its figures are the model's expectation, the live ones one realisation. Tolerances: TTFT P50 and P95 within {:.0}%, hit rate within {:.0} points. TTFT quantiles over the requests of all runs together; hit rate the mean over runs.</p><table><tr><th>rate, policy</th><th>P50 live</th><th>P50 sim</th><th>diff</th><th>P95 live</th><th>P95 sim</th><th>diff</th><th>hit live</th><th>hit sim</th><th>diff (pts)</th><th>within</th></tr>",

@@ -264,11 +264,6 @@ async fn main() -> anyhow::Result<()> {
             r.push(rps);
         }
     }
-    // CPU microseconds per request, per Envoy.
-    let per_request: Vec<f64> = cpu
-        .iter()
-        .map(|(s, n)| if *n > 0.0 { s * 1e6 / n } else { f64::NAN })
-        .collect();
     let t: Vec<f64> = rounds.iter().map(|r| mean(r)).collect();
     let (tw, tb) = (
         t.first().copied().unwrap_or(f64::NAN),
@@ -280,7 +275,11 @@ async fn main() -> anyhow::Result<()> {
         args.clients, tb, tw, tw / tb, tf, tf / tb
     );
     println!("(the load generator, the Envoys and the echo endpoints share this machine's cores)");
-    let cpu_of = |i: usize| per_request.get(i).copied().unwrap_or(f64::NAN);
+    // CPU microseconds per request, per Envoy.
+    let cpu_of = |i: usize| match cpu.get(i) {
+        Some((s, n)) if *n > 0.0 => s * 1e6 / n,
+        _ => f64::NAN,
+    };
     let (cw, cb, cf) = (cpu_of(0), cpu_of(1), cpu_of(2));
     println!(
         "Envoy CPU per request over those rounds: without {cb:.0} us; with kvroute {cw:.0} us (+{:.0}, {:.2}x); floor {cf:.0} us (+{:.0}); kvroute's own work beyond the floor {:.0} us",

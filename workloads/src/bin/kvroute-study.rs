@@ -555,10 +555,7 @@ fn simulated_part(
     // The live client's send delay, pooled over the live validation runs: the simulated clients
     // draw theirs from it, so close sends reorder as they do live.
     let send_delay_ms = pooled_send_delay(results);
-    if let (Some(p50), Some(max)) = (
-        send_delay_ms.get(send_delay_ms.len() / 2),
-        send_delay_ms.last(),
-    ) {
+    if let Some((p50, max)) = report::median_and_max(&send_delay_ms) {
         eprintln!(
             "study: client send delay p50 {p50:.2} ms, max {max:.2} ms (live validation runs)"
         );
