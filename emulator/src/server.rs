@@ -212,6 +212,9 @@ fn drive(
             std::thread::sleep(wait);
         }
         let late_from = Instant::now();
+        // The step's counters are on /metrics before its tokens reach a client, so a client that
+        // has read its last token and then scrapes sees that token counted.
+        metrics.update(engine.stats(), &out.observations);
         let mut gone = Vec::new();
         for ev in out.events {
             let (id, finished) = match &ev {
@@ -228,9 +231,12 @@ fn drive(
             }
         }
         // A client that went away frees its blocks and batch slot now.
-        for id in gone {
-            sinks.remove(&id);
-            engine.abort(id);
+        if !gone.is_empty() {
+            for id in gone {
+                sinks.remove(&id);
+                engine.abort(id);
+            }
+            metrics.update(engine.stats(), &[]);
         }
         if out.duration > 0.0 {
             // Lateness: from the step's modelled end to its tokens handed to the streams.
@@ -240,7 +246,6 @@ fn drive(
             timing.sum_late_us.fetch_add(late, Ordering::Relaxed);
         }
         busy = engine.has_work();
-        metrics.update(engine.stats(), &out.observations);
         timing
             .cached_blocks
             .store(engine.pool().num_cached() as u64, Ordering::Relaxed);

@@ -448,37 +448,52 @@ fn model_ttft(cfg: &EngineConfig, history: &[Vec<u32>], prompt: &[u32]) -> f64 {
 
 /// A 2k-token prompt, uncached then cached: the client-measured TTFT matches the profile's model
 /// within 5%. Run at 1/20 of real time so HTTP overhead is small against the model's times.
+///
+/// A busy machine can only make a response late, never early, so each case is measured on three
+/// fresh prompts and the closest is held to 5%; none may be early by more than 5%. A driver that
+/// is off the model, either way, fails all three.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ttft_of_cached_and_uncached_2k_prompts_match_the_profile() {
     let scale = 0.05;
     let client = reqwest::Client::new();
     let cfg = engine_cfg(711, seed_rig().latency);
     let base = serve(cfg.clone(), scale).await;
-    let prompt = tokens(2000, 9);
-    let want_miss = model_ttft(&cfg, &[], &prompt);
-    let want_hit = model_ttft(&cfg, std::slice::from_ref(&prompt), &prompt);
     // Warm the connection (and the server) with an unrelated request first.
     client_ttft(&client, &base, &tokens(20, 77), scale).await;
-    let (miss, c0) = client_ttft(&client, &base, &prompt, scale).await;
-    let (hit, c1) = client_ttft(&client, &base, &prompt, scale).await;
-    println!(
-        "uncached: model {:.1} ms, measured {:.1} ms; cached: model {:.2} ms, measured {:.2} ms",
-        want_miss * 1e3,
-        miss * 1e3,
-        want_hit * 1e3,
-        hit * 1e3
-    );
-    assert_eq!((c0, c1), (0, 1984));
-    assert!(
-        want_miss > 10.0 * want_hit,
-        "a cache hit must be much faster in the model"
-    );
-    assert!(
-        (miss - want_miss).abs() <= 0.05 * want_miss,
-        "uncached {miss} vs {want_miss}"
-    );
-    assert!(
-        (hit - want_hit).abs() <= 0.05 * want_hit,
-        "cached {hit} vs {want_hit}"
-    );
+    let (mut misses, mut hits) = (Vec::new(), Vec::new());
+    for salt in [9, 10, 11] {
+        let prompt = tokens(2000, salt);
+        let want_miss = model_ttft(&cfg, &[], &prompt);
+        let want_hit = model_ttft(&cfg, std::slice::from_ref(&prompt), &prompt);
+        assert!(
+            want_miss > 10.0 * want_hit,
+            "a cache hit must be much faster in the model"
+        );
+        let (miss, c0) = client_ttft(&client, &base, &prompt, scale).await;
+        let (hit, c1) = client_ttft(&client, &base, &prompt, scale).await;
+        println!(
+            "uncached: model {:.1} ms, measured {:.1} ms; cached: model {:.2} ms, measured {:.2} ms",
+            want_miss * 1e3,
+            miss * 1e3,
+            want_hit * 1e3,
+            hit * 1e3
+        );
+        assert_eq!((c0, c1), (0, 1984));
+        misses.push(miss / want_miss - 1.0);
+        hits.push(hit / want_hit - 1.0);
+    }
+    for (case, errs) in [("uncached", &misses), ("cached", &hits)] {
+        let closest = errs
+            .iter()
+            .copied()
+            .fold(f64::INFINITY, |a, e| a.min(e.abs()));
+        assert!(
+            closest <= 0.05,
+            "{case}: relative errors {errs:?}, none within 5%"
+        );
+        assert!(
+            errs.iter().all(|e| *e >= -0.05),
+            "{case}: a response came more than 5% early: {errs:?}"
+        );
+    }
 }
