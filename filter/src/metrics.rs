@@ -132,6 +132,25 @@ pub struct FilterMetrics {
     pub predicted_tokens: Id,
     pub reported_tokens: Id,
     pub prediction_abs_error: Id,
+    /// Feature `bench-phases` only: body, parse, decide, route (see [`Phase`]).
+    phases: Vec<Id>,
+}
+
+/// The phases of the filter's work on a routed request (feature `bench-phases`).
+#[derive(Debug, Clone, Copy)]
+pub enum Phase {
+    /// Copying the buffered body out of Envoy.
+    Body = 0,
+    /// Parsing it and hashing its blocks.
+    Parse = 1,
+    /// Reading the shared state and the in-flight counts and deciding.
+    Decide = 2,
+    /// Setting the header, counting in flight, reporting to the singleton, recording stats.
+    Route = 3,
+}
+
+impl Phase {
+    const NAMES: [&'static str; 4] = ["body", "parse", "decide", "route"];
 }
 
 impl FilterMetrics {
@@ -176,6 +195,21 @@ impl FilterMetrics {
             predicted_tokens: counter("kvroute_prediction_predicted_tokens_total"),
             reported_tokens: counter("kvroute_prediction_reported_tokens_total"),
             prediction_abs_error: histogram("kvroute_prediction_abs_error_tokens"),
+            phases: if cfg!(feature = "bench-phases") {
+                Phase::NAMES
+                    .iter()
+                    .map(|p| histogram(&format!("kvroute_phase_us.phase.{p}")))
+                    .collect()
+            } else {
+                Vec::new()
+            },
+        }
+    }
+
+    /// Records how long a phase took (feature `bench-phases`; nothing otherwise).
+    pub fn phase(&self, phase: Phase, us: u64) {
+        if let Some(id) = self.phases.get(phase as usize) {
+            host::record(*id, us);
         }
     }
 

@@ -14,7 +14,7 @@ use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, LogLevel};
 
 use crate::host;
-use crate::metrics::{Fallback, FilterMetrics, HostOp};
+use crate::metrics::{self, Fallback, FilterMetrics, HostOp};
 
 /// Response header naming the endpoint the filter chose.
 pub const RESPONSE_ENDPOINT_HEADER: &str = "x-kvroute-endpoint";
@@ -299,6 +299,17 @@ pub struct Request {
     worker: Rc<Worker>,
     phase: Phase,
     session: Option<String>,
+    /// Feature `bench-phases`: when the body was read and when it was parsed (0: not timed).
+    marks: [u64; 2],
+}
+
+/// The clock, read only in a `bench-phases` build.
+fn phase_clock() -> u64 {
+    if cfg!(feature = "bench-phases") {
+        host::now_us()
+    } else {
+        0
+    }
 }
 
 impl Request {
@@ -307,6 +318,7 @@ impl Request {
             worker,
             phase: Phase::Passthrough,
             session: None,
+            marks: [0; 2],
         }
     }
 
@@ -321,6 +333,7 @@ impl Request {
                 w.decide(None, t0)
             }
         };
+        let decided = phase_clock();
         let Some(endpoint) = w.config.endpoints.get(decision.endpoint) else {
             return;
         };
@@ -374,7 +387,15 @@ impl Request {
         if decision.engine_load_missing {
             m.fallback(Fallback::EngineLoadMissing);
         }
-        host::record(m.decision_time_us, host::now_us().saturating_sub(t0));
+        let end = host::now_us();
+        host::record(m.decision_time_us, end.saturating_sub(t0));
+        let [body, parsed] = self.marks;
+        if body > 0 && parsed > 0 {
+            m.phase(metrics::Phase::Body, body.saturating_sub(t0));
+            m.phase(metrics::Phase::Parse, parsed.saturating_sub(body));
+            m.phase(metrics::Phase::Decide, decided.saturating_sub(parsed));
+            m.phase(metrics::Phase::Route, end.saturating_sub(decided));
+        }
     }
 
     fn route_body(&mut self, kind: ApiKind, size: usize) {
@@ -393,6 +414,7 @@ impl Request {
         } else {
             host::request_body(size)
         };
+        self.marks[0] = phase_clock();
         let parsed = match body {
             None => Err(Fallback::NoBody),
             Some(b) => {
@@ -403,6 +425,7 @@ impl Request {
                     })
             }
         };
+        self.marks[1] = phase_clock();
         self.route(parsed, t0);
     }
 }

@@ -12,6 +12,11 @@
 //!   and sets the header. Its cost is what any body-reading wasm filter pays on this machine; the
 //!   difference between kvroute and the floor is kvroute's own work.
 //!
+//! - Inside the filter: two more Envoys run a build with feature `bench-phases`, one per body size,
+//!   and the bench reads its per-phase histograms (body copy, parse and hash, decide, route and
+//!   record): where the filter's own time goes. They run apart from the measured Envoys, whose
+//!   filter reads no extra clocks.
+//!
 //! Upstream are two echo endpoints (they answer at once), so what is measured is the proxy path.
 //! Run: `just bench` (or `cargo run --release -p kvroute-workloads --bin kvroute-bench-envoy`).
 
@@ -139,6 +144,23 @@ async fn throughput(
     Ok(done.load(Ordering::Relaxed) as f64 / secs as f64)
 }
 
+/// A quantile's cumulative value from an Envoy `/stats` histogram line
+/// (`NAME: P0(interval,cumulative) P25(...) ...`); NaN when absent.
+fn histogram_quantile(stats: &str, name: &str, q: &str) -> f64 {
+    stats
+        .lines()
+        .find_map(|l| {
+            let (n, rest) = l.trim().split_once(": ")?;
+            n.ends_with(name).then_some(rest)
+        })
+        .and_then(|rest| {
+            rest.split_whitespace()
+                .find_map(|t| t.strip_prefix(q)?.strip_prefix('('))
+        })
+        .and_then(|v| v.trim_end_matches(')').split(',').nth(1)?.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
 fn mean(v: &[f64]) -> f64 {
     if v.is_empty() {
         f64::NAN
@@ -170,7 +192,13 @@ async fn main() -> anyhow::Result<()> {
     let floor_wasm =
         repo_root().join("target/bench-floor/wasm32-wasip1/release/kvroute_filter.wasm");
     let floor = if floor_wasm.exists() {
-        Some(Envoy::start(EnvoySpec::new(engines, floor_wasm.display().to_string())).await?)
+        Some(
+            Envoy::start(EnvoySpec::new(
+                engines.clone(),
+                floor_wasm.display().to_string(),
+            ))
+            .await?,
+        )
     } else {
         eprintln!(
             "bench: no floor filter at {} (`just bench` builds it); floor skipped",
@@ -295,8 +323,86 @@ async fn main() -> anyhow::Result<()> {
             "cpu_us_per_request": {"with": cw, "without": cb, "floor": cf},
             "cpu_ratio_without_over_with": cb / cw}),
     );
+    // Inside the filter: a `bench-phases` build, on its own Envoy per body size so each one's
+    // histograms hold one size.
+    let phases_wasm =
+        repo_root().join("target/bench-phases/wasm32-wasip1/release/kvroute_filter.wasm");
+    let mut phase_envoys = Vec::new();
+    if phases_wasm.exists() {
+        for (label, bytes, n) in [
+            ("8KB", 8 * 1024, args.requests / 3),
+            ("200KB", 200 * 1024, args.requests / 12),
+        ] {
+            let e = Envoy::start(EnvoySpec::new(
+                engines.clone(),
+                phases_wasm.display().to_string(),
+            ))
+            .await?;
+            e.runtime_modify(&[
+                ("kvroute.policy", &args.policy),
+                ("kvroute.publish_interval_ms", &args.publish_interval_ms),
+            ])
+            .await?;
+            e.set_policy(&args.policy).await?;
+            latency(&[&e], &body_of(bytes), n).await?;
+            phase_envoys.push((label, e));
+        }
+    } else {
+        eprintln!(
+            "bench: no phases filter at {} (`just bench` builds it); phases skipped",
+            phases_wasm.display()
+        );
+    }
     // Envoy flushes histograms every 5 s; wait for one flush, then show the filter's own timing.
     tokio::time::sleep(Duration::from_millis(5500)).await;
+    if !phase_envoys.is_empty() {
+        println!(
+            "inside the filter (feature bench-phases, own Envoys), P50 / P90 us of each phase:"
+        );
+        println!(
+            "{:>6} {:>13} {:>13} {:>13} {:>13} {:>13}",
+            "body", "body_copy", "parse+hash", "decide", "route+record", "all"
+        );
+    }
+    let mut phase_rows = serde_json::Map::new();
+    for (label, e) in phase_envoys {
+        let text = reqwest::get(format!("http://{}/stats?filter=kvroute_", e.admin))
+            .await?
+            .text()
+            .await?;
+        let mut row = serde_json::Map::new();
+        let mut cells = Vec::new();
+        for (key, stat) in [
+            ("body_copy", "kvroute_phase_us.phase.body"),
+            ("parse_hash", "kvroute_phase_us.phase.parse"),
+            ("decide", "kvroute_phase_us.phase.decide"),
+            ("route_record", "kvroute_phase_us.phase.route"),
+            ("all", "kvroute_decision_time_us"),
+        ] {
+            let (p50, p90) = (
+                histogram_quantile(&text, stat, "P50"),
+                histogram_quantile(&text, stat, "P90"),
+            );
+            cells.push(format!("{p50:.1} / {p90:.1}"));
+            row.insert(
+                key.into(),
+                serde_json::json!({"p50_us": p50, "p90_us": p90}),
+            );
+        }
+        println!(
+            "{label:>6} {:>13} {:>13} {:>13} {:>13} {:>13}",
+            cells.first().map_or("", String::as_str),
+            cells.get(1).map_or("", String::as_str),
+            cells.get(2).map_or("", String::as_str),
+            cells.get(3).map_or("", String::as_str),
+            cells.get(4).map_or("", String::as_str),
+        );
+        phase_rows.insert(label.into(), row.into());
+        e.stop(false).await;
+    }
+    if !phase_rows.is_empty() {
+        results.insert("phases_us".into(), phase_rows.into());
+    }
     let hist = reqwest::get(format!(
         "http://{}/stats?filter=kvroute_decision_time_us",
         with.admin
