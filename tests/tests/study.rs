@@ -186,7 +186,11 @@ async fn a_tiny_study_is_internally_consistent() {
     )
     .unwrap();
     assert_eq!(e5.per_endpoint.len(), 4);
-    runs.extend([live, sim, e5]);
+    // A live validation run the study set aside for a host stall: reported as such, not compared.
+    let mut stalled = live.clone();
+    stalled.spec.experiment = "val-live-stalled".into();
+    stalled.send_delay_ms = vec![150.0; 21];
+    runs.extend([live, sim, e5, stalled]);
     let bounds = vec![
         (
             "sharegpt 1x".to_string(),
@@ -242,6 +246,7 @@ async fn a_tiny_study_is_internally_consistent() {
             validation_time_scale: 1.0,
             validation_repeats: 1,
             validation_router_seeds: 1,
+            validation_max_send_delay_ms: 20.0,
         }),
     };
     let calibration = kvroute_workloads::calibrate::Calibration {
@@ -270,6 +275,8 @@ async fn a_tiny_study_is_internally_consistent() {
         "Experiment 4",
         "Simulator validation",
         "configurations within every tolerance",
+        "Set aside and run again: 1 live run(s) in which the client sent a turn more than 20 ms after it was due",
+        "session_hash repeat 0 (a send 150 ms late)",
         "Experiment 5",
         "Consistency",
         "<svg",

@@ -105,6 +105,14 @@ fn one_usize() -> usize {
     1
 }
 
+fn d_max_send_delay() -> f64 {
+    20.0
+}
+
+fn d_attempts() -> usize {
+    3
+}
+
 /// Conversations (or users) at `rate` over `window_s`, at least `min`.
 fn sized(min: usize, window_s: f64, rate: f64) -> usize {
     let n = (rate * window_s).ceil();
@@ -250,6 +258,15 @@ pub struct SimulatedPlan {
     /// simulated draw is one sample of the simulator's distribution, not its expectation.
     #[serde(default = "one_usize")]
     pub validation_router_seeds: usize,
+    /// A live validation run in which the client sent a turn later than this after it was due
+    /// (emulated ms) ran through a host stall, not the model: on a quiet machine the latest send
+    /// is a few ms late (timers and scheduling), a descheduled host makes it tens to hundreds. Such
+    /// a run is set aside (`val-live-stalled`) and run again.
+    #[serde(default = "d_max_send_delay")]
+    pub validation_max_send_delay_ms: f64,
+    /// Attempts per live validation run: the last one is kept whatever its send delay.
+    #[serde(default = "d_attempts")]
+    pub validation_attempts: usize,
     /// Policies of experiment 5 and the Mooncake runs.
     pub policies: Policies,
     /// Engine counts of experiment 5.
@@ -353,6 +370,13 @@ impl StudyPlan {
         }
         if self.simulated.validation_repeats == Some(0) {
             errors.push("simulated.validation_repeats: at least 1".into());
+        }
+        let bound = self.simulated.validation_max_send_delay_ms;
+        if bound.is_nan() || bound <= 0.0 {
+            errors.push("simulated.validation_max_send_delay_ms: more than 0".into());
+        }
+        if !(1..=10).contains(&self.simulated.validation_attempts) {
+            errors.push("simulated.validation_attempts: 1 to 10".into());
         }
         if !(1..=64).contains(&self.simulated.validation_router_seeds) {
             errors.push("simulated.validation_router_seeds: 1 to 64".into());
@@ -483,6 +507,13 @@ mod tests {
             bad("validation_router_seeds = 8", "validation_router_seeds = 0")
                 .contains("simulated.validation_router_seeds")
         );
+        assert!(bad("validation_attempts = 3", "validation_attempts = 0")
+            .contains("simulated.validation_attempts"));
+        assert!(bad(
+            "validation_max_send_delay_ms = 20",
+            "validation_max_send_delay_ms = -1"
+        )
+        .contains("simulated.validation_max_send_delay_ms"));
         assert!(
             bad("mooncake_engines = [8, 16]", "mooncake_engines = [8, 128]").contains("1 to 64")
         );

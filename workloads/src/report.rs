@@ -70,6 +70,10 @@ pub struct SimMeta {
     pub validation_repeats: usize,
     /// Router seeds per simulated validation run (pooled).
     pub validation_router_seeds: usize,
+    /// A live validation run with a send later than this (emulated ms) was set aside for a host
+    /// stall and run again.
+    #[serde(default)]
+    pub validation_max_send_delay_ms: f64,
 }
 
 /// Median and maximum of quantiles evenly spaced from 0 to 100% (None if there are none).
@@ -1295,4 +1299,25 @@ fn validation_section(h: &mut String, runs: &[RunResult], sm: &SimMeta) {
         h,
         "</table><p>{ok} of {all} configurations within every tolerance.</p>"
     );
+    let stalled: Vec<String> = runs
+        .iter()
+        .filter(|r| r.spec.experiment == "val-live-stalled")
+        .map(|r| {
+            format!(
+                "{} repeat {} (a send {:.0} ms late)",
+                r.spec.policy.as_str(),
+                r.spec.repeat,
+                r.send_delay_ms.last().copied().unwrap_or(f64::NAN)
+            )
+        })
+        .collect();
+    if !stalled.is_empty() {
+        let _ = write!(
+            h,
+            "<p>Set aside and run again: {} live run(s) in which the client sent a turn more than {:.0} ms after it was due, a host stall rather than the model (on a quiet machine the latest send is a few ms late): {}. They are in runs.jsonl as val-live-stalled.</p>",
+            stalled.len(),
+            sm.validation_max_send_delay_ms,
+            stalled.join("; ")
+        );
+    }
 }

@@ -522,22 +522,60 @@ async fn validation_live(
         .validation_policies
         .resolve()
         .map_err(|e| anyhow::anyhow!(e))?;
+    let (bound, attempts) = (
+        plan.simulated.validation_max_send_delay_ms,
+        plan.simulated.validation_attempts,
+    );
     for p in policies {
         for rep in 0..plan.validation_repeats() {
             let seed = rep as u64 + 1;
             let spec = RunSpec::new("val-live", "sharegpt", p, rate, "1x", rep);
-            let meas = sharegpt_sessions(
-                text,
-                &plan.sharegpt,
-                plan.simulated.validation_sessions,
-                seed,
-                rate,
-                0,
-            )?;
-            results.push(run(&mut lab, &a.out, n, spec, vec![], meas).await?);
+            for attempt in 1..=attempts {
+                let meas = sharegpt_sessions(
+                    text,
+                    &plan.sharegpt,
+                    plan.simulated.validation_sessions,
+                    seed,
+                    rate,
+                    0,
+                )?;
+                *n += 1;
+                let mut r = lab.run(&spec, vec![], meas).await?;
+                let late = r.send_delay_ms.last().copied().unwrap_or(0.0);
+                if late > bound && attempt < attempts {
+                    eprintln!(
+                        "study: run {:>3} {}: a turn went {late:.0} ms late (bound {bound} ms), a host stall; set aside as {STALLED}, attempt {attempt} of {attempts}",
+                        n,
+                        summary(&r)
+                    );
+                    set_aside(&mut r, attempt)?;
+                    save(&a.out, &r)?;
+                    results.push(r);
+                    continue;
+                }
+                eprintln!("study: run {:>3} {}", n, summary(&r));
+                save(&a.out, &r)?;
+                results.push(r);
+                break;
+            }
         }
     }
     Ok(gateway_ms)
+}
+
+/// The experiment name of a live validation run set aside for a host stall.
+const STALLED: &str = "val-live-stalled";
+
+/// Marks a live validation run as set aside, and moves its request records to a file of their
+/// own (the next attempt writes the run's usual one).
+fn set_aside(r: &mut RunResult, attempt: usize) -> anyhow::Result<()> {
+    r.spec.experiment = STALLED.into();
+    if let Some(file) = r.requests_file.take() {
+        let to = file.replace(".jsonl", &format!("-stalled-{attempt}.jsonl"));
+        std::fs::rename(&file, &to)?;
+        r.requests_file = Some(to);
+    }
+    Ok(())
 }
 
 /// The simulated part: every validation run again in the simulator, then
@@ -708,5 +746,6 @@ fn simulated_part(
         validation_time_scale: plan.simulated.validation_time_scale,
         validation_repeats: plan.validation_repeats(),
         validation_router_seeds: plan.simulated.validation_router_seeds,
+        validation_max_send_delay_ms: plan.simulated.validation_max_send_delay_ms,
     })
 }
