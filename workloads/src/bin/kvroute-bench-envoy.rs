@@ -47,15 +47,34 @@ struct Args {
     /// Directory publish interval (kvroute.publish_interval_ms): 0, N ms, or never.
     #[arg(long, default_value = "0")]
     publish_interval_ms: String,
+    /// Distinct prompts per body size, cycled. 1: every request repeats one prompt, so after the
+    /// first the directory never changes (only recency) and nothing is republished. More: each
+    /// prompt is new to the directory until it comes round again (a prompt carries 118 blocks at
+    /// 8 KB; the directory keeps 4,096 per engine), so with `publish_interval_ms=0` every decision
+    /// publishes the directory and every worker re-reads it, as with real traffic of new prompts.
+    /// 200 KB bodies use at most 64.
+    #[arg(long, default_value_t = 1)]
+    distinct_prompts: usize,
     /// Where the JSON results go.
     #[arg(long, default_value = "results/bench/envoy.json")]
     out: std::path::PathBuf,
 }
 
-fn body_of(bytes: usize) -> Vec<u8> {
+/// `n` distinct chat bodies of about `bytes` each: the system prompt starts with the body's number,
+/// so no two share a block.
+fn bodies_of(bytes: usize, n: usize) -> Vec<Vec<u8>> {
+    (0..n.max(1)).map(|i| body_of(bytes, i)).collect()
+}
+
+fn body_of(bytes: usize, salt: usize) -> Vec<u8> {
     let sentence =
         "The quick brown fox jumps over the lazy dog while the engine keeps its cache warm. ";
-    let mut messages = vec![serde_json::json!({"role": "system", "content": sentence.repeat(8)})];
+    let system = if salt == 0 {
+        sentence.repeat(8)
+    } else {
+        format!("Prompt {salt}. {}", sentence.repeat(8))
+    };
+    let mut messages = vec![serde_json::json!({"role": "system", "content": system})];
     let mut turn = 0;
     let mut size = 0;
     while size < bytes {
@@ -92,25 +111,31 @@ async fn one(client: &reqwest::Client, url: &str, body: &[u8]) -> anyhow::Result
     Ok(t.elapsed().as_secs_f64() * 1e6)
 }
 
-async fn latency(envoys: &[&Envoy], body: &[u8], n: usize) -> anyhow::Result<Vec<Vec<f64>>> {
+/// Sequential requests, one keep-alive connection per Envoy, interleaved in batches; each Envoy
+/// gets the same bodies in the same order.
+async fn latency(envoys: &[&Envoy], bodies: &[Vec<u8>], n: usize) -> anyhow::Result<Vec<Vec<f64>>> {
+    let empty = Vec::new();
+    let body = |k: usize| bodies.get(k % bodies.len().max(1)).unwrap_or(&empty);
     let sides: Vec<(reqwest::Client, String)> = envoys
         .iter()
         .map(|e| (reqwest::Client::new(), e.url("/v1/chat/completions")))
         .collect();
     // Warm-up: connections, V8 tiers, caches.
     for (client, url) in &sides {
-        for _ in 0..200 {
-            one(client, url, body).await?;
+        for k in 0..200 {
+            one(client, url, body(k)).await?;
         }
     }
     let mut out: Vec<Vec<f64>> = sides.iter().map(|_| Vec::with_capacity(n)).collect();
     let batch = 50;
+    let mut next = 200;
     while out.first().map_or(0, Vec::len) < n {
         for ((client, url), samples) in sides.iter().zip(out.iter_mut()) {
-            for _ in 0..batch {
-                samples.push(one(client, url, body).await?);
+            for k in next..next + batch {
+                samples.push(one(client, url, body(k)).await?);
             }
         }
+        next += batch;
     }
     for v in &mut out {
         v.sort_by(f64::total_cmp);
@@ -120,19 +145,24 @@ async fn latency(envoys: &[&Envoy], body: &[u8], n: usize) -> anyhow::Result<Vec
 
 async fn throughput(
     url: &str,
-    body: Arc<Vec<u8>>,
+    bodies: Arc<Vec<Vec<u8>>>,
     clients: usize,
     secs: u64,
 ) -> anyhow::Result<f64> {
     let done = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + Duration::from_secs(secs);
     let mut tasks = Vec::new();
-    for _ in 0..clients {
-        let (url, body, done) = (url.to_string(), body.clone(), done.clone());
+    for client in 0..clients {
+        let (url, bodies, done) = (url.to_string(), bodies.clone(), done.clone());
         tasks.push(tokio::spawn(async move {
             let c = reqwest::Client::new();
+            let mut k = client * 7919;
             while Instant::now() < deadline {
-                if one(&c, &url, &body).await.is_ok() {
+                let Some(body) = bodies.get(k % bodies.len().max(1)) else {
+                    break;
+                };
+                k += 1;
+                if one(&c, &url, body).await.is_ok() {
                     done.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -172,6 +202,13 @@ fn mean(v: &[f64]) -> f64 {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let distinct = |bytes: usize| {
+        if bytes > 64 * 1024 {
+            args.distinct_prompts.min(64)
+        } else {
+            args.distinct_prompts
+        }
+    };
     let e0 = EchoEngine::start("engine0").await?;
     let e1 = EchoEngine::start("engine1").await?;
     let engines: Vec<Engine> = [&e0, &e1]
@@ -218,9 +255,10 @@ async fn main() -> anyhow::Result<()> {
         "publish_interval_ms".into(),
         args.publish_interval_ms.clone().into(),
     );
+    results.insert("distinct_prompts".into(), args.distinct_prompts.into());
     println!(
-        "kvroute filter cost in Envoy 1.40 (--concurrency 2), policy {}, publish interval {}; same run, interleaved",
-        args.policy, args.publish_interval_ms
+        "kvroute filter cost in Envoy 1.40 (--concurrency 2), policy {}, publish interval {}, {} distinct prompt(s) per size; same run, interleaved",
+        args.policy, args.publish_interval_ms, args.distinct_prompts
     );
     println!(
         "{:>6} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>11} {:>11}",
@@ -239,8 +277,8 @@ async fn main() -> anyhow::Result<()> {
         ("8KB", 8 * 1024, args.requests),
         ("200KB", 200 * 1024, args.requests / 4),
     ] {
-        let body = body_of(bytes);
-        let runs = latency(&envoys, &body, n).await?;
+        let bodies = bodies_of(bytes, distinct(bytes));
+        let runs = latency(&envoys, &bodies, n).await?;
         let empty = Vec::new();
         let (w, b) = (
             runs.first().unwrap_or(&empty),
@@ -248,7 +286,7 @@ async fn main() -> anyhow::Result<()> {
         );
         let floor_added = |p: f64| runs.get(2).map_or(f64::NAN, |f| pct(f, p) - pct(b, p));
         let row = serde_json::json!({
-            "body_bytes": body.len(), "requests_per_side": w.len(),
+            "body_bytes": bodies.first().map_or(0, Vec::len), "requests_per_side": w.len(),
             "p50_with_us": pct(w, 0.5), "p50_without_us": pct(b, 0.5),
             "p99_with_us": pct(w, 0.99), "p99_without_us": pct(b, 0.99),
             "added_p50_us": pct(w, 0.5) - pct(b, 0.5), "added_p99_us": pct(w, 0.99) - pct(b, 0.99),
@@ -271,7 +309,7 @@ async fn main() -> anyhow::Result<()> {
     }
     println!("(microseconds, client-side, one keep-alive connection per Envoy)");
 
-    let body = Arc::new(body_of(8 * 1024));
+    let bodies = Arc::new(bodies_of(8 * 1024, distinct(8 * 1024)));
     let mut rounds: Vec<Vec<f64>> = envoys.iter().map(|_| Vec::new()).collect();
     // Per Envoy: CPU seconds and requests over its rounds.
     let mut cpu: Vec<(f64, f64)> = envoys.iter().map(|_| (0.0, 0.0)).collect();
@@ -280,7 +318,7 @@ async fn main() -> anyhow::Result<()> {
             let before = e.cpu_seconds();
             let rps = throughput(
                 &e.url("/v1/chat/completions"),
-                body.clone(),
+                bodies.clone(),
                 args.clients,
                 args.seconds,
             )
@@ -344,7 +382,7 @@ async fn main() -> anyhow::Result<()> {
             ])
             .await?;
             e.set_policy(&args.policy).await?;
-            latency(&[&e], &body_of(bytes), n).await?;
+            latency(&[&e], &bodies_of(bytes, distinct(bytes)), n).await?;
             phase_envoys.push((label, e));
         }
     } else {
