@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::analyze::Analysis;
 use crate::calibrate::Calibration;
-use crate::study::{quantile, RunResult};
+use crate::study::{quantile, RunResult, VALIDATION_STALLED};
 
 /// What the report says about how it was made.
 #[derive(Debug, Clone, Serialize)]
@@ -1301,20 +1301,20 @@ fn validation_section(h: &mut String, runs: &[RunResult], sm: &SimMeta) {
     );
     let stalled: Vec<String> = runs
         .iter()
-        .filter(|r| r.spec.experiment == "val-live-stalled")
+        .filter(|r| r.spec.experiment == VALIDATION_STALLED)
         .map(|r| {
             format!(
                 "{} repeat {} (a send {:.0} ms late)",
                 r.spec.policy.as_str(),
                 r.spec.repeat,
-                r.send_delay_ms.last().copied().unwrap_or(f64::NAN)
+                r.max_send_delay_ms().unwrap_or(f64::NAN)
             )
         })
         .collect();
     if !stalled.is_empty() {
         let _ = write!(
             h,
-            "<p>Set aside and run again: {} live run(s) in which the client sent a turn more than {:.0} ms after it was due, a host stall rather than the model (on a quiet machine the latest send is a few ms late): {}. They are in runs.jsonl as val-live-stalled.</p>",
+            "<p>Set aside and run again: {} live run(s) in which the client sent a turn more than {:.0} ms after it was due, a host stall rather than the model (on a quiet machine the latest send is a few ms late): {}. They are in runs.jsonl as {VALIDATION_STALLED}.</p>",
             stalled.len(),
             sm.validation_max_send_delay_ms,
             stalled.join("; ")

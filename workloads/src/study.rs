@@ -602,6 +602,10 @@ pub struct RunResult {
 /// Quantiles of the send delay kept per run: 0, 5, ..., 100%.
 pub const SEND_DELAY_QUANTILES: usize = 21;
 
+/// The experiment name of a live validation run set aside for a host stall (its client sent a
+/// turn later than the plan's `validation_max_send_delay_ms`).
+pub const VALIDATION_STALLED: &str = "val-live-stalled";
+
 fn nan2() -> [f64; 2] {
     [f64::NAN; 2]
 }
@@ -638,6 +642,11 @@ fn mean(v: &[f64]) -> f64 {
 }
 
 impl RunResult {
+    /// The latest send of the run, ms after it was due (None where the records do not say).
+    pub fn max_send_delay_ms(&self) -> Option<f64> {
+        self.send_delay_ms.last().copied()
+    }
+
     /// A run's results from its client records, the engines' counters before and after, and the
     /// decisions per endpoint (the live runner and the simulator both build results here).
     pub fn new(

@@ -174,6 +174,33 @@ async fn throughput(
     Ok(done.load(Ordering::Relaxed) as f64 / secs as f64)
 }
 
+/// An Envoy with the filter `wasm`, set to the bench's policy and publish interval.
+async fn kvroute_envoy(engines: &[Engine], wasm: &str, args: &Args) -> anyhow::Result<Envoy> {
+    let e = Envoy::start(EnvoySpec::new(engines.to_vec(), wasm.to_string())).await?;
+    e.runtime_modify(&[
+        ("kvroute.policy", &args.policy),
+        ("kvroute.publish_interval_ms", &args.publish_interval_ms),
+    ])
+    .await?;
+    e.set_policy(&args.policy).await?;
+    Ok(e)
+}
+
+/// The filter built with a bench `feature` (`just bench` builds them), if it is there.
+fn feature_wasm(feature: &str) -> Option<String> {
+    let path = repo_root().join(format!(
+        "target/{feature}/wasm32-wasip1/release/kvroute_filter.wasm"
+    ));
+    if path.exists() {
+        return Some(path.display().to_string());
+    }
+    eprintln!(
+        "bench: no {feature} filter at {} (`just bench` builds it); skipped",
+        path.display()
+    );
+    None
+}
+
 /// A quantile's cumulative value from an Envoy `/stats` histogram line
 /// (`NAME: P0(interval,cumulative) P25(...) ...`); NaN when absent.
 fn histogram_quantile(stats: &str, name: &str, q: &str) -> f64 {
@@ -216,32 +243,13 @@ async fn main() -> anyhow::Result<()> {
         .map(|e| Engine::local(&e.name, e.addr.port()))
         .collect();
     let wasm = filter_wasm()?.display().to_string();
-    let with = Envoy::start(EnvoySpec::new(engines.clone(), wasm.clone())).await?;
+    let with = kvroute_envoy(&engines, &wasm, &args).await?;
     let mut base = EnvoySpec::new(engines.clone(), wasm);
     base.with_filter = false;
     let without = Envoy::start(base).await?;
-    with.runtime_modify(&[
-        ("kvroute.policy", &args.policy),
-        ("kvroute.publish_interval_ms", &args.publish_interval_ms),
-    ])
-    .await?;
-    with.set_policy(&args.policy).await?;
-    let floor_wasm =
-        repo_root().join("target/bench-floor/wasm32-wasip1/release/kvroute_filter.wasm");
-    let floor = if floor_wasm.exists() {
-        Some(
-            Envoy::start(EnvoySpec::new(
-                engines.clone(),
-                floor_wasm.display().to_string(),
-            ))
-            .await?,
-        )
-    } else {
-        eprintln!(
-            "bench: no floor filter at {} (`just bench` builds it); floor skipped",
-            floor_wasm.display()
-        );
-        None
+    let floor = match feature_wasm("bench-floor") {
+        Some(w) => Some(Envoy::start(EnvoySpec::new(engines.clone(), w)).await?),
+        None => None,
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut envoys = vec![&with, &without];
@@ -363,33 +371,16 @@ async fn main() -> anyhow::Result<()> {
     );
     // Inside the filter: a `bench-phases` build, on its own Envoy per body size so each one's
     // histograms hold one size.
-    let phases_wasm =
-        repo_root().join("target/bench-phases/wasm32-wasip1/release/kvroute_filter.wasm");
     let mut phase_envoys = Vec::new();
-    if phases_wasm.exists() {
+    if let Some(w) = feature_wasm("bench-phases") {
         for (label, bytes, n) in [
             ("8KB", 8 * 1024, args.requests / 3),
             ("200KB", 200 * 1024, args.requests / 12),
         ] {
-            let e = Envoy::start(EnvoySpec::new(
-                engines.clone(),
-                phases_wasm.display().to_string(),
-            ))
-            .await?;
-            e.runtime_modify(&[
-                ("kvroute.policy", &args.policy),
-                ("kvroute.publish_interval_ms", &args.publish_interval_ms),
-            ])
-            .await?;
-            e.set_policy(&args.policy).await?;
+            let e = kvroute_envoy(&engines, &w, &args).await?;
             latency(&[&e], &bodies_of(bytes, distinct(bytes)), n).await?;
             phase_envoys.push((label, e));
         }
-    } else {
-        eprintln!(
-            "bench: no phases filter at {} (`just bench` builds it); phases skipped",
-            phases_wasm.display()
-        );
     }
     // Envoy flushes histograms every 5 s; wait for one flush, then show the filter's own timing.
     tokio::time::sleep(Duration::from_millis(5500)).await;

@@ -29,7 +29,9 @@ use kvroute_workloads::plan::{self, RagPlan, ShareGptPlan, SimulatedPlan, StudyP
 use kvroute_workloads::report;
 use kvroute_workloads::search::RateSearch;
 use kvroute_workloads::simulated;
-use kvroute_workloads::study::{save, Lab, RunResult, RunSpec, SEND_DELAY_QUANTILES};
+use kvroute_workloads::study::{
+    save, Lab, RunResult, RunSpec, SEND_DELAY_QUANTILES, VALIDATION_STALLED,
+};
 
 #[derive(Parser, Debug)]
 #[command(about = "Run the routing study (experiments 1-4) and write the report")]
@@ -541,35 +543,33 @@ async fn validation_live(
                 )?;
                 *n += 1;
                 let mut r = lab.run(&spec, vec![], meas).await?;
-                let late = r.send_delay_ms.last().copied().unwrap_or(0.0);
-                if late > bound && attempt < attempts {
+                let late = r.max_send_delay_ms().unwrap_or(0.0);
+                let stalled = late > bound && attempt < attempts;
+                if stalled {
                     eprintln!(
-                        "study: run {:>3} {}: a turn went {late:.0} ms late (bound {bound} ms), a host stall; set aside as {STALLED}, attempt {attempt} of {attempts}",
+                        "study: run {:>3} {}: a turn went {late:.0} ms late (bound {bound} ms), a host stall; set aside as {VALIDATION_STALLED}, attempt {attempt} of {attempts}",
                         n,
                         summary(&r)
                     );
                     set_aside(&mut r, attempt)?;
-                    save(&a.out, &r)?;
-                    results.push(r);
-                    continue;
+                } else {
+                    eprintln!("study: run {:>3} {}", n, summary(&r));
                 }
-                eprintln!("study: run {:>3} {}", n, summary(&r));
                 save(&a.out, &r)?;
                 results.push(r);
-                break;
+                if !stalled {
+                    break;
+                }
             }
         }
     }
     Ok(gateway_ms)
 }
 
-/// The experiment name of a live validation run set aside for a host stall.
-const STALLED: &str = "val-live-stalled";
-
 /// Marks a live validation run as set aside, and moves its request records to a file of their
 /// own (the next attempt writes the run's usual one).
 fn set_aside(r: &mut RunResult, attempt: usize) -> anyhow::Result<()> {
-    r.spec.experiment = STALLED.into();
+    r.spec.experiment = VALIDATION_STALLED.into();
     if let Some(file) = r.requests_file.take() {
         let to = file.replace(".jsonl", &format!("-stalled-{attempt}.jsonl"));
         std::fs::rename(&file, &to)?;
