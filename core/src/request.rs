@@ -166,12 +166,13 @@ pub fn parse_request(kind: ApiKind, body: &[u8]) -> Result<ParsedRequest<'_>, Pa
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(ParseError::EmptyBody);
     }
-    // One pass: serde_json validates UTF-8 inside strings as it parses. Only on failure is the body
-    // scanned again, to tell invalid UTF-8 from other syntax errors.
-    let raw: RawRequest<'_> = serde_json::from_slice(body).map_err(|e| {
-        if std::str::from_utf8(body).is_err() {
-            ParseError::InvalidUtf8
-        } else if e.classify() == serde_json::error::Category::Data {
+    // The whole body's UTF-8 is checked in one pass first (the ASCII fast path of `from_utf8`), so
+    // the parser reads a `str` and does not check each string again as it borrows it: about twice
+    // as fast a parse natively as `from_slice` on a chat body. Invalid UTF-8 anywhere in the body,
+    // even in a field the router ignores, is counted as such (vLLM refuses that body too).
+    let text = std::str::from_utf8(body).map_err(|_| ParseError::InvalidUtf8)?;
+    let raw: RawRequest<'_> = serde_json::from_str(text).map_err(|e| {
+        if e.classify() == serde_json::error::Category::Data {
             ParseError::WrongType
         } else {
             ParseError::NotJson
