@@ -214,14 +214,12 @@ impl Directory {
         let mut changed = false;
         for h in blocks.iter().rev() {
             match lru.push(*h, ()) {
-                // Already held: only its recency changed.
-                Some((k, ())) if k == *h => {}
-                Some((evicted, ())) => {
-                    self.index.unset(evicted, bit);
-                    changed = true;
-                }
-                None => changed = true,
+                // Already held: only its recency changed, and the index already has its bit.
+                Some((k, ())) if k == *h => continue,
+                Some((evicted, ())) => self.index.unset(evicted, bit),
+                None => {}
             }
+            changed = true;
             self.index.set_bit(*h, bit);
         }
         if let Some(s) = session {
