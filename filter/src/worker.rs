@@ -46,6 +46,9 @@ struct WorkerState {
     vm_id: String,
     /// Gateway in-flight counters as last read: requests per endpoint, then blocks per endpoint.
     inflight: Vec<i64>,
+    /// The compare-and-swap token of that read, so the routed request's increment can start
+    /// from it instead of reading the counters again.
+    inflight_cas: Option<u32>,
     batch: Vec<u8>,
     last_sent_us: u64,
 }
@@ -64,6 +67,7 @@ impl Worker {
                 queue: None,
                 vm_id: host::vm_id().unwrap_or_else(|| "kvroute".into()),
                 inflight: Vec::new(),
+                inflight_cas: None,
                 batch: Vec::new(),
                 last_sent_us: 0,
             }),
@@ -114,10 +118,11 @@ impl Worker {
         let mut guard = self.state.borrow_mut();
         let st = &mut *guard;
         self.refresh(st);
-        let (value, _) = host::shared_get(state::INFLIGHT_KEY);
+        let (value, cas) = host::shared_get(state::INFLIGHT_KEY);
         let n = self.config.endpoints.len();
         let mut counts = std::mem::take(&mut st.inflight);
         state::decode_inflight(value.as_deref().unwrap_or_default(), 2 * n, &mut counts);
+        st.inflight_cas = cas;
         let (inflight, inflight_blocks) = counts.split_at(n.min(counts.len()));
         let rand = Self::next_rand(st);
         st.seq = st.seq.wrapping_add(1);
@@ -199,11 +204,41 @@ impl Worker {
     /// Adds `delta` requests and `blocks` prefix blocks to an endpoint's gateway in-flight counts
     /// (compare-and-swap on shared data).
     fn add_inflight(&self, endpoint: usize, delta: i64, blocks: i64) {
+        self.add_inflight_from(endpoint, delta, blocks, None);
+    }
+
+    /// [`Worker::add_inflight`] for the request just decided: its first attempt starts from the
+    /// counters the decision read (one shared-data read fewer); if another worker changed them
+    /// since, the swap fails and the loop reads them again.
+    fn add_inflight_after_decision(&self, endpoint: usize, blocks: i64) {
+        let read = {
+            let mut st = self.state.borrow_mut();
+            st.inflight_cas.take().map(|cas| (st.inflight.clone(), cas))
+        };
+        self.add_inflight_from(endpoint, 1, blocks, read);
+    }
+
+    fn add_inflight_from(
+        &self,
+        endpoint: usize,
+        delta: i64,
+        blocks: i64,
+        mut read: Option<(Vec<i64>, u32)>,
+    ) {
         let n = self.config.endpoints.len();
         let mut counts = Vec::with_capacity(2 * n);
         for _ in 0..CAS_RETRIES {
-            let (value, cas) = host::shared_get(state::INFLIGHT_KEY);
-            state::decode_inflight(value.as_deref().unwrap_or_default(), 2 * n, &mut counts);
+            let cas = match read.take() {
+                Some((last, cas)) => {
+                    counts = last;
+                    Some(cas)
+                }
+                None => {
+                    let (value, cas) = host::shared_get(state::INFLIGHT_KEY);
+                    state::decode_inflight(value.as_deref().unwrap_or_default(), 2 * n, &mut counts);
+                    cas
+                }
+            };
             if let Some(c) = counts.get_mut(endpoint) {
                 *c = (*c + delta).max(0);
             }
@@ -342,7 +377,7 @@ impl Request {
             w.metrics.host_error(HostOp::SetHeader);
             return;
         }
-        w.add_inflight(decision.endpoint, 1, i64::from(decision.total_blocks));
+        w.add_inflight_after_decision(decision.endpoint, i64::from(decision.total_blocks));
         let predicted_tokens = parsed.is_ok().then(|| {
             let per_block = f64::from(w.config.block_chars) / w.config.chars_per_token;
             (f64::from(decision.predicted_blocks) * per_block).round() as u64
