@@ -440,6 +440,15 @@ mod tests {
             parse_request(ApiKind::Chat, b"{\"messages\":\"\xff\"}").unwrap_err(),
             ParseError::InvalidUtf8
         );
+        // In a field the router ignores, too (the body is checked whole before it is parsed).
+        assert_eq!(
+            parse_request(
+                ApiKind::Chat,
+                b"{\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],\"x\":\"\xff\"}"
+            )
+            .unwrap_err(),
+            ParseError::InvalidUtf8
+        );
         assert_eq!(chat("hello").unwrap_err(), ParseError::NotJson);
         assert_eq!(
             chat(r#"{"messages":[{"role":"user","content":"x"}"#).unwrap_err(),
