@@ -235,7 +235,11 @@ impl Worker {
                 }
                 None => {
                     let (value, cas) = host::shared_get(state::INFLIGHT_KEY);
-                    state::decode_inflight(value.as_deref().unwrap_or_default(), 2 * n, &mut counts);
+                    state::decode_inflight(
+                        value.as_deref().unwrap_or_default(),
+                        2 * n,
+                        &mut counts,
+                    );
                     cas
                 }
             };

@@ -116,7 +116,7 @@ async fn one(client: &reqwest::Client, url: &str, body: &[u8]) -> anyhow::Result
 /// dearer in CPU per request than the same filter measured last, a bias against kvroute (first)
 /// relative to the floor (last); alternating cancels it over each pair of rounds.
 fn visit_order(n: usize, round: usize) -> Vec<usize> {
-    if round % 2 == 0 {
+    if round.is_multiple_of(2) {
         (0..n).collect()
     } else {
         (0..n).rev().collect()
