@@ -226,7 +226,8 @@ impl Worker {
         mut read: Option<(Vec<i64>, u32)>,
     ) {
         let n = self.config.endpoints.len();
-        let mut counts = Vec::with_capacity(2 * n);
+        // Filled by the first attempt, from the decision's read or from shared data.
+        let mut counts = Vec::new();
         for _ in 0..CAS_RETRIES {
             let cas = match read.take() {
                 Some((last, cas)) => {
