@@ -134,6 +134,8 @@ pub struct FilterMetrics {
     pub prediction_abs_error: Id,
     /// Feature `bench-phases` only: body, parse, decide, route (see [`Phase`]).
     phases: Vec<Id>,
+    /// Feature `bench-phases` only: the stream's other callbacks (see [`StreamPhase`]).
+    stream_phases: Vec<Id>,
 }
 
 /// The phases of the filter's work on a routed request (feature `bench-phases`).
@@ -151,6 +153,24 @@ pub enum Phase {
 
 impl Phase {
     const NAMES: [&'static str; 4] = ["body", "parse", "decide", "route"];
+}
+
+/// The filter's other callbacks on a stream, timed whole in nanoseconds (feature `bench-phases`):
+/// most take a few microseconds, below what a microsecond histogram resolves.
+#[derive(Debug, Clone, Copy)]
+pub enum StreamPhase {
+    /// `on_http_request_headers`: which request it is, the session header, the declared length.
+    Headers = 0,
+    /// `on_http_response_headers`: the endpoint and policy response headers.
+    ResponseHeaders = 1,
+    /// `on_http_response_body`, each call: looking for the engine's `cached_tokens`.
+    ResponseBody = 2,
+    /// `on_log`: the in-flight decrement.
+    End = 3,
+}
+
+impl StreamPhase {
+    const NAMES: [&'static str; 4] = ["headers", "response_headers", "response_body", "end"];
 }
 
 impl FilterMetrics {
@@ -203,6 +223,25 @@ impl FilterMetrics {
             } else {
                 Vec::new()
             },
+            stream_phases: if cfg!(feature = "bench-phases") {
+                StreamPhase::NAMES
+                    .iter()
+                    .map(|p| histogram(&format!("kvroute_phase_ns.phase.{p}")))
+                    .collect()
+            } else {
+                Vec::new()
+            },
+        }
+    }
+
+    /// Records how long a stream callback took, from `start_ns` (feature `bench-phases`, where
+    /// `start_ns` is nonzero; nothing otherwise).
+    pub fn stream_phase(&self, phase: StreamPhase, start_ns: u64) {
+        if start_ns == 0 {
+            return;
+        }
+        if let Some(id) = self.stream_phases.get(phase as usize) {
+            host::record(*id, host::now_ns().saturating_sub(start_ns));
         }
     }
 

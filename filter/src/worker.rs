@@ -14,7 +14,7 @@ use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, LogLevel};
 
 use crate::host;
-use crate::metrics::{self, Fallback, FilterMetrics, HostOp};
+use crate::metrics::{self, Fallback, FilterMetrics, HostOp, StreamPhase};
 
 /// Response header naming the endpoint the filter chose.
 pub const RESPONSE_ENDPOINT_HEADER: &str = "x-kvroute-endpoint";
@@ -352,6 +352,15 @@ fn phase_clock() -> u64 {
     }
 }
 
+/// The clock in nanoseconds, read only in a `bench-phases` build (0 otherwise).
+fn stream_clock() -> u64 {
+    if cfg!(feature = "bench-phases") {
+        host::now_ns()
+    } else {
+        0
+    }
+}
+
 impl Request {
     pub fn new(worker: Rc<Worker>) -> Self {
         Self {
@@ -474,6 +483,53 @@ impl Context for Request {}
 
 impl HttpContext for Request {
     fn on_http_request_headers(&mut self, _headers: usize, end_of_stream: bool) -> Action {
+        let t = stream_clock();
+        let action = self.request_headers(end_of_stream);
+        self.worker.metrics.stream_phase(StreamPhase::Headers, t);
+        action
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        self.request_body(body_size, end_of_stream)
+    }
+
+    fn on_http_request_trailers(&mut self, _trailers: usize) -> Action {
+        if let Phase::Buffering(kind) = self.phase {
+            let size = host::request_body(self.worker.config.max_body_bytes as usize)
+                .map_or(0, |b| b.len());
+            self.route_body(kind, size);
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+        let t = stream_clock();
+        self.response_headers();
+        self.worker
+            .metrics
+            .stream_phase(StreamPhase::ResponseHeaders, t);
+        Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, _end_of_stream: bool) -> Action {
+        let t = stream_clock();
+        self.response_body(body_size);
+        self.worker
+            .metrics
+            .stream_phase(StreamPhase::ResponseBody, t);
+        Action::Continue
+    }
+
+    fn on_log(&mut self) {
+        let t = stream_clock();
+        self.end();
+        self.worker.metrics.stream_phase(StreamPhase::End, t);
+    }
+}
+
+/// The callbacks' work.
+impl Request {
+    fn request_headers(&mut self, end_of_stream: bool) -> Action {
         let w = self.worker.clone();
         // A client must never pick the cluster itself.
         if host::request_header(&w.config.route_header).is_some() {
@@ -513,7 +569,7 @@ impl HttpContext for Request {
         Action::Pause
     }
 
-    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+    fn request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         let Phase::Buffering(kind) = self.phase else {
             return Action::Continue;
         };
@@ -528,16 +584,7 @@ impl HttpContext for Request {
         Action::Continue
     }
 
-    fn on_http_request_trailers(&mut self, _trailers: usize) -> Action {
-        if let Phase::Buffering(kind) = self.phase {
-            let size = host::request_body(self.worker.config.max_body_bytes as usize)
-                .map_or(0, |b| b.len());
-            self.route_body(kind, size);
-        }
-        Action::Continue
-    }
-
-    fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+    fn response_headers(&mut self) {
         if let Phase::Routed {
             endpoint, policy, ..
         } = self.phase
@@ -547,12 +594,11 @@ impl HttpContext for Request {
                 host::add_response_header(RESPONSE_POLICY_HEADER, policy.as_str());
             }
         }
-        Action::Continue
     }
 
     /// Compares the prediction with what the engine reports (`cached_tokens` in the usage of a JSON
     /// response or of the last SSE event). Chunks are read, never held: the response streams on.
-    fn on_http_response_body(&mut self, body_size: usize, _end_of_stream: bool) -> Action {
+    fn response_body(&mut self, body_size: usize) {
         if let Phase::Routed {
             predicted_tokens: Some(predicted),
             ..
@@ -574,10 +620,9 @@ impl HttpContext for Request {
                 }
             }
         }
-        Action::Continue
     }
 
-    fn on_log(&mut self) {
+    fn end(&mut self) {
         if let Phase::Routed {
             endpoint,
             blocks,

@@ -415,6 +415,7 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     let mut phase_rows = serde_json::Map::new();
+    let mut stream_cells = Vec::new();
     for (label, e) in phase_envoys {
         let text = reqwest::get(format!("http://{}/stats?filter=kvroute_", e.admin))
             .await?
@@ -447,8 +448,46 @@ async fn main() -> anyhow::Result<()> {
             cells.get(3).map_or("", String::as_str),
             cells.get(4).map_or("", String::as_str),
         );
+        // The stream's other callbacks, timed in nanoseconds.
+        let mut cells = Vec::new();
+        for (key, stat) in [
+            ("request_headers", "kvroute_phase_ns.phase.headers"),
+            (
+                "response_headers",
+                "kvroute_phase_ns.phase.response_headers",
+            ),
+            ("response_body", "kvroute_phase_ns.phase.response_body"),
+            ("end", "kvroute_phase_ns.phase.end"),
+        ] {
+            let (p50, p90) = (
+                histogram_quantile(&text, stat, "P50") / 1000.0,
+                histogram_quantile(&text, stat, "P90") / 1000.0,
+            );
+            cells.push(format!("{p50:.1} / {p90:.1}"));
+            row.insert(
+                key.into(),
+                serde_json::json!({"p50_us": p50, "p90_us": p90}),
+            );
+        }
+        stream_cells.push((label, cells));
         phase_rows.insert(label.into(), row.into());
         e.stop(false).await;
+    }
+    if !stream_cells.is_empty() {
+        println!("the stream's other callbacks, P50 / P90 us:");
+        println!(
+            "{:>6} {:>13} {:>13} {:>13} {:>13}",
+            "body", "req_headers", "resp_headers", "resp_body", "end"
+        );
+        for (label, cells) in stream_cells {
+            println!(
+                "{label:>6} {:>13} {:>13} {:>13} {:>13}",
+                cells.first().map_or("", String::as_str),
+                cells.get(1).map_or("", String::as_str),
+                cells.get(2).map_or("", String::as_str),
+                cells.get(3).map_or("", String::as_str),
+            );
+        }
     }
     if !phase_rows.is_empty() {
         results.insert("phases_us".into(), phase_rows.into());
