@@ -39,10 +39,10 @@ pub fn plugin_root_id() -> Option<String> {
     String::from_utf8(b).ok()
 }
 
-pub fn request_header(name: &str) -> Option<Vec<u8>> {
-    hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name)
-        .ok()
-        .flatten()
+/// All request headers in one host call (each single-header read that finds a value costs a call
+/// back into the module's allocator; this costs one for the lot).
+pub fn request_headers() -> Option<Vec<(String, Vec<u8>)>> {
+    hostcalls::get_map_bytes(MapType::HttpRequestHeaders).ok()
 }
 
 pub fn set_request_header(name: &str, value: Option<&str>) -> bool {

@@ -64,6 +64,7 @@ impl Fallback {
 /// Host operations whose failure is counted.
 #[derive(Debug, Clone, Copy)]
 pub enum HostOp {
+    ReadHeaders,
     SetHeader,
     Inflight,
     Enqueue,
@@ -75,7 +76,8 @@ pub enum HostOp {
 }
 
 impl HostOp {
-    const ALL: [HostOp; 7] = [
+    const ALL: [HostOp; 9] = [
+        Self::ReadHeaders,
         Self::SetHeader,
         Self::Inflight,
         Self::Enqueue,
@@ -83,9 +85,11 @@ impl HostOp {
         Self::RuntimePoll,
         Self::Publish,
         Self::BadReport,
+        Self::SidecarPull,
     ];
     fn as_str(self) -> &'static str {
         match self {
+            Self::ReadHeaders => "read_headers",
             Self::SetHeader => "set_header",
             Self::Inflight => "inflight",
             Self::Enqueue => "enqueue",

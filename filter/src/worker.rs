@@ -531,15 +531,26 @@ impl HttpContext for Request {
 impl Request {
     fn request_headers(&mut self, end_of_stream: bool) -> Action {
         let w = self.worker.clone();
-        // A client must never pick the cluster itself.
-        if host::request_header(&w.config.route_header).is_some() {
+        // One read of the whole map instead of one per header.
+        let Some(headers) = host::request_headers() else {
+            // A client must never pick the cluster itself.
+            host::set_request_header(&w.config.route_header, None);
+            w.metrics.host_error(HostOp::ReadHeaders);
+            host::increment(w.metrics.passthrough, 1);
+            return Action::Continue;
+        };
+        let header = |name: &str| {
+            headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_slice())
+        };
+        if header(&w.config.route_header).is_some() {
             host::set_request_header(&w.config.route_header, None);
         }
-        let method = host::request_header(":method");
-        let path = host::request_header(":path");
         let kind = match (
-            method.as_deref(),
-            path.as_deref().and_then(|p| std::str::from_utf8(p).ok()),
+            header(":method"),
+            header(":path").and_then(|p| std::str::from_utf8(p).ok()),
         ) {
             (Some(b"POST"), Some(p)) => ApiKind::from_path(p),
             _ => None,
@@ -549,18 +560,20 @@ impl Request {
             return Action::Continue;
         };
         host::increment(w.metrics.requests, 1);
-        self.session =
-            host::request_header(&w.config.session_header).and_then(|v| String::from_utf8(v).ok());
+        self.session = header(&w.config.session_header)
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .map(str::to_owned);
+        let declared = header("content-length").and_then(|v| {
+            std::str::from_utf8(v)
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+        });
+        drop(headers);
         if end_of_stream {
             w.metrics.parse_error(ParseError::EmptyBody);
             self.route(Err(Fallback::ParseError), host::now_us());
             return Action::Continue;
         }
-        let declared = host::request_header("content-length").and_then(|v| {
-            std::str::from_utf8(&v)
-                .ok()
-                .and_then(|s| s.trim().parse::<u64>().ok())
-        });
         if declared.is_some_and(|n| n > u64::from(w.config.max_body_bytes)) {
             self.route(Err(Fallback::BodyTooLarge), host::now_us());
             return Action::Continue;

@@ -198,6 +198,10 @@ async fn a_dead_sidecar_degrades_routing_not_traffic() {
         .wait_stat("kvroute_state_stale", Duration::from_secs(10), |v| v == 1)
         .await
         .unwrap();
+    assert!(
+        rig.stat("kvroute_host_errors_total.op.sidecar_pull").await >= 1,
+        "the failed pulls are counted"
+    );
     for i in 0..10 {
         assert_eq!(rig.send(i).await.0, 200, "no 5xx while the sidecar is down");
     }
