@@ -76,14 +76,16 @@ impl RootContext for Root {
                 None => return false,
             }
         } else if root_id == FILTER_ROOT_ID || root_id.is_empty() {
-            // The tick flushes coalesced decision reports.
-            if !host::set_tick(std::time::Duration::from_micros(worker::REPORT_COALESCE_US)) {
+            // The tick flushes coalesced decision reports and deferred in-flight decrements.
+            let ticks =
+                host::set_tick(std::time::Duration::from_micros(worker::REPORT_COALESCE_US));
+            if !ticks {
                 host::log(
                     LogLevel::Warn,
                     "kvroute: no tick; decision reports are sent one by one",
                 );
             }
-            Root::Filter(std::rc::Rc::new(worker::Worker::new(config)))
+            Root::Filter(std::rc::Rc::new(worker::Worker::new(config, ticks)))
         } else {
             host::log(
                 LogLevel::Error,
