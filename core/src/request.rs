@@ -85,6 +85,10 @@ pub struct ParsedRequest<'a> {
     pub tools: Option<&'a RawValue>,
     /// The prompt: chat messages or a completion prompt.
     pub prompt: Prompt<'a>,
+    /// Whether the engine's response will carry `usage` (and so `cached_tokens`, where the engine
+    /// reports it): a response that is not streamed always does; a stream only with
+    /// `stream_options.include_usage` true.
+    pub usage_expected: bool,
 }
 
 /// The prompt of a request.
@@ -159,6 +163,31 @@ struct RawRequest<'a> {
     messages: Option<Vec<Message<'a>>>,
     #[serde(default, borrow)]
     prompt: Option<RawPrompt<'a>>,
+    /// Kept raw: a value of the wrong type here is the engine's to refuse, not a reason to route
+    /// without the prompt.
+    #[serde(default, borrow)]
+    stream: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    stream_options: Option<&'a RawValue>,
+}
+
+/// `stream_options`, read only for `include_usage`.
+#[derive(Deserialize)]
+struct StreamOptions<'a> {
+    #[serde(default, borrow)]
+    include_usage: Option<&'a RawValue>,
+}
+
+/// Whether a response carries `usage`: always unless it is streamed (`"stream": true`) without
+/// `"stream_options": {"include_usage": true}`.
+fn usage_expected(stream: Option<&RawValue>, options: Option<&RawValue>) -> bool {
+    if stream.is_none_or(|s| s.get() != "true") {
+        return true;
+    }
+    options
+        .and_then(|o| serde_json::from_str::<StreamOptions<'_>>(o.get()).ok())
+        .and_then(|o| o.include_usage)
+        .is_some_and(|u| u.get() == "true")
 }
 
 /// Parse a request body posted to `kind`'s path.
@@ -197,6 +226,7 @@ pub fn parse_request(kind: ApiKind, body: &[u8]) -> Result<ParsedRequest<'_>, Pa
             None
         },
         prompt,
+        usage_expected: usage_expected(raw.stream, raw.stream_options),
     })
 }
 
@@ -397,6 +427,34 @@ mod tests {
         assert!(matches!(&p[1], Part::Other(_)));
         assert!(matches!(m[2].content, Content::None));
         assert!(m[2].tool_calls.is_some());
+    }
+
+    #[test]
+    fn usage_is_expected_unless_a_stream_leaves_it_out() {
+        let usage = |extra: &str| {
+            chat(&format!(
+                r#"{{"messages":[{{"role":"user","content":"hi"}}]{extra}}}"#
+            ))
+            .unwrap()
+            .usage_expected
+        };
+        assert!(usage(""));
+        assert!(usage(r#","stream":false"#));
+        assert!(!usage(r#","stream":true"#));
+        assert!(!usage(r#","stream":true,"stream_options":{}"#));
+        assert!(!usage(
+            r#","stream":true,"stream_options":{"include_usage":false}"#
+        ));
+        assert!(!usage(r#","stream":true,"stream_options":null"#));
+        assert!(usage(
+            r#","stream":true,"stream_options":{"include_usage":true,"continuous_usage_stats":true}"#
+        ));
+        assert!(usage(
+            r#","stream_options":{"include_usage":true},"stream":true"#
+        ));
+        // Wrong types are the engine's to refuse: the prompt is still routed on.
+        assert!(!usage(r#","stream":true,"stream_options":"yes""#));
+        assert!(usage(r#","stream":"yes""#));
     }
 
     #[test]

@@ -25,6 +25,8 @@ pub struct RequestFeatures {
     /// Hash of the prompt's head ([`crate::reference::HEAD_CHARS`] characters, whole blocks): the
     /// key of `chwbl` and `dualmap`.
     pub head_key: Option<u64>,
+    /// Whether the response will carry `usage` (see [`ParsedRequest::usage_expected`]).
+    pub usage_expected: bool,
 }
 
 /// Features of a parsed request. `session_header` is the value of the configured session header.
@@ -47,6 +49,7 @@ pub fn features(
         session,
         prefix_key: request_prefix_key(req),
         head_key,
+        usage_expected: req.usage_expected,
     }
 }
 

@@ -434,7 +434,10 @@ impl Request {
             return;
         }
         w.add_inflight_after_decision(decision.endpoint, i64::from(decision.total_blocks));
-        let predicted_tokens = parsed.is_ok().then(|| {
+        // The prediction is compared with the engine's report only where the response will carry
+        // one: a stream without `include_usage` has none, and its chunks are then never read.
+        let usage_expected = parsed.as_ref().is_ok_and(|f| f.usage_expected);
+        let predicted_tokens = usage_expected.then(|| {
             let per_block = f64::from(w.config.block_chars) / w.config.chars_per_token;
             (f64::from(decision.predicted_blocks) * per_block).round() as u64
         });

@@ -117,6 +117,7 @@ pub fn prepare_session(s: &Session, filter: &FilterConfig) -> PreparedSession {
                     })
                     .collect(),
             ),
+            usage_expected: true,
         };
         let f = features(&parsed, Some(&s.id), filter.block_spec());
         turns.push(PreparedTurn {

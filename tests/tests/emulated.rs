@@ -136,3 +136,73 @@ async fn cache_aware_routing_produces_engine_reported_hits() {
     }
     assert!(hit_rate(&aware) > hit_rate(&rr));
 }
+
+/// Streams: the filter compares its prediction with the `cached_tokens` of the final usage event
+/// when the client asked for usage (`stream_options.include_usage`), and reads no chunk of a
+/// stream that carries none; either way every event reaches the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_responses_report_cached_tokens_only_with_usage() {
+    let engine = EmulatedEngine::start("engine0", "rtx5080-llama3.2-3b", 50.0)
+        .await
+        .unwrap();
+    let spec = EnvoySpec::new(
+        vec![Engine::local(&engine.name, engine.addr.port())],
+        filter_wasm().unwrap().display().to_string(),
+    );
+    let envoy = Envoy::start(spec).await.unwrap();
+    let client = reqwest::Client::new();
+    let system = "You are a careful analyst who explains each step. ".repeat(12);
+    let reports = || async {
+        let stats = envoy.stats().await.unwrap();
+        let get = |k: &str| stats.get(k).copied().unwrap_or(0);
+        (
+            get("kvroute_prediction_reports_total"),
+            get("kvroute_prediction_reported_tokens_total"),
+        )
+    };
+    // Returns the SSE data payloads of one streamed request.
+    let stream = |usage: bool, turn: usize| {
+        let mut body = json!({
+            "messages": [{"role": "system", "content": system},
+                         {"role": "user", "content": format!("Question {turn}.")}],
+            "max_tokens": 12, "ignore_eos": true, "stream": true,
+        });
+        if usage {
+            body["stream_options"] = json!({"include_usage": true});
+        }
+        let req = client.post(envoy.url("/v1/chat/completions")).json(&body);
+        async move {
+            let text = req.send().await.unwrap().text().await.unwrap();
+            text.lines()
+                .filter_map(|l| l.strip_prefix("data: "))
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        }
+    };
+    let mut cached_total = 0;
+    for turn in 0..3 {
+        let events = stream(true, turn).await;
+        assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+        let usage: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+        cached_total += usage["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap();
+        let (reports, reported) = reports().await;
+        assert_eq!(reports, turn as u64 + 1, "one report per stream with usage");
+        assert_eq!(reported, cached_total, "what the client saw");
+    }
+    assert!(cached_total > 0, "the shared system prompt was cached");
+    for turn in 3..6 {
+        let events = stream(false, turn).await;
+        assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+        // As vLLM: the role event, 12 tokens of one event each, then [DONE]; no usage event.
+        assert_eq!(events.len(), 14, "{events:?}");
+        assert!(events.iter().all(|e| !e.contains("\"usage\":{")));
+    }
+    assert_eq!(
+        reports().await,
+        (3, cached_total),
+        "no report without usage"
+    );
+    envoy.stop(false).await;
+}
