@@ -85,6 +85,7 @@ bench-wasm:
 # Benchmarks: decision cost in the core, and the filter's added latency in Envoy.
 bench: build
     cargo build -p kvroute-filter --target wasm32-wasip1 --release --features bench-floor --target-dir target/bench-floor
+    cargo build -p kvroute-filter --target wasm32-wasip1 --release --features bench-passthrough --target-dir target/bench-passthrough
     cargo build -p kvroute-filter --target wasm32-wasip1 --release --features bench-phases --target-dir target/bench-phases
     cargo bench -p kvroute-core --bench decision
     just bench-wasm

@@ -501,6 +501,7 @@ impl Request {
             if let Some(e) = w.config.endpoints.first() {
                 host::set_request_header(&w.config.route_header, Some(e.cluster()));
             }
+            self.phase = Phase::Passthrough;
             return;
         }
         let body = if size == 0 {
@@ -528,6 +529,9 @@ impl Context for Request {}
 
 impl HttpContext for Request {
     fn on_http_request_headers(&mut self, _headers: usize, end_of_stream: bool) -> Action {
+        if cfg!(feature = "bench-passthrough") {
+            return Action::Continue;
+        }
         let t = stream_clock();
         let action = self.request_headers(end_of_stream);
         self.worker.metrics.stream_phase(StreamPhase::Headers, t);

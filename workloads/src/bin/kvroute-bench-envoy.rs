@@ -11,6 +11,8 @@
 //! - The floor: a third Envoy whose wasm filter (feature `bench-floor`) only pauses, buffers the body
 //!   and sets the header. Its cost is what any body-reading wasm filter pays on this machine; the
 //!   difference between kvroute and the floor is kvroute's own work.
+//! - Pass-through: a fourth Envoy whose wasm filter (feature `bench-passthrough`) lets every request
+//!   through at its headers: what having a wasm HTTP filter in the chain costs at all.
 //!
 //! - Inside the filter: two more Envoys run a build with feature `bench-phases`, one per body size,
 //!   and the bench reads its per-phase histograms (body copy, parse and hash, decide, route and
@@ -268,11 +270,21 @@ async fn main() -> anyhow::Result<()> {
         Some(w) => Some(Envoy::start(EnvoySpec::new(engines.clone(), w)).await?),
         None => None,
     };
+    let passthrough = match feature_wasm("bench-passthrough") {
+        Some(w) => Some(Envoy::start(EnvoySpec::new(engines.clone(), w)).await?),
+        None => None,
+    };
     tokio::time::sleep(Duration::from_millis(300)).await;
+    // Slots: kvroute, no filter, then the floor and the pass-through filter where built.
     let mut envoys = vec![&with, &without];
-    if let Some(f) = &floor {
-        envoys.push(f);
+    let mut extra = [None, None];
+    for (at, e) in extra.iter_mut().zip([&floor, &passthrough]) {
+        if let Some(e) = e {
+            envoys.push(e);
+            *at = Some(envoys.len() - 1);
+        }
     }
+    let [floor_at, pass_at] = extra;
 
     let mut results = serde_json::Map::new();
     results.insert("policy".into(), args.policy.clone().into());
@@ -286,7 +298,7 @@ async fn main() -> anyhow::Result<()> {
         args.policy, args.publish_interval_ms, args.distinct_prompts
     );
     println!(
-        "{:>6} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>11} {:>11}",
+        "{:>6} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>11} {:>11} {:>10} {:>10}",
         "body",
         "n",
         "p50_with",
@@ -296,7 +308,9 @@ async fn main() -> anyhow::Result<()> {
         "p99_base",
         "added_p99",
         "floor_add50",
-        "floor_add99"
+        "floor_add99",
+        "pass_add50",
+        "pass_add99"
     );
     for (label, bytes, n) in [
         ("8KB", 8 * 1024, args.requests),
@@ -309,16 +323,23 @@ async fn main() -> anyhow::Result<()> {
             runs.first().unwrap_or(&empty),
             runs.get(1).unwrap_or(&empty),
         );
-        let floor_added = |p: f64| runs.get(2).map_or(f64::NAN, |f| pct(f, p) - pct(b, p));
+        // Added latency of the Envoy in `slot`, against the one without a filter.
+        let added = |slot: Option<usize>, p: f64| {
+            slot.and_then(|i| runs.get(i))
+                .map_or(f64::NAN, |f| pct(f, p) - pct(b, p))
+        };
+        let floor_added = |p: f64| added(floor_at, p);
+        let pass_added = |p: f64| added(pass_at, p);
         let row = serde_json::json!({
             "body_bytes": bodies.first().map_or(0, Vec::len), "requests_per_side": w.len(),
             "p50_with_us": pct(w, 0.5), "p50_without_us": pct(b, 0.5),
             "p99_with_us": pct(w, 0.99), "p99_without_us": pct(b, 0.99),
             "added_p50_us": pct(w, 0.5) - pct(b, 0.5), "added_p99_us": pct(w, 0.99) - pct(b, 0.99),
             "floor_added_p50_us": floor_added(0.5), "floor_added_p99_us": floor_added(0.99),
+            "passthrough_added_p50_us": pass_added(0.5), "passthrough_added_p99_us": pass_added(0.99),
         });
         println!(
-            "{:>6} {:>5} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>11.0} {:>11.0}",
+            "{:>6} {:>5} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>11.0} {:>11.0} {:>10.0} {:>10.0}",
             label,
             w.len(),
             pct(w, 0.5),
@@ -328,7 +349,9 @@ async fn main() -> anyhow::Result<()> {
             pct(b, 0.99),
             pct(w, 0.99) - pct(b, 0.99),
             floor_added(0.5),
-            floor_added(0.99)
+            floor_added(0.99),
+            pass_added(0.5),
+            pass_added(0.99)
         );
         results.insert(format!("latency_{label}"), row);
     }
@@ -364,30 +387,38 @@ async fn main() -> anyhow::Result<()> {
         t.first().copied().unwrap_or(f64::NAN),
         t.get(1).copied().unwrap_or(f64::NAN),
     );
-    let tf = t.get(2).copied().unwrap_or(f64::NAN);
+    let at = |slot: Option<usize>| slot.and_then(|i| t.get(i)).copied().unwrap_or(f64::NAN);
+    let (tf, tp) = (at(floor_at), at(pass_at));
     println!(
-        "throughput 8KB, {} clients: without {:.0} rps; with kvroute {:.0} rps (ratio {:.2}); floor {:.0} rps (ratio {:.2})",
-        args.clients, tb, tw, tw / tb, tf, tf / tb
+        "throughput 8KB, {} clients: without {:.0} rps; with kvroute {:.0} rps (ratio {:.2}); floor {:.0} rps (ratio {:.2}); pass-through {:.0} rps (ratio {:.2})",
+        args.clients, tb, tw, tw / tb, tf, tf / tb, tp, tp / tb
     );
     println!("(the load generator, the Envoys and the echo endpoints share this machine's cores)");
     // CPU microseconds per request, per Envoy.
-    let cpu_of = |i: usize| match cpu.get(i) {
+    let cpu_of = |slot: Option<usize>| match slot.and_then(|i| cpu.get(i)) {
         Some((s, n)) if *n > 0.0 => s * 1e6 / n,
         _ => f64::NAN,
     };
-    let (cw, cb, cf) = (cpu_of(0), cpu_of(1), cpu_of(2));
+    let (cw, cb, cf, cp) = (
+        cpu_of(Some(0)),
+        cpu_of(Some(1)),
+        cpu_of(floor_at),
+        cpu_of(pass_at),
+    );
     println!(
-        "Envoy CPU per request over those rounds: without {cb:.0} us; with kvroute {cw:.0} us (+{:.0}, {:.2}x); floor {cf:.0} us (+{:.0}); kvroute's own work beyond the floor {:.0} us",
+        "Envoy CPU per request over those rounds: without {cb:.0} us; with kvroute {cw:.0} us (+{:.0}, {:.2}x); floor {cf:.0} us (+{:.0}); pass-through {cp:.0} us (+{:.0}); kvroute's own work beyond the floor {:.0} us",
         cw - cb,
         cw / cb,
         cf - cb,
+        cp - cb,
         cw - cf
     );
     results.insert(
         "throughput_8KB".into(),
         serde_json::json!({"clients": args.clients, "with_rps": tw, "without_rps": tb, "floor_rps": tf,
-            "ratio": tw / tb, "floor_ratio": tf / tb, "rounds": rounds,
-            "cpu_us_per_request": {"with": cw, "without": cb, "floor": cf},
+            "passthrough_rps": tp, "ratio": tw / tb, "floor_ratio": tf / tb,
+            "passthrough_ratio": tp / tb, "rounds": rounds,
+            "cpu_us_per_request": {"with": cw, "without": cb, "floor": cf, "passthrough": cp},
             "cpu_ratio_without_over_with": cb / cw}),
     );
     // Inside the filter: a `bench-phases` build, on its own Envoy per body size so each one's
@@ -518,8 +549,8 @@ async fn main() -> anyhow::Result<()> {
     results.insert("fallbacks_during_bench".into(), fallbacks.into());
     with.stop(false).await;
     without.stop(false).await;
-    if let Some(f) = floor {
-        f.stop(false).await;
+    for e in [floor, passthrough].into_iter().flatten() {
+        e.stop(false).await;
     }
     if let Some(dir) = args.out.parent() {
         std::fs::create_dir_all(dir)?;
