@@ -76,16 +76,14 @@ impl RootContext for Root {
                 None => return false,
             }
         } else if root_id == FILTER_ROOT_ID || root_id.is_empty() {
-            // The tick flushes coalesced decision reports and deferred in-flight decrements.
-            let ticks =
-                host::set_tick(std::time::Duration::from_micros(worker::REPORT_COALESCE_US));
-            if !ticks {
+            // The tick flushes coalesced decision reports.
+            if !host::set_tick(std::time::Duration::from_micros(worker::REPORT_COALESCE_US)) {
                 host::log(
                     LogLevel::Warn,
                     "kvroute: no tick; decision reports are sent one by one",
                 );
             }
-            Root::Filter(std::rc::Rc::new(worker::Worker::new(config, ticks)))
+            Root::Filter(std::rc::Rc::new(worker::Worker::new(config)))
         } else {
             host::log(
                 LogLevel::Error,

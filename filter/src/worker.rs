@@ -34,8 +34,6 @@ const MAX_BATCH_BYTES: usize = 256 * 1024;
 pub struct Worker {
     config: FilterConfig,
     metrics: FilterMetrics,
-    /// Whether the worker's tick runs, so deferred in-flight decrements are flushed when idle.
-    ticks: bool,
     state: RefCell<WorkerState>,
 }
 
@@ -51,17 +49,12 @@ struct WorkerState {
     /// The compare-and-swap token of that read, so the routed request's increment can start
     /// from it instead of reading the counters again.
     inflight_cas: Option<u32>,
-    /// In-flight decrements of ended requests not yet written to shared data, laid out like
-    /// `inflight`. They go with this worker's next in-flight write (the next routed request's
-    /// increment) or its next tick, whichever comes first: one shared-data write per request
-    /// instead of two. This worker's own decisions count them at once.
-    pending: Vec<i64>,
     batch: Vec<u8>,
     last_sent_us: u64,
 }
 
 impl Worker {
-    pub fn new(config: FilterConfig, ticks: bool) -> Self {
+    pub fn new(config: FilterConfig) -> Self {
         let metrics = FilterMetrics::define(&config);
         let seed = host::now_us() ^ 0x9e37_79b9_7f4a_7c15;
         Self {
@@ -75,11 +68,9 @@ impl Worker {
                 vm_id: host::vm_id().unwrap_or_else(|| "kvroute".into()),
                 inflight: Vec::new(),
                 inflight_cas: None,
-                pending: vec![0; 2 * config.endpoints.len()],
                 batch: Vec::new(),
                 last_sent_us: 0,
             }),
-            ticks,
             config,
         }
     }
@@ -131,7 +122,6 @@ impl Worker {
         let n = self.config.endpoints.len();
         let mut counts = std::mem::take(&mut st.inflight);
         state::decode_inflight(value.as_deref().unwrap_or_default(), 2 * n, &mut counts);
-        apply_pending(&mut counts, &st.pending);
         st.inflight_cas = cas;
         let (inflight, inflight_blocks) = counts.split_at(n.min(counts.len()));
         let rand = Self::next_rand(st);
@@ -211,41 +201,28 @@ impl Worker {
         None
     }
 
-    /// Takes an ended request's requests and blocks off an endpoint's gateway in-flight counts:
-    /// deferred to this worker's next in-flight write when its tick runs, else at once.
-    fn end_inflight(&self, endpoint: usize, blocks: i64) {
-        let n = self.config.endpoints.len();
-        if self.ticks {
-            let mut st = self.state.borrow_mut();
-            if let Some(c) = st.pending.get_mut(endpoint) {
-                *c -= 1;
-            }
-            if let Some(c) = st.pending.get_mut(n + endpoint) {
-                *c -= blocks;
-            }
-        } else {
-            self.add_inflight_from(Some((endpoint, -1, -blocks)), None);
-        }
+    /// Adds `delta` requests and `blocks` prefix blocks to an endpoint's gateway in-flight counts
+    /// (compare-and-swap on shared data).
+    fn add_inflight(&self, endpoint: usize, delta: i64, blocks: i64) {
+        self.add_inflight_from(endpoint, delta, blocks, None);
     }
 
-    /// Adds one to the gateway in-flight count of the endpoint just chosen, and `blocks` to its
-    /// blocks, with the pending decrements. The first attempt starts from the counters the
-    /// decision read (one shared-data read fewer); if another worker changed them since, the swap
-    /// fails and the loop reads them again.
+    /// [`Worker::add_inflight`] for the request just decided: its first attempt starts from the
+    /// counters the decision read (one shared-data read fewer); if another worker changed them
+    /// since, the swap fails and the loop reads them again.
     fn add_inflight_after_decision(&self, endpoint: usize, blocks: i64) {
         let read = {
             let mut st = self.state.borrow_mut();
             st.inflight_cas.take().map(|cas| (st.inflight.clone(), cas))
         };
-        self.add_inflight_from(Some((endpoint, 1, blocks)), read);
+        self.add_inflight_from(endpoint, 1, blocks, read);
     }
 
-    /// Writes the pending decrements and `change` (endpoint, requests, blocks) to the gateway
-    /// in-flight counts (compare-and-swap on shared data). `read` is a read of the counts with
-    /// the pending decrements already applied, and its CAS token.
     fn add_inflight_from(
         &self,
-        change: Option<(usize, i64, i64)>,
+        endpoint: usize,
+        delta: i64,
+        blocks: i64,
         mut read: Option<(Vec<i64>, u32)>,
     ) {
         let n = self.config.endpoints.len();
@@ -264,23 +241,17 @@ impl Worker {
                         2 * n,
                         &mut counts,
                     );
-                    apply_pending(&mut counts, &self.state.borrow().pending);
                     cas
                 }
             };
-            if let Some((endpoint, delta, blocks)) = change {
-                if let Some(c) = counts.get_mut(endpoint) {
-                    *c = (*c + delta).max(0);
-                }
-                if let Some(c) = counts.get_mut(n + endpoint) {
-                    *c = (*c + blocks).max(0);
-                }
+            if let Some(c) = counts.get_mut(endpoint) {
+                *c = (*c + delta).max(0);
+            }
+            if let Some(c) = counts.get_mut(n + endpoint) {
+                *c = (*c + blocks).max(0);
             }
             match host::shared_set(state::INFLIGHT_KEY, &state::encode_inflight(&counts), cas) {
-                Ok(true) => {
-                    self.state.borrow_mut().pending.fill(0);
-                    return;
-                }
+                Ok(true) => return,
                 Ok(false) => continue,
                 Err(()) => break,
             }
@@ -336,24 +307,11 @@ impl Worker {
 
     /// The worker's tick: sends what waited for the coalescing interval.
     pub fn on_tick(&self) {
-        let pending = {
-            let mut guard = self.state.borrow_mut();
-            let st = &mut *guard;
-            if !st.batch.is_empty() {
-                self.flush(st, host::now_us());
-            }
-            st.pending.iter().any(|&c| c != 0)
-        };
-        if pending {
-            self.add_inflight_from(None, None);
+        let mut guard = self.state.borrow_mut();
+        let st = &mut *guard;
+        if !st.batch.is_empty() {
+            self.flush(st, host::now_us());
         }
-    }
-}
-
-/// Adds pending in-flight changes to counts read from shared data (none goes below zero).
-fn apply_pending(counts: &mut [i64], pending: &[i64]) {
-    for (c, p) in counts.iter_mut().zip(pending) {
-        *c = (*c + p).max(0);
     }
 }
 
@@ -692,7 +650,7 @@ impl Request {
             ..
         } = self.phase
         {
-            self.worker.end_inflight(endpoint, i64::from(blocks));
+            self.worker.add_inflight(endpoint, -1, -i64::from(blocks));
             self.phase = Phase::Passthrough;
         }
         if let Phase::Buffering(_) = self.phase {
