@@ -220,6 +220,39 @@ fn feature_wasm(feature: &str) -> Option<String> {
     None
 }
 
+/// "P50 / P90" cells of `stats` (key, histogram name) from an Envoy `/stats` text, in us (values
+/// times `to_us`); each also goes into `row` under its key.
+fn phase_cells(
+    text: &str,
+    stats: &[(&str, &str)],
+    to_us: f64,
+    row: &mut serde_json::Map<String, serde_json::Value>,
+) -> Vec<String> {
+    stats
+        .iter()
+        .map(|(key, stat)| {
+            let (p50, p90) = (
+                histogram_quantile(text, stat, "P50") * to_us,
+                histogram_quantile(text, stat, "P90") * to_us,
+            );
+            row.insert(
+                (*key).into(),
+                serde_json::json!({"p50_us": p50, "p90_us": p90}),
+            );
+            format!("{p50:.1} / {p90:.1}")
+        })
+        .collect()
+}
+
+/// Cells right-aligned in columns of 13.
+fn row_of(cells: &[String]) -> String {
+    cells
+        .iter()
+        .map(|c| format!("{c:>13}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// A quantile's cumulative value from an Envoy `/stats` histogram line
 /// (`NAME: P0(interval,cumulative) P25(...) ...`); NaN when absent.
 fn histogram_quantile(stats: &str, name: &str, q: &str) -> f64 {
@@ -453,53 +486,34 @@ async fn main() -> anyhow::Result<()> {
             .text()
             .await?;
         let mut row = serde_json::Map::new();
-        let mut cells = Vec::new();
-        for (key, stat) in [
-            ("body_copy", "kvroute_phase_us.phase.body"),
-            ("parse_hash", "kvroute_phase_us.phase.parse"),
-            ("decide", "kvroute_phase_us.phase.decide"),
-            ("route_record", "kvroute_phase_us.phase.route"),
-            ("all", "kvroute_decision_time_us"),
-        ] {
-            let (p50, p90) = (
-                histogram_quantile(&text, stat, "P50"),
-                histogram_quantile(&text, stat, "P90"),
-            );
-            cells.push(format!("{p50:.1} / {p90:.1}"));
-            row.insert(
-                key.into(),
-                serde_json::json!({"p50_us": p50, "p90_us": p90}),
-            );
-        }
-        println!(
-            "{label:>6} {:>13} {:>13} {:>13} {:>13} {:>13}",
-            cells.first().map_or("", String::as_str),
-            cells.get(1).map_or("", String::as_str),
-            cells.get(2).map_or("", String::as_str),
-            cells.get(3).map_or("", String::as_str),
-            cells.get(4).map_or("", String::as_str),
+        let cells = phase_cells(
+            &text,
+            &[
+                ("body_copy", "kvroute_phase_us.phase.body"),
+                ("parse_hash", "kvroute_phase_us.phase.parse"),
+                ("decide", "kvroute_phase_us.phase.decide"),
+                ("route_record", "kvroute_phase_us.phase.route"),
+                ("all", "kvroute_decision_time_us"),
+            ],
+            1.0,
+            &mut row,
         );
+        println!("{label:>6} {}", row_of(&cells));
         // The stream's other callbacks, timed in nanoseconds.
-        let mut cells = Vec::new();
-        for (key, stat) in [
-            ("request_headers", "kvroute_phase_ns.phase.headers"),
-            (
-                "response_headers",
-                "kvroute_phase_ns.phase.response_headers",
-            ),
-            ("response_body", "kvroute_phase_ns.phase.response_body"),
-            ("end", "kvroute_phase_ns.phase.end"),
-        ] {
-            let (p50, p90) = (
-                histogram_quantile(&text, stat, "P50") / 1000.0,
-                histogram_quantile(&text, stat, "P90") / 1000.0,
-            );
-            cells.push(format!("{p50:.1} / {p90:.1}"));
-            row.insert(
-                key.into(),
-                serde_json::json!({"p50_us": p50, "p90_us": p90}),
-            );
-        }
+        let cells = phase_cells(
+            &text,
+            &[
+                ("request_headers", "kvroute_phase_ns.phase.headers"),
+                (
+                    "response_headers",
+                    "kvroute_phase_ns.phase.response_headers",
+                ),
+                ("response_body", "kvroute_phase_ns.phase.response_body"),
+                ("end", "kvroute_phase_ns.phase.end"),
+            ],
+            1e-3,
+            &mut row,
+        );
         stream_cells.push((label, cells));
         phase_rows.insert(label.into(), row.into());
         e.stop(false).await;
@@ -511,13 +525,7 @@ async fn main() -> anyhow::Result<()> {
             "body", "req_headers", "resp_headers", "resp_body", "end"
         );
         for (label, cells) in stream_cells {
-            println!(
-                "{label:>6} {:>13} {:>13} {:>13} {:>13}",
-                cells.first().map_or("", String::as_str),
-                cells.get(1).map_or("", String::as_str),
-                cells.get(2).map_or("", String::as_str),
-                cells.get(3).map_or("", String::as_str),
-            );
+            println!("{label:>6} {}", row_of(&cells));
         }
     }
     if !phase_rows.is_empty() {
