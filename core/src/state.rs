@@ -318,11 +318,18 @@ impl PublishedState {
             return Err(StateError::Magic);
         }
         let head_len = u32_at(&bytes, 4).ok_or(StateError::Truncated)? as usize;
-        let head = bytes.get(8..8 + head_len).ok_or(StateError::Truncated)?;
+        let head = bytes
+            .get(8..8usize.saturating_add(head_len))
+            .ok_or(StateError::Truncated)?;
         let header: StateHeader = postcard::from_bytes(head).map_err(|_| StateError::Header)?;
         let at = 8 + head_len;
         let dir_n = u32_at(&bytes, at).ok_or(StateError::Truncated)? as usize;
         let sess_n = u32_at(&bytes, at + 4).ok_or(StateError::Truncated)? as usize;
+        // Neither section can be longer than the value (which also keeps the sums below from
+        // overflowing a 32-bit usize).
+        if dir_n.max(sess_n) > bytes.len() / 16 {
+            return Err(StateError::Truncated);
+        }
         let dir = at + 8..at + 8 + 16 * dir_n;
         let sess = dir.end..dir.end + 16 * sess_n;
         let bits = u32_at(&bytes, sess.end).ok_or(StateError::Truncated)?;
