@@ -271,7 +271,7 @@ impl DecisionReport {
         let has_session = *b.get(2)? == 1;
         let session = u64_at(b, 3)?;
         let n = u32_at(b, 11)? as usize;
-        if b.len() != 15 + 8 * n {
+        if b.len() != 15usize.saturating_add(8usize.saturating_mul(n)) {
             return None;
         }
         let blocks = (0..n)
