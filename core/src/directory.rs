@@ -157,6 +157,44 @@ pub struct Directory {
     lrus: Vec<LruCache<BlockHash, (), Prehashed>>,
     index: Index,
     sessions: LruCache<u64, u8, Prehashed>,
+    journal: Journal,
+}
+
+/// The blocks and sessions whose entries changed since the journal was last reset, so a publisher
+/// can send just those (with their current values) on top of its last full snapshot. Bounded: past
+/// its capacity, or after a change it does not track one by one, it only says that it overflowed.
+#[derive(Debug, Default)]
+struct Journal {
+    cap: usize,
+    blocks: Vec<BlockHash>,
+    sessions: Vec<u64>,
+    overflow: bool,
+}
+
+impl Journal {
+    fn block(&mut self, h: BlockHash) {
+        if self.blocks.len() + self.sessions.len() < self.cap {
+            self.blocks.push(h);
+        } else {
+            self.overflow = true;
+        }
+    }
+    fn session(&mut self, s: u64) {
+        if self.blocks.len() + self.sessions.len() < self.cap {
+            self.sessions.push(s);
+        } else {
+            self.overflow = true;
+        }
+    }
+}
+
+/// What changed in a directory since its journal was reset (see [`Directory::changes`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Changes {
+    /// Blocks whose holders changed, sorted, once each.
+    pub blocks: Vec<BlockHash>,
+    /// Sessions whose endpoint changed or that were forgotten, sorted, once each.
+    pub sessions: Vec<u64>,
 }
 
 fn nz(n: u32) -> NonZeroUsize {
@@ -193,7 +231,45 @@ impl Directory {
                 .collect(),
             index,
             sessions: LruCache::with_hasher(nz(session_capacity), Prehashed::default()),
+            journal: Journal::default(),
         }
+    }
+
+    /// Keeps a journal of up to `cap` changed entries from now on (0: none, the default).
+    pub fn set_journal_capacity(&mut self, cap: usize) {
+        self.journal.cap = cap;
+        self.reset_journal();
+    }
+
+    /// Starts the journal afresh (after a full snapshot was taken).
+    pub fn reset_journal(&mut self) {
+        self.journal.blocks.clear();
+        self.journal.sessions.clear();
+        self.journal.overflow = false;
+    }
+
+    /// The entries that changed since the journal was reset, or None if the journal overflowed
+    /// (or is off) and only a full snapshot can say what changed.
+    pub fn changes(&self) -> Option<Changes> {
+        if self.journal.overflow || self.journal.cap == 0 {
+            return None;
+        }
+        let mut blocks = self.journal.blocks.clone();
+        blocks.sort_unstable();
+        blocks.dedup();
+        let mut sessions = self.journal.sessions.clone();
+        sessions.sort_unstable();
+        sessions.dedup();
+        Some(Changes { blocks, sessions })
+    }
+
+    /// [`Directory::changes`], and the journal starts afresh (an overflow stays until
+    /// [`Directory::reset_journal`]): what changed since the last take.
+    pub fn take_changes(&mut self) -> Option<Changes> {
+        let c = self.changes();
+        self.journal.blocks.clear();
+        self.journal.sessions.clear();
+        c
     }
 
     /// Number of endpoints.
@@ -212,18 +288,45 @@ impl Directory {
         };
         let bit = 1u64 << endpoint;
         let mut changed = false;
+        let journal = self.journal.cap > 0;
         for h in blocks.iter().rev() {
             match lru.push(*h, ()) {
                 // Already held: only its recency changed, and the index already has its bit.
                 Some((k, ())) if k == *h => continue,
-                Some((evicted, ())) => self.index.unset(evicted, bit),
+                Some((evicted, ())) => {
+                    self.index.unset(evicted, bit);
+                    if journal {
+                        self.journal.block(evicted);
+                    }
+                }
                 None => {}
             }
             changed = true;
             self.index.set_bit(*h, bit);
+            if journal {
+                self.journal.block(*h);
+            }
         }
         if let Some(s) = session {
-            changed |= self.sessions.put(s, endpoint as u8) != Some(endpoint as u8);
+            match self.sessions.push(s, endpoint as u8) {
+                Some((k, e)) if k == s => {
+                    if e != endpoint as u8 {
+                        changed = true;
+                        if journal {
+                            self.journal.session(s);
+                        }
+                    }
+                }
+                evicted => {
+                    changed = true;
+                    if journal {
+                        self.journal.session(s);
+                        if let Some((k, _)) = evicted {
+                            self.journal.session(k);
+                        }
+                    }
+                }
+            }
         }
         changed
     }
@@ -234,6 +337,7 @@ impl Directory {
             return;
         };
         let bit = 1u64 << endpoint;
+        self.journal.overflow = true;
         while lru.len() > blocks as usize {
             if let Some((h, ())) = lru.pop_lru() {
                 self.index.unset(h, bit);
@@ -248,6 +352,7 @@ impl Directory {
             return;
         };
         let bit = 1u64 << endpoint;
+        self.journal.overflow = true;
         while let Some((h, ())) = lru.pop_lru() {
             self.index.unset(h, bit);
         }
@@ -256,6 +361,7 @@ impl Directory {
     /// Forgets everything: every endpoint's blocks and every session (the engines' caches were
     /// reset, or an operator asked for it).
     pub fn clear(&mut self) {
+        self.journal.overflow = true;
         for lru in &mut self.lrus {
             lru.clear();
         }

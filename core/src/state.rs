@@ -20,7 +20,7 @@ use std::ops::Range;
 use serde::{Deserialize, Serialize};
 
 use crate::config::PolicySettings;
-use crate::directory::{Directory, PrefixIndex};
+use crate::directory::{Changes, Directory, PrefixIndex};
 use crate::hash::BlockHash;
 
 /// Magic and schema version of the encoding.
@@ -39,6 +39,24 @@ pub fn encode_version(version: u64, directory_as_of_ms: u64) -> [u8; 16] {
     b[..8].copy_from_slice(&version.to_le_bytes());
     b[8..].copy_from_slice(&directory_as_of_ms.to_le_bytes());
     b
+}
+
+/// [`encode_version`]'s value followed by the sequence number of the overlay published on top of
+/// that state (0: none).
+pub fn encode_version_with_overlay(
+    version: u64,
+    directory_as_of_ms: u64,
+    overlay: u64,
+) -> [u8; 24] {
+    let mut b = [0u8; 24];
+    b[..16].copy_from_slice(&encode_version(version, directory_as_of_ms));
+    b[16..].copy_from_slice(&overlay.to_le_bytes());
+    b
+}
+
+/// The overlay sequence number in a version value (0 when it names none).
+pub fn decode_overlay_seq(b: &[u8]) -> u64 {
+    u64_at(b, 16).unwrap_or(0)
 }
 
 /// Reads [`encode_version`]'s value: (version, directory as-of ms if present).
@@ -156,7 +174,35 @@ impl DirectorySection {
 
     /// The directory's current entries and sessions.
     pub fn of(d: &Directory) -> Self {
-        let (dir_n, sess_n) = (d.distinct_blocks(), d.sessions());
+        let mut sessions: Vec<(u64, u64)> =
+            d.session_entries().map(|(s, e)| (s, e as u64)).collect();
+        sessions.sort_unstable();
+        Self::build(&d.entries(), &sessions)
+    }
+
+    /// The current entries of what changed in `d` (see [`Directory::changes`]): each changed block
+    /// with its holders now (0 once no endpoint holds it), each changed session with its endpoint
+    /// now ([`NO_ENDPOINT`] once forgotten). Published on top of the last full section, it makes
+    /// the workers' view the directory's current one.
+    pub fn of_changes(d: &Directory, changes: &Changes) -> Self {
+        let pairs: Vec<(BlockHash, u64)> =
+            changes.blocks.iter().map(|h| (*h, d.holders(*h))).collect();
+        let sessions: Vec<(u64, u64)> = changes
+            .sessions
+            .iter()
+            .map(|s| (*s, d.session_endpoint(*s).map_or(NO_ENDPOINT, |e| e as u64)))
+            .collect();
+        Self::build(&pairs, &sessions)
+    }
+
+    /// The section of an overlay's entries.
+    pub fn of_overlay(o: &OverlayBuilder) -> Self {
+        Self::build(&o.blocks, &o.sessions)
+    }
+
+    /// Encodes pairs in ascending hash order and sessions in ascending order.
+    fn build(pairs: &[(BlockHash, u64)], sessions: &[(u64, u64)]) -> Self {
+        let (dir_n, sess_n) = (pairs.len(), sessions.len());
         let bits = bucket_bits(dir_n);
         let buckets = 1usize << bits;
         let mut out = Vec::with_capacity(8 + 16 * (dir_n + sess_n) + 4 + 4 * (buckets + 1));
@@ -165,7 +211,7 @@ impl DirectorySection {
         // offsets[b + 1] counts bucket b's entries, then the running sum makes each offset the
         // first entry of its bucket (entries are in ascending hash order).
         let mut offsets = vec![0u32; buckets + 1];
-        for (h, m) in d.entries() {
+        for (h, m) in pairs {
             if let Some(c) = offsets.get_mut(bucket_of(h.0, bits) + 1) {
                 *c += 1;
             }
@@ -177,17 +223,20 @@ impl DirectorySection {
             sum += *o;
             *o = sum;
         }
-        let mut sessions: Vec<(u64, usize)> = d.session_entries().collect();
-        sessions.sort_unstable();
         for (s, e) in sessions {
             out.extend_from_slice(&s.to_le_bytes());
-            out.extend_from_slice(&(e as u64).to_le_bytes());
+            out.extend_from_slice(&e.to_le_bytes());
         }
         out.extend_from_slice(&bits.to_le_bytes());
         for o in offsets {
             out.extend_from_slice(&o.to_le_bytes());
         }
         Self(out)
+    }
+
+    /// Entries (blocks and sessions) it holds.
+    pub fn entries(&self) -> usize {
+        u32_at(&self.0, 0).unwrap_or(0) as usize + u32_at(&self.0, 4).unwrap_or(0) as usize
     }
 
     /// Encoded size in bytes.
@@ -291,6 +340,12 @@ pub struct PublishedState {
     bytes: Vec<u8>,
     /// The header.
     pub header: StateHeader,
+    section: Section,
+}
+
+/// Where a directory section's parts lie in the bytes that hold it.
+#[derive(Debug, Clone)]
+struct Section {
     dir: Range<usize>,
     sess: Range<usize>,
     /// Bucket bits of the directory's index.
@@ -298,6 +353,9 @@ pub struct PublishedState {
     /// Where the index's offsets start.
     index: usize,
 }
+
+/// A session's endpoint in a published overlay when the directory forgot the session.
+pub const NO_ENDPOINT: u64 = u64::MAX;
 
 fn u32_at(b: &[u8], at: usize) -> Option<u32> {
     b.get(at..at + 4)
@@ -322,17 +380,39 @@ impl PublishedState {
             .get(8..8usize.saturating_add(head_len))
             .ok_or(StateError::Truncated)?;
         let header: StateHeader = postcard::from_bytes(head).map_err(|_| StateError::Header)?;
-        let at = 8 + head_len;
-        let dir_n = u32_at(&bytes, at).ok_or(StateError::Truncated)? as usize;
-        let sess_n = u32_at(&bytes, at + 4).ok_or(StateError::Truncated)? as usize;
-        // Neither section can be longer than the value (which also keeps the sums below from
+        let section = Section::parse(&bytes, 8 + head_len)?;
+        Ok(Self {
+            bytes,
+            header,
+            section,
+        })
+    }
+
+    /// Directory entries published.
+    pub fn directory_entries(&self) -> usize {
+        self.section.dir.len() / 16
+    }
+
+    /// Size of the encoded value.
+    pub fn encoded_len(&self) -> usize {
+        self.bytes.len()
+    }
+}
+
+impl Section {
+    /// Parses the section that starts at `at` and runs to the end of `bytes`, checking every
+    /// length.
+    fn parse(bytes: &[u8], at: usize) -> Result<Self, StateError> {
+        let dir_n = u32_at(bytes, at).ok_or(StateError::Truncated)? as usize;
+        let sess_n = u32_at(bytes, at + 4).ok_or(StateError::Truncated)? as usize;
+        // Neither part can be longer than the value (which also keeps the sums below from
         // overflowing a 32-bit usize).
         if dir_n.max(sess_n) > bytes.len() / 16 {
             return Err(StateError::Truncated);
         }
         let dir = at + 8..at + 8 + 16 * dir_n;
         let sess = dir.end..dir.end + 16 * sess_n;
-        let bits = u32_at(&bytes, sess.end).ok_or(StateError::Truncated)?;
+        let bits = u32_at(bytes, sess.end).ok_or(StateError::Truncated)?;
         if bits > MAX_BUCKET_BITS {
             return Err(StateError::Index);
         }
@@ -343,14 +423,12 @@ impl PublishedState {
         }
         // Lookups clamp each bucket's range to the entries, so a bad offset can only miss a key;
         // the ends are checked here.
-        if u32_at(&bytes, index) != Some(0)
-            || u32_at(&bytes, index + 4 * buckets) != Some(dir_n as u32)
+        if u32_at(bytes, index) != Some(0)
+            || u32_at(bytes, index + 4 * buckets) != Some(dir_n as u32)
         {
             return Err(StateError::Index);
         }
         Ok(Self {
-            bytes,
-            header,
             dir,
             sess,
             bits,
@@ -358,91 +436,233 @@ impl PublishedState {
         })
     }
 
-    /// The holders of block `key`: the pairs of its bucket, scanned (a bucket holds two to four
-    /// when hashes are uniform), or binary searched when a bucket is unusually full.
-    fn holders_of(&self, key: u64) -> u64 {
+    /// The holders of block `key` if the section has an entry for it: the pairs of its bucket,
+    /// scanned (a bucket holds two to four when hashes are uniform), or binary searched when a
+    /// bucket is unusually full.
+    fn holders(&self, bytes: &[u8], key: u64) -> Option<u64> {
         let b = bucket_of(key, self.bits);
         let n = self.dir.len() / 16;
-        let at = |i: usize| u32_at(&self.bytes, self.index + 4 * i).map_or(n, |o| o as usize);
+        let at = |i: usize| u32_at(bytes, self.index + 4 * i).map_or(n, |o| o as usize);
         let (lo, hi) = (at(b).min(n), at(b + 1).min(n));
-        let Some(pairs) = self
-            .bytes
-            .get(self.dir.start + 16 * lo..self.dir.start + 16 * hi.max(lo))
-        else {
-            return 0;
-        };
+        let pairs = bytes.get(self.dir.start + 16 * lo..self.dir.start + 16 * hi.max(lo))?;
         if pairs.len() <= 16 * 16 {
             for p in pairs.chunks_exact(16) {
                 match u64_at(p, 0).map(|k| k.cmp(&key)) {
-                    Some(std::cmp::Ordering::Equal) => return u64_at(p, 8).unwrap_or(0),
-                    Some(std::cmp::Ordering::Greater) | None => return 0,
+                    Some(std::cmp::Ordering::Equal) => return u64_at(p, 8),
+                    Some(std::cmp::Ordering::Greater) | None => return None,
                     Some(std::cmp::Ordering::Less) => {}
                 }
             }
-            return 0;
+            return None;
         }
         let (mut lo, mut hi) = (0usize, pairs.len() / 16);
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
             match u64_at(pairs, mid * 16).map(|k| k.cmp(&key)) {
-                Some(std::cmp::Ordering::Equal) => return u64_at(pairs, mid * 16 + 8).unwrap_or(0),
+                Some(std::cmp::Ordering::Equal) => return u64_at(pairs, mid * 16 + 8),
                 Some(std::cmp::Ordering::Less) => lo = mid + 1,
                 Some(std::cmp::Ordering::Greater) | None => hi = mid,
             }
         }
-        0
-    }
-
-    /// Directory entries published.
-    pub fn directory_entries(&self) -> usize {
-        self.dir.len() / 16
-    }
-
-    /// Size of the encoded value.
-    pub fn encoded_len(&self) -> usize {
-        self.bytes.len()
-    }
-
-    /// The value of `key` in a sorted section of (key, value) pairs. Keys are uniform 64-bit hashes,
-    /// so a few interpolation steps narrow the range to a handful of entries (about log log n
-    /// probes instead of log n); a binary search finishes, which also bounds the worst case.
-    fn search(&self, range: &Range<usize>, key: u64) -> Option<u64> {
-        let b = self.bytes.get(range.clone())?;
-        let (mut lo, mut hi) = (0usize, b.len() / 16);
-        // Every key in entries lo..hi lies in (k_lo, k_hi) (bounds inclusive at the ends).
-        let (mut k_lo, mut k_hi) = (0u64, u64::MAX);
-        for _ in 0..4 {
-            if hi - lo <= 8 || key < k_lo || key > k_hi {
-                break;
-            }
-            let frac = (key - k_lo) as f64 / ((k_hi - k_lo) as f64 + 1.0);
-            let mid = (lo + (frac * (hi - lo) as f64) as usize).min(hi - 1);
-            let k = u64_at(b, mid * 16)?;
-            match k.cmp(&key) {
-                std::cmp::Ordering::Equal => return u64_at(b, mid * 16 + 8),
-                std::cmp::Ordering::Less => (lo, k_lo) = (mid + 1, k),
-                std::cmp::Ordering::Greater => (hi, k_hi) = (mid, k),
-            }
-        }
-        while lo < hi {
-            let mid = lo + (hi - lo) / 2;
-            let k = u64_at(b, mid * 16)?;
-            match k.cmp(&key) {
-                std::cmp::Ordering::Equal => return u64_at(b, mid * 16 + 8),
-                std::cmp::Ordering::Less => lo = mid + 1,
-                std::cmp::Ordering::Greater => hi = mid,
-            }
-        }
         None
     }
+
+    /// The endpoint value of session `s` if the section has an entry for it.
+    fn session(&self, bytes: &[u8], s: u64) -> Option<u64> {
+        search(bytes, &self.sess, s)
+    }
+}
+
+/// The value of `key` in a sorted section of (key, value) pairs. Keys are uniform 64-bit hashes,
+/// so a few interpolation steps narrow the range to a handful of entries (about log log n
+/// probes instead of log n); a binary search finishes, which also bounds the worst case.
+fn search(bytes: &[u8], range: &Range<usize>, key: u64) -> Option<u64> {
+    let b = bytes.get(range.clone())?;
+    let (mut lo, mut hi) = (0usize, b.len() / 16);
+    // Every key in entries lo..hi lies in (k_lo, k_hi) (bounds inclusive at the ends).
+    let (mut k_lo, mut k_hi) = (0u64, u64::MAX);
+    for _ in 0..4 {
+        if hi - lo <= 8 || key < k_lo || key > k_hi {
+            break;
+        }
+        let frac = (key - k_lo) as f64 / ((k_hi - k_lo) as f64 + 1.0);
+        let mid = (lo + (frac * (hi - lo) as f64) as usize).min(hi - 1);
+        let k = u64_at(b, mid * 16)?;
+        match k.cmp(&key) {
+            std::cmp::Ordering::Equal => return u64_at(b, mid * 16 + 8),
+            std::cmp::Ordering::Less => (lo, k_lo) = (mid + 1, k),
+            std::cmp::Ordering::Greater => (hi, k_hi) = (mid, k),
+        }
+    }
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        let k = u64_at(b, mid * 16)?;
+        match k.cmp(&key) {
+            std::cmp::Ordering::Equal => return u64_at(b, mid * 16 + 8),
+            std::cmp::Ordering::Less => lo = mid + 1,
+            std::cmp::Ordering::Greater => hi = mid,
+        }
+    }
+    None
 }
 
 impl PrefixIndex for PublishedState {
     fn holders(&self, h: BlockHash) -> u64 {
-        self.holders_of(h.0)
+        self.section.holders(&self.bytes, h.0).unwrap_or(0)
     }
     fn session_endpoint(&self, s: u64) -> Option<usize> {
-        self.search(&self.sess, s).map(|e| e as usize)
+        self.section.session(&self.bytes, s).map(|e| e as usize)
+    }
+}
+
+/// The entries of an overlay: every change since the last full state, with its value as of the
+/// latest change, kept sorted so that each publish merges in only the changes since the one before
+/// (the journal's take), instead of looking every change up again.
+#[derive(Debug, Default, Clone)]
+pub struct OverlayBuilder {
+    blocks: Vec<(BlockHash, u64)>,
+    sessions: Vec<(u64, u64)>,
+}
+
+impl OverlayBuilder {
+    /// Forgets every entry (a full state was published).
+    pub fn clear(&mut self) {
+        self.blocks.clear();
+        self.sessions.clear();
+    }
+
+    /// Entries held (blocks and sessions).
+    pub fn len(&self) -> usize {
+        self.blocks.len() + self.sessions.len()
+    }
+
+    /// True when it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Merges in the current values of `changes` in `d` (newer than any it holds).
+    pub fn add(&mut self, d: &Directory, changes: &Changes) {
+        let blocks: Vec<(BlockHash, u64)> =
+            changes.blocks.iter().map(|h| (*h, d.holders(*h))).collect();
+        let sessions: Vec<(u64, u64)> = changes
+            .sessions
+            .iter()
+            .map(|s| (*s, d.session_endpoint(*s).map_or(NO_ENDPOINT, |e| e as u64)))
+            .collect();
+        merge_newer(&mut self.blocks, blocks);
+        merge_newer(&mut self.sessions, sessions);
+    }
+}
+
+/// Merges `newer` (sorted by key, keys unique) into `into` (the same); on a key in both, the newer
+/// value wins.
+fn merge_newer<K: Ord + Copy, V: Copy>(into: &mut Vec<(K, V)>, newer: Vec<(K, V)>) {
+    if newer.is_empty() {
+        return;
+    }
+    let old = std::mem::take(into);
+    into.reserve(old.len() + newer.len());
+    let mut a = old.into_iter().peekable();
+    let mut b = newer.into_iter().peekable();
+    loop {
+        let next = match (a.peek(), b.peek()) {
+            (Some(x), Some(y)) => match x.0.cmp(&y.0) {
+                std::cmp::Ordering::Less => a.next(),
+                std::cmp::Ordering::Greater => b.next(),
+                std::cmp::Ordering::Equal => {
+                    a.next();
+                    b.next()
+                }
+            },
+            (Some(_), None) => a.next(),
+            (None, Some(_)) => b.next(),
+            (None, None) => break,
+        };
+        into.extend(next);
+    }
+}
+
+/// Magic of a published overlay.
+pub const OVERLAY_MAGIC: &[u8; 4] = b"KVO1";
+/// Shared-data key of the overlay: what changed in the directory since the published state's.
+pub const OVERLAY_KEY: &str = "kvroute.state.overlay";
+
+/// Encodes an overlay: `"KVO1" | base version: u64 LE | seq: u64 LE | section` (the section of
+/// [`DirectorySection::of_changes`]). It applies to the state of version `base` only.
+pub fn encode_overlay(base: u64, seq: u64, changes: &DirectorySection) -> Vec<u8> {
+    let empty = DirectorySection::empty();
+    let section = if changes.0.len() >= empty.0.len() {
+        &changes.0[..]
+    } else {
+        &empty.0[..]
+    };
+    let mut out = Vec::with_capacity(20 + section.len());
+    out.extend_from_slice(OVERLAY_MAGIC);
+    out.extend_from_slice(&base.to_le_bytes());
+    out.extend_from_slice(&seq.to_le_bytes());
+    out.extend_from_slice(section);
+    out
+}
+
+/// A decoded overlay, owning its bytes.
+#[derive(Debug, Clone)]
+pub struct PublishedOverlay {
+    bytes: Vec<u8>,
+    /// The version of the state it applies to.
+    pub base: u64,
+    /// Its sequence number (the version key names the current one).
+    pub seq: u64,
+    section: Section,
+}
+
+impl PublishedOverlay {
+    /// Decodes an overlay value, checking every length.
+    pub fn decode(bytes: Vec<u8>) -> Result<Self, StateError> {
+        if bytes.get(..4) != Some(OVERLAY_MAGIC.as_slice()) {
+            return Err(StateError::Magic);
+        }
+        let base = u64_at(&bytes, 4).ok_or(StateError::Truncated)?;
+        let seq = u64_at(&bytes, 12).ok_or(StateError::Truncated)?;
+        let section = Section::parse(&bytes, 20)?;
+        Ok(Self {
+            bytes,
+            base,
+            seq,
+            section,
+        })
+    }
+
+    /// Entries it holds (blocks and sessions).
+    pub fn entries(&self) -> usize {
+        (self.section.dir.len() + self.section.sess.len()) / 16
+    }
+}
+
+/// A published state with the overlay published on top of it, if any: what the workers route on.
+/// An entry of the overlay replaces the state's (a block no endpoint holds any more reads 0, a
+/// forgotten session none).
+#[derive(Debug, Clone, Copy)]
+pub struct Layered<'a> {
+    /// The state.
+    pub base: &'a PublishedState,
+    /// The overlay, when it applies to that state.
+    pub top: Option<&'a PublishedOverlay>,
+}
+
+impl PrefixIndex for Layered<'_> {
+    fn holders(&self, h: BlockHash) -> u64 {
+        match self.top.and_then(|t| t.section.holders(&t.bytes, h.0)) {
+            Some(m) => m,
+            None => self.base.holders(h),
+        }
+    }
+    fn session_endpoint(&self, s: u64) -> Option<usize> {
+        match self.top.and_then(|t| t.section.session(&t.bytes, s)) {
+            Some(NO_ENDPOINT) => None,
+            Some(e) => Some(e as usize),
+            None => self.base.session_endpoint(s),
+        }
     }
 }
 
@@ -536,6 +756,30 @@ mod tests {
         assert_eq!(PublishedState::decode(b).unwrap_err(), StateError::Index);
     }
 
+    #[test]
+    fn the_journal_overflows_past_its_capacity_and_on_untracked_changes() {
+        let mut d = Directory::new(&[100, 100], 10);
+        assert_eq!(d.changes(), None, "off by default");
+        d.set_journal_capacity(4);
+        d.record(0, &[BlockHash(1), BlockHash(2)], Some(9));
+        let c = d.changes().unwrap();
+        assert_eq!(c.blocks, vec![BlockHash(1), BlockHash(2)]);
+        assert_eq!(c.sessions, vec![9]);
+        // Recency only: nothing new.
+        d.record(0, &[BlockHash(1)], Some(9));
+        assert_eq!(d.changes().unwrap().blocks.len(), 2);
+        d.record(1, &[BlockHash(3), BlockHash(4)], None);
+        assert_eq!(d.changes(), None, "five changes in a journal of four");
+        d.reset_journal();
+        assert_eq!(d.changes().unwrap().blocks, vec![]);
+        d.clear_endpoint(1);
+        assert_eq!(
+            d.changes(),
+            None,
+            "a cleared endpoint is not tracked block by block"
+        );
+    }
+
     /// Uniform block hashes land two to four to a bucket, so a lookup reads a few pairs.
     #[test]
     fn buckets_hold_a_few_uniform_hashes() {
@@ -546,9 +790,9 @@ mod tests {
                 .collect();
             d.record(0, &blocks, None);
             let s = PublishedState::decode(encode(&header(), &DirectorySection::of(&d))).unwrap();
-            let buckets = 1usize << s.bits;
+            let buckets = 1usize << s.section.bits;
             let offsets: Vec<usize> = (0..=buckets)
-                .map(|i| u32_at(&s.bytes, s.index + 4 * i).unwrap() as usize)
+                .map(|i| u32_at(&s.bytes, s.section.index + 4 * i).unwrap() as usize)
                 .collect();
             let mean = n as f64 / buckets as f64;
             let max = offsets.windows(2).map(|w| w[1] - w[0]).max().unwrap();
@@ -580,6 +824,55 @@ mod tests {
             let s = PublishedState::decode(encode(&header(), &DirectorySection::of(&d))).unwrap();
             let probe: Vec<BlockHash> = probe.into_iter().map(BlockHash).collect();
             prop_assert_eq!(match_lengths(&s, &probe, 3), match_lengths(&d, &probe, 3));
+        }
+
+        /// A full snapshot with the overlay of the changes since answers exactly as the live
+        /// directory does: blocks added and evicted, sessions moved and forgotten.
+        #[test]
+        fn snapshot_and_overlay_answer_like_the_directory(
+            before in prop::collection::vec((0usize..3, prop::collection::vec(0u64..60, 0..12), prop::option::of(0u64..12)), 0..20),
+            after in prop::collection::vec((0usize..3, prop::collection::vec(0u64..60, 0..12), prop::option::of(0u64..12)), 0..20),
+        ) {
+            let mut d = Directory::new(&[10, 15, 20], 5);
+            d.set_journal_capacity(10_000);
+            let record = |d: &mut Directory, ops: &[(usize, Vec<u64>, Option<u64>)]| {
+                for (e, b, s) in ops {
+                    d.record(*e, &b.iter().map(|x| BlockHash(*x)).collect::<Vec<_>>(), *s);
+                }
+            };
+            record(&mut d, &before);
+            let base = PublishedState::decode(encode(&header(), &DirectorySection::of(&d))).unwrap();
+            d.reset_journal();
+            // Published after every few decisions, each time merging only the changes since the
+            // last take, as the singleton does.
+            let mut overlay = OverlayBuilder::default();
+            for chunk in after.chunks(3) {
+                record(&mut d, chunk);
+                let c = d.take_changes().unwrap();
+                overlay.add(&d, &c);
+            }
+            let top = PublishedOverlay::decode(encode_overlay(
+                7,
+                1,
+                &DirectorySection::of_overlay(&overlay),
+            ))
+            .unwrap();
+            // The same in one piece.
+            let whole = DirectorySection::of_changes(&d, &{
+                let mut all = d.changes().unwrap();
+                all.blocks = overlay.blocks.iter().map(|(h, _)| *h).collect();
+                all.sessions = overlay.sessions.iter().map(|(s, _)| *s).collect();
+                all
+            });
+            prop_assert_eq!(&whole, &DirectorySection::of_overlay(&overlay));
+            prop_assert_eq!(top.base, 7);
+            let view = Layered { base: &base, top: Some(&top) };
+            for h in 0u64..60 {
+                prop_assert_eq!(view.holders(BlockHash(h)), d.holders(BlockHash(h)), "block {}", h);
+            }
+            for s in 0u64..12 {
+                prop_assert_eq!(view.session_endpoint(s), d.session_endpoint(s), "session {}", s);
+            }
         }
 
         /// The bucket index finds every key and no absent one, whatever the key distribution

@@ -304,6 +304,8 @@ pub struct StateMetrics {
     pub state_version: Id,
     pub state_bytes: Id,
     pub publishes: Id,
+    pub overlay_publishes: Id,
+    pub overlay_entries: Id,
     pub directory_blocks: Id,
     pub directory_endpoint_blocks: Vec<Id>,
     pub inflight: Vec<Id>,
@@ -331,6 +333,8 @@ impl StateMetrics {
             state_version: gauge("kvroute_state_version"),
             state_bytes: gauge("kvroute_state_bytes"),
             publishes: counter("kvroute_state_publishes_total"),
+            overlay_publishes: counter("kvroute_state_overlay_publishes_total"),
+            overlay_entries: gauge("kvroute_state_overlay_entries"),
             directory_blocks: gauge("kvroute_directory_blocks"),
             directory_endpoint_blocks: config
                 .endpoints

@@ -8,7 +8,7 @@ use kvroute_core::directory::Directory;
 use kvroute_core::policy::PolicyKind;
 use kvroute_core::snapshot::Snapshot;
 use kvroute_core::state::{
-    self, DecisionReport, DirectorySection, EndpointStatus, EngineLoad, StateHeader,
+    self, DecisionReport, DirectorySection, EndpointStatus, EngineLoad, OverlayBuilder, StateHeader,
 };
 use kvroute_core::FilterConfig;
 use proxy_wasm::types::LogLevel;
@@ -21,6 +21,11 @@ use crate::metrics::{HostOp, StateMetrics};
 const MAX_MESSAGES_PER_WAKE: usize = 1024;
 /// Tick period: the finest publish interval and runtime poll granularity.
 const TICK_MS: u64 = 20;
+/// Most directory changes (blocks and sessions) an overlay carries; past it the next publish is a
+/// full one. With publishing on every decision, each decision that changes
+/// the directory publishes the changes since the last full state (an overlay of a few KB) instead
+/// of the whole directory, and the workers copy that instead of the whole state.
+const OVERLAY_MAX_CHANGES: usize = 2048;
 
 pub struct Singleton {
     config: FilterConfig,
@@ -36,6 +41,13 @@ pub struct Singleton {
     dir_dirty: bool,
     /// Decisions were recorded since the last publish, but they changed nothing it shows.
     dir_touched: bool,
+    /// Sequence number of the overlay published on top of the current state (0: none).
+    overlay_seq: u64,
+    /// Its entries: the directory's changes since that state.
+    overlay: OverlayBuilder,
+    /// The directory's journal counts changes from the directory section last published (so an
+    /// overlay of them makes the published view current).
+    journal_from_published: bool,
     poll_token: Option<u32>,
     poll_sent_ms: u64,
     last_runtime_errors: Vec<String>,
@@ -87,6 +99,9 @@ impl Singleton {
             published_dir_at_ms: 0,
             dir_dirty: false,
             dir_touched: false,
+            overlay_seq: 0,
+            overlay: OverlayBuilder::default(),
+            journal_from_published: false,
             poll_token: None,
             poll_sent_ms: 0,
             last_runtime_errors: Vec::new(),
@@ -107,6 +122,7 @@ impl Singleton {
                 None,
             );
         }
+        s.directory.set_journal_capacity(OVERLAY_MAX_CHANGES);
         s.publish(true);
         s.update_gauges();
         if !host::set_tick(Duration::from_millis(TICK_MS)) {
@@ -378,12 +394,24 @@ impl Singleton {
     /// recency refreshed) just the time the published directory is current as of.
     fn publish_due(&mut self, now: u64) {
         if self.dir_dirty {
-            self.publish(true);
+            // On every decision, the changes since the last full state, while they are few.
+            match self.directory.take_changes() {
+                Some(c)
+                    if self.journal_from_published
+                        && self.settings.publish_interval == PublishInterval::EveryDecision
+                        && self.overlay.len() + c.blocks.len() + c.sessions.len()
+                            <= OVERLAY_MAX_CHANGES =>
+                {
+                    self.overlay.add(&self.directory, &c);
+                    self.publish_overlay(now);
+                }
+                _ => self.publish(true),
+            }
         } else if self.dir_touched {
             self.dir_touched = false;
             if self.published_dir_at_ms != 0 {
                 self.published_dir_at_ms = now;
-                let v = state::encode_version(self.version, now);
+                let v = state::encode_version_with_overlay(self.version, now, self.overlay_seq);
                 if host::shared_set(state::VERSION_KEY, &v, None) != Ok(true) {
                     self.metrics.host_error(HostOp::Publish);
                 }
@@ -395,11 +423,19 @@ impl Singleton {
     /// published one is kept, so a settings change does not shorten the directory interval).
     fn publish(&mut self, with_directory: bool) {
         let now = now_ms();
+        // An overlay applies to the state it was published on: a new state carries its changes.
+        let with_directory = with_directory || self.overlay_seq > 0 || !self.overlay.is_empty();
+        self.overlay_seq = 0;
+        self.overlay.clear();
         if self.settings.publish_interval == PublishInterval::Never {
             self.published_dir = DirectorySection::empty();
             self.published_dir_at_ms = 0;
+            // The journal counts from the directory published, and none is.
+            self.journal_from_published = false;
         } else if with_directory {
             self.published_dir = DirectorySection::of(&self.directory);
+            self.directory.reset_journal();
+            self.journal_from_published = true;
             self.published_dir_at_ms = now;
             self.dir_dirty = false;
             self.dir_touched = false;
@@ -423,11 +459,39 @@ impl Singleton {
             ) == Ok(true);
         if !ok {
             self.metrics.host_error(HostOp::Publish);
+            // The workers may not have this directory: the next publish must be a full one.
+            self.journal_from_published = false;
             return;
         }
         host::increment(self.metrics.publishes, 1);
         host::record(self.metrics.state_version, self.version);
         host::record(self.metrics.state_bytes, blob.len() as u64);
+        self.gauges_dirty = true;
+    }
+
+    /// Publishes the directory's changes since the last full state as an overlay on top of it.
+    fn publish_overlay(&mut self, now: u64) {
+        let seq = self.overlay_seq + 1;
+        let section = DirectorySection::of_overlay(&self.overlay);
+        let blob = state::encode_overlay(self.version, seq, &section);
+        let ok = host::shared_set(state::OVERLAY_KEY, &blob, None) == Ok(true)
+            && host::shared_set(
+                state::VERSION_KEY,
+                &state::encode_version_with_overlay(self.version, now, seq),
+                None,
+            ) == Ok(true);
+        if !ok {
+            // The version key still names the previous overlay; the builder keeps these changes,
+            // and the next publish sends them.
+            self.metrics.host_error(HostOp::Publish);
+            return;
+        }
+        self.overlay_seq = seq;
+        self.published_dir_at_ms = now;
+        self.dir_dirty = false;
+        self.dir_touched = false;
+        host::increment(self.metrics.overlay_publishes, 1);
+        host::record(self.metrics.overlay_entries, section.entries() as u64);
         self.gauges_dirty = true;
     }
 

@@ -8,7 +8,9 @@ use kvroute_core::directory::{EmptyIndex, PrefixIndex};
 use kvroute_core::policy::{PickNote, PolicyKind};
 use kvroute_core::request::{ApiKind, ParseError};
 use kvroute_core::router::{self, Decision, Inputs, RequestFeatures};
-use kvroute_core::state::{self, DecisionReport, EndpointStatus, PublishedState};
+use kvroute_core::state::{
+    self, DecisionReport, EndpointStatus, Layered, PublishedOverlay, PublishedState,
+};
 use kvroute_core::FilterConfig;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, LogLevel};
@@ -40,6 +42,8 @@ pub struct Worker {
 struct WorkerState {
     version: Option<u64>,
     published: Option<PublishedState>,
+    /// The overlay published on top of that state, if any (see `state::OVERLAY_KEY`).
+    overlay: Option<PublishedOverlay>,
     seq: u64,
     rng: u64,
     queue: Option<u32>,
@@ -62,6 +66,7 @@ impl Worker {
             state: RefCell::new(WorkerState {
                 version: None,
                 published: None,
+                overlay: None,
                 seq: 0,
                 rng: seed | 1,
                 queue: None,
@@ -87,10 +92,29 @@ impl Worker {
                 Some(Ok(p)) => {
                     st.version = Some(p.header.version);
                     st.published = Some(p);
+                    st.overlay = None;
                 }
                 _ => {
                     self.metrics.host_error(HostOp::StateRead);
                     return;
+                }
+            }
+        }
+        // The overlay of the directory's changes since that state, when one is named: read again
+        // only when its sequence number moves (it holds every change since the state, so the
+        // newest one is all a worker needs).
+        let seq = v.as_deref().map_or(0, state::decode_overlay_seq);
+        if seq == 0 {
+            st.overlay = None;
+        } else if st.overlay.as_ref().is_none_or(|o| o.seq < seq) {
+            let (blob, _) = host::shared_get(state::OVERLAY_KEY);
+            match blob.map(PublishedOverlay::decode) {
+                // One for another state (the singleton published a new state since the version
+                // read) is dropped; the next request reads that state.
+                Some(Ok(o)) => st.overlay = (Some(o.base) == st.version).then_some(o),
+                _ => {
+                    st.overlay = None;
+                    self.metrics.host_error(HostOp::StateRead);
                 }
             }
         }
@@ -147,7 +171,15 @@ impl Worker {
             rand,
         };
         let decision = match (features, &st.published) {
-            (Some(f), Some(p)) => router::decide(f, p, &inputs, None),
+            (Some(f), Some(p)) => router::decide(
+                f,
+                &Layered {
+                    base: p,
+                    top: st.overlay.as_ref(),
+                },
+                &inputs,
+                None,
+            ),
             (Some(f), None) => router::decide(f, &EmptyIndex, &inputs, None),
             (None, _) => router::decide_by_load(&inputs),
         };
@@ -272,10 +304,14 @@ impl Worker {
         let at_once = match &st.published {
             None => true,
             Some(p) => {
+                let view = Layered {
+                    base: p,
+                    top: st.overlay.as_ref(),
+                };
                 p.header.settings.publish_interval == PublishInterval::EveryDecision
                     && (predicted_blocks as usize != report.blocks.len()
                         || report.session.is_some_and(|s| {
-                            p.session_endpoint(s) != Some(usize::from(report.endpoint))
+                            view.session_endpoint(s) != Some(usize::from(report.endpoint))
                         }))
             }
         };

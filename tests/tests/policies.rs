@@ -9,6 +9,7 @@
 
 use std::time::Duration;
 
+use kvroute_core::config::PolicySettings;
 use kvroute_core::hash::{prefix_key, session_key};
 use kvroute_core::prefix::PREFIX_KEY_CHARS;
 use kvroute_e2e::*;
@@ -531,7 +532,9 @@ async fn repeated_prompts_are_recorded_without_republishing() {
         .await
         .unwrap();
     assert_eq!(s.stat("kvroute_state_publishes_total").await, publishes);
-    // A new prompt changes the directory: published at once (publish interval 0).
+    // A new prompt changes the directory: published at once (publish interval 0), as an overlay
+    // of the changes on top of the state the workers hold.
+    let overlays = s.stat("kvroute_state_overlay_publishes_total").await;
     let other = chat(&[
         ("system", &system_prompt("another")),
         ("user", "Something new."),
@@ -539,10 +542,82 @@ async fn repeated_prompts_are_recorded_without_republishing() {
     s.chat(&other, &[]).await;
     s.envoy
         .wait_stat(
-            "kvroute_state_publishes_total",
+            "kvroute_state_overlay_publishes_total",
             Duration::from_secs(2),
-            |v| v > publishes,
+            |v| v > overlays,
         )
         .await
         .unwrap();
+    assert_eq!(s.stat("kvroute_state_publishes_total").await, publishes);
+    assert!(s.stat("kvroute_state_overlay_entries").await > 0);
+}
+
+/// With publishing on every decision, the directory's changes go to the workers as an overlay on
+/// the state they hold, evictions included, so each decision sees the directory as it is; once the
+/// changes outgrow an overlay, a full state is published and routing reads that as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlays_carry_every_change_and_give_way_to_a_full_state() {
+    let s = Stack::start(1, |c| {
+        c.defaults = PolicySettings {
+            policy: "load_cache_aware".parse().unwrap(),
+            ..PolicySettings::default()
+        };
+        // 64 blocks: a prompt here is 13, so the fifth prompt after one evicts it.
+        c.default_capacity_blocks = 64;
+    })
+    .await;
+    let prompt = |i: usize| {
+        chat(&[
+            ("system", &system_prompt(&format!("prompt {i}"))),
+            ("user", "A question."),
+        ])
+    };
+    let sent = std::cell::Cell::new(0u64);
+    let send = |i: usize| {
+        sent.set(sent.get() + 1);
+        let body = prompt(i);
+        let s = &s;
+        let n = sent.get();
+        async move {
+            served(&s.chat(&body, &[]).await);
+            s.envoy
+                .wait_stat(
+                    "kvroute_decisions_recorded_total",
+                    Duration::from_secs(2),
+                    |v| v >= n,
+                )
+                .await
+                .unwrap();
+        }
+    };
+    for i in 0..8 {
+        send(i).await;
+    }
+    let publishes = s.stat("kvroute_state_publishes_total").await;
+    assert!(s.stat("kvroute_state_overlay_publishes_total").await >= 8);
+    // The newest prompt is placed whole (every block predicted); the first was evicted, and the
+    // overlay says so.
+    let predicted = || async {
+        (
+            s.stat("kvroute_predicted_cached_blocks_total").await,
+            s.stat("kvroute_request_blocks_total").await,
+        )
+    };
+    let (p0, b0) = predicted().await;
+    send(7).await;
+    let (p1, b1) = predicted().await;
+    assert_eq!(p1 - p0, b1 - b0, "prompt 7 is placed whole");
+    assert!(b1 - b0 >= 12);
+    send(0).await;
+    assert_eq!(predicted().await.0, p1, "prompt 0 was evicted");
+    // Enough new prompts to outgrow an overlay (2,048 changes): a full state goes out.
+    for i in 100..300 {
+        send(i).await;
+    }
+    assert!(s.stat("kvroute_state_publishes_total").await > publishes);
+    let (p0, b0) = predicted().await;
+    send(299).await;
+    let (p1, b1) = predicted().await;
+    assert_eq!(p1 - p0, b1 - b0, "prompt 299 is placed whole");
+    s.stop().await;
 }
