@@ -1,6 +1,11 @@
 //! The published cluster state: one versioned binary value in Envoy shared data.
 //!
-//! The singleton writes it; every worker re-reads it only when its version key changes. Layout:
+//! The singleton writes it; every worker re-reads it only when its version key changes. Between two
+//! states, the singleton may publish an overlay ([`OVERLAY_KEY`]): the directory entries changed
+//! since the state, each with its current value, for that state's version only. The version key
+//! names the state's version and the overlay's sequence number, so a worker re-reads the overlay
+//! (a few KB) only when that number moves, and the state only when the version does; the state
+//! with its overlay answers exactly as the singleton's directory. Layout of the state:
 //!
 //! ```text
 //! "KVR2" | header_len: u32 LE | header (postcard) | dir_n: u32 LE | sess_n: u32 LE
