@@ -22,9 +22,9 @@ const MAX_MESSAGES_PER_WAKE: usize = 1024;
 /// Tick period: the finest publish interval and runtime poll granularity.
 const TICK_MS: u64 = 20;
 /// Most directory changes (blocks and sessions) an overlay carries; past it the next publish is a
-/// full one. With publishing on every decision, each decision that changes
-/// the directory publishes the changes since the last full state (an overlay of a few KB) instead
-/// of the whole directory, and the workers copy that instead of the whole state.
+/// full one. With publishing on every decision, each decision that changes the directory publishes
+/// the changes since the last full state (an overlay of a few KB) instead of the whole directory,
+/// and the workers copy that instead of the whole state.
 const OVERLAY_MAX_CHANGES: usize = 2048;
 
 pub struct Singleton {
