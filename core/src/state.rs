@@ -185,21 +185,6 @@ impl DirectorySection {
         Self::build(&d.entries(), &sessions)
     }
 
-    /// The current entries of what changed in `d` (see [`Directory::changes`]): each changed block
-    /// with its holders now (0 once no endpoint holds it), each changed session with its endpoint
-    /// now ([`NO_ENDPOINT`] once forgotten). Published on top of the last full section, it makes
-    /// the workers' view the directory's current one.
-    pub fn of_changes(d: &Directory, changes: &Changes) -> Self {
-        let pairs: Vec<(BlockHash, u64)> =
-            changes.blocks.iter().map(|h| (*h, d.holders(*h))).collect();
-        let sessions: Vec<(u64, u64)> = changes
-            .sessions
-            .iter()
-            .map(|s| (*s, d.session_endpoint(*s).map_or(NO_ENDPOINT, |e| e as u64)))
-            .collect();
-        Self::build(&pairs, &sessions)
-    }
-
     /// The section of an overlay's entries.
     pub fn of_overlay(o: &OverlayBuilder) -> Self {
         Self::build(&o.blocks, &o.sessions)
@@ -239,9 +224,14 @@ impl DirectorySection {
         Self(out)
     }
 
-    /// Entries (blocks and sessions) it holds.
-    pub fn entries(&self) -> usize {
-        u32_at(&self.0, 0).unwrap_or(0) as usize + u32_at(&self.0, 4).unwrap_or(0) as usize
+    /// Its bytes, or an empty section's when it is too short to be one (a default value).
+    fn bytes_or_empty(&self) -> std::borrow::Cow<'_, [u8]> {
+        let empty = Self::empty();
+        if self.0.len() >= empty.0.len() {
+            std::borrow::Cow::Borrowed(&self.0)
+        } else {
+            std::borrow::Cow::Owned(empty.0)
+        }
     }
 
     /// Encoded size in bytes.
@@ -258,17 +248,12 @@ impl DirectorySection {
 /// Encodes a state.
 pub fn encode(header: &StateHeader, directory: &DirectorySection) -> Vec<u8> {
     let head = postcard::to_allocvec(header).unwrap_or_default();
-    let empty = DirectorySection::empty();
-    let dir = if directory.0.len() >= empty.0.len() {
-        &directory.0[..]
-    } else {
-        &empty.0[..]
-    };
+    let dir = directory.bytes_or_empty();
     let mut out = Vec::with_capacity(8 + head.len() + dir.len());
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&(head.len() as u32).to_le_bytes());
     out.extend_from_slice(&head);
-    out.extend_from_slice(dir);
+    out.extend_from_slice(&dir);
     out
 }
 
@@ -594,19 +579,14 @@ pub const OVERLAY_MAGIC: &[u8; 4] = b"KVO1";
 pub const OVERLAY_KEY: &str = "kvroute.state.overlay";
 
 /// Encodes an overlay: `"KVO1" | base version: u64 LE | seq: u64 LE | section` (the section of
-/// [`DirectorySection::of_changes`]). It applies to the state of version `base` only.
+/// [`DirectorySection::of_overlay`]). It applies to the state of version `base` only.
 pub fn encode_overlay(base: u64, seq: u64, changes: &DirectorySection) -> Vec<u8> {
-    let empty = DirectorySection::empty();
-    let section = if changes.0.len() >= empty.0.len() {
-        &changes.0[..]
-    } else {
-        &empty.0[..]
-    };
+    let section = changes.bytes_or_empty();
     let mut out = Vec::with_capacity(20 + section.len());
     out.extend_from_slice(OVERLAY_MAGIC);
     out.extend_from_slice(&base.to_le_bytes());
     out.extend_from_slice(&seq.to_le_bytes());
-    out.extend_from_slice(section);
+    out.extend_from_slice(&section);
     out
 }
 
@@ -636,11 +616,6 @@ impl PublishedOverlay {
             seq,
             section,
         })
-    }
-
-    /// Entries it holds (blocks and sessions).
-    pub fn entries(&self) -> usize {
-        (self.section.dir.len() + self.section.sess.len()) / 16
     }
 }
 
@@ -863,12 +838,12 @@ mod tests {
             ))
             .unwrap();
             // The same in one piece.
-            let whole = DirectorySection::of_changes(&d, &{
-                let mut all = d.changes().unwrap();
-                all.blocks = overlay.blocks.iter().map(|(h, _)| *h).collect();
-                all.sessions = overlay.sessions.iter().map(|(s, _)| *s).collect();
-                all
+            let mut one = OverlayBuilder::default();
+            one.add(&d, &Changes {
+                blocks: overlay.blocks.iter().map(|(h, _)| *h).collect(),
+                sessions: overlay.sessions.iter().map(|(s, _)| *s).collect(),
             });
+            let whole = DirectorySection::of_overlay(&one);
             prop_assert_eq!(&whole, &DirectorySection::of_overlay(&overlay));
             prop_assert_eq!(top.base, 7);
             let view = Layered { base: &base, top: Some(&top) };

@@ -424,7 +424,7 @@ impl Singleton {
     fn publish(&mut self, with_directory: bool) {
         let now = now_ms();
         // An overlay applies to the state it was published on: a new state carries its changes.
-        let with_directory = with_directory || self.overlay_seq > 0 || !self.overlay.is_empty();
+        let with_directory = with_directory || !self.overlay.is_empty();
         self.overlay_seq = 0;
         self.overlay.clear();
         if self.settings.publish_interval == PublishInterval::Never {
@@ -491,7 +491,7 @@ impl Singleton {
         self.dir_dirty = false;
         self.dir_touched = false;
         host::increment(self.metrics.overlay_publishes, 1);
-        host::record(self.metrics.overlay_entries, section.entries() as u64);
+        host::record(self.metrics.overlay_entries, self.overlay.len() as u64);
         self.gauges_dirty = true;
     }
 

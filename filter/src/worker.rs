@@ -57,6 +57,16 @@ struct WorkerState {
     last_sent_us: u64,
 }
 
+impl WorkerState {
+    /// The directory view decisions read: the published state with the overlay on top of it.
+    fn view(&self) -> Option<Layered<'_>> {
+        self.published.as_ref().map(|base| Layered {
+            base,
+            top: self.overlay.as_ref(),
+        })
+    }
+}
+
 impl Worker {
     pub fn new(config: FilterConfig) -> Self {
         let metrics = FilterMetrics::define(&config);
@@ -170,16 +180,8 @@ impl Worker {
             seq,
             rand,
         };
-        let decision = match (features, &st.published) {
-            (Some(f), Some(p)) => router::decide(
-                f,
-                &Layered {
-                    base: p,
-                    top: st.overlay.as_ref(),
-                },
-                &inputs,
-                None,
-            ),
+        let decision = match (features, st.view()) {
+            (Some(f), Some(view)) => router::decide(f, &view, &inputs, None),
             (Some(f), None) => router::decide(f, &EmptyIndex, &inputs, None),
             (None, _) => router::decide_by_load(&inputs),
         };
@@ -301,14 +303,10 @@ impl Worker {
         // changes what the published directory shows; one that only refreshes recency (the
         // directory already places every block of the request on the chosen endpoint, and its
         // session there) waits for the batch like any report under an interval.
-        let at_once = match &st.published {
+        let at_once = match st.view() {
             None => true,
-            Some(p) => {
-                let view = Layered {
-                    base: p,
-                    top: st.overlay.as_ref(),
-                };
-                p.header.settings.publish_interval == PublishInterval::EveryDecision
+            Some(view) => {
+                view.base.header.settings.publish_interval == PublishInterval::EveryDecision
                     && (predicted_blocks as usize != report.blocks.len()
                         || report.session.is_some_and(|s| {
                             view.session_endpoint(s) != Some(usize::from(report.endpoint))
