@@ -141,9 +141,107 @@ fn main() {
     );
     // The state table is the host's cost (encoding on the singleton, copying out of shared data);
     // under wasm its multi-megabyte states only measure the JS engine's memory growth.
+    singleton_cost();
     if !cfg!(target_family = "wasm") {
         published_state_cost();
     }
+}
+
+/// The singleton's work per decision when every prompt is new to a full directory (2 endpoints of
+/// 4,096 blocks, 8 KB prompts of 118 blocks, a new session each), publishing on every decision as
+/// the filter does by default: record the decision, take the journal's changes, publish them as
+/// an overlay, and once the overlay would outgrow its bound, a full state merged from the last one
+/// and the overlay. Baseline in the same run: a full state built from the directory on every
+/// decision (no overlays). Rows for other overlay bounds show why the filter's is 2,048.
+fn singleton_cost() {
+    use kvroute_core::state::{
+        encode_overlay, OverlayBuilder, PublishedOverlay, OVERLAY_MAX_CHANGES,
+    };
+    println!();
+    println!("singleton per decision, every prompt new (8 KB, 118 blocks; 2 x 4,096-block directory), mean us");
+    println!(
+        "{:>9} {:>9} {:>9} {:>9} {:>12} {:>9} {:>11} {:>8}",
+        "bound", "record", "changes", "overlay", "full(amort)", "total", "full_every", "ratio"
+    );
+    let header = StateHeader {
+        version: 1,
+        published_at_ms: 0,
+        settings: PolicySettings::default(),
+        endpoints: vec![EndpointStatus::default(); 2],
+        directory_as_of_ms: 0,
+        decisions_recorded: 0,
+        stale: false,
+    };
+    let decisions = 3000u64;
+    let prompt = |i: u64| -> Vec<kvroute_core::BlockHash> {
+        (0..118u64)
+            .map(|b| {
+                kvroute_core::BlockHash((i * 118 + b).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x1234)
+            })
+            .collect()
+    };
+    let secs = |t: Instant| t.elapsed().as_secs_f64();
+    // Baseline: a full state from the directory after every decision.
+    let mut dir = Directory::new(&[4096, 4096], 4096);
+    let mut base_full = 0.0;
+    for i in 0..decisions {
+        dir.record((i % 2) as usize, &prompt(i), Some(i));
+        let t = Instant::now();
+        black_box(encode(&header, &DirectorySection::of(&dir)));
+        base_full += secs(t);
+    }
+    for bound in [1024, OVERLAY_MAX_CHANGES, 4096] {
+        let mut dir = Directory::new(&[4096, 4096], 4096);
+        dir.set_journal_capacity(bound);
+        let mut overlay = OverlayBuilder::default();
+        let mut published = DirectorySection::of(&dir);
+        let (mut rec, mut chg, mut ovl, mut full) = (0.0, 0.0, 0.0, 0.0);
+        for i in 0..decisions {
+            let blocks = prompt(i);
+            let t = Instant::now();
+            dir.record((i % 2) as usize, &blocks, Some(i));
+            rec += secs(t);
+            let t = Instant::now();
+            let changes = dir.take_changes();
+            chg += secs(t);
+            let t = Instant::now();
+            match changes {
+                Some(c) if overlay.len() + c.blocks.len() + c.sessions.len() <= bound => {
+                    overlay.add(&dir, &c);
+                    let blob = encode_overlay(1, i, &DirectorySection::of_overlay(&overlay));
+                    black_box(PublishedOverlay::decode(blob).unwrap());
+                    ovl += secs(t);
+                }
+                c => {
+                    published = match c {
+                        Some(c) => {
+                            overlay.add(&dir, &c);
+                            published.merged(&overlay)
+                        }
+                        None => DirectorySection::of(&dir),
+                    };
+                    overlay.clear();
+                    dir.reset_journal();
+                    black_box(encode(&header, &published));
+                    full += secs(t);
+                }
+            }
+        }
+        let us = |v: f64| v * 1e6 / decisions as f64;
+        let total = us(rec + chg + ovl + full);
+        println!(
+            "{:>9} {:>9.1} {:>9.1} {:>9.1} {:>12.1} {:>9.1} {:>11.1} {:>7.2}x",
+            bound,
+            us(rec),
+            us(chg),
+            us(ovl),
+            us(full),
+            total,
+            us(base_full),
+            total / us(base_full)
+        );
+    }
+    println!("full_every: a full state from the directory after every decision; ratio = total / full_every");
 }
 
 /// The published state as the directory grows to its bound: what the singleton pays to encode it

@@ -7,7 +7,7 @@
 //! first. An index maps each block hash to the bit mask of endpoints holding it; a bounded LRU maps
 //! sessions to the endpoint that served them last.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::num::NonZeroUsize;
 
@@ -83,69 +83,107 @@ impl Hasher for PrehashedHasher {
 
 type Prehashed = BuildHasherDefault<PrehashedHasher>;
 
-/// The block index: ordered where the directory is published often (the filter's singleton
-/// publishes after every decision by default, and the published form is sorted), hashed where
-/// lookups and records dominate and publishes are rare (the simulator).
-#[derive(Debug)]
-enum Index {
-    Ordered(BTreeMap<BlockHash, u64>),
-    Hashed(HashMap<BlockHash, u64, Prehashed>),
-}
+/// The block index: block hash to the bit mask of the endpoints holding it.
+#[derive(Debug, Default)]
+struct Index(HashMap<BlockHash, u64, Prehashed>);
 
 impl Index {
     fn get(&self, h: &BlockHash) -> Option<u64> {
-        match self {
-            Self::Ordered(m) => m.get(h).copied(),
-            Self::Hashed(m) => m.get(h).copied(),
-        }
+        self.0.get(h).copied()
     }
     fn set_bit(&mut self, h: BlockHash, bit: u64) {
-        match self {
-            Self::Ordered(m) => *m.entry(h).or_insert(0) |= bit,
-            Self::Hashed(m) => *m.entry(h).or_insert(0) |= bit,
-        }
+        *self.0.entry(h).or_insert(0) |= bit;
     }
     fn unset(&mut self, h: BlockHash, bit: u64) {
-        let gone = match self {
-            Self::Ordered(m) => m.get_mut(&h).map(|v| {
-                *v &= !bit;
-                *v == 0
-            }),
-            Self::Hashed(m) => m.get_mut(&h).map(|v| {
-                *v &= !bit;
-                *v == 0
-            }),
-        };
-        if gone == Some(true) {
-            match self {
-                Self::Ordered(m) => {
-                    m.remove(&h);
-                }
-                Self::Hashed(m) => {
-                    m.remove(&h);
-                }
+        if let Some(v) = self.0.get_mut(&h) {
+            *v &= !bit;
+            if *v == 0 {
+                self.0.remove(&h);
             }
         }
     }
     fn len(&self) -> usize {
-        match self {
-            Self::Ordered(m) => m.len(),
-            Self::Hashed(m) => m.len(),
-        }
+        self.0.len()
     }
     fn clear(&mut self) {
-        match self {
-            Self::Ordered(m) => m.clear(),
-            Self::Hashed(m) => m.clear(),
-        }
+        self.0.clear();
     }
     fn sorted(&self) -> Vec<(BlockHash, u64)> {
-        match self {
-            Self::Ordered(m) => m.iter().map(|(h, v)| (*h, *v)).collect(),
-            Self::Hashed(m) => {
-                let mut v: Vec<(BlockHash, u64)> = m.iter().map(|(h, v)| (*h, *v)).collect();
-                v.sort_unstable_by_key(|(h, _)| *h);
-                v
+        let mut v: Vec<(BlockHash, u64)> = self.0.iter().map(|(h, m)| (*h, *m)).collect();
+        sort_by_hash(&mut v, |(h, _)| h.0);
+        v
+    }
+}
+
+/// Sorts `items` by a 64-bit `key` in ascending order, in linear time when the keys are uniform
+/// (block hashes, session keys): a counting sort on the keys' top bits into about one bucket per
+/// item, then each bucket (a few items) sorted on its own. Any keys come out in order; only clustered
+/// ones cost more. The published directory is rebuilt this way on every full publish, where a
+/// comparison sort of the whole directory was the largest part of the singleton's work.
+pub fn sort_by_hash<T: Copy>(items: &mut Vec<T>, key: impl Fn(&T) -> u64) {
+    let n = items.len();
+    if n < 64 || n > u32::MAX as usize {
+        items.sort_unstable_by_key(&key);
+        return;
+    }
+    // About one bucket per item; u32 counts keep the table small (32 KB at 8,192 items).
+    let bits = (usize::BITS - 1 - n.leading_zeros()).min(24);
+    let bucket = |t: &T| (key(t) >> (64 - bits)) as usize;
+    // ends[b] = one past bucket b's last slot once the counts are summed.
+    let mut ends = vec![0u32; 1usize << bits];
+    for t in items.iter() {
+        if let Some(c) = ends.get_mut(bucket(t)) {
+            *c += 1;
+        }
+    }
+    let mut sum = 0;
+    for c in &mut ends {
+        sum += *c;
+        *c = sum;
+    }
+    // Filled from each bucket's end down, so `ends` ends up holding each bucket's start.
+    let mut out = items.clone();
+    for t in items.iter().rev() {
+        if let Some(pos) = ends.get_mut(bucket(t)) {
+            *pos -= 1;
+            if let Some(slot) = out.get_mut(*pos as usize) {
+                *slot = *t;
+            }
+        }
+    }
+    let mut from = 0usize;
+    for end in ends
+        .iter()
+        .skip(1)
+        .map(|e| *e as usize)
+        .chain(std::iter::once(n))
+    {
+        if end - from > 1 {
+            if let Some(run) = out.get_mut(from..end) {
+                sort_run(run, &key);
+            }
+        }
+        from = end;
+    }
+    *items = out;
+}
+
+/// Sorts one bucket: by insertion when short (most hold one to three items, where a call of the
+/// library sort costs more than the sorting), else by the library sort (clustered keys).
+fn sort_run<T: Copy>(run: &mut [T], key: &impl Fn(&T) -> u64) {
+    if run.len() > 16 {
+        run.sort_unstable_by_key(key);
+        return;
+    }
+    for i in 1..run.len() {
+        let mut j = i;
+        while j > 0 {
+            match (run.get(j - 1), run.get(j)) {
+                (Some(a), Some(b)) if key(a) > key(b) => {
+                    run.swap(j - 1, j);
+                    j -= 1;
+                }
+                _ => break,
             }
         }
     }
@@ -204,32 +242,13 @@ fn nz(n: u32) -> NonZeroUsize {
 impl Directory {
     /// A directory for endpoints with these capacities (blocks each; at most [`MAX_ENDPOINTS`]).
     pub fn new(capacities: &[u32], session_capacity: u32) -> Self {
-        Self::with_index(
-            capacities,
-            session_capacity,
-            Index::Ordered(BTreeMap::new()),
-        )
-    }
-
-    /// The same directory with a hashed block index: cheaper records and lookups, a sort on every
-    /// [`Directory::entries`] (for the simulator, which reads the live directory and publishes
-    /// rarely; the filter publishes after every decision by default and keeps [`Directory::new`]).
-    pub fn new_hashed(capacities: &[u32], session_capacity: u32) -> Self {
-        Self::with_index(
-            capacities,
-            session_capacity,
-            Index::Hashed(HashMap::default()),
-        )
-    }
-
-    fn with_index(capacities: &[u32], session_capacity: u32, index: Index) -> Self {
         Self {
             lrus: capacities
                 .iter()
                 .take(MAX_ENDPOINTS)
                 .map(|c| LruCache::with_hasher(nz(*c), Prehashed::default()))
                 .collect(),
-            index,
+            index: Index::default(),
             sessions: LruCache::with_hasher(nz(session_capacity), Prehashed::default()),
             journal: Journal::default(),
         }
@@ -480,20 +499,37 @@ mod tests {
     }
 
     proptest! {
-        /// The ordered and the hashed index are the same directory: same entries, same matches.
+        /// `sort_by_hash` sorts any keys as a comparison sort does: uniform ones (the counting
+        /// path), clustered ones (one bucket holds most), duplicates, and short inputs.
         #[test]
-        fn hashed_index_equals_ordered(
-            ops in prop::collection::vec((0usize..4, prop::collection::vec(0u64..40, 0..20)), 0..60),
-            probe in prop::collection::vec(0u64..40, 0..10),
+        fn sort_by_hash_equals_a_comparison_sort(
+            uniform in prop::collection::vec(any::<u64>(), 0..3000),
+            clustered in prop::collection::vec(0u64..500, 0..3000),
+            high in prop::collection::vec(u64::MAX - 300..=u64::MAX, 0..300),
         ) {
-            let mut a = Directory::new(&[7, 9, 11, 13], 4);
-            let mut b = Directory::new_hashed(&[7, 9, 11, 13], 4);
-            for (e, blocks) in &ops {
-                a.record(*e, &hs(blocks), None);
-                b.record(*e, &hs(blocks), None);
+            for keys in [uniform, clustered.clone(), high, [clustered.clone(), clustered].concat()] {
+                let mut items: Vec<(u64, usize)> = keys.iter().copied().zip(0..).collect();
+                let mut expected = items.clone();
+                expected.sort_unstable();
+                sort_by_hash(&mut items, |(k, _)| *k);
+                prop_assert!(items.windows(2).all(|w| w[0].0 <= w[1].0));
+                items.sort_unstable();
+                prop_assert_eq!(items, expected);
             }
-            prop_assert_eq!(a.entries(), b.entries());
-            prop_assert_eq!(match_lengths(&a, &hs(&probe), 4), match_lengths(&b, &hs(&probe), 4));
+        }
+
+        /// A directory's entries come out in ascending hash order, each once, at any size.
+        #[test]
+        fn entries_are_ascending(
+            keys in prop::collection::vec(any::<u64>(), 0..5000),
+        ) {
+            let mut d = Directory::new(&[4096, 4096], 4);
+            for (i, chunk) in keys.chunks(100).enumerate() {
+                d.record(i % 2, &hs(chunk), None);
+            }
+            let e = d.entries();
+            prop_assert_eq!(e.len(), d.distinct_blocks());
+            prop_assert!(e.windows(2).all(|w| w[0].0 < w[1].0));
         }
 
         /// `record` says it changed the directory exactly when the published view (blocks with

@@ -21,11 +21,6 @@ use crate::metrics::{HostOp, StateMetrics};
 const MAX_MESSAGES_PER_WAKE: usize = 1024;
 /// Tick period: the finest publish interval and runtime poll granularity.
 const TICK_MS: u64 = 20;
-/// Most directory changes (blocks and sessions) an overlay carries; past it the next publish is a
-/// full one. With publishing on every decision, each decision that changes the directory publishes
-/// the changes since the last full state (an overlay of a few KB) instead of the whole directory,
-/// and the workers copy that instead of the whole state.
-const OVERLAY_MAX_CHANGES: usize = 2048;
 
 pub struct Singleton {
     config: FilterConfig,
@@ -122,7 +117,7 @@ impl Singleton {
                 None,
             );
         }
-        s.directory.set_journal_capacity(OVERLAY_MAX_CHANGES);
+        s.directory.set_journal_capacity(state::OVERLAY_MAX_CHANGES);
         s.publish(true);
         s.update_gauges();
         if !host::set_tick(Duration::from_millis(TICK_MS)) {
@@ -400,12 +395,22 @@ impl Singleton {
                     if self.journal_from_published
                         && self.settings.publish_interval == PublishInterval::EveryDecision
                         && self.overlay.len() + c.blocks.len() + c.sessions.len()
-                            <= OVERLAY_MAX_CHANGES =>
+                            <= state::OVERLAY_MAX_CHANGES =>
                 {
                     self.overlay.add(&self.directory, &c);
                     self.publish_overlay(now);
                 }
-                _ => self.publish(true),
+                taken => {
+                    // A full state. While the journal holds every change since the last one, the
+                    // overlay of them all, merged into that state's section, is the directory.
+                    match taken {
+                        Some(c) if self.journal_from_published => {
+                            self.overlay.add(&self.directory, &c);
+                        }
+                        _ => self.journal_from_published = false,
+                    }
+                    self.publish(true);
+                }
             }
         } else if self.dir_touched {
             self.dir_touched = false;
@@ -425,21 +430,34 @@ impl Singleton {
         let now = now_ms();
         // An overlay applies to the state it was published on: a new state carries its changes.
         let with_directory = with_directory || !self.overlay.is_empty();
-        self.overlay_seq = 0;
-        self.overlay.clear();
         if self.settings.publish_interval == PublishInterval::Never {
             self.published_dir = DirectorySection::empty();
             self.published_dir_at_ms = 0;
             // The journal counts from the directory published, and none is.
             self.journal_from_published = false;
         } else if with_directory {
-            self.published_dir = DirectorySection::of(&self.directory);
+            // The last full section with every change since merged in: a linear merge instead of
+            // collecting and sorting the whole directory. Without a complete journal, a snapshot.
+            let changes = if self.journal_from_published {
+                self.directory.take_changes()
+            } else {
+                None
+            };
+            self.published_dir = match changes {
+                Some(c) => {
+                    self.overlay.add(&self.directory, &c);
+                    self.published_dir.merged(&self.overlay)
+                }
+                None => DirectorySection::of(&self.directory),
+            };
             self.directory.reset_journal();
             self.journal_from_published = true;
             self.published_dir_at_ms = now;
             self.dir_dirty = false;
             self.dir_touched = false;
         }
+        self.overlay_seq = 0;
+        self.overlay.clear();
         self.version += 1;
         let header = StateHeader {
             version: self.version,

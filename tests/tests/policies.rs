@@ -619,5 +619,8 @@ async fn overlays_carry_every_change_and_give_way_to_a_full_state() {
     send(299).await;
     let (p1, b1) = predicted().await;
     assert_eq!(p1 - p0, b1 - b0, "prompt 299 is placed whole");
+    // The full states merged the overlays' evictions in: prompt 100, evicted long before, is gone.
+    send(100).await;
+    assert_eq!(predicted().await.0, p1, "prompt 100 was evicted");
     s.stop().await;
 }
