@@ -36,6 +36,19 @@ fn body_of(bytes: usize) -> Vec<u8> {
     serde_json::to_vec(&serde_json::json!({"model": "meta-llama/Llama-3.2-3B-Instruct", "messages": messages, "stream": true})).unwrap()
 }
 
+/// The header of a state of two endpoints with these settings.
+fn state_header(settings: PolicySettings) -> StateHeader {
+    StateHeader {
+        version: 1,
+        published_at_ms: 0,
+        settings,
+        endpoints: vec![EndpointStatus::default(); 2],
+        directory_as_of_ms: 0,
+        decisions_recorded: 0,
+        stale: false,
+    }
+}
+
 /// Median time of one call, over batches taking ~20 ms each, for ~1.5 s.
 fn measure(mut f: impl FnMut()) -> Duration {
     let t = Instant::now();
@@ -87,18 +100,10 @@ fn main() {
                 None,
             );
         }
-        let header = StateHeader {
-            version: 1,
-            published_at_ms: 0,
-            settings: PolicySettings {
-                policy: PolicyKind::LoadCacheAware,
-                ..PolicySettings::default()
-            },
-            endpoints: vec![EndpointStatus::default(); 2],
-            directory_as_of_ms: 0,
-            decisions_recorded: 0,
-            stale: false,
-        };
+        let header = state_header(PolicySettings {
+            policy: PolicyKind::LoadCacheAware,
+            ..PolicySettings::default()
+        });
         let state = PublishedState::decode(encode(&header, &DirectorySection::of(&dir))).unwrap();
         let mut seq = 0u64;
         let decision = measure(|| {
@@ -163,15 +168,7 @@ fn singleton_cost() {
         "{:>9} {:>9} {:>9} {:>9} {:>12} {:>9} {:>11} {:>8}",
         "bound", "record", "changes", "overlay", "full(amort)", "total", "full_every", "ratio"
     );
-    let header = StateHeader {
-        version: 1,
-        published_at_ms: 0,
-        settings: PolicySettings::default(),
-        endpoints: vec![EndpointStatus::default(); 2],
-        directory_as_of_ms: 0,
-        decisions_recorded: 0,
-        stale: false,
-    };
+    let header = state_header(PolicySettings::default());
     let decisions = 3000u64;
     let prompt = |i: u64| -> Vec<kvroute_core::BlockHash> {
         (0..118u64)
@@ -269,15 +266,7 @@ fn published_state_cost() {
             );
         }
         dir.record(0, &blocks, Some(1));
-        let header = StateHeader {
-            version: 1,
-            published_at_ms: 0,
-            settings: PolicySettings::default(),
-            endpoints: vec![EndpointStatus::default(); 2],
-            directory_as_of_ms: 0,
-            decisions_recorded: 0,
-            stale: false,
-        };
+        let header = state_header(PolicySettings::default());
         let encoded = encode(&header, &DirectorySection::of(&dir));
         let enc = measure(|| {
             black_box(encode(&header, &DirectorySection::of(black_box(&dir))));
