@@ -118,8 +118,8 @@ impl Index {
 /// Sorts `items` by a 64-bit `key` in ascending order, in linear time when the keys are uniform
 /// (block hashes, session keys): a counting sort on the keys' top bits into about one bucket per
 /// item, then each bucket (a few items) sorted on its own. Any keys come out in order; only clustered
-/// ones cost more. The published directory is rebuilt this way on every full publish, where a
-/// comparison sort of the whole directory was the largest part of the singleton's work.
+/// ones cost more. A snapshot of the directory for publishing ([`Directory::entries`], and its
+/// sessions) is sorted this way.
 pub fn sort_by_hash<T: Copy>(items: &mut Vec<T>, key: impl Fn(&T) -> u64) {
     let n = items.len();
     if n < 64 || n > u32::MAX as usize {

@@ -230,24 +230,22 @@ impl DirectorySection {
     /// no sort: what the singleton's full publish costs when it follows overlays.
     pub fn merged(&self, o: &OverlayBuilder) -> Self {
         let b = self.bytes_or_empty();
-        let dir_n = u32_at(&b, 0).unwrap_or(0) as usize;
-        let sess_n = u32_at(&b, 4).unwrap_or(0) as usize;
-        let pairs_at = |at: usize, n: usize| {
-            b.get(at..at + 16 * n)
+        // A section this type built always parses; one that did not would read as empty.
+        let (dir, sess) = Section::parse(&b, 0).map_or((0..0, 0..0), |s| (s.dir, s.sess));
+        let pairs_in = |r: Range<usize>| {
+            b.get(r)
                 .unwrap_or_default()
                 .chunks_exact(16)
                 .filter_map(|p| Some((u64_at(p, 0)?, u64_at(p, 8)?)))
         };
         let pairs = merge_sorted(
-            pairs_at(8, dir_n).map(|(h, m)| (BlockHash(h), m)),
+            pairs_in(dir).map(|(h, m)| (BlockHash(h), m)),
             o.blocks.iter().copied(),
             |m| m != 0,
         );
-        let sessions = merge_sorted(
-            pairs_at(8 + 16 * dir_n, sess_n),
-            o.sessions.iter().copied(),
-            |e| e != NO_ENDPOINT,
-        );
+        let sessions = merge_sorted(pairs_in(sess), o.sessions.iter().copied(), |e| {
+            e != NO_ENDPOINT
+        });
         Self::build(&pairs, &sessions)
     }
 

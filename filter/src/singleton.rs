@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use kvroute_core::config::{PolicySettings, PublishInterval};
-use kvroute_core::directory::Directory;
+use kvroute_core::directory::{Changes, Directory};
 use kvroute_core::policy::PolicyKind;
 use kvroute_core::snapshot::Snapshot;
 use kvroute_core::state::{
@@ -401,14 +401,7 @@ impl Singleton {
                     self.publish_overlay(now);
                 }
                 taken => {
-                    // A full state. While the journal holds every change since the last one, the
-                    // overlay of them all, merged into that state's section, is the directory.
-                    match taken {
-                        Some(c) if self.journal_from_published => {
-                            self.overlay.add(&self.directory, &c);
-                        }
-                        _ => self.journal_from_published = false,
-                    }
+                    self.absorb_changes(taken);
                     self.publish(true);
                 }
             }
@@ -438,17 +431,14 @@ impl Singleton {
         } else if with_directory {
             // The last full section with every change since merged in: a linear merge instead of
             // collecting and sorting the whole directory. Without a complete journal, a snapshot.
-            let changes = if self.journal_from_published {
-                self.directory.take_changes()
+            if self.journal_from_published {
+                let taken = self.directory.take_changes();
+                self.absorb_changes(taken);
+            }
+            self.published_dir = if self.journal_from_published {
+                self.published_dir.merged(&self.overlay)
             } else {
-                None
-            };
-            self.published_dir = match changes {
-                Some(c) => {
-                    self.overlay.add(&self.directory, &c);
-                    self.published_dir.merged(&self.overlay)
-                }
-                None => DirectorySection::of(&self.directory),
+                DirectorySection::of(&self.directory)
             };
             self.directory.reset_journal();
             self.journal_from_published = true;
@@ -485,6 +475,15 @@ impl Singleton {
         host::record(self.metrics.state_version, self.version);
         host::record(self.metrics.state_bytes, blob.len() as u64);
         self.gauges_dirty = true;
+    }
+
+    /// Folds changes taken from the journal into the overlay, so that the last full state with the
+    /// overlay stays the directory; None (the journal overflowed) means it no longer is.
+    fn absorb_changes(&mut self, taken: Option<Changes>) {
+        match taken {
+            Some(c) if self.journal_from_published => self.overlay.add(&self.directory, &c),
+            _ => self.journal_from_published = false,
+        }
     }
 
     /// Publishes the directory's changes since the last full state as an overlay on top of it.

@@ -679,7 +679,6 @@ pub fn simulate(cfg: &SimConfig, work: &[PreparedSession]) -> SimOutput {
         open: Vec::new(),
         open_count: 0,
         free_slots: Vec::new(),
-        // The hashed index: same directory, cheaper records and lookups (publishes are rare).
         directory: Directory::new(&vec![capacity; n], cfg.filter.session_capacity),
         published: None,
         sidecar: vec![
