@@ -16,6 +16,11 @@ wasm:
     cargo build -p kvroute-filter --target wasm32-wasip1 --release
     @ls -l {{wasm_out}} | awk '{print "wasm: " $5 " bytes"}'
 
+# The native bench probe: kvroute's request path as an Envoy dynamic module, without the Wasm VM
+# (bench-native/; what the Wasm runtime costs, measured by kvroute-bench-envoy).
+native:
+    cargo build -p kvroute-bench-native --release
+
 # Build everything: host crates and the filter.
 build: wasm
     cargo build --workspace --release
@@ -40,8 +45,8 @@ validate-configs: wasm
 envoy-config:
     cargo run -q -p kvroute-workloads --bin kvroute-envoy-config > envoy/envoy.yaml
 
-# End-to-end tests against the real Envoy with the real filter.
-e2e: wasm
+# End-to-end tests against the real Envoy with the real filter (and the native probe).
+e2e: wasm native
     cargo test -p kvroute-e2e -- --test-threads 2
 
 # Python tests: the emulator through the official openai client and prometheus_client's parser.

@@ -12,8 +12,8 @@ use std::time::Duration;
 use kvroute_core::config::PolicySettings;
 use kvroute_core::FilterConfig;
 use kvroute_workloads::echo::EchoEngine;
-use kvroute_workloads::envoy_config::{Engine, EnvoySpec};
-use kvroute_workloads::stack::{filter_wasm, Envoy};
+use kvroute_workloads::envoy_config::{Engine, EnvoySpec, NativeModule};
+use kvroute_workloads::stack::{filter_wasm, native_module, Envoy};
 
 /// Engines behind one Envoy.
 #[derive(Debug)]
@@ -40,6 +40,24 @@ pub struct Routed {
 impl Stack {
     /// `n` echo endpoints and an Envoy whose filter config is `tweak`ed from the defaults.
     pub async fn start(n: usize, tweak: impl FnOnce(&mut FilterConfig)) -> Stack {
+        Self::start_with(n, |spec| tweak(&mut spec.filter)).await
+    }
+
+    /// `n` echo endpoints behind an Envoy that runs the native bench probe (`kvroute-bench-native`)
+    /// in `mode` (`floor` or `kvroute`) with `policy`, instead of the Wasm filter.
+    pub async fn native(n: usize, mode: &str, policy: &str) -> Stack {
+        Self::start_with(n, |spec| {
+            spec.filter.defaults.policy = policy.parse().unwrap();
+            spec.native_module = Some(NativeModule {
+                path: native_module().unwrap().display().to_string(),
+                filter_name: mode.into(),
+            });
+        })
+        .await
+    }
+
+    /// `n` echo endpoints and an Envoy whose whole spec is `tweak`ed from the defaults.
+    async fn start_with(n: usize, tweak: impl FnOnce(&mut EnvoySpec)) -> Stack {
         let mut engines = Vec::new();
         for i in 0..n {
             engines.push(EchoEngine::start(&format!("engine{i}")).await.unwrap());
@@ -49,7 +67,7 @@ impl Stack {
             .map(|e| Engine::local(&e.name, e.addr.port()))
             .collect();
         let mut spec = EnvoySpec::new(spec_engines, filter_wasm().unwrap().display().to_string());
-        tweak(&mut spec.filter);
+        tweak(&mut spec);
         let envoy = Envoy::start(spec).await.unwrap();
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(60))

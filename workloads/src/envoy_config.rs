@@ -48,6 +48,18 @@ pub struct EnvoySpec {
     pub with_filter: bool,
     /// The sidecar serving engine state (cluster `kvroute_sidecar`), if any.
     pub sidecar: Option<Engine>,
+    /// A native dynamic module in the Wasm filter's place (a bench probe: `kvroute-bench-native`),
+    /// with no state singleton.
+    pub native_module: Option<NativeModule>,
+}
+
+/// A dynamic module (`envoy.filters.http.dynamic_modules`) loaded from a shared object.
+#[derive(Debug, Clone)]
+pub struct NativeModule {
+    /// Path of the `.so`.
+    pub path: String,
+    /// The filter name passed to the module (it picks the module's mode).
+    pub filter_name: String,
 }
 
 impl EnvoySpec {
@@ -96,6 +108,7 @@ impl EnvoySpec {
             filter,
             with_filter: true,
             sidecar: None,
+            native_module: None,
         }
     }
 }
@@ -160,17 +173,19 @@ pub fn render(spec: &EnvoySpec) -> String {
         let _ = writeln!(w, "  - tag_name: {tag}");
         let _ = writeln!(w, "    regex: {}", json_str(regex));
     }
-    let _ = writeln!(w, "bootstrap_extensions:");
-    let _ = writeln!(w, "# The state singleton: owns the prefix directory, polls runtime values, publishes the state.");
-    let _ = writeln!(w, "- name: envoy.bootstrap.wasm");
-    let _ = writeln!(w, "  typed_config:");
-    let _ = writeln!(
-        w,
-        "    \"@type\": type.googleapis.com/envoy.extensions.wasm.v3.WasmService"
-    );
-    let _ = writeln!(w, "    singleton: true");
-    let _ = writeln!(w, "    config:");
-    plugin(w, "      ", "kvroute_state", &spec.wasm_path, &filter_json);
+    if spec.native_module.is_none() {
+        let _ = writeln!(w, "bootstrap_extensions:");
+        let _ = writeln!(w, "# The state singleton: owns the prefix directory, polls runtime values, publishes the state.");
+        let _ = writeln!(w, "- name: envoy.bootstrap.wasm");
+        let _ = writeln!(w, "  typed_config:");
+        let _ = writeln!(
+            w,
+            "    \"@type\": type.googleapis.com/envoy.extensions.wasm.v3.WasmService"
+        );
+        let _ = writeln!(w, "    singleton: true");
+        let _ = writeln!(w, "    config:");
+        plugin(w, "      ", "kvroute_state", &spec.wasm_path, &filter_json);
+    }
     let _ = writeln!(w, "static_resources:");
     let _ = writeln!(w, "  listeners:");
     let _ = writeln!(w, "  - name: kvroute_listener");
@@ -218,7 +233,24 @@ pub fn render(spec: &EnvoySpec) -> String {
         "                route: {{ cluster: kvroute_all_engines, timeout: 0s }}"
     );
     let _ = writeln!(w, "          http_filters:");
-    if spec.with_filter {
+    if let (true, Some(m)) = (spec.with_filter, &spec.native_module) {
+        let _ = writeln!(w, "          - name: envoy.filters.http.dynamic_modules");
+        let _ = writeln!(w, "            typed_config:");
+        let _ = writeln!(w, "              \"@type\": type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter");
+        let _ = writeln!(w, "              dynamic_module_config:");
+        let _ = writeln!(
+            w,
+            "                module: {{ local: {{ filename: {} }} }}",
+            json_str(&m.path)
+        );
+        let _ = writeln!(w, "              filter_name: {}", json_str(&m.filter_name));
+        let _ = writeln!(w, "              filter_config:");
+        let _ = writeln!(
+            w,
+            "                \"@type\": type.googleapis.com/google.protobuf.StringValue"
+        );
+        let _ = writeln!(w, "                value: {}", json_str(&filter_json));
+    } else if spec.with_filter {
         let _ = writeln!(w, "          - name: envoy.filters.http.wasm");
         let _ = writeln!(w, "            typed_config:");
         let _ = writeln!(

@@ -46,6 +46,16 @@ pub fn filter_wasm() -> anyhow::Result<PathBuf> {
     Ok(p)
 }
 
+/// The native bench probe (`kvroute-bench-native`, a dynamic module): the release build in
+/// `target/` (`just native` builds it).
+pub fn native_module() -> anyhow::Result<PathBuf> {
+    let p = repo_root().join("target/release/libkvroute_native.so");
+    if !p.exists() {
+        bail!("no native module at {} (run `just native`)", p.display());
+    }
+    Ok(p)
+}
+
 /// A free TCP port on 127.0.0.1 (bound and released; Envoy binds it right after).
 pub fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
@@ -124,8 +134,9 @@ impl Envoy {
                 .timeout(Duration::from_secs(10))
                 .build()?,
         };
-        me.wait_ready(spec.with_filter, Duration::from_secs(30))
-            .await?;
+        // A native module publishes no state: it is ready when Envoy is live.
+        let publishes = spec.with_filter && spec.native_module.is_none();
+        me.wait_ready(publishes, Duration::from_secs(30)).await?;
         Ok(me)
     }
 

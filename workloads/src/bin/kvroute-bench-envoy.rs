@@ -14,6 +14,10 @@
 //! - Pass-through: a fourth Envoy whose wasm filter (feature `bench-passthrough`) lets every request
 //!   through at its headers: what having a wasm HTTP filter in the chain costs at all.
 //!
+//! - Native: where `kvroute-bench-native` is built (`just bench` builds it), two more Envoys load
+//!   it as a dynamic module (no Wasm VM): its `floor` mode does the floor's work, its `kvroute` mode
+//!   kvroute's request path with the same core code. What the Wasm runtime costs, against the
+//!   issue's targets.
 //! - Inside the filter: two more Envoys run a build with feature `bench-phases`, one per body size,
 //!   and the bench reads its per-phase histograms (body copy, parse and hash, decide, route and
 //!   record): where the filter's own time goes. They run apart from the measured Envoys, whose
@@ -28,8 +32,8 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use kvroute_workloads::echo::EchoEngine;
-use kvroute_workloads::envoy_config::{Engine, EnvoySpec};
-use kvroute_workloads::stack::{filter_wasm, repo_root, Envoy};
+use kvroute_workloads::envoy_config::{Engine, EnvoySpec, NativeModule};
+use kvroute_workloads::stack::{filter_wasm, native_module, repo_root, Envoy};
 
 #[derive(Parser, Debug)]
 #[command(about = "Added latency and throughput cost of the kvroute filter in Envoy")]
@@ -220,6 +224,36 @@ fn feature_wasm(feature: &str) -> Option<String> {
     None
 }
 
+/// An Envoy with the native probe module in `mode` (`floor` or `kvroute`), if it is built.
+async fn native_envoy(
+    engines: &[Engine],
+    wasm: &str,
+    mode: &str,
+    args: &Args,
+) -> anyhow::Result<Option<Envoy>> {
+    let path = match native_module() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("bench: {e}; skipped");
+            return Ok(None);
+        }
+    };
+    let mut spec = EnvoySpec::new(engines.to_vec(), wasm.to_string());
+    let (settings, errors) = spec
+        .filter
+        .defaults
+        .with_runtime([("kvroute.policy", args.policy.as_str())]);
+    if let Some(e) = errors.first() {
+        anyhow::bail!("policy {}: {e:?}", args.policy);
+    }
+    spec.filter.defaults = settings;
+    spec.native_module = Some(NativeModule {
+        path: path.display().to_string(),
+        filter_name: mode.into(),
+    });
+    Ok(Some(Envoy::start(spec).await?))
+}
+
 /// "P50 / P90" cells of `stats` (key, histogram name) from an Envoy `/stats` text, in us (values
 /// times `to_us`); each also goes into `row` under its key.
 fn phase_cells(
@@ -295,6 +329,7 @@ async fn main() -> anyhow::Result<()> {
         .map(|e| Engine::local(&e.name, e.addr.port()))
         .collect();
     let wasm = filter_wasm()?.display().to_string();
+    let wasm_path = wasm.clone();
     let with = kvroute_envoy(&engines, &wasm, &args).await?;
     let mut base = EnvoySpec::new(engines.clone(), wasm);
     base.with_filter = false;
@@ -307,17 +342,23 @@ async fn main() -> anyhow::Result<()> {
         Some(w) => Some(Envoy::start(EnvoySpec::new(engines.clone(), w)).await?),
         None => None,
     };
+    let native_floor = native_envoy(&engines, &wasm_path, "floor", &args).await?;
+    let native = native_envoy(&engines, &wasm_path, "kvroute", &args).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    // Slots: kvroute, no filter, then the floor and the pass-through filter where built.
+    // Slots: kvroute, no filter, then the floor, the pass-through filter and the native module's
+    // two modes where built.
     let mut envoys = vec![&with, &without];
-    let mut extra = [None, None];
-    for (at, e) in extra.iter_mut().zip([&floor, &passthrough]) {
+    let mut extra = [None; 4];
+    for (at, e) in extra
+        .iter_mut()
+        .zip([&floor, &passthrough, &native_floor, &native])
+    {
         if let Some(e) = e {
             envoys.push(e);
             *at = Some(envoys.len() - 1);
         }
     }
-    let [floor_at, pass_at] = extra;
+    let [floor_at, pass_at, nfloor_at, native_at] = extra;
 
     let mut results = serde_json::Map::new();
     results.insert("policy".into(), args.policy.clone().into());
@@ -364,6 +405,8 @@ async fn main() -> anyhow::Result<()> {
         let floor_added = |p: f64| added(floor_at, p);
         let pass_added = |p: f64| added(pass_at, p);
         let row = serde_json::json!({
+            "native_floor_added_p50_us": added(nfloor_at, 0.5), "native_floor_added_p99_us": added(nfloor_at, 0.99),
+            "native_added_p50_us": added(native_at, 0.5), "native_added_p99_us": added(native_at, 0.99),
             "body_bytes": bodies.first().map_or(0, Vec::len), "requests_per_side": w.len(),
             "p50_with_us": pct(w, 0.5), "p50_without_us": pct(b, 0.5),
             "p99_with_us": pct(w, 0.99), "p99_without_us": pct(b, 0.99),
@@ -386,6 +429,16 @@ async fn main() -> anyhow::Result<()> {
             pass_added(0.5),
             pass_added(0.99)
         );
+        if native_at.is_some() || nfloor_at.is_some() {
+            println!(
+                "{:>6} native module: floor added p50 / p99 {:.0} / {:.0}; kvroute added p50 / p99 {:.0} / {:.0}",
+                label,
+                added(nfloor_at, 0.5),
+                added(nfloor_at, 0.99),
+                added(native_at, 0.5),
+                added(native_at, 0.99)
+            );
+        }
         results.insert(format!("latency_{label}"), row);
     }
     println!("(microseconds, client-side, one keep-alive connection per Envoy)");
@@ -422,10 +475,18 @@ async fn main() -> anyhow::Result<()> {
     );
     let at = |slot: Option<usize>| slot.and_then(|i| t.get(i)).copied().unwrap_or(f64::NAN);
     let (tf, tp) = (at(floor_at), at(pass_at));
+    let (tnf, tn) = (at(nfloor_at), at(native_at));
     println!(
         "throughput 8KB, {} clients: without {:.0} rps; with kvroute {:.0} rps (ratio {:.2}); floor {:.0} rps (ratio {:.2}); pass-through {:.0} rps (ratio {:.2})",
         args.clients, tb, tw, tw / tb, tf, tf / tb, tp, tp / tb
     );
+    if native_at.is_some() || nfloor_at.is_some() {
+        println!(
+            "  native module: floor {tnf:.0} rps (ratio {:.2}); kvroute {tn:.0} rps (ratio {:.2})",
+            tnf / tb,
+            tn / tb
+        );
+    }
     println!("(the load generator, the Envoys and the echo endpoints share this machine's cores)");
     // CPU microseconds per request, per Envoy.
     let cpu_of = |slot: Option<usize>| match slot.and_then(|i| cpu.get(i)) {
@@ -438,6 +499,7 @@ async fn main() -> anyhow::Result<()> {
         cpu_of(floor_at),
         cpu_of(pass_at),
     );
+    let (cnf, cn) = (cpu_of(nfloor_at), cpu_of(native_at));
     println!(
         "Envoy CPU per request over those rounds: without {cb:.0} us; with kvroute {cw:.0} us (+{:.0}, {:.2}x); floor {cf:.0} us (+{:.0}); pass-through {cp:.0} us (+{:.0}); kvroute's own work beyond the floor {:.0} us",
         cw - cb,
@@ -446,12 +508,24 @@ async fn main() -> anyhow::Result<()> {
         cp - cb,
         cw - cf
     );
+    if native_at.is_some() || nfloor_at.is_some() {
+        println!(
+            "  native module: floor {cnf:.0} us (+{:.0}); kvroute {cn:.0} us (+{:.0}, {:.2}x); native kvroute's work beyond its floor {:.0} us",
+            cnf - cb,
+            cn - cb,
+            cn / cb,
+            cn - cnf
+        );
+    }
     results.insert(
         "throughput_8KB".into(),
         serde_json::json!({"clients": args.clients, "with_rps": tw, "without_rps": tb, "floor_rps": tf,
             "passthrough_rps": tp, "ratio": tw / tb, "floor_ratio": tf / tb,
             "passthrough_ratio": tp / tb, "rounds": rounds,
-            "cpu_us_per_request": {"with": cw, "without": cb, "floor": cf, "passthrough": cp},
+            "native_floor_rps": tnf, "native_rps": tn, "native_floor_ratio": tnf / tb,
+            "native_ratio": tn / tb,
+            "cpu_us_per_request": {"with": cw, "without": cb, "floor": cf, "passthrough": cp,
+                "native_floor": cnf, "native": cn},
             "cpu_ratio_without_over_with": cb / cw}),
     );
     // Inside the filter: a `bench-phases` build, on its own Envoy per body size so each one's
@@ -557,7 +631,10 @@ async fn main() -> anyhow::Result<()> {
     results.insert("fallbacks_during_bench".into(), fallbacks.into());
     with.stop(false).await;
     without.stop(false).await;
-    for e in [floor, passthrough].into_iter().flatten() {
+    for e in [floor, passthrough, native_floor, native]
+        .into_iter()
+        .flatten()
+    {
         e.stop(false).await;
     }
     if let Some(dir) = args.out.parent() {
