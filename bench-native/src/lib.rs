@@ -230,10 +230,9 @@ impl Stream {
         let Some(kind) = self.kind else {
             return;
         };
-        let first = c.config.endpoints.first().map(|e| e.cluster().to_string());
         if c.mode == Mode::Floor {
-            if let Some(cluster) = first {
-                set_route_header(filter, &c.config.route_header, &cluster);
+            if let Some(e) = c.config.endpoints.first() {
+                set_route_header(filter, &c.config.route_header, e.cluster());
             }
             return;
         }
@@ -257,7 +256,6 @@ impl Stream {
         };
         let features =
             router::body_features(kind, body, self.session.as_deref(), c.config.block_spec()).ok();
-        let n = c.config.endpoints.len();
         let inflight: Vec<i64> = c
             .inflight
             .iter()
@@ -295,7 +293,7 @@ impl Stream {
         let Some(e) = c.config.endpoints.get(decision.endpoint) else {
             return;
         };
-        if set_route_header(filter, &c.config.route_header, e.cluster()) && decision.endpoint < n {
+        if set_route_header(filter, &c.config.route_header, e.cluster()) {
             let b = i64::from(decision.total_blocks);
             if let (Some(i), Some(ib)) = (
                 c.inflight.get(decision.endpoint),
