@@ -226,7 +226,7 @@ fn chunks(filter: FilterEnvoyPtr, body_type: u32) -> Vec<EnvoyBuffer> {
 impl Stream {
     /// The whole request body is in (end of stream): route it.
     fn route(&mut self, filter: FilterEnvoyPtr) {
-        let c = self.config.clone();
+        let c = &*self.config;
         let Some(kind) = self.kind else {
             return;
         };

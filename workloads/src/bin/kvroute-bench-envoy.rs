@@ -329,8 +329,9 @@ async fn main() -> anyhow::Result<()> {
         .map(|e| Engine::local(&e.name, e.addr.port()))
         .collect();
     let wasm = filter_wasm()?.display().to_string();
-    let wasm_path = wasm.clone();
     let with = kvroute_envoy(&engines, &wasm, &args).await?;
+    let native_floor = native_envoy(&engines, &wasm, "floor", &args).await?;
+    let native = native_envoy(&engines, &wasm, "kvroute", &args).await?;
     let mut base = EnvoySpec::new(engines.clone(), wasm);
     base.with_filter = false;
     let without = Envoy::start(base).await?;
@@ -342,8 +343,6 @@ async fn main() -> anyhow::Result<()> {
         Some(w) => Some(Envoy::start(EnvoySpec::new(engines.clone(), w)).await?),
         None => None,
     };
-    let native_floor = native_envoy(&engines, &wasm_path, "floor", &args).await?;
-    let native = native_envoy(&engines, &wasm_path, "kvroute", &args).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     // Slots: kvroute, no filter, then the floor, the pass-through filter and the native module's
     // two modes where built.
