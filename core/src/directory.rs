@@ -83,38 +83,6 @@ impl Hasher for PrehashedHasher {
 
 type Prehashed = BuildHasherDefault<PrehashedHasher>;
 
-/// The block index: block hash to the bit mask of the endpoints holding it.
-#[derive(Debug, Default)]
-struct Index(HashMap<BlockHash, u64, Prehashed>);
-
-impl Index {
-    fn get(&self, h: &BlockHash) -> Option<u64> {
-        self.0.get(h).copied()
-    }
-    fn set_bit(&mut self, h: BlockHash, bit: u64) {
-        *self.0.entry(h).or_insert(0) |= bit;
-    }
-    fn unset(&mut self, h: BlockHash, bit: u64) {
-        if let Some(v) = self.0.get_mut(&h) {
-            *v &= !bit;
-            if *v == 0 {
-                self.0.remove(&h);
-            }
-        }
-    }
-    fn len(&self) -> usize {
-        self.0.len()
-    }
-    fn clear(&mut self) {
-        self.0.clear();
-    }
-    fn sorted(&self) -> Vec<(BlockHash, u64)> {
-        let mut v: Vec<(BlockHash, u64)> = self.0.iter().map(|(h, m)| (*h, *m)).collect();
-        sort_by_hash(&mut v, |(h, _)| h.0);
-        v
-    }
-}
-
 /// Sorts `items` by a 64-bit `key` in ascending order, in linear time when the keys are uniform
 /// (block hashes, session keys): a counting sort on the keys' top bits into about one bucket per
 /// item, then each bucket (a few items) sorted on its own. Any keys come out in order; only clustered
@@ -190,12 +158,68 @@ fn sort_run<T: Copy>(run: &mut [T], key: &impl Fn(&T) -> u64) {
 }
 
 /// The authoritative, bounded directory (owned by the singleton, or by the simulator).
+///
+/// One table maps each block hash to its holders' mask and to the first of its nodes, one per
+/// endpoint holding it, chained through `sibling`. The nodes live in one slab and form each
+/// endpoint's LRU list through `u32` links. Recording a new block on a full endpoint is then two
+/// lookups in one table (the new block, the evicted one) on a few contiguous arrays, where separate
+/// LRU maps and an index took four lookups in three maps and a heap node per entry.
 #[derive(Debug)]
 pub struct Directory {
-    lrus: Vec<LruCache<BlockHash, (), Prehashed>>,
-    index: Index,
+    blocks: HashMap<BlockHash, Holders, Prehashed>,
+    nodes: Vec<Node>,
+    /// Head of the list of free slots in `nodes` (linked through `next`).
+    free: u32,
+    lists: Vec<List>,
     sessions: LruCache<u64, u8, Prehashed>,
     journal: Journal,
+}
+
+/// No node.
+const NIL: u32 = u32::MAX;
+
+/// A block's entry in the table.
+#[derive(Debug, Clone, Copy)]
+struct Holders {
+    /// Bit `i` = endpoint `i` holds the block.
+    mask: u64,
+    /// The first of the block's nodes (one per holder).
+    first: u32,
+}
+
+/// One block held by one endpoint.
+#[derive(Debug, Clone, Copy)]
+struct Node {
+    hash: BlockHash,
+    /// Towards the endpoint's most recently used node.
+    prev: u32,
+    /// Towards its least recently used node (or the next free slot).
+    next: u32,
+    /// The same block's node on another endpoint.
+    sibling: u32,
+    endpoint: u8,
+}
+
+/// One endpoint's LRU list.
+#[derive(Debug, Clone, Copy)]
+struct List {
+    /// Most recently used.
+    head: u32,
+    /// Least recently used: the next to go.
+    tail: u32,
+    len: u32,
+    cap: u32,
+}
+
+impl List {
+    fn new(cap: u32) -> Self {
+        Self {
+            head: NIL,
+            tail: NIL,
+            len: 0,
+            cap: cap.max(1),
+        }
+    }
 }
 
 /// The blocks and sessions whose entries changed since the journal was last reset, so a publisher
@@ -243,12 +267,14 @@ impl Directory {
     /// A directory for endpoints with these capacities (blocks each; at most [`MAX_ENDPOINTS`]).
     pub fn new(capacities: &[u32], session_capacity: u32) -> Self {
         Self {
-            lrus: capacities
+            blocks: HashMap::default(),
+            nodes: Vec::new(),
+            free: NIL,
+            lists: capacities
                 .iter()
                 .take(MAX_ENDPOINTS)
-                .map(|c| LruCache::with_hasher(nz(*c), Prehashed::default()))
+                .map(|c| List::new(*c))
                 .collect(),
-            index: Index::default(),
             sessions: LruCache::with_hasher(nz(session_capacity), Prehashed::default()),
             journal: Journal::default(),
         }
@@ -293,7 +319,127 @@ impl Directory {
 
     /// Number of endpoints.
     pub fn endpoints(&self) -> usize {
-        self.lrus.len()
+        self.lists.len()
+    }
+
+    fn node(&self, i: u32) -> Option<&Node> {
+        self.nodes.get(i as usize)
+    }
+
+    fn node_mut(&mut self, i: u32) -> Option<&mut Node> {
+        self.nodes.get_mut(i as usize)
+    }
+
+    /// `endpoint`'s node of a block whose first node is `first`.
+    fn find(&self, first: u32, endpoint: u8) -> u32 {
+        let mut i = first;
+        while let Some(n) = self.node(i) {
+            if n.endpoint == endpoint {
+                return i;
+            }
+            i = n.sibling;
+        }
+        NIL
+    }
+
+    /// Takes node `i` out of its endpoint's list.
+    fn unlink(&mut self, e: usize, i: u32) {
+        let Some(&Node { prev, next, .. }) = self.node(i) else {
+            return;
+        };
+        match self.node_mut(prev) {
+            Some(p) => p.next = next,
+            None => {
+                if let Some(l) = self.lists.get_mut(e) {
+                    l.head = next;
+                }
+            }
+        }
+        match self.node_mut(next) {
+            Some(n) => n.prev = prev,
+            None => {
+                if let Some(l) = self.lists.get_mut(e) {
+                    l.tail = prev;
+                }
+            }
+        }
+        if let Some(l) = self.lists.get_mut(e) {
+            l.len -= 1;
+        }
+    }
+
+    /// Puts node `i` at the head (most recent end) of its endpoint's list.
+    fn push_front(&mut self, e: usize, i: u32) {
+        let Some(l) = self.lists.get_mut(e) else {
+            return;
+        };
+        let old = l.head;
+        l.head = i;
+        if old == NIL {
+            l.tail = i;
+        }
+        l.len += 1;
+        if let Some(n) = self.node_mut(i) {
+            n.prev = NIL;
+            n.next = old;
+        }
+        if let Some(o) = self.node_mut(old) {
+            o.prev = i;
+        }
+    }
+
+    /// Removes `endpoint`'s least recently used block: out of its list, out of the block's
+    /// holders (the block's entry goes with its last holder), and its slot to the free list.
+    /// Returns the block.
+    fn evict_tail(&mut self, e: usize) -> Option<BlockHash> {
+        let i = self.lists.get(e)?.tail;
+        let h = self.node(i)?.hash;
+        self.unlink(e, i);
+        self.forget_node(h, i, e);
+        Some(h)
+    }
+
+    /// Takes node `i` (block `h` on endpoint `e`, already out of its list) out of the block's
+    /// holders and frees its slot.
+    fn forget_node(&mut self, h: BlockHash, i: u32, e: usize) {
+        let sibling = self.node(i).map_or(NIL, |n| n.sibling);
+        if let Some(entry) = self.blocks.get_mut(&h) {
+            entry.mask &= !(1u64 << e);
+            if entry.mask == 0 {
+                self.blocks.remove(&h);
+            } else if entry.first == i {
+                entry.first = sibling;
+            } else {
+                let mut j = entry.first;
+                while let Some(n) = self.nodes.get_mut(j as usize) {
+                    if n.sibling == i {
+                        n.sibling = sibling;
+                        break;
+                    }
+                    j = n.sibling;
+                }
+            }
+        }
+        let free = self.free;
+        if let Some(n) = self.node_mut(i) {
+            n.next = free;
+            n.sibling = NIL;
+        }
+        self.free = i;
+    }
+
+    /// A slot for a new node: a free one, or a new one at the slab's end (None past `u32` slots,
+    /// which no configuration reaches: at most 64 endpoints of at most 2^20 blocks each).
+    fn alloc(&mut self, node: Node) -> Option<u32> {
+        if let Some(slot) = self.nodes.get_mut(self.free as usize) {
+            let i = self.free;
+            self.free = slot.next;
+            *slot = node;
+            return Some(i);
+        }
+        let i = u32::try_from(self.nodes.len()).ok().filter(|i| *i != NIL)?;
+        self.nodes.push(node);
+        Some(i)
     }
 
     /// Records that `endpoint` now holds `blocks` (and serves `session`).
@@ -302,34 +448,58 @@ impl Directory {
     /// a session that moved): a decision that only refreshes recency changes nothing a published
     /// snapshot shows, so it need not be republished.
     pub fn record(&mut self, endpoint: usize, blocks: &[BlockHash], session: Option<u64>) -> bool {
-        let Some(lru) = self.lrus.get_mut(endpoint) else {
+        let Some(list) = self.lists.get(endpoint).copied() else {
             return false;
         };
+        let e8 = endpoint as u8;
         let bit = 1u64 << endpoint;
         let mut changed = false;
         let journal = self.journal.cap > 0;
         for h in blocks.iter().rev() {
-            match lru.push(*h, ()) {
-                // Already held: only its recency changed, and the index already has its bit.
-                Some((k, ())) if k == *h => continue,
-                Some((evicted, ())) => {
-                    self.index.unset(evicted, bit);
+            let held = self.blocks.get(h).filter(|x| x.mask & bit != 0).copied();
+            if let Some(entry) = held {
+                // Already held: only its recency changes.
+                let i = self.find(entry.first, e8);
+                if i != NIL && self.lists.get(endpoint).is_some_and(|l| l.head != i) {
+                    self.unlink(endpoint, i);
+                    self.push_front(endpoint, i);
+                }
+                continue;
+            }
+            if self.lists.get(endpoint).is_some_and(|l| l.len >= list.cap) {
+                if let Some(evicted) = self.evict_tail(endpoint) {
                     if journal {
                         self.journal.block(evicted);
                     }
                 }
-                None => {}
             }
+            let sibling = self.blocks.get(h).map_or(NIL, |x| x.first);
+            let node = Node {
+                hash: *h,
+                prev: NIL,
+                next: NIL,
+                sibling,
+                endpoint: e8,
+            };
+            let Some(i) = self.alloc(node) else {
+                break;
+            };
+            let entry = self.blocks.entry(*h).or_insert(Holders {
+                mask: 0,
+                first: NIL,
+            });
+            entry.mask |= bit;
+            entry.first = i;
+            self.push_front(endpoint, i);
             changed = true;
-            self.index.set_bit(*h, bit);
             if journal {
                 self.journal.block(*h);
             }
         }
         if let Some(s) = session {
-            match self.sessions.push(s, endpoint as u8) {
+            match self.sessions.push(s, e8) {
                 Some((k, e)) if k == s => {
-                    if e != endpoint as u8 {
+                    if e != e8 {
                         changed = true;
                         if journal {
                             self.journal.session(s);
@@ -352,55 +522,54 @@ impl Directory {
 
     /// Changes one endpoint's capacity, forgetting its least recently used blocks if it shrinks.
     pub fn set_capacity(&mut self, endpoint: usize, blocks: u32) {
-        let Some(lru) = self.lrus.get_mut(endpoint) else {
+        let Some(list) = self.lists.get_mut(endpoint) else {
             return;
         };
-        let bit = 1u64 << endpoint;
+        list.cap = blocks.max(1);
+        let cap = list.cap;
         self.journal.overflow = true;
-        while lru.len() > blocks as usize {
-            if let Some((h, ())) = lru.pop_lru() {
-                self.index.unset(h, bit);
+        while self.lists.get(endpoint).is_some_and(|l| l.len > cap) {
+            if self.evict_tail(endpoint).is_none() {
+                break;
             }
         }
-        lru.resize(nz(blocks));
     }
 
     /// Forgets everything one endpoint holds (its engine restarted or reset its cache).
     pub fn clear_endpoint(&mut self, endpoint: usize) {
-        let Some(lru) = self.lrus.get_mut(endpoint) else {
+        if endpoint >= self.lists.len() {
             return;
-        };
-        let bit = 1u64 << endpoint;
-        self.journal.overflow = true;
-        while let Some((h, ())) = lru.pop_lru() {
-            self.index.unset(h, bit);
         }
+        self.journal.overflow = true;
+        while self.evict_tail(endpoint).is_some() {}
     }
 
     /// Forgets everything: every endpoint's blocks and every session (the engines' caches were
     /// reset, or an operator asked for it).
     pub fn clear(&mut self) {
         self.journal.overflow = true;
-        for lru in &mut self.lrus {
-            lru.clear();
+        for l in &mut self.lists {
+            *l = List::new(l.cap);
         }
-        self.index.clear();
+        self.nodes.clear();
+        self.free = NIL;
+        self.blocks.clear();
         self.sessions.clear();
     }
 
     /// Blocks held by one endpoint.
     pub fn endpoint_len(&self, endpoint: usize) -> usize {
-        self.lrus.get(endpoint).map_or(0, LruCache::len)
+        self.lists.get(endpoint).map_or(0, |l| l.len as usize)
     }
 
     /// Capacity of one endpoint, in blocks.
     pub fn endpoint_capacity(&self, endpoint: usize) -> usize {
-        self.lrus.get(endpoint).map_or(0, |l| l.cap().get())
+        self.lists.get(endpoint).map_or(0, |l| l.cap as usize)
     }
 
     /// Distinct block hashes held by any endpoint.
     pub fn distinct_blocks(&self) -> usize {
-        self.index.len()
+        self.blocks.len()
     }
 
     /// Sessions remembered.
@@ -410,7 +579,9 @@ impl Directory {
 
     /// (hash, holders mask) pairs in ascending hash order.
     pub fn entries(&self) -> Vec<(BlockHash, u64)> {
-        self.index.sorted()
+        let mut v: Vec<(BlockHash, u64)> = self.blocks.iter().map(|(h, x)| (*h, x.mask)).collect();
+        sort_by_hash(&mut v, |(h, _)| h.0);
+        v
     }
 
     /// (session, endpoint) pairs in no particular order.
@@ -421,7 +592,7 @@ impl Directory {
 
 impl PrefixIndex for Directory {
     fn holders(&self, h: BlockHash) -> u64 {
-        self.index.get(&h).unwrap_or(0)
+        self.blocks.get(&h).map_or(0, |x| x.mask)
     }
     fn session_endpoint(&self, s: u64) -> Option<usize> {
         self.sessions.peek(&s).map(|e| usize::from(*e))
@@ -552,6 +723,59 @@ mod tests {
                 let changed = d.record(*e, &hs(blocks), *session);
                 let after = view(&d);
                 prop_assert_eq!(changed, before != after);
+            }
+        }
+
+        /// The directory answers as a plain model of per-endpoint LRU lists does (most recent
+        /// first; a request's blocks recorded last to first; the least recent forgotten at
+        /// capacity), through any mix of records, shrinks, grows and clears.
+        #[test]
+        fn equals_a_model_of_lru_lists(
+            caps in prop::collection::vec(1u32..12, 1..5),
+            ops in prop::collection::vec(
+                (0usize..8, 0usize..5, prop::collection::vec(0u64..40, 0..16), 1u32..14),
+                0..120,
+            ),
+        ) {
+            let mut d = Directory::new(&caps, 4);
+            let mut caps = caps;
+            let mut model: Vec<Vec<u64>> = vec![Vec::new(); caps.len()];
+            for (op, e, blocks, cap) in ops {
+                let e = e % caps.len();
+                match op {
+                    0 => {
+                        d.set_capacity(e, cap);
+                        caps[e] = cap;
+                        model[e].truncate(cap as usize);
+                    }
+                    1 => {
+                        d.clear_endpoint(e);
+                        model[e].clear();
+                    }
+                    _ => {
+                        d.record(e, &hs(&blocks), None);
+                        for b in blocks.iter().rev() {
+                            model[e].retain(|x| x != b);
+                            model[e].insert(0, *b);
+                            model[e].truncate(caps[e] as usize);
+                        }
+                    }
+                }
+                for k in 0u64..40 {
+                    let expected = model
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, l)| l.contains(&k))
+                        .fold(0u64, |m, (i, _)| m | 1 << i);
+                    prop_assert_eq!(d.holders(BlockHash(k)), expected, "block {}", k);
+                }
+                for (i, l) in model.iter().enumerate() {
+                    prop_assert_eq!(d.endpoint_len(i), l.len());
+                    prop_assert_eq!(d.endpoint_capacity(i), caps[i] as usize);
+                }
+                let distinct: std::collections::HashSet<u64> =
+                    model.iter().flatten().copied().collect();
+                prop_assert_eq!(d.distinct_blocks(), distinct.len());
             }
         }
 

@@ -46,12 +46,18 @@ pub fn filter_wasm() -> anyhow::Result<PathBuf> {
     Ok(p)
 }
 
-/// The native bench probe (`kvroute-bench-native`, a dynamic module): the release build in
-/// `target/` (`just native` builds it).
+/// The native bench probe (`kvroute-bench-native`, a dynamic module): `$KVROUTE_NATIVE`, else the
+/// release build in `target/` (`just native` builds it).
 pub fn native_module() -> anyhow::Result<PathBuf> {
-    let p = repo_root().join("target/release/libkvroute_native.so");
+    let p = std::env::var_os("KVROUTE_NATIVE").map_or_else(
+        || repo_root().join("target/release/libkvroute_native.so"),
+        PathBuf::from,
+    );
     if !p.exists() {
-        bail!("no native module at {} (run `just native`)", p.display());
+        bail!(
+            "no native module at {} (run `just native`, or set KVROUTE_NATIVE)",
+            p.display()
+        );
     }
     Ok(p)
 }
