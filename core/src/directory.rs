@@ -4,8 +4,8 @@
 //! is an LRU bounded by a model of that engine's KV capacity, so the directory forgets roughly what
 //! the engine forgets. Blocks are recorded last-to-first, so a prefix's first blocks are the most
 //! recently used and are forgotten last, as in vLLM, which frees a finished request's blocks tail
-//! first. An index maps each block hash to the bit mask of endpoints holding it; a bounded LRU maps
-//! sessions to the endpoint that served them last.
+//! first. One table maps each block hash to the bit mask of endpoints holding it (and to its nodes
+//! in the endpoints' LRU lists); a bounded LRU maps sessions to the endpoint that served them last.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
