@@ -628,6 +628,8 @@ async fn main() -> anyhow::Result<()> {
         .map(|(_, v)| *v)
         .sum();
     results.insert("fallbacks_during_bench".into(), fallbacks.into());
+    let verdict = targets(&results);
+    results.insert("targets".into(), verdict);
     with.stop(false).await;
     without.stop(false).await;
     for e in [floor, passthrough, native_floor, native]
@@ -645,4 +647,66 @@ async fn main() -> anyhow::Result<()> {
     )?;
     eprintln!("bench: results in {}", args.out.display());
     Ok(())
+}
+
+/// Issue 2's targets against this run's figures: for the filter, and beside it for the Wasm floor
+/// (pause, buffer, set the header: no routing work) and the native probe, so a run shows whether a
+/// miss is the routing work's or the runtime's. Prints one line per target; returns them as JSON.
+fn targets(results: &serde_json::Map<String, serde_json::Value>) -> serde_json::Value {
+    let get = |section: &str, key: &str| {
+        results
+            .get(section)
+            .and_then(|s| s.get(key))
+            .and_then(serde_json::Value::as_f64)
+            .unwrap_or(f64::NAN)
+    };
+    // (target, section, key of the filter's figure, limit, whether the figure must stay below it)
+    let rows = [
+        (
+            "8 KB added P99 <= 50 us",
+            "latency_8KB",
+            "added_p99_us",
+            50.0,
+            true,
+        ),
+        (
+            "200 KB added P99 <= 1000 us",
+            "latency_200KB",
+            "added_p99_us",
+            1000.0,
+            true,
+        ),
+        (
+            "throughput >= 0.85 of no filter",
+            "throughput_8KB",
+            "ratio",
+            0.85,
+            false,
+        ),
+    ];
+    let verdict = |v: f64, limit: f64, below: bool| match (v.is_nan(), below) {
+        (true, _) => "not measured",
+        (false, true) if v <= limit => "met",
+        (false, false) if v >= limit => "met",
+        _ => "missed",
+    };
+    println!("issue 2's targets in this run (the floor and the native probe for comparison):");
+    let mut out = serde_json::Map::new();
+    for (name, section, key, limit, below) in rows {
+        let of = |prefix: &str| get(section, &format!("{prefix}{key}"));
+        let (filter, floor, native) = (of(""), of("floor_"), of("native_"));
+        println!(
+            "  {name:<32} kvroute {filter:>7.2} {:<12} Wasm floor {floor:>7.2} {:<12} native probe {native:>7.2} {}",
+            verdict(filter, limit, below),
+            verdict(floor, limit, below),
+            verdict(native, limit, below),
+        );
+        out.insert(
+            name.into(),
+            serde_json::json!({"kvroute": filter, "kvroute_verdict": verdict(filter, limit, below),
+                "floor": floor, "floor_verdict": verdict(floor, limit, below),
+                "native": native, "native_verdict": verdict(native, limit, below)}),
+        );
+    }
+    out.into()
 }
