@@ -448,7 +448,7 @@ impl Directory {
     /// a session that moved): a decision that only refreshes recency changes nothing a published
     /// snapshot shows, so it need not be republished.
     pub fn record(&mut self, endpoint: usize, blocks: &[BlockHash], session: Option<u64>) -> bool {
-        let Some(list) = self.lists.get(endpoint).copied() else {
+        let Some(cap) = self.lists.get(endpoint).map(|l| l.cap) else {
             return false;
         };
         let e8 = endpoint as u8;
@@ -466,7 +466,7 @@ impl Directory {
                 }
                 continue;
             }
-            if self.lists.get(endpoint).is_some_and(|l| l.len >= list.cap) {
+            if self.lists.get(endpoint).is_some_and(|l| l.len >= cap) {
                 if let Some(evicted) = self.evict_tail(endpoint) {
                     if journal {
                         self.journal.block(evicted);

@@ -33,29 +33,32 @@ pub fn envoy_binary() -> anyhow::Result<PathBuf> {
 
 /// The filter: `$KVROUTE_WASM`, else the release build in `target/`.
 pub fn filter_wasm() -> anyhow::Result<PathBuf> {
-    let p = std::env::var_os("KVROUTE_WASM").map_or_else(
-        || repo_root().join("target/wasm32-wasip1/release/kvroute_filter.wasm"),
-        PathBuf::from,
-    );
-    if !p.exists() {
-        bail!(
-            "no filter at {} (run `just wasm`, or set KVROUTE_WASM)",
-            p.display()
-        );
-    }
-    Ok(p)
+    built(
+        "KVROUTE_WASM",
+        "target/wasm32-wasip1/release/kvroute_filter.wasm",
+        "filter",
+        "wasm",
+    )
 }
 
 /// The native bench probe (`kvroute-bench-native`, a dynamic module): `$KVROUTE_NATIVE`, else the
 /// release build in `target/` (`just native` builds it).
 pub fn native_module() -> anyhow::Result<PathBuf> {
-    let p = std::env::var_os("KVROUTE_NATIVE").map_or_else(
-        || repo_root().join("target/release/libkvroute_native.so"),
-        PathBuf::from,
-    );
+    built(
+        "KVROUTE_NATIVE",
+        "target/release/libkvroute_native.so",
+        "native module",
+        "native",
+    )
+}
+
+/// A build output: the path in `$var`, else `default` under the repository; an error naming the
+/// `just` recipe that builds it when it is missing.
+fn built(var: &str, default: &str, what: &str, recipe: &str) -> anyhow::Result<PathBuf> {
+    let p = std::env::var_os(var).map_or_else(|| repo_root().join(default), PathBuf::from);
     if !p.exists() {
         bail!(
-            "no native module at {} (run `just native`, or set KVROUTE_NATIVE)",
+            "no {what} at {} (run `just {recipe}`, or set {var})",
             p.display()
         );
     }
