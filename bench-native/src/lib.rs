@@ -272,6 +272,10 @@ impl Stream {
             status: &[],
             inflight: &inflight,
             inflight_blocks: &blocks,
+            inflight_prefill: &[],
+            chars_per_token: c.config.chars_per_token,
+            block_chars: c.config.block_chars,
+            directory_age_ms: 0,
             settings: &c.config.defaults,
             seq,
             // splitmix64 of the sequence: only p2c draws and ties read it.

@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::policy::{HashMode, LoadSignal, PolicyKind};
+use crate::policy::{HashMode, LoadSignal, PolicyKind, RateScope};
 use crate::prefix::BlockSpec;
 use crate::MAX_ENDPOINTS;
 
@@ -407,6 +407,19 @@ pub struct PolicySettings {
     /// `kvroute.dynamo_temperature`: softmax temperature of `dynamo_cost` (0: argmin, Dynamo's
     /// default).
     pub dynamo_temperature: f64,
+    /// `kvroute.ttft_prefill_tps`: `predicted_ttft`'s prefill throughput (tokens/s) for an engine
+    /// the sidecar has not measured, when no engine is measured either (cold start, no sidecar).
+    pub ttft_prefill_tps: f64,
+    /// `kvroute.ttft_cache_halflife_ms`: `predicted_ttft` credits the directory's matches at
+    /// half their value when its view is this old (an older view weighs predicted differences
+    /// less).
+    pub ttft_cache_halflife_ms: u32,
+    /// `kvroute.ttft_work_weight`: `predicted_ttft`'s weight of the prefill a request adds to an
+    /// endpoint (the wait of the requests behind it) beside its own predicted wait (0..=100).
+    pub ttft_work_weight: f64,
+    /// `kvroute.ttft_rates`: `pooled` (the fleet's measured prefill rate for every endpoint) or
+    /// `per_endpoint` (each engine's own, for fleets of unlike engines).
+    pub ttft_rates: RateScope,
 }
 
 impl Default for PolicySettings {
@@ -429,6 +442,10 @@ impl Default for PolicySettings {
             chwbl_load_factor: 1.25,
             dynamo_overlap_weight: 1.0,
             dynamo_temperature: 0.0,
+            ttft_prefill_tps: 10_000.0,
+            ttft_cache_halflife_ms: 10_000,
+            ttft_work_weight: 1.0,
+            ttft_rates: RateScope::Pooled,
         }
     }
 }
@@ -437,7 +454,7 @@ impl Default for PolicySettings {
 pub const RUNTIME_PREFIX: &str = "kvroute.";
 
 /// Every runtime key, without the prefix.
-pub const RUNTIME_KEYS: [&str; 17] = [
+pub const RUNTIME_KEYS: [&str; 21] = [
     "policy",
     "alpha",
     "beta",
@@ -455,6 +472,10 @@ pub const RUNTIME_KEYS: [&str; 17] = [
     "chwbl_load_factor",
     "dynamo_overlap_weight",
     "dynamo_temperature",
+    "ttft_prefill_tps",
+    "ttft_cache_halflife_ms",
+    "ttft_work_weight",
+    "ttft_rates",
 ];
 
 impl PolicySettings {
@@ -496,6 +517,8 @@ impl PolicySettings {
                 100.0,
             ),
             ("dynamo_temperature", self.dynamo_temperature, 0.0, 100.0),
+            ("ttft_prefill_tps", self.ttft_prefill_tps, 1.0, 1e9),
+            ("ttft_work_weight", self.ttft_work_weight, 0.0, 100.0),
         ] {
             if !(v.is_finite() && (lo..=hi).contains(&v)) {
                 e.push(FieldError::new(
@@ -503,6 +526,12 @@ impl PolicySettings {
                     format!("must be a number in {lo}..={hi}"),
                 ));
             }
+        }
+        if !(1..=3_600_000).contains(&self.ttft_cache_halflife_ms) {
+            e.push(FieldError::new(
+                format!("{prefix}ttft_cache_halflife_ms"),
+                "must be 1 to 3600000",
+            ));
         }
         if !(self.session_affinity.is_finite() && (0.0..=1.0).contains(&self.session_affinity)) {
             e.push(FieldError::new(
@@ -539,6 +568,10 @@ impl PolicySettings {
             "chwbl_load_factor" => self.chwbl_load_factor.to_string(),
             "dynamo_overlap_weight" => self.dynamo_overlap_weight.to_string(),
             "dynamo_temperature" => self.dynamo_temperature.to_string(),
+            "ttft_prefill_tps" => self.ttft_prefill_tps.to_string(),
+            "ttft_cache_halflife_ms" => self.ttft_cache_halflife_ms.to_string(),
+            "ttft_work_weight" => self.ttft_work_weight.to_string(),
+            "ttft_rates" => self.ttft_rates.as_str().to_string(),
             _ => return None,
         })
     }
@@ -601,6 +634,19 @@ impl PolicySettings {
                 "dynamo_temperature" => parse_weight(v, 100.0)
                     .map(|x| s.dynamo_temperature = x)
                     .is_some(),
+                "ttft_prefill_tps" => parse_range(v, 1.0, 1e9)
+                    .map(|x| s.ttft_prefill_tps = x)
+                    .is_some(),
+                "ttft_cache_halflife_ms" => v
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|x| (1..=3_600_000).contains(x))
+                    .map(|x| s.ttft_cache_halflife_ms = x)
+                    .is_some(),
+                "ttft_work_weight" => parse_weight(v, 100.0)
+                    .map(|x| s.ttft_work_weight = x)
+                    .is_some(),
+                "ttft_rates" => v.parse().map(|x| s.ttft_rates = x).is_ok(),
                 _ => {
                     errors.push(FieldError::new(key, "unknown kvroute runtime key"));
                     continue;

@@ -16,11 +16,13 @@ pub mod directory;
 pub mod hash;
 pub mod policy;
 pub mod prefix;
+pub mod rates;
 pub mod reference;
 pub mod request;
 pub mod router;
 pub mod snapshot;
 pub mod state;
+pub mod ttft;
 
 /// Most endpoints one router can address (one bit each in a 64-bit mask).
 pub const MAX_ENDPOINTS: usize = 64;

@@ -62,6 +62,11 @@ string_enum! {
         Chwbl = "chwbl",
         /// DualMap-style two hashes of the prefix, the less loaded (reference).
         Dualmap = "dualmap",
+        /// Each endpoint's predicted time to the first token (queued prefill work, this request's
+        /// uncached prefill, the step it joins), in milliseconds; the lowest wins.
+        PredictedTtft = "predicted_ttft",
+        /// LMetric (reference): new prefill tokens x the endpoint's batch size, lowest wins.
+        Lmetric = "lmetric",
     }
 }
 
@@ -73,6 +78,17 @@ string_enum! {
         Modular = "modular",
         /// Highest random weight: only the keys of a removed endpoint move.
         Rendezvous = "rendezvous",
+    }
+}
+
+string_enum! {
+    /// Whose measured prefill rate `predicted_ttft` divides an endpoint's work by.
+    RateScope {
+        /// The fleet's: the mean over the measured engines (a fleet of like engines).
+        #[default]
+        Pooled = "pooled",
+        /// The endpoint's own, the fleet's where it is not measured (a fleet of unlike engines).
+        PerEndpoint = "per_endpoint",
     }
 }
 
@@ -113,6 +129,14 @@ pub struct Candidate<'a> {
     /// Prefix blocks of the requests the gateway has in flight on this endpoint (the router's own
     /// account of the KV blocks it has sent there, fresh at every decision).
     pub active_blocks: f64,
+    /// Prompt tokens the gateway has sent to this endpoint that are still to be prefilled: for each
+    /// in-flight request whose response has not started, its prompt tokens less those the directory
+    /// placed on the endpoint at its decision.
+    pub queued_prefill_tokens: f64,
+    /// The engine's measured prefill throughput, tokens/s (sidecar), if measured.
+    pub prefill_tps: Option<f64>,
+    /// The engine's measured time per output token, seconds (sidecar), if measured.
+    pub step_s: Option<f64>,
 }
 
 /// Everything a policy reads.
@@ -135,6 +159,13 @@ pub struct PickContext<'a> {
     pub seq: u64,
     /// A uniformly random draw (p2c, ties).
     pub rand: u64,
+    /// The request's prompt tokens (estimated from its canonical text, whole prompt, beyond the
+    /// block cap).
+    pub prompt_tokens: f64,
+    /// Tokens per directory block.
+    pub tokens_per_block: f64,
+    /// Age of the directory view the matches come from, ms.
+    pub directory_age_ms: u64,
 }
 
 /// What a policy picked, and why.
@@ -203,6 +234,8 @@ pub fn policy(kind: PolicyKind) -> &'static dyn Policy {
         PolicyKind::DynamoCost => &crate::reference::DynamoCost,
         PolicyKind::Chwbl => &crate::reference::Chwbl,
         PolicyKind::Dualmap => &crate::reference::Dualmap,
+        PolicyKind::PredictedTtft => &crate::ttft::PredictedTtft,
+        PolicyKind::Lmetric => &crate::reference::Lmetric,
     }
 }
 
@@ -211,7 +244,12 @@ impl PolicyKind {
     pub fn reads_prefix(self) -> bool {
         matches!(
             self,
-            Self::LoadCacheAware | Self::SglangCacheAware | Self::LlmdScorer | Self::DynamoCost
+            Self::LoadCacheAware
+                | Self::SglangCacheAware
+                | Self::LlmdScorer
+                | Self::DynamoCost
+                | Self::PredictedTtft
+                | Self::Lmetric
         )
     }
 
@@ -224,6 +262,7 @@ impl PolicyKind {
                 | Self::DynamoCost
                 | Self::Chwbl
                 | Self::Dualmap
+                | Self::Lmetric
         )
     }
 }
@@ -490,6 +529,9 @@ mod tests {
             settings: s,
             seq,
             rand,
+            prompt_tokens: 320.0,
+            tokens_per_block: 16.0,
+            directory_age_ms: 0,
         }
     }
 
@@ -499,10 +541,10 @@ mod tests {
             assert_eq!(k.as_str().parse::<PolicyKind>(), Ok(*k));
             assert_eq!(policy(*k).kind(), *k);
         }
-        assert_eq!(PolicyKind::ALL.len(), 11);
+        assert_eq!(PolicyKind::ALL.len(), 13);
         assert_eq!(
             PolicyKind::ALL.iter().filter(|k| !k.is_reference()).count(),
-            6
+            7
         );
     }
 

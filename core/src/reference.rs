@@ -10,6 +10,7 @@
 //! | `dynamo_cost` | NVIDIA Dynamo KV router | gateway in-flight blocks | overlap blocks |
 //! | `chwbl` | KubeAI `PrefixHash` (consistent hashing with bounded loads) | gateway in-flight | hash of the prompt's head |
 //! | `dualmap` | DualMap (two-choice hashing of the prefix) | gateway in-flight | hash of the prompt's head |
+//! | `lmetric` | LMetric (Zhang et al., 2026) | gateway in-flight (batch size) | new prefill tokens |
 //!
 //! Differences from the originals, all forced by running inside a gateway filter: matches are on
 //! kvroute's character blocks rather than on token trees; engine signals come from the sidecar's
@@ -268,6 +269,48 @@ impl Policy for Chwbl {
     }
 }
 
+/// LMetric (Zhang et al., "LMetric: Simple is Better - Multiplication May Be All You Need for LLM
+/// Request Scheduling", arXiv 2603.15202, 2026; deployed in production by its authors).
+///
+/// Score = the request's new prefill tokens if routed to the endpoint (its prompt tokens less the
+/// directory's match there) x the endpoint's batch size (the gateway's in-flight requests there);
+/// the lowest wins, with no weights to tune. Where scores tie (an idle endpoint scores 0 whatever
+/// its cache, the case the paper names as multiplication's failure), the fewer new prefill tokens,
+/// then at random.
+#[derive(Debug)]
+pub struct Lmetric;
+impl Lmetric {
+    /// Every candidate's (score, new prefill tokens).
+    pub fn scores(ctx: &PickContext<'_>) -> Vec<(f64, f64)> {
+        (0..ctx.candidates.len())
+            .map(|i| {
+                let new = crate::ttft::uncached_tokens(ctx, i, 1.0);
+                (new * inflight(ctx, i).max(0.0), new)
+            })
+            .collect()
+    }
+}
+impl Policy for Lmetric {
+    fn kind(&self) -> PolicyKind {
+        PolicyKind::Lmetric
+    }
+    fn pick(&self, ctx: &PickContext<'_>) -> Pick {
+        let s = Self::scores(ctx);
+        let at = |i: usize| s.get(i).copied().unwrap_or((f64::INFINITY, f64::INFINITY));
+        primary(argbest(ctx.candidates.len(), ctx.rand, |a, b| {
+            let (sa, na) = at(a);
+            let (sb, nb) = at(b);
+            if (sb - sa).abs() > 1e-9 {
+                sb.total_cmp(&sa)
+            } else if (nb - na).abs() > 1e-9 {
+                nb.total_cmp(&na)
+            } else {
+                std::cmp::Ordering::Equal
+            }
+        }))
+    }
+}
+
 /// DualMap-style two-choice hashing (Zhao et al., "DualMap: Enabling Both Cache Affinity and Load
 /// Balancing for Distributed LLM Serving", 2025): two independent hashes of the prompt's head name
 /// two distinct endpoints; the one with fewer in-flight requests wins, the first on a tie.
@@ -367,10 +410,33 @@ mod tests {
             settings: s,
             seq: 0,
             rand,
+            prompt_tokens: 320.0,
+            tokens_per_block: 16.0,
+            directory_age_ms: 0,
         }
     }
 
     proptest! {
+        #[test]
+        fn lmetric_is_new_prefill_times_batch_lowest_wins(c in cands(), rand in any::<u64>()) {
+            let s = PolicySettings::default();
+            let x = ctx(&c, &s, 0, rand);
+            let p = Lmetric.pick(&x).candidate;
+            let score = |i: usize| {
+                let new = (320.0 - 16.0 * f64::from(c[i].matched_blocks)).max(0.0);
+                (new * c[i].inflight, new)
+            };
+            for i in 0..c.len() {
+                prop_assert_eq!(Lmetric::scores(&x)[i], score(i));
+                let (si, ni) = score(i);
+                let (sp, np) = score(p);
+                prop_assert!(sp < si + 1e-9);
+                if (sp - si).abs() <= 1e-9 {
+                    prop_assert!(np <= ni + 1e-9);
+                }
+            }
+        }
+
         #[test]
         fn sglang_gates_on_imbalance_then_follows_match(c in cands(), rand in any::<u64>(), abs in 0.0f64..80.0) {
             let s = PolicySettings { balance_abs_threshold: abs, ..PolicySettings::default() };

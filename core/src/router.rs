@@ -27,6 +27,15 @@ pub struct RequestFeatures {
     pub head_key: Option<u64>,
     /// Whether the response will carry `usage` (see [`ParsedRequest::usage_expected`]).
     pub usage_expected: bool,
+    /// Bytes of the prompt's canonical text, the whole of it (the blocks stop at `max_blocks`).
+    pub prompt_bytes: u64,
+}
+
+impl RequestFeatures {
+    /// The prompt's tokens, estimated at `chars_per_token`.
+    pub fn prompt_tokens(&self, chars_per_token: f64) -> f64 {
+        self.prompt_bytes as f64 / chars_per_token.max(0.1)
+    }
 }
 
 /// Features of a parsed request. `session_header` is the value of the configured session header.
@@ -44,12 +53,15 @@ pub fn features(
     let head_key = blocks
         .get(head.min(blocks.len()).saturating_sub(1))
         .map(|b| b.0);
+    let mut prompt_bytes = 0u64;
+    crate::prefix::for_each_segment(req, |s| prompt_bytes += s.len() as u64);
     RequestFeatures {
         blocks,
         session,
         prefix_key: request_prefix_key(req),
         head_key,
         usage_expected: req.usage_expected,
+        prompt_bytes,
     }
 }
 
@@ -94,6 +106,15 @@ pub struct Inputs<'a> {
     pub inflight: &'a [i64],
     /// Prefix blocks of those requests per endpoint (empty: unknown, read as 0).
     pub inflight_blocks: &'a [i64],
+    /// Prompt tokens of those requests still to be prefilled per endpoint (their tokens less the
+    /// directory's match at their decision, until their response starts; empty: read as 0).
+    pub inflight_prefill: &'a [i64],
+    /// Characters per token of the prompt-size estimates.
+    pub chars_per_token: f64,
+    /// Characters per directory block.
+    pub block_chars: u32,
+    /// Age of the directory view, ms.
+    pub directory_age_ms: u64,
     /// Active settings.
     pub settings: &'a PolicySettings,
     /// Decision sequence number (round robin).
@@ -155,6 +176,10 @@ pub fn decide(
                 active_blocks: inputs.inflight_blocks.get(i).copied().unwrap_or(0).max(0) as f64,
                 waiting: engine.map(|e| e.waiting),
                 kv_usage: engine.map(|e| e.kv_usage),
+                queued_prefill_tokens: inputs.inflight_prefill.get(i).copied().unwrap_or(0).max(0)
+                    as f64,
+                prefill_tps: engine.map(|e| e.prefill_tps).filter(|r| *r > 0.0),
+                step_s: engine.map(|e| e.step_s).filter(|r| *r > 0.0),
             }
         })
         .collect();
@@ -168,6 +193,9 @@ pub fn decide(
         settings: inputs.settings,
         seq: inputs.seq,
         rand: inputs.rand,
+        prompt_tokens: features.prompt_tokens(inputs.chars_per_token),
+        tokens_per_block: f64::from(inputs.block_chars) / inputs.chars_per_token.max(0.1),
+        directory_age_ms: inputs.directory_age_ms,
     };
     let pick = policy(kind).pick(&ctx);
     let endpoint = candidates.get(pick.candidate).map_or(0, |c| c.endpoint);
@@ -246,6 +274,10 @@ mod tests {
             status: &status,
             inflight: &[0, 0, 0],
             inflight_blocks: &[],
+            inflight_prefill: &[],
+            chars_per_token: 4.0,
+            block_chars: 64,
+            directory_age_ms: 0,
             settings: &settings,
             seq: 0,
             rand: 1,
@@ -261,6 +293,10 @@ mod tests {
             status: &status,
             inflight: &[0, 0, 0],
             inflight_blocks: &[],
+            inflight_prefill: &[],
+            chars_per_token: 4.0,
+            block_chars: 64,
+            directory_age_ms: 0,
             settings: &settings,
             seq: 0,
             rand: 1,
@@ -286,6 +322,10 @@ mod tests {
             status: &status,
             inflight: &[4, 1, 2],
             inflight_blocks: &[],
+            inflight_prefill: &[],
+            chars_per_token: 4.0,
+            block_chars: 64,
+            directory_age_ms: 0,
             settings: &settings,
             seq: 0,
             rand: 9,
@@ -310,6 +350,10 @@ mod tests {
             status: &[],
             inflight: &[5, 2],
             inflight_blocks: &[],
+            inflight_prefill: &[],
+            chars_per_token: 4.0,
+            block_chars: 64,
+            directory_age_ms: 0,
             settings: &settings,
             seq: 0,
             rand: 0,

@@ -48,6 +48,12 @@ pub struct EngineSnapshot {
     pub generation_tokens_per_s: f64,
     /// KV capacity in tokens (`cache_config_info`: `num_gpu_blocks * block_size`).
     pub capacity_tokens: Option<u64>,
+    /// Measured prefill throughput, tokens/s ([`crate::rates`]; 0: not measured yet).
+    #[serde(default)]
+    pub prefill_tps: f64,
+    /// Measured time per output token, seconds ([`crate::rates`]; 0: not measured yet).
+    #[serde(default)]
+    pub step_s: f64,
     /// Counter resets seen (engine restarts).
     pub restarts: u32,
     /// Why the last failed scrape failed (cleared by a successful one).
@@ -98,6 +104,8 @@ mod tests {
                 prompt_tokens_per_s: 100.0,
                 generation_tokens_per_s: 20.0,
                 capacity_tokens: Some(11_376),
+                prefill_tps: 12_000.0,
+                step_s: 0.012,
                 restarts: 0,
                 last_error: None,
             }],

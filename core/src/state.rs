@@ -69,8 +69,11 @@ pub fn decode_version(b: &[u8]) -> Option<(u64, Option<u64>)> {
     Some((u64_at(b, 0)?, u64_at(b, 8)))
 }
 /// Shared-data key of the gateway in-flight counters: one i64 LE per endpoint (requests), then one
-/// per endpoint (prefix blocks of those requests).
+/// per endpoint (prefix blocks of those requests), then one per endpoint (prompt tokens of those
+/// requests still to prefill: not predicted cached, response not started).
 pub const INFLIGHT_KEY: &str = "kvroute.inflight";
+/// Sections of [`INFLIGHT_KEY`]'s value, each one i64 per endpoint.
+pub const INFLIGHT_SECTIONS: usize = 3;
 /// Shared-data key of the gateway-wide round-robin sequence (u64 LE).
 pub const RR_SEQ_KEY: &str = "kvroute.rr_seq";
 /// Shared queue on which workers report their decisions to the singleton.
@@ -85,6 +88,13 @@ pub struct EngineLoad {
     pub running: f64,
     /// `vllm:kv_cache_usage_perc` (0..=1)
     pub kv_usage: f64,
+    /// Prefill throughput, tokens/s, measured by the sidecar from the engine's counters (0: not
+    /// measured yet).
+    #[serde(default)]
+    pub prefill_tps: f64,
+    /// Time per output token, seconds, measured by the sidecar (0: not measured yet).
+    #[serde(default)]
+    pub step_s: f64,
     /// When it was scraped, in ms since the epoch.
     pub scraped_at_ms: u64,
 }

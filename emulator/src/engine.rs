@@ -128,7 +128,7 @@ pub enum Observation {
     E2e(f64),
     /// `request_queue_time_seconds`
     QueueTime(f64),
-    /// `request_prefill_kv_computed_tokens`
+    /// `request_prefill_kv_computed_tokens` (at the request's end, as vLLM records it)
     PrefillKvComputed(u32),
     /// `request_prompt_tokens`
     PromptTokens(u32),
@@ -136,6 +136,17 @@ pub enum Observation {
     GenerationTokens(u32),
     /// `iteration_tokens_total`
     IterationTokens(u32),
+    /// `request_prefill_time_seconds`: first scheduled to first token (at the request's end, as
+    /// vLLM records it).
+    PrefillTime(f64),
+    /// `request_decode_time_seconds`: first token to last.
+    DecodeTime(f64),
+    /// `request_inference_time_seconds`: first scheduled to last token.
+    InferenceTime(f64),
+    /// `request_time_per_output_token_seconds`: decode time over the tokens after the first.
+    TimePerOutputToken(f64),
+    /// `request_num_preemptions`: times the request was preempted.
+    RequestPreemptions(u32),
 }
 
 /// Cumulative counters and current gauges.
@@ -151,6 +162,9 @@ pub struct EngineStats {
     pub generation_tokens: u64,
     /// Preemptions.
     pub preemptions: u64,
+    /// Prompt tokens served from the prefix cache, of requests that produced their first token
+    /// (`prompt_tokens_cached_total`).
+    pub prompt_tokens_cached: u64,
     /// Finished requests by reason: stop, length, abort.
     pub finished: [u64; 3],
     /// Requests running.
@@ -190,7 +204,9 @@ struct Req {
     cached_tokens: Option<usize>,
     arrival: f64,
     first_scheduled: Option<f64>,
+    first_token: Option<f64>,
     last_token: Option<f64>,
+    preemptions: u32,
 }
 
 impl Req {
@@ -363,6 +379,8 @@ impl Engine {
                 cached_tokens: None,
                 arrival: now,
                 first_scheduled: None,
+                first_token: None,
+                preemptions: 0,
                 last_token: None,
             },
         );
@@ -441,6 +459,7 @@ impl Engine {
             let blocks = std::mem::take(&mut req.blocks);
             self.pool.free(blocks.into_iter().rev());
             req.num_computed = 0;
+            req.preemptions += 1;
         }
         self.waiting.push_front(id);
         self.stats.preemptions += 1;
@@ -596,10 +615,9 @@ impl Engine {
                 out.observations
                     .push(Observation::PromptTokens(req.prompt_len as u32));
                 let cached = req.cached_tokens.unwrap_or(0);
-                out.observations.push(Observation::PrefillKvComputed(
-                    (req.prompt_len - cached.min(req.prompt_len)) as u32,
-                ));
                 self.stats.prompt_tokens += req.prompt_len as u64;
+                self.stats.prompt_tokens_cached += cached.min(req.prompt_len) as u64;
+                req.first_token = Some(t);
             } else if let Some(last) = req.last_token {
                 out.observations.push(Observation::Itl(t - last));
             }
@@ -616,6 +634,24 @@ impl Engine {
                 out.observations.push(Observation::E2e(t - req.arrival));
                 out.observations
                     .push(Observation::GenerationTokens(usage.completion_tokens));
+                let scheduled = req.first_scheduled.unwrap_or(req.arrival);
+                let first = req.first_token.unwrap_or(t);
+                out.observations
+                    .push(Observation::PrefillTime((first - scheduled).max(0.0)));
+                out.observations
+                    .push(Observation::DecodeTime((t - first).max(0.0)));
+                out.observations
+                    .push(Observation::InferenceTime((t - scheduled).max(0.0)));
+                if usage.completion_tokens > 1 {
+                    out.observations.push(Observation::TimePerOutputToken(
+                        (t - first).max(0.0) / f64::from(usage.completion_tokens - 1),
+                    ));
+                }
+                out.observations
+                    .push(Observation::RequestPreemptions(req.preemptions));
+                out.observations.push(Observation::PrefillKvComputed(
+                    (req.prompt_len - (usage.cached_tokens as usize).min(req.prompt_len)) as u32,
+                ));
                 let blocks = std::mem::take(&mut req.blocks);
                 self.pool.free(blocks.into_iter().rev());
                 self.reqs.remove(&id);

@@ -58,6 +58,11 @@ pub struct Metrics {
     prompt_hist: HistogramVec,
     generation_hist: HistogramVec,
     iteration: HistogramVec,
+    prompt_cached: CounterVec,
+    prefill_time: HistogramVec,
+    decode_time: HistogramVec,
+    inference_time: HistogramVec,
+    tpot: HistogramVec,
     last: std::sync::Mutex<EngineStats>,
 }
 
@@ -197,6 +202,36 @@ impl Metrics {
                 "Histogram of number of tokens per engine_step.",
                 &ITERATION_BUCKETS,
             )?,
+            prompt_cached: counter(
+                &r,
+                "vllm:prompt_tokens_cached_total",
+                "Number of cached prompt tokens (local + external).",
+                &[],
+            )?,
+            prefill_time: histogram(
+                &r,
+                "vllm:request_prefill_time_seconds",
+                "Histogram of time spent in PREFILL phase for request.",
+                &LATENCY_BUCKETS,
+            )?,
+            decode_time: histogram(
+                &r,
+                "vllm:request_decode_time_seconds",
+                "Histogram of time spent in DECODE phase for request.",
+                &LATENCY_BUCKETS,
+            )?,
+            inference_time: histogram(
+                &r,
+                "vllm:request_inference_time_seconds",
+                "Histogram of time spent in RUNNING phase for request.",
+                &LATENCY_BUCKETS,
+            )?,
+            tpot: histogram(
+                &r,
+                "vllm:request_time_per_output_token_seconds",
+                "Histogram of time_per_output_token_seconds per request.",
+                &ITL_BUCKETS,
+            )?,
             labels: [model_name.to_string(), "0".to_string()],
             last: std::sync::Mutex::new(EngineStats::default()),
             registry: r,
@@ -253,6 +288,7 @@ impl Metrics {
             &m.prompt_tokens,
             &m.generation_tokens,
             &m.preemptions,
+            &m.prompt_cached,
         ] {
             c.with_label_values(&l).inc_by(0.0);
         }
@@ -265,6 +301,10 @@ impl Metrics {
             &m.prompt_hist,
             &m.generation_hist,
             &m.iteration,
+            &m.prefill_time,
+            &m.decode_time,
+            &m.inference_time,
+            &m.tpot,
         ] {
             let _ = h.with_label_values(&l);
         }
@@ -297,6 +337,15 @@ impl Metrics {
                 Observation::IterationTokens(n) => {
                     self.iteration.with_label_values(&l).observe(f64::from(n))
                 }
+                Observation::PrefillTime(s) => self.prefill_time.with_label_values(&l).observe(s),
+                Observation::DecodeTime(s) => self.decode_time.with_label_values(&l).observe(s),
+                Observation::InferenceTime(s) => {
+                    self.inference_time.with_label_values(&l).observe(s)
+                }
+                Observation::TimePerOutputToken(s) => self.tpot.with_label_values(&l).observe(s),
+                // vLLM's `request_num_preemptions` buckets are not in the reference file; the
+                // total is `num_preemptions_total`.
+                Observation::RequestPreemptions(_) => {}
             }
         }
         self.running.with_label_values(&l).set(stats.running as f64);
@@ -321,6 +370,9 @@ impl Metrics {
         self.preemptions
             .with_label_values(&l)
             .inc_by(d(stats.preemptions, last.preemptions));
+        self.prompt_cached
+            .with_label_values(&l)
+            .inc_by(d(stats.prompt_tokens_cached, last.prompt_tokens_cached));
         for (i, reason) in ["stop", "length", "abort"].iter().enumerate() {
             let (new, old) = (
                 stats.finished.get(i).copied().unwrap_or(0),

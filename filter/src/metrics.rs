@@ -309,6 +309,7 @@ pub struct StateMetrics {
     pub directory_blocks: Id,
     pub directory_endpoint_blocks: Vec<Id>,
     pub inflight: Vec<Id>,
+    pub queued_prefill: Vec<Id>,
     pub sessions: Id,
     pub decisions_recorded: Id,
     pub runtime_polls: Id,
@@ -350,6 +351,16 @@ impl StateMetrics {
                 .endpoints
                 .iter()
                 .map(|e| gauge(&format!("kvroute_inflight.endpoint.{}", e.name)))
+                .collect(),
+            queued_prefill: config
+                .endpoints
+                .iter()
+                .map(|e| {
+                    gauge(&format!(
+                        "kvroute_queued_prefill_tokens.endpoint.{}",
+                        e.name
+                    ))
+                })
                 .collect(),
             sessions: gauge("kvroute_directory_sessions"),
             decisions_recorded: counter("kvroute_decisions_recorded_total"),

@@ -113,7 +113,7 @@ impl Singleton {
         if existing.is_none_or(|v| v.len() != 16 * n) {
             let _ = host::shared_set(
                 state::INFLIGHT_KEY,
-                &state::encode_inflight(&vec![0; 2 * n]),
+                &state::encode_inflight(&vec![0; state::INFLIGHT_SECTIONS * n]),
                 None,
             );
         }
@@ -237,6 +237,8 @@ impl Singleton {
                             waiting: e.waiting,
                             running: e.running,
                             kv_usage: e.kv_usage,
+                            prefill_tps: sane_rate(e.prefill_tps),
+                            step_s: sane_rate(e.step_s),
                             scraped_at_ms: e.scraped_at_ms,
                         }),
                     };
@@ -262,13 +264,18 @@ impl Singleton {
 
     fn mirror_inflight(&self) {
         let (value, _) = host::shared_get(state::INFLIGHT_KEY);
+        let n = self.config.endpoints.len();
         let mut counts = Vec::new();
         state::decode_inflight(
             value.as_deref().unwrap_or_default(),
-            self.config.endpoints.len(),
+            state::INFLIGHT_SECTIONS * n,
             &mut counts,
         );
         for (id, c) in self.metrics.inflight.iter().zip(&counts) {
+            host::record(*id, (*c).max(0) as u64);
+        }
+        let prefill = counts.get(2 * n..).unwrap_or_default();
+        for (id, c) in self.metrics.queued_prefill.iter().zip(prefill) {
             host::record(*id, (*c).max(0) as u64);
         }
     }
@@ -554,5 +561,14 @@ impl Singleton {
                 PublishInterval::Never => u64::from(u32::MAX),
             },
         );
+    }
+}
+
+/// A rate from the sidecar as the policies read it: finite and positive, else 0 (not measured).
+fn sane_rate(x: f64) -> f64 {
+    if x.is_finite() && x > 0.0 {
+        x
+    } else {
+        0.0
     }
 }

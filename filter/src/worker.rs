@@ -48,7 +48,8 @@ struct WorkerState {
     rng: u64,
     queue: Option<u32>,
     vm_id: String,
-    /// Gateway in-flight counters as last read: requests per endpoint, then blocks per endpoint.
+    /// Gateway in-flight counters as last read: requests per endpoint, then blocks per endpoint,
+    /// then prompt tokens still to prefill per endpoint.
     inflight: Vec<i64>,
     /// The compare-and-swap token of that read, so the routed request's increment can start
     /// from it instead of reading the counters again.
@@ -155,9 +156,14 @@ impl Worker {
         let (value, cas) = host::shared_get(state::INFLIGHT_KEY);
         let n = self.config.endpoints.len();
         let mut counts = std::mem::take(&mut st.inflight);
-        state::decode_inflight(value.as_deref().unwrap_or_default(), 2 * n, &mut counts);
+        state::decode_inflight(
+            value.as_deref().unwrap_or_default(),
+            state::INFLIGHT_SECTIONS * n,
+            &mut counts,
+        );
         st.inflight_cas = cas;
-        let (inflight, inflight_blocks) = counts.split_at(n.min(counts.len()));
+        let (inflight, rest) = counts.split_at(n.min(counts.len()));
+        let (inflight_blocks, inflight_prefill) = rest.split_at(n.min(rest.len()));
         let rand = Self::next_rand(st);
         st.seq = st.seq.wrapping_add(1);
         let no_status: Vec<EndpointStatus> = Vec::new();
@@ -171,11 +177,23 @@ impl Worker {
         } else {
             st.seq
         };
+        // The age of the directory view, which `predicted_ttft` weighs its matches by.
+        let directory_age_ms = st.published.as_ref().map_or(0, |p| {
+            let as_of = match p.header.directory_as_of_ms {
+                0 => p.header.published_at_ms,
+                t => t,
+            };
+            (now_us / 1000).saturating_sub(as_of)
+        });
         let inputs = Inputs {
             endpoints: &self.config.endpoints,
             status,
             inflight,
             inflight_blocks,
+            inflight_prefill,
+            chars_per_token: self.config.chars_per_token,
+            block_chars: self.config.block_chars,
+            directory_age_ms,
             settings,
             seq,
             rand,
@@ -235,28 +253,27 @@ impl Worker {
         None
     }
 
-    /// Adds `delta` requests and `blocks` prefix blocks to an endpoint's gateway in-flight counts
-    /// (compare-and-swap on shared data).
-    fn add_inflight(&self, endpoint: usize, delta: i64, blocks: i64) {
-        self.add_inflight_from(endpoint, delta, blocks, None);
+    /// Adds `delta` (requests, prefix blocks, prompt tokens to prefill) to an endpoint's gateway
+    /// in-flight counts (compare-and-swap on shared data).
+    fn add_inflight(&self, endpoint: usize, delta: [i64; state::INFLIGHT_SECTIONS]) {
+        self.add_inflight_from(endpoint, delta, None);
     }
 
     /// [`Worker::add_inflight`] for the request just decided: its first attempt starts from the
     /// counters the decision read (one shared-data read fewer); if another worker changed them
     /// since, the swap fails and the loop reads them again.
-    fn add_inflight_after_decision(&self, endpoint: usize, blocks: i64) {
+    fn add_inflight_after_decision(&self, endpoint: usize, blocks: i64, prefill: i64) {
         let read = {
             let mut st = self.state.borrow_mut();
             st.inflight_cas.take().map(|cas| (st.inflight.clone(), cas))
         };
-        self.add_inflight_from(endpoint, 1, blocks, read);
+        self.add_inflight_from(endpoint, [1, blocks, prefill], read);
     }
 
     fn add_inflight_from(
         &self,
         endpoint: usize,
-        delta: i64,
-        blocks: i64,
+        delta: [i64; state::INFLIGHT_SECTIONS],
         mut read: Option<(Vec<i64>, u32)>,
     ) {
         let n = self.config.endpoints.len();
@@ -272,17 +289,16 @@ impl Worker {
                     let (value, cas) = host::shared_get(state::INFLIGHT_KEY);
                     state::decode_inflight(
                         value.as_deref().unwrap_or_default(),
-                        2 * n,
+                        state::INFLIGHT_SECTIONS * n,
                         &mut counts,
                     );
                     cas
                 }
             };
-            if let Some(c) = counts.get_mut(endpoint) {
-                *c = (*c + delta).max(0);
-            }
-            if let Some(c) = counts.get_mut(n + endpoint) {
-                *c = (*c + blocks).max(0);
+            for (k, d) in delta.iter().enumerate() {
+                if let Some(c) = counts.get_mut(k * n + endpoint) {
+                    *c = (*c + d).max(0);
+                }
             }
             match host::shared_set(state::INFLIGHT_KEY, &state::encode_inflight(&counts), cas) {
                 Ok(true) => return,
@@ -361,6 +377,8 @@ enum Phase {
         endpoint: usize,
         /// Prefix blocks counted in flight for this request.
         blocks: u32,
+        /// Prompt tokens counted as still to prefill, until the response starts.
+        prefill: i64,
         policy: PolicyKind,
         counted: bool,
         /// Tokens the directory predicted the engine holds; None once compared (or unknown).
@@ -425,7 +443,17 @@ impl Request {
             w.metrics.host_error(HostOp::SetHeader);
             return;
         }
-        w.add_inflight_after_decision(decision.endpoint, i64::from(decision.total_blocks));
+        let prefill = match &parsed {
+            Ok(f) => {
+                let cached = f64::from(decision.predicted_blocks) * f64::from(w.config.block_chars)
+                    / w.config.chars_per_token;
+                (f.prompt_tokens(w.config.chars_per_token) - cached)
+                    .max(0.0)
+                    .round() as i64
+            }
+            Err(_) => 0,
+        };
+        w.add_inflight_after_decision(decision.endpoint, i64::from(decision.total_blocks), prefill);
         // The prediction is compared with the engine's report only where the response will carry
         // one: a stream without `include_usage` has none, and its chunks are then never read.
         let usage_expected = parsed.as_ref().is_ok_and(|f| f.usage_expected);
@@ -436,6 +464,7 @@ impl Request {
         self.phase = Phase::Routed {
             endpoint: decision.endpoint,
             blocks: decision.total_blocks,
+            prefill,
             policy: decision.policy,
             counted: true,
             predicted_tokens,
@@ -653,6 +682,19 @@ impl Request {
     /// Compares the prediction with what the engine reports (`cached_tokens` in the usage of a JSON
     /// response or of the last SSE event). Chunks are read, never held: the response streams on.
     fn response_body(&mut self, body_size: usize) {
+        // The response has started: the engine has prefilled this request.
+        if let Phase::Routed {
+            endpoint,
+            prefill,
+            counted: true,
+            ..
+        } = &mut self.phase
+        {
+            if *prefill > 0 {
+                let p = std::mem::take(prefill);
+                self.worker.add_inflight(*endpoint, [0, 0, -p]);
+            }
+        }
         if let Phase::Routed {
             predicted_tokens: Some(predicted),
             ..
@@ -680,11 +722,13 @@ impl Request {
         if let Phase::Routed {
             endpoint,
             blocks,
+            prefill,
             counted: true,
             ..
         } = self.phase
         {
-            self.worker.add_inflight(endpoint, -1, -i64::from(blocks));
+            self.worker
+                .add_inflight(endpoint, [-1, -i64::from(blocks), -prefill]);
             self.phase = Phase::Passthrough;
         }
         if let Phase::Buffering(_) = self.phase {

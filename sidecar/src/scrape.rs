@@ -4,6 +4,7 @@
 //! summed over label sets (a data-parallel vLLM reports one per engine index), except KV usage,
 //! which is averaged.
 
+use kvroute_core::rates::RateCounters;
 use prom_text_format_parser::{Scrape, ValueType};
 
 /// What one scrape says.
@@ -25,6 +26,10 @@ pub struct EngineSample {
     pub generation_tokens: Option<f64>,
     /// `vllm:cache_config_info{num_gpu_blocks, block_size}`: KV capacity in tokens.
     pub capacity_tokens: Option<u64>,
+    /// The cumulative sums the engine's rates are measured from ([`kvroute_core::rates`]), when
+    /// the page has all of `vllm:request_prefill_kv_computed_tokens`,
+    /// `vllm:request_prefill_time_seconds` and `vllm:request_time_per_output_token_seconds`.
+    pub rates: Option<RateCounters>,
 }
 
 /// Why a page could not be used.
@@ -59,6 +64,29 @@ pub fn parse_vllm(text: &str) -> Result<EngineSample, ScrapeError> {
         (!values.is_empty()).then(|| (values.iter().sum(), values.len()))
     };
     let sum = |names: &[&str]| family(names).map(|(s, _)| s);
+    // A histogram's `_sum` or `_count`, summed over label sets.
+    let hist = |name: &str, kind: ValueType| -> Option<f64> {
+        let m = scrape.metrics.iter().find(|m| m.name == name)?;
+        let values: Vec<f64> = m
+            .samples
+            .iter()
+            .filter(|s| s.value.value_type == kind)
+            .filter_map(|s| value(&s.value))
+            .collect();
+        (!values.is_empty()).then(|| values.iter().sum())
+    };
+    let rates = (|| {
+        Some(RateCounters {
+            prefill_tokens: hist("vllm:request_prefill_kv_computed_tokens", ValueType::Sum)?,
+            prefill_seconds: hist("vllm:request_prefill_time_seconds", ValueType::Sum)?,
+            prefill_requests: hist("vllm:request_prefill_time_seconds", ValueType::Count)?,
+            tpot_seconds: hist("vllm:request_time_per_output_token_seconds", ValueType::Sum)?,
+            tpot_requests: hist(
+                "vllm:request_time_per_output_token_seconds",
+                ValueType::Count,
+            )?,
+        })
+    })();
     let waiting = sum(&["vllm:num_requests_waiting"])
         .ok_or(ScrapeError::Missing("vllm:num_requests_waiting"))?;
     let running = sum(&["vllm:num_requests_running"])
@@ -99,6 +127,7 @@ pub fn parse_vllm(text: &str) -> Result<EngineSample, ScrapeError> {
         prompt_tokens: sum(&["vllm:prompt_tokens_total"]),
         generation_tokens: sum(&["vllm:generation_tokens_total"]),
         capacity_tokens,
+        rates,
     })
 }
 

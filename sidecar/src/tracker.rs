@@ -2,6 +2,7 @@
 
 use std::collections::VecDeque;
 
+use kvroute_core::rates::RateEstimator;
 use kvroute_core::snapshot::EngineSnapshot;
 
 use crate::scrape::EngineSample;
@@ -19,6 +20,7 @@ pub struct Tracker {
     consecutive_failures: u32,
     restarts: u32,
     last_error: Option<String>,
+    rates: RateEstimator,
 }
 
 /// Most samples kept per engine.
@@ -38,6 +40,7 @@ impl Tracker {
             consecutive_failures: 0,
             restarts: 0,
             last_error: None,
+            rates: RateEstimator::default(),
         }
     }
 
@@ -54,6 +57,9 @@ impl Tracker {
                 self.restarts += 1;
                 self.window.clear();
             }
+        }
+        if let Some(r) = s.rates {
+            self.rates.observe(r);
         }
         self.window.push_back((now_ms, s));
         while self.window.len() > MAX_WINDOW
@@ -116,6 +122,8 @@ impl Tracker {
             prompt_tokens_per_s: rate(|s| s.prompt_tokens),
             generation_tokens_per_s: rate(|s| s.generation_tokens),
             capacity_tokens: last.capacity_tokens,
+            prefill_tps: self.rates.prefill_tps(),
+            step_s: self.rates.step_s(),
             restarts: self.restarts,
             last_error: self.last_error.clone(),
         }

@@ -32,6 +32,7 @@ use std::collections::BinaryHeap;
 
 use kvroute_core::config::PublishInterval;
 use kvroute_core::directory::{Directory, EmptyIndex, PrefixIndex};
+use kvroute_core::rates::{RateCounters, RateEstimator};
 use kvroute_core::request::{Content, Message, ParsedRequest, Prompt};
 use kvroute_core::router::{decide, features, Inputs, RequestFeatures};
 use kvroute_core::state::{
@@ -327,6 +328,8 @@ struct Open {
     itl: Vec<u64>,
     predicted_blocks: u32,
     blocks: u32,
+    /// Prompt tokens the router counts as still to prefill (until the first token).
+    prefill_tokens: i64,
 }
 
 struct Sim<'a> {
@@ -347,6 +350,11 @@ struct Sim<'a> {
     status: Vec<EndpointStatus>,
     inflight: Vec<i64>,
     inflight_blocks: Vec<i64>,
+    inflight_prefill: Vec<i64>,
+    /// The sidecar's measured rates per engine, and the counters it measures them from.
+    rates: Vec<(RateEstimator, RateCounters)>,
+    /// When the directory was last published, us.
+    published_at_us: u64,
     rng: Rng,
     /// The send delays' draws, apart from the router's.
     jitter: Rng,
@@ -412,16 +420,29 @@ impl Sim<'_> {
             (_, Some(p)) => p,
             (_, None) => &EmptyIndex,
         };
+        let directory_age_ms = match self.cfg.settings.publish_interval {
+            PublishInterval::Millis(_) => now.saturating_sub(self.published_at_us) / 1000,
+            _ => 0,
+        };
         let inputs = Inputs {
             endpoints: &self.cfg.filter.endpoints,
             status: &self.status,
             inflight: &self.inflight,
             inflight_blocks: &self.inflight_blocks,
+            inflight_prefill: &self.inflight_prefill,
+            chars_per_token: self.cfg.filter.chars_per_token,
+            block_chars: self.cfg.filter.block_chars,
+            directory_age_ms,
             settings: &self.cfg.settings,
             seq: self.decisions,
             rand: self.rng.next_u64(),
         };
         let d = decide(&t.features, live, &inputs, None);
+        let prefill_tokens =
+            queued_prefill_tokens(&t.features, &self.cfg.filter, d.predicted_blocks);
+        if let Some(c) = self.inflight_prefill.get_mut(d.endpoint) {
+            *c += prefill_tokens;
+        }
         self.decisions += 1;
         self.directory
             .record(d.endpoint, &t.features.blocks, t.features.session);
@@ -444,6 +465,7 @@ impl Sim<'_> {
             itl: Vec::new(),
             predicted_blocks: d.predicted_blocks,
             blocks: d.total_blocks,
+            prefill_tokens,
         };
         self.open_count += 1;
         let slot = match self.free_slots.pop() {
@@ -520,13 +542,25 @@ impl Sim<'_> {
             return;
         }
         let out = e.step(now as f64 / 1e6);
+        let rc = self.rates.get_mut(i).map(|(_, c)| c);
+        let mut scratch = RateCounters::default();
+        let rc = rc.unwrap_or(&mut scratch);
         for o in &out.observations {
             match o {
+                Observation::PrefillTime(s) => {
+                    rc.prefill_seconds += s;
+                    rc.prefill_requests += 1.0;
+                }
+                Observation::TimePerOutputToken(s) => {
+                    rc.tpot_seconds += s;
+                    rc.tpot_requests += 1.0;
+                }
                 Observation::Ttft(s) => {
                     self.out.counters.ttft_sum += s;
                     self.out.counters.ttft_count += 1.0;
                 }
                 Observation::PrefillKvComputed(n) => {
+                    rc.prefill_tokens += f64::from(*n);
                     self.out.counters.prefill_computed += f64::from(*n)
                 }
                 _ => {}
@@ -560,7 +594,13 @@ impl Sim<'_> {
                 Event::Token { id, .. } => {
                     if let Some(Some(o)) = self.open.get_mut(id as usize) {
                         match o.first_us {
-                            None => o.first_us = Some(at_client),
+                            None => {
+                                o.first_us = Some(at_client);
+                                if let Some(c) = self.inflight_prefill.get_mut(o.endpoint as usize)
+                                {
+                                    *c -= std::mem::take(&mut o.prefill_tokens);
+                                }
+                            }
                             Some(_) if self.cfg.record_itl => {
                                 o.itl.push(at_client - o.last_us);
                             }
@@ -606,6 +646,9 @@ impl Sim<'_> {
         if let Some(c) = self.inflight_blocks.get_mut(o.endpoint as usize) {
             *c -= i64::from(o.blocks);
         }
+        if let Some(c) = self.inflight_prefill.get_mut(o.endpoint as usize) {
+            *c -= o.prefill_tokens;
+        }
         self.out.records.push(SimRecord {
             session: o.session,
             turn: o.turn,
@@ -634,11 +677,20 @@ impl Sim<'_> {
         let mut sample = Vec::with_capacity(self.engines.len());
         for (i, e) in self.engines.iter().enumerate() {
             let s = e.stats();
+            let (prefill_tps, step_s) = match self.rates.get_mut(i) {
+                Some((r, c)) => {
+                    r.observe(*c);
+                    (r.prefill_tps(), r.step_s())
+                }
+                None => (0.0, 0.0),
+            };
             if let Some(l) = self.sidecar.get_mut(i) {
                 *l = EngineLoad {
                     waiting: s.waiting as f64,
                     running: s.running as f64,
                     kv_usage: s.kv_usage,
+                    prefill_tps,
+                    step_s,
                     scraped_at_ms: now / 1000 + 1,
                 };
             }
@@ -659,6 +711,14 @@ impl Sim<'_> {
     fn busy_anywhere(&self) -> bool {
         self.open_count > 0
     }
+}
+
+/// The prompt tokens a decision leaves to prefill on its endpoint, as the gateway counts them: the
+/// request's estimated tokens less the blocks the directory placed there.
+pub fn queued_prefill_tokens(f: &RequestFeatures, filter: &FilterConfig, predicted: u32) -> i64 {
+    let tokens = f.prompt_tokens(filter.chars_per_token);
+    let cached = f64::from(predicted) * f64::from(filter.block_chars) / filter.chars_per_token;
+    (tokens - cached).max(0.0).round() as i64
 }
 
 /// Simulates `work` under `cfg`.
@@ -686,6 +746,8 @@ pub fn simulate(cfg: &SimConfig, work: &[PreparedSession]) -> SimOutput {
                 waiting: 0.0,
                 running: 0.0,
                 kv_usage: 0.0,
+                prefill_tps: 0.0,
+                step_s: 0.0,
                 scraped_at_ms: 1,
             };
             n
@@ -693,6 +755,9 @@ pub fn simulate(cfg: &SimConfig, work: &[PreparedSession]) -> SimOutput {
         status: vec![EndpointStatus::default(); n],
         inflight: vec![0; n],
         inflight_blocks: vec![0; n],
+        inflight_prefill: vec![0; n],
+        rates: vec![Default::default(); n],
+        published_at_us: 0,
         rng: Rng::new(cfg.seed),
         jitter: Rng::new(cfg.seed ^ 0x5eed_de1a_7c11_e4e7),
         decisions: 0,
@@ -759,6 +824,7 @@ pub fn simulate(cfg: &SimConfig, work: &[PreparedSession]) -> SimOutput {
                     continue;
                 }
                 sim.publish();
+                sim.published_at_us = now;
                 if let Some(p) = publish_us {
                     sim.push(now + p, Kind::Publish, 0, 0);
                 }

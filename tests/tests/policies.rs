@@ -428,6 +428,8 @@ async fn reference_policies_keep_conversations_home_at_idle() {
         "dynamo_cost",
         "chwbl",
         "dualmap",
+        "lmetric",
+        "predicted_ttft",
     ] {
         s.envoy.set_policy(policy).await.unwrap();
         for c in 0..3 {
@@ -446,6 +448,63 @@ async fn reference_policies_keep_conversations_home_at_idle() {
         assert_eq!(n, 9, "{policy}");
     }
     s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn predicted_ttft_leaves_home_while_a_long_prompt_is_prefilled_there() {
+    let s = std::sync::Arc::new(Stack::with_policy(2, "predicted_ttft").await);
+    let mut recorded = 0u64;
+    let e = conversation(&s, "queued", &mut recorded).await;
+    assert!(e.iter().all(|x| *x == e[0]), "{e:?}");
+    let home = e[0].clone();
+    let hi = s.index_of(&home);
+    // A long new prompt (about 4,000 tokens, none cached) at home; its response has not started,
+    // so the gateway counts its prefill as queued there.
+    let (s2, b2) = (
+        s.clone(),
+        chat(&[("user", &"long document text ".repeat(800))]),
+    );
+    let held = tokio::spawn(async move { s2.chat(&b2, &[SLOW]).await });
+    for _ in 0..500 {
+        if s.engines[hi].active() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The conversation's next turn: its history (a few hundred tokens) is cached at home, but
+    // recomputing it elsewhere is quicker than waiting for the queued prefill.
+    let next = chat(&[
+        ("system", &system_prompt("queued")),
+        ("user", "Turn 0 of queued: go on."),
+        ("assistant", "ok"),
+        ("user", "Turn 1 of queued: go on."),
+        ("assistant", "ok"),
+        ("user", "Turn 2 of queued: go on."),
+        ("assistant", "ok"),
+        ("user", "Turn 3 of queued: go on."),
+    ]);
+    assert_ne!(served(&s.chat(&next, &[]).await), home, "must leave home");
+    // The singleton shows the queued prefill; once the long request's response has started,
+    // nothing is queued there.
+    let gauge = format!("kvroute_queued_prefill_tokens.endpoint.{home}");
+    s.envoy
+        .wait_stat(&gauge, Duration::from_secs(2), |v| v >= 3_000)
+        .await
+        .unwrap();
+    assert_eq!(served(&held.await.unwrap()), home);
+    s.envoy
+        .wait_stat(&gauge, Duration::from_secs(2), |v| v == 0)
+        .await
+        .unwrap();
+    let other = if hi == 0 { "engine1" } else { "engine0" };
+    s.envoy
+        .wait_stat(
+            &format!("kvroute_queued_prefill_tokens.endpoint.{other}"),
+            Duration::from_secs(2),
+            |v| v == 0,
+        )
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,8 +8,11 @@
 //!   skew; [`mix`] blends workloads.
 //! - [`mooncake`]: Mooncake JSONL traces; each 512-token `hash_id` becomes a deterministic
 //!   512-word text, so the trace's prefix sharing becomes prefix sharing in real prompts.
+//! - [`agentic`]: coding-agent sessions: a long shared tool and system prompt, dozens of
+//!   tool-result turns, prompts growing to 50-120k tokens.
 //! - [`arrivals`]: Poisson, a trace's own timestamps, Azure-style CSV timestamps, each scalable.
 
+pub mod agentic;
 pub mod arrivals;
 pub mod mooncake;
 pub mod rag;

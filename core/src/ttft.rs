@@ -1,0 +1,352 @@
+//! `predicted_ttft`: every endpoint scored in predicted milliseconds to the request's first token.
+//!
+//! A cache hit and a queue are both time: a hit saves the prefill of the tokens an endpoint already
+//! holds, a queue costs the prefill of the work sent there before. So for each candidate `i`:
+//!
+//! ```text
+//! predicted_i = 1000 * (queued_i + uncached_i) / rate_i                     (ms)
+//! score_i     = predicted_i + work_weight * 1000 * uncached_i / rate_i
+//! queued_i    = prompt tokens the gateway sent to i that i has not answered yet, less the tokens
+//!               the directory placed on i at each of their decisions (their predicted prefill)
+//! uncached_i  = max(prompt_tokens - w * matched_tokens_i, 0)
+//! w           = 0.5 ^ (directory_age_ms / ttft_cache_halflife_ms)   (older views count less)
+//! rate_i      = the fleet's measured prefill throughput (tokens/s: the mean of the engines the
+//!               sidecar has measured, [`crate::rates`]); with `ttft_rates = per_endpoint`, i's own
+//!               (for fleets of unlike engines); with none measured, `ttft_prefill_tps`
+//! ```
+//!
+//! The lowest score wins; ties go to the endpoint with fewer requests in flight, then at random.
+//! `predicted_i` is the request's own wait; the second term (`ttft_work_weight`, 1 by default) is
+//! what its prefill costs the requests that reach that endpoint after it: a miss recomputes
+//! tokens that a hit would not, and every request queued behind waits for them.
+//!
+//! Choices, measured in the simulator (`kvroute-sim-grid`, ShareGPT at N = 2 and 8, 0.25x to 2x):
+//! - Rates are pooled by default. An engine's measured prefill rate moves with its load (prefills
+//!   share steps with other prefills and decodes), so on a fleet of like engines per-endpoint
+//!   rates add noise that sends requests away from their cache: at N = 8, 0.25x, 0.17 lower hit
+//!   rate and 1.36x the P95 of the same policy with pooled rates.
+//! - Decode load is not a term: a prefill step is compute-bound and a decoding sequence adds one
+//!   token to it, so even 100 decoding sequences change a 2,048-token prefill step by 5%. Adding
+//!   the measured time per output token for a busy endpoint sent requests away from their cache.
+//!
+//! Every term grows with the work sent to an endpoint, so no prefix, however widely shared,
+//! sends every request to one endpoint: once its queue costs more than recomputing the prefix
+//! elsewhere, the next request goes to a second holder (or to a cold endpoint, which then becomes
+//! one). Unhealthy endpoints are not candidates ([`crate::router::decide`]).
+
+use crate::policy::{argbest, primary, Pick, PickContext, Policy, PolicyKind, RateScope};
+
+/// The `predicted_ttft` policy.
+#[derive(Debug)]
+pub struct PredictedTtft;
+
+/// Weight of the directory's matches for a view `age_ms` old.
+pub fn cache_weight(age_ms: u64, halflife_ms: u32) -> f64 {
+    if age_ms == 0 {
+        return 1.0;
+    }
+    0.5f64.powf(age_ms as f64 / f64::from(halflife_ms.max(1)))
+}
+
+/// Each candidate's prefill throughput, tokens/s: measured, else the mean of the measured ones,
+/// else the configured default.
+pub fn prefill_rates(ctx: &PickContext<'_>) -> Vec<f64> {
+    let measured = |r: Option<f64>| r.filter(|x| x.is_finite() && *x > 0.0);
+    let (sum, n) = ctx
+        .candidates
+        .iter()
+        .filter_map(|c| measured(c.prefill_tps))
+        .fold((0.0, 0u32), |(s, n), r| (s + r, n + 1));
+    let fallback = if n > 0 {
+        sum / f64::from(n)
+    } else {
+        ctx.settings.ttft_prefill_tps.max(1.0)
+    };
+    ctx.candidates
+        .iter()
+        .map(|c| match ctx.settings.ttft_rates {
+            RateScope::Pooled => fallback,
+            RateScope::PerEndpoint => measured(c.prefill_tps).unwrap_or(fallback),
+        })
+        .collect()
+}
+
+/// The request's prompt tokens that candidate `i` does not hold, as the policies estimate them:
+/// the whole prompt less the directory's match on `i`, the match weighted by `weight`.
+pub fn uncached_tokens(ctx: &PickContext<'_>, i: usize, weight: f64) -> f64 {
+    let total = ctx
+        .prompt_tokens
+        .max(f64::from(ctx.total_blocks) * ctx.tokens_per_block);
+    let matched = ctx
+        .candidates
+        .get(i)
+        .map_or(0.0, |c| f64::from(c.matched_blocks) * ctx.tokens_per_block);
+    (total - weight * matched).max(0.0)
+}
+
+impl PredictedTtft {
+    /// Every candidate's predicted time to first token, ms.
+    pub fn predicted_ms(ctx: &PickContext<'_>) -> Vec<f64> {
+        let rates = prefill_rates(ctx);
+        let w = cache_weight(ctx.directory_age_ms, ctx.settings.ttft_cache_halflife_ms);
+        ctx.candidates
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let rate = rates.get(i).copied().unwrap_or(1.0);
+                let own = uncached_tokens(ctx, i, w);
+                1000.0 * (c.queued_prefill_tokens.max(0.0) + own) / rate
+            })
+            .collect()
+    }
+}
+
+impl PredictedTtft {
+    /// Every candidate's score, ms: its predicted time to first token plus `ttft_work_weight`
+    /// times this request's own prefill there (the delay it adds for the requests behind it).
+    pub fn scores(ctx: &PickContext<'_>) -> Vec<f64> {
+        let rates = prefill_rates(ctx);
+        let w = cache_weight(ctx.directory_age_ms, ctx.settings.ttft_cache_halflife_ms);
+        Self::predicted_ms(ctx)
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let rate = rates.get(i).copied().unwrap_or(1.0);
+                t + ctx.settings.ttft_work_weight * 1000.0 * uncached_tokens(ctx, i, w) / rate
+            })
+            .collect()
+    }
+}
+
+impl Policy for PredictedTtft {
+    fn kind(&self) -> PolicyKind {
+        PolicyKind::PredictedTtft
+    }
+    fn pick(&self, ctx: &PickContext<'_>) -> Pick {
+        let t = Self::scores(ctx);
+        let at = |i: usize| t.get(i).copied().unwrap_or(f64::INFINITY);
+        let inflight = |i: usize| ctx.candidates.get(i).map_or(f64::INFINITY, |c| c.inflight);
+        primary(argbest(ctx.candidates.len(), ctx.rand, |a, b| {
+            let d = at(b) - at(a);
+            if d.abs() > 1e-9 {
+                d.total_cmp(&0.0)
+            } else {
+                inflight(b).total_cmp(&inflight(a))
+            }
+        }))
+    }
+}
+
+#[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+mod tests {
+    use super::*;
+    use crate::config::PolicySettings;
+    use crate::policy::{Candidate, RateScope};
+    use proptest::prelude::*;
+
+    const NAMES: [&str; 8] = ["e0", "e1", "e2", "e3", "e4", "e5", "e6", "e7"];
+
+    fn ctx<'a>(c: &'a [Candidate<'a>], s: &'a PolicySettings, rand: u64) -> PickContext<'a> {
+        PickContext {
+            candidates: c,
+            total_blocks: 40,
+            session: None,
+            prefix_key: None,
+            head_key: None,
+            settings: s,
+            seq: 0,
+            rand,
+            prompt_tokens: 640.0,
+            tokens_per_block: 16.0,
+            directory_age_ms: 0,
+        }
+    }
+
+    fn cand(i: usize, matched: u32, queued: f64, tps: Option<f64>) -> Candidate<'static> {
+        Candidate {
+            endpoint: i,
+            name: NAMES[i],
+            matched_blocks: matched,
+            queued_prefill_tokens: queued,
+            inflight: if queued > 0.0 { 1.0 } else { 0.0 },
+            prefill_tps: tps,
+            ..Candidate::default()
+        }
+    }
+
+    fn cands() -> impl Strategy<Value = Vec<Candidate<'static>>> {
+        prop::collection::vec(
+            (
+                0u32..=40,
+                0u32..20_000,
+                prop::option::of(1_000u32..50_000),
+                0u32..5,
+            ),
+            1..8,
+        )
+        .prop_map(|v| {
+            v.into_iter()
+                .enumerate()
+                .map(|(i, (m, q, tps, inflight))| Candidate {
+                    inflight: f64::from(inflight),
+                    step_s: Some(0.01),
+                    ..cand(i, m, f64::from(q), tps.map(f64::from))
+                })
+                .collect()
+        })
+    }
+
+    #[test]
+    fn idle_endpoints_follow_the_cache() {
+        let s = PolicySettings::default();
+        let c = [cand(0, 0, 0.0, None), cand(1, 30, 0.0, None)];
+        let x = ctx(&c, &s, 0);
+        assert_eq!(PredictedTtft.pick(&x).candidate, 1);
+        let t = PredictedTtft::predicted_ms(&x);
+        // 640 tokens at the default 10,000 tokens/s, against the 160 not cached on e1.
+        assert!(
+            (t[0] - 64.0).abs() < 1e-9 && (t[1] - 16.0).abs() < 1e-9,
+            "{t:?}"
+        );
+    }
+
+    #[test]
+    fn a_hot_holder_spills_once_its_queue_costs_more_than_recomputing() {
+        // e1 holds 480 of the 640 tokens. Without the work term it keeps the request while its
+        // queue is under the 480 tokens a miss would recompute; with it (weight 1), while the
+        // queue is under the 960 tokens the miss adds in all (480 waited for, 480 imposed).
+        let own = PolicySettings {
+            ttft_work_weight: 0.0,
+            ..PolicySettings::default()
+        };
+        let both = PolicySettings::default();
+        for (s, cases) in [
+            (&own, [(400.0, 1), (479.0, 1), (481.0, 0), (5_000.0, 0)]),
+            (&both, [(900.0, 1), (959.0, 1), (961.0, 0), (5_000.0, 0)]),
+        ] {
+            for (queued, want) in cases {
+                let c = [cand(0, 0, 0.0, None), cand(1, 30, queued, None)];
+                assert_eq!(
+                    PredictedTtft.pick(&ctx(&c, s, 0)).candidate,
+                    want,
+                    "{queued}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn measured_rates_weigh_the_work() {
+        let s = PolicySettings {
+            ttft_rates: RateScope::PerEndpoint,
+            ..PolicySettings::default()
+        };
+        // The same uncached work, but e0 prefills four times faster.
+        let c = [
+            cand(0, 0, 1_000.0, Some(40_000.0)),
+            cand(1, 0, 500.0, Some(10_000.0)),
+        ];
+        assert_eq!(PredictedTtft.pick(&ctx(&c, &s, 0)).candidate, 0);
+        // An unmeasured engine is taken at the mean of the measured ones.
+        let c = [cand(0, 0, 0.0, Some(20_000.0)), cand(1, 0, 0.0, None)];
+        assert_eq!(prefill_rates(&ctx(&c, &s, 0)), vec![20_000.0, 20_000.0]);
+        // Pooled (the default), every endpoint is taken at the fleet's mean.
+        let pooled = PolicySettings::default();
+        let c = [
+            cand(0, 0, 1_000.0, Some(40_000.0)),
+            cand(1, 0, 500.0, Some(10_000.0)),
+        ];
+        assert_eq!(
+            prefill_rates(&ctx(&c, &pooled, 0)),
+            vec![25_000.0, 25_000.0]
+        );
+        assert_eq!(PredictedTtft.pick(&ctx(&c, &pooled, 0)).candidate, 1);
+        // None measured: the configured rate.
+        let c = [cand(0, 0, 0.0, None), cand(1, 0, 0.0, None)];
+        assert_eq!(
+            prefill_rates(&ctx(&c, &pooled, 0)),
+            vec![10_000.0, 10_000.0]
+        );
+    }
+
+    #[test]
+    fn an_old_view_weighs_matches_less() {
+        assert_eq!(cache_weight(0, 10_000), 1.0);
+        assert!((cache_weight(10_000, 10_000) - 0.5).abs() < 1e-12);
+        let s = PolicySettings::default();
+        // Fresh: e1's 30 matched blocks (480 tokens) outweigh its 300 queued tokens.
+        let c = [cand(0, 0, 0.0, None), cand(1, 30, 300.0, None)];
+        assert_eq!(PredictedTtft.pick(&ctx(&c, &s, 0)).candidate, 1);
+        // Two half-lives old, they count as 120 tokens: less than the queue.
+        let x = PickContext {
+            directory_age_ms: 20_000,
+            ..ctx(&c, &s, 0)
+        };
+        assert_eq!(PredictedTtft.pick(&x).candidate, 0);
+    }
+
+    #[test]
+    fn a_shared_prefix_does_not_concentrate_load() {
+        // Every request shares its first 30 of 40 blocks, recorded on e0 only; each decision's
+        // uncached work is queued where it went (nothing is answered in between).
+        let s = PolicySettings::default();
+        let mut queued = [0.0f64; 4];
+        let mut holds = [true, false, false, false];
+        let mut sent = [0u32; 4];
+        for r in 0..200u64 {
+            let c: Vec<Candidate<'_>> = (0..4)
+                .map(|i| cand(i, if holds[i] { 30 } else { 0 }, queued[i], None))
+                .collect();
+            let x = ctx(&c, &s, r);
+            let p = PredictedTtft.pick(&x).candidate;
+            queued[p] += uncached_tokens(&x, p, 1.0);
+            holds[p] = true;
+            sent[p] += 1;
+        }
+        assert!(sent.iter().all(|n| (40..=60).contains(n)), "{sent:?}");
+    }
+
+    proptest! {
+        #[test]
+        fn picks_a_minimum_score(c in cands(), rand in any::<u64>(), age in 0u64..60_000, per in any::<bool>()) {
+            let s = PolicySettings {
+                ttft_rates: if per { RateScope::PerEndpoint } else { RateScope::Pooled },
+                ..PolicySettings::default()
+            };
+            let x = PickContext { directory_age_ms: age, ..ctx(&c, &s, rand) };
+            let t = PredictedTtft::scores(&x);
+            let p = PredictedTtft.pick(&x).candidate;
+            let min = t.iter().copied().fold(f64::INFINITY, f64::min);
+            prop_assert!(t[p] <= min + 1e-9);
+            prop_assert!(t.iter().all(|v| v.is_finite() && *v >= 0.0));
+        }
+
+        #[test]
+        fn more_queued_work_never_helps(c in cands(), i in 0usize..8, extra in 1.0f64..10_000.0) {
+            let s = PolicySettings::default();
+            let i = i % c.len();
+            let before = PredictedTtft::predicted_ms(&ctx(&c, &s, 0))[i];
+            let mut c2 = c.clone();
+            c2[i].queued_prefill_tokens += extra;
+            let after = PredictedTtft::predicted_ms(&ctx(&c2, &s, 0))[i];
+            prop_assert!(after > before);
+        }
+
+        #[test]
+        fn longer_matches_never_hurt(c in cands(), i in 0usize..8) {
+            let s = PolicySettings::default();
+            let i = i % c.len();
+            let before = PredictedTtft::predicted_ms(&ctx(&c, &s, 0))[i];
+            let mut c2 = c.clone();
+            c2[i].matched_blocks = (c2[i].matched_blocks + 5).min(40);
+            let after = PredictedTtft::predicted_ms(&ctx(&c2, &s, 0))[i];
+            prop_assert!(after <= before);
+        }
+    }
+}
