@@ -93,6 +93,10 @@ pub struct Decision {
     pub engine_load_missing: bool,
     /// No endpoint was healthy, so all were candidates.
     pub no_healthy: bool,
+    /// Prompt tokens the chosen endpoint is predicted to prefill (the request's estimated tokens
+    /// less the blocks the directory places there, [`crate::ttft::uncached_tokens`]): what the
+    /// gateway counts as queued there until the response starts.
+    pub uncached_tokens: u32,
 }
 
 /// Live inputs of a decision.
@@ -208,6 +212,18 @@ pub fn decide(
             .copied()
             .unwrap_or(0),
     };
+    let chosen = [Candidate {
+        matched_blocks: predicted_blocks,
+        ..Candidate::default()
+    }];
+    let uncached = crate::ttft::uncached_tokens(
+        &PickContext {
+            candidates: &chosen,
+            ..ctx
+        },
+        0,
+        1.0,
+    );
     Decision {
         endpoint,
         policy: kind,
@@ -216,6 +232,7 @@ pub fn decide(
         total_blocks,
         engine_load_missing: missing,
         no_healthy,
+        uncached_tokens: uncached.round().min(f64::from(u32::MAX)) as u32,
     }
 }
 

@@ -443,15 +443,10 @@ impl Request {
             w.metrics.host_error(HostOp::SetHeader);
             return;
         }
-        let prefill = match &parsed {
-            Ok(f) => {
-                let cached = f64::from(decision.predicted_blocks) * f64::from(w.config.block_chars)
-                    / w.config.chars_per_token;
-                (f.prompt_tokens(w.config.chars_per_token) - cached)
-                    .max(0.0)
-                    .round() as i64
-            }
-            Err(_) => 0,
+        let prefill = if parsed.is_ok() {
+            i64::from(decision.uncached_tokens)
+        } else {
+            0
         };
         w.add_inflight_after_decision(decision.endpoint, i64::from(decision.total_blocks), prefill);
         // The prediction is compared with the engine's report only where the response will carry

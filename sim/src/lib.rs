@@ -438,8 +438,7 @@ impl Sim<'_> {
             rand: self.rng.next_u64(),
         };
         let d = decide(&t.features, live, &inputs, None);
-        let prefill_tokens =
-            queued_prefill_tokens(&t.features, &self.cfg.filter, d.predicted_blocks);
+        let prefill_tokens = i64::from(d.uncached_tokens);
         if let Some(c) = self.inflight_prefill.get_mut(d.endpoint) {
             *c += prefill_tokens;
         }
@@ -711,14 +710,6 @@ impl Sim<'_> {
     fn busy_anywhere(&self) -> bool {
         self.open_count > 0
     }
-}
-
-/// The prompt tokens a decision leaves to prefill on its endpoint, as the gateway counts them: the
-/// request's estimated tokens less the blocks the directory placed there.
-pub fn queued_prefill_tokens(f: &RequestFeatures, filter: &FilterConfig, predicted: u32) -> i64 {
-    let tokens = f.prompt_tokens(filter.chars_per_token);
-    let cached = f64::from(predicted) * f64::from(filter.block_chars) / filter.chars_per_token;
-    (tokens - cached).max(0.0).round() as i64
 }
 
 /// Simulates `work` under `cfg`.
