@@ -425,7 +425,7 @@ pub struct PolicySettings {
 impl Default for PolicySettings {
     fn default() -> Self {
         Self {
-            policy: PolicyKind::LoadCacheAware,
+            policy: PolicyKind::PredictedTtft,
             alpha: 0.7,
             beta: 0.3,
             prefix_key_threshold: 8,
@@ -723,7 +723,7 @@ mod tests {
         assert_eq!(c.endpoints[0].cluster(), "e0");
         assert_eq!(c.endpoints[1].cluster(), "c1");
         assert_eq!(c.route_header, "x-kvroute-endpoint");
-        assert_eq!(c.defaults.policy, PolicyKind::LoadCacheAware);
+        assert_eq!(c.defaults.policy, PolicyKind::PredictedTtft);
         assert_eq!(c.defaults.alpha, 0.7);
         assert_eq!(c.capacity_of(1), 4096);
     }

@@ -50,7 +50,6 @@ string_enum! {
         /// Hash of the first 200 chars of the system prompt (or first message); JSQ above a queue threshold.
         PrefixKey = "prefix_key",
         /// `alpha * cache_affinity - beta * load_pressure`, highest score wins.
-        #[default]
         LoadCacheAware = "load_cache_aware",
         /// SGLang router `cache_aware` (reference; see [`crate::reference`]).
         SglangCacheAware = "sglang_cache_aware",
@@ -62,8 +61,9 @@ string_enum! {
         Chwbl = "chwbl",
         /// DualMap-style two hashes of the prefix, the less loaded (reference).
         Dualmap = "dualmap",
-        /// Each endpoint's predicted time to the first token (queued prefill work, this request's
-        /// uncached prefill, the step it joins), in milliseconds; the lowest wins.
+        /// Each endpoint's predicted time to the first token (the prefill queued there and this
+        /// request's uncached prefill), in milliseconds; the lowest wins. The default.
+        #[default]
         PredictedTtft = "predicted_ttft",
         /// LMetric (reference): new prefill tokens x the endpoint's batch size, lowest wins.
         Lmetric = "lmetric",

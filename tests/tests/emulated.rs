@@ -115,20 +115,23 @@ fn hit_rate(convs: &[Vec<Turn>]) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cache_aware_routing_produces_engine_reported_hits() {
     let (aware, predicted) = converse("load_cache_aware").await;
+    let (timed, timed_predicted) = converse("predicted_ttft").await;
     let (rr, _) = converse("round_robin").await;
     println!(
         "engine-reported prefix hit rate: load_cache_aware {:.3}, round_robin {:.3}",
         hit_rate(&aware),
         hit_rate(&rr)
     );
-    // load_cache_aware: every follow-up turn goes where its history is cached, and the engine
-    // finds at least every full block of the previous turn's prompt.
-    for turns in &aware {
+    // load_cache_aware and predicted_ttft: every follow-up turn goes where its history is cached
+    // (nothing else is queued anywhere), and the engine finds at least every full block of the
+    // previous turn's prompt.
+    for turns in aware.iter().chain(&timed) {
         for w in turns.windows(2) {
             assert!(w[1].cached >= (w[0].prompt - 1) / 16 * 16, "{turns:?}");
         }
     }
-    assert!(predicted > 0);
+    assert!(predicted > 0 && timed_predicted > 0);
+    assert!(hit_rate(&timed) > hit_rate(&rr));
     // round_robin: a conversation's second turn lands on the other engine, which holds none of
     // that conversation (only the chat template's first block, shared by every request).
     for turns in &rr {

@@ -458,19 +458,20 @@ async fn predicted_ttft_leaves_home_while_a_long_prompt_is_prefilled_there() {
     assert!(e.iter().all(|x| *x == e[0]), "{e:?}");
     let home = e[0].clone();
     let hi = s.index_of(&home);
-    // A long new prompt (about 4,000 tokens, none cached) at home; its response has not started,
-    // so the gateway counts its prefill as queued there.
+    // A long turn of the same conversation (about 4,000 new tokens after its cached history) goes
+    // home; its response has not started, so the gateway counts its prefill as queued there.
+    let long = "long document text ".repeat(800);
     let (s2, b2) = (
         s.clone(),
-        chat(&[("user", &"long document text ".repeat(800))]),
+        chat(&[
+            ("system", &system_prompt("queued")),
+            ("user", "Turn 0 of queued: go on."),
+            ("assistant", "ok"),
+            ("user", &long),
+        ]),
     );
     let held = tokio::spawn(async move { s2.chat(&b2, &[SLOW]).await });
-    for _ in 0..500 {
-        if s.engines[hi].active() == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    s.wait_active(hi, 1).await;
     // The conversation's next turn: its history (a few hundred tokens) is cached at home, but
     // recomputing it elsewhere is quicker than waiting for the queued prefill.
     let next = chat(&[

@@ -18,6 +18,7 @@
 
 pub mod analyze;
 pub mod calibrate;
+pub mod criterion;
 pub mod echo;
 pub mod emulated;
 pub mod envoy_config;

@@ -977,6 +977,11 @@ pub fn write(
          small{{color:#777}} .fig{{display:inline-block;margin:6px}}</style></head><body>"
     );
     let _ = write!(h, "<h1>kvroute routing study ({})</h1>", meta.mode);
+    h.push_str(&crate::criterion::html(
+        runs,
+        kvroute_core::PolicySettings::default().policy,
+        meta.slo_ms,
+    ));
     if meta.search_capped {
         let _ = write!(h, "<p><b>Note:</b> the sustainable-rate search reached its highest probe without exceeding the TTFT objective, so 1x is that probe, not a measured limit; at this run size the engines never saturated.</p>");
     }

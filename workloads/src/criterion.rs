@@ -1,0 +1,312 @@
+//! The default policy against the best policy of every cell of the study: the table the report
+//! opens with.
+//!
+//! A cell is one experiment's workload at one fleet size and one load, every policy run on the
+//! same sessions and seeds. Per policy: P95 TTFT (the mean over repeats, and their spread), mean
+//! TTFT, SLO attainment (share of requests with TTFT within the objective) and hit rate. The
+//! default loses a cell when its P95 is more than 5% above the best one and outside the best one's
+//! spread, when its hit rate is more than 2 points under the best, or, at N >= 8 and 1x, when
+//! `round_robin`'s P95 is not at least 1.3x its own.
+
+use std::collections::BTreeMap;
+
+use kvroute_core::policy::PolicyKind;
+
+use crate::study::RunResult;
+
+/// Experiments whose runs compare policies (the sweeps, searches and validation runs do not).
+pub const POLICY_EXPERIMENTS: [&str; 4] = ["exp1", "exp2", "exp5", "exp5-mooncake"];
+
+/// One policy in one cell, over its repeats.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PolicyCell {
+    /// The policy.
+    pub policy: PolicyKind,
+    /// Mean of the repeats' P95 TTFT, ms.
+    pub p95: f64,
+    /// Lowest and highest repeat P95, ms.
+    pub p95_range: (f64, f64),
+    /// Mean TTFT over all requests, ms.
+    pub mean: f64,
+    /// Share of requests with TTFT within the objective.
+    pub slo: f64,
+    /// Mean hit rate of the repeats.
+    pub hit: f64,
+    /// Repeats.
+    pub runs: usize,
+}
+
+/// One cell: which runs, and every policy's figures.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Cell {
+    /// Experiment.
+    pub experiment: String,
+    /// Workload.
+    pub workload: String,
+    /// Engines.
+    pub engines: usize,
+    /// Load label (0.5x, 1x, 2x, trace).
+    pub rate: String,
+    /// Every policy's figures, in the order first seen.
+    pub policies: Vec<PolicyCell>,
+}
+
+/// The default's standing in a cell.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Verdict {
+    /// Best P95, mean TTFT and hit rate, each with the policy that reached it.
+    pub best_p95: (PolicyKind, f64),
+    pub best_mean: (PolicyKind, f64),
+    pub best_hit: (PolicyKind, f64),
+    /// The default's P95 over the best, mean over the best, hit rate minus the best.
+    pub p95_ratio: f64,
+    pub mean_ratio: f64,
+    pub hit_diff: f64,
+    /// `round_robin`'s P95 over the default's, where both ran.
+    pub over_round_robin: Option<f64>,
+    /// Why the default loses the cell (empty: it does not).
+    pub losses: Vec<&'static str>,
+}
+
+fn quantile_free_mean(xs: &[f64]) -> f64 {
+    xs.iter().sum::<f64>() / xs.len().max(1) as f64
+}
+
+/// The cells of `runs`.
+pub fn cells(runs: &[RunResult], slo_ms: f64) -> Vec<Cell> {
+    let mut groups: BTreeMap<(usize, String, usize, String), Vec<&RunResult>> = BTreeMap::new();
+    for r in runs {
+        if let Some(i) = POLICY_EXPERIMENTS
+            .iter()
+            .position(|e| *e == r.spec.experiment)
+        {
+            if !r.spec.runtime.is_empty() {
+                continue;
+            }
+            groups
+                .entry((
+                    i,
+                    r.spec.workload.clone(),
+                    r.per_endpoint.len(),
+                    r.spec.rate_label.clone(),
+                ))
+                .or_default()
+                .push(r);
+        }
+    }
+    groups
+        .into_iter()
+        .map(|((i, workload, engines, rate), rs)| {
+            let mut order: Vec<PolicyKind> = Vec::new();
+            for r in &rs {
+                if !order.contains(&r.spec.policy) {
+                    order.push(r.spec.policy);
+                }
+            }
+            let policies = order
+                .into_iter()
+                .map(|p| {
+                    let mine: Vec<&&RunResult> = rs.iter().filter(|r| r.spec.policy == p).collect();
+                    let p95s: Vec<f64> = mine.iter().map(|r| r.ttft_ms[1]).collect();
+                    let all: Vec<f64> = mine.iter().flat_map(|r| r.ttfts.iter().copied()).collect();
+                    PolicyCell {
+                        policy: p,
+                        p95: quantile_free_mean(&p95s),
+                        p95_range: (
+                            p95s.iter().copied().fold(f64::INFINITY, f64::min),
+                            p95s.iter().copied().fold(0.0, f64::max),
+                        ),
+                        mean: quantile_free_mean(&all),
+                        slo: all.iter().filter(|t| **t <= slo_ms).count() as f64
+                            / all.len().max(1) as f64,
+                        hit: quantile_free_mean(
+                            &mine.iter().map(|r| r.hit_rate).collect::<Vec<_>>(),
+                        ),
+                        runs: mine.len(),
+                    }
+                })
+                .collect();
+            Cell {
+                experiment: POLICY_EXPERIMENTS
+                    .get(i)
+                    .copied()
+                    .unwrap_or_default()
+                    .to_string(),
+                workload,
+                engines,
+                rate,
+                policies,
+            }
+        })
+        .collect()
+}
+
+/// The default's standing in `cell`; None when the default did not run there.
+pub fn verdict(cell: &Cell, default: PolicyKind) -> Option<Verdict> {
+    let d = cell.policies.iter().find(|p| p.policy == default)?;
+    let best = |key: &dyn Fn(&PolicyCell) -> f64, lower: bool| {
+        cell.policies.iter().map(|p| (p.policy, key(p), p)).fold(
+            None::<(PolicyKind, f64, &PolicyCell)>,
+            |acc, x| match acc {
+                Some(a) if (lower && a.1 <= x.1) || (!lower && a.1 >= x.1) => Some(a),
+                _ => Some(x),
+            },
+        )
+    };
+    let (bp, bp95, bcell) = best(&|p| p.p95, true)?;
+    let (bm, bmean, _) = best(&|p| p.mean, true)?;
+    let (bh, bhit, _) = best(&|p| p.hit, false)?;
+    let rr = cell
+        .policies
+        .iter()
+        .find(|p| p.policy == PolicyKind::RoundRobin)
+        .map(|r| r.p95 / d.p95.max(1e-9));
+    let mut losses = Vec::new();
+    if d.p95 > 1.05 * bp95 && d.p95_range.0 > bcell.p95_range.1 {
+        losses.push("P95");
+    }
+    if d.hit < bhit - 0.02 {
+        losses.push("hit rate");
+    }
+    if cell.engines >= 8 && cell.rate == "1x" && rr.is_some_and(|x| x < 1.3) {
+        losses.push("< 1.3x round_robin");
+    }
+    Some(Verdict {
+        best_p95: (bp, bp95),
+        best_mean: (bm, bmean),
+        best_hit: (bh, bhit),
+        p95_ratio: d.p95 / bp95.max(1e-9),
+        mean_ratio: d.mean / bmean.max(1e-9),
+        hit_diff: d.hit - bhit,
+        over_round_robin: rr,
+        losses,
+    })
+}
+
+/// The report's opening table: per cell, the best policy on P95, mean TTFT and hit rate, and the
+/// default's ratio to each, marked where it loses.
+pub fn html(runs: &[RunResult], default: PolicyKind, slo_ms: f64) -> String {
+    let cells = cells(runs, slo_ms);
+    let mut h = String::new();
+    let lost = cells
+        .iter()
+        .filter(|c| verdict(c, default).is_some_and(|v| !v.losses.is_empty()))
+        .count();
+    let judged = cells
+        .iter()
+        .filter(|c| verdict(c, default).is_some())
+        .count();
+    h.push_str(&format!(
+        "<h2>The default policy in every cell</h2><p>The default policy is <code>{default}</code>. \
+         Per cell (one workload, fleet and load, every policy on the same sessions and seeds): the \
+         best policy on P95 TTFT, mean TTFT and hit rate, and the default's ratio to each. The \
+         default loses a cell when its P95 is over 1.05x the best and outside the best's spread \
+         over repeats, when its hit rate is over 2 points below the best, or at N &ge; 8 and 1x \
+         when round_robin's P95 is not 1.3x its own. It loses <b>{lost} of {judged}</b> cells.</p>\
+         <table><tr><th>experiment</th><th>workload</th><th>N</th><th>load</th><th>repeats</th>\
+         <th>best P95 (ms, spread)</th><th>default / best</th><th>best mean TTFT</th>\
+         <th>default / best</th><th>best hit</th><th>default &minus; best</th>\
+         <th>round_robin / default P95</th><th>default SLO attainment</th><th>loses on</th></tr>"
+    ));
+    for c in &cells {
+        let Some(v) = verdict(c, default) else {
+            continue;
+        };
+        let d = c.policies.iter().find(|p| p.policy == default);
+        let b = c.policies.iter().find(|p| p.policy == v.best_p95.0);
+        let spread = b.map_or(String::new(), |b| {
+            format!(" ({:.0}-{:.0})", b.p95_range.0, b.p95_range.1)
+        });
+        let mark = if v.losses.is_empty() {
+            String::new()
+        } else {
+            format!("<b>{}</b>", v.losses.join(", "))
+        };
+        h.push_str(&format!(
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{} {:.0}{}</td>\
+             <td>{:.2}</td><td>{} {:.0}</td><td>{:.2}</td><td>{} {:.3}</td><td>{:+.3}</td>\
+             <td>{}</td><td>{:.3}</td><td>{}</td></tr>",
+            c.experiment,
+            c.workload,
+            c.engines,
+            c.rate,
+            d.map_or(0, |d| d.runs),
+            v.best_p95.0,
+            v.best_p95.1,
+            spread,
+            v.p95_ratio,
+            v.best_mean.0,
+            v.best_mean.1,
+            v.mean_ratio,
+            v.best_hit.0,
+            v.best_hit.1,
+            v.hit_diff,
+            v.over_round_robin
+                .map_or("-".to_string(), |x| format!("{x:.2}")),
+            d.map_or(0.0, |d| d.slo),
+            mark
+        ));
+    }
+    h.push_str("</table>");
+    h
+}
+
+#[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+mod tests {
+    use super::*;
+    use crate::study::RunSpec;
+
+    fn run(policy: PolicyKind, rep: usize, ttfts: &[f64], hit: f64) -> RunResult {
+        let spec = RunSpec::new("exp5", "sharegpt", policy, 8.0, "1x", rep);
+        let mut r = RunResult::new(&spec, &[], Default::default(), vec![0; 8], 0.0, 1.0);
+        let mut t = ttfts.to_vec();
+        t.sort_by(f64::total_cmp);
+        r.ttft_ms = [t[t.len() / 2], t[t.len() * 95 / 100], t[t.len() - 1]];
+        r.ttfts = t;
+        r.hit_rate = hit;
+        r
+    }
+
+    fn ramp(scale: f64) -> Vec<f64> {
+        (0..100).map(|i| f64::from(i) * scale).collect()
+    }
+
+    #[test]
+    fn the_default_loses_on_tail_hit_and_round_robin_and_wins_otherwise() {
+        let d = PolicyKind::PredictedTtft;
+        let rr = PolicyKind::RoundRobin;
+        // The default: P95 95 ms; round_robin: 190 ms (2x), lower hit rate.
+        let runs = vec![
+            run(d, 0, &ramp(1.0), 0.5),
+            run(d, 1, &ramp(1.0), 0.5),
+            run(rr, 0, &ramp(2.0), 0.1),
+            run(rr, 1, &ramp(2.0), 0.1),
+        ];
+        let c = cells(&runs, 50.0);
+        assert_eq!(c.len(), 1);
+        assert_eq!(c[0].policies.len(), 2);
+        let v = verdict(&c[0], d).unwrap();
+        assert!(v.losses.is_empty(), "{v:?}");
+        assert_eq!(v.best_p95.0, d);
+        assert!((v.over_round_robin.unwrap() - 2.0).abs() < 1e-9);
+        assert!((c[0].policies[0].slo - 0.51).abs() < 1e-9);
+        // round_robin now better on the tail by 20% in both repeats, and on hit rate.
+        let runs = vec![
+            run(d, 0, &ramp(1.0), 0.5),
+            run(d, 1, &ramp(1.0), 0.5),
+            run(rr, 0, &ramp(0.8), 0.6),
+            run(rr, 1, &ramp(0.8), 0.6),
+        ];
+        let v = verdict(&cells(&runs, 50.0)[0], d).unwrap();
+        assert_eq!(v.losses, vec!["P95", "hit rate", "< 1.3x round_robin"]);
+        assert!(html(&runs, d, 50.0).contains("1 of 1"));
+        // A default that did not run is not judged.
+        assert!(verdict(&cells(&runs, 50.0)[0], PolicyKind::Jsq).is_none());
+    }
+}
