@@ -274,7 +274,7 @@ impl Stream {
             inflight_blocks: &blocks,
             inflight_prefill: &[],
             chars_per_token: c.config.chars_per_token,
-            block_chars: c.config.block_chars,
+            spec: c.config.block_spec(),
             directory_age_ms: 0,
             settings: &c.config.defaults,
             seq,
@@ -369,7 +369,11 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
     };
     let n = config.endpoints.len();
     let capacities: Vec<u32> = (0..n).map(|i| config.capacity_of(i)).collect();
-    let directory = Mutex::new(Directory::new(&capacities, config.session_capacity));
+    let directory = Mutex::new(Directory::with_spec(
+        &capacities,
+        config.session_capacity,
+        &config.block_spec(),
+    ));
     let c = Config {
         mode,
         config,

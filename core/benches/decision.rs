@@ -1,4 +1,5 @@
-//! Decision cost in the core: parse + hash + score for 1 KB, 8 KB and 100 KB chat bodies, against the
+//! Decision cost in the core: parse + hash + score for 1 KB to 1 MB chat bodies (under
+//! `load_cache_aware` and `predicted_ttft`), against the
 //! published state a worker reads (the prefix already recorded on one endpoint, so prefix matching
 //! walks every block: the worst case). Baseline in the same run: parsing the same body into a generic
 //! `serde_json::Value`, the least any JSON-reading filter pays.
@@ -28,9 +29,12 @@ fn body_of(bytes: usize) -> Vec<u8> {
     let system = sentence.repeat(8);
     let mut messages = vec![serde_json::json!({"role": "system", "content": system})];
     let mut turn = 0;
-    while serde_json::to_vec(&messages).unwrap().len() < bytes {
+    let mut len = serde_json::to_vec(&messages).unwrap().len();
+    while len < bytes {
         let role = if turn % 2 == 0 { "user" } else { "assistant" };
-        messages.push(serde_json::json!({"role": role, "content": format!("Turn {turn}: {}", sentence.repeat(3))}));
+        let m = serde_json::json!({"role": role, "content": format!("Turn {turn}: {}", sentence.repeat(3))});
+        len += serde_json::to_vec(&m).unwrap().len() + 1;
+        messages.push(m);
         turn += 1;
     }
     serde_json::to_vec(&serde_json::json!({"model": "meta-llama/Llama-3.2-3B-Instruct", "messages": messages, "stream": true})).unwrap()
@@ -82,10 +86,17 @@ fn main() {
     let spec = BlockSpec::default();
     println!("decision cost in kvroute-core (parse + hash + score), median of batches");
     println!(
-        "{:>8} {:>7} {:>12} {:>14} {:>12} {:>8}",
-        "body", "blocks", "decision_us", "parse_hash_us", "baseline_us", "ratio"
+        "{:>8} {:>7} {:>12} {:>14} {:>12} {:>8} {:>9} {:>9}",
+        "body",
+        "blocks",
+        "decision_us",
+        "parse_hash_us",
+        "baseline_us",
+        "ratio",
+        "ttft_us",
+        "ttft/lca"
     );
-    for kb in [1usize, 8, 100] {
+    for kb in [1usize, 8, 100, 200, 1024] {
         let body = body_of(kb * 1024);
         let f = body_features(ApiKind::Chat, &body, Some("session-1"), spec).unwrap();
         let mut dir = Directory::new(&[4096, 4096], 4096);
@@ -100,31 +111,37 @@ fn main() {
                 None,
             );
         }
-        let header = state_header(PolicySettings {
-            policy: PolicyKind::LoadCacheAware,
-            ..PolicySettings::default()
-        });
-        let state = PublishedState::decode(encode(&header, &DirectorySection::of(&dir))).unwrap();
-        let mut seq = 0u64;
-        let decision = measure(|| {
-            seq += 1;
-            let f =
-                body_features(ApiKind::Chat, black_box(&body), Some("session-1"), spec).unwrap();
-            let inputs = Inputs {
-                endpoints: &endpoints,
-                status: &state.header.endpoints,
-                inflight: &[3, 1],
-                inflight_blocks: &[],
-                inflight_prefill: &[],
-                chars_per_token: 4.0,
-                block_chars: 64,
-                directory_age_ms: 0,
-                settings: &state.header.settings,
-                seq,
-                rand: seq.wrapping_mul(0x2545_f491_4f6c_dd1d),
-            };
-            black_box(decide(&f, &state, &inputs, None));
-        });
+        // The same decision under load_cache_aware (the "decision" column) and predicted_ttft.
+        let decision_of = |policy: PolicyKind| {
+            let header = state_header(PolicySettings {
+                policy,
+                ..PolicySettings::default()
+            });
+            let state =
+                PublishedState::decode(encode(&header, &DirectorySection::of(&dir))).unwrap();
+            let mut seq = 0u64;
+            measure(|| {
+                seq += 1;
+                let f = body_features(ApiKind::Chat, black_box(&body), Some("session-1"), spec)
+                    .unwrap();
+                let inputs = Inputs {
+                    endpoints: &endpoints,
+                    status: &state.header.endpoints,
+                    inflight: &[3, 1],
+                    inflight_blocks: &[40, 10],
+                    inflight_prefill: &[600, 0],
+                    chars_per_token: 4.0,
+                    spec,
+                    directory_age_ms: 0,
+                    settings: &state.header.settings,
+                    seq,
+                    rand: seq.wrapping_mul(0x2545_f491_4f6c_dd1d),
+                };
+                black_box(decide(&f, &state, &inputs, None));
+            })
+        };
+        let decision = decision_of(PolicyKind::LoadCacheAware);
+        let ttft = decision_of(PolicyKind::PredictedTtft);
         let features = measure(|| {
             black_box(
                 body_features(ApiKind::Chat, black_box(&body), Some("session-1"), spec).unwrap(),
@@ -135,18 +152,22 @@ fn main() {
         });
         let d_us = decision.as_secs_f64() * 1e6;
         let b_us = baseline.as_secs_f64() * 1e6;
+        let t_us = ttft.as_secs_f64() * 1e6;
         println!(
-            "{:>6}KB {:>7} {:>12.2} {:>14.2} {:>12.2} {:>7.2}x",
+            "{:>6}KB {:>7} {:>12.2} {:>14.2} {:>12.2} {:>7.2}x {:>9.2} {:>8.3}x",
             body.len() / 1024,
             f.blocks.len(),
             d_us,
             features.as_secs_f64() * 1e6,
             b_us,
-            d_us / b_us
+            d_us / b_us,
+            t_us,
+            t_us / d_us
         );
     }
     println!(
-        "baseline: serde_json::from_slice::<Value> of the same body; ratio = decision / baseline"
+        "baseline: serde_json::from_slice::<Value> of the same body; ratio = decision / baseline; \
+         decision under load_cache_aware, ttft under predicted_ttft"
     );
     // The state table is the host's cost (encoding on the singleton, copying out of shared data);
     // under wasm its multi-megabyte states only measure the JS engine's memory growth.

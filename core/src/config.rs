@@ -114,6 +114,12 @@ pub struct FilterConfig {
     /// Most blocks hashed per request.
     #[serde(default = "d_max_blocks")]
     pub max_blocks: u32,
+    /// Blocks of `block_chars` characters before the blocks grow coarser ([`BlockSpec`]).
+    #[serde(default = "d_coarse_after")]
+    pub coarse_after_blocks: u32,
+    /// How many times longer the blocks after `coarse_after_blocks` are (1: all alike).
+    #[serde(default = "d_coarse_factor")]
+    pub coarse_factor: u32,
     /// Directory capacity per endpoint when the endpoint does not set one, in blocks.
     #[serde(default = "d_capacity")]
     pub default_capacity_blocks: u32,
@@ -154,7 +160,13 @@ fn d_block_chars() -> u32 {
     64
 }
 fn d_max_blocks() -> u32 {
+    2048
+}
+fn d_coarse_after() -> u32 {
     1024
+}
+fn d_coarse_factor() -> u32 {
+    16
 }
 fn d_capacity() -> u32 {
     4096
@@ -195,6 +207,8 @@ impl FilterConfig {
             max_body_bytes: d_max_body(),
             block_chars: d_block_chars(),
             max_blocks: d_max_blocks(),
+            coarse_after_blocks: d_coarse_after(),
+            coarse_factor: d_coarse_factor(),
             default_capacity_blocks: d_capacity(),
             session_capacity: d_sessions(),
             admin_cluster: d_admin_cluster(),
@@ -273,6 +287,9 @@ impl FilterConfig {
         if !(1..=65536).contains(&self.max_blocks) {
             e.push(FieldError::new("max_blocks", "must be 1 to 65536"));
         }
+        if !(1..=256).contains(&self.coarse_factor) {
+            e.push(FieldError::new("coarse_factor", "must be 1 to 256"));
+        }
         if !(1..=1 << 20).contains(&self.default_capacity_blocks) {
             e.push(FieldError::new(
                 "default_capacity_blocks",
@@ -318,6 +335,8 @@ impl FilterConfig {
         BlockSpec {
             block_chars: self.block_chars as usize,
             max_blocks: self.max_blocks as usize,
+            coarse_after: self.coarse_after_blocks as usize,
+            coarse_factor: self.coarse_factor.max(1) as usize,
         }
     }
 

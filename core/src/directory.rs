@@ -173,6 +173,10 @@ pub struct Directory {
     lists: Vec<List>,
     sessions: LruCache<u64, u8, Prehashed>,
     journal: Journal,
+    /// Blocks of a request before they grow coarser, and how many fine blocks a coarser one
+    /// weighs against an endpoint's capacity ([`crate::prefix::BlockSpec`]).
+    coarse_after: usize,
+    coarse_factor: u32,
 }
 
 /// No node.
@@ -198,6 +202,8 @@ struct Node {
     /// The same block's node on another endpoint.
     sibling: u32,
     endpoint: u8,
+    /// Fine blocks this block weighs (1, or the coarse factor).
+    weight: u16,
 }
 
 /// One endpoint's LRU list.
@@ -208,6 +214,9 @@ struct List {
     /// Least recently used: the next to go.
     tail: u32,
     len: u32,
+    /// Fine blocks the list's blocks weigh together (its length when every block is fine).
+    weight: u64,
+    /// Capacity, in fine blocks.
     cap: u32,
 }
 
@@ -217,6 +226,7 @@ impl List {
             head: NIL,
             tail: NIL,
             len: 0,
+            weight: 0,
             cap: cap.max(1),
         }
     }
@@ -277,6 +287,35 @@ impl Directory {
                 .collect(),
             sessions: LruCache::with_hasher(nz(session_capacity), Prehashed::default()),
             journal: Journal::default(),
+            coarse_after: usize::MAX,
+            coarse_factor: 1,
+        }
+    }
+
+    /// [`Directory::new`], weighing blocks as `spec` cuts them ([`Directory::set_block_spec`]).
+    pub fn with_spec(
+        capacities: &[u32],
+        session_capacity: u32,
+        spec: &crate::prefix::BlockSpec,
+    ) -> Self {
+        let mut d = Self::new(capacities, session_capacity);
+        d.set_block_spec(spec);
+        d
+    }
+
+    /// Weighs a request's blocks as `spec` cuts them: those past `coarse_after` count
+    /// `coarse_factor` fine blocks each against the endpoint's capacity (the default weighs every
+    /// block as one).
+    pub fn set_block_spec(&mut self, spec: &crate::prefix::BlockSpec) {
+        self.coarse_after = spec.coarse_after;
+        self.coarse_factor = u32::try_from(spec.coarse_factor.clamp(1, 256)).unwrap_or(1);
+    }
+
+    fn weight_of(&self, i: usize) -> u16 {
+        if i < self.coarse_after {
+            1
+        } else {
+            u16::try_from(self.coarse_factor).unwrap_or(1)
         }
     }
 
@@ -344,7 +383,10 @@ impl Directory {
 
     /// Takes node `i` out of its endpoint's list.
     fn unlink(&mut self, e: usize, i: u32) {
-        let Some(&Node { prev, next, .. }) = self.node(i) else {
+        let Some(&Node {
+            prev, next, weight, ..
+        }) = self.node(i)
+        else {
             return;
         };
         match self.node_mut(prev) {
@@ -365,11 +407,13 @@ impl Directory {
         }
         if let Some(l) = self.lists.get_mut(e) {
             l.len -= 1;
+            l.weight = l.weight.saturating_sub(u64::from(weight));
         }
     }
 
     /// Puts node `i` at the head (most recent end) of its endpoint's list.
     fn push_front(&mut self, e: usize, i: u32) {
+        let weight = self.node(i).map_or(1, |n| u64::from(n.weight));
         let Some(l) = self.lists.get_mut(e) else {
             return;
         };
@@ -379,6 +423,7 @@ impl Directory {
             l.tail = i;
         }
         l.len += 1;
+        l.weight += weight;
         if let Some(n) = self.node_mut(i) {
             n.prev = NIL;
             n.next = old;
@@ -455,7 +500,8 @@ impl Directory {
         let bit = 1u64 << endpoint;
         let mut changed = false;
         let journal = self.journal.cap > 0;
-        for h in blocks.iter().rev() {
+        for (k, h) in blocks.iter().enumerate().rev() {
+            let weight = self.weight_of(k);
             let held = self.blocks.get(h).filter(|x| x.mask & bit != 0).copied();
             if let Some(entry) = held {
                 // Already held: only its recency changes.
@@ -466,11 +512,15 @@ impl Directory {
                 }
                 continue;
             }
-            if self.lists.get(endpoint).is_some_and(|l| l.len >= cap) {
-                if let Some(evicted) = self.evict_tail(endpoint) {
-                    if journal {
-                        self.journal.block(evicted);
-                    }
+            while self
+                .lists
+                .get(endpoint)
+                .is_some_and(|l| l.len > 0 && l.weight + u64::from(weight) > u64::from(cap))
+            {
+                match self.evict_tail(endpoint) {
+                    Some(evicted) if journal => self.journal.block(evicted),
+                    Some(_) => {}
+                    None => break,
                 }
             }
             let sibling = self.blocks.get(h).map_or(NIL, |x| x.first);
@@ -480,6 +530,7 @@ impl Directory {
                 next: NIL,
                 sibling,
                 endpoint: e8,
+                weight,
             };
             let Some(i) = self.alloc(node) else {
                 break;
@@ -528,7 +579,11 @@ impl Directory {
         list.cap = blocks.max(1);
         let cap = list.cap;
         self.journal.overflow = true;
-        while self.lists.get(endpoint).is_some_and(|l| l.len > cap) {
+        while self
+            .lists
+            .get(endpoint)
+            .is_some_and(|l| l.weight > u64::from(cap))
+        {
             if self.evict_tail(endpoint).is_none() {
                 break;
             }
@@ -560,6 +615,11 @@ impl Directory {
     /// Blocks held by one endpoint.
     pub fn endpoint_len(&self, endpoint: usize) -> usize {
         self.lists.get(endpoint).map_or(0, |l| l.len as usize)
+    }
+
+    /// Fine blocks one endpoint's blocks weigh (its length when every block is fine).
+    pub fn endpoint_weight(&self, endpoint: usize) -> u64 {
+        self.lists.get(endpoint).map_or(0, |l| l.weight)
     }
 
     /// Capacity of one endpoint, in blocks.
@@ -636,6 +696,30 @@ mod tests {
         assert_eq!(match_lengths(&d, &hs(&[5, 1, 2]), 3), vec![0, 0, 0]);
         assert_eq!(match_lengths(&d, &[], 3), vec![0, 0, 0]);
         assert_eq!(d.session_endpoint(7), Some(1));
+    }
+
+    #[test]
+    fn coarse_blocks_weigh_their_factor_against_capacity() {
+        let mut d = Directory::new(&[40, 40], 8);
+        d.set_block_spec(&crate::prefix::BlockSpec {
+            block_chars: 64,
+            max_blocks: 20,
+            coarse_after: 4,
+            coarse_factor: 8,
+        });
+        // 4 fine blocks and 2 coarse ones: 4 + 16 = 20 of 40.
+        d.record(0, &hs(&[1, 2, 3, 4, 5, 6]), None);
+        assert_eq!((d.endpoint_len(0), d.endpoint_weight(0)), (6, 20));
+        // Another such prompt fills it; a third evicts the first one's blocks, oldest first.
+        d.record(0, &hs(&[11, 12, 13, 14, 15, 16]), None);
+        assert_eq!(d.endpoint_weight(0), 40);
+        d.record(0, &hs(&[21, 22, 23, 24, 25, 26]), None);
+        assert!(d.endpoint_weight(0) <= 40);
+        assert_eq!(d.holders(BlockHash(6)), 0);
+        assert_ne!(d.holders(BlockHash(26)), 0);
+        // Shrinking forgets by weight too.
+        d.set_capacity(0, 10);
+        assert!(d.endpoint_weight(0) <= 10);
     }
 
     #[test]

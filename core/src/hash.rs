@@ -86,13 +86,7 @@ mod tests {
         use crate::request::{parse_request, ApiKind};
         let body = br#"{"model":"llama","messages":[{"role":"system","content":"You are a helpful assistant."},{"role":"user","content":"Hello there, how are you today?"}]}"#;
         let req = parse_request(ApiKind::Chat, body).unwrap_or_else(|e| unreachable!("{e}"));
-        let blocks = request_blocks(
-            &req,
-            BlockSpec {
-                block_chars: 16,
-                max_blocks: 100,
-            },
-        );
+        let blocks = request_blocks(&req, BlockSpec::uniform(16, 100));
         let got: Vec<u64> = blocks.iter().map(|b| b.0).collect();
         assert_eq!(
             got,

@@ -162,10 +162,33 @@ pub struct PickContext<'a> {
     /// The request's prompt tokens (estimated from its canonical text, whole prompt, beyond the
     /// block cap).
     pub prompt_tokens: f64,
-    /// Tokens per directory block.
+    /// Tokens per directory block (a fine one: the first `coarse_after` blocks).
     pub tokens_per_block: f64,
+    /// Blocks of the request before they grow coarser ([`crate::prefix::BlockSpec`]).
+    pub coarse_after: u32,
+    /// Fine blocks a coarser block stands for.
+    pub coarse_factor: u32,
     /// Age of the directory view the matches come from, ms.
     pub directory_age_ms: u64,
+}
+
+impl PickContext<'_> {
+    /// Fine blocks the request's first `n` blocks stand for (its first `n` when none is coarse).
+    pub fn units(&self, n: u32) -> f64 {
+        let after = self.coarse_after;
+        f64::from(n.min(after))
+            + f64::from(n.saturating_sub(after)) * f64::from(self.coarse_factor.max(1))
+    }
+
+    /// The share of the request's blocks (in fine blocks) that candidate `i` matches.
+    pub fn match_fraction(&self, i: usize) -> f64 {
+        match self.candidates.get(i) {
+            Some(c) if self.total_blocks > 0 => {
+                self.units(c.matched_blocks) / self.units(self.total_blocks)
+            }
+            _ => 0.0,
+        }
+    }
 }
 
 /// What a policy picked, and why.
@@ -448,11 +471,7 @@ impl LoadCacheAware {
             return f64::NEG_INFINITY;
         };
         let max_load = ctx.candidates.iter().map(|c| c.load).fold(0.0f64, f64::max);
-        let mut affinity = if ctx.total_blocks == 0 {
-            0.0
-        } else {
-            f64::from(c.matched_blocks) / f64::from(ctx.total_blocks)
-        };
+        let mut affinity = ctx.match_fraction(i);
         if c.holds_session {
             affinity = affinity.max(ctx.settings.session_affinity);
         }
@@ -531,6 +550,8 @@ mod tests {
             rand,
             prompt_tokens: 320.0,
             tokens_per_block: 16.0,
+            coarse_after: u32::MAX,
+            coarse_factor: 1,
             directory_age_ms: 0,
         }
     }

@@ -19,20 +19,61 @@ const GS: &str = "\u{1d}";
 pub const PREFIX_KEY_CHARS: usize = 200;
 
 /// How prompts are cut into blocks.
+///
+/// The first `coarse_after` blocks are `block_chars` long; the ones after them are `coarse_factor`
+/// times longer, so the blocks see a long prompt whole at a bounded count: by default 1,024 blocks
+/// of 64 characters (64K characters, about 16k tokens), then up to 1,024 of 1,024 characters
+/// (another 1M characters, about 256k tokens). A coarse block weighs `coarse_factor` blocks
+/// wherever a count of blocks stands for tokens (the directory's capacity, matched tokens).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BlockSpec {
     /// Unicode scalar values per block (about 4 per token: 64 is about 16 tokens).
     pub block_chars: usize,
     /// Most blocks hashed per request; text beyond is ignored for prefix matching.
     pub max_blocks: usize,
+    /// Blocks of `block_chars` before the blocks grow coarser.
+    pub coarse_after: usize,
+    /// How many times longer a block after `coarse_after` is (1: every block alike).
+    pub coarse_factor: usize,
 }
 
 impl Default for BlockSpec {
     fn default() -> Self {
         Self {
             block_chars: 64,
-            max_blocks: 1024,
+            max_blocks: 2048,
+            coarse_after: 1024,
+            coarse_factor: 16,
         }
+    }
+}
+
+impl BlockSpec {
+    /// Every block alike: `max_blocks` blocks of `block_chars`.
+    pub fn uniform(block_chars: usize, max_blocks: usize) -> Self {
+        Self {
+            block_chars,
+            max_blocks,
+            coarse_after: max_blocks,
+            coarse_factor: 1,
+        }
+    }
+
+    /// Characters of block `i`.
+    pub fn chars_of(&self, i: usize) -> usize {
+        let base = self.block_chars.max(1);
+        if i < self.coarse_after {
+            base
+        } else {
+            base.saturating_mul(self.coarse_factor.max(1))
+        }
+    }
+
+    /// The first `n` blocks in units of `block_chars`-long blocks.
+    pub fn units(&self, n: u32) -> u64 {
+        let n = u64::from(n);
+        let after = self.coarse_after as u64;
+        n.min(after) + n.saturating_sub(after) * self.coarse_factor.max(1) as u64
     }
 }
 
@@ -122,7 +163,8 @@ impl BlockChunker {
         Self {
             spec: BlockSpec {
                 block_chars,
-                max_blocks: spec.max_blocks,
+                coarse_factor: spec.coarse_factor.max(1),
+                ..spec
             },
             parent: chain_root(model),
             chars_in_block: 0,
@@ -147,7 +189,8 @@ impl BlockChunker {
     /// Feeds one segment of canonical text.
     pub fn feed(&mut self, mut s: &str) {
         while !s.is_empty() && !self.is_full() {
-            let need = self.spec.block_chars - self.chars_in_block;
+            let size = self.spec.chars_of(self.blocks.len());
+            let need = size - self.chars_in_block;
             let (take, chars) = split_chars(s, need);
             let (head, tail) = s.split_at(take);
             self.total_chars += chars;
@@ -159,7 +202,7 @@ impl BlockChunker {
             }
             self.pending.extend_from_slice(head.as_bytes());
             self.chars_in_block += chars;
-            if self.chars_in_block == self.spec.block_chars {
+            if self.chars_in_block == size {
                 let bytes = std::mem::take(&mut self.pending);
                 self.push_block(&bytes);
                 self.pending = bytes;
@@ -202,7 +245,7 @@ pub fn text_blocks(text: &str, model: &str, spec: BlockSpec) -> Vec<BlockHash> {
     let mut parent = chain_root(model);
     let mut start = 0usize;
     while out.len() < spec.max_blocks {
-        let end_char = start + spec.block_chars.max(1);
+        let end_char = start + spec.chars_of(out.len());
         if end_char > chars.len() {
             break;
         }
@@ -280,10 +323,7 @@ mod tests {
 
     #[test]
     fn streaming_equals_one_piece() {
-        let spec = BlockSpec {
-            block_chars: 7,
-            max_blocks: 100,
-        };
+        let spec = BlockSpec::uniform(7, 100);
         let body = chat_body(&[
             ("system", "héllo wörld, ünïcode ✓ text"),
             ("user", "and more ascii text here"),
@@ -296,13 +336,37 @@ mod tests {
 
     #[test]
     fn cap_on_blocks() {
-        let spec = BlockSpec {
-            block_chars: 4,
-            max_blocks: 3,
-        };
+        let spec = BlockSpec::uniform(4, 3);
         let body = chat_body(&[("user", &"x".repeat(1000))]);
         let req = parse_request(ApiKind::Chat, body.as_bytes()).unwrap();
         assert_eq!(request_blocks(&req, spec).len(), 3);
+    }
+
+    #[test]
+    fn blocks_grow_coarser_past_coarse_after() {
+        let spec = BlockSpec {
+            block_chars: 4,
+            max_blocks: 6,
+            coarse_after: 3,
+            coarse_factor: 10,
+        };
+        assert_eq!(
+            (0..6).map(|i| spec.chars_of(i)).collect::<Vec<_>>(),
+            vec![4, 4, 4, 40, 40, 40]
+        );
+        assert_eq!((spec.units(2), spec.units(3), spec.units(5)), (2, 3, 23));
+        // 12 + 40 + 40 characters: three fine blocks and two coarse ones (the rest is partial).
+        let text = "y".repeat(12 + 80 + 39);
+        let blocks = text_blocks(&text, "m", spec);
+        assert_eq!(blocks.len(), 5);
+        // The fine blocks are those of a uniform spec: the coarse ones only extend the chain.
+        assert_eq!(
+            blocks[..3],
+            text_blocks(&text, "m", BlockSpec::uniform(4, 3))[..]
+        );
+        // The default sees about 1.1M characters of a prompt.
+        let d = BlockSpec::default();
+        assert_eq!(d.units(2048) * 64, 64 * 1024 + 1024 * 1024);
     }
 
     #[test]
@@ -345,8 +409,10 @@ mod tests {
             messages in prop::collection::vec(message(), 1..8),
             block_chars in 1usize..100,
             max_blocks in 1usize..50,
+            coarse_after in 0usize..50,
+            coarse_factor in 1usize..5,
         ) {
-            let spec = BlockSpec { block_chars, max_blocks };
+            let spec = BlockSpec { block_chars, max_blocks, coarse_after, coarse_factor };
             let pm: Vec<(&str, &str)> = messages.iter().map(|(r, c)| (r.as_str(), c.as_str())).collect();
             let body = chat_body(&pm);
             let req = parse_request(ApiKind::Chat, body.as_bytes()).unwrap();
@@ -362,7 +428,7 @@ mod tests {
             tail_b in prop::collection::vec(message(), 1..4),
             block_chars in 1usize..40,
         ) {
-            let spec = BlockSpec { block_chars, max_blocks: 10_000 };
+            let spec = BlockSpec::uniform(block_chars, 10_000);
             let mut a: Vec<(String, String)> = common.clone();
             a.extend(tail_a.clone());
             let mut b: Vec<(String, String)> = common.clone();

@@ -38,12 +38,7 @@ fn least_inflight(ctx: &PickContext<'_>) -> usize {
 }
 
 fn match_ratio(ctx: &PickContext<'_>, i: usize) -> f64 {
-    match ctx.candidates.get(i) {
-        Some(c) if ctx.total_blocks > 0 => {
-            f64::from(c.matched_blocks) / f64::from(ctx.total_blocks)
-        }
-        _ => 0.0,
-    }
+    ctx.match_fraction(i)
 }
 
 /// SGLang router `cache_aware` (sgl-project/sglang `sgl-router`, policy `cache_aware`; defaults
@@ -160,11 +155,11 @@ pub struct DynamoCost;
 impl DynamoCost {
     /// The cost of every candidate.
     pub fn costs(ctx: &PickContext<'_>) -> Vec<f64> {
-        let total = f64::from(ctx.total_blocks);
+        let total = ctx.units(ctx.total_blocks);
         ctx.candidates
             .iter()
             .map(|c| {
-                let prefill = (total - f64::from(c.matched_blocks)).max(0.0);
+                let prefill = (total - ctx.units(c.matched_blocks)).max(0.0);
                 ctx.settings.dynamo_overlap_weight * prefill + c.active_blocks + total
             })
             .collect()
@@ -412,6 +407,8 @@ mod tests {
             rand,
             prompt_tokens: 320.0,
             tokens_per_block: 16.0,
+            coarse_after: u32::MAX,
+            coarse_factor: 1,
             directory_age_ms: 0,
         }
     }

@@ -115,8 +115,8 @@ pub struct Inputs<'a> {
     pub inflight_prefill: &'a [i64],
     /// Characters per token of the prompt-size estimates.
     pub chars_per_token: f64,
-    /// Characters per directory block.
-    pub block_chars: u32,
+    /// How prompts are cut into blocks (their sizes: fine, then coarser).
+    pub spec: BlockSpec,
     /// Age of the directory view, ms.
     pub directory_age_ms: u64,
     /// Active settings.
@@ -198,7 +198,9 @@ pub fn decide(
         seq: inputs.seq,
         rand: inputs.rand,
         prompt_tokens: features.prompt_tokens(inputs.chars_per_token),
-        tokens_per_block: f64::from(inputs.block_chars) / inputs.chars_per_token.max(0.1),
+        tokens_per_block: inputs.spec.block_chars as f64 / inputs.chars_per_token.max(0.1),
+        coarse_after: u32::try_from(inputs.spec.coarse_after).unwrap_or(u32::MAX),
+        coarse_factor: u32::try_from(inputs.spec.coarse_factor.max(1)).unwrap_or(1),
         directory_age_ms: inputs.directory_age_ms,
     };
     let pick = policy(kind).pick(&ctx);
@@ -272,16 +274,7 @@ mod tests {
         let endpoints = eps(3);
         let mut dir = Directory::new(&[1000; 3], 100);
         let body = br#"{"model":"m","messages":[{"role":"system","content":"You are a helpful assistant. Answer in full sentences and cite your sources."},{"role":"user","content":"What is the capital of France and why?"}]}"#;
-        let f = body_features(
-            ApiKind::Chat,
-            body,
-            None,
-            BlockSpec {
-                block_chars: 16,
-                max_blocks: 64,
-            },
-        )
-        .unwrap();
+        let f = body_features(ApiKind::Chat, body, None, BlockSpec::uniform(16, 64)).unwrap();
         assert!(f.blocks.len() >= 5);
         dir.record(2, &f.blocks, None);
         let settings = PolicySettings::default();
@@ -293,7 +286,7 @@ mod tests {
             inflight_blocks: &[],
             inflight_prefill: &[],
             chars_per_token: 4.0,
-            block_chars: 64,
+            spec: BlockSpec::default(),
             directory_age_ms: 0,
             settings: &settings,
             seq: 0,
@@ -312,7 +305,7 @@ mod tests {
             inflight_blocks: &[],
             inflight_prefill: &[],
             chars_per_token: 4.0,
-            block_chars: 64,
+            spec: BlockSpec::default(),
             directory_age_ms: 0,
             settings: &settings,
             seq: 0,
@@ -341,7 +334,7 @@ mod tests {
             inflight_blocks: &[],
             inflight_prefill: &[],
             chars_per_token: 4.0,
-            block_chars: 64,
+            spec: BlockSpec::default(),
             directory_age_ms: 0,
             settings: &settings,
             seq: 0,
@@ -369,7 +362,7 @@ mod tests {
             inflight_blocks: &[],
             inflight_prefill: &[],
             chars_per_token: 4.0,
-            block_chars: 64,
+            spec: BlockSpec::default(),
             directory_age_ms: 0,
             settings: &settings,
             seq: 0,

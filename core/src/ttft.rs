@@ -76,11 +76,11 @@ pub fn prefill_rates(ctx: &PickContext<'_>) -> Vec<f64> {
 pub fn uncached_tokens(ctx: &PickContext<'_>, i: usize, weight: f64) -> f64 {
     let total = ctx
         .prompt_tokens
-        .max(f64::from(ctx.total_blocks) * ctx.tokens_per_block);
+        .max(ctx.units(ctx.total_blocks) * ctx.tokens_per_block);
     let matched = ctx
         .candidates
         .get(i)
-        .map_or(0.0, |c| f64::from(c.matched_blocks) * ctx.tokens_per_block);
+        .map_or(0.0, |c| ctx.units(c.matched_blocks) * ctx.tokens_per_block);
     (total - weight * matched).max(0.0)
 }
 
@@ -164,6 +164,8 @@ mod tests {
             rand,
             prompt_tokens: 640.0,
             tokens_per_block: 16.0,
+            coarse_after: u32::MAX,
+            coarse_factor: 1,
             directory_age_ms: 0,
         }
     }

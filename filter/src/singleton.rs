@@ -84,7 +84,11 @@ impl Singleton {
         let n = config.endpoints.len();
         let mut s = Self {
             metrics: StateMetrics::define(&config),
-            directory: Directory::new(&capacities, config.session_capacity),
+            directory: Directory::with_spec(
+                &capacities,
+                config.session_capacity,
+                &config.block_spec(),
+            ),
             settings: config.defaults.clone(),
             status: vec![EndpointStatus::default(); n],
             queue,

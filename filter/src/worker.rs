@@ -192,7 +192,7 @@ impl Worker {
             inflight_blocks,
             inflight_prefill,
             chars_per_token: self.config.chars_per_token,
-            block_chars: self.config.block_chars,
+            spec: self.config.block_spec(),
             directory_age_ms,
             settings,
             seq,
@@ -454,7 +454,8 @@ impl Request {
         let usage_expected = parsed.as_ref().is_ok_and(|f| f.usage_expected);
         let predicted_tokens = usage_expected.then(|| {
             let per_block = f64::from(w.config.block_chars) / w.config.chars_per_token;
-            (f64::from(decision.predicted_blocks) * per_block).round() as u64
+            let units = w.config.block_spec().units(decision.predicted_blocks);
+            (units as f64 * per_block).round() as u64
         });
         self.phase = Phase::Routed {
             endpoint: decision.endpoint,

@@ -431,7 +431,7 @@ impl Sim<'_> {
             inflight_blocks: &self.inflight_blocks,
             inflight_prefill: &self.inflight_prefill,
             chars_per_token: self.cfg.filter.chars_per_token,
-            block_chars: self.cfg.filter.block_chars,
+            spec: self.cfg.filter.block_spec(),
             directory_age_ms,
             settings: &self.cfg.settings,
             seq: self.decisions,
@@ -730,7 +730,11 @@ pub fn simulate(cfg: &SimConfig, work: &[PreparedSession]) -> SimOutput {
         open: Vec::new(),
         open_count: 0,
         free_slots: Vec::new(),
-        directory: Directory::new(&vec![capacity; n], cfg.filter.session_capacity),
+        directory: Directory::with_spec(
+            &vec![capacity; n],
+            cfg.filter.session_capacity,
+            &cfg.filter.block_spec(),
+        ),
         published: None,
         sidecar: vec![
             EngineLoad {

@@ -15,7 +15,7 @@ use kvroute_core::policy::PolicyKind;
 use crate::study::RunResult;
 
 /// Experiments whose runs compare policies (the sweeps, searches and validation runs do not).
-pub const POLICY_EXPERIMENTS: [&str; 4] = ["exp1", "exp2", "exp5", "exp5-mooncake"];
+pub const POLICY_EXPERIMENTS: [&str; 5] = ["exp1", "exp2", "exp5", "exp5-mooncake", "exp5-agentic"];
 
 /// One policy in one cell, over its repeats.
 #[derive(Debug, Clone, PartialEq)]
@@ -169,7 +169,7 @@ pub fn verdict(cell: &Cell, default: PolicyKind) -> Option<Verdict> {
         losses.push("hit rate");
     }
     if cell.engines >= 8 && cell.rate == "1x" && rr.is_some_and(|x| x < 1.3) {
-        losses.push("< 1.3x round_robin");
+        losses.push("under 1.3x round_robin");
     }
     Some(Verdict {
         best_p95: (bp, bp95),
@@ -304,7 +304,7 @@ mod tests {
             run(rr, 1, &ramp(0.8), 0.6),
         ];
         let v = verdict(&cells(&runs, 50.0)[0], d).unwrap();
-        assert_eq!(v.losses, vec!["P95", "hit rate", "< 1.3x round_robin"]);
+        assert_eq!(v.losses, vec!["P95", "hit rate", "under 1.3x round_robin"]);
         assert!(html(&runs, d, 50.0).contains("1 of 1"));
         // A default that did not run is not judged.
         assert!(verdict(&cells(&runs, 50.0)[0], PolicyKind::Jsq).is_none());

@@ -281,6 +281,22 @@ pub struct SimulatedPlan {
     pub intervals: Vec<String>,
     /// Engine counts of the Mooncake trace.
     pub mooncake_engines: Vec<usize>,
+    /// Agentic sessions of the agentic run (0: none), on the Mooncake profile.
+    #[serde(default)]
+    pub agentic_sessions: usize,
+    /// Their arrival rate, sessions/s.
+    #[serde(default = "d_agentic_rate")]
+    pub agentic_rate: f64,
+    /// Engines of the agentic run.
+    #[serde(default = "d_agentic_engines")]
+    pub agentic_engines: usize,
+}
+
+fn d_agentic_rate() -> f64 {
+    0.8
+}
+fn d_agentic_engines() -> usize {
+    16
 }
 
 impl StudyPlan {

@@ -1228,6 +1228,12 @@ pub fn write(
             &|r| r.spec.experiment == "exp5-mooncake",
             &|r| format!("N={:>2} {}", r.per_endpoint.len(), r.spec.policy.as_str()),
         );
+        table(
+            &mut h,
+            "Agentic coding sessions by policy (a shared tool and system prefix, prompts growing to 120k tokens)",
+            &|r| r.spec.experiment == "exp5-agentic",
+            &|r| format!("N={:>2} {}", r.per_endpoint.len(), r.spec.policy.as_str()),
+        );
     }
     table(
         &mut h,

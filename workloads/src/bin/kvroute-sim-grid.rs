@@ -67,6 +67,9 @@ struct Args {
     /// Write every run's result here (JSON lines).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// A runtime value for every run (`--set kvroute.ttft_work_weight=2`; repeat the flag).
+    #[arg(long = "set")]
+    sets: Vec<String>,
 }
 
 struct Workloads {
@@ -189,6 +192,14 @@ fn main() -> anyhow::Result<()> {
         let reqs = mooncake::parse(&m).map_err(|e| anyhow::anyhow!("{e}"))?;
         w.mooncake = mooncake::sessions(&reqs, 1.0);
     }
+    let runtime: Vec<(String, String)> = a
+        .sets
+        .iter()
+        .map(|kv| match kv.split_once('=') {
+            Some((k, v)) => Ok((k.to_string(), v.to_string())),
+            None => Err(anyhow::anyhow!("--set {kv}: want KEY=VALUE")),
+        })
+        .collect::<anyhow::Result<_>>()?;
     let engine = simulated::engine_config(&a.profile)?;
     let base = |n: usize| SimConfig {
         record_itl: false,
@@ -237,7 +248,8 @@ fn main() -> anyhow::Result<()> {
                         rate * x * n as f64,
                         &format!("{x}x"),
                         rep,
-                    );
+                    )
+                    .with_runtime(runtime.clone());
                     let r = simulated::run(&spec, &b, &work)?;
                     if let Some(o) = out.as_mut() {
                         use std::io::Write;

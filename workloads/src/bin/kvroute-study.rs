@@ -21,7 +21,9 @@ use kvroute_core::policy::PolicyKind;
 use kvroute_core::PolicySettings;
 use kvroute_emulator::engine::EngineConfig;
 use kvroute_sim::{GatewayCost, SimConfig};
-use kvroute_traces::{arrivals, mooncake, rag, sharegpt, with_arrivals, words, Session, Turn};
+use kvroute_traces::{
+    agentic, arrivals, mooncake, rag, sharegpt, with_arrivals, words, Session, Turn,
+};
 use kvroute_workloads::analyze::{analyze, Analysis};
 use kvroute_workloads::calibrate::calibrate;
 use kvroute_workloads::emulated::EmulatedEngine;
@@ -733,6 +735,28 @@ fn simulated_part(
         };
         for p in &sim_policies {
             let spec = RunSpec::new("exp5-mooncake", "mooncake", *p, 0.0, "trace", 0);
+            keep(&a.out, results, simulated::run(&spec, &b, &work)?)?;
+        }
+    }
+    // The agentic workload (coding-agent sessions: a shared 7k-token tool and system prefix,
+    // prompts growing to 120k tokens) on 16 engines of the Mooncake profile, every policy.
+    let agentic_sessions = {
+        let s = agentic::generate(&agentic::AgenticOptions {
+            sessions: sim.agentic_sessions,
+            seed: 1,
+            ..Default::default()
+        });
+        let starts = arrivals::poisson(s.len(), sim.agentic_rate, 1);
+        with_arrivals(s, &starts)
+    };
+    if sim.agentic_sessions > 0 {
+        let b = SimConfig {
+            record_itl: false,
+            ..base(sim.agentic_engines, &big)
+        };
+        let work = simulated::prepare_for(&b, &agentic_sessions);
+        for p in &sim_policies {
+            let spec = RunSpec::new("exp5-agentic", "agentic", *p, sim.agentic_rate, "1x", 0);
             keep(&a.out, results, simulated::run(&spec, &b, &work)?)?;
         }
     }
