@@ -503,6 +503,35 @@ impl Policy for LoadCacheAware {
     }
 }
 
+/// What the policies' tests share: endpoint names and a context of 20 blocks of 16 tokens.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use super::{Candidate, PickContext};
+    use crate::config::PolicySettings;
+
+    /// Endpoint names of the test candidates.
+    pub const NAMES: [&str; 8] = ["e0", "e1", "e2", "e3", "e4", "e5", "e6", "e7"];
+
+    /// A request of 20 fine blocks (320 tokens) with no keys, over `c`; tests override fields.
+    pub fn context<'a>(c: &'a [Candidate<'a>], s: &'a PolicySettings) -> PickContext<'a> {
+        PickContext {
+            candidates: c,
+            total_blocks: 20,
+            session: None,
+            prefix_key: None,
+            head_key: None,
+            settings: s,
+            seq: 0,
+            rand: 0,
+            prompt_tokens: 320.0,
+            tokens_per_block: 16.0,
+            coarse_after: u32::MAX,
+            coarse_factor: 1,
+            directory_age_ms: 0,
+        }
+    }
+}
+
 #[cfg(test)]
 #[allow(
     clippy::unwrap_used,
@@ -511,10 +540,9 @@ impl Policy for LoadCacheAware {
     clippy::indexing_slicing
 )]
 mod tests {
+    use super::test_support::{context, NAMES};
     use super::*;
     use proptest::prelude::*;
-
-    const NAMES: [&str; 8] = ["e0", "e1", "e2", "e3", "e4", "e5", "e6", "e7"];
 
     fn cands() -> impl Strategy<Value = Vec<Candidate<'static>>> {
         prop::collection::vec((0u32..6, 0u32..20, any::<bool>()), 1..8).prop_map(|v| {
@@ -540,19 +568,12 @@ mod tests {
         rand: u64,
     ) -> PickContext<'a> {
         PickContext {
-            candidates: c,
-            total_blocks: 20,
             session: Some(seq),
             prefix_key: Some(seq),
             head_key: Some(seq),
-            settings: s,
             seq,
             rand,
-            prompt_tokens: 320.0,
-            tokens_per_block: 16.0,
-            coarse_after: u32::MAX,
-            coarse_factor: 1,
-            directory_age_ms: 0,
+            ..context(c, s)
         }
     }
 

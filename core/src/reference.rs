@@ -357,10 +357,9 @@ impl Policy for Dualmap {
 mod tests {
     use super::*;
     use crate::config::PolicySettings;
+    use crate::policy::test_support::{context, NAMES};
     use crate::policy::Candidate;
     use proptest::prelude::*;
-
-    const NAMES: [&str; 8] = ["e0", "e1", "e2", "e3", "e4", "e5", "e6", "e7"];
 
     fn cands() -> impl Strategy<Value = Vec<Candidate<'static>>> {
         prop::collection::vec(
@@ -397,19 +396,9 @@ mod tests {
         rand: u64,
     ) -> PickContext<'a> {
         PickContext {
-            candidates: c,
-            total_blocks: 20,
-            session: None,
-            prefix_key: None,
             head_key: Some(key),
-            settings: s,
-            seq: 0,
             rand,
-            prompt_tokens: 320.0,
-            tokens_per_block: 16.0,
-            coarse_after: u32::MAX,
-            coarse_factor: 1,
-            directory_age_ms: 0,
+            ..context(c, s)
         }
     }
 

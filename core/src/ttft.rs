@@ -147,26 +147,17 @@ impl Policy for PredictedTtft {
 mod tests {
     use super::*;
     use crate::config::PolicySettings;
+    use crate::policy::test_support::{context, NAMES};
     use crate::policy::{Candidate, RateScope};
     use proptest::prelude::*;
 
-    const NAMES: [&str; 8] = ["e0", "e1", "e2", "e3", "e4", "e5", "e6", "e7"];
-
+    /// A request of 40 blocks, 640 tokens.
     fn ctx<'a>(c: &'a [Candidate<'a>], s: &'a PolicySettings, rand: u64) -> PickContext<'a> {
         PickContext {
-            candidates: c,
             total_blocks: 40,
-            session: None,
-            prefix_key: None,
-            head_key: None,
-            settings: s,
-            seq: 0,
-            rand,
             prompt_tokens: 640.0,
-            tokens_per_block: 16.0,
-            coarse_after: u32::MAX,
-            coarse_factor: 1,
-            directory_age_ms: 0,
+            rand,
+            ..context(c, s)
         }
     }
 
