@@ -81,6 +81,7 @@ fn main() {
             name: format!("engine{i}"),
             cluster: None,
             capacity_blocks: None,
+            address: None,
         })
         .collect();
     let spec = BlockSpec::default();

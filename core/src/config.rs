@@ -52,6 +52,11 @@ pub struct EndpointConfig {
     /// Prefix directory capacity for this endpoint, in blocks (what the engine's KV cache holds).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capacity_blocks: Option<u32>,
+    /// The engine's address as the Envoy cluster of all engines knows it (`IP:port`): with it the
+    /// filter also names the chosen host, then a fallback host, in `host_header`, for Envoy's
+    /// `override_host` load balancing policy, so a retry goes to another engine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
 }
 
 impl EndpointConfig {
@@ -105,6 +110,11 @@ pub struct FilterConfig {
     /// Request header whose value is the session id (else the OpenAI `user` field).
     #[serde(default = "d_session_header")]
     pub session_header: String,
+    /// Request header that names the chosen engine's address, then a fallback engine's
+    /// (`IP:port,IP:port`), for Envoy's `override_host` load balancing policy (set only for
+    /// endpoints with an `address`).
+    #[serde(default = "d_host_header")]
+    pub host_header: String,
     /// Largest body buffered for parsing; larger bodies are routed by load and counted.
     #[serde(default = "d_max_body")]
     pub max_body_bytes: u32,
@@ -152,6 +162,9 @@ fn d_route_header() -> String {
 }
 fn d_session_header() -> String {
     "x-session-id".into()
+}
+fn d_host_header() -> String {
+    "x-kvroute-host".into()
 }
 fn d_max_body() -> u32 {
     4 << 20
@@ -204,6 +217,7 @@ impl FilterConfig {
             endpoints,
             route_header: d_route_header(),
             session_header: d_session_header(),
+            host_header: d_host_header(),
             max_body_bytes: d_max_body(),
             block_chars: d_block_chars(),
             max_blocks: d_max_blocks(),
@@ -277,6 +291,22 @@ impl FilterConfig {
                 "session_header",
                 "must be a lower-case header name",
             ));
+        }
+        if !valid_header(&self.host_header) {
+            e.push(FieldError::new(
+                "host_header",
+                "must be a lower-case header name",
+            ));
+        }
+        for (i, ep) in self.endpoints.iter().enumerate() {
+            if let Some(a) = &ep.address {
+                if a.parse::<std::net::SocketAddr>().is_err() {
+                    e.push(FieldError::new(
+                        format!("endpoints[{i}].address"),
+                        "must be IP:port (an IPv6 address in brackets)",
+                    ));
+                }
+            }
         }
         if !(1..=(64 << 20)).contains(&self.max_body_bytes) {
             e.push(FieldError::new("max_body_bytes", "must be 1 to 67108864"));

@@ -97,6 +97,9 @@ pub struct Decision {
     /// less the blocks the directory places there, [`crate::ttft::uncached_tokens`]): what the
     /// gateway counts as queued there until the response starts.
     pub uncached_tokens: u32,
+    /// Where a retry goes if the chosen endpoint refuses the connection: the healthy candidate
+    /// other than the chosen one with the fewest requests in flight (None with one candidate).
+    pub fallback: Option<usize>,
 }
 
 /// Live inputs of a decision.
@@ -226,6 +229,11 @@ pub fn decide(
         0,
         1.0,
     );
+    let fallback = candidates
+        .iter()
+        .filter(|c| c.endpoint != endpoint)
+        .min_by(|a, b| a.inflight.total_cmp(&b.inflight))
+        .map(|c| c.endpoint);
     Decision {
         endpoint,
         policy: kind,
@@ -235,6 +243,7 @@ pub fn decide(
         engine_load_missing: missing,
         no_healthy,
         uncached_tokens: uncached.round().min(f64::from(u32::MAX)) as u32,
+        fallback,
     }
 }
 
@@ -265,6 +274,7 @@ mod tests {
                 name: format!("e{i}"),
                 cluster: None,
                 capacity_blocks: None,
+                address: None,
             })
             .collect()
     }
@@ -297,6 +307,7 @@ mod tests {
             (d.endpoint, d.predicted_blocks, d.total_blocks),
             (2, f.blocks.len() as u32, f.blocks.len() as u32)
         );
+        assert_eq!(d.fallback, Some(0), "the least loaded other endpoint");
         status[2].healthy = false;
         let inputs = Inputs {
             endpoints: &endpoints,

@@ -70,10 +70,14 @@ pub fn decode_version(b: &[u8]) -> Option<(u64, Option<u64>)> {
 }
 /// Shared-data key of the gateway in-flight counters: one i64 LE per endpoint (requests), then one
 /// per endpoint (prefix blocks of those requests), then one per endpoint (prompt tokens of those
-/// requests still to prefill: not predicted cached, response not started).
+/// requests still to prefill: not predicted cached, response not started), then one per endpoint
+/// (until when, in ms since the epoch, it counts as down: it refused a connection).
 pub const INFLIGHT_KEY: &str = "kvroute.inflight";
 /// Sections of [`INFLIGHT_KEY`]'s value, each one i64 per endpoint.
-pub const INFLIGHT_SECTIONS: usize = 3;
+pub const INFLIGHT_SECTIONS: usize = 4;
+/// How long an endpoint that refused a connection counts as down for the policies, ms (the
+/// sidecar's next scrapes take over from there).
+pub const PASSIVE_DOWN_MS: u64 = 2_000;
 /// Shared-data key of the gateway-wide round-robin sequence (u64 LE).
 pub const RR_SEQ_KEY: &str = "kvroute.rr_seq";
 /// Shared queue on which workers report their decisions to the singleton.

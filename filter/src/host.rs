@@ -45,6 +45,14 @@ pub fn request_headers() -> Option<Vec<(String, Vec<u8>)>> {
     hostcalls::get_map_bytes(MapType::HttpRequestHeaders).ok()
 }
 
+/// The address of the upstream host that served the request (after any retry), `IP:port`.
+pub fn upstream_address() -> Option<String> {
+    hostcalls::get_property(vec!["upstream", "address"])
+        .ok()
+        .flatten()
+        .and_then(|b| String::from_utf8(b).ok())
+}
+
 pub fn set_request_header(name: &str, value: Option<&str>) -> bool {
     hostcalls::set_map_value(MapType::HttpRequestHeaders, name, value).is_ok()
 }

@@ -136,6 +136,9 @@ pub struct FilterMetrics {
     pub predicted_tokens: Id,
     pub reported_tokens: Id,
     pub prediction_abs_error: Id,
+    /// `kvroute_retried_total.endpoint.X`: requests Envoy retried on another engine after X
+    /// refused the connection or reset before responding (X is then marked down for a while).
+    pub retried: Vec<Id>,
     /// Feature `bench-phases` only: body, parse, decide, route (see [`Phase`]).
     phases: Vec<Id>,
     /// Feature `bench-phases` only: the stream's other callbacks (see [`StreamPhase`]).
@@ -219,6 +222,11 @@ impl FilterMetrics {
             predicted_tokens: counter("kvroute_prediction_predicted_tokens_total"),
             reported_tokens: counter("kvroute_prediction_reported_tokens_total"),
             prediction_abs_error: histogram("kvroute_prediction_abs_error_tokens"),
+            retried: config
+                .endpoints
+                .iter()
+                .map(|e| counter(&format!("kvroute_retried_total.endpoint.{}", e.name)))
+                .collect(),
             phases: if cfg!(feature = "bench-phases") {
                 Phase::NAMES
                     .iter()

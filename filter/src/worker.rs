@@ -39,6 +39,9 @@ pub struct Worker {
     state: RefCell<WorkerState>,
 }
 
+/// The section of the in-flight value that holds each endpoint's down mark.
+const DOWN_SECTION: usize = 3;
+
 struct WorkerState {
     version: Option<u64>,
     published: Option<PublishedState>,
@@ -163,14 +166,31 @@ impl Worker {
         );
         st.inflight_cas = cas;
         let (inflight, rest) = counts.split_at(n.min(counts.len()));
-        let (inflight_blocks, inflight_prefill) = rest.split_at(n.min(rest.len()));
+        let (inflight_blocks, rest) = rest.split_at(n.min(rest.len()));
+        let (inflight_prefill, down) = rest.split_at(n.min(rest.len()));
         let rand = Self::next_rand(st);
         st.seq = st.seq.wrapping_add(1);
         let no_status: Vec<EndpointStatus> = Vec::new();
-        let (settings, status) = match &st.published {
-            Some(p) => (&p.header.settings, &p.header.endpoints),
-            None => (&self.config.defaults, &no_status),
+        let (settings, mut status) = match &st.published {
+            Some(p) => (&p.header.settings, p.header.endpoints.as_slice()),
+            None => (&self.config.defaults, no_status.as_slice()),
         };
+        // An endpoint that refused a connection a moment ago is down for the policies until its
+        // mark expires, whatever the sidecar last said.
+        let now_ms = (now_us / 1000) as i64;
+        let marked;
+        if down.iter().any(|until| *until > now_ms) {
+            marked = (0..n)
+                .map(|i| {
+                    let mut e = status.get(i).cloned().unwrap_or_default();
+                    if down.get(i).is_some_and(|until| *until > now_ms) {
+                        e.healthy = false;
+                    }
+                    e
+                })
+                .collect::<Vec<_>>();
+            status = &marked;
+        }
         // Round robin cycles across the whole gateway, not per worker.
         let seq = if settings.policy == PolicyKind::RoundRobin && features.is_some() {
             self.next_shared_seq().unwrap_or(st.seq)
@@ -259,6 +279,15 @@ impl Worker {
         self.add_inflight_from(endpoint, delta, None);
     }
 
+    /// Marks `endpoint` down until `until_ms` (it refused a connection: Envoy retried elsewhere).
+    fn mark_down(&self, endpoint: usize, until_ms: u64) {
+        let mut delta = [0i64; state::INFLIGHT_SECTIONS];
+        if let Some(d) = delta.get_mut(DOWN_SECTION) {
+            *d = i64::try_from(until_ms).unwrap_or(i64::MAX);
+        }
+        self.add_inflight(endpoint, delta);
+    }
+
     /// [`Worker::add_inflight`] for the request just decided: its first attempt starts from the
     /// counters the decision read (one shared-data read fewer); if another worker changed them
     /// since, the swap fails and the loop reads them again.
@@ -267,7 +296,7 @@ impl Worker {
             let mut st = self.state.borrow_mut();
             st.inflight_cas.take().map(|cas| (st.inflight.clone(), cas))
         };
-        self.add_inflight_from(endpoint, [1, blocks, prefill], read);
+        self.add_inflight_from(endpoint, [1, blocks, prefill, 0], read);
     }
 
     fn add_inflight_from(
@@ -297,7 +326,11 @@ impl Worker {
             };
             for (k, d) in delta.iter().enumerate() {
                 if let Some(c) = counts.get_mut(k * n + endpoint) {
-                    *c = (*c + d).max(0);
+                    *c = if k == DOWN_SECTION {
+                        (*c).max(*d)
+                    } else {
+                        (*c + d).max(0)
+                    };
                 }
             }
             match host::shared_set(state::INFLIGHT_KEY, &state::encode_inflight(&counts), cas) {
@@ -442,6 +475,20 @@ impl Request {
             // The request continues without the header and takes the fallback route.
             w.metrics.host_error(HostOp::SetHeader);
             return;
+        }
+        // The chosen host, then the one a retry goes to, for Envoy's override_host policy.
+        if let Some(addr) = &endpoint.address {
+            let next = decision
+                .fallback
+                .and_then(|f| w.config.endpoints.get(f))
+                .and_then(|e| e.address.as_deref());
+            let value = match next {
+                Some(n) => format!("{addr},{n}"),
+                None => addr.clone(),
+            };
+            if !host::set_request_header(&w.config.host_header, Some(&value)) {
+                w.metrics.host_error(HostOp::SetHeader);
+            }
         }
         let prefill = if parsed.is_ok() {
             i64::from(decision.uncached_tokens)
@@ -611,8 +658,11 @@ impl Request {
                 .find(|(k, _)| k.eq_ignore_ascii_case(name))
                 .map(|(_, v)| v.as_slice())
         };
-        if header(&w.config.route_header).is_some() {
-            host::set_request_header(&w.config.route_header, None);
+        // A client must never pick the engine itself.
+        for name in [&w.config.route_header, &w.config.host_header] {
+            if header(name).is_some() {
+                host::set_request_header(name, None);
+            }
         }
         let kind = match (
             header(":method"),
@@ -664,6 +714,7 @@ impl Request {
     }
 
     fn response_headers(&mut self) {
+        self.follow_retry();
         if let Phase::Routed {
             endpoint, policy, ..
         } = self.phase
@@ -672,6 +723,55 @@ impl Request {
                 host::add_response_header(RESPONSE_ENDPOINT_HEADER, &e.name);
                 host::add_response_header(RESPONSE_POLICY_HEADER, policy.as_str());
             }
+        }
+    }
+
+    /// When Envoy retried the request on another engine (the chosen one refused the connection
+    /// or reset before responding), counts it there from now on, marks the chosen one down for
+    /// the policies ([`state::PASSIVE_DOWN_MS`]) and counts the retry.
+    fn follow_retry(&mut self) {
+        let Phase::Routed {
+            endpoint,
+            blocks,
+            prefill,
+            counted: true,
+            ..
+        } = self.phase
+        else {
+            return;
+        };
+        let w = self.worker.clone();
+        let Some(chosen) = w
+            .config
+            .endpoints
+            .get(endpoint)
+            .and_then(|e| e.address.as_deref())
+        else {
+            return;
+        };
+        let Some(served) = host::upstream_address() else {
+            return;
+        };
+        if served == chosen {
+            return;
+        }
+        let Some(actual) = w
+            .config
+            .endpoints
+            .iter()
+            .position(|e| e.address.as_deref() == Some(served.as_str()))
+        else {
+            return;
+        };
+        let b = i64::from(blocks);
+        w.add_inflight(endpoint, [-1, -b, -prefill, 0]);
+        w.add_inflight(actual, [1, b, prefill, 0]);
+        w.mark_down(endpoint, host::now_us() / 1000 + state::PASSIVE_DOWN_MS);
+        if let Some(id) = w.metrics.retried.get(endpoint) {
+            host::increment(*id, 1);
+        }
+        if let Phase::Routed { endpoint: e, .. } = &mut self.phase {
+            *e = actual;
         }
     }
 
@@ -688,7 +788,7 @@ impl Request {
         {
             if *prefill > 0 {
                 let p = std::mem::take(prefill);
-                self.worker.add_inflight(*endpoint, [0, 0, -p]);
+                self.worker.add_inflight(*endpoint, [0, 0, -p, 0]);
             }
         }
         if let Phase::Routed {
@@ -724,7 +824,7 @@ impl Request {
         } = self.phase
         {
             self.worker
-                .add_inflight(endpoint, [-1, -i64::from(blocks), -prefill]);
+                .add_inflight(endpoint, [-1, -i64::from(blocks), -prefill, 0]);
             self.phase = Phase::Passthrough;
         }
         if let Phase::Buffering(_) = self.phase {

@@ -210,6 +210,7 @@ impl SimConfig {
                     name: format!("engine{i}"),
                     cluster: None,
                     capacity_blocks: None,
+                    address: None,
                 })
                 .collect(),
         );

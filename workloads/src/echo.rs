@@ -49,7 +49,7 @@ pub struct EchoEngine {
     pub addr: SocketAddr,
     /// Its counters.
     pub stats: Arc<EchoStats>,
-    stop: Option<oneshot::Sender<()>>,
+    stop: std::sync::Mutex<Option<oneshot::Sender<()>>>,
 }
 
 impl EchoEngine {
@@ -79,8 +79,16 @@ impl EchoEngine {
             name: name.to_string(),
             addr,
             stats,
-            stop: Some(tx),
+            stop: std::sync::Mutex::new(Some(tx)),
         })
+    }
+
+    /// Stops the server as a killed engine would look from outside: it accepts no connection from
+    /// now on, finishes the requests it holds and closes its connections.
+    pub fn shutdown(&self) {
+        if let Some(tx) = self.stop.lock().ok().and_then(|mut s| s.take()) {
+            let _ = tx.send(());
+        }
     }
 
     /// Completion requests served so far.
@@ -96,7 +104,7 @@ impl EchoEngine {
 
 impl Drop for EchoEngine {
     fn drop(&mut self) {
-        if let Some(tx) = self.stop.take() {
+        if let Some(tx) = self.stop.get_mut().ok().and_then(Option::take) {
             let _ = tx.send(());
         }
     }

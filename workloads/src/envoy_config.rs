@@ -19,6 +19,13 @@ pub struct Engine {
 }
 
 impl Engine {
+    /// `IP:port` (an IPv6 address in brackets), as Envoy names the host in a static cluster;
+    /// None for a host name (a DNS cluster names its hosts by the addresses it resolves).
+    pub fn address(&self) -> Option<String> {
+        let ip: std::net::IpAddr = self.host.parse().ok()?;
+        Some(std::net::SocketAddr::new(ip, self.port).to_string())
+    }
+
     /// An endpoint listening on this machine's loopback address.
     pub fn local(name: &str, port: u16) -> Self {
         Self {
@@ -96,6 +103,7 @@ impl EnvoySpec {
                     name: e.name.clone(),
                     cluster: None,
                     capacity_blocks: None,
+                    address: e.address(),
                 })
                 .collect(),
         );
@@ -212,7 +220,44 @@ pub fn render(spec: &EnvoySpec) -> String {
     let _ = writeln!(w, "            - name: engines");
     let _ = writeln!(w, "              domains: [\"*\"]");
     let _ = writeln!(w, "              routes:");
-    let _ = writeln!(w, "              # The filter's choice. Only engine clusters match, so a client-set header can never reach another cluster.");
+    let host_header = &spec.filter.host_header;
+    let _ = writeln!(w, "              # The filter's choice by host: the chosen engine, then a fallback one, for the override_host");
+    let _ = writeln!(w, "              # policy of kvroute_all_engines. A connection refused or reset before any response byte is");
+    let _ = writeln!(w, "              # retried once, on the next host named (the filter strips a client-set header).");
+    let _ = writeln!(w, "              - match:");
+    let _ = writeln!(w, "                  prefix: \"/\"");
+    let _ = writeln!(w, "                  headers:");
+    let _ = writeln!(w, "                  - name: {host_header}");
+    let _ = writeln!(w, "                    present_match: true");
+    let _ = writeln!(w, "                route:");
+    let _ = writeln!(w, "                  cluster: kvroute_all_engines");
+    let _ = writeln!(w, "                  timeout: 0s");
+    let _ = writeln!(w, "                  retry_policy:");
+    let _ = writeln!(
+        w,
+        "                    retry_on: connect-failure,refused-stream,reset"
+    );
+    let _ = writeln!(w, "                    num_retries: 1");
+    let _ = writeln!(
+        w,
+        "                    retry_back_off: {{ base_interval: 0.001s, max_interval: 0.005s }}"
+    );
+    let _ = writeln!(w, "                    retry_host_predicate:");
+    let _ = writeln!(
+        w,
+        "                    - name: envoy.retry_host_predicates.previous_hosts"
+    );
+    let _ = writeln!(w, "                      typed_config:");
+    let _ = writeln!(w, "                        \"@type\": type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate");
+    let _ = writeln!(
+        w,
+        "                    host_selection_retry_max_attempts: 3"
+    );
+    let _ = writeln!(w, "              # The filter's choice by cluster (endpoints without an address). Only engine clusters match, so a");
+    let _ = writeln!(
+        w,
+        "              # client-set header can never reach another cluster."
+    );
     let _ = writeln!(w, "              - match:");
     let _ = writeln!(w, "                  prefix: \"/\"");
     let _ = writeln!(w, "                  headers:");
@@ -284,7 +329,7 @@ pub fn render(spec: &EnvoySpec) -> String {
         cluster(w, &e.name, "ROUND_ROBIN", &[e]);
     }
     let all: Vec<&Engine> = spec.engines.iter().collect();
-    cluster(w, "kvroute_all_engines", "LEAST_REQUEST", &all);
+    all_engines_cluster(w, host_header, &all);
     let admin = Engine {
         name: "admin".into(),
         host: "127.0.0.1".into(),
@@ -314,6 +359,42 @@ fn plugin(w: &mut String, ind: &str, root_id: &str, wasm: &str, config_json: &st
         "{ind}  \"@type\": type.googleapis.com/google.protobuf.StringValue"
     );
     let _ = writeln!(w, "{ind}  value: {}", json_str(config_json));
+}
+
+/// The cluster of all engines: the host named in `host_header` (Envoy's `override_host` policy),
+/// else least request.
+fn all_engines_cluster(w: &mut String, host_header: &str, engines: &[&Engine]) {
+    let name = "kvroute_all_engines";
+    let _ = writeln!(w, "  - name: {name}");
+    let _ = writeln!(w, "    type: STATIC");
+    let _ = writeln!(w, "    connect_timeout: 1s");
+    let _ = writeln!(w, "    load_balancing_policy:");
+    let _ = writeln!(w, "      policies:");
+    let _ = writeln!(w, "      - typed_extension_config:");
+    let _ = writeln!(
+        w,
+        "          name: envoy.load_balancing_policies.override_host"
+    );
+    let _ = writeln!(w, "          typed_config:");
+    let _ = writeln!(w, "            \"@type\": type.googleapis.com/envoy.extensions.load_balancing_policies.override_host.v3.OverrideHost");
+    let _ = writeln!(w, "            override_host_sources:");
+    let _ = writeln!(w, "            - header: {host_header}");
+    let _ = writeln!(w, "            fallback_policy:");
+    let _ = writeln!(w, "              policies:");
+    let _ = writeln!(w, "              - typed_extension_config:");
+    let _ = writeln!(
+        w,
+        "                  name: envoy.load_balancing_policies.least_request"
+    );
+    let _ = writeln!(w, "                  typed_config:");
+    let _ = writeln!(w, "                    \"@type\": type.googleapis.com/envoy.extensions.load_balancing_policies.least_request.v3.LeastRequest");
+    let _ = writeln!(w, "    load_assignment:");
+    let _ = writeln!(w, "      cluster_name: {name}");
+    let _ = writeln!(w, "      endpoints:");
+    let _ = writeln!(w, "      - lb_endpoints:");
+    for e in engines {
+        let _ = writeln!(w, "        - endpoint: {{ address: {{ socket_address: {{ address: {}, port_value: {} }} }} }}", e.host, e.port);
+    }
 }
 
 fn cluster(w: &mut String, name: &str, lb: &str, engines: &[&Engine]) {
