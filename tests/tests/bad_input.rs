@@ -249,3 +249,92 @@ async fn client_routing_header_is_ignored() {
     );
     s.stop().await;
 }
+
+/// The request shapes people send (OpenAI's and vLLM's): every one reaches an engine, and every
+/// one is routed by the policy (its prompt parsed and hashed), never by a fallback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_request_shapes_people_send_are_routed() {
+    let s = Stack::with_policy(2, "predicted_ttft").await;
+    let image = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==";
+    let chat_cases = [
+        // Content as parts: text and an image.
+        serde_json::json!({"model": "m", "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "What is in this picture?"},
+            {"type": "image_url", "image_url": {"url": image, "detail": "low"}}]}]}),
+        // Only an image; then audio.
+        serde_json::json!({"model": "m", "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": image}}]}]}),
+        serde_json::json!({"model": "m", "messages": [{"role": "user", "content": [
+            {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}}]}]}),
+        // Tools, an assistant tool call with null content, the tool's answer.
+        serde_json::json!({"model": "m",
+            "tools": [{"type": "function", "function": {"name": "weather", "description": "d",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}],
+            "tool_choice": "auto",
+            "messages": [
+                {"role": "system", "content": "You are a tool user."},
+                {"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1",
+                    "type": "function", "function": {"name": "weather",
+                    "arguments": "{\"city\":\"Paris\"}"}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21C"}]}),
+        // The developer role, a name, streaming with usage, and fields the filter does not read.
+        serde_json::json!({"model": "m", "stream": true,
+            "stream_options": {"include_usage": true}, "logprobs": true, "top_logprobs": 2,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x",
+                "schema": {"type": "object", "properties": {"a": {"type": "array",
+                "items": {"type": "number"}}}}}},
+            "messages": [{"role": "developer", "content": "Be brief."},
+                {"role": "user", "name": "alice", "content": "héllo ✓ 🙂"}]}),
+        // Empty text content.
+        serde_json::json!({"model": "m", "messages": [{"role": "user", "content": ""}]}),
+    ];
+    let completion_cases = [
+        serde_json::json!({"model": "m", "prompt": "Once upon a time"}),
+        serde_json::json!({"model": "m", "prompt": [128000, 9906, 1917, 0]}),
+        serde_json::json!({"model": "m", "prompt": ["first prompt", "second prompt"]}),
+        serde_json::json!({"model": "m", "prompt": [[1, 2, 3], [4, 5]]}),
+        serde_json::json!({"model": "m", "prompt": "echo me", "echo": true, "logprobs": 1,
+            "suffix": null, "stream": false}),
+    ];
+    let mut sent = 0u64;
+    for (path, cases) in [
+        ("/v1/chat/completions", &chat_cases[..]),
+        ("/v1/completions", &completion_cases[..]),
+    ] {
+        for body in cases {
+            let r = s
+                .post(
+                    path,
+                    serde_json::to_vec(body).unwrap(),
+                    &[("content-type", "application/json")],
+                )
+                .await;
+            sent += 1;
+            assert_eq!(r.status, 200, "{body}: {r:?}");
+            assert!(r.served_by.is_some(), "{body}");
+            assert_eq!(r.served_by, r.kvroute_endpoint, "{body}");
+            let parse_errors: u64 = s
+                .envoy
+                .stats()
+                .await
+                .unwrap()
+                .iter()
+                .filter(|(k, _)| k.contains("kvroute_parse_errors_total"))
+                .map(|(_, v)| *v)
+                .sum();
+            assert_eq!(parse_errors, 0, "{body} was not parsed");
+        }
+    }
+    assert_eq!(s.stat("kvroute_requests_total").await, sent);
+    let decided: u64 = s
+        .envoy
+        .stats()
+        .await
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| k.contains("kvroute_decisions_total.policy.predicted_ttft"))
+        .map(|(_, v)| *v)
+        .sum();
+    assert_eq!(decided, sent, "every one routed by the policy");
+}
