@@ -61,8 +61,18 @@ tokenizer-error:
     cargo build -q --release -p kvroute-emulator --bin kvroute-tokenize
     .tools/venv/bin/python scripts/tokenizer_error.py
 
+# Coverage-guided fuzzing (AFL++ through afl.rs, stable toolchain; installs cargo-afl on first
+# use): every target until EXECS executions (`just fuzz 10000000`), or only some
+# (`just fuzz 1000000 request state`). Fails on any crash or hang (kept in fuzz/out/).
+fuzz EXECS="10000000" *TARGETS="":
+    bash scripts/fuzz.sh campaign {{EXECS}} {{TARGETS}}
+
+# Every fuzz target for a few seconds (CI).
+fuzz-smoke SECONDS="10":
+    bash scripts/fuzz.sh smoke {{SECONDS}}
+
 # Everything CI checks.
-test: check-fmt clippy unit validate-configs e2e py-tests
+test: check-fmt clippy unit validate-configs e2e py-tests fuzz-smoke
 
 # The main job: build the filter and the study binary (only what it runs: the LTO of every other
 # binary would add about 100 s on 2 cores), then the reduced routing study (experiments 1-4 live

@@ -709,6 +709,36 @@ impl PolicySettings {
     }
 }
 
+/// Envoy's `GET /runtime` answer (`{"entries":{"KEY":{"final_value":"..."}},...}`).
+#[derive(Deserialize)]
+struct RuntimeDump<'a> {
+    #[serde(borrow, default)]
+    entries: std::collections::BTreeMap<&'a str, RuntimeEntry<'a>>,
+}
+
+#[derive(Deserialize)]
+struct RuntimeEntry<'a> {
+    #[serde(borrow, default)]
+    final_value: Option<std::borrow::Cow<'a, str>>,
+}
+
+impl PolicySettings {
+    /// These settings with the `kvroute.*` values of Envoy's `GET /runtime` answer applied
+    /// ([`PolicySettings::with_runtime`]); an answer that is not that JSON is an error and changes
+    /// nothing.
+    pub fn with_runtime_json(
+        &self,
+        body: &[u8],
+    ) -> Result<(PolicySettings, Vec<FieldError>), String> {
+        let dump: RuntimeDump<'_> = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+        let entries = dump
+            .entries
+            .iter()
+            .filter_map(|(k, v)| v.final_value.as_deref().map(|v| (*k, v)));
+        Ok(self.with_runtime(entries))
+    }
+}
+
 fn parse_weight(v: &str, max: f64) -> Option<f64> {
     parse_range(v, 0.0, max)
 }
@@ -728,6 +758,23 @@ fn parse_range(v: &str, lo: f64, hi: f64) -> Option<f64> {
 )]
 mod tests {
     use super::*;
+
+    #[test]
+    fn runtime_json_applies_kvroute_values_and_refuses_other_bodies() {
+        let body =
+            br#"{"entries":{"kvroute.policy":{"final_value":"jsq","layer_values":["","jsq"]},
+            "kvroute.alpha":{"final_value":"2x"},"upstream.x":{"final_value":"1"}},"layers":[]}"#;
+        let (s, errors) = PolicySettings::default().with_runtime_json(body).unwrap();
+        assert_eq!(s.policy, PolicyKind::Jsq);
+        assert_eq!(s.alpha, 0.7, "an invalid value leaves the field");
+        assert_eq!(errors.len(), 1);
+        assert!(PolicySettings::default()
+            .with_runtime_json(b"<html>")
+            .is_err());
+        assert!(PolicySettings::default()
+            .with_runtime_json(br#"{"entries":{"kvroute.policy":{}}}"#)
+            .is_ok_and(|(s, e)| s == PolicySettings::default() && e.is_empty()));
+    }
 
     #[test]
     fn runtime_values_round_trip() {

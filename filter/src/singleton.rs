@@ -1,6 +1,5 @@
 //! The singleton role: owns the directory and the settings, publishes the state.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use kvroute_core::config::{PolicySettings, PublishInterval};
@@ -12,7 +11,6 @@ use kvroute_core::state::{
 };
 use kvroute_core::FilterConfig;
 use proxy_wasm::types::LogLevel;
-use serde::Deserialize;
 
 use crate::host;
 use crate::metrics::{HostOp, StateMetrics};
@@ -51,18 +49,6 @@ pub struct Singleton {
     snapshot_sent_ms: u64,
     snapshot_ok_ms: u64,
     stale: bool,
-}
-
-#[derive(Deserialize)]
-struct RuntimeDump<'a> {
-    #[serde(borrow, default)]
-    entries: BTreeMap<&'a str, RuntimeEntry<'a>>,
-}
-
-#[derive(Deserialize)]
-struct RuntimeEntry<'a> {
-    #[serde(borrow, default)]
-    final_value: Option<std::borrow::Cow<'a, str>>,
 }
 
 fn now_ms() -> u64 {
@@ -305,18 +291,10 @@ impl Singleton {
                 return;
             }
         };
-        let dump: RuntimeDump<'_> = match serde_json::from_slice(&body) {
-            Ok(d) => d,
-            Err(_) => {
-                self.metrics.host_error(HostOp::RuntimePoll);
-                return;
-            }
+        let Ok((settings, errors)) = self.config.defaults.with_runtime_json(&body) else {
+            self.metrics.host_error(HostOp::RuntimePoll);
+            return;
         };
-        let entries = dump
-            .entries
-            .iter()
-            .filter_map(|(k, v)| v.final_value.as_deref().map(|v| (*k, v)));
-        let (settings, errors) = self.config.defaults.with_runtime(entries);
         host::record(self.metrics.runtime_invalid, errors.len() as u64);
         let messages: Vec<String> = errors.iter().map(ToString::to_string).collect();
         if messages != self.last_runtime_errors {
