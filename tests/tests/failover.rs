@@ -1,7 +1,9 @@
+//! Faults under load, each with a count of lost requests.
+//!
 //! A dead engine loses only what was in flight on it: a request the filter sends to an engine that
 //! refuses the connection is retried once on the fallback host the filter names (Envoy's
 //! override_host policy), the refusing engine is marked down for the policies at once, and it
-//! takes traffic again when it comes back.
+//! takes traffic again when it comes back. A storm of `runtime_modify` calls loses nothing.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -108,4 +110,50 @@ async fn an_engine_killed_under_load_loses_nothing_and_comes_back() {
     assert!(back.completions() > 10, "engine0 serves again");
     assert_eq!(a2 - a1, back.completions());
     assert_eq!(failed2, failed1, "nothing failed after the kill settled");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storm_of_runtime_modify_calls_loses_no_request() {
+    let s = Arc::new(Stack::with_policy(2, "predicted_ttft").await);
+    let stop = Arc::new(AtomicBool::new(false));
+    let tally = Arc::new(Tally::default());
+    let clients: Vec<_> = (0..3)
+        .map(|c| tokio::spawn(client(s.clone(), stop.clone(), tally.clone(), c)))
+        .collect();
+    // 300 calls as fast as the admin answers: every policy in turn, with parameters, some of them
+    // invalid, and the directory epoch bumped (the singleton forgets the directory each time).
+    let policies = kvroute_core::PolicyKind::ALL;
+    for i in 0..300usize {
+        let policy = policies[i % policies.len()].as_str();
+        let epoch = (i / 50).to_string();
+        let alpha = if i % 7 == 0 { "nan" } else { "0.6" };
+        s.envoy
+            .runtime_modify(&[
+                ("kvroute.policy", policy),
+                ("kvroute.alpha", alpha),
+                ("kvroute.ttft_work_weight", "2"),
+                ("kvroute.directory_epoch", &epoch),
+            ])
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::SeqCst);
+    for c in clients {
+        c.await.unwrap();
+    }
+    let (sent, failed, a, b) = tally.get();
+    println!("runtime_modify storm: {sent} requests, {failed} failed, {a} / {b} per engine");
+    assert!(sent > 30, "{sent}");
+    assert_eq!(failed, 0);
+    assert!(s.stat("kvroute_runtime_polls_total").await > 0);
+    let wasm_failures = s
+        .envoy
+        .stats()
+        .await
+        .unwrap()
+        .iter()
+        .filter(|(k, v)| k.contains("vm_reload") && **v > 0)
+        .count();
+    assert_eq!(wasm_failures, 0, "no VM crashed");
 }
