@@ -160,6 +160,18 @@ impl Stack {
         panic!("engine{i} active = {}, want {n}", self.engines[i].active());
     }
 
+    /// Wasm VMs Envoy replaced after a crash (the stats whose names say `vm_reload`), summed.
+    pub async fn vm_reloads(&self) -> u64 {
+        self.envoy
+            .stats()
+            .await
+            .unwrap()
+            .iter()
+            .filter(|(k, _)| k.contains("vm_reload"))
+            .map(|(_, v)| *v)
+            .sum()
+    }
+
     /// Stops Envoy (its log is kept and printed if the test panicked).
     pub async fn stop(self) {
         self.envoy.stop(false).await;
