@@ -108,9 +108,12 @@ pub fn parse_vllm(text: &str) -> Result<EngineSample, ScrapeError> {
                             .find(|l| l.key == k)
                             .and_then(|l| l.value.parse::<u64>().ok())
                     };
-                    Some(get("num_gpu_blocks")? * get("block_size")?)
+                    // A page's labels are outside input: a product or sum past u64 is refused,
+                    // not wrapped (the fuzzer found it).
+                    get("num_gpu_blocks")?.checked_mul(get("block_size")?)
                 })
-                .reduce(|a, b| a + b)
+                .try_fold(0u64, u64::checked_add)
+                .filter(|t| *t > 0)
         });
     Ok(EngineSample {
         waiting,
@@ -185,5 +188,23 @@ vllm:cache_config_info{block_size=\"16\",num_gpu_blocks=\"711\"} 1
             Err(ScrapeError::Missing(_))
         ));
         assert!(parse_vllm("<html>nope</html>").is_err());
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod fuzz_regressions {
+    use super::parse_vllm;
+
+    /// Pages the fuzzer found that once panicked: each is read or refused, never a panic.
+    #[test]
+    fn fuzz_found_pages_never_panic() {
+        for name in ["fuzz-crash-1.prom"] {
+            let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+            let bytes = std::fs::read(&path).unwrap();
+            if let Ok(text) = std::str::from_utf8(&bytes) {
+                let _ = parse_vllm(text);
+            }
+        }
     }
 }
