@@ -196,15 +196,27 @@ vllm:cache_config_info{block_size=\"16\",num_gpu_blocks=\"711\"} 1
 mod fuzz_regressions {
     use super::parse_vllm;
 
-    /// Pages the fuzzer found that once panicked: each is read or refused, never a panic.
+    /// Pages the fuzzer found that once panicked (`tests/fixtures/fuzz-*`): each is read or
+    /// refused, never a panic.
     #[test]
     fn fuzz_found_pages_never_panic() {
-        for name in ["fuzz-crash-1.prom"] {
-            let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if !path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("fuzz-"))
+            {
+                continue;
+            }
+            seen += 1;
             let bytes = std::fs::read(&path).unwrap();
             if let Ok(text) = std::str::from_utf8(&bytes) {
                 let _ = parse_vllm(text);
             }
         }
+        assert!(seen >= 1);
     }
 }
