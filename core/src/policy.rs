@@ -175,9 +175,11 @@ pub struct PickContext<'a> {
 impl PickContext<'_> {
     /// Fine blocks the request's first `n` blocks stand for (its first `n` when none is coarse).
     pub fn units(&self, n: u32) -> f64 {
-        let after = self.coarse_after;
-        f64::from(n.min(after))
-            + f64::from(n.saturating_sub(after)) * f64::from(self.coarse_factor.max(1))
+        crate::prefix::fine_units(
+            n,
+            u64::from(self.coarse_after),
+            u64::from(self.coarse_factor),
+        ) as f64
     }
 
     /// The share of the request's blocks (in fine blocks) that candidate `i` matches.

@@ -71,10 +71,15 @@ impl BlockSpec {
 
     /// The first `n` blocks in units of `block_chars`-long blocks.
     pub fn units(&self, n: u32) -> u64 {
-        let n = u64::from(n);
-        let after = self.coarse_after as u64;
-        n.min(after) + n.saturating_sub(after) * self.coarse_factor.max(1) as u64
+        fine_units(n, self.coarse_after as u64, self.coarse_factor as u64)
     }
+}
+
+/// The first `n` blocks of a request in fine blocks, when the blocks after `coarse_after` stand
+/// for `coarse_factor` fine ones each ([`BlockSpec`]).
+pub fn fine_units(n: u32, coarse_after: u64, coarse_factor: u64) -> u64 {
+    let n = u64::from(n);
+    n.min(coarse_after) + n.saturating_sub(coarse_after) * coarse_factor.max(1)
 }
 
 /// Calls `f` with each segment of the canonical text of `req`, in order.

@@ -85,35 +85,33 @@ pub fn uncached_tokens(ctx: &PickContext<'_>, i: usize, weight: f64) -> f64 {
 }
 
 impl PredictedTtft {
-    /// Every candidate's predicted time to first token, ms.
-    pub fn predicted_ms(ctx: &PickContext<'_>) -> Vec<f64> {
+    /// Every candidate's (predicted time to first token, own prefill time), ms.
+    fn parts(ctx: &PickContext<'_>) -> Vec<(f64, f64)> {
         let rates = prefill_rates(ctx);
         let w = cache_weight(ctx.directory_age_ms, ctx.settings.ttft_cache_halflife_ms);
         ctx.candidates
             .iter()
+            .zip(rates)
             .enumerate()
-            .map(|(i, c)| {
-                let rate = rates.get(i).copied().unwrap_or(1.0);
-                let own = uncached_tokens(ctx, i, w);
-                1000.0 * (c.queued_prefill_tokens.max(0.0) + own) / rate
+            .map(|(i, (c, rate))| {
+                let own = 1000.0 * uncached_tokens(ctx, i, w) / rate;
+                (1000.0 * c.queued_prefill_tokens.max(0.0) / rate + own, own)
             })
             .collect()
     }
-}
 
-impl PredictedTtft {
+    /// Every candidate's predicted time to first token, ms.
+    pub fn predicted_ms(ctx: &PickContext<'_>) -> Vec<f64> {
+        Self::parts(ctx).into_iter().map(|(t, _)| t).collect()
+    }
+
     /// Every candidate's score, ms: its predicted time to first token plus `ttft_work_weight`
     /// times this request's own prefill there (the delay it adds for the requests behind it).
     pub fn scores(ctx: &PickContext<'_>) -> Vec<f64> {
-        let rates = prefill_rates(ctx);
-        let w = cache_weight(ctx.directory_age_ms, ctx.settings.ttft_cache_halflife_ms);
-        Self::predicted_ms(ctx)
+        let ww = ctx.settings.ttft_work_weight;
+        Self::parts(ctx)
             .into_iter()
-            .enumerate()
-            .map(|(i, t)| {
-                let rate = rates.get(i).copied().unwrap_or(1.0);
-                t + ctx.settings.ttft_work_weight * 1000.0 * uncached_tokens(ctx, i, w) / rate
-            })
+            .map(|(t, own)| t + ww * own)
             .collect()
     }
 }

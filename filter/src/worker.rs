@@ -198,6 +198,8 @@ impl Worker {
             st.seq
         };
         // The age of the directory view, which `predicted_ttft` weighs its matches by.
+        // The age of the state this decision uses: of the directory snapshot when one was
+        // published (the staleness knob), else of the state itself.
         let directory_age_ms = st.published.as_ref().map_or(0, |p| {
             let as_of = match p.header.directory_as_of_ms {
                 0 => p.header.published_at_ms,
@@ -227,13 +229,7 @@ impl Worker {
             None => self.metrics.fallback(Fallback::NoState),
             Some(p) => {
                 let now_ms = now_us / 1000;
-                // The age of the state this decision used: of the directory snapshot when one was
-                // published (the staleness knob), else of the state itself.
-                let as_of = match p.header.directory_as_of_ms {
-                    0 => p.header.published_at_ms,
-                    t => t,
-                };
-                host::record(self.metrics.state_age_ms, now_ms.saturating_sub(as_of));
+                host::record(self.metrics.state_age_ms, directory_age_ms);
                 // And the age of the engine load it used (the sidecar's scrape of that engine).
                 if let Some(load) = p
                     .header
@@ -490,11 +486,8 @@ impl Request {
                 w.metrics.host_error(HostOp::SetHeader);
             }
         }
-        let prefill = if parsed.is_ok() {
-            i64::from(decision.uncached_tokens)
-        } else {
-            0
-        };
+        // A fallback decision has no prompt, so it leaves nothing to prefill.
+        let prefill = i64::from(decision.uncached_tokens);
         w.add_inflight_after_decision(decision.endpoint, i64::from(decision.total_blocks), prefill);
         // The prediction is compared with the engine's report only where the response will carry
         // one: a stream without `include_usage` has none, and its chunks are then never read.
