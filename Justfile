@@ -16,6 +16,10 @@ wasm:
     cargo build -p kvroute-filter --target wasm32-wasip1 --release
     @ls -l {{wasm_out}} | awk '{print "wasm: " $5 " bytes"}'
 
+# The filter with test-only fault triggers (the fault tests crash its state singleton). Never ship it.
+wasm-faults:
+    cargo build -p kvroute-filter --target wasm32-wasip1 --release --features test-faults --target-dir target/test-faults
+
 # The native bench probe: kvroute's request path as an Envoy dynamic module, without the Wasm VM
 # (bench-native/; what the Wasm runtime costs, measured by kvroute-bench-envoy).
 native:
@@ -45,8 +49,13 @@ validate-configs: wasm
 envoy-config:
     cargo run -q -p kvroute-workloads --bin kvroute-envoy-config > envoy/envoy.yaml
 
+# The emulator and the sidecar as release binaries (the tests and benches that run them as
+# processes: killed with SIGKILL, measured from /proc).
+procs:
+    cargo build --release -p kvroute-emulator -p kvroute-sidecar --bins
+
 # End-to-end tests against the real Envoy with the real filter (and the native probe).
-e2e: wasm native
+e2e: wasm wasm-faults native procs
     cargo test -p kvroute-e2e -- --test-threads 2
 
 # Python tests: the emulator through the official openai client and prometheus_client's parser.
@@ -82,6 +91,12 @@ test: check-fmt clippy unit validate-configs e2e py-tests fuzz-smoke
 # third to the gateway cost the validation measures (2.7 against 2.0 ms).
 main: wasm
     cargo run -q --release -p kvroute-workloads --bin kvroute-study -- --out results/study
+
+# A soak (not in CI): the stack as separate processes at a steady load of new prompts for MINUTES;
+# memory per process, errors and latency per minute, a verdict per process (results/soak).
+soak MINUTES="30": wasm
+    cargo build -q --release -p kvroute-emulator -p kvroute-sidecar -p kvroute-workloads --bin kvroute-emulator --bin kvroute-sidecar --bin kvroute-soak
+    target/release/kvroute-soak --minutes {{MINUTES}}
 
 # The full-size study.
 study-full: wasm

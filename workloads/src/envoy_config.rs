@@ -58,6 +58,9 @@ pub struct EnvoySpec {
     /// A native dynamic module in the Wasm filter's place (a bench probe: `kvroute-bench-native`),
     /// with no state singleton.
     pub native_module: Option<NativeModule>,
+    /// Serve the Wasm filter's configuration by ECDS from this file (a watched directory: replace the
+    /// file by a rename to apply a new configuration without touching the listener); None: inline.
+    pub ecds_path: Option<String>,
 }
 
 /// A dynamic module (`envoy.filters.http.dynamic_modules`) loaded from a shared object.
@@ -117,6 +120,7 @@ impl EnvoySpec {
             with_filter: true,
             sidecar: None,
             native_module: None,
+            ecds_path: None,
         }
     }
 }
@@ -159,6 +163,10 @@ pub fn render(spec: &EnvoySpec) -> String {
         w,
         "# Run from the repository root: envoy -c envoy/envoy.yaml --concurrency 2"
     );
+    if spec.ecds_path.is_some() {
+        let _ = writeln!(w, "# xDS (here ECDS from a file) needs the node named.");
+        let _ = writeln!(w, "node: {{ id: kvroute, cluster: kvroute }}");
+    }
     let _ = writeln!(w, "admin:");
     let _ = writeln!(w, "  address:");
     let _ = writeln!(
@@ -295,31 +303,26 @@ pub fn render(spec: &EnvoySpec) -> String {
             "                \"@type\": type.googleapis.com/google.protobuf.StringValue"
         );
         let _ = writeln!(w, "                value: {}", json_str(&filter_json));
+    } else if let (true, Some(path)) = (spec.with_filter, &spec.ecds_path) {
+        let dir = std::path::Path::new(path)
+            .parent()
+            .map_or_else(|| ".".to_string(), |d| d.display().to_string());
+        let _ = writeln!(w, "          # The filter's configuration comes by ECDS from a watched file (render_ecds writes it).");
+        let _ = writeln!(w, "          - name: kvroute");
+        let _ = writeln!(w, "            config_discovery:");
+        let _ = writeln!(w, "              config_source:");
+        let _ = writeln!(w, "                path_config_source:");
+        let _ = writeln!(w, "                  path: {}", json_str(path));
+        let _ = writeln!(
+            w,
+            "                  watched_directory: {{ path: {} }}",
+            json_str(&dir)
+        );
+        let _ = writeln!(w, "              type_urls: [\"{WASM_FILTER_TYPE}\"]");
     } else if spec.with_filter {
         let _ = writeln!(w, "          - name: envoy.filters.http.wasm");
         let _ = writeln!(w, "            typed_config:");
-        let _ = writeln!(
-            w,
-            "              \"@type\": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"
-        );
-        let _ = writeln!(w, "              config:");
-        plugin(
-            w,
-            "                ",
-            "kvroute",
-            &spec.wasm_path,
-            &filter_json,
-        );
-        let _ = writeln!(
-            w,
-            "                # Required to pause on request headers until the body is read."
-        );
-        let _ = writeln!(w, "                allow_on_headers_stop_iteration: true");
-        let _ = writeln!(
-            w,
-            "                # A crashed VM is replaced; requests meanwhile take the fallback route."
-        );
-        let _ = writeln!(w, "                failure_policy: FAIL_RELOAD");
+        wasm_filter(w, "              ", &spec.wasm_path, &filter_json);
     }
     let _ = writeln!(w, "          - name: envoy.filters.http.router");
     let _ = writeln!(w, "            typed_config:");
@@ -340,6 +343,41 @@ pub fn render(spec: &EnvoySpec) -> String {
         cluster(w, SIDECAR_CLUSTER, "ROUND_ROBIN", &[sc]);
     }
     y
+}
+
+const WASM_FILTER_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm";
+
+/// The Wasm HTTP filter's typed config (inline, or as an ECDS resource).
+fn wasm_filter(w: &mut String, ind: &str, wasm: &str, filter_json: &str) {
+    let _ = writeln!(w, "{ind}\"@type\": {WASM_FILTER_TYPE}");
+    let _ = writeln!(w, "{ind}config:");
+    let pind = format!("{ind}  ");
+    plugin(w, &pind, "kvroute", wasm, filter_json);
+    let _ = writeln!(
+        w,
+        "{pind}# Required to pause on request headers until the body is read."
+    );
+    let _ = writeln!(w, "{pind}allow_on_headers_stop_iteration: true");
+    let _ = writeln!(
+        w,
+        "{pind}# A crashed VM is replaced; requests meanwhile take the fallback route."
+    );
+    let _ = writeln!(w, "{pind}failure_policy: FAIL_RELOAD");
+}
+
+/// The ECDS resource file for `spec.ecds_path`: the Wasm filter with `filter` as its
+/// configuration JSON (the state singleton keeps the bootstrap's).
+pub fn render_ecds(spec: &EnvoySpec, filter_json: &str) -> String {
+    let mut w = String::new();
+    let _ = writeln!(w, "resources:");
+    let _ = writeln!(
+        w,
+        "- \"@type\": type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig"
+    );
+    let _ = writeln!(w, "  name: kvroute");
+    let _ = writeln!(w, "  typed_config:");
+    wasm_filter(&mut w, "    ", &spec.wasm_path, filter_json);
+    w
 }
 
 fn plugin(w: &mut String, ind: &str, root_id: &str, wasm: &str, config_json: &str) {

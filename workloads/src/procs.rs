@@ -50,3 +50,71 @@ pub fn cpu_rss(pid: u32) -> anyhow::Result<(f64, u64)> {
         .unwrap_or(0);
     Ok(((ticks(11) + ticks(12)) / 100.0, rss_kb * 1024))
 }
+
+/// A project binary running as a child process; killed when dropped.
+#[derive(Debug)]
+pub struct Proc {
+    /// The process.
+    pub child: Child,
+    /// Where it listens.
+    pub addr: std::net::SocketAddr,
+}
+
+impl Proc {
+    /// Its process id (None once it has exited).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// Base URL.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// SIGKILL, then reap: the process gets no chance to finish what it holds.
+    pub async fn kill(&mut self) {
+        let _ = self.child.kill().await;
+    }
+
+    async fn start(bin: &str, args: &[String]) -> anyhow::Result<Self> {
+        let (child, addr) = spawn_listening(bin, args).await?;
+        let addr = addr
+            .parse()
+            .with_context(|| format!("{bin} printed {addr:?}"))?;
+        Ok(Self { child, addr })
+    }
+}
+
+/// `kvroute-emulator` (release build) with a built-in `profile`, `time_scale` times real time,
+/// on 127.0.0.1:`port` (0: any free port).
+pub async fn emulator(profile: &str, time_scale: f64, port: u16) -> anyhow::Result<Proc> {
+    let args = [
+        "--port".to_string(),
+        port.to_string(),
+        "--profile".into(),
+        profile.into(),
+        "--time-scale".into(),
+        time_scale.to_string(),
+    ];
+    Proc::start("kvroute-emulator", &args).await
+}
+
+/// `kvroute-sidecar` (release build) polling `engines` (name, base URL) every `poll_ms`, serving on
+/// `listen` (port 0: any).
+pub async fn sidecar(
+    engines: &[(String, String)],
+    poll_ms: u64,
+    listen: std::net::SocketAddr,
+) -> anyhow::Result<Proc> {
+    let mut args = vec![
+        "--listen".to_string(),
+        listen.to_string(),
+        "--poll-interval-ms".into(),
+        poll_ms.to_string(),
+    ];
+    for (name, url) in engines {
+        args.push("--engine".into());
+        args.push(format!("{name}={url}"));
+    }
+    Proc::start("kvroute-sidecar", &args).await
+}

@@ -86,8 +86,9 @@ pub const VALIDATION_TTFT: f64 = 0.10;
 /// ... and hit rate within this many points.
 pub const VALIDATION_HIT: f64 = 0.02;
 
-type Res<T> = Result<T, Box<dyn std::error::Error>>;
-type Series = (String, Vec<(f64, f64)>);
+pub type Res<T> = Result<T, Box<dyn std::error::Error>>;
+/// A named line: (x, y) points.
+pub type Series = (String, Vec<(f64, f64)>);
 /// A bar series: name, one value per category, one (low, high) range per category.
 type BarSeries = (String, Vec<f64>, Vec<(f64, f64)>);
 /// Mean, min and max over repeats, per key.
@@ -113,7 +114,8 @@ fn range(vals: impl Iterator<Item = f64>, pad: f64) -> (f64, f64) {
     (lo - (hi - lo) * pad, hi + (hi - lo) * pad)
 }
 
-fn lines(path: &Path, title: &str, xl: &str, yl: &str, series: &[Series], y0: bool) -> Res<()> {
+/// A line chart of `series` (name, points) as SVG at `path`; `y0` starts the y axis at 0.
+pub fn lines(path: &Path, title: &str, xl: &str, yl: &str, series: &[Series], y0: bool) -> Res<()> {
     let root = SVGBackend::new(path, (720, 420)).into_drawing_area();
     root.fill(&WHITE)?;
     let (x0, x1) = range(series.iter().flat_map(|s| s.1.iter().map(|p| p.0)), 0.02);

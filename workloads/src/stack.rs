@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use tokio::process::{Child, Command};
 
-use crate::envoy_config::{render, EnvoySpec};
+use crate::envoy_config::{render, render_ecds, EnvoySpec};
 
 /// The repository root (where `.tools/` and `target/` live).
 pub fn repo_root() -> PathBuf {
@@ -38,6 +38,17 @@ pub fn filter_wasm() -> anyhow::Result<PathBuf> {
         "target/wasm32-wasip1/release/kvroute_filter.wasm",
         "filter",
         "wasm",
+    )
+}
+
+/// The filter built with test-only fault triggers (`just wasm-faults`; the fault tests use it):
+/// `$KVROUTE_FAULTS_WASM`, else its build in `target/test-faults/`.
+pub fn faults_wasm() -> anyhow::Result<PathBuf> {
+    built(
+        "KVROUTE_FAULTS_WASM",
+        "target/test-faults/wasm32-wasip1/release/kvroute_filter.wasm",
+        "fault-injection filter",
+        "wasm-faults",
     )
 }
 
@@ -84,6 +95,7 @@ pub struct Envoy {
     pub log_path: PathBuf,
     dir: PathBuf,
     http: reqwest::Client,
+    spec: EnvoySpec,
 }
 
 impl Envoy {
@@ -113,6 +125,12 @@ impl Envoy {
             spec.listen_port
         ));
         std::fs::create_dir_all(&dir)?;
+        if spec.ecds_path.is_some() {
+            let ecds = dir.join("kvroute-filter.yaml");
+            let json = serde_json::to_string(&spec.filter)?;
+            std::fs::write(&ecds, render_ecds(&spec, &json))?;
+            spec.ecds_path = Some(ecds.display().to_string());
+        }
         let config_path = dir.join("envoy.yaml");
         std::fs::write(&config_path, render(&spec))?;
         let log_path = dir.join("envoy.log");
@@ -135,6 +153,7 @@ impl Envoy {
             .with_context(|| format!("starting {}", envoy.display()))?;
         let mut me = Self {
             child,
+            spec: spec.clone(),
             listener: SocketAddr::from(([127, 0, 0, 1], spec.listen_port)),
             admin: SocketAddr::from(([127, 0, 0, 1], spec.admin_port)),
             log_path,
@@ -197,6 +216,20 @@ impl Envoy {
             .join("\n")
     }
 
+    /// Serves the HTTP filter a new configuration JSON by ECDS (an Envoy started with
+    /// `ecds_path`): the resource file is replaced by a rename, as Envoy's watched directory wants.
+    pub fn push_filter_config(&self, filter_json: &str) -> anyhow::Result<()> {
+        let path = self
+            .spec
+            .ecds_path
+            .as_ref()
+            .context("this Envoy takes its filter configuration inline, not by ECDS")?;
+        let tmp = self.dir.join("kvroute-filter.yaml.tmp");
+        std::fs::write(&tmp, render_ecds(&self.spec, filter_json))?;
+        std::fs::rename(&tmp, path)?;
+        Ok(())
+    }
+
     /// Base URL for requests through Envoy.
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.listener)
@@ -214,6 +247,11 @@ impl Envoy {
             .text()
             .await?;
         Ok(parse_stats(&text))
+    }
+
+    /// Envoy's process id (None once it has exited).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
     }
 
     /// CPU time Envoy has used so far, all threads, user and system, in seconds (None where
