@@ -55,6 +55,24 @@ fn now_ms() -> u64 {
     host::now_us() / 1000
 }
 
+/// Test-only fault: traps the singleton's VM while `kvroute.test_crash_singleton_before_ms` (a
+/// wall-clock deadline in ms) is in the future, so a test can crash it once and watch what follows.
+#[cfg(feature = "test-faults")]
+#[allow(clippy::panic)]
+fn crash_if_asked(runtime_json: &[u8]) {
+    let deadline = serde_json::from_slice::<serde_json::Value>(runtime_json)
+        .ok()
+        .and_then(|v| {
+            v.pointer("/entries/kvroute.test_crash_singleton_before_ms/final_value")?
+                .as_str()?
+                .parse::<u64>()
+                .ok()
+        });
+    if deadline.is_some_and(|d| now_ms() < d) {
+        panic!("kvroute: test fault: the state singleton crashes on request");
+    }
+}
+
 impl Singleton {
     pub fn start(config: FilterConfig) -> Option<Self> {
         let Some(queue) = host::register_queue(state::DECISION_QUEUE) else {
@@ -291,6 +309,8 @@ impl Singleton {
                 return;
             }
         };
+        #[cfg(feature = "test-faults")]
+        crash_if_asked(&body);
         let Ok((settings, errors)) = self.config.defaults.with_runtime_json(&body) else {
             self.metrics.host_error(HostOp::RuntimePoll);
             return;

@@ -7,7 +7,11 @@
     clippy::indexing_slicing
 )]
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
+
+use futures_util::StreamExt;
 
 use kvroute_core::config::PolicySettings;
 use kvroute_core::FilterConfig;
@@ -24,6 +28,7 @@ pub struct Stack {
     pub envoy: Envoy,
     /// One client (one connection pool) for requests through Envoy.
     pub client: reqwest::Client,
+    filter: FilterConfig,
 }
 
 /// A response through Envoy.
@@ -56,8 +61,9 @@ impl Stack {
         .await
     }
 
-    /// `n` echo endpoints and an Envoy whose whole spec is `tweak`ed from the defaults.
-    async fn start_with(n: usize, tweak: impl FnOnce(&mut EnvoySpec)) -> Stack {
+    /// `n` echo endpoints and an Envoy whose whole spec is `tweak`ed from the defaults (the Wasm
+    /// filter by default).
+    pub async fn start_with(n: usize, tweak: impl FnOnce(&mut EnvoySpec)) -> Stack {
         let mut engines = Vec::new();
         for i in 0..n {
             engines.push(EchoEngine::start(&format!("engine{i}")).await.unwrap());
@@ -68,6 +74,7 @@ impl Stack {
             .collect();
         let mut spec = EnvoySpec::new(spec_engines, filter_wasm().unwrap().display().to_string());
         tweak(&mut spec);
+        let filter = spec.filter.clone();
         let envoy = Envoy::start(spec).await.unwrap();
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(60))
@@ -77,6 +84,7 @@ impl Stack {
             engines,
             envoy,
             client,
+            filter,
         }
     }
 
@@ -144,6 +152,11 @@ impl Stack {
             .unwrap_or(0)
     }
 
+    /// The filter configuration Envoy was started with.
+    pub fn envoy_spec_filter(&self) -> &FilterConfig {
+        &self.filter
+    }
+
     /// Index of the endpoint named `name`.
     pub fn index_of(&self, name: &str) -> usize {
         self.engines.iter().position(|e| e.name == name).unwrap()
@@ -190,4 +203,127 @@ pub fn chat(messages: &[(&str, &str)]) -> serde_json::Value {
 /// A system prompt long enough to span many prefix blocks.
 pub fn system_prompt(tag: &str) -> String {
     format!("[{tag}] You are a careful assistant. ").repeat(20)
+}
+
+/// Requests sent, failed, and served per endpoint (engine0, engine1), counted by clients under
+/// load; `in_flight` is how many are out right now.
+#[derive(Debug, Default)]
+pub struct Tally {
+    /// Requests sent (and answered, one way or another).
+    pub sent: AtomicU64,
+    /// Requests that did not complete: not a 200 from an engine, or a stream cut short.
+    pub failed: AtomicU64,
+    /// Completed per endpoint.
+    pub by: [AtomicU64; 2],
+    /// Requests out now.
+    pub in_flight: AtomicU64,
+}
+
+impl Tally {
+    /// (sent, failed, served by engine0, served by engine1).
+    pub fn get(&self) -> (u64, u64, u64, u64) {
+        let l = |a: &AtomicU64| a.load(Ordering::SeqCst);
+        (
+            l(&self.sent),
+            l(&self.failed),
+            l(&self.by[0]),
+            l(&self.by[1]),
+        )
+    }
+
+    fn count(&self, ok: bool, endpoint: Option<&str>) {
+        self.sent.fetch_add(1, Ordering::SeqCst);
+        match (ok, endpoint) {
+            (true, Some("engine0")) => self.by[0].fetch_add(1, Ordering::SeqCst),
+            (true, Some("engine1")) => self.by[1].fetch_add(1, Ordering::SeqCst),
+            _ => self.failed.fetch_add(1, Ordering::SeqCst),
+        };
+    }
+}
+
+/// One client sending requests to echo engines one after another (each held 20 ms by the
+/// engine) until `stop`; an endpoint is the echo engine that served it.
+pub async fn echo_client(s: Arc<Stack>, stop: Arc<AtomicBool>, tally: Arc<Tally>, c: usize) {
+    let mut i = 0u64;
+    while !stop.load(Ordering::SeqCst) && i < 20_000 {
+        i += 1;
+        let body = chat(&[("user", &format!("client {c} request {i}: a new prompt"))]);
+        tally.in_flight.fetch_add(1, Ordering::SeqCst);
+        let r = s.chat(&body, &[("x-echo-delay-ms", "20")]).await;
+        tally.in_flight.fetch_sub(1, Ordering::SeqCst);
+        tally.count(r.status == 200, r.served_by.as_deref());
+    }
+}
+
+/// One client streaming chats through Envoy (`url`) to emulated engines one after another until
+/// `stop`. A request completes when it gets a 200 and its stream ends with `data: [DONE]`; its
+/// endpoint is the filter's `x-kvroute-endpoint`.
+pub async fn streaming_client(
+    url: String,
+    model: String,
+    max_tokens: u32,
+    stop: Arc<AtomicBool>,
+    tally: Arc<Tally>,
+    c: usize,
+) {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let mut i = 0u64;
+    while !stop.load(Ordering::SeqCst) && i < 20_000 {
+        i += 1;
+        let body = serde_json::json!({
+            "model": model,
+            "messages": [{"role": "user", "content": format!("client {c} request {i}: a new prompt")}],
+            "max_tokens": max_tokens,
+            "stream": true,
+        });
+        tally.in_flight.fetch_add(1, Ordering::SeqCst);
+        let (ok, endpoint) = match http.post(&url).json(&body).send().await {
+            Ok(r) => {
+                let endpoint = r
+                    .headers()
+                    .get("x-kvroute-endpoint")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
+                let status = r.status().as_u16();
+                let mut stream = r.bytes_stream();
+                let mut tail = Vec::new();
+                let mut cut = false;
+                while let Some(chunk) = stream.next().await {
+                    match chunk {
+                        Ok(b) => {
+                            tail.extend_from_slice(&b);
+                            let keep = tail.len().saturating_sub(64);
+                            tail.drain(..keep);
+                        }
+                        Err(_) => {
+                            cut = true;
+                            break;
+                        }
+                    }
+                }
+                let done = String::from_utf8_lossy(&tail).contains("data: [DONE]");
+                (status == 200 && done && !cut, endpoint)
+            }
+            Err(_) => (false, None),
+        };
+        tally.in_flight.fetch_sub(1, Ordering::SeqCst);
+        tally.count(ok, endpoint.as_deref());
+    }
+}
+
+/// The model an engine serves, as a client reads it from `/v1/models`.
+pub async fn served_model(base_url: &str) -> String {
+    let v: serde_json::Value = reqwest::get(format!("{base_url}/v1/models"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v.pointer("/data/0/id")
+        .and_then(|m| m.as_str())
+        .unwrap()
+        .to_string()
 }
