@@ -83,6 +83,57 @@ pub const RR_SEQ_KEY: &str = "kvroute.rr_seq";
 /// Shared queue on which workers report their decisions to the singleton.
 pub const DECISION_QUEUE: &str = "kvroute.decisions";
 
+/// Shared-data key of the state service's lease ([`encode_lease`]): who runs the state service now,
+/// and when it last said so. Envoy never restarts a bootstrap Wasm service whose VM crashed, so
+/// the filter's root contexts stand by: when the lease expires, one of them takes it (a
+/// compare-and-swap) and runs the state service itself, from the queue on.
+pub const LEASE_KEY: &str = "kvroute.state.lease";
+/// The holder renews its lease this often, ms.
+pub const LEASE_RENEW_MS: u64 = 200;
+/// A lease not renewed for this long has expired: its holder is dead or stuck, ms.
+pub const LEASE_TTL_MS: u64 = 1_000;
+/// A standby that has seen no lease at all for this long after it started takes one (no state
+/// service was configured, or it failed to start), ms.
+pub const LEASE_ABSENT_MS: u64 = 3_000;
+
+/// The lease value: the holder's id and its last renewal (ms since the epoch), u64 LE each.
+pub fn encode_lease(holder: u64, renewed_ms: u64) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&holder.to_le_bytes());
+    b[8..].copy_from_slice(&renewed_ms.to_le_bytes());
+    b
+}
+
+/// Reads [`encode_lease`]'s value: (holder, renewed ms).
+pub fn decode_lease(b: &[u8]) -> Option<(u64, u64)> {
+    Some((u64_at(b, 0)?, u64_at(b, 8)?))
+}
+
+/// What a lease value means to `me` at `now_ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lease {
+    /// `me` holds it.
+    Mine,
+    /// Another holder renewed it within [`LEASE_TTL_MS`].
+    Held,
+    /// Another holder let it lapse (or the value is unreadable): it can be taken.
+    Expired,
+    /// No lease was ever written.
+    Absent,
+}
+
+/// Classifies the lease value `value` for `me` at `now_ms`. A renewal time in the future (another
+/// VM's clock read a moment later) counts as fresh.
+pub fn lease(value: Option<&[u8]>, me: u64, now_ms: u64) -> Lease {
+    match value.map(decode_lease) {
+        None => Lease::Absent,
+        Some(None) => Lease::Expired,
+        Some(Some((holder, _))) if holder == me => Lease::Mine,
+        Some(Some((_, renewed))) if now_ms.saturating_sub(renewed) < LEASE_TTL_MS => Lease::Held,
+        Some(Some(_)) => Lease::Expired,
+    }
+}
+
 /// Engine-reported load of one endpoint (from the sidecar's snapshot).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct EngineLoad {
@@ -735,6 +786,30 @@ mod tests {
     use super::*;
     use crate::directory::match_lengths;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_lease_is_mine_held_expired_or_absent() {
+        let now = 1_700_000_000_000;
+        let v = encode_lease(7, now - 100);
+        assert_eq!(decode_lease(&v), Some((7, now - 100)));
+        assert_eq!(lease(Some(&v), 7, now), Lease::Mine);
+        assert_eq!(lease(Some(&v), 8, now), Lease::Held);
+        // Renewed a moment "later" by another VM's clock: fresh, not expired.
+        assert_eq!(lease(Some(&encode_lease(7, now + 5)), 8, now), Lease::Held);
+        let old = encode_lease(7, now - LEASE_TTL_MS);
+        assert_eq!(lease(Some(&old), 8, now), Lease::Expired);
+        assert_eq!(
+            lease(Some(&old), 7, now),
+            Lease::Mine,
+            "its holder may renew it"
+        );
+        assert_eq!(lease(Some(b"junk"), 8, now), Lease::Expired);
+        assert_eq!(lease(None, 8, now), Lease::Absent);
+        assert!(
+            LEASE_RENEW_MS * 3 < LEASE_TTL_MS,
+            "a renewal may miss twice"
+        );
+    }
 
     fn header() -> StateHeader {
         StateHeader {

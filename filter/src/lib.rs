@@ -9,11 +9,15 @@
 //!   directory, applies the decisions the workers report over a shared queue, polls the admin
 //!   `/runtime` for `kvroute.*` values, and publishes one versioned state value to shared data.
 //!
+//! Envoy never restarts a crashed bootstrap service, so every filter root context also stands by
+//! for the state service ([`standby`]): when its lease lapses, one of them runs it.
+//!
 //! The request path reads only shared data and VM memory; it never waits on the network.
 
 mod host;
 mod metrics;
 mod singleton;
+mod standby;
 mod worker;
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -35,7 +39,7 @@ proxy_wasm::main! {{
 /// A root context: unconfigured until `on_configure` tells which role it plays.
 enum Root {
     Unconfigured,
-    Filter(std::rc::Rc<worker::Worker>),
+    Filter(std::rc::Rc<worker::Worker>, Box<standby::Standby>),
     Singleton(Box<singleton::Singleton>),
 }
 
@@ -47,8 +51,10 @@ impl Context for Root {
         body_size: usize,
         _trailers: usize,
     ) {
-        if let Root::Singleton(s) = self {
-            s.on_http_call_response(token, body_size);
+        match self {
+            Root::Singleton(s) => s.on_http_call_response(token, body_size),
+            Root::Filter(_, standby) => standby.on_http_call_response(token, body_size),
+            Root::Unconfigured => {}
         }
     }
 }
@@ -71,7 +77,8 @@ impl RootContext for Root {
         };
         let root_id = host::plugin_root_id().unwrap_or_default();
         *self = if root_id == SINGLETON_ROOT_ID {
-            match singleton::Singleton::start(config) {
+            let lease_id = host::now_ns() | 1;
+            match singleton::Singleton::start(config, singleton::Role::Bootstrap, lease_id) {
                 Some(s) => Root::Singleton(Box::new(s)),
                 None => return false,
             }
@@ -83,7 +90,8 @@ impl RootContext for Root {
                     "kvroute: no tick; decision reports are sent one by one",
                 );
             }
-            Root::Filter(std::rc::Rc::new(worker::Worker::new(config)))
+            let standby = Box::new(standby::Standby::new(config.clone()));
+            Root::Filter(std::rc::Rc::new(worker::Worker::new(config)), standby)
         } else {
             host::log(
                 LogLevel::Error,
@@ -97,20 +105,25 @@ impl RootContext for Root {
     fn on_tick(&mut self) {
         match self {
             Root::Singleton(s) => s.on_tick(),
-            Root::Filter(w) => w.on_tick(),
+            Root::Filter(w, standby) => {
+                w.on_tick();
+                standby.on_tick();
+            }
             Root::Unconfigured => {}
         }
     }
 
     fn on_queue_ready(&mut self, queue_id: u32) {
-        if let Root::Singleton(s) = self {
-            s.on_queue_ready(queue_id);
+        match self {
+            Root::Singleton(s) => s.on_queue_ready(queue_id),
+            Root::Filter(_, standby) => standby.on_queue_ready(queue_id),
+            Root::Unconfigured => {}
         }
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
         match self {
-            Root::Filter(w) => Some(Box::new(worker::Request::new(w.clone()))),
+            Root::Filter(w, _) => Some(Box::new(worker::Request::new(w.clone()))),
             _ => None,
         }
     }

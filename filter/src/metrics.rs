@@ -333,6 +333,7 @@ pub struct StateMetrics {
     pub endpoint_healthy: Vec<Id>,
     pub engine_queue: Vec<Id>,
     pub directory_capacity: Vec<Id>,
+    pub takeovers: Id,
     host_errors: Vec<Id>,
 }
 
@@ -340,6 +341,7 @@ impl StateMetrics {
     pub fn define(config: &FilterConfig) -> Self {
         Self {
             state_version: gauge("kvroute_state_version"),
+            takeovers: counter("kvroute_state_takeovers_total"),
             state_bytes: gauge("kvroute_state_bytes"),
             publishes: counter("kvroute_state_publishes_total"),
             overlay_publishes: counter("kvroute_state_overlay_publishes_total"),

@@ -18,7 +18,17 @@ use crate::metrics::{HostOp, StateMetrics};
 /// Most queued messages (report batches) applied per queue wake-up (the rest wait for the next one).
 const MAX_MESSAGES_PER_WAKE: usize = 1024;
 /// Tick period: the finest publish interval and runtime poll granularity.
-const TICK_MS: u64 = 20;
+pub const TICK_MS: u64 = 20;
+
+/// Where the state service runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The `kvroute_state` bootstrap service: it owns its root context's tick.
+    Bootstrap,
+    /// Inside a filter root context that took the lease from a dead service: that context's tick
+    /// drives it (see `standby`).
+    Takeover,
+}
 
 pub struct Singleton {
     config: FilterConfig,
@@ -49,6 +59,11 @@ pub struct Singleton {
     snapshot_sent_ms: u64,
     snapshot_ok_ms: u64,
     stale: bool,
+    /// This service's lease id (see `state::LEASE_KEY`), when it last renewed, and whether it still
+    /// holds the lease: one that lost it stands down for good.
+    lease_id: u64,
+    lease_renewed_ms: u64,
+    active: bool,
 }
 
 fn now_ms() -> u64 {
@@ -74,7 +89,10 @@ fn crash_if_asked(runtime_json: &[u8]) {
 }
 
 impl Singleton {
-    pub fn start(config: FilterConfig) -> Option<Self> {
+    /// Starts the state service with lease id `lease_id`, taking the lease. Its version continues
+    /// from the one published (so the workers see every publish as new after a takeover); the
+    /// directory starts empty.
+    pub fn start(config: FilterConfig, role: Role, lease_id: u64) -> Option<Self> {
         let Some(queue) = host::register_queue(state::DECISION_QUEUE) else {
             host::log(
                 LogLevel::Critical,
@@ -114,8 +132,24 @@ impl Singleton {
             snapshot_ok_ms: 0,
             // With a sidecar configured, the state is stale until its first snapshot arrives.
             stale: config.sidecar.is_some(),
+            lease_id,
+            lease_renewed_ms: now_ms(),
+            active: true,
             config,
         };
+        if host::shared_set(
+            state::LEASE_KEY,
+            &state::encode_lease(lease_id, s.lease_renewed_ms),
+            None,
+        ) != Ok(true)
+        {
+            s.metrics.host_error(HostOp::Publish);
+        }
+        let (published, _) = host::shared_get(state::VERSION_KEY);
+        s.version = published
+            .as_deref()
+            .and_then(state::decode_version)
+            .map_or(0, |v| v.0);
         // Zeroed in-flight counters (kept if already there: a reloaded config keeps live counts).
         let (existing, _) = host::shared_get(state::INFLIGHT_KEY);
         if existing.is_none_or(|v| v.len() != 16 * n) {
@@ -128,22 +162,61 @@ impl Singleton {
         s.directory.set_journal_capacity(state::OVERLAY_MAX_CHANGES);
         s.publish(true);
         s.update_gauges();
-        if !host::set_tick(Duration::from_millis(TICK_MS)) {
+        if role == Role::Bootstrap && !host::set_tick(Duration::from_millis(TICK_MS)) {
             host::log(LogLevel::Critical, "kvroute: cannot set the tick period");
             return None;
+        }
+        if role == Role::Takeover {
+            host::increment(s.metrics.takeovers, 1);
         }
         host::log(
             LogLevel::Info,
             &format!(
-                "kvroute: state service started with {n} endpoints, policy {}",
-                s.settings.policy
+                "kvroute: state service started ({}) with {n} endpoints, policy {}, from version {}",
+                if role == Role::Bootstrap { "bootstrap" } else { "taken over by a filter VM" },
+                s.settings.policy,
+                s.version
             ),
         );
         Some(s)
     }
 
+    /// Whether this service still holds the lease (one that lost it does nothing more).
+    pub fn active(&self) -> bool {
+        self.active
+    }
+
+    /// Renews the lease when due; stands down for good if another service holds it now.
+    fn renew_lease(&mut self, now: u64) {
+        if now.saturating_sub(self.lease_renewed_ms) < state::LEASE_RENEW_MS {
+            return;
+        }
+        let (value, cas) = host::shared_get(state::LEASE_KEY);
+        if state::lease(value.as_deref(), self.lease_id, now) == state::Lease::Held {
+            host::log(
+                LogLevel::Warn,
+                "kvroute: another state service holds the lease now; this one stands down",
+            );
+            self.active = false;
+            return;
+        }
+        // A CAS mismatch (another VM wrote it meanwhile) is looked at again on the next tick.
+        if host::shared_set(
+            state::LEASE_KEY,
+            &state::encode_lease(self.lease_id, now),
+            cas,
+        ) == Ok(true)
+        {
+            self.lease_renewed_ms = now;
+        }
+    }
+
     pub fn on_tick(&mut self) {
         let now = now_ms();
+        self.renew_lease(now);
+        if !self.active {
+            return;
+        }
         let poll_due =
             now.saturating_sub(self.poll_sent_ms) >= u64::from(self.config.runtime_poll_ms);
         // A poll that got no answer in 5 periods is given up (Envoy also times it out).
@@ -289,6 +362,9 @@ impl Singleton {
     }
 
     pub fn on_http_call_response(&mut self, token: u32, body_size: usize) {
+        if !self.active {
+            return;
+        }
         if self.snapshot_token == Some(token) {
             self.snapshot_token = None;
             self.on_snapshot(body_size);
@@ -355,7 +431,7 @@ impl Singleton {
     }
 
     pub fn on_queue_ready(&mut self, queue: u32) {
-        if queue != self.queue {
+        if queue != self.queue || !self.active {
             return;
         }
         let mut applied = 0usize;

@@ -143,7 +143,10 @@ async fn an_engine_process_killed_mid_stream_loses_only_what_it_held() {
         failed1 <= in_flight_at_kill,
         "{failed1} failed, {in_flight_at_kill} in flight at the kill"
     );
-    assert!(retried >= 1, "requests sent to the dead engine were retried");
+    assert!(
+        retried >= 1,
+        "requests sent to the dead engine were retried"
+    );
 
     // A new process on the same port takes its share again once the down mark expires.
     engines[0] = procs::emulator(PROFILE, 4.0, port0).await.unwrap();

@@ -21,13 +21,7 @@ use kvroute_workloads::procs;
 use kvroute_workloads::stack::{filter_wasm, Envoy};
 
 async fn stat(envoy: &Envoy, name: &str) -> u64 {
-    envoy
-        .stats()
-        .await
-        .unwrap()
-        .get(name)
-        .copied()
-        .unwrap_or(0)
+    envoy.stats().await.unwrap().get(name).copied().unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -107,9 +101,15 @@ async fn the_sidecar_killed_under_load_loses_nothing_and_routing_recovers() {
     );
     assert!(sent > 30, "{sent}");
     assert_eq!(failed, 0, "the sidecar is off the request path");
-    assert!(stale_routed > 0, "requests meanwhile were routed by load, and counted");
+    assert!(
+        stale_routed > 0,
+        "requests meanwhile were routed by load, and counted"
+    );
     assert!(failed_pulls > 0, "the failed pulls are counted");
-    assert_eq!(settled, after_restart, "routing recovered: no stale fallbacks since");
+    assert_eq!(
+        settled, after_restart,
+        "routing recovered: no stale fallbacks since"
+    );
     drop(sidecar);
 }
 
@@ -212,4 +212,78 @@ async fn a_storm_of_runtime_modify_calls_loses_no_request() {
     assert_eq!(failed, 0);
     assert!(s.stat("kvroute_runtime_polls_total").await > 0);
     assert_eq!(s.vm_reloads().await, 0, "no VM crashed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_state_singleton_loses_nothing_and_a_filter_vm_takes_over() {
+    // The filter built with the test-only trigger: the singleton traps at its next runtime poll.
+    let wasm = kvroute_workloads::stack::faults_wasm().unwrap();
+    let s = Arc::new(
+        Stack::start_with(2, |spec| {
+            spec.wasm_path = wasm.display().to_string();
+        })
+        .await,
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let tally = Arc::new(Tally::default());
+    let clients: Vec<_> = (0..3)
+        .map(|c| tokio::spawn(echo_client(s.clone(), stop.clone(), tally.clone(), c)))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let deadline = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        + 400;
+    let crash_at = std::time::Instant::now();
+    s.envoy
+        .runtime_modify(&[(
+            "kvroute.test_crash_singleton_before_ms",
+            &deadline.to_string(),
+        )])
+        .await
+        .unwrap();
+    // Envoy never restarts the bootstrap service; a filter VM takes its lease when it lapses.
+    s.envoy
+        .wait_stat(
+            "kvroute_state_takeovers_total",
+            Duration::from_secs(10),
+            |v| v >= 1,
+        )
+        .await
+        .unwrap();
+    let took_over = crash_at.elapsed();
+    assert!(
+        s.envoy.log_tail(400).contains("test fault"),
+        "the singleton crashed"
+    );
+    // The new state service works: it applies the workers' reports and runtime values.
+    let recorded = s.stat("kvroute_decisions_recorded_total").await;
+    s.envoy.set_policy("jsq").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let jsq = s
+        .stat("kvroute_decisions_total.policy.jsq.endpoint.engine0")
+        .await
+        + s.stat("kvroute_decisions_total.policy.jsq.endpoint.engine1")
+            .await;
+    let recorded_after = s.stat("kvroute_decisions_recorded_total").await;
+    stop.store(true, Ordering::SeqCst);
+    for c in clients {
+        c.await.unwrap();
+    }
+    let (sent, failed, a, b) = tally.get();
+    println!(
+        "singleton crash: {sent} requests, {failed} failed, {a} / {b} per engine; a filter VM took \
+         over {took_over:?} after the crash was asked for; {} decisions recorded since, {jsq} by jsq",
+        recorded_after - recorded
+    );
+    assert!(sent > 30, "{sent}");
+    assert_eq!(failed, 0, "the state service is off the request path");
+    assert!(recorded_after > recorded, "reports are applied again");
+    assert!(jsq > 0, "runtime values apply again");
+    assert_eq!(
+        s.stat("kvroute_state_takeovers_total").await,
+        1,
+        "one takeover, not a fight over the lease"
+    );
 }

@@ -27,7 +27,9 @@ use kvroute_workloads::study::quantile;
 use serde::Serialize;
 
 #[derive(Parser, Debug)]
-#[command(about = "Hold the stack at a steady load of new prompts; is every process's memory bounded?")]
+#[command(
+    about = "Hold the stack at a steady load of new prompts; is every process's memory bounded?"
+)]
 struct Args {
     /// Length of the run, minutes.
     #[arg(long, default_value_t = 30.0)]
@@ -253,7 +255,10 @@ async fn main() -> anyhow::Result<()> {
     let (mut samples, mut minutes) = (Vec::new(), Vec::new());
     let (mut sent, mut errors, mut shed) = (0u64, 0u64, 0u64);
     let url = envoy.url("/v1/chat/completions");
-    let blocks_per_prompt = (args.prompt_chars / kvroute_core::prefix::BlockSpec::default().block_chars.max(1)) as u64;
+    let blocks_per_prompt = (args.prompt_chars
+        / kvroute_core::prefix::BlockSpec::default()
+            .block_chars
+            .max(1)) as u64;
     loop {
         let now = Instant::now();
         if now >= next_sample {
@@ -326,8 +331,12 @@ async fn main() -> anyhow::Result<()> {
                 "messages": [{"role": "user", "content": prompt(sent, args.prompt_chars)}],
                 "max_tokens": args.max_tokens,
             });
-            let (client, url, window, in_flight) =
-                (client.clone(), url.clone(), window.clone(), in_flight.clone());
+            let (client, url, window, in_flight) = (
+                client.clone(),
+                url.clone(),
+                window.clone(),
+                in_flight.clone(),
+            );
             tokio::spawn(async move {
                 let t0 = Instant::now();
                 let ok = match client.post(&url).json(&body).send().await {
@@ -454,7 +463,10 @@ async fn main() -> anyhow::Result<()> {
             v.bounded_by
         );
     }
-    println!("soak: figures {}/soak-memory.svg, soak-latency.svg", args.out.display());
+    println!(
+        "soak: figures {}/soak-memory.svg, soak-latency.svg",
+        args.out.display()
+    );
     drop(sidecar);
     drop(engines);
     if let Ok(e) = Arc::try_unwrap(envoy) {
