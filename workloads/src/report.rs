@@ -324,15 +324,17 @@ fn agg<K: Ord + Clone>(
         .collect()
 }
 
+/// The rows of an experiment: kvroute's policies in the order they ran, then the peer routers.
 fn policies(runs: &[RunResult], exp: &str) -> Vec<String> {
-    let mut seen: Vec<String> = Vec::new();
+    let mut seen: Vec<(bool, String)> = Vec::new();
     for r in runs.iter().filter(|r| r.spec.experiment == exp) {
-        let p = r.spec.policy.as_str().to_string();
+        let p = (r.spec.peer.is_some(), r.spec.label());
         if !seen.contains(&p) {
             seen.push(p);
         }
     }
-    seen
+    seen.sort_by_key(|p| p.0);
+    seen.into_iter().map(|p| p.1).collect()
 }
 
 fn runtime_value(r: &RunResult, key: &str) -> String {
@@ -375,12 +377,7 @@ fn exp1_observations(h: &mut String, runs: &[RunResult], bounds: &[(String, Anal
     let hit = agg(
         runs,
         |r| r.spec.experiment == "exp1",
-        |r| {
-            (
-                r.spec.rate_label.clone(),
-                r.spec.policy.as_str().to_string(),
-            )
-        },
+        |r| (r.spec.rate_label.clone(), r.spec.label()),
         |r| r.hit_rate,
     );
     let mean = |rate: &str, p: &str| {
@@ -430,7 +427,7 @@ pub fn write(
         .map(|p| {
             let mut t: Vec<f64> = runs
                 .iter()
-                .filter(|r| is("exp1", "1x")(r) && r.spec.policy.as_str() == p)
+                .filter(|r| is("exp1", "1x")(r) && r.spec.label() == *p)
                 .flat_map(|r| r.ttfts.clone())
                 .collect();
             t.sort_by(f64::total_cmp);
@@ -460,7 +457,7 @@ pub fn write(
             let m = agg(
                 runs,
                 |r| r.spec.experiment == "exp1" && r.spec.rate_label == rate,
-                |r| r.spec.policy.as_str().to_string(),
+                |r| r.spec.label(),
                 |r| r.hit_rate,
             );
             (format!("sharegpt {rate}"), m)
@@ -470,7 +467,7 @@ pub fn write(
             agg(
                 runs,
                 |r| r.spec.experiment == "exp2",
-                |r| r.spec.policy.as_str().to_string(),
+                |r| r.spec.label(),
                 |r| r.hit_rate,
             ),
         )))
@@ -558,7 +555,7 @@ pub fn write(
                         .filter(|r| {
                             r.spec.experiment == "exp1"
                                 && r.spec.rate_label == *rate
-                                && r.spec.policy.as_str() == p
+                                && r.spec.label() == *p
                         })
                         .collect();
                     if sel.is_empty() {
@@ -713,7 +710,7 @@ pub fn write(
         agg(
             runs,
             |r| r.spec.experiment == "exp5",
-            |r| (r.spec.policy.as_str().to_string(), r.per_endpoint.len()),
+            |r| (r.spec.label(), r.per_endpoint.len()),
             f,
         )
     };
@@ -753,12 +750,7 @@ pub fn write(
     }
 
     // 7. Load imbalance per policy (median and range over repeats).
-    let imb = agg(
-        runs,
-        is("exp1", "1x"),
-        |r| r.spec.policy.as_str().to_string(),
-        |r| r.imbalance,
-    );
+    let imb = agg(runs, is("exp1", "1x"), |r| r.spec.label(), |r| r.imbalance);
     let imb_series = vec![(
         "imbalance".to_string(),
         pols.iter()
@@ -781,9 +773,9 @@ pub fn write(
     let over: Vec<Series> = pols
         .iter()
         .filter_map(|p| {
-            let r = runs.iter().find(|r| {
-                is("exp1", "1x")(r) && r.spec.policy.as_str() == p && r.spec.repeat == 0
-            })?;
+            let r = runs
+                .iter()
+                .find(|r| is("exp1", "1x")(r) && r.spec.label() == *p && r.spec.repeat == 0)?;
             let w = 10usize;
             let pts = r
                 .hit_timeline
@@ -815,7 +807,7 @@ pub fn write(
             let m = agg(
                 runs,
                 is("exp1", "1x"),
-                |r| r.spec.policy.as_str().to_string(),
+                |r| r.spec.label(),
                 |r| r.ttft_hit_miss_ms.get(k).copied().unwrap_or(f64::NAN),
             );
             (
@@ -844,7 +836,7 @@ pub fn write(
             let mut n = 0.0f64;
             for r in runs
                 .iter()
-                .filter(|r| is("exp1", "1x")(r) && r.spec.policy.as_str() == p)
+                .filter(|r| is("exp1", "1x")(r) && r.spec.label() == *p)
             {
                 for (_, f) in &r.hit_timeline {
                     let b = ((f * 10.0).floor() as usize).min(9);
@@ -878,7 +870,7 @@ pub fn write(
             let m = agg(
                 runs,
                 is("exp1", "1x"),
-                |r| r.spec.policy.as_str().to_string(),
+                |r| r.spec.label(),
                 |r| r.per_endpoint.get(ei).copied().unwrap_or(0) as f64,
             );
             (
@@ -1106,7 +1098,7 @@ pub fn write(
             &mut h,
             &format!("ShareGPT at {rate}"),
             &|r| r.spec.experiment == "exp1" && r.spec.rate_label == rate,
-            &|r| r.spec.policy.as_str().to_string(),
+            &|r| r.spec.label(),
         );
     }
     let _ = write!(h, "<h2>Experiment 2: RAG, shared system prompts</h2>");
@@ -1114,7 +1106,7 @@ pub fn write(
         &mut h,
         "RAG by policy",
         &|r| r.spec.experiment == "exp2",
-        &|r| r.spec.policy.as_str().to_string(),
+        &|r| r.spec.label(),
     );
     // The rate of a sweep, as its runs name it.
     let rate_of = |exp: &str| {
@@ -1172,7 +1164,7 @@ pub fn write(
                     "{} {} {} {}",
                     r.spec.workload,
                     r.spec.rate_label,
-                    r.spec.policy,
+                    r.spec.label(),
                     rt.join(",")
                 )
             },
@@ -1263,12 +1255,7 @@ pub fn write(
 /// The simulator against the live stack: every validation run (`val-live`, N = 2)
 /// re-run in the simulator with the same sessions and seeds (`val-sim`), compared over repeats.
 fn validation_section(h: &mut String, runs: &[RunResult], sm: &SimMeta) {
-    let key = |r: &RunResult| {
-        (
-            r.spec.rate_label.clone(),
-            r.spec.policy.as_str().to_string(),
-        )
-    };
+    let key = |r: &RunResult| (r.spec.rate_label.clone(), r.spec.label());
     // TTFT quantiles over the requests of all repeats pooled (more stable than a mean of
     // per-run quantiles); hit rate as the mean over repeats.
     let pooled = |exp: &str| -> BTreeMap<(String, String), (f64, f64)> {

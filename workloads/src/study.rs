@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::emulated::{EmulatedEngine, RunningSidecar};
 use crate::envoy_config::{Engine, EnvoySpec};
+use crate::peer::{Peer, Smg};
 use crate::replay::{replay, MemorySink, ReplayOptions, RequestRecord};
 use crate::stack::{filter_wasm, Envoy};
 
@@ -247,9 +248,24 @@ impl Lab {
         };
         let (warmup, measured) = (to_wall(warmup), to_wall(measured));
         self.cold_start(spec.policy, &spec.runtime).await?;
+        // A peer router is started for the run (its own state cold) and the clients go to it.
+        let peer = match &spec.peer {
+            Some(p) => Some(Smg::start(&p.policy, &self.engine_urls).await?),
+            None => None,
+        };
+        let url = match &peer {
+            Some(smg) => smg.url("/v1/chat/completions"),
+            None => self.envoy.url("/v1/chat/completions"),
+        };
+        // A peer router routes by model, so its requests name the one the engines serve (the
+        // emulator itself serves any name).
+        let model = match (&peer, &self.model) {
+            (Some(_), None) => Some(self.served_model().await?),
+            _ => self.model.clone(),
+        };
         let opts = ReplayOptions {
-            url: self.envoy.url("/v1/chat/completions"),
-            model: self.model.clone(),
+            url,
+            model,
             max_in_flight: 256,
             timeout: Duration::from_secs(120),
             session_header: "x-session-id".into(),
@@ -266,7 +282,7 @@ impl Lab {
             .await?;
         }
         let before = self.engine_counters().await?;
-        let decisions_before = self.decisions().await?;
+        let decisions_before = self.per_endpoint(peer.is_some()).await?;
         let stats_before = self.envoy.stats().await?;
         let sampling = Arc::new(AtomicBool::new(true));
         let sampler = {
@@ -297,7 +313,10 @@ impl Lab {
         sampling.store(false, Ordering::Relaxed);
         let samples = sampler.await.unwrap_or_default();
         let after = self.engine_counters().await?;
-        let decisions_after = self.decisions().await?;
+        let decisions_after = self.per_endpoint(peer.is_some()).await?;
+        if let Some(smg) = peer {
+            smg.stop().await;
+        }
         let stats_after = self.envoy.stats().await?;
         let text = sink.text();
         let requests_file = match &self.records_dir {
@@ -343,6 +362,48 @@ impl Lab {
             .collect();
         result.requests_file = requests_file;
         Ok(result)
+    }
+
+    /// The model the first engine serves (`/v1/models`).
+    async fn served_model(&self) -> anyhow::Result<String> {
+        let url = self.engine_urls.first().map_or("", String::as_str);
+        let v: serde_json::Value = self
+            .client
+            .get(format!("{url}/v1/models"))
+            .send()
+            .await?
+            .json()
+            .await?;
+        v.pointer("/data/0/id")
+            .and_then(|m| m.as_str())
+            .map(str::to_string)
+            .ok_or_else(|| anyhow::anyhow!("{url}/v1/models names no model"))
+    }
+
+    /// Requests per endpoint so far: kvroute's decisions (Envoy's stats), or for a peer router,
+    /// which reports no serving endpoint, the requests each engine finished
+    /// (`vllm:request_success_total`).
+    async fn per_endpoint(&self, peer: bool) -> anyhow::Result<Vec<u64>> {
+        if !peer {
+            return self.decisions().await;
+        }
+        let mut out = Vec::new();
+        for url in &self.engine_urls {
+            let page = self
+                .client
+                .get(format!("{url}/metrics"))
+                .send()
+                .await?
+                .text()
+                .await?;
+            let done: f64 = page
+                .lines()
+                .filter(|l| l.starts_with("vllm:request_success_total"))
+                .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+                .sum();
+            out.push(done as u64);
+        }
+        Ok(out)
     }
 
     async fn decisions(&self) -> anyhow::Result<Vec<u64>> {
@@ -464,8 +525,11 @@ pub struct RunSpec {
     pub experiment: String,
     /// Workload name.
     pub workload: String,
-    /// Policy.
+    /// kvroute's policy (when `peer` is set, a peer router routes the run and this is unused).
     pub policy: PolicyKind,
+    /// A peer router that routes this run instead of kvroute.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<Peer>,
     /// Extra runtime values (`kvroute.alpha` = ...).
     pub runtime: Vec<(String, String)>,
     /// Session arrival rate (sessions/s of emulated time).
@@ -497,6 +561,7 @@ impl RunSpec {
             experiment: experiment.into(),
             workload: workload.into(),
             policy,
+            peer: None,
             runtime: Vec::new(),
             rate,
             rate_label: rate_label.into(),
@@ -511,7 +576,10 @@ impl RunSpec {
     pub fn id(&self) -> String {
         let mut id = format!(
             "{}-{}-{}-{}",
-            self.experiment, self.workload, self.policy, self.rate_label
+            self.experiment,
+            self.workload,
+            self.label(),
+            self.rate_label
         );
         for (k, v) in &self.runtime {
             id.push_str(&format!("-{}={v}", k.trim_start_matches("kvroute.")));
@@ -526,6 +594,21 @@ impl RunSpec {
                 }
             })
             .collect()
+    }
+
+    /// What routed the run, as its rows name it: kvroute's policy, or the peer (router, version
+    /// and policy).
+    pub fn label(&self) -> String {
+        match &self.peer {
+            Some(p) => p.label(),
+            None => self.policy.as_str().to_string(),
+        }
+    }
+
+    /// The same run routed by `peer`.
+    pub fn with_peer(mut self, peer: Peer) -> Self {
+        self.peer = Some(peer);
+        self
     }
 
     /// The same run with these runtime values.

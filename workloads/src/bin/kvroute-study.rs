@@ -27,6 +27,7 @@ use kvroute_traces::{
 use kvroute_workloads::analyze::{analyze, Analysis};
 use kvroute_workloads::calibrate::calibrate;
 use kvroute_workloads::emulated::EmulatedEngine;
+use kvroute_workloads::peer;
 use kvroute_workloads::plan::{self, RagPlan, ShareGptPlan, SimulatedPlan, StudyPlan, Workload};
 use kvroute_workloads::report;
 use kvroute_workloads::search::RateSearch;
@@ -170,10 +171,10 @@ async fn run(
 /// One log line's worth of a run: experiment, engines, policy, rate, runtime values, results.
 fn summary(r: &RunResult) -> String {
     format!(
-        "{:<14} N={:<2} {:<18} {:<5} {:<34} hit {:.3} p95 TTFT {:>7.0} ms",
+        "{:<14} N={:<2} {:<24} {:<5} {:<34} hit {:.3} p95 TTFT {:>7.0} ms",
         r.spec.experiment,
         r.per_endpoint.len(),
-        r.spec.policy.as_str(),
+        r.spec.label(),
         r.spec.rate_label,
         r.spec
             .runtime
@@ -208,6 +209,7 @@ async fn main() -> anyhow::Result<()> {
         plan.repeats = r.max(1);
         for e in &mut plan.experiments {
             e.repeats = None;
+            e.peer_repeats = None;
         }
         plan.simulated.validation_repeats = None;
     }
@@ -294,14 +296,68 @@ async fn main() -> anyhow::Result<()> {
         }
         Ok(v)
     };
+    // Peer routers named by the plan, at the installed version.
+    let peer_version = if plan.experiments.iter().any(|e| !e.peers.is_empty()) {
+        Some(peer::smg_version()?)
+    } else {
+        None
+    };
     for exp in &plan.experiments {
         let policies = exp.policies.resolve().map_err(|e| anyhow::anyhow!(e))?;
+        let peers = exp
+            .peers
+            .iter()
+            .map(|p| {
+                peer::Peer::parse(p).map(|p| peer::Peer {
+                    version: peer_version.clone().unwrap_or_default(),
+                    ..p
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| anyhow::anyhow!(e))?;
         for rate in &exp.rates {
             let r_ = sustainable * rate.x;
+            // The same sessions and seeds for every policy and peer.
+            let sessions = |rep: usize| -> anyhow::Result<(Vec<Session>, Vec<Session>)> {
+                let seed = rep as u64 + 1;
+                Ok(match exp.workload {
+                    Workload::Sharegpt => (
+                        if exp.warmup {
+                            warm(seed, r_)?
+                        } else {
+                            Vec::new()
+                        },
+                        sharegpt_sessions(
+                            &text,
+                            &plan.sharegpt,
+                            plan.sharegpt.sessions_at(r_),
+                            seed,
+                            r_,
+                            0,
+                        )?,
+                    ),
+                    Workload::Rag => (Vec::new(), rag_sessions(&plan.rag, seed, r_)),
+                })
+            };
+            for peer in &peers {
+                let repeats = exp.peer_repeats.or(exp.repeats).unwrap_or(plan.repeats);
+                for rep in 0..repeats {
+                    let spec = RunSpec::new(
+                        &exp.name,
+                        exp.workload.as_str(),
+                        PolicyKind::default(),
+                        r_,
+                        &rate.label,
+                        rep,
+                    )
+                    .with_peer(peer.clone());
+                    let (warm_up, measured) = sessions(rep)?;
+                    results.push(run(&mut lab, &a.out, &mut n, spec, warm_up, measured).await?);
+                }
+            }
             for p in &policies {
                 for point in exp.points() {
                     for rep in 0..exp.repeats.unwrap_or(plan.repeats) {
-                        let seed = rep as u64 + 1;
                         let spec = RunSpec::new(
                             &exp.name,
                             exp.workload.as_str(),
@@ -311,24 +367,7 @@ async fn main() -> anyhow::Result<()> {
                             rep,
                         )
                         .with_runtime(point.clone());
-                        let (warm_up, measured) = match exp.workload {
-                            Workload::Sharegpt => (
-                                if exp.warmup {
-                                    warm(seed, r_)?
-                                } else {
-                                    Vec::new()
-                                },
-                                sharegpt_sessions(
-                                    &text,
-                                    &plan.sharegpt,
-                                    plan.sharegpt.sessions_at(r_),
-                                    seed,
-                                    r_,
-                                    0,
-                                )?,
-                            ),
-                            Workload::Rag => (Vec::new(), rag_sessions(&plan.rag, seed, r_)),
-                        };
+                        let (warm_up, measured) = sessions(rep)?;
                         results.push(run(&mut lab, &a.out, &mut n, spec, warm_up, measured).await?);
                     }
                 }
