@@ -24,13 +24,11 @@
 //! warning at load and nothing else.
 
 use std::ffi::c_char;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use kvroute_core::config::FilterConfig;
-use kvroute_core::directory::Directory;
+use kvroute_core::local::{Counted, LocalRouter};
 use kvroute_core::request::ApiKind;
-use kvroute_core::router::{self, Inputs};
 
 mod abi {
     //! The subset of Envoy's dynamic-module C ABI this module uses.
@@ -144,13 +142,8 @@ enum Mode {
 #[derive(Debug)]
 struct Config {
     mode: Mode,
-    config: FilterConfig,
-    /// The prefix directory: every worker's decisions, recorded in place.
-    directory: Mutex<Directory>,
-    /// Gateway in-flight requests and their prefix blocks, per endpoint.
-    inflight: Vec<AtomicI64>,
-    inflight_blocks: Vec<AtomicI64>,
-    seq: AtomicU64,
+    /// The directory and in-flight counts: every worker's decisions, recorded in place.
+    router: LocalRouter,
 }
 
 /// One stream.
@@ -159,8 +152,8 @@ struct Stream {
     config: Arc<Config>,
     kind: Option<ApiKind>,
     session: Option<String>,
-    /// Endpoint and blocks counted in flight, until the stream completes.
-    counted: Option<(usize, i64)>,
+    /// What is counted in flight, until the stream completes.
+    counted: Option<Counted>,
 }
 
 /// A request header's first value.
@@ -227,12 +220,13 @@ impl Stream {
     /// The whole request body is in (end of stream): route it.
     fn route(&mut self, filter: FilterEnvoyPtr) {
         let c = &*self.config;
+        let config = &c.router.config;
         let Some(kind) = self.kind else {
             return;
         };
         if c.mode == Mode::Floor {
-            if let Some(e) = c.config.endpoints.first() {
-                set_route_header(filter, &c.config.route_header, e.cluster());
+            if let Some(e) = config.endpoints.first() {
+                set_route_header(filter, &config.route_header, e.cluster());
             }
             return;
         }
@@ -254,80 +248,25 @@ impl Stream {
                 &joined
             }
         };
-        let features =
-            router::body_features(kind, body, self.session.as_deref(), c.config.block_spec()).ok();
-        let inflight: Vec<i64> = c
-            .inflight
-            .iter()
-            .map(|a| a.load(Ordering::Relaxed))
-            .collect();
-        let blocks: Vec<i64> = c
-            .inflight_blocks
-            .iter()
-            .map(|a| a.load(Ordering::Relaxed))
-            .collect();
-        let seq = c.seq.fetch_add(1, Ordering::Relaxed);
-        let inputs = Inputs {
-            endpoints: &c.config.endpoints,
-            status: &[],
-            inflight: &inflight,
-            inflight_blocks: &blocks,
-            inflight_prefill: &[],
-            chars_per_token: c.config.chars_per_token,
-            spec: c.config.block_spec(),
-            directory_age_ms: 0,
-            settings: &c.config.defaults,
-            seq,
-            // splitmix64 of the sequence: only p2c draws and ties read it.
-            rand: splitmix(seq),
-        };
-        let decision = {
-            let Ok(mut dir) = c.directory.lock() else {
-                return;
-            };
-            let d = match &features {
-                Some(f) => router::decide(f, &*dir, &inputs, None),
-                None => router::decide_by_load(&inputs),
-            };
-            if let Some(f) = &features {
-                dir.record(d.endpoint, &f.blocks, f.session);
-            }
-            d
-        };
-        let Some(e) = c.config.endpoints.get(decision.endpoint) else {
+        let Some((decision, counted)) = c.router.route(kind, body, self.session.as_deref()) else {
             return;
         };
-        if set_route_header(filter, &c.config.route_header, e.cluster()) {
-            let b = i64::from(decision.total_blocks);
-            if let (Some(i), Some(ib)) = (
-                c.inflight.get(decision.endpoint),
-                c.inflight_blocks.get(decision.endpoint),
-            ) {
-                i.fetch_add(1, Ordering::Relaxed);
-                ib.fetch_add(b, Ordering::Relaxed);
-                self.counted = Some((decision.endpoint, b));
-            }
+        let Some(e) = config.endpoints.get(decision.endpoint) else {
+            c.router.complete(counted);
+            return;
+        };
+        if set_route_header(filter, &config.route_header, e.cluster()) {
+            self.counted = Some(counted);
+        } else {
+            c.router.complete(counted);
         }
     }
 
     fn complete(&mut self) {
-        if let Some((e, b)) = self.counted.take() {
-            if let (Some(i), Some(ib)) = (
-                self.config.inflight.get(e),
-                self.config.inflight_blocks.get(e),
-            ) {
-                i.fetch_sub(1, Ordering::Relaxed);
-                ib.fetch_sub(b, Ordering::Relaxed);
-            }
+        if let Some(counted) = self.counted.take() {
+            self.config.router.complete(counted);
         }
     }
-}
-
-fn splitmix(seq: u64) -> u64 {
-    let mut z = seq.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
 
 /// The module's view of a filter pointer Envoy hands back.
@@ -367,20 +306,9 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
     let Ok(config) = FilterConfig::from_json(config) else {
         return std::ptr::null();
     };
-    let n = config.endpoints.len();
-    let capacities: Vec<u32> = (0..n).map(|i| config.capacity_of(i)).collect();
-    let directory = Mutex::new(Directory::with_spec(
-        &capacities,
-        config.session_capacity,
-        &config.block_spec(),
-    ));
     let c = Config {
         mode,
-        config,
-        directory,
-        inflight: (0..n).map(|_| AtomicI64::new(0)).collect(),
-        inflight_blocks: (0..n).map(|_| AtomicI64::new(0)).collect(),
-        seq: AtomicU64::new(0),
+        router: LocalRouter::new(config),
     };
     Arc::into_raw(Arc::new(c)).cast()
 }
@@ -443,7 +371,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
     }
     s.kind = kind;
     if s.config.mode == Mode::Kvroute {
-        s.session = header(envoy, &s.config.config.session_header)
+        s.session = header(envoy, &s.config.router.config.session_header)
             .and_then(|v| std::str::from_utf8(v).ok())
             .map(str::to_string);
     }

@@ -14,6 +14,7 @@
 pub mod config;
 pub mod directory;
 pub mod hash;
+pub mod local;
 pub mod policy;
 pub mod prefix;
 pub mod rates;
