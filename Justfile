@@ -49,10 +49,10 @@ validate-configs: wasm
 envoy-config:
     cargo run -q -p kvroute-workloads --bin kvroute-envoy-config > envoy/envoy.yaml
 
-# The emulator and the sidecar as release binaries (the tests and benches that run them as
+# The emulator, the sidecar and the ext_proc processor as release binaries (the tests and benches that run them as
 # processes: killed with SIGKILL, measured from /proc).
 procs:
-    cargo build --release -p kvroute-emulator -p kvroute-sidecar --bins
+    cargo build --release -p kvroute-emulator -p kvroute-sidecar -p kvroute-extproc --bins
 
 # End-to-end tests against the real Envoy with the real filter (and the native probe).
 e2e: wasm wasm-faults native procs

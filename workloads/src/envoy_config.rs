@@ -61,6 +61,9 @@ pub struct EnvoySpec {
     /// Serve the Wasm filter's configuration by ECDS from this file (a watched directory: replace the
     /// file by a rename to apply a new configuration without touching the listener); None: inline.
     pub ecds_path: Option<String>,
+    /// An ext_proc gRPC processor (`kvroute-extproc`) in the Wasm filter's place, with no state
+    /// singleton: Envoy's `ext_proc` filter in BUFFERED request-body mode calls it for each request.
+    pub ext_proc: Option<Engine>,
 }
 
 /// A dynamic module (`envoy.filters.http.dynamic_modules`) loaded from a shared object.
@@ -121,6 +124,7 @@ impl EnvoySpec {
             sidecar: None,
             native_module: None,
             ecds_path: None,
+            ext_proc: None,
         }
     }
 }
@@ -189,7 +193,7 @@ pub fn render(spec: &EnvoySpec) -> String {
         let _ = writeln!(w, "  - tag_name: {tag}");
         let _ = writeln!(w, "    regex: {}", json_str(regex));
     }
-    if spec.native_module.is_none() {
+    if spec.native_module.is_none() && spec.ext_proc.is_none() {
         let _ = writeln!(w, "bootstrap_extensions:");
         let _ = writeln!(w, "# The state singleton: owns the prefix directory, polls runtime values, publishes the state.");
         let _ = writeln!(w, "- name: envoy.bootstrap.wasm");
@@ -303,6 +307,32 @@ pub fn render(spec: &EnvoySpec) -> String {
             "                \"@type\": type.googleapis.com/google.protobuf.StringValue"
         );
         let _ = writeln!(w, "                value: {}", json_str(&filter_json));
+    } else if let (true, Some(_)) = (spec.with_filter, &spec.ext_proc) {
+        let _ = writeln!(
+            w,
+            "          # kvroute's decision in an external gRPC processor (kvroute-extproc)."
+        );
+        let _ = writeln!(w, "          - name: envoy.filters.http.ext_proc");
+        let _ = writeln!(w, "            typed_config:");
+        let _ = writeln!(w, "              \"@type\": type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor");
+        let _ = writeln!(w, "              grpc_service:");
+        let _ = writeln!(
+            w,
+            "                envoy_grpc: {{ cluster_name: {EXT_PROC_CLUSTER} }}"
+        );
+        let _ = writeln!(w, "                timeout: 1s");
+        let _ = writeln!(
+            w,
+            "              # A processor that is down lets requests through (the fallback route)."
+        );
+        let _ = writeln!(w, "              failure_mode_allow: true");
+        let _ = writeln!(w, "              processing_mode:");
+        let _ = writeln!(w, "                request_header_mode: SEND");
+        let _ = writeln!(w, "                request_body_mode: BUFFERED");
+        let _ = writeln!(w, "                response_header_mode: SKIP");
+        let _ = writeln!(w, "                response_body_mode: NONE");
+        let _ = writeln!(w, "                request_trailer_mode: SKIP");
+        let _ = writeln!(w, "                response_trailer_mode: SKIP");
     } else if let (true, Some(path)) = (spec.with_filter, &spec.ecds_path) {
         let dir = std::path::Path::new(path)
             .parent()
@@ -342,8 +372,24 @@ pub fn render(spec: &EnvoySpec) -> String {
     if let (true, Some(sc)) = (spec.with_filter, &spec.sidecar) {
         cluster(w, SIDECAR_CLUSTER, "ROUND_ROBIN", &[sc]);
     }
+    if let (true, Some(p)) = (spec.with_filter, &spec.ext_proc) {
+        cluster(w, EXT_PROC_CLUSTER, "ROUND_ROBIN", &[p]);
+        let _ = writeln!(w, "    typed_extension_protocol_options:");
+        let _ = writeln!(
+            w,
+            "      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:"
+        );
+        let _ = writeln!(w, "        \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions");
+        let _ = writeln!(
+            w,
+            "        explicit_http_config: {{ http2_protocol_options: {{}} }}"
+        );
+    }
     y
 }
+
+/// Cluster name of the ext_proc processor.
+pub const EXT_PROC_CLUSTER: &str = "kvroute_extproc";
 
 const WASM_FILTER_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm";
 

@@ -118,3 +118,18 @@ pub async fn sidecar(
     }
     Proc::start("kvroute-sidecar", &args).await
 }
+
+/// `kvroute-extproc` (release build) with the filter configuration `config_json`, on any free
+/// port: kvroute's decision as an Envoy ext_proc processor.
+pub async fn extproc(config_json: &str) -> anyhow::Result<Proc> {
+    let path = std::env::temp_dir().join(format!(
+        "kvroute-extproc-{}-{}.json",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    ));
+    std::fs::write(&path, config_json)?;
+    let args = ["--config".to_string(), path.display().to_string()];
+    Proc::start("kvroute-extproc", &args).await
+}

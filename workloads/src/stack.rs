@@ -163,7 +163,7 @@ impl Envoy {
                 .build()?,
         };
         // A native module publishes no state: it is ready when Envoy is live.
-        let publishes = spec.with_filter && spec.native_module.is_none();
+        let publishes = spec.with_filter && spec.native_module.is_none() && spec.ext_proc.is_none();
         me.wait_ready(publishes, Duration::from_secs(30)).await?;
         Ok(me)
     }
