@@ -287,3 +287,28 @@ async fn a_crashed_state_singleton_loses_nothing_and_a_filter_vm_takes_over() {
         "one takeover, not a fight over the lease"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_bootstrap_service_a_filter_vm_runs_the_state_service() {
+    // Platforms that cannot add a bootstrap extension: the filter alone. Envoy::start waits for
+    // the first published state, which a filter VM publishes once no lease appeared for 3 s.
+    let s = Stack::start_with(2, |spec| spec.state_service = false).await;
+    assert_eq!(s.stat("kvroute_state_takeovers_total").await, 1);
+    s.envoy.set_policy("jsq").await.unwrap();
+    for i in 0..10 {
+        let r = s
+            .chat(&chat(&[("user", &format!("question {i}"))]), &[])
+            .await;
+        assert_eq!(r.status, 200);
+    }
+    let jsq = s
+        .stat("kvroute_decisions_total.policy.jsq.endpoint.engine0")
+        .await
+        + s.stat("kvroute_decisions_total.policy.jsq.endpoint.engine1")
+            .await;
+    assert_eq!(
+        jsq, 10,
+        "runtime values reach the filter through its own state service"
+    );
+    assert!(s.stat("kvroute_decisions_recorded_total").await > 0);
+}

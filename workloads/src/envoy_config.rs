@@ -64,6 +64,9 @@ pub struct EnvoySpec {
     /// An ext_proc gRPC processor (`kvroute-extproc`) in the Wasm filter's place, with no state
     /// singleton: Envoy's `ext_proc` filter in BUFFERED request-body mode calls it for each request.
     pub ext_proc: Option<Engine>,
+    /// Whether the bootstrap renders the state singleton (`kvroute_state`); without it a filter VM
+    /// runs the state service (see the filter's stand-by).
+    pub state_service: bool,
 }
 
 /// A dynamic module (`envoy.filters.http.dynamic_modules`) loaded from a shared object.
@@ -125,6 +128,7 @@ impl EnvoySpec {
             native_module: None,
             ecds_path: None,
             ext_proc: None,
+            state_service: true,
         }
     }
 }
@@ -193,7 +197,7 @@ pub fn render(spec: &EnvoySpec) -> String {
         let _ = writeln!(w, "  - tag_name: {tag}");
         let _ = writeln!(w, "    regex: {}", json_str(regex));
     }
-    if spec.native_module.is_none() && spec.ext_proc.is_none() {
+    if spec.state_service && spec.native_module.is_none() && spec.ext_proc.is_none() {
         let _ = writeln!(w, "bootstrap_extensions:");
         let _ = writeln!(w, "# The state singleton: owns the prefix directory, polls runtime values, publishes the state.");
         let _ = writeln!(w, "- name: envoy.bootstrap.wasm");

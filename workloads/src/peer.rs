@@ -153,6 +153,11 @@ impl Smg {
         })
     }
 
+    /// Its process id (None once it has exited).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// URL of `path` on the gateway.
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)

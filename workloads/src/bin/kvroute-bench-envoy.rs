@@ -23,6 +23,13 @@
 //!   record): where the filter's own time goes. They run apart from the measured Envoys, whose
 //!   filter reads no extra clocks.
 //!
+//! - Peer architectures, same run, same upstream: Envoy's `ext_proc` filter (BUFFERED body) calling
+//!   `kvroute-extproc`, the same decision in a gRPC processor (the architecture of the Gateway API
+//!   Inference Extension and llm-d); SGLang's model gateway (`smg`, cache_aware) as a hop behind an
+//!   Envoy without a filter, where a team with an Envoy gateway would put it; and SMG alone against
+//!   a client straight to the upstream. Their CPU per request counts Envoy's and the processor's
+//!   or SMG's together. The run ends with a met/missed line per target (ratios to the peers).
+//!
 //! Upstream are two echo endpoints (they answer at once), so what is measured is the proxy path.
 //! Run: `just bench` (or `cargo run --release -p kvroute-workloads --bin kvroute-bench-envoy`).
 
@@ -33,6 +40,8 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use kvroute_workloads::echo::EchoEngine;
 use kvroute_workloads::envoy_config::{Engine, EnvoySpec, NativeModule};
+use kvroute_workloads::peer::Smg;
+use kvroute_workloads::procs;
 use kvroute_workloads::stack::{filter_wasm, native_module, repo_root, Envoy};
 
 #[derive(Parser, Debug)]
@@ -47,8 +56,8 @@ struct Args {
     /// Concurrent clients in the throughput run.
     #[arg(long, default_value_t = 16)]
     clients: usize,
-    /// Policy under test.
-    #[arg(long, default_value = "load_cache_aware")]
+    /// Policy under test (the filter's, the native probe's and the ext_proc processor's).
+    #[arg(long, default_value = "predicted_ttft")]
     policy: String,
     /// Directory publish interval (kvroute.publish_interval_ms): 0, N ms, or never.
     #[arg(long, default_value = "0")]
@@ -58,7 +67,6 @@ struct Args {
     /// prompt is new to the directory until it comes round again (a prompt carries 118 blocks at
     /// 8 KB; the directory keeps 4,096 per engine), so with `publish_interval_ms=0` every decision
     /// publishes the directory and every worker re-reads it, as with real traffic of new prompts.
-    /// 200 KB bodies use at most 64.
     #[arg(long, default_value_t = 1)]
     distinct_prompts: usize,
     /// Where the JSON results go.
@@ -129,14 +137,40 @@ fn visit_order(n: usize, round: usize) -> Vec<usize> {
     }
 }
 
-/// Sequential requests, one keep-alive connection per Envoy, interleaved in batches (in
-/// alternating order); each Envoy gets the same bodies in the same order.
-async fn latency(envoys: &[&Envoy], bodies: &[Vec<u8>], n: usize) -> anyhow::Result<Vec<Vec<f64>>> {
+/// One measured side: where its requests go, and the processes whose CPU time it costs.
+struct Slot {
+    url: String,
+    pids: Vec<u32>,
+}
+
+impl Slot {
+    fn envoy(e: &Envoy) -> Self {
+        Self {
+            url: e.url("/v1/chat/completions"),
+            pids: e.pid().into_iter().collect(),
+        }
+    }
+
+    /// CPU seconds its processes have used so far (None when it has none, or one is gone).
+    fn cpu_seconds(&self) -> Option<f64> {
+        if self.pids.is_empty() {
+            return None;
+        }
+        self.pids
+            .iter()
+            .map(|p| procs::cpu_rss(*p).ok().map(|c| c.0))
+            .sum()
+    }
+}
+
+/// Sequential requests, one keep-alive connection per side, interleaved in batches (in
+/// alternating order); each side gets the same bodies in the same order.
+async fn latency(slots: &[Slot], bodies: &[Vec<u8>], n: usize) -> anyhow::Result<Vec<Vec<f64>>> {
     let empty = Vec::new();
     let body = |k: usize| bodies.get(k % bodies.len().max(1)).unwrap_or(&empty);
-    let sides: Vec<(reqwest::Client, String)> = envoys
+    let sides: Vec<(reqwest::Client, String)> = slots
         .iter()
-        .map(|e| (reqwest::Client::new(), e.url("/v1/chat/completions")))
+        .map(|s| (reqwest::Client::new(), s.url.clone()))
         .collect();
     // Warm-up: connections, V8 tiers, caches.
     for (client, url) in &sides {
@@ -315,13 +349,7 @@ fn mean(v: &[f64]) -> f64 {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let distinct = |bytes: usize| {
-        if bytes > 64 * 1024 {
-            args.distinct_prompts.min(64)
-        } else {
-            args.distinct_prompts
-        }
-    };
+    let distinct = |_bytes: usize| args.distinct_prompts;
     let e0 = EchoEngine::start("engine0").await?;
     let e1 = EchoEngine::start("engine1").await?;
     let engines: Vec<Engine> = [&e0, &e1]
@@ -358,6 +386,74 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     let [floor_at, pass_at, nfloor_at, native_at] = extra;
+    let mut slots: Vec<Slot> = envoys.iter().map(|e| Slot::envoy(e)).collect();
+
+    // Peer architectures. The ext_proc processor gets the filter's configuration and policy.
+    let mut proc_spec = EnvoySpec::new(engines.clone(), String::new());
+    let (settings, _) = proc_spec
+        .filter
+        .defaults
+        .with_runtime([("kvroute.policy", args.policy.as_str())]);
+    proc_spec.filter.defaults = settings;
+    let processor = match procs::extproc(&serde_json::to_string(&proc_spec.filter)?).await {
+        Ok(p) => Some(p),
+        Err(e) => {
+            eprintln!("bench: kvroute-extproc: {e} (`just procs` builds it); skipped");
+            None
+        }
+    };
+    let ext_envoy = match &processor {
+        Some(p) => {
+            let mut spec = proc_spec.clone();
+            spec.ext_proc = Some(Engine::local("extproc", p.addr.port()));
+            Some(Envoy::start(spec).await?)
+        }
+        None => None,
+    };
+    let ext_at = match (&ext_envoy, &processor) {
+        (Some(e), Some(p)) => {
+            let mut slot = Slot::envoy(e);
+            slot.pids.extend(p.pid());
+            slots.push(slot);
+            Some(slots.len() - 1)
+        }
+        _ => None,
+    };
+    let smg = match Smg::start(
+        "cache_aware",
+        &[format!("http://{}", e0.addr), format!("http://{}", e1.addr)],
+    )
+    .await
+    {
+        Ok(s) => Some(s),
+        Err(e) => {
+            eprintln!("bench: smg: {e}; skipped");
+            None
+        }
+    };
+    let (mut smghop_at, mut smg_at) = (None, None);
+    let mut smg_envoy = None;
+    if let Some(smg) = &smg {
+        let mut spec = EnvoySpec::new(vec![Engine::local("smg", smg.addr.port())], String::new());
+        spec.with_filter = false;
+        let e = Envoy::start(spec).await?;
+        let mut slot = Slot::envoy(&e);
+        slot.pids.extend(smg.pid());
+        slots.push(slot);
+        smghop_at = Some(slots.len() - 1);
+        slots.push(Slot {
+            url: smg.url("/v1/chat/completions"),
+            pids: smg.pid().into_iter().collect(),
+        });
+        smg_at = Some(slots.len() - 1);
+        smg_envoy = Some(e);
+    }
+    // The upstream with no proxy: SMG alone is compared with it.
+    slots.push(Slot {
+        url: format!("http://{}/v1/chat/completions", e0.addr),
+        pids: Vec::new(),
+    });
+    let direct_at = Some(slots.len() - 1);
 
     let mut results = serde_json::Map::new();
     results.insert("policy".into(), args.policy.clone().into());
@@ -390,7 +486,7 @@ async fn main() -> anyhow::Result<()> {
         ("200KB", 200 * 1024, args.requests / 4),
     ] {
         let bodies = bodies_of(bytes, distinct(bytes));
-        let runs = latency(&envoys, &bodies, n).await?;
+        let runs = latency(&slots, &bodies, n).await?;
         let empty = Vec::new();
         let (w, b) = (
             runs.first().unwrap_or(&empty),
@@ -403,7 +499,20 @@ async fn main() -> anyhow::Result<()> {
         };
         let floor_added = |p: f64| added(floor_at, p);
         let pass_added = |p: f64| added(pass_at, p);
+        let over_direct = |slot: Option<usize>, p: f64| match (
+            slot.and_then(|i| runs.get(i)),
+            direct_at.and_then(|i| runs.get(i)),
+        ) {
+            (Some(f), Some(d)) => pct(f, p) - pct(d, p),
+            _ => f64::NAN,
+        };
         let row = serde_json::json!({
+            "extproc_added_p50_us": added(ext_at, 0.5), "extproc_added_p99_us": added(ext_at, 0.99),
+            "smg_hop_added_p50_us": added(smghop_at, 0.5), "smg_hop_added_p99_us": added(smghop_at, 0.99),
+            "smg_alone_over_direct_p50_us": over_direct(smg_at, 0.5),
+            "smg_alone_over_direct_p99_us": over_direct(smg_at, 0.99),
+            "envoy_over_direct_p50_us": over_direct(Some(1), 0.5),
+            "envoy_over_direct_p99_us": over_direct(Some(1), 0.99),
             "native_floor_added_p50_us": added(nfloor_at, 0.5), "native_floor_added_p99_us": added(nfloor_at, 0.99),
             "native_added_p50_us": added(native_at, 0.5), "native_added_p99_us": added(native_at, 0.99),
             "body_bytes": bodies.first().map_or(0, Vec::len), "requests_per_side": w.len(),
@@ -438,28 +547,34 @@ async fn main() -> anyhow::Result<()> {
                 added(native_at, 0.99)
             );
         }
+        println!(
+            "{:>6} peers: ext_proc (Envoy + kvroute-extproc) added p50 / p99 {:.0} / {:.0}; SMG hop (Envoy, then SMG) added {:.0} / {:.0}; SMG alone over direct {:.0} / {:.0} (Envoy alone over direct {:.0} / {:.0})",
+            label,
+            added(ext_at, 0.5),
+            added(ext_at, 0.99),
+            added(smghop_at, 0.5),
+            added(smghop_at, 0.99),
+            over_direct(smg_at, 0.5),
+            over_direct(smg_at, 0.99),
+            over_direct(Some(1), 0.5),
+            over_direct(Some(1), 0.99)
+        );
         results.insert(format!("latency_{label}"), row);
     }
     println!("(microseconds, client-side, one keep-alive connection per Envoy)");
 
     let bodies = Arc::new(bodies_of(8 * 1024, distinct(8 * 1024)));
-    let mut rounds: Vec<Vec<f64>> = envoys.iter().map(|_| Vec::new()).collect();
-    // Per Envoy: CPU seconds and requests over its rounds.
-    let mut cpu: Vec<(f64, f64)> = envoys.iter().map(|_| (0.0, 0.0)).collect();
+    let mut rounds: Vec<Vec<f64>> = slots.iter().map(|_| Vec::new()).collect();
+    // Per side: CPU seconds (of all its processes) and requests over its rounds.
+    let mut cpu: Vec<(f64, f64)> = slots.iter().map(|_| (0.0, 0.0)).collect();
     for round in 0..2 {
-        for i in visit_order(envoys.len(), round) {
-            let (Some(e), Some(r), Some(c)) = (envoys.get(i), rounds.get_mut(i), cpu.get_mut(i))
+        for i in visit_order(slots.len(), round) {
+            let (Some(e), Some(r), Some(c)) = (slots.get(i), rounds.get_mut(i), cpu.get_mut(i))
             else {
                 continue;
             };
             let before = e.cpu_seconds();
-            let rps = throughput(
-                &e.url("/v1/chat/completions"),
-                bodies.clone(),
-                args.clients,
-                args.seconds,
-            )
-            .await?;
+            let rps = throughput(&e.url, bodies.clone(), args.clients, args.seconds).await?;
             if let (Some(b), Some(a)) = (before, e.cpu_seconds()) {
                 c.0 += a - b;
                 c.1 += rps * args.seconds as f64;
@@ -516,6 +631,21 @@ async fn main() -> anyhow::Result<()> {
             cn - cnf
         );
     }
+    let (cx, ch, cs) = (cpu_of(ext_at), cpu_of(smghop_at), cpu_of(smg_at));
+    println!(
+        "  peers, CPU per request (all the side's processes): ext_proc Envoy + processor {cx:.0} us (+{:.0} over no filter); SMG hop Envoy + SMG {ch:.0} us (+{:.0}); SMG alone {cs:.0} us; throughput ext_proc {:.0} rps, SMG hop {:.0} rps, SMG alone {:.0} rps",
+        cx - cb,
+        ch - cb,
+        at(ext_at),
+        at(smghop_at),
+        at(smg_at)
+    );
+    results.insert(
+        "peers_8KB".into(),
+        serde_json::json!({"cpu_us_per_request": {"extproc": cx, "smg_hop": ch, "smg_alone": cs},
+            "rps": {"extproc": at(ext_at), "smg_hop": at(smghop_at), "smg_alone": at(smg_at),
+                "direct": at(direct_at)}}),
+    );
     results.insert(
         "throughput_8KB".into(),
         serde_json::json!({"clients": args.clients, "with_rps": tw, "without_rps": tb, "floor_rps": tf,
@@ -536,7 +666,7 @@ async fn main() -> anyhow::Result<()> {
             ("200KB", 200 * 1024, args.requests / 12),
         ] {
             let e = kvroute_envoy(&engines, &w, &args).await?;
-            latency(&[&e], &bodies_of(bytes, distinct(bytes)), n).await?;
+            latency(&[Slot::envoy(&e)], &bodies_of(bytes, distinct(bytes)), n).await?;
             phase_envoys.push((label, e));
         }
     }
@@ -632,12 +762,23 @@ async fn main() -> anyhow::Result<()> {
     results.insert("targets".into(), verdict);
     with.stop(false).await;
     without.stop(false).await;
-    for e in [floor, passthrough, native_floor, native]
-        .into_iter()
-        .flatten()
+    for e in [
+        floor,
+        passthrough,
+        native_floor,
+        native,
+        ext_envoy,
+        smg_envoy,
+    ]
+    .into_iter()
+    .flatten()
     {
         e.stop(false).await;
     }
+    if let Some(smg) = smg {
+        smg.stop().await;
+    }
+    drop(processor);
     if let Some(dir) = args.out.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -649,9 +790,9 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Issue 2's targets against this run's figures: for the filter, and beside it for the Wasm floor
-/// (pause, buffer, set the header: no routing work) and the native probe, so a run shows whether a
-/// miss is the routing work's or the runtime's. Prints one line per target; returns them as JSON.
+/// The speed targets against this run's figures: kvroute's Wasm filter against the peers'
+/// architectures measured beside it (ratios), and the 200 KB tail. Prints one met/missed line per
+/// target; returns them as JSON.
 fn targets(results: &serde_json::Map<String, serde_json::Value>) -> serde_json::Value {
     let get = |section: &str, key: &str| {
         results
@@ -660,53 +801,105 @@ fn targets(results: &serde_json::Map<String, serde_json::Value>) -> serde_json::
             .and_then(serde_json::Value::as_f64)
             .unwrap_or(f64::NAN)
     };
-    // (target, section, key of the filter's figure, limit, whether the figure must stay below it)
+    let cpu = |key: &str| {
+        results
+            .get("throughput_8KB")
+            .and_then(|s| s.get("cpu_us_per_request"))
+            .or_else(|| {
+                results
+                    .get("peers_8KB")
+                    .and_then(|s| s.get("cpu_us_per_request"))
+            })
+            .and_then(|s| s.get(key))
+            .and_then(serde_json::Value::as_f64)
+            .unwrap_or(f64::NAN)
+    };
+    let peer_cpu = |key: &str| {
+        results
+            .get("peers_8KB")
+            .and_then(|s| s.get("cpu_us_per_request"))
+            .and_then(|s| s.get(key))
+            .and_then(serde_json::Value::as_f64)
+            .unwrap_or(f64::NAN)
+    };
+    let l8 = |k: &str| get("latency_8KB", k);
+    // (target, kvroute's figure, the peer's figure or 1, limit on the ratio)
     let rows = [
         (
-            "8 KB added P99 <= 50 us",
-            "latency_8KB",
-            "added_p99_us",
-            50.0,
-            true,
+            "8 KB added P50 <= 0.25x ext_proc's",
+            l8("added_p50_us"),
+            l8("extproc_added_p50_us"),
+            0.25,
         ),
         (
-            "200 KB added P99 <= 1000 us",
-            "latency_200KB",
-            "added_p99_us",
+            "8 KB added P99 <= 0.25x ext_proc's",
+            l8("added_p99_us"),
+            l8("extproc_added_p99_us"),
+            0.25,
+        ),
+        (
+            "CPU/request <= 0.5x ext_proc's (Envoy + processor)",
+            cpu("with"),
+            peer_cpu("extproc"),
+            0.5,
+        ),
+        (
+            "8 KB added P99 <= 0.5x the SMG hop's",
+            l8("added_p99_us"),
+            l8("smg_hop_added_p99_us"),
+            0.5,
+        ),
+        (
+            "CPU/request <= 0.5x the SMG hop's (Envoy + SMG)",
+            cpu("with"),
+            peer_cpu("smg_hop"),
+            0.5,
+        ),
+        (
+            "200 KB added P99 <= 1 ms",
+            get("latency_200KB", "added_p99_us"),
             1000.0,
-            true,
-        ),
-        (
-            "throughput >= 0.85 of no filter",
-            "throughput_8KB",
-            "ratio",
-            0.85,
-            false,
+            1.0,
         ),
     ];
-    let verdict = |v: f64, limit: f64, below: bool| match (v.is_nan(), below) {
-        (true, _) => "not measured",
-        (false, true) if v <= limit => "met",
-        (false, false) if v >= limit => "met",
-        _ => "missed",
-    };
-    println!("issue 2's targets in this run (the floor and the native probe for comparison):");
+    println!("targets in this run (kvroute's Wasm filter against the peers measured beside it):");
     let mut out = serde_json::Map::new();
-    for (name, section, key, limit, below) in rows {
-        let of = |prefix: &str| get(section, &format!("{prefix}{key}"));
-        let (filter, floor, native) = (of(""), of("floor_"), of("native_"));
+    for (name, mine, theirs, limit) in rows {
+        let ratio = mine / theirs;
+        let verdict = if ratio.is_nan() {
+            "not measured"
+        } else if ratio <= limit {
+            "met"
+        } else {
+            "missed"
+        };
         println!(
-            "  {name:<32} kvroute {filter:>7.2} {:<12} Wasm floor {floor:>7.2} {:<12} native probe {native:>7.2} {}",
-            verdict(filter, limit, below),
-            verdict(floor, limit, below),
-            verdict(native, limit, below),
+            "  {name:<52} kvroute {mine:>8.1} against {theirs:>8.1}: ratio {ratio:>5.2} (limit {limit}) {verdict}"
         );
         out.insert(
             name.into(),
-            serde_json::json!({"kvroute": filter, "kvroute_verdict": verdict(filter, limit, below),
-                "floor": floor, "floor_verdict": verdict(floor, limit, below),
-                "native": native, "native_verdict": verdict(native, limit, below)}),
+            serde_json::json!({"kvroute": mine, "against": theirs, "ratio": ratio, "limit": limit,
+                "verdict": verdict}),
         );
     }
+    // Reported, not a target: kvroute's own Envoy CPU beyond the Wasm floor.
+    let own = cpu("with") - cpu("floor");
+    let aim = if results
+        .get("distinct_prompts")
+        .and_then(serde_json::Value::as_u64)
+        .unwrap_or(1)
+        > 1
+    {
+        90.0
+    } else {
+        45.0
+    };
+    println!(
+        "  reported: kvroute's Envoy CPU beyond the Wasm floor at 8 KB {own:.0} us a request (aim {aim:.0} us)"
+    );
+    out.insert(
+        "kvroute CPU beyond the Wasm floor (reported)".into(),
+        serde_json::json!({"us": own, "aim_us": aim}),
+    );
     out.into()
 }
