@@ -26,7 +26,7 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
 use kvroute_core::local::LocalRouter;
 use kvroute_core::request::ApiKind;
 use kvroute_core::FilterConfig;
-use tokio_stream::Stream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 #[derive(Parser, Debug)]
@@ -164,9 +164,17 @@ async fn main() -> anyhow::Result<()> {
     let processor = Processor {
         router: Arc::new(LocalRouter::new(config)),
     };
+    // No Nagle delay on the replies (gRPC servers set TCP_NODELAY; without it each small reply
+    // waits on the peer's delayed ACK, about 40 ms).
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|s| {
+        if let Ok(s) = &s {
+            let _ = s.set_nodelay(true);
+        }
+        s
+    });
     tonic::transport::Server::builder()
         .add_service(ExternalProcessorServer::new(processor))
-        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+        .serve_with_incoming(incoming)
         .await?;
     Ok(())
 }

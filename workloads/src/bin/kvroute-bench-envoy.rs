@@ -75,7 +75,7 @@ struct Args {
 }
 
 /// `n` distinct chat bodies of about `bytes` each: the system prompt starts with the body's number,
-/// so no two share a block.
+/// so no two share a block. They name the echo upstream's model (a peer router routes by it).
 fn bodies_of(bytes: usize, n: usize) -> Vec<Vec<u8>> {
     (0..n.max(1)).map(|i| body_of(bytes, i)).collect()
 }
@@ -97,8 +97,10 @@ fn body_of(bytes: usize, salt: usize) -> Vec<u8> {
         turn += 1;
         size += 280;
     }
-    serde_json::to_vec(&serde_json::json!({"model": "m", "messages": messages, "max_tokens": 16}))
-        .unwrap_or_default()
+    serde_json::to_vec(
+        &serde_json::json!({"model": "echo", "messages": messages, "max_tokens": 16}),
+    )
+    .unwrap_or_default()
 }
 
 fn pct(sorted: &[f64], p: f64) -> f64 {
@@ -360,7 +362,7 @@ async fn main() -> anyhow::Result<()> {
     let with = kvroute_envoy(&engines, &wasm, &args).await?;
     let native_floor = native_envoy(&engines, &wasm, "floor", &args).await?;
     let native = native_envoy(&engines, &wasm, "kvroute", &args).await?;
-    let mut base = EnvoySpec::new(engines.clone(), wasm);
+    let mut base = EnvoySpec::new(engines.clone(), wasm.clone());
     base.with_filter = false;
     let without = Envoy::start(base).await?;
     let floor = match feature_wasm("bench-floor") {
@@ -434,7 +436,8 @@ async fn main() -> anyhow::Result<()> {
     let (mut smghop_at, mut smg_at) = (None, None);
     let mut smg_envoy = None;
     if let Some(smg) = &smg {
-        let mut spec = EnvoySpec::new(vec![Engine::local("smg", smg.addr.port())], String::new());
+        // The same Envoy as the one without a filter, in front of SMG instead of the engines.
+        let mut spec = EnvoySpec::new(vec![Engine::local("smg", smg.addr.port())], wasm.clone());
         spec.with_filter = false;
         let e = Envoy::start(spec).await?;
         let mut slot = Slot::envoy(&e);
