@@ -41,6 +41,15 @@ if [ -n "$missing" ]; then
   "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check $missing >&2
 fi
 
+# 3. A sans font for the report's PNG figures (resvg draws text with the system's fonts; with none,
+#    every label would vanish from the PNGs while the SVGs keep them). Debian's DejaVu, if missing.
+if ! ls /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf >/dev/null 2>&1 && command -v apt-get >/dev/null; then
+  log "installing fonts-dejavu-core (the figures' text)"
+  if ! { apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fonts-dejavu-core >&2; }; then
+    log "could not install fonts-dejavu-core: PNG figures will lack text (the SVGs keep it)"
+  fi
+fi
+
 ENVOY_BIN=$("$VENV/bin/python" - <<'PY'
 import importlib.util, os
 spec = importlib.util.find_spec("envoy")

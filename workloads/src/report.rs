@@ -114,6 +114,51 @@ fn range(vals: impl Iterator<Item = f64>, pad: f64) -> (f64, f64) {
     (lo - (hi - lo) * pad, hi + (hi - lo) * pad)
 }
 
+/// How figures are rendered to PNG: the system's fonts, with `sans-serif` mapped to one of them.
+pub fn png_options() -> resvg::usvg::Options<'static> {
+    let mut fonts = resvg::usvg::fontdb::Database::new();
+    fonts.load_system_fonts();
+    // The figures ask for the generic `sans-serif`, which fontdb maps to Arial unless told
+    // otherwise: without Arial every label vanished from the PNGs. Map it to a sans face this
+    // machine has (the bootstrap installs DejaVu where none is).
+    if let Some(family) = sans_family(&fonts) {
+        fonts.set_sans_serif_family(family);
+    }
+    resvg::usvg::Options {
+        fontdb: std::sync::Arc::new(fonts),
+        ..Default::default()
+    }
+}
+
+/// An SVG figure as PNG bytes, at twice its size.
+pub fn svg_to_png(svg: &[u8], opts: &resvg::usvg::Options<'_>) -> anyhow::Result<Vec<u8>> {
+    let tree = resvg::usvg::Tree::from_data(svg, opts)?;
+    let size = tree.size().to_int_size();
+    let mut pixmap = resvg::tiny_skia::Pixmap::new(size.width() * 2, size.height() * 2)
+        .ok_or_else(|| anyhow::anyhow!("empty figure"))?;
+    resvg::render(
+        &tree,
+        resvg::tiny_skia::Transform::from_scale(2.0, 2.0),
+        &mut pixmap.as_mut(),
+    );
+    Ok(pixmap.encode_png()?)
+}
+
+/// The family to draw `sans-serif` text with: DejaVu Sans, Liberation Sans or Noto Sans where
+/// installed, else any family whose name says sans, else the first face's.
+fn sans_family(fonts: &resvg::usvg::fontdb::Database) -> Option<String> {
+    let names: Vec<String> = fonts
+        .faces()
+        .flat_map(|f| f.families.iter().map(|(name, _)| name.clone()))
+        .collect();
+    ["DejaVu Sans", "Liberation Sans", "Noto Sans"]
+        .iter()
+        .find(|want| names.iter().any(|n| n == *want))
+        .map(|s| (*s).to_string())
+        .or_else(|| names.iter().find(|n| n.contains("Sans")).cloned())
+        .or_else(|| names.first().cloned())
+}
+
 /// A line chart of `series` (name, points) as SVG at `path`; `y0` starts the y axis at 0.
 pub fn lines(path: &Path, title: &str, xl: &str, yl: &str, series: &[Series], y0: bool) -> Res<()> {
     let root = SVGBackend::new(path, (720, 420)).into_drawing_area();
@@ -937,27 +982,14 @@ pub fn write(
     }
 
     // PNG beside every SVG.
-    let mut fonts = resvg::usvg::fontdb::Database::new();
-    fonts.load_system_fonts();
-    let opts = resvg::usvg::Options {
-        fontdb: std::sync::Arc::new(fonts),
-        ..Default::default()
-    };
+    let opts = png_options();
     for entry in std::fs::read_dir(&figs)?.flatten() {
         let path = entry.path();
         if path.extension().and_then(|e| e.to_str()) != Some("svg") {
             continue;
         }
-        let tree = resvg::usvg::Tree::from_data(&std::fs::read(&path)?, &opts)?;
-        let size = tree.size().to_int_size();
-        let mut pixmap = resvg::tiny_skia::Pixmap::new(size.width() * 2, size.height() * 2)
-            .ok_or_else(|| anyhow::anyhow!("empty figure {}", path.display()))?;
-        resvg::render(
-            &tree,
-            resvg::tiny_skia::Transform::from_scale(2.0, 2.0),
-            &mut pixmap.as_mut(),
-        );
-        pixmap.save_png(path.with_extension("png"))?;
+        let png = svg_to_png(&std::fs::read(&path)?, &opts)?;
+        std::fs::write(path.with_extension("png"), png)?;
     }
 
     // The page.
@@ -1319,5 +1351,48 @@ fn validation_section(h: &mut String, runs: &[RunResult], sm: &SimMeta) {
             sm.validation_max_send_delay_ms,
             stalled.join("; ")
         );
+    }
+}
+
+#[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+mod tests {
+    use super::*;
+
+    /// The PNG of a figure carries its text: the same chart with its text elements removed renders
+    /// to different pixels (before the sans-serif mapping, every label vanished from the PNGs).
+    #[test]
+    fn png_figures_draw_their_labels() {
+        let dir = std::env::temp_dir().join(format!("kvroute-fig-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("chart.svg");
+        let series: Vec<Series> = vec![("policy".into(), vec![(1.0, 2.0), (2.0, 3.0)])];
+        lines(&path, "A title", "x label", "y label", &series, true).unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        assert!(svg.contains("A title"));
+        let mut bare = String::new();
+        let mut rest = svg.as_str();
+        while let Some(at) = rest.find("<text") {
+            bare.push_str(&rest[..at]);
+            let end = rest[at..].find("</text>").unwrap() + at + "</text>".len();
+            rest = &rest[end..];
+        }
+        bare.push_str(rest);
+        let opts = png_options();
+        let with = svg_to_png(svg.as_bytes(), &opts).unwrap();
+        let without = svg_to_png(bare.as_bytes(), &opts).unwrap();
+        let px = |png: &[u8]| {
+            resvg::tiny_skia::Pixmap::decode_png(png)
+                .unwrap()
+                .data()
+                .to_vec()
+        };
+        assert_ne!(px(&with), px(&without), "the PNG has no text: no font");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
