@@ -175,7 +175,12 @@ fn gateway_cost_adds_to_every_request() {
         v.sort_unstable();
         v
     };
-    for (a, b) in sort(&base).iter().zip(sort(&slow)) {
+    let (base, slow) = (sort(&base), sort(&slow));
+    // Every request of the session ran in both, with a first token.
+    assert_eq!(base.len(), 3, "{base:?}");
+    assert_eq!(slow.len(), base.len());
+    assert!(base.iter().all(|r| r.2 > 0), "{base:?}");
+    for (a, b) in base.iter().zip(&slow) {
         assert_eq!(b.2, a.2 + 500, "{a:?} {b:?}");
     }
 }

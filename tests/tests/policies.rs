@@ -66,11 +66,31 @@ async fn round_robin_cycles() {
     s.stop().await;
 }
 
-/// Sends slow requests one at a time; after each, the in-flight counts differ by at most one.
+/// With one slow request held on one engine, quick requests one after another all go to the other
+/// (round robin would send every other one to the busy engine); then slow requests one at a time,
+/// after each of which the in-flight counts differ by at most one.
 async fn balances_in_flight(policy: &str) {
     let s = std::sync::Arc::new(Stack::with_policy(2, policy).await);
-    let mut held = Vec::new();
-    for k in 1..=5u64 {
+    let s2 = s.clone();
+    let mut held = vec![tokio::spawn(async move {
+        s2.chat(&chat(&[("user", "hold first")]), &[SLOW]).await
+    })];
+    for _ in 0..500 {
+        if s.engines[0].active() + s.engines[1].active() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let busy = usize::from(s.engines[1].active() == 1);
+    for i in 0..6 {
+        let r = s.chat(&chat(&[("user", &format!("quick {i}"))]), &[]).await;
+        assert_eq!(
+            served(&r),
+            format!("engine{}", 1 - busy),
+            "{policy}: quick request {i} went to the engine holding the slow one"
+        );
+    }
+    for k in 2..=6u64 {
         let s2 = s.clone();
         held.push(tokio::spawn(async move {
             s2.chat(&chat(&[("user", "hold")]), &[SLOW]).await
@@ -126,7 +146,10 @@ async fn balances_in_flight(policy: &str) {
             "kvroute_decisions_total.policy.{policy}.endpoint.engine1"
         ))
         .await;
-    assert_eq!(total, 5);
+    assert_eq!(
+        total, 12,
+        "1 held, 6 quick, 5 held, every one decided by {policy}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
