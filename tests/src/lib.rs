@@ -316,14 +316,7 @@ pub async fn streaming_client(
 
 /// The model an engine serves, as a client reads it from `/v1/models`.
 pub async fn served_model(base_url: &str) -> String {
-    let v: serde_json::Value = reqwest::get(format!("{base_url}/v1/models"))
+    kvroute_workloads::engine_api::served_model(&reqwest::Client::new(), base_url)
         .await
         .unwrap()
-        .json()
-        .await
-        .unwrap();
-    v.pointer("/data/0/id")
-        .and_then(|m| m.as_str())
-        .unwrap()
-        .to_string()
 }

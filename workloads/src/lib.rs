@@ -21,6 +21,7 @@ pub mod calibrate;
 pub mod criterion;
 pub mod echo;
 pub mod emulated;
+pub mod engine_api;
 pub mod envoy_config;
 pub mod peer;
 pub mod plan;

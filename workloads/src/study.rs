@@ -19,6 +19,7 @@ use kvroute_traces::Session;
 use serde::{Deserialize, Serialize};
 
 use crate::emulated::{EmulatedEngine, RunningSidecar};
+use crate::engine_api::{metrics_page, served_model};
 use crate::envoy_config::{Engine, EnvoySpec};
 use crate::peer::{Peer, Smg};
 use crate::replay::{replay, MemorySink, ReplayOptions, RequestRecord};
@@ -134,13 +135,7 @@ impl Lab {
     pub async fn engine_counters(&self) -> anyhow::Result<EngineCounters> {
         let mut c = EngineCounters::default();
         for url in &self.engine_urls {
-            let page = self
-                .client
-                .get(format!("{url}/metrics"))
-                .send()
-                .await?
-                .text()
-                .await?;
+            let page = metrics_page(&self.client, url).await?;
             for line in page.lines().filter(|l| !l.starts_with('#')) {
                 let Some((series, value)) = line.rsplit_once(' ') else {
                     continue;
@@ -367,17 +362,7 @@ impl Lab {
     /// The model the first engine serves (`/v1/models`).
     async fn served_model(&self) -> anyhow::Result<String> {
         let url = self.engine_urls.first().map_or("", String::as_str);
-        let v: serde_json::Value = self
-            .client
-            .get(format!("{url}/v1/models"))
-            .send()
-            .await?
-            .json()
-            .await?;
-        v.pointer("/data/0/id")
-            .and_then(|m| m.as_str())
-            .map(str::to_string)
-            .ok_or_else(|| anyhow::anyhow!("{url}/v1/models names no model"))
+        served_model(&self.client, url).await
     }
 
     /// Requests per endpoint so far: kvroute's decisions (Envoy's stats), or for a peer router,
@@ -389,13 +374,7 @@ impl Lab {
         }
         let mut out = Vec::new();
         for url in &self.engine_urls {
-            let page = self
-                .client
-                .get(format!("{url}/metrics"))
-                .send()
-                .await?
-                .text()
-                .await?;
+            let page = metrics_page(&self.client, url).await?;
             let done: f64 = page
                 .lines()
                 .filter(|l| l.starts_with("vllm:request_success_total"))
@@ -433,10 +412,7 @@ impl QueueProbe {
     async fn depths(&self) -> Vec<Option<f64>> {
         let mut out = Vec::new();
         for url in &self.engine_urls {
-            let page = match self.client.get(format!("{url}/metrics")).send().await {
-                Ok(r) => r.text().await.ok(),
-                Err(_) => None,
-            };
+            let page = metrics_page(&self.client, url).await.ok();
             out.push(page.map(|p| queue_depth(&p)));
         }
         out

@@ -804,27 +804,17 @@ fn targets(results: &serde_json::Map<String, serde_json::Value>) -> serde_json::
             .and_then(serde_json::Value::as_f64)
             .unwrap_or(f64::NAN)
     };
-    let cpu = |key: &str| {
+    // CPU per request: kvroute's sides (`throughput_8KB`) or the peers' (`peers_8KB`).
+    let cpu_in = |section: &str, key: &str| {
         results
-            .get("throughput_8KB")
-            .and_then(|s| s.get("cpu_us_per_request"))
-            .or_else(|| {
-                results
-                    .get("peers_8KB")
-                    .and_then(|s| s.get("cpu_us_per_request"))
-            })
-            .and_then(|s| s.get(key))
-            .and_then(serde_json::Value::as_f64)
-            .unwrap_or(f64::NAN)
-    };
-    let peer_cpu = |key: &str| {
-        results
-            .get("peers_8KB")
+            .get(section)
             .and_then(|s| s.get("cpu_us_per_request"))
             .and_then(|s| s.get(key))
             .and_then(serde_json::Value::as_f64)
             .unwrap_or(f64::NAN)
     };
+    let cpu = |key: &str| cpu_in("throughput_8KB", key);
+    let peer_cpu = |key: &str| cpu_in("peers_8KB", key);
     let l8 = |k: &str| get("latency_8KB", k);
     // (target, kvroute's figure, the peer's figure or 1, limit on the ratio)
     let rows = [

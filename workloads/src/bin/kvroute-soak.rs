@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use kvroute_workloads::engine_api::served_model;
 use kvroute_workloads::envoy_config::{Engine, EnvoySpec};
 use kvroute_workloads::procs::{self, Proc};
 use kvroute_workloads::report::{lines, Series};
@@ -199,18 +200,8 @@ async fn main() -> anyhow::Result<()> {
         engines.push((format!("engine{i}"), e));
     }
     // The served model's name, as a client reads it from /v1/models.
-    let models: serde_json::Value = reqwest::get(format!(
-        "{}/v1/models",
-        engines.first().map(|e| e.1.url()).unwrap_or_default()
-    ))
-    .await?
-    .json()
-    .await?;
-    let model = models
-        .pointer("/data/0/id")
-        .and_then(|v| v.as_str())
-        .unwrap_or_default()
-        .to_string();
+    let first = engines.first().map(|e| e.1.url()).unwrap_or_default();
+    let model = served_model(&reqwest::Client::new(), &first).await?;
     let named: Vec<(String, String)> = engines.iter().map(|(n, p)| (n.clone(), p.url())).collect();
     let sidecar = procs::sidecar(&named, args.poll_ms, "127.0.0.1:0".parse()?).await?;
     let spec_engines = engines
