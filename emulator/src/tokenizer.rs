@@ -7,7 +7,7 @@
 //! space or symbol glued to a run of letters; digits in groups of up to three; runs of symbols;
 //! runs of whitespace and newlines), and each pre-token becomes `ceil(len / width)` tokens with
 //! a width per character class, fitted against Llama 3.2's real tokenizer on ShareGPT
-//! (`scripts/tokenizer_error.py`, figures in the README). Token ids are hashes of the pieces.
+//! (`scripts/tokenizer_error.py`, figures in docs/emulator.md). Token ids are hashes of the pieces.
 
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
