@@ -207,7 +207,10 @@ async fn a_storm_of_runtime_modify_calls_loses_no_request() {
         c.await.unwrap();
     }
     let (sent, failed, a, b) = tally.get();
-    println!("runtime_modify storm: {sent} requests, {failed} failed, {a} / {b} per engine");
+    println!(
+        "runtime_modify storm: {sent} requests, {failed} failed, {a} / {b} per engine; {} takeovers",
+        s.stat("kvroute_state_takeovers_total").await
+    );
     assert!(sent > 30, "{sent}");
     assert_eq!(failed, 0);
     assert!(s.stat("kvroute_runtime_polls_total").await > 0);
