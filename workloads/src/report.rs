@@ -159,8 +159,45 @@ fn sans_family(fonts: &resvg::usvg::fontdb::Database) -> Option<String> {
         .or_else(|| names.first().cloned())
 }
 
+/// A tick label for `v` on an axis spanning `span`: no decimals past 10 ("900", not "900.0"),
+/// then as many as the span needs.
+fn tick(v: f64, span: f64) -> String {
+    let decimals = if span >= 10.0 {
+        0
+    } else if span >= 1.0 {
+        1
+    } else {
+        2
+    };
+    format!("{v:.decimals$}")
+}
+
 /// A line chart of `series` (name, points) as SVG at `path`; `y0` starts the y axis at 0.
 pub fn lines(path: &Path, title: &str, xl: &str, yl: &str, series: &[Series], y0: bool) -> Res<()> {
+    lines_with(path, title, xl, yl, series, y0, false)
+}
+
+/// [`lines`] whose x values are log2 of the quantity: ticks at whole powers, labelled 2, 4, ... .
+pub fn lines_log2x(
+    path: &Path,
+    title: &str,
+    xl: &str,
+    yl: &str,
+    series: &[Series],
+    y0: bool,
+) -> Res<()> {
+    lines_with(path, title, xl, yl, series, y0, true)
+}
+
+fn lines_with(
+    path: &Path,
+    title: &str,
+    xl: &str,
+    yl: &str,
+    series: &[Series],
+    y0: bool,
+    log2x: bool,
+) -> Res<()> {
     let root = SVGBackend::new(path, (720, 420)).into_drawing_area();
     root.fill(&WHITE)?;
     let (x0, x1) = range(series.iter().flat_map(|s| s.1.iter().map(|p| p.0)), 0.02);
@@ -172,7 +209,25 @@ pub fn lines(path: &Path, title: &str, xl: &str, yl: &str, series: &[Series], y0
         .x_label_area_size(40)
         .y_label_area_size(60)
         .build_cartesian_2d(x0..x1, ya..yb)?;
-    c.configure_mesh().x_desc(xl).y_desc(yl).draw()?;
+    let (xspan, yspan) = (x1 - x0, yb - ya);
+    let xfmt = move |x: &f64| {
+        if log2x {
+            format!("{:.0}", x.exp2())
+        } else {
+            tick(*x, xspan)
+        }
+    };
+    let yfmt = move |y: &f64| tick(*y, yspan);
+    let mut mesh = c.configure_mesh();
+    mesh.x_desc(xl)
+        .y_desc(yl)
+        .x_label_formatter(&xfmt)
+        .y_label_formatter(&yfmt);
+    if log2x {
+        // One tick per power of two in range.
+        mesh.x_labels((xspan.round() as usize).saturating_add(1).max(2));
+    }
+    mesh.draw()?;
     for (i, (name, pts)) in series.iter().enumerate() {
         let col = color(i);
         c.draw_series(LineSeries::new(pts.iter().copied(), col.stroke_width(2)))?
@@ -217,8 +272,10 @@ fn bars(
         .y_label_area_size(60)
         .build_cartesian_2d(0f64..categories.len() as f64, 0f64..ymax.max(1e-9))?;
     let cats = categories.to_vec();
+    let yspan = ymax.max(1e-9);
     c.configure_mesh()
         .disable_x_mesh()
+        .y_label_formatter(&move |y| tick(*y, yspan))
         .x_labels(categories.len().max(1) * 2 + 1)
         .x_label_formatter(&move |x| {
             let i = x.floor() as usize;
@@ -334,7 +391,13 @@ fn scatter(path: &Path, title: &str, xl: &str, yl: &str, pts: &[(String, f64, f6
         .x_label_area_size(40)
         .y_label_area_size(60)
         .build_cartesian_2d(x0..x1, y0..y1)?;
-    c.configure_mesh().x_desc(xl).y_desc(yl).draw()?;
+    let (xspan, yspan) = (x1 - x0, y1 - y0);
+    c.configure_mesh()
+        .x_desc(xl)
+        .y_desc(yl)
+        .x_label_formatter(&move |x| tick(*x, xspan))
+        .y_label_formatter(&move |y| tick(*y, yspan))
+        .draw()?;
     c.draw_series(
         pts.iter()
             .map(|p| Circle::new((p.1, p.2), 4, color(0).filled())),
@@ -776,18 +839,18 @@ pub fn write(
                 })
                 .collect()
         };
-        e(lines(
+        e(lines_log2x(
             &fig("exp5_p95_vs_n"),
             "Experiment 5 (simulated): P95 TTFT by engines, fixed load per engine",
-            "log2 of engines (1 = 2 ... 6 = 64)",
+            "engines (log scale)",
             "P95 TTFT (ms)",
             &by_n(&e5_p95),
             true,
         ))?;
-        e(lines(
+        e(lines_log2x(
             &fig("exp5_hit_vs_n"),
             "Experiment 5 (simulated): prefix hit rate by engines",
-            "log2 of engines (1 = 2 ... 6 = 64)",
+            "engines (log scale)",
             "hit rate",
             &by_n(&e5_hit),
             true,
@@ -1363,6 +1426,13 @@ fn validation_section(h: &mut String, runs: &[RunResult], sm: &SimMeta) {
 )]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ticks_carry_only_the_decimals_their_axis_needs() {
+        assert_eq!(tick(900.0, 1000.0), "900");
+        assert_eq!(tick(2.5, 5.0), "2.5");
+        assert_eq!(tick(0.35, 0.5), "0.35");
+    }
 
     /// The PNG of a figure carries its text: the same chart with its text elements removed renders
     /// to different pixels (before the sans-serif mapping, every label vanished from the PNGs).
