@@ -143,13 +143,7 @@ impl Stack {
 
     /// A stat, 0 if absent.
     pub async fn stat(&self, name: &str) -> u64 {
-        self.envoy
-            .stats()
-            .await
-            .unwrap()
-            .get(name)
-            .copied()
-            .unwrap_or(0)
+        self.envoy.stat(name).await.unwrap()
     }
 
     /// The filter configuration Envoy was started with.

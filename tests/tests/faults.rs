@@ -21,7 +21,7 @@ use kvroute_workloads::procs;
 use kvroute_workloads::stack::{filter_wasm, Envoy};
 
 async fn stat(envoy: &Envoy, name: &str) -> u64 {
-    envoy.stats().await.unwrap().get(name).copied().unwrap_or(0)
+    envoy.stat(name).await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,7 +11,7 @@ use anyhow::{bail, Context as _};
 use serde::{Deserialize, Serialize};
 use tokio::process::{Child, Command};
 
-use crate::stack::{free_port, repo_root};
+use crate::stack::{free_port, installed};
 
 /// SMG's policies the study runs, each at its defaults.
 pub const SMG_POLICIES: [&str; 4] = ["cache_aware", "round_robin", "power_of_two", "prefix_hash"];
@@ -57,15 +57,7 @@ impl Peer {
 
 /// The `smg` executable: `$KVROUTE_SMG`, else the bootstrap's `.tools/venv/bin/smg`.
 pub fn smg_binary() -> anyhow::Result<PathBuf> {
-    let p = std::env::var_os("KVROUTE_SMG")
-        .map_or_else(|| repo_root().join(".tools/venv/bin/smg"), PathBuf::from);
-    if !p.exists() {
-        bail!(
-            "no smg at {} (run scripts/bootstrap.sh, or set KVROUTE_SMG)",
-            p.display()
-        );
-    }
-    Ok(p)
+    installed("KVROUTE_SMG", ".tools/venv/bin/smg", "smg")
 }
 
 /// The installed `smg` package's version (from the virtualenv's package metadata).

@@ -131,5 +131,8 @@ pub async fn extproc(config_json: &str) -> anyhow::Result<Proc> {
     ));
     std::fs::write(&path, config_json)?;
     let args = ["--config".to_string(), path.display().to_string()];
-    Proc::start("kvroute-extproc", &args).await
+    // It reads the file before it says where it listens.
+    let started = Proc::start("kvroute-extproc", &args).await;
+    let _ = std::fs::remove_file(&path);
+    started
 }

@@ -20,11 +20,16 @@ pub fn repo_root() -> PathBuf {
 
 /// The Envoy binary: `$KVROUTE_ENVOY`, else `.tools/bin/envoy` (installed by scripts/bootstrap.sh).
 pub fn envoy_binary() -> anyhow::Result<PathBuf> {
-    let p = std::env::var_os("KVROUTE_ENVOY")
-        .map_or_else(|| repo_root().join(".tools/bin/envoy"), PathBuf::from);
+    installed("KVROUTE_ENVOY", ".tools/bin/envoy", "Envoy")
+}
+
+/// A tool the bootstrap installs: the path in `$var`, else `default` under the repository; an
+/// error naming the bootstrap when it is missing.
+pub fn installed(var: &str, default: &str, what: &str) -> anyhow::Result<PathBuf> {
+    let p = std::env::var_os(var).map_or_else(|| repo_root().join(default), PathBuf::from);
     if !p.exists() {
         bail!(
-            "no Envoy at {} (run scripts/bootstrap.sh, or set KVROUTE_ENVOY)",
+            "no {what} at {} (run scripts/bootstrap.sh, or set {var})",
             p.display()
         );
     }
@@ -252,6 +257,11 @@ impl Envoy {
     /// Envoy's process id (None once it has exited).
     pub fn pid(&self) -> Option<u32> {
         self.child.id()
+    }
+
+    /// One stat's value, 0 if absent.
+    pub async fn stat(&self, name: &str) -> anyhow::Result<u64> {
+        Ok(self.stats().await?.get(name).copied().unwrap_or(0))
     }
 
     /// CPU time Envoy has used so far, all threads, user and system, in seconds (None where
