@@ -3,6 +3,8 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 
+use crate::host::{Host, LogLevel};
+use crate::metrics::{self, Fallback, FilterMetrics, HostOp, StreamPhase};
 use kvroute_core::config::PublishInterval;
 use kvroute_core::directory::{EmptyIndex, PrefixIndex};
 use kvroute_core::policy::{PickNote, PolicyKind};
@@ -12,11 +14,6 @@ use kvroute_core::state::{
     self, DecisionReport, EndpointStatus, Layered, PublishedOverlay, PublishedState,
 };
 use kvroute_core::FilterConfig;
-use proxy_wasm::traits::{Context, HttpContext};
-use proxy_wasm::types::{Action, LogLevel};
-
-use crate::host;
-use crate::metrics::{self, Fallback, FilterMetrics, HostOp, StreamPhase};
 
 /// Response header naming the endpoint the filter chose.
 pub const RESPONSE_ENDPOINT_HEADER: &str = "x-kvroute-endpoint";
@@ -33,7 +30,9 @@ pub const REPORT_COALESCE_US: u64 = 2_000;
 const MAX_BATCH_BYTES: usize = 256 * 1024;
 
 /// Per-VM state of the filter role.
-pub struct Worker {
+#[derive(Debug)]
+pub struct Worker<H: Host> {
+    host: H,
     config: FilterConfig,
     metrics: FilterMetrics,
     state: RefCell<WorkerState>,
@@ -42,6 +41,7 @@ pub struct Worker {
 /// The section of the in-flight value that holds each endpoint's down mark.
 const DOWN_SECTION: usize = 3;
 
+#[derive(Debug)]
 struct WorkerState {
     version: Option<u64>,
     published: Option<PublishedState>,
@@ -50,7 +50,6 @@ struct WorkerState {
     seq: u64,
     rng: u64,
     queue: Option<u32>,
-    vm_id: String,
     /// Gateway in-flight counters as last read: requests per endpoint, then blocks per endpoint,
     /// then prompt tokens still to prefill per endpoint.
     inflight: Vec<i64>,
@@ -71,11 +70,12 @@ impl WorkerState {
     }
 }
 
-impl Worker {
-    pub fn new(config: FilterConfig) -> Self {
-        let metrics = FilterMetrics::define(&config);
-        let seed = host::now_us() ^ 0x9e37_79b9_7f4a_7c15;
+impl<H: Host> Worker<H> {
+    pub fn new(host: H, config: FilterConfig) -> Self {
+        let metrics = FilterMetrics::define(&host, &config);
+        let seed = host.now_us() ^ 0x9e37_79b9_7f4a_7c15;
         Self {
+            host,
             metrics,
             state: RefCell::new(WorkerState {
                 version: None,
@@ -84,7 +84,6 @@ impl Worker {
                 seq: 0,
                 rng: seed | 1,
                 queue: None,
-                vm_id: host::vm_id().unwrap_or_else(|| "kvroute".into()),
                 inflight: Vec::new(),
                 inflight_cas: None,
                 batch: Vec::new(),
@@ -96,12 +95,12 @@ impl Worker {
 
     /// Re-reads the published state if its version changed.
     fn refresh(&self, st: &mut WorkerState) {
-        let (v, _) = host::shared_get(state::VERSION_KEY);
+        let (v, _) = self.host.shared_get(state::VERSION_KEY);
         let Some((version, as_of)) = v.as_deref().and_then(state::decode_version) else {
             return;
         };
         if Some(version) != st.version {
-            let (blob, _) = host::shared_get(state::STATE_KEY);
+            let (blob, _) = self.host.shared_get(state::STATE_KEY);
             match blob.map(PublishedState::decode) {
                 Some(Ok(p)) => {
                     st.version = Some(p.header.version);
@@ -109,7 +108,7 @@ impl Worker {
                     st.overlay = None;
                 }
                 _ => {
-                    self.metrics.host_error(HostOp::StateRead);
+                    self.metrics.host_error(&self.host, HostOp::StateRead);
                     return;
                 }
             }
@@ -121,14 +120,14 @@ impl Worker {
         if seq == 0 {
             st.overlay = None;
         } else if st.overlay.as_ref().is_none_or(|o| o.seq < seq) {
-            let (blob, _) = host::shared_get(state::OVERLAY_KEY);
+            let (blob, _) = self.host.shared_get(state::OVERLAY_KEY);
             match blob.map(PublishedOverlay::decode) {
                 // One for another state (the singleton published a new state since the version
                 // read) is dropped; the next request reads that state.
                 Some(Ok(o)) => st.overlay = (Some(o.base) == st.version).then_some(o),
                 _ => {
                     st.overlay = None;
-                    self.metrics.host_error(HostOp::StateRead);
+                    self.metrics.host_error(&self.host, HostOp::StateRead);
                 }
             }
         }
@@ -156,7 +155,7 @@ impl Worker {
         let mut guard = self.state.borrow_mut();
         let st = &mut *guard;
         self.refresh(st);
-        let (value, cas) = host::shared_get(state::INFLIGHT_KEY);
+        let (value, cas) = self.host.shared_get(state::INFLIGHT_KEY);
         let n = self.config.endpoints.len();
         let mut counts = std::mem::take(&mut st.inflight);
         state::decode_inflight(
@@ -226,10 +225,11 @@ impl Worker {
             (None, _) => router::decide_by_load(&inputs),
         };
         match &st.published {
-            None => self.metrics.fallback(Fallback::NoState),
+            None => self.metrics.fallback(&self.host, Fallback::NoState),
             Some(p) => {
                 let now_ms = now_us / 1000;
-                host::record(self.metrics.state_age_ms, directory_age_ms);
+                self.host
+                    .record(self.metrics.state_age_ms, directory_age_ms);
                 // And the age of the engine load it used (the sidecar's scrape of that engine).
                 if let Some(load) = p
                     .header
@@ -237,13 +237,13 @@ impl Worker {
                     .get(decision.endpoint)
                     .and_then(|e| e.engine)
                 {
-                    host::record(
+                    self.host.record(
                         self.metrics.load_age_ms,
                         now_ms.saturating_sub(load.scraped_at_ms),
                     );
                 }
                 if p.header.stale {
-                    self.metrics.fallback(Fallback::StaleState);
+                    self.metrics.fallback(&self.host, Fallback::StaleState);
                 }
             }
         }
@@ -254,18 +254,21 @@ impl Worker {
     /// The next value of the gateway-wide round-robin sequence (compare-and-swap on shared data).
     fn next_shared_seq(&self) -> Option<u64> {
         for _ in 0..CAS_RETRIES {
-            let (value, cas) = host::shared_get(state::RR_SEQ_KEY);
+            let (value, cas) = self.host.shared_get(state::RR_SEQ_KEY);
             let current = value
                 .and_then(|v| v.get(..8).and_then(|b| b.try_into().ok()))
                 .map_or(0, u64::from_le_bytes);
             let next = current.wrapping_add(1);
-            match host::shared_set(state::RR_SEQ_KEY, &next.to_le_bytes(), cas) {
+            match self
+                .host
+                .shared_set(state::RR_SEQ_KEY, &next.to_le_bytes(), cas)
+            {
                 Ok(true) => return Some(next),
                 Ok(false) => continue,
-                Err(()) => break,
+                Err(_) => break,
             }
         }
-        self.metrics.host_error(HostOp::Inflight);
+        self.metrics.host_error(&self.host, HostOp::Inflight);
         None
     }
 
@@ -311,7 +314,7 @@ impl Worker {
                     Some(cas)
                 }
                 None => {
-                    let (value, cas) = host::shared_get(state::INFLIGHT_KEY);
+                    let (value, cas) = self.host.shared_get(state::INFLIGHT_KEY);
                     state::decode_inflight(
                         value.as_deref().unwrap_or_default(),
                         state::INFLIGHT_SECTIONS * n,
@@ -329,13 +332,16 @@ impl Worker {
                     };
                 }
             }
-            match host::shared_set(state::INFLIGHT_KEY, &state::encode_inflight(&counts), cas) {
+            match self
+                .host
+                .shared_set(state::INFLIGHT_KEY, &state::encode_inflight(&counts), cas)
+            {
                 Ok(true) => return,
                 Ok(false) => continue,
-                Err(()) => break,
+                Err(_) => break,
             }
         }
-        self.metrics.host_error(HostOp::Inflight);
+        self.metrics.host_error(&self.host, HostOp::Inflight);
     }
 
     /// Sends a decision to the singleton, which records it in the directory: at once when every
@@ -373,12 +379,12 @@ impl Worker {
             return;
         }
         if st.queue.is_none() {
-            st.queue = host::resolve_queue(&st.vm_id, state::DECISION_QUEUE);
+            st.queue = self.host.resolve_queue(state::DECISION_QUEUE);
         }
-        let ok = st.queue.is_some_and(|q| host::enqueue(q, &st.batch));
+        let ok = st.queue.is_some_and(|q| self.host.enqueue(q, &st.batch));
         if !ok {
             st.queue = None;
-            self.metrics.host_error(HostOp::Enqueue);
+            self.metrics.host_error(&self.host, HostOp::Enqueue);
         }
         st.batch.clear();
         st.last_sent_us = now_us;
@@ -389,7 +395,7 @@ impl Worker {
         let mut guard = self.state.borrow_mut();
         let st = &mut *guard;
         if !st.batch.is_empty() {
-            self.flush(st, host::now_us());
+            self.flush(st, self.host.now_us());
         }
     }
 }
@@ -415,35 +421,25 @@ enum Phase {
     },
 }
 
+/// What a stream callback tells the proxy to do with the stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    Continue,
+    Pause,
+}
+
 /// One HTTP stream.
-pub struct Request {
-    worker: Rc<Worker>,
+#[derive(Debug)]
+pub struct Stream<H: Host> {
+    worker: Rc<Worker<H>>,
     phase: Phase,
     session: Option<String>,
     /// Feature `bench-phases`: when the body was read and when it was parsed (0: not timed).
     marks: [u64; 2],
 }
 
-/// The clock, read only in a `bench-phases` build.
-fn phase_clock() -> u64 {
-    if cfg!(feature = "bench-phases") {
-        host::now_us()
-    } else {
-        0
-    }
-}
-
-/// The clock in nanoseconds, read only in a `bench-phases` build (0 otherwise).
-fn stream_clock() -> u64 {
-    if cfg!(feature = "bench-phases") {
-        host::now_ns()
-    } else {
-        0
-    }
-}
-
-impl Request {
-    pub fn new(worker: Rc<Worker>) -> Self {
+impl<H: Host> Stream<H> {
+    pub fn new(worker: Rc<Worker<H>>) -> Self {
         Self {
             worker,
             phase: Phase::Passthrough,
@@ -459,17 +455,20 @@ impl Request {
         let decision = match &parsed {
             Ok(f) => w.decide(Some(f), t0),
             Err(reason) => {
-                w.metrics.fallback(*reason);
+                w.metrics.fallback(&w.host, *reason);
                 w.decide(None, t0)
             }
         };
-        let decided = phase_clock();
+        let decided = self.phase_clock();
         let Some(endpoint) = w.config.endpoints.get(decision.endpoint) else {
             return;
         };
-        if !host::set_request_header(&w.config.route_header, Some(endpoint.cluster())) {
+        if !w
+            .host
+            .set_request_header(&w.config.route_header, Some(endpoint.cluster()))
+        {
             // The request continues without the header and takes the fallback route.
-            w.metrics.host_error(HostOp::SetHeader);
+            w.metrics.host_error(&w.host, HostOp::SetHeader);
             return;
         }
         // The chosen host, then the one a retry goes to, for Envoy's override_host policy.
@@ -482,8 +481,11 @@ impl Request {
                 Some(n) => format!("{addr},{n}"),
                 None => addr.clone(),
             };
-            if !host::set_request_header(&w.config.host_header, Some(&value)) {
-                w.metrics.host_error(HostOp::SetHeader);
+            if !w
+                .host
+                .set_request_header(&w.config.host_header, Some(&value))
+            {
+                w.metrics.host_error(&w.host, HostOp::SetHeader);
             }
         }
         // A fallback decision has no prompt, so it leaves nothing to prefill.
@@ -517,35 +519,41 @@ impl Request {
             );
         }
         let m = &w.metrics;
-        m.decision(decision.policy, decision.endpoint);
-        host::increment(m.predicted_blocks, i64::from(decision.predicted_blocks));
-        host::increment(m.request_blocks, i64::from(decision.total_blocks));
+        m.decision(&w.host, decision.policy, decision.endpoint);
+        w.host
+            .increment(m.predicted_blocks, i64::from(decision.predicted_blocks));
+        w.host
+            .increment(m.request_blocks, i64::from(decision.total_blocks));
         if decision.predicted_blocks > 0 {
-            host::increment(m.predicted_hits, 1);
+            w.host.increment(m.predicted_hits, 1);
         }
         match decision.note {
             PickNote::Primary => {}
-            PickNote::Overflow => host::increment(m.prefix_key_overflows, 1),
-            PickNote::NoSession => m.fallback(Fallback::NoSession),
-            PickNote::NoPrefixKey => m.fallback(Fallback::NoPrefixKey),
-            PickNote::Imbalanced => host::increment(m.reference_rules[0], 1),
-            PickNote::LowMatch => host::increment(m.reference_rules[1], 1),
-            PickNote::Spill => host::increment(m.reference_rules[2], 1),
+            PickNote::Overflow => w.host.increment(m.prefix_key_overflows, 1),
+            PickNote::NoSession => m.fallback(&w.host, Fallback::NoSession),
+            PickNote::NoPrefixKey => m.fallback(&w.host, Fallback::NoPrefixKey),
+            PickNote::Imbalanced => w.host.increment(m.reference_rules[0], 1),
+            PickNote::LowMatch => w.host.increment(m.reference_rules[1], 1),
+            PickNote::Spill => w.host.increment(m.reference_rules[2], 1),
         }
         if decision.no_healthy {
-            m.fallback(Fallback::NoHealthy);
+            m.fallback(&w.host, Fallback::NoHealthy);
         }
         if decision.engine_load_missing {
-            m.fallback(Fallback::EngineLoadMissing);
+            m.fallback(&w.host, Fallback::EngineLoadMissing);
         }
-        let end = host::now_us();
-        host::record(m.decision_time_us, end.saturating_sub(t0));
+        let end = w.host.now_us();
+        w.host.record(m.decision_time_us, end.saturating_sub(t0));
         let [body, parsed] = self.marks;
         if body > 0 && parsed > 0 {
-            m.phase(metrics::Phase::Body, body.saturating_sub(t0));
-            m.phase(metrics::Phase::Parse, parsed.saturating_sub(body));
-            m.phase(metrics::Phase::Decide, decided.saturating_sub(parsed));
-            m.phase(metrics::Phase::Route, end.saturating_sub(decided));
+            m.phase(&w.host, metrics::Phase::Body, body.saturating_sub(t0));
+            m.phase(&w.host, metrics::Phase::Parse, parsed.saturating_sub(body));
+            m.phase(
+                &w.host,
+                metrics::Phase::Decide,
+                decided.saturating_sub(parsed),
+            );
+            m.phase(&w.host, metrics::Phase::Route, end.saturating_sub(decided));
         }
     }
 
@@ -553,10 +561,11 @@ impl Request {
         let w = self.worker.clone();
         // The decision time covers all of the filter's work on the request: reading the body,
         // parsing, hashing, deciding, recording.
-        let t0 = host::now_us();
+        let t0 = w.host.now_us();
         if cfg!(feature = "bench-floor") {
             if let Some(e) = w.config.endpoints.first() {
-                host::set_request_header(&w.config.route_header, Some(e.cluster()));
+                w.host
+                    .set_request_header(&w.config.route_header, Some(e.cluster()));
             }
             self.phase = Phase::Passthrough;
             return;
@@ -564,86 +573,103 @@ impl Request {
         let body = if size == 0 {
             Some(Vec::new())
         } else {
-            host::request_body(size)
+            w.host.request_body(size)
         };
-        self.marks[0] = phase_clock();
+        self.marks[0] = self.phase_clock();
         let parsed = match body {
             None => Err(Fallback::NoBody),
             Some(b) => {
                 router::body_features(kind, &b, self.session.as_deref(), w.config.block_spec())
                     .map_err(|e: ParseError| {
-                        w.metrics.parse_error(e);
+                        w.metrics.parse_error(&w.host, e);
                         Fallback::ParseError
                     })
             }
         };
-        self.marks[1] = phase_clock();
+        self.marks[1] = self.phase_clock();
         self.route(parsed, t0);
     }
 }
 
-impl Context for Request {}
-
-impl HttpContext for Request {
-    fn on_http_request_headers(&mut self, _headers: usize, end_of_stream: bool) -> Action {
-        if cfg!(feature = "bench-passthrough") {
-            return Action::Continue;
+/// The stream callbacks, one method each.
+impl<H: Host> Stream<H> {
+    /// The clock, read only in a `bench-phases` build (0 otherwise).
+    fn phase_clock(&self) -> u64 {
+        if cfg!(feature = "bench-phases") {
+            self.worker.host.now_us()
+        } else {
+            0
         }
-        let t = stream_clock();
-        let action = self.request_headers(end_of_stream);
-        self.worker.metrics.stream_phase(StreamPhase::Headers, t);
-        action
     }
 
-    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+    /// The clock in nanoseconds, read only in a `bench-phases` build (0 otherwise).
+    fn stream_clock(&self) -> u64 {
+        if cfg!(feature = "bench-phases") {
+            self.worker.host.now_ns()
+        } else {
+            0
+        }
+    }
+
+    pub fn on_request_headers(&mut self, end_of_stream: bool) -> Flow {
+        let t = self.stream_clock();
+        let flow = self.request_headers(end_of_stream);
+        let w = &self.worker;
+        w.metrics.stream_phase(&w.host, StreamPhase::Headers, t);
+        flow
+    }
+
+    pub fn on_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Flow {
         self.request_body(body_size, end_of_stream)
     }
 
-    fn on_http_request_trailers(&mut self, _trailers: usize) -> Action {
+    pub fn on_request_trailers(&mut self) -> Flow {
         if let Phase::Buffering(kind) = self.phase {
-            let size = host::request_body(self.worker.config.max_body_bytes as usize)
+            let w = &self.worker;
+            let size = w
+                .host
+                .request_body(w.config.max_body_bytes as usize)
                 .map_or(0, |b| b.len());
             self.route_body(kind, size);
         }
-        Action::Continue
+        Flow::Continue
     }
 
-    fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
-        let t = stream_clock();
+    pub fn on_response_headers(&mut self) -> Flow {
+        let t = self.stream_clock();
         self.response_headers();
-        self.worker
-            .metrics
-            .stream_phase(StreamPhase::ResponseHeaders, t);
-        Action::Continue
+        let w = &self.worker;
+        w.metrics
+            .stream_phase(&w.host, StreamPhase::ResponseHeaders, t);
+        Flow::Continue
     }
 
-    fn on_http_response_body(&mut self, body_size: usize, _end_of_stream: bool) -> Action {
-        let t = stream_clock();
+    pub fn on_response_body(&mut self, body_size: usize) -> Flow {
+        let t = self.stream_clock();
         self.response_body(body_size);
-        self.worker
-            .metrics
-            .stream_phase(StreamPhase::ResponseBody, t);
-        Action::Continue
+        let w = &self.worker;
+        w.metrics
+            .stream_phase(&w.host, StreamPhase::ResponseBody, t);
+        Flow::Continue
     }
 
-    fn on_log(&mut self) {
-        let t = stream_clock();
+    /// The stream's end (Envoy's `on_log`), whether it completed or was reset.
+    pub fn on_end(&mut self) {
+        let t = self.stream_clock();
         self.end();
-        self.worker.metrics.stream_phase(StreamPhase::End, t);
+        let w = &self.worker;
+        w.metrics.stream_phase(&w.host, StreamPhase::End, t);
     }
-}
 
-/// The callbacks' work.
-impl Request {
-    fn request_headers(&mut self, end_of_stream: bool) -> Action {
+    fn request_headers(&mut self, end_of_stream: bool) -> Flow {
         let w = self.worker.clone();
         // One read of the whole map instead of one per header.
-        let Some(headers) = host::request_headers() else {
+        let Some(headers) = w.host.request_headers() else {
             // A client must never pick the cluster itself.
-            host::set_request_header(&w.config.route_header, None);
-            w.metrics.host_error(HostOp::ReadHeaders);
-            host::increment(w.metrics.passthrough, 1);
-            return Action::Continue;
+            w.host.set_request_header(&w.config.route_header, None);
+            w.metrics.host_error(&w.host, HostOp::ReadHeaders);
+            w.host.increment(w.metrics.passthrough, 1);
+            return Flow::Continue;
         };
         let header = |name: &str| {
             headers
@@ -654,7 +680,7 @@ impl Request {
         // A client must never pick the engine itself.
         for name in [&w.config.route_header, &w.config.host_header] {
             if header(name).is_some() {
-                host::set_request_header(name, None);
+                w.host.set_request_header(name, None);
             }
         }
         let kind = match (
@@ -665,10 +691,10 @@ impl Request {
             _ => None,
         };
         let Some(kind) = kind else {
-            host::increment(w.metrics.passthrough, 1);
-            return Action::Continue;
+            w.host.increment(w.metrics.passthrough, 1);
+            return Flow::Continue;
         };
-        host::increment(w.metrics.requests, 1);
+        w.host.increment(w.metrics.requests, 1);
         self.session = header(&w.config.session_header)
             .and_then(|v| std::str::from_utf8(v).ok())
             .map(str::to_owned);
@@ -679,31 +705,32 @@ impl Request {
         });
         drop(headers);
         if end_of_stream {
-            w.metrics.parse_error(ParseError::EmptyBody);
-            self.route(Err(Fallback::ParseError), host::now_us());
-            return Action::Continue;
+            w.metrics.parse_error(&w.host, ParseError::EmptyBody);
+            self.route(Err(Fallback::ParseError), w.host.now_us());
+            return Flow::Continue;
         }
         if declared.is_some_and(|n| n > u64::from(w.config.max_body_bytes)) {
-            self.route(Err(Fallback::BodyTooLarge), host::now_us());
-            return Action::Continue;
+            self.route(Err(Fallback::BodyTooLarge), w.host.now_us());
+            return Flow::Continue;
         }
         self.phase = Phase::Buffering(kind);
-        Action::Pause
+        Flow::Pause
     }
 
-    fn request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+    fn request_body(&mut self, body_size: usize, end_of_stream: bool) -> Flow {
         let Phase::Buffering(kind) = self.phase else {
-            return Action::Continue;
+            return Flow::Continue;
         };
         if body_size > self.worker.config.max_body_bytes as usize {
-            self.route(Err(Fallback::BodyTooLarge), host::now_us());
-            return Action::Continue;
+            let now = self.worker.host.now_us();
+            self.route(Err(Fallback::BodyTooLarge), now);
+            return Flow::Continue;
         }
         if !end_of_stream {
-            return Action::Pause;
+            return Flow::Pause;
         }
         self.route_body(kind, body_size);
-        Action::Continue
+        Flow::Continue
     }
 
     fn response_headers(&mut self) {
@@ -712,9 +739,12 @@ impl Request {
             endpoint, policy, ..
         } = self.phase
         {
-            if let Some(e) = self.worker.config.endpoints.get(endpoint) {
-                host::add_response_header(RESPONSE_ENDPOINT_HEADER, &e.name);
-                host::add_response_header(RESPONSE_POLICY_HEADER, policy.as_str());
+            let w = &self.worker;
+            if let Some(e) = w.config.endpoints.get(endpoint) {
+                w.host
+                    .add_response_header(RESPONSE_ENDPOINT_HEADER, &e.name);
+                w.host
+                    .add_response_header(RESPONSE_POLICY_HEADER, policy.as_str());
             }
         }
     }
@@ -742,7 +772,7 @@ impl Request {
         else {
             return;
         };
-        let Some(served) = host::upstream_address() else {
+        let Some(served) = w.host.upstream_address() else {
             return;
         };
         if served == chosen {
@@ -759,9 +789,9 @@ impl Request {
         let b = i64::from(blocks);
         w.add_inflight(endpoint, [-1, -b, -prefill, 0]);
         w.add_inflight(actual, [1, b, prefill, 0]);
-        w.mark_down(endpoint, host::now_us() / 1000 + state::PASSIVE_DOWN_MS);
+        w.mark_down(endpoint, w.host.now_us() / 1000 + state::PASSIVE_DOWN_MS);
         if let Some(id) = w.metrics.retried.get(endpoint) {
-            host::increment(*id, 1);
+            w.host.increment(*id, 1);
         }
         if let Phase::Routed { endpoint: e, .. } = &mut self.phase {
             *e = actual;
@@ -771,6 +801,7 @@ impl Request {
     /// Compares the prediction with what the engine reports (`cached_tokens` in the usage of a JSON
     /// response or of the last SSE event). Chunks are read, never held: the response streams on.
     fn response_body(&mut self, body_size: usize) {
+        let w = self.worker.clone();
         // The response has started: the engine has prefilled this request.
         if let Phase::Routed {
             endpoint,
@@ -781,7 +812,7 @@ impl Request {
         {
             if *prefill > 0 {
                 let p = std::mem::take(prefill);
-                self.worker.add_inflight(*endpoint, [0, 0, -p, 0]);
+                w.add_inflight(*endpoint, [0, 0, -p, 0]);
             }
         }
         if let Phase::Routed {
@@ -789,14 +820,17 @@ impl Request {
             ..
         } = self.phase
         {
-            if let Some(reported) =
-                host::response_body(body_size).and_then(|c| router::find_cached_tokens(&c))
+            if let Some(reported) = w
+                .host
+                .response_body(body_size)
+                .and_then(|c| router::find_cached_tokens(&c))
             {
-                let m = &self.worker.metrics;
-                host::increment(m.prediction_reports, 1);
-                host::increment(m.predicted_tokens, predicted as i64);
-                host::increment(m.reported_tokens, reported as i64);
-                host::record(m.prediction_abs_error, predicted.abs_diff(reported));
+                let m = &w.metrics;
+                w.host.increment(m.prediction_reports, 1);
+                w.host.increment(m.predicted_tokens, predicted as i64);
+                w.host.increment(m.reported_tokens, reported as i64);
+                w.host
+                    .record(m.prediction_abs_error, predicted.abs_diff(reported));
                 if let Phase::Routed {
                     predicted_tokens, ..
                 } = &mut self.phase
@@ -821,7 +855,7 @@ impl Request {
             self.phase = Phase::Passthrough;
         }
         if let Phase::Buffering(_) = self.phase {
-            host::log(
+            self.worker.host.log(
                 LogLevel::Debug,
                 "kvroute: stream ended before its body was complete",
             );

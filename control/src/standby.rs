@@ -6,28 +6,30 @@
 
 use kvroute_core::state::{self, Lease};
 use kvroute_core::FilterConfig;
-use proxy_wasm::types::LogLevel;
 
-use crate::host;
-use crate::singleton::{Role, Singleton, TICK_MS};
+use crate::host::{Host, LogLevel};
+use crate::service::{Role, StateService, TICK_MS};
 
 /// How often a stand-by looks at the lease, ms.
 const CHECK_MS: u64 = 250;
 
-pub struct Standby {
+#[derive(Debug)]
+pub struct Standby<H: Host + Clone> {
+    host: H,
     config: FilterConfig,
     id: u64,
     started_ms: u64,
     next_check_ms: u64,
     last_tick_ms: u64,
-    service: Option<Box<Singleton>>,
+    service: Option<Box<StateService<H>>>,
 }
 
-impl Standby {
-    pub fn new(config: FilterConfig) -> Self {
-        let now_ns = host::now_ns();
+impl<H: Host + Clone> Standby<H> {
+    pub fn new(host: H, config: FilterConfig) -> Self {
+        let now_ns = host.now_ns();
         let now = now_ns / 1_000_000;
         Self {
+            host,
             config,
             // Unique enough among a few VMs: the clock's nanoseconds, scrambled.
             id: (now_ns ^ 0x5bd1_e995_0f1d_3a7b).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1,
@@ -40,7 +42,7 @@ impl Standby {
 
     /// Called on every tick of the filter's root context.
     pub fn on_tick(&mut self) {
-        let now = host::now_us() / 1000;
+        let now = self.host.now_us() / 1000;
         if let Some(s) = self.service.as_mut() {
             if now.saturating_sub(self.last_tick_ms) >= TICK_MS {
                 self.last_tick_ms = now;
@@ -55,24 +57,32 @@ impl Standby {
             return;
         }
         self.next_check_ms = now + CHECK_MS;
-        let (value, cas) = host::shared_get(state::LEASE_KEY);
+        let (value, cas) = self.host.shared_get(state::LEASE_KEY);
         let take = match state::lease(value.as_deref(), self.id, now) {
             Lease::Expired => true,
             Lease::Absent => now.saturating_sub(self.started_ms) >= state::LEASE_ABSENT_MS,
             Lease::Held | Lease::Mine => false,
         };
         if !take
-            || host::shared_set(state::LEASE_KEY, &state::encode_lease(self.id, now), cas)
+            || self
+                .host
+                .shared_set(state::LEASE_KEY, &state::encode_lease(self.id, now), cas)
                 != Ok(true)
         {
             return;
         }
-        host::log(
+        self.host.log(
             LogLevel::Warn,
             "kvroute: the state service's lease expired; this filter VM takes it over",
         );
         self.last_tick_ms = now;
-        self.service = Singleton::start(self.config.clone(), Role::Takeover, self.id).map(Box::new);
+        self.service = StateService::start(
+            self.host.clone(),
+            self.config.clone(),
+            Role::Takeover,
+            self.id,
+        )
+        .map(Box::new);
     }
 
     pub fn on_queue_ready(&mut self, queue: u32) {

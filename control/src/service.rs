@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use crate::host::{Host, LogLevel};
+use crate::metrics::{HostOp, StateMetrics};
 use kvroute_core::config::{PolicySettings, PublishInterval};
 use kvroute_core::directory::{Changes, Directory};
 use kvroute_core::policy::PolicyKind;
@@ -10,10 +12,6 @@ use kvroute_core::state::{
     self, DecisionReport, DirectorySection, EndpointStatus, EngineLoad, OverlayBuilder, StateHeader,
 };
 use kvroute_core::FilterConfig;
-use proxy_wasm::types::LogLevel;
-
-use crate::host;
-use crate::metrics::{HostOp, StateMetrics};
 
 /// Most queued messages (report batches) applied per queue wake-up (the rest wait for the next one).
 const MAX_MESSAGES_PER_WAKE: usize = 1024;
@@ -30,7 +28,9 @@ pub enum Role {
     Takeover,
 }
 
-pub struct Singleton {
+#[derive(Debug)]
+pub struct StateService<H: Host> {
+    host: H,
     config: FilterConfig,
     metrics: StateMetrics,
     directory: Directory,
@@ -66,15 +66,11 @@ pub struct Singleton {
     active: bool,
 }
 
-fn now_ms() -> u64 {
-    host::now_us() / 1000
-}
-
 /// Test-only fault: traps the singleton's VM while `kvroute.test_crash_singleton_before_ms` (a
 /// wall-clock deadline in ms) is in the future, so a test can crash it once and watch what follows.
 #[cfg(feature = "test-faults")]
 #[allow(clippy::panic)]
-fn crash_if_asked(runtime_json: &[u8]) {
+fn crash_if_asked(runtime_json: &[u8], now_ms: u64) {
     let deadline = serde_json::from_slice::<serde_json::Value>(runtime_json)
         .ok()
         .and_then(|v| {
@@ -83,18 +79,18 @@ fn crash_if_asked(runtime_json: &[u8]) {
                 .parse::<u64>()
                 .ok()
         });
-    if deadline.is_some_and(|d| now_ms() < d) {
+    if deadline.is_some_and(|d| now_ms < d) {
         panic!("kvroute: test fault: the state singleton crashes on request");
     }
 }
 
-impl Singleton {
+impl<H: Host> StateService<H> {
     /// Starts the state service with lease id `lease_id`, taking the lease. Its version continues
     /// from the one published (so the workers see every publish as new after a takeover); the
     /// directory starts empty.
-    pub fn start(config: FilterConfig, role: Role, lease_id: u64) -> Option<Self> {
-        let Some(queue) = host::register_queue(state::DECISION_QUEUE) else {
-            host::log(
+    pub fn start(host: H, config: FilterConfig, role: Role, lease_id: u64) -> Option<Self> {
+        let Some(queue) = host.register_queue(state::DECISION_QUEUE) else {
+            host.log(
                 LogLevel::Critical,
                 "kvroute: cannot register the decision queue",
             );
@@ -104,8 +100,9 @@ impl Singleton {
             .map(|i| config.capacity_of(i))
             .collect();
         let n = config.endpoints.len();
+        let now_ms = host.now_us() / 1000;
         let mut s = Self {
-            metrics: StateMetrics::define(&config),
+            metrics: StateMetrics::define(&host, &config),
             directory: Directory::with_spec(
                 &capacities,
                 config.session_capacity,
@@ -133,27 +130,28 @@ impl Singleton {
             // With a sidecar configured, the state is stale until its first snapshot arrives.
             stale: config.sidecar.is_some(),
             lease_id,
-            lease_renewed_ms: now_ms(),
+            lease_renewed_ms: now_ms,
             active: true,
             config,
+            host,
         };
-        if host::shared_set(
+        if s.host.shared_set(
             state::LEASE_KEY,
             &state::encode_lease(lease_id, s.lease_renewed_ms),
             None,
         ) != Ok(true)
         {
-            s.metrics.host_error(HostOp::Publish);
+            s.metrics.host_error(&s.host, HostOp::Publish);
         }
-        let (published, _) = host::shared_get(state::VERSION_KEY);
+        let (published, _) = s.host.shared_get(state::VERSION_KEY);
         s.version = published
             .as_deref()
             .and_then(state::decode_version)
             .map_or(0, |v| v.0);
         // Zeroed in-flight counters (kept if already there: a reloaded config keeps live counts).
-        let (existing, _) = host::shared_get(state::INFLIGHT_KEY);
+        let (existing, _) = s.host.shared_get(state::INFLIGHT_KEY);
         if existing.is_none_or(|v| v.len() != 16 * n) {
-            let _ = host::shared_set(
+            let _ = s.host.shared_set(
                 state::INFLIGHT_KEY,
                 &state::encode_inflight(&vec![0; state::INFLIGHT_SECTIONS * n]),
                 None,
@@ -162,14 +160,15 @@ impl Singleton {
         s.directory.set_journal_capacity(state::OVERLAY_MAX_CHANGES);
         s.publish(true);
         s.update_gauges();
-        if role == Role::Bootstrap && !host::set_tick(Duration::from_millis(TICK_MS)) {
-            host::log(LogLevel::Critical, "kvroute: cannot set the tick period");
+        if role == Role::Bootstrap && !s.host.set_tick(Duration::from_millis(TICK_MS)) {
+            s.host
+                .log(LogLevel::Critical, "kvroute: cannot set the tick period");
             return None;
         }
         if role == Role::Takeover {
-            host::increment(s.metrics.takeovers, 1);
+            s.host.increment(s.metrics.takeovers, 1);
         }
-        host::log(
+        s.host.log(
             LogLevel::Info,
             &format!(
                 "kvroute: state service started ({}) with {n} endpoints, policy {}, from version {}",
@@ -191,9 +190,9 @@ impl Singleton {
         if now.saturating_sub(self.lease_renewed_ms) < state::LEASE_RENEW_MS {
             return;
         }
-        let (value, cas) = host::shared_get(state::LEASE_KEY);
+        let (value, cas) = self.host.shared_get(state::LEASE_KEY);
         if state::lease(value.as_deref(), self.lease_id, now) == state::Lease::Held {
-            host::log(
+            self.host.log(
                 LogLevel::Warn,
                 "kvroute: another state service holds the lease now; this one stands down",
             );
@@ -201,7 +200,7 @@ impl Singleton {
             return;
         }
         // A CAS mismatch (another VM wrote it meanwhile) is looked at again on the next tick.
-        if host::shared_set(
+        if self.host.shared_set(
             state::LEASE_KEY,
             &state::encode_lease(self.lease_id, now),
             cas,
@@ -211,8 +210,12 @@ impl Singleton {
         }
     }
 
+    fn now_ms(&self) -> u64 {
+        self.host.now_us() / 1000
+    }
+
     pub fn on_tick(&mut self) {
-        let now = now_ms();
+        let now = self.now_ms();
         self.renew_lease(now);
         if !self.active {
             return;
@@ -225,14 +228,14 @@ impl Singleton {
         if poll_due && (self.poll_token.is_none() || stuck) {
             self.poll_sent_ms = now;
             let timeout = Duration::from_millis(u64::from(self.config.runtime_poll_ms).max(50) * 4);
-            self.poll_token = host::http_get(
+            self.poll_token = self.host.http_get(
                 &self.config.admin_cluster,
                 &self.config.admin_authority,
                 "/runtime",
                 timeout,
             );
             if self.poll_token.is_none() {
-                self.metrics.host_error(HostOp::RuntimePoll);
+                self.metrics.host_error(&self.host, HostOp::RuntimePoll);
             }
         }
         if let PublishInterval::Millis(ms) = self.settings.publish_interval {
@@ -259,15 +262,17 @@ impl Singleton {
                 0 => sc.path.clone(),
                 ms => format!("{}?poll_interval_ms={ms}", sc.path),
             };
-            self.snapshot_token = host::http_get(&sc.cluster, &sc.authority, &path, timeout);
+            self.snapshot_token = self
+                .host
+                .http_get(&sc.cluster, &sc.authority, &path, timeout);
             if self.snapshot_token.is_none() {
-                self.metrics.host_error(HostOp::SidecarPull);
+                self.metrics.host_error(&self.host, HostOp::SidecarPull);
             }
         }
         let fresh = self.snapshot_ok_ms > 0
             && now.saturating_sub(self.snapshot_ok_ms) <= u64::from(sc.stale_after_ms);
         if !fresh && !self.stale {
-            host::log(
+            self.host.log(
                 LogLevel::Warn,
                 "kvroute: sidecar snapshot missing or stale; routing on gateway load",
             );
@@ -281,28 +286,28 @@ impl Singleton {
 
     fn on_snapshot(&mut self, body_size: usize) {
         let body = match (
-            host::call_response_status().as_deref(),
-            host::call_response_body(body_size),
+            self.host.call_response_status().as_deref(),
+            self.host.call_response_body(body_size),
         ) {
             (Some("200"), Some(b)) => b,
             _ => {
-                self.metrics.host_error(HostOp::SidecarPull);
+                self.metrics.host_error(&self.host, HostOp::SidecarPull);
                 return;
             }
         };
         let snapshot = match Snapshot::from_json(&body) {
             Ok(s) => s,
             Err(e) => {
-                host::log(
+                self.host.log(
                     LogLevel::Warn,
                     &format!("kvroute: bad sidecar snapshot: {e}"),
                 );
-                self.metrics.host_error(HostOp::SidecarPull);
+                self.metrics.host_error(&self.host, HostOp::SidecarPull);
                 return;
             }
         };
-        host::increment(self.metrics.sidecar_pulls, 1);
-        host::record(
+        self.host.increment(self.metrics.sidecar_pulls, 1);
+        self.host.record(
             self.metrics.sidecar_poll_interval_ms,
             u64::from(snapshot.poll_interval_ms),
         );
@@ -335,16 +340,17 @@ impl Singleton {
                 None => *status = EndpointStatus::default(),
             }
         }
-        self.snapshot_ok_ms = now_ms();
+        self.snapshot_ok_ms = self.now_ms();
         if self.stale {
-            host::log(LogLevel::Info, "kvroute: sidecar snapshot fresh again");
+            self.host
+                .log(LogLevel::Info, "kvroute: sidecar snapshot fresh again");
         }
         self.stale = false;
         self.publish(false);
     }
 
     fn mirror_inflight(&self) {
-        let (value, _) = host::shared_get(state::INFLIGHT_KEY);
+        let (value, _) = self.host.shared_get(state::INFLIGHT_KEY);
         let n = self.config.endpoints.len();
         let mut counts = Vec::new();
         state::decode_inflight(
@@ -353,11 +359,11 @@ impl Singleton {
             &mut counts,
         );
         for (id, c) in self.metrics.inflight.iter().zip(&counts) {
-            host::record(*id, (*c).max(0) as u64);
+            self.host.record(*id, (*c).max(0) as u64);
         }
         let prefill = counts.get(2 * n..).unwrap_or_default();
         for (id, c) in self.metrics.queued_prefill.iter().zip(prefill) {
-            host::record(*id, (*c).max(0) as u64);
+            self.host.record(*id, (*c).max(0) as u64);
         }
     }
 
@@ -374,28 +380,29 @@ impl Singleton {
             return;
         }
         self.poll_token = None;
-        host::increment(self.metrics.runtime_polls, 1);
+        self.host.increment(self.metrics.runtime_polls, 1);
         let body = match (
-            host::call_response_status().as_deref(),
-            host::call_response_body(body_size),
+            self.host.call_response_status().as_deref(),
+            self.host.call_response_body(body_size),
         ) {
             (Some("200"), Some(b)) => b,
             _ => {
-                self.metrics.host_error(HostOp::RuntimePoll);
+                self.metrics.host_error(&self.host, HostOp::RuntimePoll);
                 return;
             }
         };
         #[cfg(feature = "test-faults")]
-        crash_if_asked(&body);
+        crash_if_asked(&body, self.now_ms());
         let Ok((settings, errors)) = self.config.defaults.with_runtime_json(&body) else {
-            self.metrics.host_error(HostOp::RuntimePoll);
+            self.metrics.host_error(&self.host, HostOp::RuntimePoll);
             return;
         };
-        host::record(self.metrics.runtime_invalid, errors.len() as u64);
+        self.host
+            .record(self.metrics.runtime_invalid, errors.len() as u64);
         let messages: Vec<String> = errors.iter().map(ToString::to_string).collect();
         if messages != self.last_runtime_errors {
             for m in &messages {
-                host::log(
+                self.host.log(
                     LogLevel::Warn,
                     &format!("kvroute: ignoring runtime value: {m}"),
                 );
@@ -403,7 +410,7 @@ impl Singleton {
             self.last_runtime_errors = messages;
         }
         if settings != self.settings {
-            host::log(
+            self.host.log(
                 LogLevel::Info,
                 &format!(
                     "kvroute: settings now policy={} alpha={} beta={} publish={:?}",
@@ -415,7 +422,7 @@ impl Singleton {
                 _ => self.settings.publish_interval == PublishInterval::Never,
             };
             if settings.directory_epoch != self.settings.directory_epoch {
-                host::log(
+                self.host.log(
                     LogLevel::Info,
                     &format!(
                         "kvroute: directory epoch {}: forgetting the directory",
@@ -438,13 +445,13 @@ impl Singleton {
         let mut changed = false;
         let mut messages = 0usize;
         while messages < MAX_MESSAGES_PER_WAKE {
-            let Some(msg) = host::dequeue(queue) else {
+            let Some(msg) = self.host.dequeue(queue) else {
                 break;
             };
             messages += 1;
             let (reports, leftover) = DecisionReport::decode_batch(&msg);
             if leftover > 0 {
-                self.metrics.host_error(HostOp::BadReport);
+                self.metrics.host_error(&self.host, HostOp::BadReport);
             }
             for r in reports {
                 changed |= self
@@ -457,7 +464,8 @@ impl Singleton {
         if applied == 0 {
             return;
         }
-        host::increment(self.metrics.decisions_recorded, applied as i64);
+        self.host
+            .increment(self.metrics.decisions_recorded, applied as i64);
         // Decisions that only refreshed recency leave the published view as it is: no publish
         // (the workers keep their copy), only the time it is current as of moves on.
         if changed {
@@ -466,7 +474,7 @@ impl Singleton {
             self.dir_touched = true;
         }
         if self.settings.publish_interval == PublishInterval::EveryDecision {
-            self.publish_due(now_ms());
+            self.publish_due(self.now_ms());
         }
     }
 
@@ -495,8 +503,8 @@ impl Singleton {
             if self.published_dir_at_ms != 0 {
                 self.published_dir_at_ms = now;
                 let v = state::encode_version_with_overlay(self.version, now, self.overlay_seq);
-                if host::shared_set(state::VERSION_KEY, &v, None) != Ok(true) {
-                    self.metrics.host_error(HostOp::Publish);
+                if self.host.shared_set(state::VERSION_KEY, &v, None) != Ok(true) {
+                    self.metrics.host_error(&self.host, HostOp::Publish);
                 }
             }
         }
@@ -505,7 +513,7 @@ impl Singleton {
     /// Publishes the state; `with_directory` takes a fresh directory snapshot (else the last
     /// published one is kept, so a settings change does not shorten the directory interval).
     fn publish(&mut self, with_directory: bool) {
-        let now = now_ms();
+        let now = self.now_ms();
         // An overlay applies to the state it was published on: a new state carries its changes.
         let with_directory = with_directory || !self.overlay.is_empty();
         if self.settings.publish_interval == PublishInterval::Never {
@@ -544,21 +552,22 @@ impl Singleton {
             stale: self.stale,
         };
         let blob = state::encode(&header, &self.published_dir);
-        let ok = host::shared_set(state::STATE_KEY, &blob, None) == Ok(true)
-            && host::shared_set(
+        let ok = self.host.shared_set(state::STATE_KEY, &blob, None) == Ok(true)
+            && self.host.shared_set(
                 state::VERSION_KEY,
                 &state::encode_version(self.version, self.published_dir_at_ms),
                 None,
             ) == Ok(true);
         if !ok {
-            self.metrics.host_error(HostOp::Publish);
+            self.metrics.host_error(&self.host, HostOp::Publish);
             // The workers may not have this directory: the next publish must be a full one.
             self.journal_from_published = false;
             return;
         }
-        host::increment(self.metrics.publishes, 1);
-        host::record(self.metrics.state_version, self.version);
-        host::record(self.metrics.state_bytes, blob.len() as u64);
+        self.host.increment(self.metrics.publishes, 1);
+        self.host.record(self.metrics.state_version, self.version);
+        self.host
+            .record(self.metrics.state_bytes, blob.len() as u64);
         self.gauges_dirty = true;
     }
 
@@ -576,8 +585,8 @@ impl Singleton {
         let seq = self.overlay_seq + 1;
         let section = DirectorySection::of_overlay(&self.overlay);
         let blob = state::encode_overlay(self.version, seq, &section);
-        let ok = host::shared_set(state::OVERLAY_KEY, &blob, None) == Ok(true)
-            && host::shared_set(
+        let ok = self.host.shared_set(state::OVERLAY_KEY, &blob, None) == Ok(true)
+            && self.host.shared_set(
                 state::VERSION_KEY,
                 &state::encode_version_with_overlay(self.version, now, seq),
                 None,
@@ -585,15 +594,16 @@ impl Singleton {
         if !ok {
             // The version key still names the previous overlay; the builder keeps these changes,
             // and the next publish sends them.
-            self.metrics.host_error(HostOp::Publish);
+            self.metrics.host_error(&self.host, HostOp::Publish);
             return;
         }
         self.overlay_seq = seq;
         self.published_dir_at_ms = now;
         self.dir_dirty = false;
         self.dir_touched = false;
-        host::increment(self.metrics.overlay_publishes, 1);
-        host::record(self.metrics.overlay_entries, self.overlay.len() as u64);
+        self.host.increment(self.metrics.overlay_publishes, 1);
+        self.host
+            .record(self.metrics.overlay_entries, self.overlay.len() as u64);
         self.gauges_dirty = true;
     }
 
@@ -604,34 +614,39 @@ impl Singleton {
         }
         self.gauges_dirty = false;
         let m = &self.metrics;
-        host::record(m.directory_blocks, self.directory.distinct_blocks() as u64);
-        host::record(m.sessions, self.directory.sessions() as u64);
+        self.host
+            .record(m.directory_blocks, self.directory.distinct_blocks() as u64);
+        self.host
+            .record(m.sessions, self.directory.sessions() as u64);
         for (i, id) in m.directory_endpoint_blocks.iter().enumerate() {
-            host::record(*id, self.directory.endpoint_len(i) as u64);
+            self.host.record(*id, self.directory.endpoint_len(i) as u64);
         }
         for (k, id) in PolicyKind::ALL.iter().zip(&m.policy_active) {
-            host::record(*id, u64::from(*k == self.settings.policy));
+            self.host.record(*id, u64::from(*k == self.settings.policy));
         }
-        host::record(m.alpha_milli, (self.settings.alpha * 1000.0).round() as u64);
-        host::record(m.beta_milli, (self.settings.beta * 1000.0).round() as u64);
-        host::record(m.directory_epoch, self.settings.directory_epoch);
-        host::record(m.stale, u64::from(self.stale));
+        self.host
+            .record(m.alpha_milli, (self.settings.alpha * 1000.0).round() as u64);
+        self.host
+            .record(m.beta_milli, (self.settings.beta * 1000.0).round() as u64);
+        self.host
+            .record(m.directory_epoch, self.settings.directory_epoch);
+        self.host.record(m.stale, u64::from(self.stale));
         for (i, st) in self.status.iter().enumerate() {
-            host::record(
+            self.host.record(
                 m.endpoint_healthy.get(i).copied().flatten(),
                 u64::from(st.healthy),
             );
             let queue = st.engine.map_or(0.0, |e| e.waiting + e.running);
-            host::record(
+            self.host.record(
                 m.engine_queue.get(i).copied().flatten(),
                 queue.max(0.0).round() as u64,
             );
-            host::record(
+            self.host.record(
                 m.directory_capacity.get(i).copied().flatten(),
                 self.directory.endpoint_capacity(i) as u64,
             );
         }
-        host::record(
+        self.host.record(
             m.publish_interval_ms,
             match self.settings.publish_interval {
                 PublishInterval::EveryDecision => 0,

@@ -4,12 +4,10 @@
 //! tags; the shipped bootstrap's `stats_config.stats_tags` turns `.policy.X`, `.endpoint.X`,
 //! `.reason.X` and `.op.X` into Prometheus labels. Values are summed across VMs by Envoy.
 
+use crate::host::{Host, MetricId, MetricKind};
 use kvroute_core::policy::PolicyKind;
 use kvroute_core::request::ParseError;
 use kvroute_core::FilterConfig;
-use proxy_wasm::types::MetricType;
-
-use crate::host;
 
 /// Why a request was routed by the load-only fallback or with degraded state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,19 +100,38 @@ impl HostOp {
     }
 }
 
-type Id = Option<u32>;
+type Id = MetricId;
 
-fn counter(name: &str) -> Id {
-    host::define(MetricType::Counter, name)
-}
-fn gauge(name: &str) -> Id {
-    host::define(MetricType::Gauge, name)
-}
-fn histogram(name: &str) -> Id {
-    host::define(MetricType::Histogram, name)
+/// Defines stats on one host.
+struct Definer<'h, H>(&'h H);
+
+impl<H: Host> Definer<'_, H> {
+    fn counter(&self, name: &str) -> Id {
+        self.0.define_metric(MetricKind::Counter, name)
+    }
+    fn gauge(&self, name: &str) -> Id {
+        self.0.define_metric(MetricKind::Gauge, name)
+    }
+    fn histogram(&self, name: &str) -> Id {
+        self.0.define_metric(MetricKind::Histogram, name)
+    }
+    fn per_endpoint(&self, config: &FilterConfig, name: &str) -> Vec<Id> {
+        config
+            .endpoints
+            .iter()
+            .map(|e| self.gauge(&format!("{name}.endpoint.{}", e.name)))
+            .collect()
+    }
+    fn host_errors(&self) -> Vec<Id> {
+        HostOp::ALL
+            .iter()
+            .map(|o| self.counter(&format!("kvroute_host_errors_total.op.{}", o.as_str())))
+            .collect()
+    }
 }
 
 /// Stats of the HTTP filter role.
+#[derive(Debug)]
 pub struct FilterMetrics {
     pub requests: Id,
     pub passthrough: Id,
@@ -181,10 +198,11 @@ impl StreamPhase {
 }
 
 impl FilterMetrics {
-    pub fn define(config: &FilterConfig) -> Self {
+    pub fn define<H: Host>(host: &H, config: &FilterConfig) -> Self {
+        let d = Definer(host);
         Self {
-            requests: counter("kvroute_requests_total"),
-            passthrough: counter("kvroute_passthrough_total"),
+            requests: d.counter("kvroute_requests_total"),
+            passthrough: d.counter("kvroute_passthrough_total"),
             decisions: PolicyKind::ALL
                 .iter()
                 .map(|p| {
@@ -192,7 +210,7 @@ impl FilterMetrics {
                         .endpoints
                         .iter()
                         .map(|e| {
-                            counter(&format!(
+                            d.counter(&format!(
                                 "kvroute_decisions_total.policy.{p}.endpoint.{}",
                                 e.name
                             ))
@@ -202,35 +220,35 @@ impl FilterMetrics {
                 .collect(),
             fallbacks: Fallback::ALL
                 .iter()
-                .map(|f| counter(&format!("kvroute_fallbacks_total.reason.{}", f.as_str())))
+                .map(|f| d.counter(&format!("kvroute_fallbacks_total.reason.{}", f.as_str())))
                 .collect(),
             parse_errors: ParseError::ALL
                 .iter()
-                .map(|r| counter(&format!("kvroute_parse_errors_total.reason.{}", r.reason())))
+                .map(|r| d.counter(&format!("kvroute_parse_errors_total.reason.{}", r.reason())))
                 .collect(),
-            host_errors: host_error_ids(),
-            prefix_key_overflows: counter("kvroute_prefix_key_overflows_total"),
+            host_errors: d.host_errors(),
+            prefix_key_overflows: d.counter("kvroute_prefix_key_overflows_total"),
             reference_rules: ["imbalanced", "low_match", "spill"]
-                .map(|r| counter(&format!("kvroute_reference_rule_total.reason.{r}"))),
-            predicted_blocks: counter("kvroute_predicted_cached_blocks_total"),
-            request_blocks: counter("kvroute_request_blocks_total"),
-            predicted_hits: counter("kvroute_predicted_hits_total"),
-            decision_time_us: histogram("kvroute_decision_time_us"),
-            state_age_ms: histogram("kvroute_state_age_ms"),
-            load_age_ms: histogram("kvroute_load_age_ms"),
-            prediction_reports: counter("kvroute_prediction_reports_total"),
-            predicted_tokens: counter("kvroute_prediction_predicted_tokens_total"),
-            reported_tokens: counter("kvroute_prediction_reported_tokens_total"),
-            prediction_abs_error: histogram("kvroute_prediction_abs_error_tokens"),
+                .map(|r| d.counter(&format!("kvroute_reference_rule_total.reason.{r}"))),
+            predicted_blocks: d.counter("kvroute_predicted_cached_blocks_total"),
+            request_blocks: d.counter("kvroute_request_blocks_total"),
+            predicted_hits: d.counter("kvroute_predicted_hits_total"),
+            decision_time_us: d.histogram("kvroute_decision_time_us"),
+            state_age_ms: d.histogram("kvroute_state_age_ms"),
+            load_age_ms: d.histogram("kvroute_load_age_ms"),
+            prediction_reports: d.counter("kvroute_prediction_reports_total"),
+            predicted_tokens: d.counter("kvroute_prediction_predicted_tokens_total"),
+            reported_tokens: d.counter("kvroute_prediction_reported_tokens_total"),
+            prediction_abs_error: d.histogram("kvroute_prediction_abs_error_tokens"),
             retried: config
                 .endpoints
                 .iter()
-                .map(|e| counter(&format!("kvroute_retried_total.endpoint.{}", e.name)))
+                .map(|e| d.counter(&format!("kvroute_retried_total.endpoint.{}", e.name)))
                 .collect(),
             phases: if cfg!(feature = "bench-phases") {
                 Phase::NAMES
                     .iter()
-                    .map(|p| histogram(&format!("kvroute_phase_us.phase.{p}")))
+                    .map(|p| d.histogram(&format!("kvroute_phase_us.phase.{p}")))
                     .collect()
             } else {
                 Vec::new()
@@ -238,7 +256,7 @@ impl FilterMetrics {
             stream_phases: if cfg!(feature = "bench-phases") {
                 StreamPhase::NAMES
                     .iter()
-                    .map(|p| histogram(&format!("kvroute_phase_ns.phase.{p}")))
+                    .map(|p| d.histogram(&format!("kvroute_phase_ns.phase.{p}")))
                     .collect()
             } else {
                 Vec::new()
@@ -248,66 +266,52 @@ impl FilterMetrics {
 
     /// Records how long a stream callback took, from `start_ns` (feature `bench-phases`, where
     /// `start_ns` is nonzero; nothing otherwise).
-    pub fn stream_phase(&self, phase: StreamPhase, start_ns: u64) {
+    pub fn stream_phase<H: Host>(&self, host: &H, phase: StreamPhase, start_ns: u64) {
         if start_ns == 0 {
             return;
         }
         if let Some(id) = self.stream_phases.get(phase as usize) {
-            host::record(*id, host::now_ns().saturating_sub(start_ns));
+            host.record(*id, host.now_ns().saturating_sub(start_ns));
         }
     }
 
     /// Records how long a phase took (feature `bench-phases`; nothing otherwise).
-    pub fn phase(&self, phase: Phase, us: u64) {
+    pub fn phase<H: Host>(&self, host: &H, phase: Phase, us: u64) {
         if let Some(id) = self.phases.get(phase as usize) {
-            host::record(*id, us);
+            host.record(*id, us);
         }
     }
 
-    pub fn decision(&self, policy: PolicyKind, endpoint: usize) {
+    pub fn decision<H: Host>(&self, host: &H, policy: PolicyKind, endpoint: usize) {
         let p = PolicyKind::ALL.iter().position(|k| *k == policy);
         let id = p
             .and_then(|p| self.decisions.get(p))
             .and_then(|v| v.get(endpoint))
             .copied()
             .flatten();
-        host::increment(id, 1);
+        host.increment(id, 1);
     }
 
-    pub fn fallback(&self, f: Fallback) {
+    pub fn fallback<H: Host>(&self, host: &H, f: Fallback) {
         let i = Fallback::ALL.iter().position(|x| *x == f);
-        host::increment(i.and_then(|i| self.fallbacks.get(i)).copied().flatten(), 1);
+        host.increment(i.and_then(|i| self.fallbacks.get(i)).copied().flatten(), 1);
     }
 
-    pub fn parse_error(&self, e: ParseError) {
+    pub fn parse_error<H: Host>(&self, host: &H, e: ParseError) {
         let i = ParseError::ALL.iter().position(|x| *x == e);
-        host::increment(
+        host.increment(
             i.and_then(|i| self.parse_errors.get(i)).copied().flatten(),
             1,
         );
     }
 
-    pub fn host_error(&self, op: HostOp) {
-        host::increment(self.host_errors.get(op as usize).copied().flatten(), 1);
+    pub fn host_error<H: Host>(&self, host: &H, op: HostOp) {
+        host.increment(self.host_errors.get(op as usize).copied().flatten(), 1);
     }
 }
 
-fn per_endpoint(config: &FilterConfig, name: &str) -> Vec<Id> {
-    config
-        .endpoints
-        .iter()
-        .map(|e| gauge(&format!("{name}.endpoint.{}", e.name)))
-        .collect()
-}
-
-fn host_error_ids() -> Vec<Id> {
-    HostOp::ALL
-        .iter()
-        .map(|o| counter(&format!("kvroute_host_errors_total.op.{}", o.as_str())))
-        .collect()
-}
-
 /// Stats of the singleton role.
+#[derive(Debug)]
 pub struct StateMetrics {
     pub state_version: Id,
     pub state_bytes: Id,
@@ -338,20 +342,21 @@ pub struct StateMetrics {
 }
 
 impl StateMetrics {
-    pub fn define(config: &FilterConfig) -> Self {
+    pub fn define<H: Host>(host: &H, config: &FilterConfig) -> Self {
+        let d = Definer(host);
         Self {
-            state_version: gauge("kvroute_state_version"),
-            takeovers: counter("kvroute_state_takeovers_total"),
-            state_bytes: gauge("kvroute_state_bytes"),
-            publishes: counter("kvroute_state_publishes_total"),
-            overlay_publishes: counter("kvroute_state_overlay_publishes_total"),
-            overlay_entries: gauge("kvroute_state_overlay_entries"),
-            directory_blocks: gauge("kvroute_directory_blocks"),
+            state_version: d.gauge("kvroute_state_version"),
+            takeovers: d.counter("kvroute_state_takeovers_total"),
+            state_bytes: d.gauge("kvroute_state_bytes"),
+            publishes: d.counter("kvroute_state_publishes_total"),
+            overlay_publishes: d.counter("kvroute_state_overlay_publishes_total"),
+            overlay_entries: d.gauge("kvroute_state_overlay_entries"),
+            directory_blocks: d.gauge("kvroute_directory_blocks"),
             directory_endpoint_blocks: config
                 .endpoints
                 .iter()
                 .map(|e| {
-                    gauge(&format!(
+                    d.gauge(&format!(
                         "kvroute_directory_endpoint_blocks.endpoint.{}",
                         e.name
                     ))
@@ -360,41 +365,41 @@ impl StateMetrics {
             inflight: config
                 .endpoints
                 .iter()
-                .map(|e| gauge(&format!("kvroute_inflight.endpoint.{}", e.name)))
+                .map(|e| d.gauge(&format!("kvroute_inflight.endpoint.{}", e.name)))
                 .collect(),
             queued_prefill: config
                 .endpoints
                 .iter()
                 .map(|e| {
-                    gauge(&format!(
+                    d.gauge(&format!(
                         "kvroute_queued_prefill_tokens.endpoint.{}",
                         e.name
                     ))
                 })
                 .collect(),
-            sessions: gauge("kvroute_directory_sessions"),
-            decisions_recorded: counter("kvroute_decisions_recorded_total"),
-            runtime_polls: counter("kvroute_runtime_polls_total"),
-            runtime_invalid: gauge("kvroute_runtime_invalid_values"),
+            sessions: d.gauge("kvroute_directory_sessions"),
+            decisions_recorded: d.counter("kvroute_decisions_recorded_total"),
+            runtime_polls: d.counter("kvroute_runtime_polls_total"),
+            runtime_invalid: d.gauge("kvroute_runtime_invalid_values"),
             policy_active: PolicyKind::ALL
                 .iter()
-                .map(|p| gauge(&format!("kvroute_policy_active.policy.{p}")))
+                .map(|p| d.gauge(&format!("kvroute_policy_active.policy.{p}")))
                 .collect(),
-            alpha_milli: gauge("kvroute_setting_alpha_milli"),
-            beta_milli: gauge("kvroute_setting_beta_milli"),
-            publish_interval_ms: gauge("kvroute_setting_publish_interval_ms"),
-            directory_epoch: gauge("kvroute_setting_directory_epoch"),
-            stale: gauge("kvroute_state_stale"),
-            sidecar_pulls: counter("kvroute_sidecar_pulls_total"),
-            sidecar_poll_interval_ms: gauge("kvroute_sidecar_poll_interval_ms"),
-            endpoint_healthy: per_endpoint(config, "kvroute_endpoint_healthy"),
-            engine_queue: per_endpoint(config, "kvroute_engine_queue"),
-            directory_capacity: per_endpoint(config, "kvroute_directory_endpoint_capacity"),
-            host_errors: host_error_ids(),
+            alpha_milli: d.gauge("kvroute_setting_alpha_milli"),
+            beta_milli: d.gauge("kvroute_setting_beta_milli"),
+            publish_interval_ms: d.gauge("kvroute_setting_publish_interval_ms"),
+            directory_epoch: d.gauge("kvroute_setting_directory_epoch"),
+            stale: d.gauge("kvroute_state_stale"),
+            sidecar_pulls: d.counter("kvroute_sidecar_pulls_total"),
+            sidecar_poll_interval_ms: d.gauge("kvroute_sidecar_poll_interval_ms"),
+            endpoint_healthy: d.per_endpoint(config, "kvroute_endpoint_healthy"),
+            engine_queue: d.per_endpoint(config, "kvroute_engine_queue"),
+            directory_capacity: d.per_endpoint(config, "kvroute_directory_endpoint_capacity"),
+            host_errors: d.host_errors(),
         }
     }
 
-    pub fn host_error(&self, op: HostOp) {
-        host::increment(self.host_errors.get(op as usize).copied().flatten(), 1);
+    pub fn host_error<H: Host>(&self, host: &H, op: HostOp) {
+        host.increment(self.host_errors.get(op as usize).copied().flatten(), 1);
     }
 }

@@ -1,0 +1,454 @@
+//! An in-memory [`Host`] with Envoy's semantics, for driving the control plane without a proxy.
+//!
+//! Clones of one [`FakeHost`] are VMs of one proxy: they share the shared data (with Envoy's
+//! compare-and-swap rules), the queues, the stats (one stat per name, as Envoy merges the VMs'
+//! definitions), the clock and the log. Time moves only when a test moves it. HTTP callouts wait
+//! until the test answers them; the stream whose callback runs is the one the test set.
+//!
+//! What it models from Envoy's `SharedData` and `SharedQueue`:
+//! - a value's CAS token changes on every write; a write with a token that is not the current
+//!   one is a mismatch, a write without one (or to an absent key) always lands;
+//! - a queue is named by its VM id and name; registering it again returns the same id;
+//! - dequeuing an empty queue finds nothing.
+
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
+use std::rc::Rc;
+use std::time::Duration;
+
+use crate::host::{Host, LogLevel, MetricId, MetricKind, SharedSetError};
+
+/// Another VM's write, applied to a key just before this VM's next compare-and-swap on it.
+type Interleaved = Box<dyn FnOnce(Option<Vec<u8>>) -> Vec<u8>>;
+
+/// One defined stat.
+#[derive(Debug, Clone)]
+pub struct Metric {
+    pub name: String,
+    pub kind: MetricKind,
+    /// A counter's total or a gauge's value.
+    pub value: i64,
+    /// A histogram's recorded values.
+    pub samples: Vec<u64>,
+}
+
+/// An HTTP callout waiting for its answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Callout {
+    pub token: u32,
+    pub cluster: String,
+    pub path: String,
+}
+
+/// The HTTP stream whose callbacks run: what Envoy holds of it.
+#[derive(Debug, Clone, Default)]
+pub struct FakeStream {
+    pub request_headers: Vec<(String, Vec<u8>)>,
+    pub request_body: Vec<u8>,
+    pub response_headers: Vec<(String, String)>,
+    pub response_body: Vec<u8>,
+    pub upstream_address: Option<String>,
+}
+
+impl FakeStream {
+    /// A POST to `path` with this JSON body and its content-length.
+    pub fn post(path: &str, body: &str) -> Self {
+        Self {
+            request_headers: vec![
+                (":method".into(), b"POST".to_vec()),
+                (":path".into(), path.as_bytes().to_vec()),
+                ("content-length".into(), body.len().to_string().into_bytes()),
+            ],
+            request_body: body.as_bytes().to_vec(),
+            ..Self::default()
+        }
+    }
+
+    /// A request header's value, as text.
+    pub fn request_header(&self, name: &str) -> Option<String> {
+        self.request_headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+    }
+}
+
+#[derive(Default)]
+struct World {
+    now_ns: u64,
+    shared: HashMap<String, (Vec<u8>, u32)>,
+    next_cas: u32,
+    interleaved: HashMap<String, VecDeque<Interleaved>>,
+    fail_shared_sets: bool,
+    queues: Vec<(String, VecDeque<Vec<u8>>)>,
+    fail_enqueue: bool,
+    metrics: Vec<Metric>,
+    callouts: Vec<Callout>,
+    next_token: u32,
+    call_response: Option<(String, Vec<u8>)>,
+    tick: Option<Duration>,
+    logs: Vec<(LogLevel, String)>,
+    stream: FakeStream,
+}
+
+/// An in-memory proxy; see the module's documentation.
+#[derive(Clone)]
+pub struct FakeHost {
+    world: Rc<RefCell<World>>,
+}
+
+impl std::fmt::Debug for FakeHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FakeHost")
+            .field("now_ns", &self.world.borrow().now_ns)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for FakeHost {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl FakeHost {
+    /// A proxy whose clock reads 2026-01-01T00:00:00Z.
+    pub fn new() -> Self {
+        let world = World {
+            now_ns: 1_767_225_600_000_000_000,
+            next_cas: 1,
+            next_token: 1,
+            ..World::default()
+        };
+        Self {
+            world: Rc::new(RefCell::new(world)),
+        }
+    }
+
+    pub fn now_ms(&self) -> u64 {
+        self.world.borrow().now_ns / 1_000_000
+    }
+
+    pub fn advance_ms(&self, ms: u64) {
+        self.advance_us(ms * 1000);
+    }
+
+    pub fn advance_us(&self, us: u64) {
+        self.world.borrow_mut().now_ns += us * 1000;
+    }
+
+    /// A shared-data value as it is now.
+    pub fn shared(&self, key: &str) -> Option<Vec<u8>> {
+        self.world.borrow().shared.get(key).map(|(v, _)| v.clone())
+    }
+
+    /// Writes a shared-data value as another VM would (its token changes).
+    pub fn put_shared(&self, key: &str, value: &[u8]) {
+        let mut w = self.world.borrow_mut();
+        let cas = w.next_cas;
+        w.next_cas += 1;
+        w.shared.insert(key.to_owned(), (value.to_vec(), cas));
+    }
+
+    /// Another VM writes `key` (the value `write` makes of the current one) between this VM's
+    /// read and its next compare-and-swap on `key`, which then finds a mismatch.
+    pub fn interleave(&self, key: &str, write: impl FnOnce(Option<Vec<u8>>) -> Vec<u8> + 'static) {
+        self.world
+            .borrow_mut()
+            .interleaved
+            .entry(key.to_owned())
+            .or_default()
+            .push_back(Box::new(write));
+    }
+
+    /// Makes every shared-data write fail (the host refuses it), or stops doing so.
+    pub fn fail_shared_sets(&self, fail: bool) {
+        self.world.borrow_mut().fail_shared_sets = fail;
+    }
+
+    /// Makes every enqueue fail, or stops doing so.
+    pub fn fail_enqueue(&self, fail: bool) {
+        self.world.borrow_mut().fail_enqueue = fail;
+    }
+
+    /// Messages waiting in the queue `name`.
+    pub fn queued(&self, name: &str) -> usize {
+        self.world
+            .borrow()
+            .queues
+            .iter()
+            .find(|(n, _)| n == name)
+            .map_or(0, |(_, q)| q.len())
+    }
+
+    /// The id of the queue `name`, if registered.
+    pub fn queue_id(&self, name: &str) -> Option<u32> {
+        let w = self.world.borrow();
+        w.queues
+            .iter()
+            .position(|(n, _)| n == name)
+            .map(|i| i as u32)
+    }
+
+    /// Callouts sent and not yet answered.
+    pub fn callouts(&self) -> Vec<Callout> {
+        self.world.borrow().callouts.clone()
+    }
+
+    /// Takes the newest unanswered callout whose path starts with `path` (the one its sender
+    /// waits for: a sender that gave up on an older one sent this one instead).
+    pub fn take_callout(&self, path: &str) -> Option<Callout> {
+        let mut w = self.world.borrow_mut();
+        let i = w.callouts.iter().rposition(|c| c.path.starts_with(path))?;
+        Some(w.callouts.remove(i))
+    }
+
+    /// Answers a callout: while `deliver` runs (it calls the context's `on_http_call_response`
+    /// with the body's size), the host serves this status and body.
+    pub fn answer<R>(&self, status: u16, body: &[u8], deliver: impl FnOnce(usize) -> R) -> R {
+        self.world.borrow_mut().call_response = Some((status.to_string(), body.to_vec()));
+        let r = deliver(body.len());
+        self.world.borrow_mut().call_response = None;
+        r
+    }
+
+    /// The tick period last set.
+    pub fn tick(&self) -> Option<Duration> {
+        self.world.borrow().tick
+    }
+
+    /// A stat by name.
+    pub fn metric(&self, name: &str) -> Option<Metric> {
+        let w = self.world.borrow();
+        w.metrics.iter().find(|m| m.name == name).cloned()
+    }
+
+    /// A counter's total or a gauge's value (0 if never defined).
+    pub fn value(&self, name: &str) -> i64 {
+        self.metric(name).map_or(0, |m| m.value)
+    }
+
+    /// A histogram's recorded values.
+    pub fn samples(&self, name: &str) -> Vec<u64> {
+        self.metric(name).map(|m| m.samples).unwrap_or_default()
+    }
+
+    /// Log lines so far.
+    pub fn logs(&self) -> Vec<(LogLevel, String)> {
+        self.world.borrow().logs.clone()
+    }
+
+    /// How many log lines contain `text`.
+    pub fn logged(&self, text: &str) -> usize {
+        self.world
+            .borrow()
+            .logs
+            .iter()
+            .filter(|(_, m)| m.contains(text))
+            .count()
+    }
+
+    /// Sets the stream whose callbacks run next.
+    pub fn set_stream(&self, stream: FakeStream) {
+        self.world.borrow_mut().stream = stream;
+    }
+
+    /// The current stream as the callbacks left it.
+    pub fn stream(&self) -> FakeStream {
+        self.world.borrow().stream.clone()
+    }
+
+    /// Edits the current stream (a response arriving, a retry's upstream).
+    pub fn edit_stream(&self, edit: impl FnOnce(&mut FakeStream)) {
+        edit(&mut self.world.borrow_mut().stream);
+    }
+}
+
+impl Host for FakeHost {
+    fn now_ns(&self) -> u64 {
+        self.world.borrow().now_ns
+    }
+
+    fn log(&self, level: LogLevel, msg: &str) {
+        self.world.borrow_mut().logs.push((level, msg.to_owned()));
+    }
+
+    fn shared_get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
+        match self.world.borrow().shared.get(key) {
+            Some((v, cas)) => (Some(v.clone()), Some(*cas)),
+            None => (None, None),
+        }
+    }
+
+    fn shared_set(
+        &self,
+        key: &str,
+        value: &[u8],
+        cas: Option<u32>,
+    ) -> Result<bool, SharedSetError> {
+        let other = if cas.is_some() {
+            self.world
+                .borrow_mut()
+                .interleaved
+                .get_mut(key)
+                .and_then(VecDeque::pop_front)
+        } else {
+            None
+        };
+        if let Some(write) = other {
+            let current = self.shared(key);
+            self.put_shared(key, &write(current));
+        }
+        let mut w = self.world.borrow_mut();
+        if w.fail_shared_sets {
+            return Err(SharedSetError);
+        }
+        if let (Some(cas), Some((_, current))) = (cas, w.shared.get(key)) {
+            if cas != 0 && cas != *current {
+                return Ok(false);
+            }
+        }
+        let next = w.next_cas;
+        w.next_cas += 1;
+        w.shared.insert(key.to_owned(), (value.to_vec(), next));
+        Ok(true)
+    }
+
+    fn register_queue(&self, name: &str) -> Option<u32> {
+        let mut w = self.world.borrow_mut();
+        if let Some(i) = w.queues.iter().position(|(n, _)| n == name) {
+            return Some(i as u32);
+        }
+        w.queues.push((name.to_owned(), VecDeque::new()));
+        Some(w.queues.len() as u32 - 1)
+    }
+
+    fn resolve_queue(&self, name: &str) -> Option<u32> {
+        self.queue_id(name)
+    }
+
+    fn enqueue(&self, queue: u32, msg: &[u8]) -> bool {
+        let mut w = self.world.borrow_mut();
+        if w.fail_enqueue {
+            return false;
+        }
+        match w.queues.get_mut(queue as usize) {
+            Some((_, q)) => {
+                q.push_back(msg.to_vec());
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn dequeue(&self, queue: u32) -> Option<Vec<u8>> {
+        let mut w = self.world.borrow_mut();
+        w.queues.get_mut(queue as usize)?.1.pop_front()
+    }
+
+    fn set_tick(&self, period: Duration) -> bool {
+        self.world.borrow_mut().tick = Some(period);
+        true
+    }
+
+    fn http_get(
+        &self,
+        cluster: &str,
+        _authority: &str,
+        path: &str,
+        _timeout: Duration,
+    ) -> Option<u32> {
+        let mut w = self.world.borrow_mut();
+        let token = w.next_token;
+        w.next_token += 1;
+        w.callouts.push(Callout {
+            token,
+            cluster: cluster.to_owned(),
+            path: path.to_owned(),
+        });
+        Some(token)
+    }
+
+    fn call_response_status(&self) -> Option<String> {
+        self.world
+            .borrow()
+            .call_response
+            .as_ref()
+            .map(|(s, _)| s.clone())
+    }
+
+    fn call_response_body(&self, size: usize) -> Option<Vec<u8>> {
+        let w = self.world.borrow();
+        let (_, body) = w.call_response.as_ref()?;
+        Some(body.get(..size.min(body.len()))?.to_vec())
+    }
+
+    fn define_metric(&self, kind: MetricKind, name: &str) -> MetricId {
+        let mut w = self.world.borrow_mut();
+        if let Some(i) = w.metrics.iter().position(|m| m.name == name) {
+            return Some(i as u32);
+        }
+        w.metrics.push(Metric {
+            name: name.to_owned(),
+            kind,
+            value: 0,
+            samples: Vec::new(),
+        });
+        Some(w.metrics.len() as u32 - 1)
+    }
+
+    fn increment(&self, id: MetricId, by: i64) {
+        let mut w = self.world.borrow_mut();
+        if let Some(m) = id.and_then(|i| w.metrics.get_mut(i as usize)) {
+            m.value += by;
+        }
+    }
+
+    fn record(&self, id: MetricId, value: u64) {
+        let mut w = self.world.borrow_mut();
+        if let Some(m) = id.and_then(|i| w.metrics.get_mut(i as usize)) {
+            match m.kind {
+                MetricKind::Histogram => m.samples.push(value),
+                _ => m.value = value as i64,
+            }
+        }
+    }
+
+    fn request_headers(&self) -> Option<Vec<(String, Vec<u8>)>> {
+        Some(self.world.borrow().stream.request_headers.clone())
+    }
+
+    fn set_request_header(&self, name: &str, value: Option<&str>) -> bool {
+        let mut w = self.world.borrow_mut();
+        let headers = &mut w.stream.request_headers;
+        headers.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
+        if let Some(v) = value {
+            headers.push((name.to_owned(), v.as_bytes().to_vec()));
+        }
+        true
+    }
+
+    fn add_response_header(&self, name: &str, value: &str) -> bool {
+        let mut w = self.world.borrow_mut();
+        w.stream
+            .response_headers
+            .push((name.to_owned(), value.to_owned()));
+        true
+    }
+
+    fn request_body(&self, size: usize) -> Option<Vec<u8>> {
+        let w = self.world.borrow();
+        let b = &w.stream.request_body;
+        Some(b.get(..size.min(b.len()))?.to_vec())
+    }
+
+    fn response_body(&self, size: usize) -> Option<Vec<u8>> {
+        let w = self.world.borrow();
+        let b = &w.stream.response_body;
+        Some(b.get(..size.min(b.len()))?.to_vec())
+    }
+
+    fn upstream_address(&self) -> Option<String> {
+        self.world.borrow().stream.upstream_address.clone()
+    }
+}

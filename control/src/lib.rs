@@ -1,0 +1,30 @@
+//! kvroute-control: the gateway's control plane, written once against the [`Host`] trait.
+//!
+//! - [`worker`]: the request path. One [`Worker`] per VM (it reads the published state and the
+//!   gateway's in-flight counts, decides, reports decisions to the state service) and one
+//!   [`Stream`] per HTTP stream (its callbacks: headers, body, response, end).
+//! - [`service`]: the state service. It owns the prefix directory, applies the decisions that the
+//!   workers report over a shared queue, polls runtime values and the sidecar's snapshot, and
+//!   publishes one versioned state (with overlays of the directory's changes between states).
+//! - [`standby`]: every filter VM stands by for the state service and takes its lease over when
+//!   the service's VM dies.
+//! - [`fake`]: an in-memory [`Host`] (shared data with CAS, queues, a clock, stats, callouts and one
+//!   stream at a time) on which the unit tests drive several VMs at once.
+//!
+//! The proxy-wasm filter (`filter/`) is the callbacks, the root-id dispatch and `impl Host` over
+//! `proxy_wasm::hostcalls`; everything else lives here, where it is unit tested.
+
+pub mod fake;
+pub mod host;
+pub mod metrics;
+pub mod service;
+pub mod standby;
+pub mod worker;
+
+pub use host::{Host, LogLevel, MetricId, MetricKind, SharedSetError};
+pub use service::{Role, StateService};
+pub use standby::Standby;
+pub use worker::{Flow, Stream, Worker};
+
+#[cfg(test)]
+mod tests;

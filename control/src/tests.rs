@@ -1,0 +1,640 @@
+//! The control plane on the fake host: several VMs of one proxy (workers, the state service, a
+//! stand-by) sharing its shared data, queues and stats, with time moved by the test.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::rc::Rc;
+
+use kvroute_core::directory::PrefixIndex;
+use kvroute_core::hash::BlockHash;
+use kvroute_core::state::{self, DecisionReport, PublishedState};
+use kvroute_core::FilterConfig;
+
+use crate::fake::{FakeHost, FakeStream};
+use crate::host::Host;
+use crate::service::{Role, StateService, TICK_MS};
+use crate::standby::Standby;
+use crate::worker::{Flow, Stream, Worker, REPORT_COALESCE_US};
+
+const CHAT: &str = "/v1/chat/completions";
+
+fn config(extra: &str) -> FilterConfig {
+    let json = format!(
+        r#"{{"endpoints":[{{"name":"e0","address":"10.0.0.1:8000"}},{{"name":"e1","address":"10.0.0.2:8000"}}]{extra}}}"#
+    );
+    FilterConfig::from_json(json.as_bytes()).unwrap()
+}
+
+/// One proxy: the state service's VM and a worker VM.
+struct Proxy {
+    host: FakeHost,
+    service: StateService<FakeHost>,
+    worker: Rc<Worker<FakeHost>>,
+}
+
+impl Proxy {
+    fn new(extra: &str) -> Self {
+        let host = FakeHost::new();
+        let cfg = config(extra);
+        let service = StateService::start(host.clone(), cfg.clone(), Role::Bootstrap, 7).unwrap();
+        let worker = Rc::new(Worker::new(host.clone(), cfg));
+        Self {
+            host,
+            service,
+            worker,
+        }
+    }
+
+    /// Another worker VM of the same proxy.
+    fn worker(&self, extra: &str) -> Rc<Worker<FakeHost>> {
+        Rc::new(Worker::new(self.host.clone(), config(extra)))
+    }
+
+    /// Sends one chat request through `worker`'s stream callbacks up to the routing decision and
+    /// returns the stream (still open) and the endpoint it was routed to.
+    fn route_on(
+        &self,
+        worker: &Rc<Worker<FakeHost>>,
+        session: &str,
+        text: &str,
+    ) -> (Stream<FakeHost>, usize) {
+        let body = serde_json::json!({
+            "model": "m",
+            "messages": [{"role": "user", "content": text}],
+        })
+        .to_string();
+        let mut req = FakeStream::post(CHAT, &body);
+        req.request_headers
+            .push(("x-session-id".into(), session.as_bytes().to_vec()));
+        self.host.set_stream(req);
+        let mut s = Stream::new(worker.clone());
+        assert_eq!(s.on_request_headers(false), Flow::Pause);
+        assert_eq!(s.on_request_body(body.len(), true), Flow::Continue);
+        let routed = self
+            .host
+            .stream()
+            .request_header("x-kvroute-endpoint")
+            .unwrap();
+        let endpoint = ["e0", "e1"].iter().position(|e| *e == routed).unwrap();
+        (s, endpoint)
+    }
+
+    fn route(&self, session: &str, text: &str) -> (Stream<FakeHost>, usize) {
+        self.route_on(&self.worker, session, text)
+    }
+
+    /// The state service reads its decision queue.
+    fn apply_reports(&mut self) {
+        let q = self.host.queue_id(state::DECISION_QUEUE).unwrap();
+        self.service.on_queue_ready(q);
+    }
+
+    fn tick(&mut self, ms: u64) {
+        self.host.advance_ms(ms);
+        self.service.on_tick();
+    }
+
+    /// Answers the runtime poll (the service's `GET /runtime`) with these `kvroute.*` values.
+    fn runtime(&mut self, values: &[(&str, &str)]) {
+        self.tick(200);
+        let call = self.host.take_callout("/runtime").expect("a runtime poll");
+        let entries: serde_json::Map<String, serde_json::Value> = values
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), serde_json::json!({ "final_value": v })))
+            .collect();
+        let body = serde_json::json!({ "entries": entries, "layers": [] }).to_string();
+        let service = &mut self.service;
+        self.host.answer(200, body.as_bytes(), |n| {
+            service.on_http_call_response(call.token, n);
+        });
+    }
+
+    fn published(&self) -> PublishedState {
+        PublishedState::decode(self.host.shared(state::STATE_KEY).unwrap()).unwrap()
+    }
+
+    /// Gateway in-flight counts: requests, blocks, prompt tokens to prefill, down marks.
+    fn inflight(&self) -> [Vec<i64>; 4] {
+        let mut all = Vec::new();
+        state::decode_inflight(
+            &self.host.shared(state::INFLIGHT_KEY).unwrap(),
+            4 * 2,
+            &mut all,
+        );
+        [0, 1, 2, 3].map(|k| all[2 * k..2 * k + 2].to_vec())
+    }
+}
+
+fn text(seed: usize) -> String {
+    (0..40)
+        .map(|i| format!("conversation {seed} sentence {i} about routing prefix caches. "))
+        .collect()
+}
+
+#[test]
+fn a_routed_request_counts_in_flight_until_its_stream_ends_and_its_prefill_until_the_response_starts(
+) {
+    let p = Proxy::new("");
+    let (mut s, e) = p.route("a", &text(1));
+    let [req, blocks, prefill, _] = p.inflight();
+    assert_eq!(req[e], 1);
+    assert!(blocks[e] > 0 && prefill[e] > 0, "{blocks:?} {prefill:?}");
+    assert_eq!(req[1 - e], 0);
+
+    p.host
+        .edit_stream(|s| s.response_body = b"data: {}".to_vec());
+    s.on_response_headers();
+    s.on_response_body(8);
+    let [req, blocks, prefill, _] = p.inflight();
+    assert_eq!(
+        (req[e], prefill[e]),
+        (1, 0),
+        "the prefill is done once the response starts"
+    );
+    assert!(blocks[e] > 0);
+
+    s.on_end();
+    assert_eq!(p.inflight()[..3], [vec![0, 0], vec![0, 0], vec![0, 0]]);
+    // The response named the endpoint and the policy.
+    let headers = p.host.stream().response_headers;
+    assert_eq!(
+        headers[0],
+        ("x-kvroute-endpoint".into(), ["e0", "e1"][e].into())
+    );
+    assert_eq!(headers[1].0, "x-kvroute-policy");
+}
+
+#[test]
+fn a_stream_reset_before_its_response_gives_back_everything_it_counted() {
+    let p = Proxy::new("");
+    let (mut a, _) = p.route("a", &text(1));
+    let (mut b, _) = p.route("b", &text(2));
+    assert_eq!(p.inflight()[0].iter().sum::<i64>(), 2);
+    // Reset: Envoy calls on_log with no response at all.
+    a.on_end();
+    b.on_end();
+    assert_eq!(p.inflight()[..3], [vec![0, 0], vec![0, 0], vec![0, 0]]);
+    // A second on_log (or one after the end) takes nothing more.
+    a.on_end();
+    assert_eq!(p.inflight()[0], vec![0, 0]);
+}
+
+#[test]
+fn an_in_flight_increment_that_loses_the_swap_to_another_vm_is_retried_and_both_land() {
+    let p = Proxy::new("");
+    // Between this worker's read of the counters and its swap, another VM counts 5 requests on e1.
+    p.host.interleave(state::INFLIGHT_KEY, |current| {
+        let mut c = Vec::new();
+        state::decode_inflight(&current.unwrap_or_default(), 8, &mut c);
+        c[1] += 5;
+        state::encode_inflight(&c)
+    });
+    let (_s, e) = p.route("a", &text(1));
+    let req = &p.inflight()[0];
+    assert_eq!(req[e] + req[1 - e], 6, "{req:?}");
+    assert_eq!(req[1], if e == 1 { 6 } else { 5 });
+    assert_eq!(p.host.value("kvroute_host_errors_total.op.inflight"), 0);
+}
+
+#[test]
+fn an_in_flight_increment_that_never_wins_the_swap_gives_up_and_is_counted() {
+    let p = Proxy::new("");
+    for _ in 0..64 {
+        p.host
+            .interleave(state::INFLIGHT_KEY, |c| c.unwrap_or_default());
+    }
+    let (_s, _) = p.route("a", &text(1));
+    assert_eq!(p.host.value("kvroute_host_errors_total.op.inflight"), 1);
+    // The request was still routed.
+    assert!(p
+        .host
+        .stream()
+        .request_header("x-kvroute-endpoint")
+        .is_some());
+}
+
+#[test]
+fn round_robin_cycles_across_the_workers_of_the_gateway_not_per_worker() {
+    let p = Proxy::new(r#","defaults":{"policy":"round_robin"}"#);
+    let other = p.worker(r#","defaults":{"policy":"round_robin"}"#);
+    let picks: Vec<usize> = (0..6)
+        .map(|i| {
+            let w = if i % 2 == 0 { &p.worker } else { &other };
+            p.route_on(w, &format!("s{i}"), &text(i)).1
+        })
+        .collect();
+    // Each worker alone would have sent all its requests to one endpoint.
+    assert_eq!(picks.iter().filter(|e| **e == 0).count(), 3, "{picks:?}");
+    assert!(picks.windows(2).all(|w| w[0] != w[1]), "{picks:?}");
+}
+
+#[test]
+fn decisions_reach_the_directory_and_the_next_request_of_the_conversation_sees_its_prefix() {
+    let mut p = Proxy::new("");
+    let (_s, e) = p.route("a", &text(1));
+    p.apply_reports();
+    assert_eq!(p.host.value("kvroute_decisions_recorded_total"), 1);
+    // Every decision is published (the default): as an overlay on the state.
+    assert_eq!(p.host.value("kvroute_state_overlay_publishes_total"), 1);
+    let (_s2, e2) = p.route("a", &format!("{}and a follow-up.", text(1)));
+    assert_eq!(e2, e, "the follow-up goes where its prefix is");
+    assert_eq!(p.host.value("kvroute_predicted_hits_total"), 1);
+}
+
+#[test]
+fn an_overlay_published_for_an_older_state_is_not_read_on_top_of_a_newer_one() {
+    let mut p = Proxy::new("");
+    let (_s, _) = p.route("a", &text(1));
+    p.apply_reports();
+    let overlay = p.host.shared(state::OVERLAY_KEY).unwrap();
+    let old = p.published().header.version;
+    // A new state without the directory (the epoch changed: the directory is forgotten) ...
+    p.runtime(&[("kvroute.directory_epoch", "1")]);
+    let new = p.published().header.version;
+    assert!(new > old);
+    assert_eq!(p.published().directory_entries(), 0);
+    // ... while the version key names overlay 1 again, and the overlay still holds the old
+    // state's changes (a publish racing the read).
+    p.host.put_shared(
+        state::VERSION_KEY,
+        &state::encode_version_with_overlay(new, p.host.now_ms(), 1),
+    );
+    p.host.put_shared(state::OVERLAY_KEY, &overlay);
+    let fresh = p.worker("");
+    p.route_on(&fresh, "b", &text(1));
+    assert_eq!(
+        p.host.value("kvroute_predicted_hits_total"),
+        0,
+        "the stale overlay was read"
+    );
+
+    // The same overlay rebased on the new state is read (the check that the test can fail).
+    let mut rebased = overlay.clone();
+    rebased[4..12].copy_from_slice(&new.to_le_bytes());
+    p.host.put_shared(state::OVERLAY_KEY, &rebased);
+    let fresh = p.worker("");
+    p.route_on(&fresh, "c", &text(1));
+    assert_eq!(p.host.value("kvroute_predicted_hits_total"), 1);
+}
+
+#[test]
+fn more_changes_than_an_overlay_holds_publish_the_whole_directory() {
+    let mut p = Proxy::new("");
+    let q = p.host.queue_id(state::DECISION_QUEUE).unwrap();
+    let report = |from: u64, n: u64| DecisionReport {
+        endpoint: 1,
+        session: None,
+        blocks: (from..from + n)
+            .map(|i| BlockHash(i.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1))
+            .collect(),
+    };
+    // A few changes: an overlay.
+    p.host.enqueue(q, &report(0, 10).encode());
+    p.apply_reports();
+    assert_eq!(p.host.value("kvroute_state_overlay_publishes_total"), 1);
+    let publishes = p.host.value("kvroute_state_publishes_total");
+    // More than the journal holds in one wake-up (reports of at most 1,000 blocks, all of weight
+    // one): a full state, which holds every block.
+    let big = state::OVERLAY_MAX_CHANGES as u64 + 452;
+    let mut batch = Vec::new();
+    for from in (10..10 + big).step_by(1000) {
+        report(from, 1000.min(10 + big - from)).encode_into(&mut batch);
+    }
+    p.host.enqueue(q, &batch);
+    p.apply_reports();
+    assert_eq!(p.host.value("kvroute_state_overlay_publishes_total"), 1);
+    assert_eq!(p.host.value("kvroute_state_publishes_total"), publishes + 1);
+    let published = p.published();
+    assert_eq!(published.directory_entries() as u64, 10 + big);
+    for b in report(0, 10 + big).blocks {
+        assert_eq!(published.holders(b), 0b10);
+    }
+    assert_eq!(
+        p.host
+            .shared(state::VERSION_KEY)
+            .map(|v| state::decode_overlay_seq(&v)),
+        Some(0)
+    );
+}
+
+#[test]
+fn runtime_values_change_the_settings_once_and_invalid_ones_are_counted_and_logged_once() {
+    let mut p = Proxy::new("");
+    let v0 = p.published().header.version;
+    p.runtime(&[("kvroute.policy", "jsq"), ("kvroute.alpha", "lots")]);
+    let s = p.published();
+    assert_eq!(s.header.settings.policy.as_str(), "jsq");
+    assert_eq!(s.header.version, v0 + 1);
+    assert_eq!(p.host.value("kvroute_runtime_invalid_values"), 1);
+    assert_eq!(p.host.logged("ignoring runtime value"), 1);
+    assert_eq!(
+        p.host.value("kvroute_policy_active.policy.jsq"),
+        0,
+        "gauges wait for the tick"
+    );
+    p.tick(TICK_MS);
+    assert_eq!(p.host.value("kvroute_policy_active.policy.jsq"), 1);
+    // The same values again: no publish, no new log line.
+    p.runtime(&[("kvroute.policy", "jsq"), ("kvroute.alpha", "lots")]);
+    assert_eq!(p.published().header.version, v0 + 1);
+    assert_eq!(p.host.logged("ignoring runtime value"), 1);
+    // The invalid value fixed, the policy switched back: one publish.
+    p.runtime(&[("kvroute.policy", "predicted_ttft")]);
+    assert_eq!(p.published().header.version, v0 + 2);
+    assert_eq!(p.host.value("kvroute_runtime_invalid_values"), 0);
+    // A runtime answer that is not Envoy's JSON changes nothing and is counted.
+    p.tick(200);
+    let call = p.host.take_callout("/runtime").unwrap();
+    let service = &mut p.service;
+    p.host.answer(200, b"<html>", |n| {
+        service.on_http_call_response(call.token, n)
+    });
+    assert_eq!(p.host.value("kvroute_host_errors_total.op.runtime_poll"), 1);
+    assert_eq!(p.published().header.version, v0 + 2);
+}
+
+#[test]
+fn reports_within_the_coalescing_interval_travel_in_one_message() {
+    // Under an interval (not every decision), reports wait for the batch.
+    let mut p = Proxy::new(r#","defaults":{"publish_interval":{"millis":100}}"#);
+    for i in 0..5 {
+        p.host.advance_us(100);
+        p.route(&format!("s{i}"), &text(i));
+    }
+    // The first goes at once (none went before); the other four wait.
+    assert_eq!(p.host.queued(state::DECISION_QUEUE), 1);
+    p.host.advance_us(REPORT_COALESCE_US);
+    p.worker.on_tick();
+    assert_eq!(p.host.queued(state::DECISION_QUEUE), 2);
+    p.apply_reports();
+    assert_eq!(p.host.value("kvroute_decisions_recorded_total"), 5);
+
+    // Every decision published: a report that changes the directory goes at once.
+    let mut p = Proxy::new("");
+    for i in 0..5 {
+        p.route(&format!("s{i}"), &text(i));
+    }
+    assert_eq!(p.host.queued(state::DECISION_QUEUE), 5);
+    p.apply_reports();
+    // ... and one that only refreshes recency waits.
+    let (_s, _) = p.route("s0", &text(0));
+    assert_eq!(p.host.queued(state::DECISION_QUEUE), 0);
+    p.host.advance_us(REPORT_COALESCE_US);
+    p.worker.on_tick();
+    assert_eq!(p.host.queued(state::DECISION_QUEUE), 1);
+}
+
+#[test]
+fn a_report_that_cannot_be_queued_is_counted_and_the_request_still_routed() {
+    let p = Proxy::new("");
+    p.host.fail_enqueue(true);
+    let (_s, _) = p.route("a", &text(1));
+    assert_eq!(p.host.value("kvroute_host_errors_total.op.enqueue"), 1);
+    assert!(p
+        .host
+        .stream()
+        .request_header("x-kvroute-endpoint")
+        .is_some());
+}
+
+#[test]
+fn an_interval_publishes_the_directory_at_most_once_per_interval_and_never_publishes_none() {
+    let mut p = Proxy::new(r#","defaults":{"publish_interval":{"millis":100}}"#);
+    let publishes = p.host.value("kvroute_state_publishes_total");
+    p.route("a", &text(1));
+    p.apply_reports();
+    p.tick(TICK_MS);
+    assert_eq!(
+        p.host.value("kvroute_state_publishes_total"),
+        publishes,
+        "before the interval"
+    );
+    assert_eq!(p.published().directory_entries(), 0);
+    p.tick(100);
+    assert_eq!(p.host.value("kvroute_state_publishes_total"), publishes + 1);
+    assert!(p.published().directory_entries() > 0);
+    assert_eq!(p.host.value("kvroute_state_overlay_publishes_total"), 0);
+    // Nothing new: no publish.
+    p.tick(200);
+    assert_eq!(p.host.value("kvroute_state_publishes_total"), publishes + 1);
+
+    let mut p = Proxy::new(r#","defaults":{"publish_interval":"never"}"#);
+    p.route("a", &text(1));
+    p.apply_reports();
+    p.tick(1000);
+    assert_eq!(p.host.value("kvroute_decisions_recorded_total"), 1);
+    assert_eq!(p.published().directory_entries(), 0);
+    assert_eq!(p.published().header.directory_as_of_ms, 0);
+    p.route("a", &text(1));
+    assert_eq!(p.host.value("kvroute_predicted_hits_total"), 0);
+}
+
+fn snapshot(now_ms: u64, waiting: [f64; 2], healthy: [bool; 2]) -> String {
+    let engines: Vec<_> = (0..2)
+        .map(|i| {
+            serde_json::json!({
+                "name": format!("e{i}"), "healthy": healthy[i], "consecutive_failures": 0,
+                "scraped_at_ms": now_ms, "waiting": waiting[i], "running": 1.0, "kv_usage": 0.1,
+                "hit_rate": null, "prompt_tokens_per_s": 0.0, "generation_tokens_per_s": 0.0,
+                "capacity_tokens": null, "restarts": 0,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "schema": 1, "version": 1, "generated_at_ms": now_ms, "poll_interval_ms": 50,
+        "engines": engines,
+    })
+    .to_string()
+}
+
+#[test]
+fn a_missing_or_late_sidecar_marks_the_state_stale_and_a_fresh_snapshot_clears_it() {
+    let mut p = Proxy::new(r#","sidecar":{"cluster":"sidecar","stale_after_ms":500}"#);
+    // Stale until the first snapshot arrives.
+    assert!(p.published().header.stale);
+    p.route("a", &text(1));
+    assert_eq!(
+        p.host.value("kvroute_fallbacks_total.reason.stale_state"),
+        1
+    );
+
+    p.tick(100);
+    let call = p.host.take_callout("/snapshot").expect("a snapshot pull");
+    let body = snapshot(p.host.now_ms(), [3.0, 0.0], [true, false]);
+    let service = &mut p.service;
+    p.host.answer(200, body.as_bytes(), |n| {
+        service.on_http_call_response(call.token, n)
+    });
+    let h = p.published().header;
+    assert!(!h.stale);
+    assert_eq!(h.endpoints[0].engine.unwrap().waiting, 3.0);
+    assert!(!h.endpoints[1].healthy);
+    assert_eq!(p.host.value("kvroute_sidecar_pulls_total"), 1);
+    assert_eq!(p.host.value("kvroute_sidecar_poll_interval_ms"), 50);
+
+    // An error answer is counted and changes nothing.
+    p.tick(100);
+    let call = p.host.take_callout("/snapshot").unwrap();
+    let service = &mut p.service;
+    p.host
+        .answer(503, b"", |n| service.on_http_call_response(call.token, n));
+    assert_eq!(p.host.value("kvroute_host_errors_total.op.sidecar_pull"), 1);
+    assert!(!p.published().header.stale);
+
+    // No answer for longer than stale_after_ms: stale, engine load dropped, health unknown.
+    for _ in 0..6 {
+        p.tick(100);
+    }
+    let h = p.published().header;
+    assert!(h.stale);
+    assert!(h.endpoints.iter().all(|e| e.healthy && e.engine.is_none()));
+    assert_eq!(p.host.logged("sidecar snapshot missing or stale"), 1);
+    p.route("b", &text(2));
+    assert_eq!(
+        p.host.value("kvroute_fallbacks_total.reason.stale_state"),
+        2
+    );
+
+    // A snapshot again: fresh.
+    let call = p.host.take_callout("/snapshot").unwrap();
+    let body = snapshot(p.host.now_ms(), [0.0, 0.0], [true, true]);
+    let service = &mut p.service;
+    p.host.answer(200, body.as_bytes(), |n| {
+        service.on_http_call_response(call.token, n)
+    });
+    assert!(!p.published().header.stale);
+    assert_eq!(p.host.logged("sidecar snapshot fresh again"), 2);
+}
+
+#[test]
+fn an_unhealthy_endpoint_gets_no_requests() {
+    let mut p = Proxy::new(r#","sidecar":{"cluster":"sidecar"}"#);
+    p.tick(100);
+    let call = p.host.take_callout("/snapshot").unwrap();
+    let body = snapshot(p.host.now_ms(), [0.0, 0.0], [false, true]);
+    let service = &mut p.service;
+    p.host.answer(200, body.as_bytes(), |n| {
+        service.on_http_call_response(call.token, n)
+    });
+    for i in 0..8 {
+        assert_eq!(p.route(&format!("s{i}"), &text(i)).1, 1);
+    }
+}
+
+#[test]
+fn a_retry_on_another_engine_moves_the_counts_there_and_marks_the_first_down() {
+    let p = Proxy::new("");
+    let (mut s, e) = p.route("a", &text(1));
+    assert_eq!(
+        p.host.stream().request_header("x-kvroute-host").unwrap(),
+        format!("10.0.0.{}:8000,10.0.0.{}:8000", e + 1, 2 - e)
+    );
+    let served = format!("10.0.0.{}:8000", 2 - e);
+    p.host.edit_stream(|s| s.upstream_address = Some(served));
+    s.on_response_headers();
+    let [req, _, _, down] = p.inflight();
+    assert_eq!((req[e], req[1 - e]), (0, 1));
+    assert_eq!(down[e] as u64, p.host.now_ms() + state::PASSIVE_DOWN_MS);
+    assert_eq!(
+        p.host
+            .value(&format!("kvroute_retried_total.endpoint.e{e}")),
+        1
+    );
+    // While it is down, the policies route around it.
+    for i in 0..4 {
+        assert_eq!(p.route(&format!("s{i}"), &text(10 + i)).1, 1 - e);
+    }
+    s.on_end();
+    assert_eq!(p.inflight()[0][1 - e], 4);
+}
+
+#[test]
+fn bad_bodies_fall_back_to_load_routing_and_are_counted_by_reason() {
+    let p = Proxy::new(r#","max_body_bytes":1000"#);
+    for (body, reason) in [
+        ("not json", "kvroute_parse_errors_total.reason.not_json"),
+        (
+            "{\"model\":\"m\"}",
+            "kvroute_parse_errors_total.reason.no_prompt",
+        ),
+    ] {
+        p.host.set_stream(FakeStream::post(CHAT, body));
+        let mut s = Stream::new(p.worker.clone());
+        assert_eq!(s.on_request_headers(false), Flow::Pause);
+        assert_eq!(s.on_request_body(body.len(), true), Flow::Continue);
+        assert!(p
+            .host
+            .stream()
+            .request_header("x-kvroute-endpoint")
+            .is_some());
+        assert_eq!(p.host.value(reason), 1, "{reason}");
+        s.on_end();
+    }
+    assert_eq!(
+        p.host.value("kvroute_fallbacks_total.reason.parse_error"),
+        2
+    );
+    // Declared too large: routed on its headers, never buffered.
+    let mut big = FakeStream::post(CHAT, "{}");
+    big.request_headers[2].1 = b"5000".to_vec();
+    p.host.set_stream(big);
+    let mut s = Stream::new(p.worker.clone());
+    assert_eq!(s.on_request_headers(false), Flow::Continue);
+    assert_eq!(
+        p.host
+            .value("kvroute_fallbacks_total.reason.body_too_large"),
+        1
+    );
+    // A client's own routing header is removed; other paths pass through untouched.
+    let mut get = FakeStream::post("/v1/models", "");
+    get.request_headers[0].1 = b"GET".to_vec();
+    get.request_headers
+        .push(("x-kvroute-endpoint".into(), b"e1".to_vec()));
+    p.host.set_stream(get);
+    let mut s = Stream::new(p.worker.clone());
+    assert_eq!(s.on_request_headers(true), Flow::Continue);
+    assert_eq!(p.host.stream().request_header("x-kvroute-endpoint"), None);
+    assert_eq!(p.host.value("kvroute_passthrough_total"), 1);
+}
+
+#[test]
+fn a_stand_by_takes_the_state_service_over_when_its_lease_lapses_and_the_old_one_stands_down() {
+    let mut p = Proxy::new("");
+    let mut standby = Standby::new(p.host.clone(), config(""));
+    // While the service renews its lease, the stand-by waits.
+    for _ in 0..100 {
+        p.tick(TICK_MS);
+        standby.on_tick();
+    }
+    assert_eq!(p.host.value("kvroute_state_takeovers_total"), 0);
+    let version = p.published().header.version;
+    // The service's VM dies: nothing renews the lease.
+    let mut dead_for = 0;
+    while p.host.value("kvroute_state_takeovers_total") == 0 {
+        p.host.advance_ms(TICK_MS);
+        dead_for += TICK_MS;
+        standby.on_tick();
+        assert!(dead_for < 3 * state::LEASE_TTL_MS, "no takeover");
+    }
+    assert!(
+        dead_for >= state::LEASE_TTL_MS - state::LEASE_RENEW_MS,
+        "{dead_for}"
+    );
+    // The new service continues the version, so workers see its publishes as new.
+    assert!(p.published().header.version > version);
+    // It applies the reports.
+    p.route("a", &text(1));
+    let q = p.host.queue_id(state::DECISION_QUEUE).unwrap();
+    standby.on_queue_ready(q);
+    assert_eq!(p.host.value("kvroute_decisions_recorded_total"), 1);
+    // The old one, if it comes back, finds the lease held and stands down for good.
+    p.service.on_tick();
+    p.host.advance_ms(state::LEASE_RENEW_MS);
+    p.service.on_tick();
+    assert!(!p.service.active());
+}
