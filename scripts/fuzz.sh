@@ -12,7 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 AFL_VERSION=0.18.2
-TARGETS=(request prometheus state config runtime snapshot)
+TARGETS=(request prometheus state config runtime snapshot fleet)
 mode=${1:-smoke}
 limit=${2:-}
 shift $(( $# > 2 ? 2 : $# ))

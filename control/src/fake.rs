@@ -37,7 +37,9 @@ pub struct Metric {
 pub struct Callout {
     pub token: u32,
     pub cluster: String,
+    pub method: String,
     pub path: String,
+    pub body: Vec<u8>,
 }
 
 /// The HTTP stream whose callbacks run: what Envoy holds of it.
@@ -351,11 +353,13 @@ impl Host for FakeHost {
         true
     }
 
-    fn http_get(
+    fn http_call(
         &self,
         cluster: &str,
         _authority: &str,
+        method: &str,
         path: &str,
+        body: Option<&[u8]>,
         _timeout: Duration,
     ) -> Option<u32> {
         let mut w = self.world.borrow_mut();
@@ -364,7 +368,9 @@ impl Host for FakeHost {
         w.callouts.push(Callout {
             token,
             cluster: cluster.to_owned(),
+            method: method.to_owned(),
             path: path.to_owned(),
+            body: body.map(<[u8]>::to_vec).unwrap_or_default(),
         });
         Some(token)
     }

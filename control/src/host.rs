@@ -60,14 +60,27 @@ pub trait Host {
     /// Sets the root context's tick period.
     fn set_tick(&self, period: Duration) -> bool;
 
-    /// Sends `GET path` to `cluster`; the answer arrives as a call response with this token.
+    /// Sends `method path` with `body` to `cluster`; the answer arrives as a call response with
+    /// this token.
+    fn http_call(
+        &self,
+        cluster: &str,
+        authority: &str,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+        timeout: Duration,
+    ) -> Option<u32>;
+    /// [`Host::http_call`] with `GET` and no body.
     fn http_get(
         &self,
         cluster: &str,
         authority: &str,
         path: &str,
         timeout: Duration,
-    ) -> Option<u32>;
+    ) -> Option<u32> {
+        self.http_call(cluster, authority, "GET", path, None, timeout)
+    }
     /// The `:status` of the call response being delivered.
     fn call_response_status(&self) -> Option<String>;
     /// The body of the call response being delivered.

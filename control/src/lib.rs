@@ -6,6 +6,8 @@
 //! - [`service`]: the state service. It owns the prefix directory, applies the decisions that the
 //!   workers report over a shared queue, polls runtime values and the sidecar's snapshot, and
 //!   publishes one versioned state (with overlays of the directory's changes between states).
+//! - [`fleet`]: the state service's exchange with the other Envoy replicas' (a shared decision log
+//!   in Redis, through the sidecar).
 //! - [`standby`]: every filter VM stands by for the state service and takes its lease over when
 //!   the service's VM dies.
 //! - [`fake`]: an in-memory [`Host`] (shared data with CAS, queues, a clock, stats, callouts and one
@@ -15,6 +17,7 @@
 //! `proxy_wasm::hostcalls`; everything else lives here, where it is unit tested.
 
 pub mod fake;
+pub mod fleet;
 pub mod host;
 pub mod metrics;
 pub mod service;

@@ -338,7 +338,24 @@ pub struct StateMetrics {
     pub engine_queue: Vec<Id>,
     pub directory_capacity: Vec<Id>,
     pub takeovers: Id,
+    pub fleet: FleetMetrics,
     host_errors: Vec<Id>,
+}
+
+/// Stats of the fleet exchange (`kvroute_fleet_*`), defined only when a fleet is configured.
+#[derive(Debug, Default)]
+pub struct FleetMetrics {
+    pub exchanges: Id,
+    pub errors: Id,
+    pub connected: Id,
+    pub entries_applied: Id,
+    pub reports_applied: Id,
+    pub reports_shared: Id,
+    pub dropped_reports: Id,
+    pub bad_entries: Id,
+    pub pending_bytes: Id,
+    /// From a decision on another replica to its arrival here, ms.
+    pub sync_lag_ms: Id,
 }
 
 impl StateMetrics {
@@ -395,6 +412,22 @@ impl StateMetrics {
             endpoint_healthy: d.per_endpoint(config, "kvroute_endpoint_healthy"),
             engine_queue: d.per_endpoint(config, "kvroute_engine_queue"),
             directory_capacity: d.per_endpoint(config, "kvroute_directory_endpoint_capacity"),
+            fleet: if config.fleet.is_some() {
+                FleetMetrics {
+                    exchanges: d.counter("kvroute_fleet_exchanges_total"),
+                    errors: d.counter("kvroute_fleet_errors_total"),
+                    connected: d.gauge("kvroute_fleet_connected"),
+                    entries_applied: d.counter("kvroute_fleet_entries_applied_total"),
+                    reports_applied: d.counter("kvroute_fleet_reports_applied_total"),
+                    reports_shared: d.counter("kvroute_fleet_reports_shared_total"),
+                    dropped_reports: d.counter("kvroute_fleet_dropped_reports_total"),
+                    bad_entries: d.counter("kvroute_fleet_bad_entries_total"),
+                    pending_bytes: d.gauge("kvroute_fleet_pending_bytes"),
+                    sync_lag_ms: d.histogram("kvroute_fleet_sync_lag_ms"),
+                }
+            } else {
+                FleetMetrics::default()
+            },
             host_errors: d.host_errors(),
         }
     }

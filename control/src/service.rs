@@ -2,6 +2,9 @@
 
 use std::time::Duration;
 
+use kvroute_core::fleet::{self, FleetResponse};
+
+use crate::fleet::FleetSync;
 use crate::host::{Host, LogLevel};
 use crate::metrics::{HostOp, StateMetrics};
 use kvroute_core::config::{PolicySettings, PublishInterval};
@@ -64,6 +67,8 @@ pub struct StateService<H: Host> {
     lease_id: u64,
     lease_renewed_ms: u64,
     active: bool,
+    /// The exchange with the fleet's other replicas, when configured.
+    fleet: Option<FleetSync>,
 }
 
 /// Test-only fault: traps the singleton's VM while `kvroute.test_crash_singleton_before_ms` (a
@@ -132,6 +137,10 @@ impl<H: Host> StateService<H> {
             lease_id,
             lease_renewed_ms: now_ms,
             active: true,
+            fleet: config.fleet.clone().map(|f| {
+                let fp = fleet::fingerprint(&config.endpoints);
+                FleetSync::new(f, lease_id, fp, config.defaults.directory_epoch)
+            }),
             config,
             host,
         };
@@ -244,6 +253,7 @@ impl<H: Host> StateService<H> {
             }
         }
         self.pull_snapshot(now);
+        self.exchange(now);
         self.mirror_inflight();
         self.update_gauges();
     }
@@ -376,6 +386,10 @@ impl<H: Host> StateService<H> {
             self.on_snapshot(body_size);
             return;
         }
+        if self.fleet.as_ref().is_some_and(|f| f.token == Some(token)) {
+            self.on_exchange(body_size);
+            return;
+        }
         if self.poll_token != Some(token) {
             return;
         }
@@ -430,6 +444,9 @@ impl<H: Host> StateService<H> {
                     ),
                 );
                 self.directory.clear();
+                if let Some(f) = self.fleet.as_mut() {
+                    f.new_epoch(settings.directory_epoch);
+                }
                 dir_now = true;
             }
             self.settings = settings;
@@ -453,6 +470,16 @@ impl<H: Host> StateService<H> {
             if leftover > 0 {
                 self.metrics.host_error(&self.host, HostOp::BadReport);
             }
+            if let Some(f) = self.fleet.as_mut() {
+                let well_formed = msg.get(..msg.len() - leftover).unwrap_or_default();
+                let blocks = reports.iter().map(|r| r.blocks.len()).sum();
+                let n = reports.len() as i64;
+                if f.share(well_formed, blocks, self.host.now_us() / 1000) {
+                    self.host.increment(self.metrics.fleet.reports_shared, n);
+                } else {
+                    self.host.increment(self.metrics.fleet.dropped_reports, n);
+                }
+            }
             for r in reports {
                 changed |= self
                     .directory
@@ -475,6 +502,136 @@ impl<H: Host> StateService<H> {
         }
         if self.settings.publish_interval == PublishInterval::EveryDecision {
             self.publish_due(self.now_ms());
+        }
+    }
+
+    /// Sends the fleet exchange when due: this replica's new reports, its cursor and its in-flight
+    /// counts, to the sidecar, which keeps the fleet's log.
+    fn exchange(&mut self, now: u64) {
+        let Some(f) = self.fleet.as_ref() else {
+            return;
+        };
+        if !f.due(now) {
+            return;
+        }
+        let n = self.config.endpoints.len();
+        let (value, _) = self.host.shared_get(state::INFLIGHT_KEY);
+        let mut counts = Vec::new();
+        state::decode_inflight(
+            value.as_deref().unwrap_or_default(),
+            fleet::INFLIGHT_SECTIONS * n,
+            &mut counts,
+        );
+        let capacity: u64 = (0..n)
+            .map(|i| self.directory.endpoint_capacity(i) as u64)
+            .sum();
+        let Some(f) = self.fleet.as_mut() else {
+            return;
+        };
+        let body = f.request(now, capacity, counts);
+        let timeout = Duration::from_millis(u64::from(f.config.sync_ms).max(100) * 10);
+        f.token = self.host.http_call(
+            &f.config.cluster,
+            &f.config.authority,
+            "POST",
+            &f.config.path,
+            Some(&body),
+            timeout,
+        );
+        if f.token.is_none() {
+            let kept = f.failed();
+            self.fleet_failed(kept);
+        }
+    }
+
+    fn fleet_failed(&mut self, kept: bool) {
+        let m = &self.metrics.fleet;
+        self.host.increment(m.errors, 1);
+        self.host.record(m.connected, 0);
+        if !kept {
+            self.host.increment(m.dropped_reports, 1);
+        }
+    }
+
+    /// The fleet's answer: the other replicas' decisions since the cursor, applied in the log's
+    /// order, and their in-flight counts, for the workers.
+    fn on_exchange(&mut self, body_size: usize) {
+        let now = self.now_ms();
+        let resp = match (
+            self.host.call_response_status().as_deref(),
+            self.host.call_response_body(body_size),
+        ) {
+            (Some("200"), Some(b)) => FleetResponse::decode(&b).ok(),
+            _ => None,
+        };
+        let Some(f) = self.fleet.as_mut() else {
+            return;
+        };
+        let Some(resp) = resp else {
+            let was_connected = f.connected;
+            let kept = f.failed();
+            if was_connected {
+                self.host.log(
+                    LogLevel::Warn,
+                    "kvroute: fleet log unreachable; routing on this replica's directory",
+                );
+            }
+            self.fleet_failed(kept);
+            return;
+        };
+        let was_connected = f.connected;
+        f.answered(&resp);
+        let m = &self.metrics.fleet;
+        self.host.increment(m.exchanges, 1);
+        self.host.record(m.connected, 1);
+        self.host.record(m.pending_bytes, f.pending() as u64);
+        if !was_connected {
+            self.host.log(
+                LogLevel::Info,
+                &format!("kvroute: fleet log reachable (cursor {})", f.cursor()),
+            );
+        }
+        let n = self.config.endpoints.len();
+        let mut changed = false;
+        let (mut reports, mut bad) = (0i64, 0i64);
+        for e in &resp.entries {
+            let (batch, leftover) = DecisionReport::decode_batch(&e.batch);
+            bad += i64::from(leftover > 0);
+            for r in batch {
+                if usize::from(r.endpoint) >= n {
+                    bad += 1;
+                    continue;
+                }
+                changed |= self
+                    .directory
+                    .record(usize::from(r.endpoint), &r.blocks, r.session);
+                reports += 1;
+            }
+            if e.from_ms > 0 {
+                self.host
+                    .record(m.sync_lag_ms, now.saturating_sub(e.from_ms));
+            }
+        }
+        self.host
+            .increment(m.entries_applied, resp.entries.len() as i64);
+        self.host.increment(m.reports_applied, reports);
+        self.host.increment(m.bad_entries, bad);
+        if resp.inflight.len() == fleet::INFLIGHT_SECTIONS * n || resp.inflight.is_empty() {
+            let blob = state::encode_fleet_inflight(now, &resp.inflight);
+            if self.host.shared_set(state::FLEET_INFLIGHT_KEY, &blob, None) != Ok(true) {
+                self.metrics.host_error(&self.host, HostOp::Publish);
+            }
+        }
+        if reports > 0 {
+            self.decisions_recorded += reports as u64;
+            if changed {
+                self.dir_dirty = true;
+            } else {
+                self.dir_touched = true;
+            }
+            if self.settings.publish_interval == PublishInterval::EveryDecision {
+                self.publish_due(now);
+            }
         }
     }
 

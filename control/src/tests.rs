@@ -41,7 +41,10 @@ impl Proxy {
     fn new(extra: &str) -> Self {
         let host = FakeHost::new();
         let cfg = config(extra);
-        let service = StateService::start(host.clone(), cfg.clone(), Role::Bootstrap, 7).unwrap();
+        // Each proxy's service has its own lease id (its replica id in a fleet).
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let id = NEXT_ID.fetch_add(2, std::sync::atomic::Ordering::Relaxed);
+        let service = StateService::start(host.clone(), cfg.clone(), Role::Bootstrap, id).unwrap();
         let worker = Rc::new(Worker::new(host.clone(), cfg));
         Self {
             host,
@@ -637,4 +640,197 @@ fn a_stand_by_takes_the_state_service_over_when_its_lease_lapses_and_the_old_one
     p.host.advance_ms(state::LEASE_RENEW_MS);
     p.service.on_tick();
     assert!(!p.service.active());
+}
+
+/// The fleet's log as the sidecar keeps it in Redis (append, read after a cursor, the other
+/// replicas' in-flight counts), for the control plane's side of the exchange.
+#[derive(Default)]
+struct Log {
+    entries: Vec<(u64, kvroute_core::fleet::FleetEntry)>,
+    inflight: std::collections::HashMap<u64, Vec<i64>>,
+}
+
+impl Log {
+    fn answer(&mut self, body: &[u8]) -> Vec<u8> {
+        use kvroute_core::fleet::{FleetEntry, FleetRequest, FleetResponse};
+        let req = FleetRequest::decode(body).unwrap();
+        if !req.batch.is_empty() {
+            self.entries.push((
+                req.replica,
+                FleetEntry {
+                    from_ms: req.batch_from_ms,
+                    batch: req.batch,
+                },
+            ));
+        }
+        self.inflight.insert(req.replica, req.inflight.clone());
+        let from: usize = req.cursor.parse().unwrap_or(0);
+        let mut sum = vec![0; req.inflight.len()];
+        for (r, v) in &self.inflight {
+            if *r != req.replica {
+                sum.iter_mut().zip(v).for_each(|(s, x)| *s += x);
+            }
+        }
+        FleetResponse {
+            cursor: self.entries.len().to_string(),
+            inflight: sum,
+            entries: self
+                .entries
+                .iter()
+                .skip(from)
+                .filter(|(r, _)| *r != req.replica)
+                .map(|(_, e)| e.clone())
+                .collect(),
+        }
+        .encode()
+    }
+}
+
+const FLEET: &str = r#","fleet":{"cluster":"sidecar","sync_ms":50}"#;
+
+impl Proxy {
+    /// Lets the fleet exchange come due, and answers it from `log` (or with `status`).
+    fn exchange(&mut self, log: &mut Log, status: u16) {
+        self.tick(50);
+        let call = self.host.take_callout("/fleet").expect("an exchange");
+        assert_eq!(call.method, "POST");
+        let body = if status == 200 {
+            log.answer(&call.body)
+        } else {
+            Vec::new()
+        };
+        let service = &mut self.service;
+        self.host.answer(status, &body, |n| {
+            service.on_http_call_response(call.token, n)
+        });
+    }
+}
+
+#[test]
+fn a_decision_on_one_replica_reaches_the_directory_of_another_through_the_log() {
+    let mut log = Log::default();
+    let mut a = Proxy::new(FLEET);
+    let mut b = Proxy::new(FLEET);
+    let (_s, e) = a.route("conv", &text(1));
+    a.apply_reports();
+    a.exchange(&mut log, 200);
+    let follow_up = format!("{}and a follow-up.", text(1));
+    // A replica that does not read the log knows nothing of the conversation.
+    let c = Proxy::new(FLEET);
+    c.route("conv", &follow_up);
+    assert_eq!(c.host.value("kvroute_predicted_hits_total"), 0);
+    b.exchange(&mut log, 200);
+    assert_eq!(b.host.value("kvroute_fleet_reports_applied_total"), 1);
+    assert_eq!(b.host.value("kvroute_fleet_connected"), 1);
+    assert_eq!(b.host.samples("kvroute_fleet_sync_lag_ms").len(), 1);
+    let (_s, e2) = b.route("conv", &follow_up);
+    assert_eq!(
+        e2, e,
+        "the follow-up goes where the other replica sent the conversation"
+    );
+    assert_eq!(b.host.value("kvroute_predicted_hits_total"), 1);
+    // A does not apply its own entry again.
+    a.exchange(&mut log, 200);
+    assert_eq!(a.host.value("kvroute_fleet_reports_applied_total"), 0);
+    assert_eq!(a.host.value("kvroute_fleet_reports_shared_total"), 1);
+}
+
+#[test]
+fn an_unreachable_log_keeps_the_batch_for_later_and_routing_goes_on() {
+    let mut log = Log::default();
+    let mut a = Proxy::new(FLEET);
+    let mut b = Proxy::new(FLEET);
+    a.route("conv", &text(1));
+    a.apply_reports();
+    a.exchange(&mut log, 503);
+    assert_eq!(a.host.value("kvroute_fleet_errors_total"), 1);
+    assert_eq!(a.host.value("kvroute_fleet_connected"), 0);
+    assert!(log.entries.is_empty());
+    // Routing goes on meanwhile.
+    a.route("other", &text(2));
+    a.apply_reports();
+    // The log is back: both decisions travel in the next exchange.
+    a.exchange(&mut log, 200);
+    assert_eq!(log.entries.len(), 1);
+    b.exchange(&mut log, 200);
+    assert_eq!(b.host.value("kvroute_fleet_reports_applied_total"), 2);
+}
+
+#[test]
+fn a_replica_that_starts_late_rebuilds_its_directory_from_the_log() {
+    let mut log = Log::default();
+    let mut a = Proxy::new(FLEET);
+    for i in 0..3 {
+        a.route(&format!("s{i}"), &text(i));
+        a.apply_reports();
+        a.exchange(&mut log, 200);
+    }
+    let mut late = Proxy::new(FLEET);
+    late.exchange(&mut log, 200);
+    assert_eq!(late.host.value("kvroute_fleet_entries_applied_total"), 3);
+    // Every conversation's next turn finds its prefix.
+    for i in 0..3 {
+        late.route(&format!("s{i}"), &format!("{}and then?", text(i)));
+    }
+    assert_eq!(late.host.value("kvroute_predicted_hits_total"), 3);
+}
+
+#[test]
+fn the_other_replicas_requests_in_flight_count_in_this_replicas_decisions() {
+    let mut log = Log::default();
+    // A keeps one session on one engine: three requests open there.
+    let mut a =
+        Proxy::new(r#","fleet":{"cluster":"sidecar"},"defaults":{"policy":"session_hash"}"#);
+    let mut b = Proxy::new(r#","fleet":{"cluster":"sidecar"},"defaults":{"policy":"jsq"}"#);
+    let _open: Vec<_> = (0..3).map(|i| a.route("one", &text(i))).collect();
+    let counts = a.inflight()[0].clone();
+    let idle = usize::from(counts[1] == 0);
+    assert_eq!(counts[1 - idle], 3, "{counts:?}");
+    a.exchange(&mut log, 200);
+    b.exchange(&mut log, 200);
+    // B's jsq sees A's queue: its next two requests both go to the idle engine.
+    let held: Vec<_> = (0..2)
+        .map(|i| {
+            let (s, e) = b.route(&format!("x{i}"), &text(9 + i));
+            assert_eq!(e, idle, "{counts:?}");
+            s
+        })
+        .collect();
+    // Once the fleet's counts expire, B sees only its own two: the next goes to the other engine.
+    b.host.advance_ms(state::FLEET_INFLIGHT_TTL_MS + 1);
+    assert_eq!(b.route("y", &text(20)).1, 1 - idle);
+    drop(held);
+}
+
+#[test]
+fn reports_beyond_the_batch_bound_are_applied_here_but_not_shared_and_are_counted() {
+    let mut a = Proxy::new(r#","fleet":{"cluster":"sidecar","max_batch_bytes":1024}"#);
+    for i in 0..6 {
+        a.route(&format!("s{i}"), &text(i));
+    }
+    a.apply_reports();
+    assert_eq!(a.host.value("kvroute_decisions_recorded_total"), 6);
+    let shared = a.host.value("kvroute_fleet_reports_shared_total");
+    let dropped = a.host.value("kvroute_fleet_dropped_reports_total");
+    assert!(dropped > 0 && shared + dropped == 6, "{shared} {dropped}");
+}
+
+#[test]
+fn a_new_directory_epoch_starts_reading_the_new_epochs_log_from_its_start() {
+    let mut log = Log::default();
+    let mut a = Proxy::new(FLEET);
+    a.route("s", &text(1));
+    a.apply_reports();
+    a.exchange(&mut log, 200);
+    a.exchange(&mut log, 200);
+    let req = |p: &Proxy| {
+        let c = p.host.callouts();
+        kvroute_core::fleet::FleetRequest::decode(&c.last().unwrap().body).unwrap()
+    };
+    a.tick(50);
+    assert_eq!(req(&a).cursor, "1");
+    a.runtime(&[("kvroute.directory_epoch", "3")]);
+    a.tick(1000);
+    let r = req(&a);
+    assert_eq!((r.cursor.as_str(), r.epoch), ("0", 3));
 }

@@ -164,7 +164,16 @@ impl<H: Host> Worker<H> {
             &mut counts,
         );
         st.inflight_cas = cas;
-        let (inflight, rest) = counts.split_at(n.min(counts.len()));
+        // With a fleet, the other replicas' requests count too (as of the last exchange).
+        let fleet = self.fleet_inflight(n, now_us / 1000).map(|remote| {
+            let mut all = counts.clone();
+            for (c, r) in all.iter_mut().zip(&remote) {
+                *c = c.saturating_add(*r).max(0);
+            }
+            all
+        });
+        let view = fleet.as_deref().unwrap_or(&counts);
+        let (inflight, rest) = view.split_at(n.min(view.len()));
         let (inflight_blocks, rest) = rest.split_at(n.min(rest.len()));
         let (inflight_prefill, down) = rest.split_at(n.min(rest.len()));
         let rand = Self::next_rand(st);
@@ -249,6 +258,21 @@ impl<H: Host> Worker<H> {
         }
         st.inflight = counts;
         decision
+    }
+
+    /// The other replicas' in-flight counts (requests, blocks, prefill), when a fleet is configured
+    /// and the state service received them recently.
+    fn fleet_inflight(&self, n: usize, now_ms: u64) -> Option<Vec<i64>> {
+        self.config.fleet.as_ref()?;
+        let (value, _) = self.host.shared_get(state::FLEET_INFLIGHT_KEY);
+        let mut out = Vec::new();
+        state::decode_fleet_inflight(
+            value.as_deref()?,
+            kvroute_core::fleet::INFLIGHT_SECTIONS * n,
+            now_ms,
+            &mut out,
+        )
+        .then_some(out)
     }
 
     /// The next value of the gateway-wide round-robin sequence (compare-and-swap on shared data).

@@ -84,6 +84,39 @@ pub struct SidecarEndpoint {
     pub stale_after_ms: u32,
 }
 
+/// Where the state service exchanges decisions with the fleet's other Envoy replicas
+/// ([`crate::fleet`]): the sidecar, which keeps the fleet's log in Redis.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetEndpoint {
+    /// Envoy cluster that reaches the sidecar.
+    pub cluster: String,
+    /// Authority sent to it.
+    #[serde(default = "d_sidecar_authority")]
+    pub authority: String,
+    /// Path of the exchange.
+    #[serde(default = "d_fleet_path")]
+    pub path: String,
+    /// How often the state service exchanges, ms: the sync lag between replicas is about this
+    /// plus one Redis round trip.
+    #[serde(default = "d_fleet_sync")]
+    pub sync_ms: u32,
+    /// Most bytes of decision reports held for one exchange; reports beyond it are applied here
+    /// but not shared, and counted (`kvroute_fleet_dropped_reports_total`).
+    #[serde(default = "d_fleet_batch")]
+    pub max_batch_bytes: u32,
+}
+
+fn d_fleet_path() -> String {
+    "/fleet".into()
+}
+fn d_fleet_sync() -> u32 {
+    50
+}
+fn d_fleet_batch() -> u32 {
+    256 * 1024
+}
+
 fn d_sidecar_authority() -> String {
     "kvroute-sidecar".into()
 }
@@ -148,6 +181,9 @@ pub struct FilterConfig {
     /// The sidecar serving engine state, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sidecar: Option<SidecarEndpoint>,
+    /// The fleet's shared decision log, when several Envoy replicas route as one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<FleetEndpoint>,
     /// Characters of prompt text per engine token, to turn an engine's KV capacity (tokens) into
     /// directory blocks (`block_chars` characters each).
     #[serde(default = "d_chars_per_token")]
@@ -229,6 +265,7 @@ impl FilterConfig {
             admin_authority: d_admin_authority(),
             runtime_poll_ms: d_runtime_poll(),
             sidecar: None,
+            fleet: None,
             chars_per_token: d_chars_per_token(),
             defaults: PolicySettings::default(),
         }
@@ -346,6 +383,23 @@ impl FilterConfig {
                 e.push(FieldError::new(
                     "sidecar.stale_after_ms",
                     "must be 10 to 600000",
+                ));
+            }
+        }
+        if let Some(f) = &self.fleet {
+            if f.cluster.is_empty() {
+                e.push(FieldError::new("fleet.cluster", "must not be empty"));
+            }
+            if !f.path.starts_with('/') {
+                e.push(FieldError::new("fleet.path", "must start with /"));
+            }
+            if !(5..=60_000).contains(&f.sync_ms) {
+                e.push(FieldError::new("fleet.sync_ms", "must be 5 to 60000"));
+            }
+            if !(1024..=(16 << 20)).contains(&f.max_batch_bytes) {
+                e.push(FieldError::new(
+                    "fleet.max_batch_bytes",
+                    "must be 1024 to 16777216",
                 ));
             }
         }

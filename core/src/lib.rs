@@ -13,6 +13,7 @@
 
 pub mod config;
 pub mod directory;
+pub mod fleet;
 pub mod hash;
 pub mod local;
 pub mod policy;

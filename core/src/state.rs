@@ -762,6 +762,32 @@ impl PrefixIndex for Layered<'_> {
     }
 }
 
+/// The other Envoy replicas' gateway in-flight counts (requests, blocks, prompt tokens to prefill;
+/// one value per endpoint each), summed, as the state service last received them from the fleet:
+/// `u64` ms since the epoch when received, then the counts ([`encode_inflight`]).
+pub const FLEET_INFLIGHT_KEY: &str = "kvroute.fleet.inflight";
+/// Fleet in-flight counts older than this are not added to the local ones.
+pub const FLEET_INFLIGHT_TTL_MS: u64 = 2_000;
+
+/// Encodes the fleet's in-flight counts received at `at_ms`.
+pub fn encode_fleet_inflight(at_ms: u64, counts: &[i64]) -> Vec<u8> {
+    let mut out = at_ms.to_le_bytes().to_vec();
+    out.extend(counts.iter().flat_map(|c| c.to_le_bytes()));
+    out
+}
+
+/// Decodes the fleet's in-flight counts into `out` (resized to `n`) if they are younger than
+/// [`FLEET_INFLIGHT_TTL_MS`] at `now_ms`; false (and `out` untouched) otherwise.
+pub fn decode_fleet_inflight(bytes: &[u8], n: usize, now_ms: u64, out: &mut Vec<i64>) -> bool {
+    match u64_at(bytes, 0) {
+        Some(at) if now_ms.saturating_sub(at) <= FLEET_INFLIGHT_TTL_MS => {
+            decode_inflight(bytes.get(8..).unwrap_or_default(), n, out);
+            true
+        }
+        _ => false,
+    }
+}
+
 /// Encodes gateway in-flight counters.
 pub fn encode_inflight(counts: &[i64]) -> Vec<u8> {
     counts.iter().flat_map(|c| c.to_le_bytes()).collect()

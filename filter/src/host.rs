@@ -98,21 +98,23 @@ impl Host for WasmHost {
         hostcalls::set_tick_period(period).is_ok()
     }
 
-    fn http_get(
+    fn http_call(
         &self,
         cluster: &str,
         authority: &str,
+        method: &str,
         path: &str,
+        body: Option<&[u8]>,
         timeout: Duration,
     ) -> Option<u32> {
         hostcalls::dispatch_http_call(
             cluster,
             vec![
-                (":method", "GET"),
+                (":method", method),
                 (":path", path),
                 (":authority", authority),
             ],
-            None,
+            body,
             vec![],
             timeout,
         )

@@ -12,6 +12,7 @@
 //!
 //! It reads vLLM's metric names, so real vLLM and the emulator work alike.
 
+pub mod fleet;
 pub mod scrape;
 pub mod tracker;
 
@@ -19,10 +20,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use axum::extract::DefaultBodyLimit;
 use axum::extract::{Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use kvroute_core::snapshot::{Snapshot, SCHEMA};
 use prometheus::{
@@ -54,6 +56,8 @@ pub struct SidecarConfig {
     pub unhealthy_after: u32,
     /// Window for hit rate and token rates.
     pub window: Duration,
+    /// The fleet's shared decision log (Redis), for several Envoy replicas; None serves no `/fleet`.
+    pub fleet: Option<fleet::FleetConfig>,
 }
 
 struct Metrics {
@@ -62,6 +66,8 @@ struct Metrics {
     duration: HistogramVec,
     healthy: IntGaugeVec,
     snapshots: prometheus::IntCounter,
+    fleet: IntCounterVec,
+    fleet_seconds: prometheus::Histogram,
 }
 
 impl Metrics {
@@ -98,13 +104,33 @@ impl Metrics {
         registry.register(Box::new(scrapes.clone()))?;
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(healthy.clone()))?;
+        let fleet = IntCounterVec::new(
+            Opts::new(
+                "kvroute_sidecar_fleet_exchanges_total",
+                "Fleet log exchanges by result (ok, refused: batch too large, bad_request, redis_error).",
+            ),
+            &["result"],
+        )?;
+        let fleet_seconds = prometheus::Histogram::with_opts(
+            HistogramOpts::new(
+                "kvroute_sidecar_fleet_seconds",
+                "Time of one fleet exchange with Redis.",
+            )
+            .buckets(vec![
+                0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+            ]),
+        )?;
         registry.register(Box::new(snapshots.clone()))?;
+        registry.register(Box::new(fleet.clone()))?;
+        registry.register(Box::new(fleet_seconds.clone()))?;
         Ok(Self {
             registry,
             scrapes,
             duration,
             healthy,
             snapshots,
+            fleet,
+            fleet_seconds,
         })
     }
 }
@@ -122,6 +148,7 @@ pub struct Sidecar {
     version: Arc<AtomicU64>,
     metrics: Arc<Metrics>,
     pollers: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+    fleet: Option<fleet::FleetLog>,
 }
 
 impl std::fmt::Debug for Sidecar {
@@ -147,7 +174,9 @@ impl Sidecar {
             .iter()
             .map(|e| Mutex::new(Tracker::new(&e.name, window_ms, cfg.unhealthy_after)))
             .collect();
+        let fleet = cfg.fleet.clone().map(fleet::FleetLog::new).transpose()?;
         let me = Sidecar {
+            fleet,
             cfg: Arc::new(cfg),
             requested: Arc::new(Mutex::new(None)),
             trackers: Arc::new(trackers),
@@ -169,6 +198,10 @@ impl Sidecar {
             .route("/snapshot", get(snapshot))
             .route("/metrics", get(own_metrics))
             .route("/health", get(|| async { StatusCode::OK }))
+            .route(
+                "/fleet",
+                post(exchange).layer(DefaultBodyLimit::max(64 << 20)),
+            )
             .with_state(me.clone());
         Ok((app, me))
     }
@@ -300,6 +333,39 @@ async fn snapshot(State(sc): State<Sidecar>, Query(q): Query<SnapshotQuery>) -> 
         sc.request_interval(ms);
     }
     Json(sc.snapshot()).into_response()
+}
+
+async fn exchange(State(sc): State<Sidecar>, body: axum::body::Bytes) -> Response {
+    let Some(log) = &sc.fleet else {
+        return (
+            StatusCode::NOT_FOUND,
+            "no fleet log: start the sidecar with --redis-url\n",
+        )
+            .into_response();
+    };
+    let t0 = Instant::now();
+    let result = log.exchange(&body).await;
+    sc.metrics.fleet_seconds.observe(t0.elapsed().as_secs_f64());
+    let (label, resp) = match result {
+        Ok((bytes, outcome)) => (
+            if outcome == fleet::Outcome::Refused {
+                "refused"
+            } else {
+                "ok"
+            },
+            bytes.into_response(),
+        ),
+        Err(fleet::FleetFailure::BadRequest(e)) => (
+            "bad_request",
+            (StatusCode::BAD_REQUEST, format!("bad fleet request: {e}\n")).into_response(),
+        ),
+        Err(e) => (
+            "redis_error",
+            (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response(),
+        ),
+    };
+    sc.metrics.fleet.with_label_values(&[label]).inc();
+    resp
 }
 
 async fn own_metrics(State(sc): State<Sidecar>) -> Response {

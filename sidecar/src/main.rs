@@ -27,6 +27,16 @@ struct Args {
     /// Window for hit rate and token rates, ms.
     #[arg(long, default_value_t = 10_000)]
     window_ms: u64,
+    /// Serve `/fleet`, the shared decision log of several Envoy replicas, from this Redis
+    /// (`redis://[user:password@]host:port/db`; `rediss://` for TLS).
+    #[arg(long)]
+    redis_url: Option<String>,
+    /// Prefix of the fleet log's Redis keys.
+    #[arg(long, default_value = "kvroute")]
+    redis_prefix: String,
+    /// Timeout of one Redis round trip, ms.
+    #[arg(long, default_value_t = 250)]
+    redis_timeout_ms: u64,
 }
 
 #[tokio::main]
@@ -51,6 +61,12 @@ async fn main() -> anyhow::Result<()> {
         timeout: Duration::from_millis(args.timeout_ms.max(1)),
         unhealthy_after: args.unhealthy_after,
         window: Duration::from_millis(args.window_ms),
+        fleet: args.redis_url.as_deref().map(|url| {
+            let mut f = kvroute_sidecar::fleet::FleetConfig::new(url);
+            f.prefix.clone_from(&args.redis_prefix);
+            f.timeout = Duration::from_millis(args.redis_timeout_ms.max(1));
+            f
+        }),
     };
     let listener = tokio::net::TcpListener::bind(&args.listen).await?;
     let addr = listener.local_addr()?;

@@ -372,6 +372,7 @@ async fn a_stopped_sidecar_polls_no_more() {
         timeout: Duration::from_millis(500),
         unhealthy_after: 3,
         window: Duration::from_secs(10),
+        fleet: None,
     })
     .unwrap();
     let t0 = Instant::now();

@@ -104,6 +104,7 @@ impl RunningSidecar {
             timeout: Duration::from_millis(500),
             unhealthy_after: 3,
             window: Duration::from_secs(10),
+            fleet: None,
         };
         let listener = tokio::net::TcpListener::bind(at).await?;
         let addr = listener.local_addr()?;

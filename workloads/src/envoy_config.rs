@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use kvroute_core::config::{EndpointConfig, FilterConfig, SidecarEndpoint};
+use kvroute_core::config::{EndpointConfig, FilterConfig, FleetEndpoint, SidecarEndpoint};
 
 /// Cluster name of the sidecar.
 pub const SIDECAR_CLUSTER: &str = "kvroute_sidecar";
@@ -101,6 +101,18 @@ impl EnvoySpec {
             stale_after_ms: 1000,
         });
         self.sidecar = Some(at);
+    }
+
+    /// Shares this replica's decisions with the fleet's other Envoy replicas through the sidecar
+    /// (which must serve `/fleet` from Redis; see [`EnvoySpec::set_sidecar`]).
+    pub fn share_fleet(&mut self, sync_ms: u32) {
+        self.filter.fleet = Some(FleetEndpoint {
+            cluster: SIDECAR_CLUSTER.into(),
+            authority: "kvroute-sidecar".into(),
+            path: "/fleet".into(),
+            sync_ms,
+            max_batch_bytes: 256 * 1024,
+        });
     }
 
     /// A spec with default ports and filter settings for these engines.

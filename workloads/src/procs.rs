@@ -106,12 +106,26 @@ pub async fn sidecar(
     poll_ms: u64,
     listen: std::net::SocketAddr,
 ) -> anyhow::Result<Proc> {
+    sidecar_with_fleet(engines, poll_ms, listen, None).await
+}
+
+/// [`sidecar`] that also serves the fleet's log from the Redis at `redis_url`.
+pub async fn sidecar_with_fleet(
+    engines: &[(String, String)],
+    poll_ms: u64,
+    listen: std::net::SocketAddr,
+    redis_url: Option<&str>,
+) -> anyhow::Result<Proc> {
     let mut args = vec![
         "--listen".to_string(),
         listen.to_string(),
         "--poll-interval-ms".into(),
         poll_ms.to_string(),
     ];
+    if let Some(url) = redis_url {
+        args.push("--redis-url".into());
+        args.push(url.into());
+    }
     for (name, url) in engines {
         args.push("--engine".into());
         args.push(format!("{name}={url}"));
@@ -135,4 +149,41 @@ pub async fn extproc(config_json: &str) -> anyhow::Result<Proc> {
     let started = Proc::start("kvroute-extproc", &args).await;
     let _ = std::fs::remove_file(&path);
     started
+}
+
+/// A Redis server (Debian's `redis-server`, installed by the bootstrap; `KVROUTE_REDIS` overrides)
+/// on 127.0.0.1:`port` (0: any free port), with no persistence: a restarted one starts empty.
+pub async fn redis(port: u16) -> anyhow::Result<Proc> {
+    let bin = crate::stack::installed("KVROUTE_REDIS", "/usr/bin/redis-server", "redis-server")?;
+    let port = match port {
+        0 => crate::stack::free_port()?,
+        p => p,
+    };
+    let child = Command::new(&bin)
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+        // The slow-Redis test makes it sleep with DEBUG SLEEP (loopback clients only).
+        .args(["--enable-debug-command", "local"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let start = std::time::Instant::now();
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        anyhow::ensure!(
+            start.elapsed() < std::time::Duration::from_secs(10),
+            "redis-server did not listen on {addr}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    Ok(Proc { child, addr })
+}
+
+impl Proc {
+    /// `redis://ADDR` for a [`redis`] process.
+    pub fn redis_url(&self) -> String {
+        format!("redis://{}", self.addr)
+    }
 }

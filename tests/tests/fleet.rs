@@ -1,0 +1,360 @@
+//! Several Envoy replicas route as one: each replica's state service shares its decisions through
+//! the sidecar's fleet log in a real Redis (`redis-server`, a child process), and applies the
+//! others'. A conversation continued on another replica finds its engine; Redis down loses no
+//! request and routing converges when it returns; a replica that starts late rebuilds its directory
+//! from the log; a slow Redis never holds a request.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kvroute_e2e::*;
+use kvroute_workloads::emulated::EmulatedEngine;
+use kvroute_workloads::envoy_config::{Engine, EnvoySpec};
+use kvroute_workloads::procs::{self, Proc};
+use kvroute_workloads::stack::{filter_wasm, Envoy};
+
+const PROFILE: &str = "rtx5080-llama3.2-3b";
+
+/// Two emulated engines, Redis, one sidecar serving snapshots and the fleet log, and Envoy
+/// replicas in front, each with its own kvroute.
+struct Fleet {
+    engines: Vec<EmulatedEngine>,
+    redis: Proc,
+    sidecar: Proc,
+    replicas: Vec<Envoy>,
+    model: String,
+    http: reqwest::Client,
+}
+
+impl Fleet {
+    async fn start(replicas: usize) -> Fleet {
+        let mut engines = Vec::new();
+        for i in 0..2 {
+            engines.push(
+                EmulatedEngine::start(&format!("engine{i}"), PROFILE, 4.0)
+                    .await
+                    .unwrap(),
+            );
+        }
+        let redis = procs::redis(0).await.unwrap();
+        let named: Vec<(String, String)> =
+            engines.iter().map(|e| (e.name.clone(), e.url())).collect();
+        let sidecar = procs::sidecar_with_fleet(
+            &named,
+            50,
+            "127.0.0.1:0".parse().unwrap(),
+            Some(&redis.redis_url()),
+        )
+        .await
+        .unwrap();
+        let model = served_model(&engines[0].url()).await;
+        let mut me = Fleet {
+            engines,
+            redis,
+            sidecar,
+            replicas: Vec::new(),
+            model,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .unwrap(),
+        };
+        for _ in 0..replicas {
+            me.add_replica().await;
+        }
+        me
+    }
+
+    async fn add_replica(&mut self) {
+        let mut spec = EnvoySpec::new(
+            self.engines
+                .iter()
+                .map(|e| Engine::local(&e.name, e.addr.port()))
+                .collect(),
+            filter_wasm().unwrap().display().to_string(),
+        );
+        spec.set_sidecar(Engine::local("sidecar", self.sidecar.addr.port()));
+        spec.share_fleet(20);
+        spec.filter.defaults.load_refresh_ms = 50;
+        let envoy = Envoy::start(spec).await.unwrap();
+        envoy
+            .wait_stat("kvroute_fleet_connected", Duration::from_secs(10), |v| {
+                v == 1
+            })
+            .await
+            .unwrap();
+        self.replicas.push(envoy);
+    }
+
+    /// One turn of a conversation on replica `r`: its messages so far and a new user message;
+    /// returns the engine the replica chose.
+    async fn turn(&self, r: usize, conversation: usize, turns: usize) -> String {
+        let mut messages = vec![serde_json::json!({
+            "role": "system",
+            "content": system_prompt(&format!("conversation {conversation}")),
+        })];
+        for t in 0..turns {
+            messages.push(serde_json::json!({"role": "user", "content": format!("question {t} of conversation {conversation}: tell me more about prefix caches")}));
+            if t + 1 < turns {
+                messages.push(serde_json::json!({"role": "assistant", "content": format!("answer {t}: prefix caches keep the KV of a prompt's start")}));
+            }
+        }
+        let body = serde_json::json!({"model": self.model, "messages": messages, "max_tokens": 4});
+        let r = self
+            .http
+            .post(self.replicas[r].url("/v1/chat/completions"))
+            .header("x-session-id", format!("conversation-{conversation}"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let e = r.headers()["x-kvroute-endpoint"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        let _ = r.bytes().await;
+        e
+    }
+
+    /// Starts conversations `range` on replica `from` and continues each on replica `to` once `to`
+    /// has applied them; returns how many continued on their engine, and how long `to` took to see
+    /// them all.
+    async fn continue_elsewhere(
+        &self,
+        from: usize,
+        to: usize,
+        range: std::ops::Range<usize>,
+    ) -> (usize, Duration) {
+        let applied = self.replicas[to]
+            .stat("kvroute_fleet_reports_applied_total")
+            .await
+            .unwrap();
+        let mut first = Vec::new();
+        for c in range.clone() {
+            first.push(self.turn(from, c, 1).await);
+        }
+        let t0 = Instant::now();
+        let want = applied + range.len() as u64;
+        self.replicas[to]
+            .wait_stat(
+                "kvroute_fleet_reports_applied_total",
+                Duration::from_secs(10),
+                |v| v >= want,
+            )
+            .await
+            .unwrap();
+        let seen = t0.elapsed();
+        let mut same = 0;
+        for (c, e) in range.zip(&first) {
+            same += usize::from(self.turn(to, c, 2).await == *e);
+        }
+        (same, seen)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conversation_continued_on_another_replica_goes_to_the_engine_that_holds_it() {
+    let f = Fleet::start(2).await;
+    let (same, seen) = f.continue_elsewhere(0, 1, 0..8).await;
+    let hits = f.replicas[1]
+        .stat("kvroute_predicted_hits_total")
+        .await
+        .unwrap();
+    println!("8 conversations started on replica 0, continued on replica 1: {same} on their engine, {hits} predicted hits; replica 1 had them all {seen:?} after the last first turn");
+    // Without the fleet's log, replica 1 would know none of them and pick by load: all 8 on
+    // their engine by chance is 1 in 256.
+    assert_eq!(same, 8);
+    assert!(hits >= 8, "{hits}");
+    // And the other way round.
+    let (same, _) = f.continue_elsewhere(1, 0, 8..12).await;
+    assert_eq!(same, 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_under_load_loses_no_request_and_routing_converges_when_it_returns() {
+    let mut f = Fleet::start(2).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let tally = Arc::new(Tally::default());
+    let clients: Vec<_> = (0..4)
+        .map(|c| {
+            tokio::spawn(streaming_client(
+                f.replicas[c % 2].url("/v1/chat/completions"),
+                f.model.clone(),
+                8,
+                stop.clone(),
+                tally.clone(),
+                c,
+            ))
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let port = f.redis.addr.port();
+    f.redis.kill().await;
+    for r in &f.replicas {
+        r.wait_stat("kvroute_fleet_connected", Duration::from_secs(10), |v| {
+            v == 0
+        })
+        .await
+        .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let errors = [0, 1].map(|_| 0u64);
+    let mut errors = errors;
+    for (i, r) in f.replicas.iter().enumerate() {
+        errors[i] = r.stat("kvroute_fleet_errors_total").await.unwrap();
+    }
+    // Back, empty (no persistence): the replicas reconnect and share again.
+    f.redis = procs::redis(port).await.unwrap();
+    for r in &f.replicas {
+        r.wait_stat("kvroute_fleet_connected", Duration::from_secs(10), |v| {
+            v == 1
+        })
+        .await
+        .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::SeqCst);
+    for c in clients {
+        c.await.unwrap();
+    }
+    let (sent, failed, a, b) = tally.get();
+    println!("Redis SIGKILLed and restarted under load: {sent} requests, {failed} failed, {a} / {b} per engine; fleet errors counted per replica {errors:?}");
+    assert!(sent > 40, "{sent}");
+    assert_eq!(failed, 0, "Redis is off the request path");
+    assert!(errors.iter().all(|e| *e > 0), "{errors:?}");
+    let (same, _) = f.continue_elsewhere(0, 1, 100..106).await;
+    assert_eq!(same, 6, "routing converges once Redis is back");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_started_under_load_rebuilds_its_directory_from_the_log() {
+    let mut f = Fleet::start(1).await;
+    let mut first = Vec::new();
+    for c in 0..6 {
+        first.push(f.turn(0, c, 1).await);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let tally = Arc::new(Tally::default());
+    let load = tokio::spawn(streaming_client(
+        f.replicas[0].url("/v1/chat/completions"),
+        f.model.clone(),
+        8,
+        stop.clone(),
+        tally.clone(),
+        0,
+    ));
+    // A new replica (as one restarted) joins while replica 0 is under load.
+    f.add_replica().await;
+    f.replicas[1]
+        .wait_stat(
+            "kvroute_fleet_reports_applied_total",
+            Duration::from_secs(10),
+            |v| v >= 6,
+        )
+        .await
+        .unwrap();
+    let mut same = 0;
+    for (c, e) in first.iter().enumerate() {
+        same += usize::from(f.turn(1, c, 2).await == *e);
+    }
+    stop.store(true, Ordering::SeqCst);
+    load.await.unwrap();
+    let (sent, failed, _, _) = tally.get();
+    println!("a replica joined under load ({sent} requests, {failed} failed): {same} of 6 earlier conversations continued on their engine");
+    assert_eq!(failed, 0);
+    assert_eq!(same, 6);
+}
+
+/// Sends `DEBUG SLEEP seconds` to Redis (RESP by hand) until `stop`: every command queued behind
+/// it waits.
+async fn keep_redis_slow(addr: std::net::SocketAddr, seconds: &str, stop: Arc<AtomicBool>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let cmd = format!(
+        "*3\r\n$5\r\nDEBUG\r\n$5\r\nSLEEP\r\n${}\r\n{seconds}\r\n",
+        seconds.len()
+    );
+    let mut buf = [0u8; 64];
+    while !stop.load(Ordering::SeqCst) {
+        tcp.write_all(cmd.as_bytes()).await.unwrap();
+        let n = tcp.read(&mut buf).await.unwrap();
+        assert!(buf[..n].starts_with(b"+OK"), "{:?}", &buf[..n]);
+    }
+}
+
+async fn latencies(f: &Fleet, n: usize, offset: usize) -> Vec<f64> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        let t = Instant::now();
+        f.turn(0, offset + i, 1).await;
+        out.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    out.sort_by(f64::total_cmp);
+    out
+}
+
+fn sidecar_fleet_mean_ms(metrics: &str) -> f64 {
+    let get = |name: &str| {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let (sum, count) = (
+        get("kvroute_sidecar_fleet_seconds_sum"),
+        get("kvroute_sidecar_fleet_seconds_count"),
+    );
+    1000.0 * sum / count.max(1.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_redis_never_holds_a_request() {
+    let f = Fleet::start(2).await;
+    let before = latencies(&f, 30, 0).await;
+    let metrics_url = format!("{}/metrics", f.sidecar.url());
+    let m0 = reqwest::get(&metrics_url)
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let slow = tokio::spawn(keep_redis_slow(f.redis.addr, "0.1", stop.clone()));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let during = latencies(&f, 30, 1000).await;
+    let m1 = reqwest::get(&metrics_url)
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    stop.store(true, Ordering::SeqCst);
+    slow.await.unwrap();
+    let median = |v: &[f64]| v[v.len() / 2];
+    println!(
+        "Redis answering 100 ms late: request latency median {:.1} ms (before {:.1}), max {:.1} (before {:.1}); the sidecar's mean exchange {:.1} ms (before {:.1})",
+        median(&during),
+        median(&before),
+        during[during.len() - 1],
+        before[before.len() - 1],
+        sidecar_fleet_mean_ms(&m1),
+        sidecar_fleet_mean_ms(&m0),
+    );
+    assert!(
+        sidecar_fleet_mean_ms(&m1) > sidecar_fleet_mean_ms(&m0),
+        "the exchanges did wait on Redis"
+    );
+    // Had a request waited on one Redis round trip, it would take 100 ms more.
+    assert!(
+        median(&during) < median(&before) + 50.0,
+        "{during:?} against {before:?}"
+    );
+}
