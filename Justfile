@@ -98,6 +98,12 @@ soak MINUTES="30": wasm
     cargo build -q --release -p kvroute-emulator -p kvroute-sidecar -p kvroute-workloads --bin kvroute-emulator --bin kvroute-sidecar --bin kvroute-soak
     target/release/kvroute-soak --minutes {{MINUTES}}
 
+# Active-active replicas: 1, 2 and 4 Envoys (shared fleet log in Redis, or independent) on
+# ShareGPT at full length and RAG, requests spread at random; hit rate, P95 TTFT, sync lag.
+bench-replicas: wasm
+    cargo build -q --release -p kvroute-sidecar -p kvroute-workloads --bin kvroute-sidecar --bin kvroute-bench-replicas
+    target/release/kvroute-bench-replicas
+
 # The full-size study.
 study-full: wasm
     cargo run -q --release -p kvroute-workloads --bin kvroute-study -- --full --out results/study-full
@@ -122,5 +128,5 @@ bench: build
     cargo run -q --release -p kvroute-workloads --bin kvroute-bench-envoy
     cargo run -q --release -p kvroute-workloads --bin kvroute-bench-emulator
     cargo run -q --release -p kvroute-workloads --bin kvroute-bench-sidecar
-    cargo run -q --release -p kvroute-workloads --bin kvroute-bench-replicas
+    just bench-replicas
     cargo run -q --release -p kvroute-workloads --bin kvroute-bench-sim

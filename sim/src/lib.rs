@@ -198,6 +198,12 @@ pub struct SimConfig {
     pub seed: u64,
     /// Keep inter-token gaps per request (memory grows with output tokens).
     pub record_itl: bool,
+    /// Gateway replicas (Envoys with kvroute), each with its own directory and in-flight counts;
+    /// each request goes to one picked at random (no affinity).
+    pub gateways: usize,
+    /// With several gateways: how often each exchanges with the fleet log, us (the live
+    /// `fleet.sync_ms`); None: the gateways share nothing.
+    pub fleet_sync_us: Option<u64>,
 }
 
 impl SimConfig {
@@ -226,6 +232,8 @@ impl SimConfig {
             send_delay_us: Vec::new(),
             seed: 1,
             record_itl: true,
+            gateways: 1,
+            fleet_sync_us: None,
         }
     }
 }
@@ -304,6 +312,8 @@ enum Kind {
     Arrive = 4,
     Admit = 5,
     StepStart = 6,
+    /// A gateway's fleet exchange (`a`: the gateway).
+    Sync = 7,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -320,6 +330,7 @@ struct Ev {
 /// A request between its decision and its end.
 #[derive(Debug)]
 struct Open {
+    gateway: u32,
     session: u32,
     turn: u32,
     endpoint: u32,
@@ -331,6 +342,30 @@ struct Open {
     blocks: u32,
     /// Prompt tokens the router counts as still to prefill (until the first token).
     prefill_tokens: i64,
+}
+
+/// A gateway's own in-flight counts plus the other gateways' (as of its last fleet exchange).
+fn with_remote<'a>(local: &'a [i64], remote: Option<&Vec<i64>>) -> std::borrow::Cow<'a, [i64]> {
+    match remote.filter(|r| !r.is_empty()) {
+        Some(r) => local.iter().zip(r).map(|(a, b)| a + b).collect(),
+        None => std::borrow::Cow::Borrowed(local),
+    }
+}
+
+/// One gateway replica's view: what the live filter keeps per Envoy.
+struct Gateway {
+    directory: Directory,
+    published: Option<PublishedState>,
+    inflight: Vec<i64>,
+    inflight_blocks: Vec<i64>,
+    inflight_prefill: Vec<i64>,
+    /// The other gateways' in-flight counts as of this gateway's last exchange (requests, blocks,
+    /// prefill per endpoint); empty without a fleet.
+    remote: [Vec<i64>; 3],
+    /// Decisions (session, turn, endpoint) made here since the last exchange.
+    outbox: Vec<(u32, u32, u32)>,
+    /// Entries of the fleet log read so far.
+    cursor: usize,
 }
 
 struct Sim<'a> {
@@ -345,13 +380,11 @@ struct Sim<'a> {
     open: Vec<Option<Open>>,
     open_count: usize,
     free_slots: Vec<u32>,
-    directory: Directory,
-    published: Option<PublishedState>,
+    gateways: Vec<Gateway>,
+    /// The fleet's log: (gateway, session, turn, endpoint), in order.
+    log: Vec<(u32, u32, u32, u32)>,
     sidecar: Vec<EngineLoad>,
     status: Vec<EndpointStatus>,
-    inflight: Vec<i64>,
-    inflight_blocks: Vec<i64>,
-    inflight_prefill: Vec<i64>,
     /// The sidecar's measured rates per engine, and the counters it measures them from.
     rates: Vec<(RateEstimator, RateCounters)>,
     /// When the directory was last published, us.
@@ -392,20 +425,83 @@ impl Sim<'_> {
     }
 
     fn publish(&mut self) {
-        let section = match self.cfg.settings.publish_interval {
-            PublishInterval::Never => DirectorySection::empty(),
-            _ => DirectorySection::of(&self.directory),
+        for g in &mut self.gateways {
+            let section = match self.cfg.settings.publish_interval {
+                PublishInterval::Never => DirectorySection::empty(),
+                _ => DirectorySection::of(&g.directory),
+            };
+            let header = StateHeader {
+                version: self.seq,
+                published_at_ms: 0,
+                settings: self.cfg.settings.clone(),
+                endpoints: self.status.clone(),
+                directory_as_of_ms: 0,
+                decisions_recorded: self.decisions,
+                stale: false,
+            };
+            g.published = PublishedState::decode(encode(&header, &section)).ok();
+        }
+    }
+
+    /// The gateway a request goes to: one of them at random (a hash of its session and turn, so
+    /// the router's own draws stay as with one gateway).
+    fn gateway_of(&self, session: u32, turn: u32) -> usize {
+        let n = self.gateways.len();
+        if n < 2 {
+            return 0;
+        }
+        let mut x = (u64::from(session) << 32 | u64::from(turn)) ^ self.cfg.seed.rotate_left(17);
+        x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        ((x ^ (x >> 31)) % n as u64) as usize
+    }
+
+    /// Gateway `g`'s fleet exchange: its decisions since the last one join the log; the other
+    /// gateways' entries since its cursor are applied to its directory, in the log's order; it
+    /// leaves its in-flight counts and takes the others'.
+    fn sync(&mut self, g: usize) {
+        let Some(gw) = self.gateways.get_mut(g) else {
+            return;
         };
-        let header = StateHeader {
-            version: self.seq,
-            published_at_ms: 0,
-            settings: self.cfg.settings.clone(),
-            endpoints: self.status.clone(),
-            directory_as_of_ms: 0,
-            decisions_recorded: self.decisions,
-            stale: false,
-        };
-        self.published = PublishedState::decode(encode(&header, &section)).ok();
+        let out = std::mem::take(&mut gw.outbox);
+        self.log
+            .extend(out.into_iter().map(|(s, t, e)| (g as u32, s, t, e)));
+        let from = std::mem::replace(&mut gw.cursor, self.log.len());
+        for &(src, s, t, e) in self.log.get(from..).unwrap_or_default() {
+            if src as usize == g {
+                continue;
+            }
+            if let Some(turn) = self
+                .work
+                .get(s as usize)
+                .and_then(|w| w.turns.get(t as usize))
+            {
+                gw.directory
+                    .record(e as usize, &turn.features.blocks, turn.features.session);
+            }
+        }
+        let n = gw.inflight.len();
+        let mut remote = [vec![0i64; n], vec![0i64; n], vec![0i64; n]];
+        for (i, other) in self.gateways.iter().enumerate() {
+            if i == g {
+                continue;
+            }
+            for (k, local) in [
+                &other.inflight,
+                &other.inflight_blocks,
+                &other.inflight_prefill,
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                if let Some(r) = remote.get_mut(k) {
+                    r.iter_mut().zip(local).for_each(|(a, b)| *a += b);
+                }
+            }
+        }
+        if let Some(gw) = self.gateways.get_mut(g) {
+            gw.remote = remote;
+        }
     }
 
     fn arrive(&mut self, now: u64, session: u32, turn: u32) {
@@ -416,11 +512,21 @@ impl Sim<'_> {
         else {
             return;
         };
-        let live: &dyn PrefixIndex = match (&self.cfg.settings.publish_interval, &self.published) {
-            (PublishInterval::EveryDecision, _) => &self.directory,
+        let g = self.gateway_of(session, turn);
+        let Some(gw) = self.gateways.get(g) else {
+            return;
+        };
+        let live: &dyn PrefixIndex = match (&self.cfg.settings.publish_interval, &gw.published) {
+            (PublishInterval::EveryDecision, _) => &gw.directory,
             (_, Some(p)) => p,
             (_, None) => &EmptyIndex,
         };
+        // With a fleet, the other gateways' requests (as of the last exchange) count too.
+        let (inflight, inflight_blocks, inflight_prefill) = (
+            with_remote(&gw.inflight, gw.remote.first()),
+            with_remote(&gw.inflight_blocks, gw.remote.get(1)),
+            with_remote(&gw.inflight_prefill, gw.remote.get(2)),
+        );
         let directory_age_ms = match self.cfg.settings.publish_interval {
             PublishInterval::Millis(_) => now.saturating_sub(self.published_at_us) / 1000,
             _ => 0,
@@ -428,9 +534,9 @@ impl Sim<'_> {
         let inputs = Inputs {
             endpoints: &self.cfg.filter.endpoints,
             status: &self.status,
-            inflight: &self.inflight,
-            inflight_blocks: &self.inflight_blocks,
-            inflight_prefill: &self.inflight_prefill,
+            inflight: &inflight,
+            inflight_blocks: &inflight_blocks,
+            inflight_prefill: &inflight_prefill,
             chars_per_token: self.cfg.filter.chars_per_token,
             spec: self.cfg.filter.block_spec(),
             directory_age_ms,
@@ -440,22 +546,30 @@ impl Sim<'_> {
         };
         let d = decide(&t.features, live, &inputs, None);
         let prefill_tokens = i64::from(d.uncached_tokens);
-        if let Some(c) = self.inflight_prefill.get_mut(d.endpoint) {
+        let fleet = self.cfg.fleet_sync_us.is_some() && self.gateways.len() > 1;
+        let Some(gw) = self.gateways.get_mut(g) else {
+            return;
+        };
+        if let Some(c) = gw.inflight_prefill.get_mut(d.endpoint) {
             *c += prefill_tokens;
         }
         self.decisions += 1;
-        self.directory
+        gw.directory
             .record(d.endpoint, &t.features.blocks, t.features.session);
-        if let Some(c) = self.inflight.get_mut(d.endpoint) {
+        if fleet {
+            gw.outbox.push((session, turn, d.endpoint as u32));
+        }
+        if let Some(c) = gw.inflight.get_mut(d.endpoint) {
             *c += 1;
         }
-        if let Some(c) = self.inflight_blocks.get_mut(d.endpoint) {
+        if let Some(c) = gw.inflight_blocks.get_mut(d.endpoint) {
             *c += i64::from(d.total_blocks);
         }
         if let Some(c) = self.out.per_endpoint.get_mut(d.endpoint) {
             *c += 1;
         }
         let open = Open {
+            gateway: g as u32,
             session,
             turn,
             endpoint: d.endpoint as u32,
@@ -596,7 +710,10 @@ impl Sim<'_> {
                         match o.first_us {
                             None => {
                                 o.first_us = Some(at_client);
-                                if let Some(c) = self.inflight_prefill.get_mut(o.endpoint as usize)
+                                if let Some(c) = self
+                                    .gateways
+                                    .get_mut(o.gateway as usize)
+                                    .and_then(|g| g.inflight_prefill.get_mut(o.endpoint as usize))
                                 {
                                     *c -= std::mem::take(&mut o.prefill_tokens);
                                 }
@@ -640,14 +757,17 @@ impl Sim<'_> {
         };
         self.free_slots.push(slot);
         self.open_count -= 1;
-        if let Some(c) = self.inflight.get_mut(o.endpoint as usize) {
-            *c -= 1;
-        }
-        if let Some(c) = self.inflight_blocks.get_mut(o.endpoint as usize) {
-            *c -= i64::from(o.blocks);
-        }
-        if let Some(c) = self.inflight_prefill.get_mut(o.endpoint as usize) {
-            *c -= o.prefill_tokens;
+        if let Some(gw) = self.gateways.get_mut(o.gateway as usize) {
+            let e = o.endpoint as usize;
+            if let Some(c) = gw.inflight.get_mut(e) {
+                *c -= 1;
+            }
+            if let Some(c) = gw.inflight_blocks.get_mut(e) {
+                *c -= i64::from(o.blocks);
+            }
+            if let Some(c) = gw.inflight_prefill.get_mut(e) {
+                *c -= o.prefill_tokens;
+            }
         }
         self.out.records.push(SimRecord {
             session: o.session,
@@ -731,12 +851,23 @@ pub fn simulate(cfg: &SimConfig, work: &[PreparedSession]) -> SimOutput {
         open: Vec::new(),
         open_count: 0,
         free_slots: Vec::new(),
-        directory: Directory::with_spec(
-            &vec![capacity; n],
-            cfg.filter.session_capacity,
-            &cfg.filter.block_spec(),
-        ),
-        published: None,
+        gateways: (0..cfg.gateways.max(1))
+            .map(|_| Gateway {
+                directory: Directory::with_spec(
+                    &vec![capacity; n],
+                    cfg.filter.session_capacity,
+                    &cfg.filter.block_spec(),
+                ),
+                published: None,
+                inflight: vec![0; n],
+                inflight_blocks: vec![0; n],
+                inflight_prefill: vec![0; n],
+                remote: Default::default(),
+                outbox: Vec::new(),
+                cursor: 0,
+            })
+            .collect(),
+        log: Vec::new(),
         sidecar: vec![
             EngineLoad {
                 waiting: 0.0,
@@ -749,9 +880,6 @@ pub fn simulate(cfg: &SimConfig, work: &[PreparedSession]) -> SimOutput {
             n
         ],
         status: vec![EndpointStatus::default(); n],
-        inflight: vec![0; n],
-        inflight_blocks: vec![0; n],
-        inflight_prefill: vec![0; n],
         rates: vec![Default::default(); n],
         published_at_us: 0,
         rng: Rng::new(cfg.seed),
@@ -785,6 +913,21 @@ pub fn simulate(cfg: &SimConfig, work: &[PreparedSession]) -> SimOutput {
     if let Some(p) = publish_us {
         sim.push(p, Kind::Publish, 0, 0);
     }
+    // Each gateway's exchanges, their phases spread over one period.
+    let sync_us = cfg
+        .fleet_sync_us
+        .filter(|_| cfg.gateways > 1)
+        .map(|s| s.max(1));
+    if let Some(s) = sync_us {
+        for g in 0..cfg.gateways {
+            sim.push(
+                s * (g as u64 + 1) / cfg.gateways as u64,
+                Kind::Sync,
+                g as u32,
+                0,
+            );
+        }
+    }
     let mut remaining_arrivals = work.iter().filter(|s| !s.turns.is_empty()).count();
     while let Some(Reverse(ev)) = sim.queue.pop() {
         sim.out.events += 1;
@@ -814,6 +957,15 @@ pub fn simulate(cfg: &SimConfig, work: &[PreparedSession]) -> SimOutput {
                 }
                 sim.refresh();
                 sim.push(now + refresh_us, Kind::Refresh, 0, 0);
+            }
+            Kind::Sync => {
+                if !active {
+                    continue;
+                }
+                sim.sync(ev.a as usize);
+                if let Some(s) = sync_us {
+                    sim.push(now + s, Kind::Sync, ev.a, 0);
+                }
             }
             Kind::Publish => {
                 if !active {

@@ -257,3 +257,43 @@ fn send_delays_come_from_their_distribution_and_reorder_close_sends() {
         .count();
     assert!(other > 0, "router seeds never changed round_robin's routes");
 }
+
+#[test]
+fn gateways_that_share_a_fleet_log_keep_one_gateways_hit_rate_and_independent_ones_lose_it() {
+    // Conversations on 4 engines, each turn through one of 4 gateways at random.
+    let sessions = {
+        let v = chats(40, 5, 11);
+        let starts = arrivals::poisson(v.len(), 4.0, 11);
+        with_arrivals(v, &starts)
+    };
+    let base = cfg(4, PolicyKind::PredictedTtft);
+    let work = prepare(&sessions, &base.filter, 1);
+    let one = simulate(&base, &work);
+    let run = |sync: Option<u64>| {
+        simulate(
+            &SimConfig {
+                gateways: 4,
+                fleet_sync_us: sync,
+                ..base.clone()
+            },
+            &work,
+        )
+    };
+    let (shared, independent) = (run(Some(50_000)), run(None));
+    let (h1, hs, hi) = (hit_rate(&one), hit_rate(&shared), hit_rate(&independent));
+    assert_eq!(shared.records.len(), 200);
+    assert!(
+        hi < 0.9 * h1,
+        "independent {hi:.3} against one gateway {h1:.3}"
+    );
+    assert!(hs > 0.97 * h1, "shared {hs:.3} against one gateway {h1:.3}");
+    // One gateway with a fleet configured is one gateway.
+    let alone = simulate(
+        &SimConfig {
+            fleet_sync_us: Some(50_000),
+            ..base.clone()
+        },
+        &work,
+    );
+    assert_eq!(format!("{alone:?}"), format!("{one:?}"));
+}

@@ -49,7 +49,7 @@ async fn replay_counts_add_up_and_hits_are_recorded() {
     let sessions = with_arrivals(sessions, &starts);
     let sink = MemorySink::default();
     let opts = ReplayOptions {
-        url: envoy.url("/v1/chat/completions"),
+        urls: vec![envoy.url("/v1/chat/completions")],
         model: None,
         max_in_flight: 8,
         timeout: Duration::from_secs(60),
@@ -167,7 +167,7 @@ async fn the_oracle_matches_an_engine_that_never_evicts() {
     for s in sessions {
         let sink = MemorySink::default();
         let opts = ReplayOptions {
-            url: format!("{}/v1/chat/completions", engine.url()),
+            urls: vec![format!("{}/v1/chat/completions", engine.url())],
             model: Some(model.into()),
             max_in_flight: 1,
             timeout: Duration::from_secs(60),

@@ -273,6 +273,7 @@ async fn a_tiny_study_is_internally_consistent() {
             validation_repeats: 1,
             validation_router_seeds: 1,
             validation_max_send_delay_ms: 20.0,
+            fleet_sync_ms: 50,
         }),
     };
     let calibration = kvroute_workloads::calibrate::Calibration {

@@ -297,6 +297,25 @@ pub struct SimulatedPlan {
     /// Engines of the agentic run.
     #[serde(default = "d_agentic_engines")]
     pub agentic_engines: usize,
+    /// Gateway replicas compared (each request to one at random), sharing a fleet log or not.
+    #[serde(default = "d_gateways")]
+    pub gateways: Vec<usize>,
+    /// Engines behind them.
+    #[serde(default = "d_gateway_engines")]
+    pub gateway_engines: usize,
+    /// The fleet log's sync period, ms (the filter's `fleet.sync_ms`).
+    #[serde(default = "d_fleet_sync_ms")]
+    pub fleet_sync_ms: u64,
+}
+
+fn d_gateways() -> Vec<usize> {
+    vec![1, 2, 4, 8]
+}
+fn d_gateway_engines() -> usize {
+    16
+}
+fn d_fleet_sync_ms() -> u64 {
+    50
 }
 
 fn d_agentic_rate() -> f64 {

@@ -83,8 +83,10 @@ impl Write for MemorySink {
 /// How to replay.
 #[derive(Debug, Clone)]
 pub struct ReplayOptions {
-    /// `.../v1/chat/completions`
-    pub url: String,
+    /// `.../v1/chat/completions` of each gateway: each request goes to one of them, picked at
+    /// random (a hash of its session and turn, so a run repeats), as a plain L4 balancer in front
+    /// of several gateway replicas would spread them.
+    pub urls: Vec<String>,
     /// `model` to send (None: omitted).
     pub model: Option<String>,
     /// Most requests open at once.
@@ -201,6 +203,18 @@ pub async fn replay(
     })
 }
 
+/// The gateway a request goes to (see [`ReplayOptions::urls`]).
+fn pick_url<'a>(urls: &'a [String], session: &str, turn: usize) -> &'a str {
+    use std::hash::{Hash, Hasher};
+    if urls.len() < 2 {
+        return urls.first().map_or("", String::as_str);
+    }
+    let mut h = std::hash::DefaultHasher::new();
+    (session, turn).hash(&mut h);
+    let i = (h.finish() % urls.len() as u64) as usize;
+    urls.get(i).map_or("", String::as_str)
+}
+
 async fn one(
     client: &reqwest::Client,
     opts: &ReplayOptions,
@@ -234,7 +248,7 @@ async fn one(
     };
     let mut answer = String::new();
     let resp = client
-        .post(&opts.url)
+        .post(pick_url(&opts.urls, session, turn))
         .header(opts.session_header.as_str(), session)
         .json(&body)
         .send()

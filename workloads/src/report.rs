@@ -74,6 +74,9 @@ pub struct SimMeta {
     /// stall and run again.
     #[serde(default)]
     pub validation_max_send_delay_ms: f64,
+    /// The fleet log's sync period of the simulated gateway replicas, ms.
+    #[serde(default)]
+    pub fleet_sync_ms: u64,
 }
 
 /// Median and maximum of quantiles evenly spaced from 0 to 100% (None if there are none).
@@ -857,6 +860,62 @@ pub fn write(
         ))?;
     }
 
+    // Experiment 5, several gateways: hit rate and P95 TTFT against G, shared log or independent.
+    let gw = |f: &dyn Fn(&RunResult) -> f64| {
+        agg(
+            runs,
+            |r| r.spec.experiment.starts_with("exp5-gateways-"),
+            |r| {
+                let g: usize = r
+                    .spec
+                    .rate_label
+                    .trim_start_matches("G=")
+                    .parse()
+                    .unwrap_or(1);
+                (r.spec.experiment.clone(), g)
+            },
+            f,
+        )
+    };
+    let (gw_p95, gw_hit) = (gw(&|r| r.ttft_ms[1]), gw(&|r| r.hit_rate));
+    if !gw_p95.is_empty() {
+        // One gateway (run once, as shared) starts both lines.
+        let series = |m: &BTreeMap<(String, usize), (f64, f64, f64)>| -> Vec<Series> {
+            let one = m.get(&("exp5-gateways-shared".to_string(), 1)).map(|v| v.0);
+            [
+                ("exp5-gateways-shared", "shared fleet log (Redis)"),
+                ("exp5-gateways-independent", "independent directories"),
+            ]
+            .iter()
+            .map(|(e, name)| {
+                let mut pts: Vec<(f64, f64)> = one.map(|v| (0.0, v)).into_iter().collect();
+                pts.extend(
+                    m.iter()
+                        .filter(|((x, g), _)| x == e && *g > 1)
+                        .map(|((_, g), v)| ((*g as f64).log2(), v.0)),
+                );
+                (name.to_string(), pts)
+            })
+            .collect()
+        };
+        e(lines_log2x(
+            &fig("exp5_gateways_p95"),
+            "Several gateways (simulated): P95 TTFT by gateway replicas",
+            "gateway replicas (log scale)",
+            "P95 TTFT (ms)",
+            &series(&gw_p95),
+            true,
+        ))?;
+        e(lines_log2x(
+            &fig("exp5_gateways_hit"),
+            "Several gateways (simulated): prefix hit rate by gateway replicas",
+            "gateway replicas (log scale)",
+            "hit rate",
+            &series(&gw_hit),
+            true,
+        ))?;
+    }
+
     // 7. Load imbalance per policy (median and range over repeats).
     let imb = agg(runs, is("exp1", "1x"), |r| r.spec.label(), |r| r.imbalance);
     let imb_series = vec![(
@@ -1269,6 +1328,25 @@ pub fn write(
         validation_section(&mut h, runs, sm);
         let _ = write!(h, "<h2>Experiment 5: scaling the number of engines (simulated)</h2><p>The discrete-event simulator (the emulator's engine model, kvroute-core's policies and directory, the same workloads) at N = {} engines, {:.3} ShareGPT sessions/s per engine, the sessions scaled with N: half the highest rate per engine at which round_robin kept P95 TTFT within the objective at N = 2 (searched by doubling, then bisection). The staleness and alpha/beta sweeps are repeated at N = {}, and the Mooncake trace runs at N = {} on the <code>{}</code> profile (its prompts, up to 40k tokens, need a large KV cache).</p><div class=fig>{}</div><div class=fig>{}</div>",
             engine_counts("exp5"), sm.per_instance_rate, engine_counts("exp5-ab"), engine_counts("exp5-mooncake"), sm.mooncake_profile, svg("exp5_p95_vs_n"), svg("exp5_hit_vs_n"));
+        if runs
+            .iter()
+            .any(|r| r.spec.experiment.starts_with("exp5-gateways-"))
+        {
+            let _ = write!(h, "<h3>Several gateway replicas</h3><p>G Envoy replicas in front of N = {} engines, the default policy, the same ShareGPT sessions and load as experiment 5; each request goes to a replica at random (a plain L4 balancer, no affinity). <em>Shared</em>: the replicas exchange their decisions and in-flight counts through the fleet log every {} ms, as the filter's <code>fleet</code> section does live (docs/deployment.md); <em>independent</em>: each keeps its own directory and counts.</p><div class=fig>{}</div><div class=fig>{}</div>",
+                engine_counts("exp5-gateways-shared"), sm.fleet_sync_ms, svg("exp5_gateways_hit"), svg("exp5_gateways_p95"));
+            table(
+                &mut h,
+                "Gateway replicas: shared fleet log",
+                &|r| r.spec.experiment == "exp5-gateways-shared",
+                &|r| r.spec.rate_label.clone(),
+            );
+            table(
+                &mut h,
+                "Gateway replicas: independent directories",
+                &|r| r.spec.experiment == "exp5-gateways-independent",
+                &|r| r.spec.rate_label.clone(),
+            );
+        }
         table(
             &mut h,
             "Load search at N=2 (round_robin): sessions/s per engine",

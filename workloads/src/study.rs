@@ -259,7 +259,7 @@ impl Lab {
             _ => self.model.clone(),
         };
         let opts = ReplayOptions {
-            url,
+            urls: vec![url],
             model,
             max_in_flight: 256,
             timeout: Duration::from_secs(120),

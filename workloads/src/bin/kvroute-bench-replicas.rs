@@ -1,137 +1,414 @@
-//! What two Envoy replicas cost in prefix hits. Two Envoys with kvroute (`load_cache_aware`) share
-//! one sidecar in front of two emulated engines. The replicas share the sidecar's view (engine
-//! load, health, capacity) but not their prefix directories, sessions or gateway in-flight
-//! counts. The same multi-turn workload runs from a cold start with every turn through one
-//! replica, with each conversation pinned to a replica (a session-affine balancer), and with each
-//! turn on a pseudo-random replica (a plain L4 balancer); the engines' own hit rates are compared.
-//! Run: `cargo run --release -p kvroute-workloads --bin kvroute-bench-replicas` (after `just wasm`).
+//! Active-active Envoy replicas: what requests spread at random over G replicas cost in prefix
+//! hits and TTFT, with the replicas sharing their decisions through the fleet log (Redis) and with
+//! each keeping its own directory, against one replica.
+//!
+//! Two emulated engines (the study's profile and time scale), one Redis (`redis-server`), one
+//! sidecar process serving snapshots and the fleet log, and 1, 2 or 4 Envoy replicas, each with
+//! kvroute at its default policy. A plain L4 balancer is modelled by the client: each request goes
+//! to a replica picked at random (a hash of its session and turn), with no affinity. Every run
+//! starts cold (engine caches reset, a new directory epoch on every replica). Workloads: ShareGPT
+//! conversations at full length (up to 10 turns) and the RAG mix, at the study's 1x rate.
+//!
+//! Run: `just bench-replicas` (builds the filter and the sidecar first).
 
+use std::io::Write;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::Parser;
-use futures_util::StreamExt;
-use kvroute_workloads::emulated::{EmulatedEngine, RunningSidecar};
+use kvroute_traces::{arrivals, rag, sharegpt, with_arrivals, Session};
+use kvroute_workloads::emulated::EmulatedEngine;
 use kvroute_workloads::envoy_config::{Engine, EnvoySpec};
-use kvroute_workloads::scripted::{conversation, snapshot, Spread};
+use kvroute_workloads::procs::{self, Proc};
+use kvroute_workloads::replay::{replay, MemorySink, ReplayOptions, RequestRecord};
+use kvroute_workloads::scripted::snapshot;
 use kvroute_workloads::stack::{filter_wasm, Envoy};
+use kvroute_workloads::study::quantile;
 
 #[derive(Parser, Debug)]
-#[command(about = "Hit-rate cost of two Envoy replicas with separate directories")]
+#[command(about = "Hit rate and TTFT of 1, 2 and 4 Envoy replicas, sharing their directory or not")]
 struct Args {
-    /// Conversations per run.
-    #[arg(long, default_value_t = 24)]
-    conversations: usize,
-    /// Turns per conversation.
-    #[arg(long, default_value_t = 5)]
-    turns: usize,
-    /// Conversations in flight at once.
-    #[arg(long, default_value_t = 4)]
-    concurrency: usize,
-    /// Repeats of each configuration.
+    /// ShareGPT sessions per second (emulated time) at 1x: the reduced study's sustainable rate
+    /// on two engines of this profile (results/study: 8).
+    #[arg(long, default_value_t = 8.0)]
+    rate: f64,
+    /// Seconds (emulated) over which a run's conversations arrive.
+    #[arg(long, default_value_t = 6.0)]
+    window_s: f64,
+    /// Turns per conversation at most (full length: 10).
+    #[arg(long, default_value_t = 10)]
+    max_turns: usize,
+    /// Repeats of each configuration (seeds 1, 2, ...).
     #[arg(long, default_value_t = 3)]
     repeats: usize,
+    /// Replica counts compared with one replica.
+    #[arg(long, value_delimiter = ',', default_value = "2,4")]
+    replicas: Vec<usize>,
+    /// The fleet's sync period, ms (wall time).
+    #[arg(long, default_value_t = 20)]
+    sync_ms: u32,
+    /// Engine profile.
+    #[arg(long, default_value = "rtx5080-llama3.2-3b")]
+    profile: String,
+    /// Emulated time per wall time.
+    #[arg(long, default_value_t = 8.0)]
+    time_scale: f64,
+    /// ShareGPT data.
+    #[arg(long, default_value = "../shared/data/sharegpt_dev_3000.json")]
+    sharegpt: std::path::PathBuf,
     /// Where the JSON results go.
     #[arg(long, default_value = "results/bench/replicas.json")]
     out: std::path::PathBuf,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    One,
+    Shared(usize),
+    Independent(usize),
+}
+
+impl Mode {
+    fn replicas(self) -> usize {
+        match self {
+            Mode::One => 1,
+            Mode::Shared(g) | Mode::Independent(g) => g,
+        }
+    }
+    fn label(self) -> String {
+        match self {
+            Mode::One => "1 replica".into(),
+            Mode::Shared(g) => format!("{g} shared"),
+            Mode::Independent(g) => format!("{g} independent"),
+        }
+    }
+}
+
+/// One run's figures.
+#[derive(Debug, Clone, serde::Serialize)]
+struct Run {
+    workload: &'static str,
+    mode: String,
+    seed: u64,
+    requests: usize,
+    failed: usize,
+    hit_rate: f64,
+    p95_ttft_ms: f64,
+    mean_ttft_ms: f64,
+    /// Mean sync lag seen by the replicas (decision on one to arrival on another), wall ms.
+    sync_lag_mean_ms: Option<f64>,
+}
+
+fn sharegpt_sessions(all: &[Session], count: usize, seed: u64, rate: f64) -> Vec<Session> {
+    let start = (seed as usize * 97) % all.len().max(1);
+    let picked: Vec<Session> = all
+        .iter()
+        .cycle()
+        .skip(start)
+        .take(count)
+        .cloned()
+        .collect();
+    let starts = arrivals::poisson(picked.len(), rate, seed);
+    with_arrivals(picked, &starts)
+}
+
+fn rag_sessions(users: usize, seed: u64, rate: f64) -> Vec<Session> {
+    let s = rag::generate(&rag::RagOptions {
+        users,
+        max_tokens: 32,
+        seed,
+        ..Default::default()
+    });
+    let starts = arrivals::poisson(s.len(), rate, seed);
+    with_arrivals(s, &starts)
+}
+
+/// Sum and count of a histogram in Envoy's Prometheus page.
+fn histogram_mean(page: &str, name: &str) -> Option<(f64, f64)> {
+    let get = |suffix: &str| {
+        page.lines().find_map(|l| {
+            let rest = l.strip_prefix(&format!("{name}_{suffix}"))?;
+            rest.rsplit(' ').next()?.parse::<f64>().ok()
+        })
+    };
+    Some((get("sum")?, get("count")?))
+}
+
+async fn start_replicas(
+    mode: Mode,
+    engines: &[EmulatedEngine],
+    sidecar: &Proc,
+    sync_ms: u32,
+) -> anyhow::Result<Vec<Envoy>> {
+    let mut out = Vec::new();
+    for _ in 0..mode.replicas() {
+        let mut spec = EnvoySpec::new(
+            engines
+                .iter()
+                .map(|e| Engine::local(&e.name, e.addr.port()))
+                .collect(),
+            filter_wasm()?.display().to_string(),
+        );
+        spec.set_sidecar(Engine::local("sidecar", sidecar.addr.port()));
+        if matches!(mode, Mode::Shared(_)) {
+            spec.share_fleet(sync_ms);
+        }
+        let envoy = Envoy::start(spec).await?;
+        envoy
+            .wait_stat("kvroute_state_stale", Duration::from_secs(10), |v| v == 0)
+            .await?;
+        out.push(envoy);
+    }
+    Ok(out)
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let text = std::fs::read_to_string(&args.sharegpt)?;
+    let conversations = sharegpt::parse(
+        &text,
+        &sharegpt::ShareGptOptions {
+            max_turns: args.max_turns,
+            max_tokens: 64,
+            think_ms: 2000.0,
+            ..Default::default()
+        },
+    )?;
     let mut engines = Vec::new();
     for i in 0..2 {
-        engines
-            .push(EmulatedEngine::start(&format!("engine{i}"), "rtx5080-llama3.2-3b", 5.0).await?);
+        engines.push(
+            EmulatedEngine::start(&format!("engine{i}"), &args.profile, args.time_scale).await?,
+        );
     }
-    let refs: Vec<&EmulatedEngine> = engines.iter().collect();
-    let sidecar =
-        RunningSidecar::start_at(&refs, Duration::from_millis(100), "127.0.0.1:0".parse()?).await?;
-    let mut replicas = Vec::new();
-    for _ in 0..2 {
-        let spec_engines = engines
-            .iter()
-            .map(|e| Engine::local(&e.name, e.addr.port()))
-            .collect();
-        let mut spec = EnvoySpec::new(spec_engines, filter_wasm()?.display().to_string());
-        spec.set_sidecar(Engine::local("sidecar", sidecar.addr.port()));
-        replicas.push(Envoy::start(spec).await?);
-    }
-    let urls: Vec<String> = replicas
-        .iter()
-        .map(|e| e.url("/v1/chat/completions"))
-        .collect();
+    let redis = procs::redis(0).await?;
+    let named: Vec<(String, String)> = engines.iter().map(|e| (e.name.clone(), e.url())).collect();
+    let sidecar = procs::sidecar_with_fleet(
+        &named,
+        100,
+        "127.0.0.1:0".parse()?,
+        Some(&redis.redis_url()),
+    )
+    .await?;
     let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(120))
+        .timeout(Duration::from_secs(60))
         .build()?;
+    let mut modes = vec![Mode::One];
+    for g in &args.replicas {
+        modes.push(Mode::Shared(*g));
+        modes.push(Mode::Independent(*g));
+    }
+    let sessions = (args.rate * args.window_s).ceil() as usize;
+    let rag_rate = 2.0 * args.rate;
+    let rag_users = (rag_rate * 5.0).ceil() as usize;
+    println!(
+        "kvroute-bench-replicas: 2 emulated engines ({}, {}x real time), Redis, one sidecar; requests spread at random over the replicas; default policy",
+        args.profile, args.time_scale
+    );
+    println!(
+        "  sharegpt: {sessions} conversations of up to {} turns at {} sessions/s; rag: {rag_users} users at {rag_rate}/s; {} repeats",
+        args.max_turns, args.rate, args.repeats
+    );
+    let mut runs: Vec<Run> = Vec::new();
     let mut epoch = 0u64;
-    let mut rows = Vec::new();
-    println!(
-        "two Envoy replicas, one sidecar, two emulated engines; load_cache_aware; {} conversations x {} turns, {} at a time",
-        args.conversations, args.turns, args.concurrency
-    );
-    println!(
-        "{:<18} {:>10} {:>10} {:>14}",
-        "spread", "hit rate", "range", "mean TTFT ms"
-    );
-    for spread in [Spread::Single, Spread::PerConversation, Spread::PerTurn] {
-        let mut hits = Vec::new();
-        let mut ttfts = Vec::new();
-        for _ in 0..args.repeats {
-            for e in &engines {
-                client
-                    .post(format!("{}/reset_prefix_cache", e.url()))
-                    .send()
+    for mode in &modes {
+        let replicas = start_replicas(*mode, &engines, &sidecar, args.sync_ms).await?;
+        let urls: Vec<String> = replicas
+            .iter()
+            .map(|r| r.url("/v1/chat/completions"))
+            .collect();
+        for workload in ["sharegpt", "rag"] {
+            for rep in 0..args.repeats {
+                let seed = rep as u64 + 1;
+                let mut measured = match workload {
+                    "sharegpt" => sharegpt_sessions(&conversations, sessions, seed, args.rate),
+                    _ => rag_sessions(rag_users, seed, rag_rate),
+                };
+                for s in &mut measured {
+                    s.start_ms /= args.time_scale;
+                    s.think_ms /= args.time_scale;
+                }
+                for e in &engines {
+                    client
+                        .post(format!("{}/reset_prefix_cache", e.url()))
+                        .send()
+                        .await?;
+                }
+                epoch += 1;
+                let e = epoch.to_string();
+                for r in &replicas {
+                    r.runtime_modify(&[("kvroute.directory_epoch", &e)]).await?;
+                }
+                for r in &replicas {
+                    r.wait_stat(
+                        "kvroute_setting_directory_epoch",
+                        Duration::from_secs(10),
+                        |v| v == epoch,
+                    )
                     .await?;
-            }
-            epoch += 1;
-            for r in &replicas {
-                r.runtime_modify(&[("kvroute.directory_epoch", &epoch.to_string())])
-                    .await?;
-                r.wait_stat(
-                    "kvroute_setting_directory_epoch",
-                    Duration::from_secs(5),
-                    |v| v == epoch,
+                }
+                let mut lag_before = Vec::new();
+                for r in &replicas {
+                    let page = r.prometheus().await?;
+                    lag_before.push(histogram_mean(
+                        &page,
+                        "wasmcustom_kvroute_fleet_sync_lag_ms",
+                    ));
+                }
+                let before = snapshot(&client, &engines).await?;
+                let sink = MemorySink::default();
+                let out: Arc<Mutex<dyn Write + Send>> = Arc::new(Mutex::new(sink.clone()));
+                let summary = replay(
+                    measured,
+                    ReplayOptions {
+                        urls: urls.clone(),
+                        model: None,
+                        max_in_flight: 256,
+                        timeout: Duration::from_secs(120),
+                        session_header: "x-session-id".into(),
+                    },
+                    out,
+                    Arc::new(AtomicBool::new(false)),
+                    Arc::new(|_, _| {}),
                 )
                 .await?;
+                let after = snapshot(&client, &engines).await?;
+                let mut lag = (0.0, 0.0);
+                for (r, b) in replicas.iter().zip(&lag_before) {
+                    let page = r.prometheus().await?;
+                    if let (Some((s1, c1)), Some((s0, c0))) = (
+                        histogram_mean(&page, "wasmcustom_kvroute_fleet_sync_lag_ms"),
+                        b.or(Some((0.0, 0.0))),
+                    ) {
+                        lag.0 += s1 - s0;
+                        lag.1 += c1 - c0;
+                    }
+                }
+                let records: Vec<RequestRecord> = sink
+                    .text()
+                    .lines()
+                    .filter_map(|l| serde_json::from_str(l).ok())
+                    .collect();
+                let mut ttfts: Vec<f64> = records
+                    .iter()
+                    .filter_map(|r| r.ttft_ms.map(|t| t * args.time_scale))
+                    .collect();
+                ttfts.sort_by(f64::total_cmp);
+                let run = Run {
+                    workload,
+                    mode: mode.label(),
+                    seed,
+                    requests: summary.finished,
+                    failed: summary.failed,
+                    hit_rate: after.hit_rate_since(&before),
+                    p95_ttft_ms: quantile(&ttfts, 0.95),
+                    mean_ttft_ms: ttfts.iter().sum::<f64>() / ttfts.len().max(1) as f64,
+                    sync_lag_mean_ms: (lag.1 > 0.0).then(|| lag.0 / lag.1),
+                };
+                eprintln!(
+                    "  {:<9} {:<15} seed {}: {} requests ({} failed), hit {:.3}, P95 {:.0} ms, mean {:.0} ms{}",
+                    run.workload,
+                    run.mode,
+                    seed,
+                    run.requests,
+                    run.failed,
+                    run.hit_rate,
+                    run.p95_ttft_ms,
+                    run.mean_ttft_ms,
+                    run.sync_lag_mean_ms
+                        .map(|l| format!(", sync lag mean {l:.1} ms"))
+                        .unwrap_or_default()
+                );
+                runs.push(run);
             }
-            let before = snapshot(&client, &engines).await?;
-            let results: Vec<anyhow::Result<()>> =
-                futures_util::stream::iter(0..args.conversations)
-                    .map(|c| conversation(client.clone(), urls.clone(), spread, c, args.turns))
-                    .buffer_unordered(args.concurrency)
-                    .collect()
-                    .await;
-            for r in results {
-                r?;
-            }
-            let after = snapshot(&client, &engines).await?;
-            hits.push(after.hit_rate_since(&before));
-            ttfts.push(after.mean_ttft_since(&before) * 1e3);
         }
-        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
-        let range = |v: &[f64]| {
-            v.iter().cloned().fold(f64::NEG_INFINITY, f64::max)
-                - v.iter().cloned().fold(f64::INFINITY, f64::min)
-        };
+        for r in replicas {
+            r.stop(false).await;
+        }
+    }
+
+    // The table: mean (min-max) over repeats, and the ratios to one replica.
+    let stats = |w: &str, m: &str, f: &dyn Fn(&Run) -> f64| -> (f64, f64, f64) {
+        let v: Vec<f64> = runs
+            .iter()
+            .filter(|r| r.workload == w && r.mode == m)
+            .map(f)
+            .collect();
+        let mean = v.iter().sum::<f64>() / v.len().max(1) as f64;
+        let lo = v.iter().cloned().fold(f64::INFINITY, f64::min);
+        let hi = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        (mean, lo, hi)
+    };
+    println!();
+    println!(
+        "{:<9} {:<15} {:>22} {:>24} {:>10} {:>8} {:>8}",
+        "workload",
+        "replicas",
+        "hit rate (min-max)",
+        "P95 TTFT ms (min-max)",
+        "mean TTFT",
+        "hit x1",
+        "P95 x1"
+    );
+    let mut verdicts = Vec::new();
+    for w in ["sharegpt", "rag"] {
+        let one_hit = stats(w, "1 replica", &|r| r.hit_rate).0;
+        let one_p95 = stats(w, "1 replica", &|r| r.p95_ttft_ms).0;
+        for m in &modes {
+            let label = m.label();
+            let h = stats(w, &label, &|r| r.hit_rate);
+            let p = stats(w, &label, &|r| r.p95_ttft_ms);
+            let mean = stats(w, &label, &|r| r.mean_ttft_ms).0;
+            println!(
+                "{:<9} {:<15} {:>8.3} ({:.3}-{:.3}) {:>10.0} ({:.0}-{:.0}) {:>10.0} {:>8.3} {:>8.3}",
+                w,
+                label,
+                h.0,
+                h.1,
+                h.2,
+                p.0,
+                p.1,
+                p.2,
+                mean,
+                h.0 / one_hit.max(1e-9),
+                p.0 / one_p95.max(1e-9)
+            );
+            if *m == Mode::Shared(4) {
+                let (hx, px) = (h.0 / one_hit.max(1e-9), p.0 / one_p95.max(1e-9));
+                verdicts.push(format!(
+                    "{w}: 4 shared replicas reach {hx:.3}x one replica's hit rate (goal >= 0.97: {}) and {px:.3}x its P95 TTFT (goal <= 1.05: {})",
+                    if hx >= 0.97 { "met" } else { "missed" },
+                    if px <= 1.05 { "met" } else { "missed" },
+                ));
+            }
+        }
+    }
+    println!();
+    for v in &verdicts {
+        println!("{v}");
+    }
+    let lags: Vec<f64> = runs.iter().filter_map(|r| r.sync_lag_mean_ms).collect();
+    let lo = lags.iter().cloned().fold(f64::INFINITY, f64::min);
+    let hi = lags.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    if !lags.is_empty() {
         println!(
-            "{:<18} {:>10.3} {:>10.3} {:>14.1}",
-            format!("{spread:?}"),
-            mean(&hits),
-            range(&hits),
-            mean(&ttfts)
+            "sync lag (a decision on one replica to its arrival on another, wall ms; mean per run): {lo:.1} to {hi:.1}, with sync every {} ms",
+            args.sync_ms
         );
-        rows.push(serde_json::json!({"spread": format!("{spread:?}"), "hit_rates": hits, "mean_ttft_ms": ttfts}));
     }
     println!(
-        "(hit rate: engines' prefix_cache_hits / queries; range: max - min over {} repeats)",
-        args.repeats
+        "(hit rate: the engines' prefix_cache_hits / queries; TTFT from the clients, emulated ms)"
     );
     if let Some(dir) = args.out.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    std::fs::write(&args.out, serde_json::to_string_pretty(&rows)?)?;
-    for r in replicas {
-        r.stop(false).await;
-    }
+    std::fs::write(
+        &args.out,
+        serde_json::to_string_pretty(&serde_json::json!({"runs": runs, "verdicts": verdicts}))?,
+    )?;
+    println!("wrote {}", args.out.display());
+    drop(sidecar);
+    drop(redis);
     Ok(())
 }

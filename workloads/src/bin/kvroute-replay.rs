@@ -160,7 +160,7 @@ async fn main() -> anyhow::Result<()> {
     );
     let b2 = bar.clone();
     let opts = ReplayOptions {
-        url: a.url.clone(),
+        urls: vec![a.url.clone()],
         model: a.model.clone(),
         max_in_flight: a.max_in_flight,
         timeout: Duration::from_secs(600),

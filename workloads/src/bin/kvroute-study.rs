@@ -740,6 +740,42 @@ fn simulated_part(
             }
         }
     }
+    // Several gateway replicas at N = gateway_engines, each request to one at random: sharing a
+    // fleet log (the live `fleet` section) or each with its own directory. One gateway is the same
+    // either way and is run once.
+    let ng = sim.gateway_engines;
+    let bg = base(ng, &engine);
+    let default_policy = kvroute_core::PolicySettings::default().policy;
+    for rep in 0..plan.repeats {
+        let seed = rep as u64 + 1;
+        let work = simulated::prepare_for(&bg, &sessions_at(ng, per_engine, seed)?);
+        for &g in &sim.gateways {
+            for shared in [true, false] {
+                if g == 1 && !shared {
+                    continue;
+                }
+                let cfg = SimConfig {
+                    gateways: g,
+                    fleet_sync_us: shared.then_some(sim.fleet_sync_ms * 1000),
+                    ..bg.clone()
+                };
+                let experiment = if shared {
+                    "exp5-gateways-shared"
+                } else {
+                    "exp5-gateways-independent"
+                };
+                let spec = RunSpec::new(
+                    experiment,
+                    "sharegpt",
+                    default_policy,
+                    per_engine * ng as f64,
+                    &format!("G={g}"),
+                    rep,
+                );
+                keep(&a.out, results, simulated::run(&spec, &cfg, &work)?)?;
+            }
+        }
+    }
     // Staleness and alpha / beta at N = 8.
     let ns = sim.sweep_engines;
     let b8 = base(ns, &engine);
@@ -808,6 +844,7 @@ fn simulated_part(
         validation_sessions: plan.simulated.validation_sessions,
         validation_time_scale: plan.simulated.validation_time_scale,
         validation_repeats: plan.validation_repeats(),
+        fleet_sync_ms: sim.fleet_sync_ms,
         validation_router_seeds: plan.simulated.validation_router_seeds,
         validation_max_send_delay_ms: plan.simulated.validation_max_send_delay_ms,
     })
