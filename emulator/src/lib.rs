@@ -1,13 +1,11 @@
 //! kvroute-emulator: a vLLM-compatible engine that runs without a GPU.
 //!
-//! The engine model ([`engine`], [`block_pool`], [`profile`], [`tokenizer`]) has no I/O and no
-//! clock: the server drives it in real (optionally scaled) time, the simulator in virtual time.
-//! [`server`] is the OpenAI-compatible HTTP front end and [`metrics`] renders vLLM's metric
-//! families.
+//! The engine model lives in `kvroute-engine` (re-exported here as [`engine`], [`block_pool`],
+//! [`profile`], [`tokenizer`]): it has no I/O and no clock, and this crate's server drives it in
+//! real (optionally scaled) time, as the simulator drives it in virtual time. [`server`] is the
+//! OpenAI-compatible HTTP front end and [`metrics`] renders vLLM's metric families.
 
-pub mod block_pool;
-pub mod engine;
+pub use kvroute_engine::{block_pool, engine, profile, tokenizer};
+
 pub mod metrics;
-pub mod profile;
 pub mod server;
-pub mod tokenizer;

@@ -1,7 +1,7 @@
 //! kvroute-sim: a deterministic discrete-event simulation of N engines behind kvroute.
 //!
 //! It runs the same code as the live stack, not copies of it:
-//! - the engines are the emulator's engine model ([`kvroute_emulator::engine::Engine`]: vLLM's
+//! - the engines are the emulator's engine model ([`kvroute_engine::engine::Engine`]: vLLM's
 //!   block pool, prefix cache, eviction and V1 scheduler, the profile's latency model), fed the
 //!   token ids the emulator's server would compute for the same chat;
 //! - the router is kvroute-core's: request features from the same canonical prompt text, the same
@@ -39,8 +39,8 @@ use kvroute_core::state::{
     encode, DirectorySection, EndpointStatus, EngineLoad, PublishedState, StateHeader,
 };
 use kvroute_core::{FilterConfig, PolicySettings};
-use kvroute_emulator::engine::{Engine, EngineConfig, Event, NewRequest, Observation};
-use kvroute_emulator::tokenizer::{encode_chat, filler_token, ChatMessage};
+use kvroute_engine::engine::{Engine, EngineConfig, Event, NewRequest, Observation};
+use kvroute_engine::tokenizer::{encode_chat, filler_token, ChatMessage};
 use kvroute_traces::rng::Rng;
 use kvroute_traces::Session;
 use serde::{Deserialize, Serialize};

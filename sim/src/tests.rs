@@ -1,6 +1,6 @@
 use super::*;
 use kvroute_core::PolicyKind;
-use kvroute_emulator::profile::seed_rig;
+use kvroute_engine::profile::seed_rig;
 use kvroute_traces::{arrivals, rag, with_arrivals, words, Turn};
 
 fn chats(n: usize, turns: usize, seed: u64) -> Vec<Session> {
