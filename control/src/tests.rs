@@ -105,16 +105,32 @@ impl Proxy {
     /// Answers the runtime poll (the service's `GET /runtime`) with these `kvroute.*` values.
     fn runtime(&mut self, values: &[(&str, &str)]) {
         self.tick(200);
-        let call = self.host.take_callout("/runtime").expect("a runtime poll");
         let entries: serde_json::Map<String, serde_json::Value> = values
             .iter()
             .map(|(k, v)| ((*k).to_owned(), serde_json::json!({ "final_value": v })))
             .collect();
         let body = serde_json::json!({ "entries": entries, "layers": [] }).to_string();
+        self.answer("/runtime", 200, body.as_bytes());
+    }
+
+    /// Answers the newest callout to `path` with `status` and `body`.
+    fn answer(&mut self, path: &str, status: u16, body: &[u8]) {
+        let call = self
+            .host
+            .take_callout(path)
+            .unwrap_or_else(|| panic!("no callout to {path}"));
         let service = &mut self.service;
-        self.host.answer(200, body.as_bytes(), |n| {
-            service.on_http_call_response(call.token, n);
+        self.host.answer(status, body, |n| {
+            service.on_http_call_response(call.token, n)
         });
+    }
+
+    /// Whether the current stream got a routing header.
+    fn routed(&self) -> bool {
+        self.host
+            .stream()
+            .request_header("x-kvroute-endpoint")
+            .is_some()
     }
 
     fn published(&self) -> PublishedState {
@@ -214,11 +230,7 @@ fn an_in_flight_increment_that_never_wins_the_swap_gives_up_and_is_counted() {
     let (_s, _) = p.route("a", &text(1));
     assert_eq!(p.host.value("kvroute_host_errors_total.op.inflight"), 1);
     // The request was still routed.
-    assert!(p
-        .host
-        .stream()
-        .request_header("x-kvroute-endpoint")
-        .is_some());
+    assert!(p.routed());
 }
 
 #[test]
@@ -352,11 +364,7 @@ fn runtime_values_change_the_settings_once_and_invalid_ones_are_counted_and_logg
     assert_eq!(p.host.value("kvroute_runtime_invalid_values"), 0);
     // A runtime answer that is not Envoy's JSON changes nothing and is counted.
     p.tick(200);
-    let call = p.host.take_callout("/runtime").unwrap();
-    let service = &mut p.service;
-    p.host.answer(200, b"<html>", |n| {
-        service.on_http_call_response(call.token, n)
-    });
+    p.answer("/runtime", 200, b"<html>");
     assert_eq!(p.host.value("kvroute_host_errors_total.op.runtime_poll"), 1);
     assert_eq!(p.published().header.version, v0 + 2);
 }
@@ -398,11 +406,7 @@ fn a_report_that_cannot_be_queued_is_counted_and_the_request_still_routed() {
     p.host.fail_enqueue(true);
     let (_s, _) = p.route("a", &text(1));
     assert_eq!(p.host.value("kvroute_host_errors_total.op.enqueue"), 1);
-    assert!(p
-        .host
-        .stream()
-        .request_header("x-kvroute-endpoint")
-        .is_some());
+    assert!(p.routed());
 }
 
 #[test]
@@ -467,12 +471,11 @@ fn a_missing_or_late_sidecar_marks_the_state_stale_and_a_fresh_snapshot_clears_i
     );
 
     p.tick(100);
-    let call = p.host.take_callout("/snapshot").expect("a snapshot pull");
-    let body = snapshot(p.host.now_ms(), [3.0, 0.0], [true, false]);
-    let service = &mut p.service;
-    p.host.answer(200, body.as_bytes(), |n| {
-        service.on_http_call_response(call.token, n)
-    });
+    p.answer(
+        "/snapshot",
+        200,
+        snapshot(p.host.now_ms(), [3.0, 0.0], [true, false]).as_bytes(),
+    );
     let h = p.published().header;
     assert!(!h.stale);
     assert_eq!(h.endpoints[0].engine.unwrap().waiting, 3.0);
@@ -482,10 +485,7 @@ fn a_missing_or_late_sidecar_marks_the_state_stale_and_a_fresh_snapshot_clears_i
 
     // An error answer is counted and changes nothing.
     p.tick(100);
-    let call = p.host.take_callout("/snapshot").unwrap();
-    let service = &mut p.service;
-    p.host
-        .answer(503, b"", |n| service.on_http_call_response(call.token, n));
+    p.answer("/snapshot", 503, b"");
     assert_eq!(p.host.value("kvroute_host_errors_total.op.sidecar_pull"), 1);
     assert!(!p.published().header.stale);
 
@@ -504,12 +504,11 @@ fn a_missing_or_late_sidecar_marks_the_state_stale_and_a_fresh_snapshot_clears_i
     );
 
     // A snapshot again: fresh.
-    let call = p.host.take_callout("/snapshot").unwrap();
-    let body = snapshot(p.host.now_ms(), [0.0, 0.0], [true, true]);
-    let service = &mut p.service;
-    p.host.answer(200, body.as_bytes(), |n| {
-        service.on_http_call_response(call.token, n)
-    });
+    p.answer(
+        "/snapshot",
+        200,
+        snapshot(p.host.now_ms(), [0.0, 0.0], [true, true]).as_bytes(),
+    );
     assert!(!p.published().header.stale);
     assert_eq!(p.host.logged("sidecar snapshot fresh again"), 2);
 }
@@ -518,12 +517,11 @@ fn a_missing_or_late_sidecar_marks_the_state_stale_and_a_fresh_snapshot_clears_i
 fn an_unhealthy_endpoint_gets_no_requests() {
     let mut p = Proxy::new(r#","sidecar":{"cluster":"sidecar"}"#);
     p.tick(100);
-    let call = p.host.take_callout("/snapshot").unwrap();
-    let body = snapshot(p.host.now_ms(), [0.0, 0.0], [false, true]);
-    let service = &mut p.service;
-    p.host.answer(200, body.as_bytes(), |n| {
-        service.on_http_call_response(call.token, n)
-    });
+    p.answer(
+        "/snapshot",
+        200,
+        snapshot(p.host.now_ms(), [0.0, 0.0], [false, true]).as_bytes(),
+    );
     for i in 0..8 {
         assert_eq!(p.route(&format!("s{i}"), &text(i)).1, 1);
     }
@@ -570,11 +568,7 @@ fn bad_bodies_fall_back_to_load_routing_and_are_counted_by_reason() {
         let mut s = Stream::new(p.worker.clone());
         assert_eq!(s.on_request_headers(false), Flow::Pause);
         assert_eq!(s.on_request_body(body.len(), true), Flow::Continue);
-        assert!(p
-            .host
-            .stream()
-            .request_header("x-kvroute-endpoint")
-            .is_some());
+        assert!(p.routed());
         assert_eq!(p.host.value(reason), 1, "{reason}");
         s.on_end();
     }
@@ -833,4 +827,20 @@ fn a_new_directory_epoch_starts_reading_the_new_epochs_log_from_its_start() {
     a.tick(1000);
     let r = req(&a);
     assert_eq!((r.cursor.as_str(), r.epoch), ("0", 3));
+}
+
+#[test]
+fn a_fleet_sync_period_shorter_than_the_tick_sets_the_state_services_tick() {
+    let p = Proxy::new(r#","fleet":{"cluster":"sidecar","sync_ms":8}"#);
+    assert_eq!(p.host.tick(), Some(std::time::Duration::from_millis(8)));
+    let p = Proxy::new(r#","fleet":{"cluster":"sidecar","sync_ms":500}"#);
+    assert_eq!(
+        p.host.tick(),
+        Some(std::time::Duration::from_millis(TICK_MS))
+    );
+    let p = Proxy::new("");
+    assert_eq!(
+        p.host.tick(),
+        Some(std::time::Duration::from_millis(TICK_MS))
+    );
 }

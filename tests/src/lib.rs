@@ -235,6 +235,65 @@ impl Tally {
     }
 }
 
+/// Clients under load until [`Load::stop`]; [`Load::tally`] counts what they saw.
+#[derive(Debug)]
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    /// What the clients counted so far.
+    pub tally: Arc<Tally>,
+    clients: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    /// `n` [`echo_client`]s through `s`.
+    pub fn echo(s: &Arc<Stack>, n: usize) -> Load {
+        Self::spawn(n, |c, stop, tally| {
+            tokio::spawn(echo_client(s.clone(), stop, tally, c))
+        })
+    }
+
+    /// `n` [`streaming_client`]s; client `c` sends to `urls[c % urls.len()]`.
+    pub fn streaming(urls: &[String], model: &str, max_tokens: u32, n: usize) -> Load {
+        Self::spawn(n, |c, stop, tally| {
+            let url = urls[c % urls.len()].clone();
+            tokio::spawn(streaming_client(
+                url,
+                model.to_owned(),
+                max_tokens,
+                stop,
+                tally,
+                c,
+            ))
+        })
+    }
+
+    fn spawn(
+        n: usize,
+        start: impl Fn(usize, Arc<AtomicBool>, Arc<Tally>) -> tokio::task::JoinHandle<()>,
+    ) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let tally = Arc::new(Tally::default());
+        let clients = (0..n)
+            .map(|c| start(c, stop.clone(), tally.clone()))
+            .collect();
+        Load {
+            stop,
+            tally,
+            clients,
+        }
+    }
+
+    /// Stops the clients, waits for their last requests, and returns (sent, failed, served by
+    /// engine0, served by engine1).
+    pub async fn stop(self) -> (u64, u64, u64, u64) {
+        self.stop.store(true, Ordering::SeqCst);
+        for c in self.clients {
+            c.await.unwrap();
+        }
+        self.tally.get()
+    }
+}
+
 /// One client sending requests to echo engines one after another (each held 20 ms by the
 /// engine) until `stop`; an endpoint is the echo engine that served it.
 pub async fn echo_client(s: Arc<Stack>, stop: Arc<AtomicBool>, tally: Arc<Tally>, c: usize) {

@@ -12,7 +12,7 @@
     clippy::indexing_slicing
 )]
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,11 +45,8 @@ fn lost_only_what_was_in_flight(
 async fn an_engine_killed_under_load_loses_nothing_and_comes_back() {
     // round_robin sends every other request to engine0, so its death shows at once.
     let s = Arc::new(Stack::with_policy(2, "round_robin").await);
-    let stop = Arc::new(AtomicBool::new(false));
-    let tally = Arc::new(Tally::default());
-    let clients: Vec<_> = (0..4)
-        .map(|c| tokio::spawn(echo_client(s.clone(), stop.clone(), tally.clone(), c)))
-        .collect();
+    let load = Load::echo(&s, 4);
+    let tally = load.tally.clone();
     tokio::time::sleep(Duration::from_millis(800)).await;
     let (sent0, failed0, a0, b0) = tally.get();
     assert!(a0 > 0 && b0 > 0 && failed0 == 0, "{:?}", tally.get());
@@ -81,10 +78,7 @@ async fn an_engine_killed_under_load_loses_nothing_and_comes_back() {
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(3000)).await;
-    stop.store(true, Ordering::SeqCst);
-    for c in clients {
-        c.await.unwrap();
-    }
+    load.stop().await;
     let (_, failed2, a2, _) = tally.get();
     assert!(back.completions() > 10, "engine0 serves again");
     assert_eq!(a2 - a1, back.completions());
@@ -112,20 +106,8 @@ async fn an_engine_process_killed_mid_stream_loses_only_what_it_held() {
     spec.filter.defaults.policy = "round_robin".parse().unwrap();
     let envoy = Envoy::start(spec).await.unwrap();
     let model = served_model(&engines[0].url()).await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let tally = Arc::new(Tally::default());
-    let clients: Vec<_> = (0..4)
-        .map(|c| {
-            tokio::spawn(streaming_client(
-                envoy.url("/v1/chat/completions"),
-                model.clone(),
-                48,
-                stop.clone(),
-                tally.clone(),
-                c,
-            ))
-        })
-        .collect();
+    let load = Load::streaming(&[envoy.url("/v1/chat/completions")], &model, 48, 4);
+    let tally = load.tally.clone();
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let (sent0, failed0, a0, b0) = tally.get();
     assert!(a0 > 0 && b0 > 0 && failed0 == 0, "{:?}", tally.get());
@@ -151,10 +133,7 @@ async fn an_engine_process_killed_mid_stream_loses_only_what_it_held() {
     // A new process on the same port takes its share again once the down mark expires.
     engines[0] = procs::emulator(PROFILE, 4.0, port0).await.unwrap();
     tokio::time::sleep(Duration::from_millis(3000)).await;
-    stop.store(true, Ordering::SeqCst);
-    for c in clients {
-        c.await.unwrap();
-    }
+    load.stop().await;
     let (_, failed2, a2, _) = tally.get();
     println!("restarted: engine0 completed {} requests", a2 - a1);
     assert!(a2 > a1 + 10, "engine0 serves again");

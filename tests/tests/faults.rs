@@ -10,7 +10,6 @@
     clippy::indexing_slicing
 )]
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -54,20 +53,8 @@ async fn the_sidecar_killed_under_load_loses_nothing_and_routing_recovers() {
         .await
         .unwrap();
     let model = served_model(&engines[0].url()).await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let tally = Arc::new(Tally::default());
-    let clients: Vec<_> = (0..3)
-        .map(|c| {
-            tokio::spawn(streaming_client(
-                envoy.url("/v1/chat/completions"),
-                model.clone(),
-                16,
-                stop.clone(),
-                tally.clone(),
-                c,
-            ))
-        })
-        .collect();
+    let load = Load::streaming(&[envoy.url("/v1/chat/completions")], &model, 16, 3);
+    let tally = load.tally.clone();
     tokio::time::sleep(Duration::from_millis(800)).await;
 
     // SIGKILL the sidecar: the state goes stale, routing falls back to load, traffic goes on.
@@ -90,10 +77,7 @@ async fn the_sidecar_killed_under_load_loses_nothing_and_routing_recovers() {
     let after_restart = stat(&envoy, "kvroute_fallbacks_total.reason.stale_state").await;
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let settled = stat(&envoy, "kvroute_fallbacks_total.reason.stale_state").await;
-    stop.store(true, Ordering::SeqCst);
-    for c in clients {
-        c.await.unwrap();
-    }
+    load.stop().await;
     let (sent, failed, a, b) = tally.get();
     println!(
         "sidecar SIGKILL and restart: {sent} requests, {failed} failed, {a} / {b} per engine; \
@@ -128,11 +112,8 @@ async fn filter_configs_changed_by_ecds_under_load_lose_nothing() {
     // counted, which shows the new configuration is the one serving.
     let mut tiny = normal.clone();
     tiny["max_body_bytes"] = 64.into();
-    let stop = Arc::new(AtomicBool::new(false));
-    let tally = Arc::new(Tally::default());
-    let clients: Vec<_> = (0..3)
-        .map(|c| tokio::spawn(echo_client(s.clone(), stop.clone(), tally.clone(), c)))
-        .collect();
+    let load = Load::echo(&s, 3);
+    let tally = load.tally.clone();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let reload = "extension_config_discovery.http_filter.kvroute.update_success";
     let fail = "extension_config_discovery.http_filter.kvroute.update_rejected";
@@ -158,10 +139,7 @@ async fn filter_configs_changed_by_ecds_under_load_lose_nothing() {
     let too_large = stat(&s.envoy, "kvroute_fallbacks_total.reason.body_too_large").await;
     tokio::time::sleep(Duration::from_millis(700)).await;
     let too_large_after = stat(&s.envoy, "kvroute_fallbacks_total.reason.body_too_large").await;
-    stop.store(true, Ordering::SeqCst);
-    for c in clients {
-        c.await.unwrap();
-    }
+    load.stop().await;
     let (sent, failed, a, b) = tally.get();
     let (reloads, fails) = (stat(&s.envoy, reload).await, stat(&s.envoy, fail).await);
     println!(
@@ -179,11 +157,8 @@ async fn filter_configs_changed_by_ecds_under_load_lose_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_storm_of_runtime_modify_calls_loses_no_request() {
     let s = Arc::new(Stack::with_policy(2, "predicted_ttft").await);
-    let stop = Arc::new(AtomicBool::new(false));
-    let tally = Arc::new(Tally::default());
-    let clients: Vec<_> = (0..3)
-        .map(|c| tokio::spawn(echo_client(s.clone(), stop.clone(), tally.clone(), c)))
-        .collect();
+    let load = Load::echo(&s, 3);
+    let tally = load.tally.clone();
     // 300 calls as fast as the admin answers: every policy in turn, with parameters, some of them
     // invalid, and the directory epoch bumped (the singleton forgets the directory each time).
     let policies = kvroute_core::PolicyKind::ALL;
@@ -202,10 +177,7 @@ async fn a_storm_of_runtime_modify_calls_loses_no_request() {
             .unwrap();
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.store(true, Ordering::SeqCst);
-    for c in clients {
-        c.await.unwrap();
-    }
+    load.stop().await;
     let (sent, failed, a, b) = tally.get();
     println!(
         "runtime_modify storm: {sent} requests, {failed} failed, {a} / {b} per engine; {} takeovers",
@@ -227,11 +199,8 @@ async fn a_crashed_state_singleton_loses_nothing_and_a_filter_vm_takes_over() {
         })
         .await,
     );
-    let stop = Arc::new(AtomicBool::new(false));
-    let tally = Arc::new(Tally::default());
-    let clients: Vec<_> = (0..3)
-        .map(|c| tokio::spawn(echo_client(s.clone(), stop.clone(), tally.clone(), c)))
-        .collect();
+    let load = Load::echo(&s, 3);
+    let tally = load.tally.clone();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let deadline = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -270,10 +239,7 @@ async fn a_crashed_state_singleton_loses_nothing_and_a_filter_vm_takes_over() {
         + s.stat("kvroute_decisions_total.policy.jsq.endpoint.engine1")
             .await;
     let recorded_after = s.stat("kvroute_decisions_recorded_total").await;
-    stop.store(true, Ordering::SeqCst);
-    for c in clients {
-        c.await.unwrap();
-    }
+    load.stop().await;
     let (sent, failed, a, b) = tally.get();
     println!(
         "singleton crash: {sent} requests, {failed} failed, {a} / {b} per engine; a filter VM took \

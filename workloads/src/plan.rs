@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 
 use kvroute_core::policy::PolicyKind;
 use kvroute_core::PolicySettings;
+use kvroute_traces::{arrivals, rag, sharegpt, with_arrivals, Session};
 use serde::{Deserialize, Serialize};
 
 /// The embedded reduced plan (the main job).
@@ -315,7 +316,7 @@ fn d_gateway_engines() -> usize {
     16
 }
 fn d_fleet_sync_ms() -> u64 {
-    50
+    10
 }
 
 fn d_agentic_rate() -> f64 {
@@ -458,6 +459,50 @@ impl StudyPlan {
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_default()
     }
+}
+
+/// `count` ShareGPT conversations of the plan's shape, picked by `seed` (from `offset`), starting
+/// as a Poisson process of `rate` sessions/s.
+pub fn sharegpt_sessions(
+    text: &str,
+    p: &ShareGptPlan,
+    count: usize,
+    seed: u64,
+    rate: f64,
+    offset: usize,
+) -> anyhow::Result<Vec<Session>> {
+    let all = sharegpt::parse(
+        text,
+        &sharegpt::ShareGptOptions {
+            max_turns: p.max_turns,
+            max_tokens: p.max_tokens,
+            think_ms: p.think_ms,
+            ..Default::default()
+        },
+    )?;
+    // Different seeds take different conversations.
+    let start = (offset + seed as usize * 97) % all.len().max(1);
+    let picked: Vec<Session> = all
+        .iter()
+        .cycle()
+        .skip(start)
+        .take(count)
+        .cloned()
+        .collect();
+    let starts = arrivals::poisson(picked.len(), rate, seed);
+    Ok(with_arrivals(picked, &starts))
+}
+
+/// The RAG users of a run at `rate` requests/s (one request each).
+pub fn rag_sessions(p: &RagPlan, seed: u64, rate: f64) -> Vec<Session> {
+    let s = rag::generate(&rag::RagOptions {
+        users: p.users_at(rate),
+        max_tokens: p.max_tokens,
+        seed,
+        ..Default::default()
+    });
+    let starts = arrivals::poisson(s.len(), rate, seed);
+    with_arrivals(s, &starts)
 }
 
 #[cfg(test)]

@@ -21,14 +21,14 @@ use kvroute_core::policy::PolicyKind;
 use kvroute_core::PolicySettings;
 use kvroute_emulator::engine::EngineConfig;
 use kvroute_sim::{GatewayCost, SimConfig};
-use kvroute_traces::{
-    agentic, arrivals, mooncake, rag, sharegpt, with_arrivals, words, Session, Turn,
-};
+use kvroute_traces::{agentic, arrivals, mooncake, with_arrivals, words, Session, Turn};
 use kvroute_workloads::analyze::{analyze, Analysis};
 use kvroute_workloads::calibrate::calibrate;
 use kvroute_workloads::emulated::EmulatedEngine;
 use kvroute_workloads::peer;
-use kvroute_workloads::plan::{self, RagPlan, ShareGptPlan, SimulatedPlan, StudyPlan, Workload};
+use kvroute_workloads::plan::{
+    self, rag_sessions, sharegpt_sessions, SimulatedPlan, StudyPlan, Workload,
+};
 use kvroute_workloads::report;
 use kvroute_workloads::search::RateSearch;
 use kvroute_workloads::simulated;
@@ -78,50 +78,6 @@ struct Args {
     /// The `model` of every request (what the engines serve; required by real vLLM).
     #[arg(long)]
     model: Option<String>,
-}
-
-/// `count` ShareGPT conversations of the plan's shape, picked by `seed` (from `offset`), starting
-/// as a Poisson process of `rate` sessions/s.
-fn sharegpt_sessions(
-    text: &str,
-    p: &ShareGptPlan,
-    count: usize,
-    seed: u64,
-    rate: f64,
-    offset: usize,
-) -> anyhow::Result<Vec<Session>> {
-    let all = sharegpt::parse(
-        text,
-        &sharegpt::ShareGptOptions {
-            max_turns: p.max_turns,
-            max_tokens: p.max_tokens,
-            think_ms: p.think_ms,
-            ..Default::default()
-        },
-    )?;
-    // Different seeds take different conversations.
-    let start = (offset + seed as usize * 97) % all.len().max(1);
-    let picked: Vec<Session> = all
-        .iter()
-        .cycle()
-        .skip(start)
-        .take(count)
-        .cloned()
-        .collect();
-    let starts = arrivals::poisson(picked.len(), rate, seed);
-    Ok(with_arrivals(picked, &starts))
-}
-
-/// The RAG users of a run at `rate` requests/s (one request each).
-fn rag_sessions(p: &RagPlan, seed: u64, rate: f64) -> Vec<Session> {
-    let s = rag::generate(&rag::RagOptions {
-        users: p.users_at(rate),
-        max_tokens: p.max_tokens,
-        seed,
-        ..Default::default()
-    });
-    let starts = arrivals::poisson(s.len(), rate, seed);
-    with_arrivals(s, &starts)
 }
 
 /// The runtime values of the simulated `load_cache_aware` sweeps: every (alpha, beta) of the plan
