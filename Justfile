@@ -39,7 +39,7 @@ clippy:
 
 # Unit and property tests (no Envoy).
 unit:
-    cargo test -p kvroute-core -p kvroute-control -p kvroute-emulator -p kvroute-sidecar -p kvroute-traces -p kvroute-sim -p kvroute-workloads
+    cargo test -p kvroute-core -p kvroute-control -p kvroute-engine -p kvroute-emulator -p kvroute-sidecar -p kvroute-traces -p kvroute-sim -p kvroute-workloads
 
 # Validate every Envoy config the project ships (starts the VM and runs on_configure).
 validate-configs: wasm
@@ -102,7 +102,7 @@ soak MINUTES="30": wasm
 # ShareGPT at full length and RAG, requests spread at random; hit rate, P95 TTFT, sync lag.
 bench-replicas: wasm
     cargo build -q --release -p kvroute-sidecar -p kvroute-workloads --bin kvroute-sidecar --bin kvroute-bench-replicas
-    target/release/kvroute-bench-replicas
+    target/release/kvroute-bench-replicas --pinned
 
 # The full-size study.
 study-full: wasm

@@ -93,12 +93,13 @@ impl FleetSync {
         self.token = None;
     }
 
-    /// Whether an exchange is due: the period passed and none is in flight (or the one in flight
-    /// has had ten periods, at least a second, to answer).
+    /// Whether an exchange is due: the period passed (to within a tenth: the tick that drives it
+    /// may come a little early) and none is in flight (or the one in flight has had ten periods,
+    /// at least a second, to answer).
     pub fn due(&self, now_ms: u64) -> bool {
         let since = now_ms.saturating_sub(self.sent_ms);
         let sync = u64::from(self.config.sync_ms);
-        since >= sync && (self.token.is_none() || since >= (10 * sync).max(1000))
+        10 * since >= 9 * sync && (self.token.is_none() || since >= (10 * sync).max(1000))
     }
 
     /// The next request, taking what waits to be sent. `capacity_blocks` is what the engines hold

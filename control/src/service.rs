@@ -21,6 +21,15 @@ const MAX_MESSAGES_PER_WAKE: usize = 1024;
 /// Tick period: the finest publish interval and runtime poll granularity.
 pub const TICK_MS: u64 = 20;
 
+/// The state service's tick period under `config`: [`TICK_MS`], or the fleet's sync period where
+/// that is shorter (the exchange runs on the tick, and its period is the replicas' sync lag).
+pub fn tick_ms(config: &FilterConfig) -> u64 {
+    config
+        .fleet
+        .as_ref()
+        .map_or(TICK_MS, |f| u64::from(f.sync_ms).clamp(1, TICK_MS))
+}
+
 /// Where the state service runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -169,7 +178,7 @@ impl<H: Host> StateService<H> {
         s.directory.set_journal_capacity(state::OVERLAY_MAX_CHANGES);
         s.publish(true);
         s.update_gauges();
-        if role == Role::Bootstrap && !s.host.set_tick(Duration::from_millis(TICK_MS)) {
+        if role == Role::Bootstrap && !s.host.set_tick(Duration::from_millis(tick_ms(&s.config))) {
             s.host
                 .log(LogLevel::Critical, "kvroute: cannot set the tick period");
             return None;

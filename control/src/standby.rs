@@ -8,7 +8,7 @@ use kvroute_core::state::{self, Lease};
 use kvroute_core::FilterConfig;
 
 use crate::host::{Host, LogLevel};
-use crate::service::{Role, StateService, TICK_MS};
+use crate::service::{tick_ms, Role, StateService};
 
 /// How often a stand-by looks at the lease, ms.
 const CHECK_MS: u64 = 250;
@@ -44,7 +44,7 @@ impl<H: Host + Clone> Standby<H> {
     pub fn on_tick(&mut self) {
         let now = self.host.now_us() / 1000;
         if let Some(s) = self.service.as_mut() {
-            if now.saturating_sub(self.last_tick_ms) >= TICK_MS {
+            if now.saturating_sub(self.last_tick_ms) >= tick_ms(&self.config) {
                 self.last_tick_ms = now;
                 s.on_tick();
                 if !s.active() {

@@ -111,7 +111,7 @@ fn d_fleet_path() -> String {
     "/fleet".into()
 }
 fn d_fleet_sync() -> u32 {
-    50
+    10
 }
 fn d_fleet_batch() -> u32 {
     256 * 1024

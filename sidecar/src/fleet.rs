@@ -29,6 +29,9 @@ use redis::streams::StreamRangeReply;
 pub struct FleetConfig {
     /// `redis://[user:password@]host:port/db`, or `rediss://` for TLS.
     pub url: String,
+    /// PEM file of the CA that signed the Redis server's certificate, for `rediss://` to a server
+    /// whose certificate the system's roots do not cover (None: the system's roots).
+    pub ca_file: Option<std::path::PathBuf>,
     /// Prefix of every key.
     pub prefix: String,
     /// Largest batch accepted from a replica.
@@ -47,6 +50,7 @@ impl FleetConfig {
     pub fn new(url: &str) -> Self {
         Self {
             url: url.into(),
+            ca_file: None,
             prefix: "kvroute".into(),
             max_entry_bytes: 1 << 20,
             read_count: 512,
@@ -99,8 +103,21 @@ fn now_ms() -> u64 {
 
 impl FleetLog {
     /// A log at `cfg.url`; connects on first use (Redis may be down when the sidecar starts).
-    pub fn new(cfg: FleetConfig) -> redis::RedisResult<Self> {
-        let client = redis::Client::open(cfg.url.as_str())?;
+    pub fn new(cfg: FleetConfig) -> anyhow::Result<Self> {
+        let client = match &cfg.ca_file {
+            Some(path) => {
+                let root_cert = std::fs::read(path)
+                    .map_err(|e| anyhow::anyhow!("--redis-ca-file {}: {e}", path.display()))?;
+                redis::Client::build_with_tls(
+                    cfg.url.as_str(),
+                    redis::TlsCertificates {
+                        client_tls: None,
+                        root_cert: Some(root_cert),
+                    },
+                )?
+            }
+            None => redis::Client::open(cfg.url.as_str())?,
+        };
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(cfg.timeout))
             .set_response_timeout(Some(cfg.timeout))

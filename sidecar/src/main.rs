@@ -31,6 +31,10 @@ struct Args {
     /// (`redis://[user:password@]host:port/db`; `rediss://` for TLS).
     #[arg(long)]
     redis_url: Option<String>,
+    /// PEM file of the CA of the Redis server's certificate (for `rediss://`; default: the
+    /// system's roots).
+    #[arg(long)]
+    redis_ca_file: Option<std::path::PathBuf>,
     /// Prefix of the fleet log's Redis keys.
     #[arg(long, default_value = "kvroute")]
     redis_prefix: String,
@@ -64,6 +68,7 @@ async fn main() -> anyhow::Result<()> {
         fleet: args.redis_url.as_deref().map(|url| {
             let mut f = kvroute_sidecar::fleet::FleetConfig::new(url);
             f.prefix.clone_from(&args.redis_prefix);
+            f.ca_file.clone_from(&args.redis_ca_file);
             f.timeout = Duration::from_millis(args.redis_timeout_ms.max(1));
             f
         }),

@@ -35,6 +35,13 @@ struct Fleet {
 
 impl Fleet {
     async fn start(replicas: usize) -> Fleet {
+        let redis = procs::redis(0).await.unwrap();
+        let url = redis.redis_url();
+        Self::start_on(replicas, redis, &url, &[]).await
+    }
+
+    /// A fleet on `redis`, which the sidecar reaches at `url` with `extra` flags.
+    async fn start_on(replicas: usize, redis: Proc, url: &str, extra: &[String]) -> Fleet {
         let mut engines = Vec::new();
         for i in 0..2 {
             engines.push(
@@ -43,17 +50,12 @@ impl Fleet {
                     .unwrap(),
             );
         }
-        let redis = procs::redis(0).await.unwrap();
         let named: Vec<(String, String)> =
             engines.iter().map(|e| (e.name.clone(), e.url())).collect();
-        let sidecar = procs::sidecar_with_fleet(
-            &named,
-            50,
-            "127.0.0.1:0".parse().unwrap(),
-            Some(&redis.redis_url()),
-        )
-        .await
-        .unwrap();
+        let sidecar =
+            procs::sidecar_with_args(&named, 50, "127.0.0.1:0".parse().unwrap(), Some(url), extra)
+                .await
+                .unwrap();
         let model = served_model(&engines[0].url()).await;
         let mut me = Fleet {
             engines,
@@ -181,20 +183,16 @@ async fn a_conversation_continued_on_another_replica_goes_to_the_engine_that_hol
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killed_under_load_loses_no_request_and_routing_converges_when_it_returns() {
     let mut f = Fleet::start(2).await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let tally = Arc::new(Tally::default());
-    let clients: Vec<_> = (0..4)
-        .map(|c| {
-            tokio::spawn(streaming_client(
-                f.replicas[c % 2].url("/v1/chat/completions"),
-                f.model.clone(),
-                8,
-                stop.clone(),
-                tally.clone(),
-                c,
-            ))
-        })
-        .collect();
+    let load = Load::streaming(
+        &[
+            f.replicas[0].url("/v1/chat/completions"),
+            f.replicas[1].url("/v1/chat/completions"),
+        ],
+        &f.model,
+        8,
+        4,
+    );
+    let tally = load.tally.clone();
     tokio::time::sleep(Duration::from_millis(600)).await;
     let port = f.redis.addr.port();
     f.redis.kill().await;
@@ -221,10 +219,7 @@ async fn redis_killed_under_load_loses_no_request_and_routing_converges_when_it_
         .unwrap();
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.store(true, Ordering::SeqCst);
-    for c in clients {
-        c.await.unwrap();
-    }
+    load.stop().await;
     let (sent, failed, a, b) = tally.get();
     println!("Redis SIGKILLed and restarted under load: {sent} requests, {failed} failed, {a} / {b} per engine; fleet errors counted per replica {errors:?}");
     assert!(sent > 40, "{sent}");
@@ -241,16 +236,7 @@ async fn a_replica_started_under_load_rebuilds_its_directory_from_the_log() {
     for c in 0..6 {
         first.push(f.turn(0, c, 1).await);
     }
-    let stop = Arc::new(AtomicBool::new(false));
-    let tally = Arc::new(Tally::default());
-    let load = tokio::spawn(streaming_client(
-        f.replicas[0].url("/v1/chat/completions"),
-        f.model.clone(),
-        8,
-        stop.clone(),
-        tally.clone(),
-        0,
-    ));
+    let load = Load::streaming(&[f.replicas[0].url("/v1/chat/completions")], &f.model, 8, 1);
     // A new replica (as one restarted) joins while replica 0 is under load.
     f.add_replica().await;
     f.replicas[1]
@@ -265,9 +251,7 @@ async fn a_replica_started_under_load_rebuilds_its_directory_from_the_log() {
     for (c, e) in first.iter().enumerate() {
         same += usize::from(f.turn(1, c, 2).await == *e);
     }
-    stop.store(true, Ordering::SeqCst);
-    load.await.unwrap();
-    let (sent, failed, _, _) = tally.get();
+    let (sent, failed, _, _) = load.stop().await;
     println!("a replica joined under load ({sent} requests, {failed} failed): {same} of 6 earlier conversations continued on their engine");
     assert_eq!(failed, 0);
     assert_eq!(same, 6);
@@ -357,4 +341,87 @@ async fn a_slow_redis_never_holds_a_request() {
         median(&during) < median(&before) + 50.0,
         "{during:?} against {before:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_log_works_over_tls_with_a_password() {
+    // A private CA and a server certificate for 127.0.0.1 signed by it, made with openssl as an
+    // operator would (rustls refuses a self-signed CA certificate as the server's own).
+    let dir = std::env::temp_dir().join(format!("kvroute-redis-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let at = |f: &str| dir.join(f).display().to_string();
+    let (ca, cert, key) = (at("ca.pem"), at("cert.pem"), at("key.pem"));
+    std::fs::write(at("ext.cnf"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    for args in [
+        vec![
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ]
+        .into_iter()
+        .chain([
+            "-subj",
+            "/CN=kvroute-test-ca",
+            "-keyout",
+            &at("ca.key"),
+            "-out",
+            &ca,
+        ])
+        .collect::<Vec<&str>>(),
+        vec![
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+        ]
+        .into_iter()
+        .chain(["-keyout", &key, "-out", &at("req.csr")])
+        .collect(),
+        vec![
+            "x509",
+            "-req",
+            "-in",
+            &at("req.csr"),
+            "-CA",
+            &ca,
+            "-CAkey",
+            &at("ca.key"),
+        ]
+        .into_iter()
+        .chain([
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            &at("ext.cnf"),
+            "-out",
+            &cert,
+        ])
+        .collect(),
+    ] {
+        let made = std::process::Command::new("openssl")
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(
+            made.status.success(),
+            "{}",
+            String::from_utf8_lossy(&made.stderr)
+        );
+    }
+    let (cert, key) = (
+        std::path::PathBuf::from(cert),
+        std::path::PathBuf::from(key),
+    );
+    let redis = procs::redis_tls(0, &cert, &key, "s3cret").await.unwrap();
+    let url = format!("rediss://:s3cret@{}/0", redis.addr);
+    let ca = ["--redis-ca-file".to_string(), ca];
+    let f = Fleet::start_on(2, redis, &url, &ca).await;
+    let (same, seen) = f.continue_elsewhere(0, 1, 0..4).await;
+    println!(
+        "over TLS with a password: {same} of 4 conversations on their engine, seen after {seen:?}"
+    );
+    assert_eq!(same, 4);
+    drop(f);
+    let _ = std::fs::remove_dir_all(&dir);
 }

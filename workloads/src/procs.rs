@@ -116,6 +116,17 @@ pub async fn sidecar_with_fleet(
     listen: std::net::SocketAddr,
     redis_url: Option<&str>,
 ) -> anyhow::Result<Proc> {
+    sidecar_with_args(engines, poll_ms, listen, redis_url, &[]).await
+}
+
+/// [`sidecar_with_fleet`] with more flags (`--redis-ca-file PATH`, ...).
+pub async fn sidecar_with_args(
+    engines: &[(String, String)],
+    poll_ms: u64,
+    listen: std::net::SocketAddr,
+    redis_url: Option<&str>,
+    extra: &[String],
+) -> anyhow::Result<Proc> {
     let mut args = vec![
         "--listen".to_string(),
         listen.to_string(),
@@ -126,6 +137,7 @@ pub async fn sidecar_with_fleet(
         args.push("--redis-url".into());
         args.push(url.into());
     }
+    args.extend_from_slice(extra);
     for (name, url) in engines {
         args.push("--engine".into());
         args.push(format!("{name}={url}"));
@@ -154,13 +166,54 @@ pub async fn extproc(config_json: &str) -> anyhow::Result<Proc> {
 /// A Redis server (Debian's `redis-server`, installed by the bootstrap; `KVROUTE_REDIS` overrides)
 /// on 127.0.0.1:`port` (0: any free port), with no persistence: a restarted one starts empty.
 pub async fn redis(port: u16) -> anyhow::Result<Proc> {
-    let bin = crate::stack::installed("KVROUTE_REDIS", "/usr/bin/redis-server", "redis-server")?;
+    redis_with(port, &[]).await
+}
+
+/// A Redis server as [`redis`], serving only TLS on `port` with the certificate and key in the PEM
+/// files `cert` and `key` (no client certificates), and asking clients for `password`.
+pub async fn redis_tls(
+    port: u16,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    password: &str,
+) -> anyhow::Result<Proc> {
     let port = match port {
         0 => crate::stack::free_port()?,
         p => p,
     };
+    let (cert, key) = (cert.display().to_string(), key.display().to_string());
+    let args = [
+        "--tls-port",
+        &port.to_string(),
+        "--tls-cert-file",
+        &cert,
+        "--tls-key-file",
+        &key,
+        "--tls-auth-clients",
+        "no",
+        "--requirepass",
+        password,
+    ]
+    .map(String::from);
+    // The plain port is off; the TLS one is where clients connect.
+    redis_with(0, &args).await
+}
+
+async fn redis_with(port: u16, extra: &[String]) -> anyhow::Result<Proc> {
+    let bin = crate::stack::installed("KVROUTE_REDIS", "/usr/bin/redis-server", "redis-server")?;
+    let tls_port = extra
+        .iter()
+        .position(|a| a == "--tls-port")
+        .and_then(|i| extra.get(i + 1))
+        .and_then(|p| p.parse::<u16>().ok());
+    let port = match (port, tls_port) {
+        (_, Some(_)) => 0,
+        (0, None) => crate::stack::free_port()?,
+        (p, None) => p,
+    };
     let child = Command::new(&bin)
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(extra)
         .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
         // The slow-Redis test makes it sleep with DEBUG SLEEP (loopback clients only).
         .args(["--enable-debug-command", "local"])
@@ -169,7 +222,7 @@ pub async fn redis(port: u16) -> anyhow::Result<Proc> {
         .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("starting {}", bin.display()))?;
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], tls_port.unwrap_or(port)));
     let start = std::time::Instant::now();
     while tokio::net::TcpStream::connect(addr).await.is_err() {
         anyhow::ensure!(

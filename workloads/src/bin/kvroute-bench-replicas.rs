@@ -8,6 +8,8 @@
 //! to a replica picked at random (a hash of its session and turn), with no affinity. Every run
 //! starts cold (engine caches reset, a new directory epoch on every replica). Workloads: ShareGPT
 //! conversations at full length (up to 10 turns) and the RAG mix, at the study's 1x rate.
+//! `--pinned` adds G shared replicas with every request sent to the first: what G Envoys cost on
+//! this host apart from spreading the requests.
 //!
 //! Run: `just bench-replicas` (builds the filter and the sidecar first).
 
@@ -17,9 +19,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::Parser;
-use kvroute_traces::{arrivals, rag, sharegpt, with_arrivals, Session};
 use kvroute_workloads::emulated::EmulatedEngine;
 use kvroute_workloads::envoy_config::{Engine, EnvoySpec};
+use kvroute_workloads::plan::{rag_sessions, sharegpt_sessions, RagPlan, ShareGptPlan};
 use kvroute_workloads::procs::{self, Proc};
 use kvroute_workloads::replay::{replay, MemorySink, ReplayOptions, RequestRecord};
 use kvroute_workloads::scripted::snapshot;
@@ -39,20 +41,30 @@ struct Args {
     /// Turns per conversation at most (full length: 10).
     #[arg(long, default_value_t = 10)]
     max_turns: usize,
-    /// Repeats of each configuration (seeds 1, 2, ...).
-    #[arg(long, default_value_t = 3)]
+    /// Repeats of each configuration (seeds 1, 2, ...): a ShareGPT P95 over about 200 requests
+    /// moves by tens of percent between seeds.
+    #[arg(long, default_value_t = 5)]
     repeats: usize,
     /// Replica counts compared with one replica.
     #[arg(long, value_delimiter = ',', default_value = "2,4")]
     replicas: Vec<usize>,
-    /// The fleet's sync period, ms (wall time).
-    #[arg(long, default_value_t = 20)]
+    /// Workloads to run (`sharegpt`, `rag`).
+    #[arg(long, value_delimiter = ',', default_value = "sharegpt,rag")]
+    workloads: Vec<String>,
+    /// Also run G shared replicas with every request sent to the first one: what G Envoys cost
+    /// on this host, apart from spreading the requests (the diagnosis of a P95 gap).
+    #[arg(long)]
+    pinned: bool,
+    /// The fleet's sync period, ms (wall time; the filter's default).
+    #[arg(long, default_value_t = 10)]
     sync_ms: u32,
     /// Engine profile.
     #[arg(long, default_value = "rtx5080-llama3.2-3b")]
     profile: String,
-    /// Emulated time per wall time.
-    #[arg(long, default_value_t = 8.0)]
+    /// Emulated time per wall time. 2, not the study's 8: with up to 4 Envoys, a sidecar, Redis,
+    /// two engines and the clients on two cores, each millisecond of host delay counts this many
+    /// times in the emulated TTFT.
+    #[arg(long, default_value_t = 2.0)]
     time_scale: f64,
     /// ShareGPT data.
     #[arg(long, default_value = "../shared/data/sharegpt_dev_3000.json")]
@@ -67,13 +79,15 @@ enum Mode {
     One,
     Shared(usize),
     Independent(usize),
+    /// G shared replicas, every request to the first.
+    Pinned(usize),
 }
 
 impl Mode {
     fn replicas(self) -> usize {
         match self {
             Mode::One => 1,
-            Mode::Shared(g) | Mode::Independent(g) => g,
+            Mode::Shared(g) | Mode::Independent(g) | Mode::Pinned(g) => g,
         }
     }
     fn label(self) -> String {
@@ -81,6 +95,7 @@ impl Mode {
             Mode::One => "1 replica".into(),
             Mode::Shared(g) => format!("{g} shared"),
             Mode::Independent(g) => format!("{g} independent"),
+            Mode::Pinned(g) => format!("{g} shared, 1 used"),
         }
     }
 }
@@ -88,7 +103,7 @@ impl Mode {
 /// One run's figures.
 #[derive(Debug, Clone, serde::Serialize)]
 struct Run {
-    workload: &'static str,
+    workload: String,
     mode: String,
     seed: u64,
     requests: usize,
@@ -98,30 +113,6 @@ struct Run {
     mean_ttft_ms: f64,
     /// Mean sync lag seen by the replicas (decision on one to arrival on another), wall ms.
     sync_lag_mean_ms: Option<f64>,
-}
-
-fn sharegpt_sessions(all: &[Session], count: usize, seed: u64, rate: f64) -> Vec<Session> {
-    let start = (seed as usize * 97) % all.len().max(1);
-    let picked: Vec<Session> = all
-        .iter()
-        .cycle()
-        .skip(start)
-        .take(count)
-        .cloned()
-        .collect();
-    let starts = arrivals::poisson(picked.len(), rate, seed);
-    with_arrivals(picked, &starts)
-}
-
-fn rag_sessions(users: usize, seed: u64, rate: f64) -> Vec<Session> {
-    let s = rag::generate(&rag::RagOptions {
-        users,
-        max_tokens: 32,
-        seed,
-        ..Default::default()
-    });
-    let starts = arrivals::poisson(s.len(), rate, seed);
-    with_arrivals(s, &starts)
 }
 
 /// Sum and count of a histogram in Envoy's Prometheus page.
@@ -151,7 +142,7 @@ async fn start_replicas(
             filter_wasm()?.display().to_string(),
         );
         spec.set_sidecar(Engine::local("sidecar", sidecar.addr.port()));
-        if matches!(mode, Mode::Shared(_)) {
+        if matches!(mode, Mode::Shared(_) | Mode::Pinned(_)) {
             spec.share_fleet(sync_ms);
         }
         let envoy = Envoy::start(spec).await?;
@@ -167,15 +158,21 @@ async fn start_replicas(
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let text = std::fs::read_to_string(&args.sharegpt)?;
-    let conversations = sharegpt::parse(
-        &text,
-        &sharegpt::ShareGptOptions {
-            max_turns: args.max_turns,
-            max_tokens: 64,
-            think_ms: 2000.0,
-            ..Default::default()
-        },
-    )?;
+    // The reduced study's workload shapes, ShareGPT at full length.
+    let sharegpt = ShareGptPlan {
+        sessions: 0,
+        window_s: args.window_s,
+        max_turns: args.max_turns,
+        max_tokens: 64,
+        think_ms: 2000.0,
+        warmup_sessions: 0,
+        warmup_turns: 0,
+    };
+    let rag = RagPlan {
+        users: 0,
+        window_s: 5.0,
+        max_tokens: 32,
+    };
     let mut engines = Vec::new();
     for i in 0..2 {
         engines.push(
@@ -198,10 +195,13 @@ async fn main() -> anyhow::Result<()> {
     for g in &args.replicas {
         modes.push(Mode::Shared(*g));
         modes.push(Mode::Independent(*g));
+        if args.pinned {
+            modes.push(Mode::Pinned(*g));
+        }
     }
-    let sessions = (args.rate * args.window_s).ceil() as usize;
+    let sessions = sharegpt.sessions_at(args.rate);
     let rag_rate = 2.0 * args.rate;
-    let rag_users = (rag_rate * 5.0).ceil() as usize;
+    let rag_users = rag.users_at(rag_rate);
     println!(
         "kvroute-bench-replicas: 2 emulated engines ({}, {}x real time), Redis, one sidecar; requests spread at random over the replicas; default policy",
         args.profile, args.time_scale
@@ -214,16 +214,21 @@ async fn main() -> anyhow::Result<()> {
     let mut epoch = 0u64;
     for mode in &modes {
         let replicas = start_replicas(*mode, &engines, &sidecar, args.sync_ms).await?;
-        let urls: Vec<String> = replicas
+        let mut urls: Vec<String> = replicas
             .iter()
             .map(|r| r.url("/v1/chat/completions"))
             .collect();
-        for workload in ["sharegpt", "rag"] {
+        if matches!(mode, Mode::Pinned(_)) {
+            urls.truncate(1);
+        }
+        for workload in args.workloads.iter().map(String::as_str) {
             for rep in 0..args.repeats {
                 let seed = rep as u64 + 1;
                 let mut measured = match workload {
-                    "sharegpt" => sharegpt_sessions(&conversations, sessions, seed, args.rate),
-                    _ => rag_sessions(rag_users, seed, rag_rate),
+                    "sharegpt" => {
+                        sharegpt_sessions(&text, &sharegpt, sessions, seed, args.rate, 0)?
+                    }
+                    _ => rag_sessions(&rag, seed, rag_rate),
                 };
                 for s in &mut measured {
                     s.start_ms /= args.time_scale;
@@ -251,10 +256,7 @@ async fn main() -> anyhow::Result<()> {
                 let mut lag_before = Vec::new();
                 for r in &replicas {
                     let page = r.prometheus().await?;
-                    lag_before.push(histogram_mean(
-                        &page,
-                        "wasmcustom_kvroute_fleet_sync_lag_ms",
-                    ));
+                    lag_before.push(histogram_mean(&page, "kvroute_fleet_sync_lag_ms"));
                 }
                 let before = snapshot(&client, &engines).await?;
                 let sink = MemorySink::default();
@@ -278,7 +280,7 @@ async fn main() -> anyhow::Result<()> {
                 for (r, b) in replicas.iter().zip(&lag_before) {
                     let page = r.prometheus().await?;
                     if let (Some((s1, c1)), Some((s0, c0))) = (
-                        histogram_mean(&page, "wasmcustom_kvroute_fleet_sync_lag_ms"),
+                        histogram_mean(&page, "kvroute_fleet_sync_lag_ms"),
                         b.or(Some((0.0, 0.0))),
                     ) {
                         lag.0 += s1 - s0;
@@ -296,7 +298,7 @@ async fn main() -> anyhow::Result<()> {
                     .collect();
                 ttfts.sort_by(f64::total_cmp);
                 let run = Run {
-                    workload,
+                    workload: workload.to_owned(),
                     mode: mode.label(),
                     seed,
                     requests: summary.finished,
@@ -352,7 +354,7 @@ async fn main() -> anyhow::Result<()> {
         "P95 x1"
     );
     let mut verdicts = Vec::new();
-    for w in ["sharegpt", "rag"] {
+    for w in args.workloads.iter().map(String::as_str) {
         let one_hit = stats(w, "1 replica", &|r| r.hit_rate).0;
         let one_p95 = stats(w, "1 replica", &|r| r.p95_ttft_ms).0;
         for m in &modes {

@@ -29,6 +29,10 @@ struct Args {
     /// The sidecar as HOST:PORT ("none" for no sidecar).
     #[arg(long, default_value = "127.0.0.1:9100")]
     sidecar: String,
+    /// Share decisions with the fleet's other Envoy replicas through the sidecar's Redis log,
+    /// exchanging every this many ms (docs/deployment.md; needs a sidecar).
+    #[arg(long)]
+    fleet_sync_ms: Option<u32>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -67,6 +71,10 @@ fn main() -> anyhow::Result<()> {
             host: host.into(),
             port: port.parse()?,
         });
+    }
+    if let Some(ms) = args.fleet_sync_ms {
+        anyhow::ensure!(spec.sidecar.is_some(), "--fleet-sync-ms needs a sidecar");
+        spec.share_fleet(ms);
     }
     spec.listen_port = args.listen_port;
     spec.admin_port = args.admin_port;
