@@ -74,6 +74,19 @@ impl Fleet {
         me
     }
 
+    /// The endpoints as every replica's filter lists them.
+    fn replicas_endpoints(&self) -> Vec<kvroute_core::config::EndpointConfig> {
+        EnvoySpec::new(
+            self.engines
+                .iter()
+                .map(|e| Engine::local(&e.name, e.addr.port()))
+                .collect(),
+            String::new(),
+        )
+        .filter
+        .endpoints
+    }
+
     async fn add_replica(&mut self) {
         let mut spec = EnvoySpec::new(
             self.engines
@@ -424,4 +437,77 @@ async fn the_fleet_log_works_over_tls_with_a_password() {
     assert_eq!(same, 4);
     drop(f);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_larger_than_the_bound_is_refused_counted_and_the_read_still_answers() {
+    use kvroute_core::fleet::{FleetRequest, FleetResponse};
+    let f = Fleet::start(1).await;
+    // Something to read: one conversation through the replica, shared.
+    f.turn(0, 1, 1).await;
+    f.replicas[0]
+        .wait_stat(
+            "kvroute_fleet_reports_shared_total",
+            Duration::from_secs(5),
+            |v| v >= 1,
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let http = reqwest::Client::new();
+    let exchange = |replica: u64, batch: Vec<u8>| FleetRequest {
+        replica,
+        endpoints: kvroute_core::fleet::fingerprint(&f.replicas_endpoints()),
+        epoch: 0,
+        cursor: kvroute_core::fleet::START.into(),
+        keep: 1000,
+        batch_from_ms: 0,
+        inflight: Vec::new(),
+        batch,
+    };
+    // Two MiB of reports: over the sidecar's 1 MiB bound.
+    let report = kvroute_core::state::DecisionReport {
+        endpoint: 0,
+        session: None,
+        blocks: (0..1000).map(kvroute_core::BlockHash).collect(),
+    };
+    let mut big = Vec::new();
+    while big.len() < 2 << 20 {
+        report.encode_into(&mut big);
+    }
+    let r = http
+        .post(format!("{}/fleet", f.sidecar.url()))
+        .body(exchange(42, big).encode())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let resp = FleetResponse::decode(&r.bytes().await.unwrap()).unwrap();
+    assert!(
+        !resp.entries.is_empty(),
+        "the replica's entries are still read"
+    );
+    let metrics = http
+        .get(format!("{}/metrics", f.sidecar.url()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("kvroute_sidecar_fleet_exchanges_total{result=\"refused\"} 1")),
+        "{metrics}"
+    );
+    // Nothing of it reached the log: another reader finds only the replica's entries.
+    let again = http
+        .post(format!("{}/fleet", f.sidecar.url()))
+        .body(exchange(43, Vec::new()).encode())
+        .send()
+        .await
+        .unwrap();
+    let again = FleetResponse::decode(&again.bytes().await.unwrap()).unwrap();
+    assert!(again.entries.iter().all(|e| e.batch.len() < 1 << 20));
 }
