@@ -56,6 +56,8 @@ struct WorkerState {
     /// The compare-and-swap token of that read, so the routed request's increment can start
     /// from it instead of reading the counters again.
     inflight_cas: Option<u32>,
+    /// The in-flight counts with the fleet's added, when a fleet is configured (reused).
+    fleet_view: Vec<i64>,
     batch: Vec<u8>,
     last_sent_us: u64,
 }
@@ -86,6 +88,7 @@ impl<H: Host> Worker<H> {
                 queue: None,
                 inflight: Vec::new(),
                 inflight_cas: None,
+                fleet_view: Vec::new(),
                 batch: Vec::new(),
                 last_sent_us: 0,
             }),
@@ -164,15 +167,11 @@ impl<H: Host> Worker<H> {
             &mut counts,
         );
         st.inflight_cas = cas;
-        // With a fleet, the other replicas' requests count too (as of the last exchange).
-        let fleet = self.fleet_inflight(n, now_us / 1000).map(|remote| {
-            let mut all = counts.clone();
-            for (c, r) in all.iter_mut().zip(&remote) {
-                *c = c.saturating_add(*r).max(0);
-            }
-            all
-        });
-        let view = fleet.as_deref().unwrap_or(&counts);
+        // With a fleet, the other replicas' requests count too (as of the last exchange), added
+        // into a buffer the next decision reuses; `counts` stays this gateway's own for the swap.
+        let mut fleet_view = std::mem::take(&mut st.fleet_view);
+        let with_fleet = self.add_fleet_inflight(&counts, n, now_us / 1000, &mut fleet_view);
+        let view = if with_fleet { &fleet_view } else { &counts };
         let (inflight, rest) = view.split_at(n.min(view.len()));
         let (inflight_blocks, rest) = rest.split_at(n.min(rest.len()));
         let (inflight_prefill, down) = rest.split_at(n.min(rest.len()));
@@ -257,22 +256,33 @@ impl<H: Host> Worker<H> {
             }
         }
         st.inflight = counts;
+        st.fleet_view = fleet_view;
         decision
     }
 
-    /// The other replicas' in-flight counts (requests, blocks, prefill), when a fleet is configured
-    /// and the state service received them recently.
-    fn fleet_inflight(&self, n: usize, now_ms: u64) -> Option<Vec<i64>> {
-        self.config.fleet.as_ref()?;
+    /// `counts` with the other replicas' in-flight counts added (requests, blocks, prefill; as the
+    /// state service last received them), into `out`. False, and `out` unused, without a fleet or
+    /// without recent counts.
+    fn add_fleet_inflight(
+        &self,
+        counts: &[i64],
+        n: usize,
+        now_ms: u64,
+        out: &mut Vec<i64>,
+    ) -> bool {
+        if self.config.fleet.is_none() {
+            return false;
+        }
         let (value, _) = self.host.shared_get(state::FLEET_INFLIGHT_KEY);
-        let mut out = Vec::new();
-        state::decode_fleet_inflight(
-            value.as_deref()?,
-            kvroute_core::fleet::INFLIGHT_SECTIONS * n,
-            now_ms,
-            &mut out,
-        )
-        .then_some(out)
+        let sections = kvroute_core::fleet::INFLIGHT_SECTIONS * n;
+        if !value.is_some_and(|v| state::decode_fleet_inflight(&v, sections, now_ms, out)) {
+            return false;
+        }
+        for (r, c) in out.iter_mut().zip(counts) {
+            *r = r.saturating_add(*c).max(0);
+        }
+        out.extend_from_slice(counts.get(sections..).unwrap_or_default());
+        true
     }
 
     /// The next value of the gateway-wide round-robin sequence (compare-and-swap on shared data).

@@ -206,17 +206,12 @@ impl FleetLog {
             }
         }
         if !stale.is_empty() {
-            // Replicas gone for a while: forget their counts (best effort, not awaited on failure).
+            // Replicas gone for a while: forget their counts (best effort; a failure only leaves
+            // them to be skipped again).
             let mut conn = self.conn.clone();
-            let _: Result<(), _> = tokio::time::timeout(
-                self.cfg.timeout,
-                redis::cmd("HDEL")
-                    .arg(&inflight_key)
-                    .arg(&stale)
-                    .query_async::<()>(&mut conn),
-            )
-            .await
-            .unwrap_or(Ok(()));
+            let mut hdel = redis::cmd("HDEL");
+            hdel.arg(&inflight_key).arg(&stale);
+            let _ = tokio::time::timeout(self.cfg.timeout, hdel.query_async::<()>(&mut conn)).await;
         }
 
         let mut cursor = req.cursor.clone();

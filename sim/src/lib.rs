@@ -450,10 +450,8 @@ impl Sim<'_> {
         if n < 2 {
             return 0;
         }
-        let mut x = (u64::from(session) << 32 | u64::from(turn)) ^ self.cfg.seed.rotate_left(17);
-        x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        ((x ^ (x >> 31)) % n as u64) as usize
+        let key = (u64::from(session) << 32 | u64::from(turn)) ^ self.cfg.seed.rotate_left(17);
+        (kvroute_traces::rng::mix(key) % n as u64) as usize
     }
 
     /// Gateway `g`'s fleet exchange: its decisions since the last one join the log; the other

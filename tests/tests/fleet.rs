@@ -217,8 +217,7 @@ async fn redis_killed_under_load_loses_no_request_and_routing_converges_when_it_
         .unwrap();
     }
     tokio::time::sleep(Duration::from_millis(800)).await;
-    let errors = [0, 1].map(|_| 0u64);
-    let mut errors = errors;
+    let mut errors = [0u64; 2];
     for (i, r) in f.replicas.iter().enumerate() {
         errors[i] = r.stat("kvroute_fleet_errors_total").await.unwrap();
     }

@@ -166,7 +166,8 @@ pub async fn extproc(config_json: &str) -> anyhow::Result<Proc> {
 /// A Redis server (Debian's `redis-server`, installed by the bootstrap; `KVROUTE_REDIS` overrides)
 /// on 127.0.0.1:`port` (0: any free port), with no persistence: a restarted one starts empty.
 pub async fn redis(port: u16) -> anyhow::Result<Proc> {
-    redis_with(port, &[]).await
+    let port = port_or_free(port)?;
+    redis_with(port, &["--port".to_string(), port.to_string()]).await
 }
 
 /// A Redis server as [`redis`], serving only TLS on `port` with the certificate and key in the PEM
@@ -177,12 +178,12 @@ pub async fn redis_tls(
     key: &std::path::Path,
     password: &str,
 ) -> anyhow::Result<Proc> {
-    let port = match port {
-        0 => crate::stack::free_port()?,
-        p => p,
-    };
+    let port = port_or_free(port)?;
     let (cert, key) = (cert.display().to_string(), key.display().to_string());
+    // The plain port is off; the TLS one is where clients connect.
     let args = [
+        "--port",
+        "0",
         "--tls-port",
         &port.to_string(),
         "--tls-cert-file",
@@ -195,25 +196,22 @@ pub async fn redis_tls(
         password,
     ]
     .map(String::from);
-    // The plain port is off; the TLS one is where clients connect.
-    redis_with(0, &args).await
+    redis_with(port, &args).await
 }
 
-async fn redis_with(port: u16, extra: &[String]) -> anyhow::Result<Proc> {
+fn port_or_free(port: u16) -> anyhow::Result<u16> {
+    match port {
+        0 => crate::stack::free_port(),
+        p => Ok(p),
+    }
+}
+
+/// `redis-server` with `listen` (its port flags), waiting until clients reach it on `port`.
+async fn redis_with(port: u16, listen: &[String]) -> anyhow::Result<Proc> {
     let bin = crate::stack::installed("KVROUTE_REDIS", "/usr/bin/redis-server", "redis-server")?;
-    let tls_port = extra
-        .iter()
-        .position(|a| a == "--tls-port")
-        .and_then(|i| extra.get(i + 1))
-        .and_then(|p| p.parse::<u16>().ok());
-    let port = match (port, tls_port) {
-        (_, Some(_)) => 0,
-        (0, None) => crate::stack::free_port()?,
-        (p, None) => p,
-    };
     let child = Command::new(&bin)
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-        .args(extra)
+        .args(listen)
+        .args(["--bind", "127.0.0.1"])
         .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
         // The slow-Redis test makes it sleep with DEBUG SLEEP (loopback clients only).
         .args(["--enable-debug-command", "local"])
@@ -222,7 +220,7 @@ async fn redis_with(port: u16, extra: &[String]) -> anyhow::Result<Proc> {
         .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("starting {}", bin.display()))?;
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], tls_port.unwrap_or(port)));
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     let start = std::time::Instant::now();
     while tokio::net::TcpStream::connect(addr).await.is_err() {
         anyhow::ensure!(

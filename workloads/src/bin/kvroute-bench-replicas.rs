@@ -116,7 +116,7 @@ struct Run {
 }
 
 /// Sum and count of a histogram in Envoy's Prometheus page.
-fn histogram_mean(page: &str, name: &str) -> Option<(f64, f64)> {
+fn histogram_sum_count(page: &str, name: &str) -> Option<(f64, f64)> {
     let get = |suffix: &str| {
         page.lines().find_map(|l| {
             let rest = l.strip_prefix(&format!("{name}_{suffix}"))?;
@@ -256,7 +256,7 @@ async fn main() -> anyhow::Result<()> {
                 let mut lag_before = Vec::new();
                 for r in &replicas {
                     let page = r.prometheus().await?;
-                    lag_before.push(histogram_mean(&page, "kvroute_fleet_sync_lag_ms"));
+                    lag_before.push(histogram_sum_count(&page, "kvroute_fleet_sync_lag_ms"));
                 }
                 let before = snapshot(&client, &engines).await?;
                 let sink = MemorySink::default();
@@ -279,10 +279,9 @@ async fn main() -> anyhow::Result<()> {
                 let mut lag = (0.0, 0.0);
                 for (r, b) in replicas.iter().zip(&lag_before) {
                     let page = r.prometheus().await?;
-                    if let (Some((s1, c1)), Some((s0, c0))) = (
-                        histogram_mean(&page, "kvroute_fleet_sync_lag_ms"),
-                        b.or(Some((0.0, 0.0))),
-                    ) {
+                    if let Some((s1, c1)) = histogram_sum_count(&page, "kvroute_fleet_sync_lag_ms")
+                    {
+                        let (s0, c0) = b.unwrap_or((0.0, 0.0));
                         lag.0 += s1 - s0;
                         lag.1 += c1 - c0;
                     }
