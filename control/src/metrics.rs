@@ -140,6 +140,9 @@ pub struct FilterMetrics {
     parse_errors: Vec<Id>,
     host_errors: Vec<Id>,
     pub prefix_key_overflows: Id,
+    /// `kvroute_session_spread_total`: new sessions `predicted_ttft` placed away from their
+    /// fastest endpoint because it served more than its share of the sessions.
+    pub session_spread: Id,
     /// `kvroute_reference_rule_total.reason.{imbalanced,low_match,spill}`: picks a reference
     /// policy made by its secondary rule.
     pub reference_rules: [Id; 3],
@@ -228,6 +231,7 @@ impl FilterMetrics {
                 .collect(),
             host_errors: d.host_errors(),
             prefix_key_overflows: d.counter("kvroute_prefix_key_overflows_total"),
+            session_spread: d.counter("kvroute_session_spread_total"),
             reference_rules: ["imbalanced", "low_match", "spill"]
                 .map(|r| d.counter(&format!("kvroute_reference_rule_total.reason.{r}"))),
             predicted_blocks: d.counter("kvroute_predicted_cached_blocks_total"),

@@ -8,7 +8,7 @@ use crate::fleet::FleetSync;
 use crate::host::{Host, LogLevel};
 use crate::metrics::{HostOp, StateMetrics};
 use kvroute_core::config::{PolicySettings, PublishInterval};
-use kvroute_core::directory::{Changes, Directory};
+use kvroute_core::directory::{Changes, Directory, PrefixIndex};
 use kvroute_core::policy::PolicyKind;
 use kvroute_core::snapshot::Snapshot;
 use kvroute_core::state::{
@@ -716,6 +716,7 @@ impl<H: Host> StateService<H> {
             directory_as_of_ms: self.published_dir_at_ms,
             decisions_recorded: self.decisions_recorded,
             stale: self.stale,
+            sessions: self.directory.session_stats().cloned().unwrap_or_default(),
         };
         let blob = state::encode(&header, &self.published_dir);
         let ok = self.host.shared_set(state::STATE_KEY, &blob, None) == Ok(true)
@@ -750,7 +751,8 @@ impl<H: Host> StateService<H> {
     fn publish_overlay(&mut self, now: u64) {
         let seq = self.overlay_seq + 1;
         let section = DirectorySection::of_overlay(&self.overlay);
-        let blob = state::encode_overlay(self.version, seq, &section);
+        let sessions = self.directory.session_stats().cloned().unwrap_or_default();
+        let blob = state::encode_overlay(self.version, seq, &sessions, &section);
         let ok = self.host.shared_set(state::OVERLAY_KEY, &blob, None) == Ok(true)
             && self.host.shared_set(
                 state::VERSION_KEY,

@@ -51,7 +51,7 @@ struct WorkerState {
     rng: u64,
     queue: Option<u32>,
     /// Gateway in-flight counters as last read: requests per endpoint, then blocks per endpoint,
-    /// then prompt tokens still to prefill per endpoint.
+    /// then prefill work (tokens, attention counted) still to do per endpoint.
     inflight: Vec<i64>,
     /// The compare-and-swap token of that read, so the routed request's increment can start
     /// from it instead of reading the counters again.
@@ -446,7 +446,7 @@ enum Phase {
         endpoint: usize,
         /// Prefix blocks counted in flight for this request.
         blocks: u32,
-        /// Prompt tokens counted as still to prefill, until the response starts.
+        /// Prefill work (tokens) counted as still to do, until the response starts.
         prefill: i64,
         policy: PolicyKind,
         counted: bool,
@@ -523,7 +523,7 @@ impl<H: Host> Stream<H> {
             }
         }
         // A fallback decision has no prompt, so it leaves nothing to prefill.
-        let prefill = i64::from(decision.uncached_tokens);
+        let prefill = i64::from(decision.prefill_work);
         w.add_inflight_after_decision(decision.endpoint, i64::from(decision.total_blocks), prefill);
         // The prediction is compared with the engine's report only where the response will carry
         // one: a stream without `include_usage` has none, and its chunks are then never read.
@@ -569,6 +569,7 @@ impl<H: Host> Stream<H> {
             PickNote::Imbalanced => w.host.increment(m.reference_rules[0], 1),
             PickNote::LowMatch => w.host.increment(m.reference_rules[1], 1),
             PickNote::Spill => w.host.increment(m.reference_rules[2], 1),
+            PickNote::SessionSpread => w.host.increment(m.session_spread, 1),
         }
         if decision.no_healthy {
             m.fallback(&w.host, Fallback::NoHealthy);

@@ -50,6 +50,7 @@ fn state_header(settings: PolicySettings) -> StateHeader {
         directory_as_of_ms: 0,
         decisions_recorded: 0,
         stale: false,
+        sessions: Default::default(),
     }
 }
 
@@ -231,7 +232,12 @@ fn singleton_cost() {
             match changes {
                 Some(c) if overlay.len() + c.blocks.len() + c.sessions.len() <= bound => {
                     overlay.add(&dir, &c);
-                    let blob = encode_overlay(1, i, &DirectorySection::of_overlay(&overlay));
+                    let blob = encode_overlay(
+                        1,
+                        i,
+                        &Default::default(),
+                        &DirectorySection::of_overlay(&overlay),
+                    );
                     black_box(PublishedOverlay::decode(blob).unwrap());
                     ovl += secs(t);
                 }

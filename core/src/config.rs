@@ -520,6 +520,17 @@ pub struct PolicySettings {
     /// `kvroute.ttft_work_weight`: `predicted_ttft`'s weight of the prefill a request adds to an
     /// endpoint (the wait of the requests behind it) beside its own predicted wait (0..=100).
     pub ttft_work_weight: f64,
+    /// `kvroute.ttft_attention_tokens`: the context length at which a prompt token's attention
+    /// costs as much as its linear layers (the model's parameters / (2 x layers x hidden size);
+    /// Llama-3.1-8B 26,624, Llama-3.2-3B 16,384). `predicted_ttft` counts a prefill of `u` tokens
+    /// after `c` cached ones as `u + (u*c + u*u/2) / ttft_attention_tokens` tokens of work (0: as
+    /// `u`, attention not counted).
+    pub ttft_attention_tokens: u32,
+    /// `kvroute.ttft_session_spread`: when at least this share of the recent requests continue a
+    /// session the directory knows, `predicted_ttft` places a new session only on an endpoint that
+    /// serves no more than the mean number of sessions (a session's later requests follow its
+    /// cache, so where it starts decides their load too); 1: never.
+    pub ttft_session_spread: f64,
     /// `kvroute.ttft_rates`: `pooled` (the fleet's measured prefill rate for every endpoint) or
     /// `per_endpoint` (each engine's own, for fleets of unlike engines).
     pub ttft_rates: RateScope,
@@ -548,6 +559,8 @@ impl Default for PolicySettings {
             ttft_prefill_tps: 10_000.0,
             ttft_cache_halflife_ms: 10_000,
             ttft_work_weight: 1.0,
+            ttft_attention_tokens: 26_624,
+            ttft_session_spread: 0.5,
             ttft_rates: RateScope::Pooled,
         }
     }
@@ -557,7 +570,7 @@ impl Default for PolicySettings {
 pub const RUNTIME_PREFIX: &str = "kvroute.";
 
 /// Every runtime key, without the prefix.
-pub const RUNTIME_KEYS: [&str; 21] = [
+pub const RUNTIME_KEYS: [&str; 23] = [
     "policy",
     "alpha",
     "beta",
@@ -578,6 +591,8 @@ pub const RUNTIME_KEYS: [&str; 21] = [
     "ttft_prefill_tps",
     "ttft_cache_halflife_ms",
     "ttft_work_weight",
+    "ttft_attention_tokens",
+    "ttft_session_spread",
     "ttft_rates",
 ];
 
@@ -622,6 +637,7 @@ impl PolicySettings {
             ("dynamo_temperature", self.dynamo_temperature, 0.0, 100.0),
             ("ttft_prefill_tps", self.ttft_prefill_tps, 1.0, 1e9),
             ("ttft_work_weight", self.ttft_work_weight, 0.0, 100.0),
+            ("ttft_session_spread", self.ttft_session_spread, 0.0, 1.0),
         ] {
             if !(v.is_finite() && (lo..=hi).contains(&v)) {
                 e.push(FieldError::new(
@@ -629,6 +645,12 @@ impl PolicySettings {
                     format!("must be a number in {lo}..={hi}"),
                 ));
             }
+        }
+        if self.ttft_attention_tokens > 100_000_000 {
+            e.push(FieldError::new(
+                format!("{prefix}ttft_attention_tokens"),
+                "must be 0 to 100000000",
+            ));
         }
         if !(1..=3_600_000).contains(&self.ttft_cache_halflife_ms) {
             e.push(FieldError::new(
@@ -674,6 +696,8 @@ impl PolicySettings {
             "ttft_prefill_tps" => self.ttft_prefill_tps.to_string(),
             "ttft_cache_halflife_ms" => self.ttft_cache_halflife_ms.to_string(),
             "ttft_work_weight" => self.ttft_work_weight.to_string(),
+            "ttft_attention_tokens" => self.ttft_attention_tokens.to_string(),
+            "ttft_session_spread" => self.ttft_session_spread.to_string(),
             "ttft_rates" => self.ttft_rates.as_str().to_string(),
             _ => return None,
         })
@@ -748,6 +772,15 @@ impl PolicySettings {
                     .is_some(),
                 "ttft_work_weight" => parse_weight(v, 100.0)
                     .map(|x| s.ttft_work_weight = x)
+                    .is_some(),
+                "ttft_session_spread" => parse_range(v, 0.0, 1.0)
+                    .map(|x| s.ttft_session_spread = x)
+                    .is_some(),
+                "ttft_attention_tokens" => v
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|x| *x <= 100_000_000)
+                    .map(|x| s.ttft_attention_tokens = x)
                     .is_some(),
                 "ttft_rates" => v.parse().map(|x| s.ttft_rates = x).is_ok(),
                 _ => {

@@ -12,6 +12,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::num::NonZeroUsize;
 
 use lru::LruCache;
+use serde::{Deserialize, Serialize};
 
 use crate::hash::BlockHash;
 use crate::MAX_ENDPOINTS;
@@ -22,6 +23,26 @@ pub trait PrefixIndex {
     fn holders(&self, h: BlockHash) -> u64;
     /// The endpoint that last served session `s`.
     fn session_endpoint(&self, s: u64) -> Option<usize>;
+    /// How the remembered sessions spread over the endpoints, and how many requests continue one.
+    fn session_stats(&self) -> Option<&SessionStats> {
+        None
+    }
+}
+
+/// How sessions spread over the endpoints: what `predicted_ttft` places a new session by.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SessionStats {
+    /// Sessions the directory remembers on each endpoint (the one that served each last).
+    pub per_endpoint: Vec<u32>,
+    /// Share of the recent requests with a session whose session the directory already knew
+    /// (a moving average over about [`SessionStats::WINDOW`] requests): near 1 when sessions are
+    /// long conversations, 0 when every request is its own session.
+    pub continuing: f32,
+}
+
+impl SessionStats {
+    /// Requests the continuing share averages over.
+    pub const WINDOW: u32 = 256;
 }
 
 /// For each of `n` endpoints, how many leading blocks of `blocks` it holds (a run from the start,
@@ -172,6 +193,11 @@ pub struct Directory {
     free: u32,
     lists: Vec<List>,
     sessions: LruCache<u64, u8, Prehashed>,
+    /// Sessions per endpoint in `sessions`, and the continuing share.
+    session_stats: SessionStats,
+    /// Requests with a session the continuing share has seen, up to its window (until then it is
+    /// their plain mean).
+    session_requests: u32,
     journal: Journal,
     /// Blocks of a request before they grow coarser, and how many fine blocks a coarser one
     /// weighs against an endpoint's capacity ([`crate::prefix::BlockSpec`]).
@@ -286,6 +312,11 @@ impl Directory {
                 .map(|c| List::new(*c))
                 .collect(),
             sessions: LruCache::with_hasher(nz(session_capacity), Prehashed::default()),
+            session_stats: SessionStats {
+                per_endpoint: vec![0; capacities.len().min(MAX_ENDPOINTS)],
+                continuing: 0.0,
+            },
+            session_requests: 0,
             journal: Journal::default(),
             coarse_after: usize::MAX,
             coarse_factor: 1,
@@ -548,7 +579,10 @@ impl Directory {
             }
         }
         if let Some(s) = session {
-            match self.sessions.push(s, e8) {
+            let pushed = self.sessions.push(s, e8);
+            let known = matches!(pushed, Some((k, _)) if k == s);
+            self.count_session(pushed.map(|(_, e)| e), e8, known);
+            match pushed {
                 Some((k, e)) if k == s => {
                     if e != e8 {
                         changed = true;
@@ -569,6 +603,21 @@ impl Directory {
             }
         }
         changed
+    }
+
+    /// Moves a session's count from the endpoint it left (or was forgotten from) to the one that
+    /// now serves it, and folds whether it was known into the continuing share.
+    fn count_session(&mut self, left: Option<u8>, now: u8, known: bool) {
+        let st = &mut self.session_stats;
+        if let Some(c) = left.and_then(|e| st.per_endpoint.get_mut(usize::from(e))) {
+            *c = c.saturating_sub(1);
+        }
+        if let Some(c) = st.per_endpoint.get_mut(usize::from(now)) {
+            *c += 1;
+        }
+        self.session_requests = (self.session_requests + 1).min(SessionStats::WINDOW);
+        let x = if known { 1.0 } else { 0.0 };
+        st.continuing += (x - st.continuing) / self.session_requests as f32;
     }
 
     /// Changes one endpoint's capacity, forgetting its least recently used blocks if it shrinks.
@@ -610,6 +659,12 @@ impl Directory {
         self.free = NIL;
         self.blocks.clear();
         self.sessions.clear();
+        self.session_stats
+            .per_endpoint
+            .iter_mut()
+            .for_each(|c| *c = 0);
+        self.session_stats.continuing = 0.0;
+        self.session_requests = 0;
     }
 
     /// Blocks held by one endpoint.
@@ -656,6 +711,9 @@ impl PrefixIndex for Directory {
     }
     fn session_endpoint(&self, s: u64) -> Option<usize> {
         self.sessions.peek(&s).map(|e| usize::from(*e))
+    }
+    fn session_stats(&self) -> Option<&SessionStats> {
+        Some(&self.session_stats)
     }
 }
 
@@ -720,6 +778,35 @@ mod tests {
         // Shrinking forgets by weight too.
         d.set_capacity(0, 10);
         assert!(d.endpoint_weight(0) <= 10);
+    }
+
+    #[test]
+    fn sessions_are_counted_where_they_are_and_continuing_ones_measured() {
+        let mut d = Directory::new(&[10, 10, 10], 2);
+        let stats = |d: &Directory| d.session_stats().cloned().unwrap();
+        d.record(0, &hs(&[1]), Some(1));
+        d.record(0, &hs(&[2]), Some(2));
+        assert_eq!(stats(&d).per_endpoint, vec![2, 0, 0]);
+        assert_eq!(stats(&d).continuing, 0.0);
+        // Session 1 continues on endpoint 1: it moves, and half the requests so far... a third.
+        d.record(1, &hs(&[1, 3]), Some(1));
+        assert_eq!(stats(&d).per_endpoint, vec![1, 1, 0]);
+        assert!((stats(&d).continuing - 1.0 / 3.0).abs() < 1e-6);
+        // A third session evicts the least recent one (session 2, on endpoint 0).
+        d.record(2, &hs(&[4]), Some(3));
+        assert_eq!(stats(&d).per_endpoint, vec![0, 1, 1]);
+        // Requests without a session count for neither.
+        d.record(2, &hs(&[5]), None);
+        assert_eq!(stats(&d).per_endpoint, vec![0, 1, 1]);
+        assert!((stats(&d).continuing - 0.25).abs() < 1e-6);
+        d.clear();
+        assert_eq!(
+            stats(&d),
+            SessionStats {
+                per_endpoint: vec![0; 3],
+                continuing: 0.0
+            }
+        );
     }
 
     #[test]
@@ -878,6 +965,12 @@ mod tests {
                     prop_assert!(d.endpoint_len(i) <= *c as usize);
                 }
                 prop_assert!(d.sessions() <= session_cap as usize);
+                // The per-endpoint session counts are a recount of the sessions remembered.
+                let mut recount = vec![0u32; caps.len()];
+                for (_, e) in d.session_entries() {
+                    recount[e] += 1;
+                }
+                prop_assert_eq!(&d.session_stats().unwrap().per_endpoint, &recount);
                 let total_bits: usize = d.entries().iter().map(|(_, m)| m.count_ones() as usize).sum();
                 let total_len: usize = (0..caps.len()).map(|i| d.endpoint_len(i)).sum();
                 prop_assert_eq!(total_bits, total_len);

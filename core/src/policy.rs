@@ -137,6 +137,8 @@ pub struct Candidate<'a> {
     pub prefill_tps: Option<f64>,
     /// The engine's measured time per output token, seconds (sidecar), if measured.
     pub step_s: Option<f64>,
+    /// Sessions the directory places on this endpoint.
+    pub sessions: u32,
 }
 
 /// Everything a policy reads.
@@ -170,6 +172,12 @@ pub struct PickContext<'a> {
     pub coarse_factor: u32,
     /// Age of the directory view the matches come from, ms.
     pub directory_age_ms: u64,
+    /// The request has a session the directory does not know (its first request, or one
+    /// forgotten).
+    pub new_session: bool,
+    /// Share of the recent requests with a session that continued a known one
+    /// ([`crate::directory::SessionStats::continuing`]).
+    pub continuing_share: f64,
 }
 
 impl PickContext<'_> {
@@ -220,6 +228,9 @@ pub enum PickNote {
     LowMatch,
     /// `chwbl`: the key's first endpoint was at its load bound, so the next one in hash order.
     Spill,
+    /// `predicted_ttft`: a new session's fastest endpoint served more than its share of the
+    /// sessions, so the fastest of those that did not.
+    SessionSpread,
 }
 
 impl PickNote {
@@ -233,6 +244,7 @@ impl PickNote {
             Self::Imbalanced => "imbalanced",
             Self::LowMatch => "low_match",
             Self::Spill => "spill",
+            Self::SessionSpread => "session_spread",
         }
     }
 }
@@ -530,6 +542,8 @@ pub(crate) mod test_support {
             coarse_after: u32::MAX,
             coarse_factor: 1,
             directory_age_ms: 0,
+            new_session: false,
+            continuing_share: 0.0,
         }
     }
 }

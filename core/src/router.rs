@@ -93,10 +93,11 @@ pub struct Decision {
     pub engine_load_missing: bool,
     /// No endpoint was healthy, so all were candidates.
     pub no_healthy: bool,
-    /// Prompt tokens the chosen endpoint is predicted to prefill (the request's estimated tokens
-    /// less the blocks the directory places there, [`crate::ttft::uncached_tokens`]): what the
-    /// gateway counts as queued there until the response starts.
-    pub uncached_tokens: u32,
+    /// Prefill work the chosen endpoint is predicted to do, in tokens (the request's estimated
+    /// tokens less the blocks the directory places there, [`crate::ttft::uncached_tokens`],
+    /// weighted for attention over the context, [`crate::ttft::prefill_work`]): what the gateway
+    /// counts as queued there until the response starts.
+    pub prefill_work: u32,
     /// Where a retry goes if the chosen endpoint refuses the connection: the healthy candidate
     /// other than the chosen one with the fewest requests in flight (None with one candidate).
     pub fallback: Option<usize>,
@@ -113,8 +114,8 @@ pub struct Inputs<'a> {
     pub inflight: &'a [i64],
     /// Prefix blocks of those requests per endpoint (empty: unknown, read as 0).
     pub inflight_blocks: &'a [i64],
-    /// Prompt tokens of those requests still to be prefilled per endpoint (their tokens less the
-    /// directory's match at their decision, until their response starts; empty: read as 0).
+    /// Prefill work of those requests still to be done per endpoint, in tokens (their
+    /// [`Decision::prefill_work`], until their response starts; empty: read as 0).
     pub inflight_prefill: &'a [i64],
     /// Characters per token of the prompt-size estimates.
     pub chars_per_token: f64,
@@ -159,7 +160,14 @@ pub fn decide(
         Vec::new()
     };
     let session_at = match (kind, features.session) {
-        (PolicyKind::LoadCacheAware, Some(s)) => index.session_endpoint(s),
+        (PolicyKind::LoadCacheAware | PolicyKind::PredictedTtft, Some(s)) => {
+            index.session_endpoint(s)
+        }
+        _ => None,
+    };
+    // Where sessions are, for the policy that places a new one by them.
+    let sessions = match kind {
+        PolicyKind::PredictedTtft => index.session_stats(),
         _ => None,
     };
     let healthy = |i: usize| inputs.status.get(i).is_none_or(|s| s.healthy);
@@ -187,6 +195,9 @@ pub fn decide(
                     as f64,
                 prefill_tps: engine.map(|e| e.prefill_tps).filter(|r| *r > 0.0),
                 step_s: engine.map(|e| e.step_s).filter(|r| *r > 0.0),
+                sessions: sessions
+                    .and_then(|s| s.per_endpoint.get(i).copied())
+                    .unwrap_or(0),
             }
         })
         .collect();
@@ -205,6 +216,8 @@ pub fn decide(
         coarse_after: u32::try_from(inputs.spec.coarse_after).unwrap_or(u32::MAX),
         coarse_factor: u32::try_from(inputs.spec.coarse_factor.max(1)).unwrap_or(1),
         directory_age_ms: inputs.directory_age_ms,
+        new_session: features.session.is_some() && session_at.is_none(),
+        continuing_share: sessions.map_or(0.0, |s| f64::from(s.continuing)),
     };
     let pick = policy(kind).pick(&ctx);
     let endpoint = candidates.get(pick.candidate).map_or(0, |c| c.endpoint);
@@ -242,7 +255,13 @@ pub fn decide(
         total_blocks,
         engine_load_missing: missing,
         no_healthy,
-        uncached_tokens: uncached.round().min(f64::from(u32::MAX)) as u32,
+        prefill_work: crate::ttft::prefill_work(
+            uncached,
+            crate::ttft::prompt_total(&ctx) - uncached,
+            inputs.settings.ttft_attention_tokens,
+        )
+        .round()
+        .min(f64::from(u32::MAX)) as u32,
         fallback,
     }
 }

@@ -8,7 +8,7 @@
 //! with its overlay answers exactly as the singleton's directory. Layout of the state:
 //!
 //! ```text
-//! "KVR2" | header_len: u32 LE | header (postcard) | dir_n: u32 LE | sess_n: u32 LE
+//! "KVR3" | header_len: u32 LE | header (postcard) | dir_n: u32 LE | sess_n: u32 LE
 //!        | dir_n directory pairs | sess_n session pairs | bits: u32 LE | 2^bits + 1 offsets: u32 LE
 //! directory pair = hash: u64 LE, holders mask: u64 LE   (ascending hash)
 //! session pair   = session: u64 LE, endpoint: u64 LE    (ascending session)
@@ -25,11 +25,11 @@ use std::ops::Range;
 use serde::{Deserialize, Serialize};
 
 use crate::config::PolicySettings;
-use crate::directory::{Changes, Directory, PrefixIndex};
+use crate::directory::{Changes, Directory, PrefixIndex, SessionStats};
 use crate::hash::BlockHash;
 
 /// Magic and schema version of the encoding.
-pub const MAGIC: &[u8; 4] = b"KVR2";
+pub const MAGIC: &[u8; 4] = b"KVR3";
 /// Shared-data key of the state blob.
 pub const STATE_KEY: &str = "kvroute.state";
 /// Shared-data key of the state's version and directory as-of time ([`encode_version`]), read on
@@ -69,8 +69,8 @@ pub fn decode_version(b: &[u8]) -> Option<(u64, Option<u64>)> {
     Some((u64_at(b, 0)?, u64_at(b, 8)))
 }
 /// Shared-data key of the gateway in-flight counters: one i64 LE per endpoint (requests), then one
-/// per endpoint (prefix blocks of those requests), then one per endpoint (prompt tokens of those
-/// requests still to prefill: not predicted cached, response not started), then one per endpoint
+/// per endpoint (prefix blocks of those requests), then one per endpoint (the prefill work of those
+/// requests still to do, in tokens: not predicted cached, response not started), then one per endpoint
 /// (until when, in ms since the epoch, it counts as down: it refused a connection).
 pub const INFLIGHT_KEY: &str = "kvroute.inflight";
 /// Sections of [`INFLIGHT_KEY`]'s value, each one i64 per endpoint.
@@ -190,6 +190,8 @@ pub struct StateHeader {
     /// A sidecar is configured but its snapshot is missing or too old: engine load was dropped
     /// and health is unknown (every endpoint counts as healthy).
     pub stale: bool,
+    /// How the directory's sessions spread over the endpoints, as of this state.
+    pub sessions: SessionStats,
 }
 
 /// Why a state value could not be read.
@@ -629,6 +631,9 @@ impl PrefixIndex for PublishedState {
     fn session_endpoint(&self, s: u64) -> Option<usize> {
         self.section.session(&self.bytes, s).map(|e| e as usize)
     }
+    fn session_stats(&self) -> Option<&SessionStats> {
+        Some(&self.header.sessions)
+    }
 }
 
 /// The entries of an overlay: every change since the last full state, with its value as of the
@@ -690,18 +695,27 @@ fn merge_newer<K: Ord + Copy, V: Copy>(into: &mut Vec<(K, V)>, newer: Vec<(K, V)
 pub const OVERLAY_MAX_CHANGES: usize = 2048;
 
 /// Magic of a published overlay.
-pub const OVERLAY_MAGIC: &[u8; 4] = b"KVO1";
+pub const OVERLAY_MAGIC: &[u8; 4] = b"KVO2";
 /// Shared-data key of the overlay: what changed in the directory since the published state's.
 pub const OVERLAY_KEY: &str = "kvroute.state.overlay";
 
-/// Encodes an overlay: `"KVO1" | base version: u64 LE | seq: u64 LE | section` (the section of
-/// [`DirectorySection::of_overlay`]). It applies to the state of version `base` only.
-pub fn encode_overlay(base: u64, seq: u64, changes: &DirectorySection) -> Vec<u8> {
+/// Encodes an overlay: `"KVO2" | base version: u64 LE | seq: u64 LE | stats_len: u32 LE |
+/// session stats (postcard) | section` (the section of [`DirectorySection::of_overlay`]). It
+/// applies to the state of version `base` only; its session stats replace the state's.
+pub fn encode_overlay(
+    base: u64,
+    seq: u64,
+    sessions: &SessionStats,
+    changes: &DirectorySection,
+) -> Vec<u8> {
     let section = changes.bytes_or_empty();
-    let mut out = Vec::with_capacity(20 + section.len());
+    let stats = postcard::to_allocvec(sessions).unwrap_or_default();
+    let mut out = Vec::with_capacity(24 + stats.len() + section.len());
     out.extend_from_slice(OVERLAY_MAGIC);
     out.extend_from_slice(&base.to_le_bytes());
     out.extend_from_slice(&seq.to_le_bytes());
+    out.extend_from_slice(&(stats.len() as u32).to_le_bytes());
+    out.extend_from_slice(&stats);
     out.extend_from_slice(&section);
     out
 }
@@ -714,6 +728,8 @@ pub struct PublishedOverlay {
     pub base: u64,
     /// Its sequence number (the version key names the current one).
     pub seq: u64,
+    /// How the directory's sessions spread, as of this overlay.
+    pub sessions: SessionStats,
     section: Section,
 }
 
@@ -725,11 +741,17 @@ impl PublishedOverlay {
         }
         let base = u64_at(&bytes, 4).ok_or(StateError::Truncated)?;
         let seq = u64_at(&bytes, 12).ok_or(StateError::Truncated)?;
-        let section = Section::parse(&bytes, 20)?;
+        let stats_len = u32_at(&bytes, 20).ok_or(StateError::Truncated)? as usize;
+        let stats = bytes
+            .get(24..24usize.saturating_add(stats_len))
+            .ok_or(StateError::Truncated)?;
+        let sessions: SessionStats = postcard::from_bytes(stats).map_err(|_| StateError::Header)?;
+        let section = Section::parse(&bytes, 24 + stats_len)?;
         Ok(Self {
             bytes,
             base,
             seq,
+            sessions,
             section,
         })
     }
@@ -758,6 +780,12 @@ impl PrefixIndex for Layered<'_> {
             Some(NO_ENDPOINT) => None,
             Some(e) => Some(e as usize),
             None => self.base.session_endpoint(s),
+        }
+    }
+    fn session_stats(&self) -> Option<&SessionStats> {
+        match self.top {
+            Some(t) => Some(&t.sessions),
+            None => self.base.session_stats(),
         }
     }
 }
@@ -854,6 +882,10 @@ mod tests {
             directory_as_of_ms: 1_700_000_000_000,
             decisions_recorded: 3,
             stale: false,
+            sessions: SessionStats {
+                per_endpoint: vec![4, 1],
+                continuing: 0.75,
+            },
         }
     }
 
@@ -1003,6 +1035,7 @@ mod tests {
             let top = PublishedOverlay::decode(encode_overlay(
                 7,
                 1,
+                &d.session_stats().cloned().unwrap_or_default(),
                 &DirectorySection::of_overlay(&overlay),
             ))
             .unwrap();

@@ -34,7 +34,7 @@
 //! elsewhere, the next request goes to a second holder (or to a cold endpoint, which then becomes
 //! one). Unhealthy endpoints are not candidates ([`crate::router::decide`]).
 
-use crate::policy::{argbest, primary, Pick, PickContext, Policy, PolicyKind, RateScope};
+use crate::policy::{argbest, primary, Pick, PickContext, PickNote, Policy, PolicyKind, RateScope};
 
 /// The `predicted_ttft` policy.
 #[derive(Debug)]
@@ -71,12 +71,21 @@ pub fn prefill_rates(ctx: &PickContext<'_>) -> Vec<f64> {
         .collect()
 }
 
+/// Prefill work, in tokens of linear-layer compute, of `uncached` tokens computed after `cached`
+/// ones: each token also attends to every token before it, which costs as much as its linear
+/// layers at a context of `attention_tokens` (0: attention not counted).
+pub fn prefill_work(uncached: f64, cached: f64, attention_tokens: u32) -> f64 {
+    let u = uncached.max(0.0);
+    if attention_tokens == 0 {
+        return u;
+    }
+    u + u * (cached.max(0.0) + u / 2.0) / f64::from(attention_tokens)
+}
+
 /// The request's prompt tokens that candidate `i` does not hold, as the policies estimate them:
 /// the whole prompt less the directory's match on `i`, the match weighted by `weight`.
 pub fn uncached_tokens(ctx: &PickContext<'_>, i: usize, weight: f64) -> f64 {
-    let total = ctx
-        .prompt_tokens
-        .max(ctx.units(ctx.total_blocks) * ctx.tokens_per_block);
+    let total = prompt_total(ctx);
     let matched = ctx
         .candidates
         .get(i)
@@ -84,20 +93,55 @@ pub fn uncached_tokens(ctx: &PickContext<'_>, i: usize, weight: f64) -> f64 {
     (total - weight * matched).max(0.0)
 }
 
+/// The request's prompt tokens as the policies estimate them: its size, or its blocks' if more.
+pub(crate) fn prompt_total(ctx: &PickContext<'_>) -> f64 {
+    ctx.prompt_tokens
+        .max(ctx.units(ctx.total_blocks) * ctx.tokens_per_block)
+}
+
 impl PredictedTtft {
     /// Every candidate's (predicted time to first token, own prefill time), ms.
     fn parts(ctx: &PickContext<'_>) -> Vec<(f64, f64)> {
         let rates = prefill_rates(ctx);
         let w = cache_weight(ctx.directory_age_ms, ctx.settings.ttft_cache_halflife_ms);
+        let total = prompt_total(ctx);
+        let a = ctx.settings.ttft_attention_tokens;
         ctx.candidates
             .iter()
             .zip(rates)
             .enumerate()
             .map(|(i, (c, rate))| {
-                let own = 1000.0 * uncached_tokens(ctx, i, w) / rate;
+                let u = uncached_tokens(ctx, i, w);
+                let own = 1000.0 * prefill_work(u, total - u, a) / rate;
                 (1000.0 * c.queued_prefill_tokens.max(0.0) / rate + own, own)
             })
             .collect()
+    }
+
+    /// For a new session, when most requests continue one ([`PolicySettings::ttft_session_spread`]):
+    /// whether candidate `i` serves no more than the mean number of sessions. A session's later
+    /// requests follow its cache, so where its first one goes decides their queue too; placed by
+    /// each first request's own wait alone, sessions gather on the endpoints that hold a prefix
+    /// they all share (a tool and system prompt) while the others stay idle.
+    ///
+    /// [`PolicySettings::ttft_session_spread`]: crate::config::PolicySettings::ttft_session_spread
+    fn session_share<'a>(ctx: &'a PickContext<'_>) -> Option<impl Fn(usize) -> bool + 'a> {
+        let spread = ctx.settings.ttft_session_spread;
+        if !ctx.new_session || spread >= 1.0 || ctx.continuing_share < spread {
+            return None;
+        }
+        let n = ctx.candidates.len().max(1) as f64;
+        let mean = ctx
+            .candidates
+            .iter()
+            .map(|c| f64::from(c.sessions))
+            .sum::<f64>()
+            / n;
+        Some(move |i: usize| {
+            ctx.candidates
+                .get(i)
+                .is_some_and(|c| f64::from(c.sessions) <= mean)
+        })
     }
 
     /// Every candidate's predicted time to first token, ms.
@@ -124,14 +168,28 @@ impl Policy for PredictedTtft {
         let t = Self::scores(ctx);
         let at = |i: usize| t.get(i).copied().unwrap_or(f64::INFINITY);
         let inflight = |i: usize| ctx.candidates.get(i).map_or(f64::INFINITY, |c| c.inflight);
-        primary(argbest(ctx.candidates.len(), ctx.rand, |a, b| {
+        let faster = |a: usize, b: usize| {
             let d = at(b) - at(a);
             if d.abs() > 1e-9 {
                 d.total_cmp(&0.0)
             } else {
                 inflight(b).total_cmp(&inflight(a))
             }
-        }))
+        };
+        let n = ctx.candidates.len();
+        let best = argbest(n, ctx.rand, faster);
+        let Some(within) = Self::session_share(ctx) else {
+            return primary(best);
+        };
+        if within(best) {
+            return primary(best);
+        }
+        Pick {
+            candidate: argbest(n, ctx.rand, |a, b| {
+                within(a).cmp(&within(b)).then_with(|| faster(a, b))
+            }),
+            note: PickNote::SessionSpread,
+        }
     }
 }
 
@@ -193,9 +251,17 @@ mod tests {
         })
     }
 
+    /// The defaults with attention not counted: work is tokens, so the figures are round.
+    fn linear() -> PolicySettings {
+        PolicySettings {
+            ttft_attention_tokens: 0,
+            ..PolicySettings::default()
+        }
+    }
+
     #[test]
     fn idle_endpoints_follow_the_cache() {
-        let s = PolicySettings::default();
+        let s = linear();
         let c = [cand(0, 0, 0.0, None), cand(1, 30, 0.0, None)];
         let x = ctx(&c, &s, 0);
         assert_eq!(PredictedTtft.pick(&x).candidate, 1);
@@ -214,9 +280,9 @@ mod tests {
         // queue is under the 960 tokens the miss adds in all (480 waited for, 480 imposed).
         let own = PolicySettings {
             ttft_work_weight: 0.0,
-            ..PolicySettings::default()
+            ..linear()
         };
-        let both = PolicySettings::default();
+        let both = linear();
         for (s, cases) in [
             (&own, [(400.0, 1), (479.0, 1), (481.0, 0), (5_000.0, 0)]),
             (&both, [(900.0, 1), (959.0, 1), (961.0, 0), (5_000.0, 0)]),
@@ -303,7 +369,76 @@ mod tests {
         assert!(sent.iter().all(|n| (40..=60).contains(n)), "{sent:?}");
     }
 
+    #[test]
+    fn long_sessions_start_where_there_are_fewer_sessions() {
+        // e0 holds the prefix every session shares and is idle, but already serves three
+        // sessions to e1's none.
+        let s = PolicySettings::default();
+        let mut c = [cand(0, 30, 0.0, None), cand(1, 0, 0.0, None)];
+        c[0].sessions = 3;
+        let new = |share: f64| PickContext {
+            new_session: true,
+            continuing_share: share,
+            ..ctx(&c, &s, 0)
+        };
+        // Most requests continue a session: the new one starts on e1.
+        let p = PredictedTtft.pick(&new(0.9));
+        assert_eq!((p.candidate, p.note), (1, PickNote::SessionSpread));
+        // Every request its own session (RAG, a trace of single requests): the cache wins.
+        assert_eq!(PredictedTtft.pick(&new(0.1)).candidate, 0);
+        // A request continuing its session is placed by its own wait, as is every request
+        // with the rule switched off.
+        let cont = PickContext {
+            continuing_share: 0.9,
+            ..ctx(&c, &s, 0)
+        };
+        assert_eq!(PredictedTtft.pick(&cont).candidate, 0);
+        let off = PolicySettings {
+            ttft_session_spread: 1.0,
+            ..PolicySettings::default()
+        };
+        let x = PickContext {
+            settings: &off,
+            ..new(1.0)
+        };
+        assert_eq!(PredictedTtft.pick(&x).candidate, 0);
+    }
+
+    #[test]
+    fn attention_makes_long_contexts_cost_more() {
+        // 1,000 new tokens cost more after 50,000 cached than after none, and recomputing a
+        // 50,000-token history costs more than 50x its first 1,000 tokens.
+        assert_eq!(prefill_work(1_000.0, 0.0, 0), 1_000.0);
+        assert!(prefill_work(1_000.0, 50_000.0, 26_624) > 2.0 * prefill_work(1_000.0, 0.0, 26_624));
+        assert!(prefill_work(50_000.0, 0.0, 26_624) > 50.0 * prefill_work(1_000.0, 0.0, 26_624));
+        assert_eq!(prefill_work(-5.0, 10.0, 26_624), 0.0);
+    }
+
     proptest! {
+        #[test]
+        fn new_sessions_go_to_an_endpoint_at_or_under_the_mean(
+            c in cands(),
+            sessions in prop::collection::vec(0u32..20, 8),
+            rand in any::<u64>(),
+        ) {
+            let s = PolicySettings::default();
+            let mut c = c;
+            for (x, n) in c.iter_mut().zip(&sessions) {
+                x.sessions = *n;
+            }
+            let x = PickContext { new_session: true, continuing_share: 0.8, ..ctx(&c, &s, rand) };
+            let p = PredictedTtft.pick(&x).candidate;
+            let mean = c.iter().map(|x| f64::from(x.sessions)).sum::<f64>() / c.len() as f64;
+            prop_assert!(f64::from(c[p].sessions) <= mean);
+            // ... the fastest of those.
+            let t = PredictedTtft::scores(&x);
+            let min = (0..c.len())
+                .filter(|i| f64::from(c[*i].sessions) <= mean)
+                .map(|i| t[i])
+                .fold(f64::INFINITY, f64::min);
+            prop_assert!(t[p] <= min + 1e-9);
+        }
+
         #[test]
         fn picks_a_minimum_score(c in cands(), rand in any::<u64>(), age in 0u64..60_000, per in any::<bool>()) {
             let s = PolicySettings {

@@ -438,6 +438,7 @@ impl Sim<'_> {
                 directory_as_of_ms: 0,
                 decisions_recorded: self.decisions,
                 stale: false,
+                sessions: g.directory.session_stats().cloned().unwrap_or_default(),
             };
             g.published = PublishedState::decode(encode(&header, &section)).ok();
         }
@@ -543,7 +544,7 @@ impl Sim<'_> {
             rand: self.rng.next_u64(),
         };
         let d = decide(&t.features, live, &inputs, None);
-        let prefill_tokens = i64::from(d.uncached_tokens);
+        let prefill_tokens = i64::from(d.prefill_work);
         let fleet = self.cfg.fleet_sync_us.is_some() && self.gateways.len() > 1;
         let Some(gw) = self.gateways.get_mut(g) else {
             return;
