@@ -523,8 +523,43 @@ pub(crate) mod test_support {
     use super::{Candidate, PickContext};
     use crate::config::PolicySettings;
 
+    use proptest::prelude::*;
+
     /// Endpoint names of the test candidates.
     pub const NAMES: [&str; 8] = ["e0", "e1", "e2", "e3", "e4", "e5", "e6", "e7"];
+
+    /// 1 to 8 candidates: a load under `max_load` (also their in-flight count, and 20 blocks in
+    /// flight per request), a match of up to the context's 20 blocks, the session or not, and an
+    /// engine's KV usage and waiting queue or none.
+    pub fn cands(max_load: u32) -> impl Strategy<Value = Vec<Candidate<'static>>> {
+        prop::collection::vec(
+            (
+                0..max_load,
+                0u32..=20,
+                any::<bool>(),
+                prop::option::of(0.0f64..1.0),
+                prop::option::of(0u32..10),
+            ),
+            1..8,
+        )
+        .prop_map(|v| {
+            v.into_iter()
+                .enumerate()
+                .map(|(i, (load, m, s, kv, q))| Candidate {
+                    endpoint: i,
+                    name: NAMES.get(i).copied().unwrap_or("e"),
+                    load: f64::from(load),
+                    matched_blocks: m,
+                    holds_session: s,
+                    inflight: f64::from(load),
+                    kv_usage: kv,
+                    waiting: q.map(f64::from),
+                    active_blocks: f64::from(load) * 20.0,
+                    ..Candidate::default()
+                })
+                .collect()
+        })
+    }
 
     /// A request of 20 fine blocks (320 tokens) with no keys, over `c`; tests override fields.
     pub fn context<'a>(c: &'a [Candidate<'a>], s: &'a PolicySettings) -> PickContext<'a> {
@@ -556,25 +591,13 @@ pub(crate) mod test_support {
     clippy::indexing_slicing
 )]
 mod tests {
-    use super::test_support::{context, NAMES};
+    use super::test_support::{self, context, NAMES};
     use super::*;
     use proptest::prelude::*;
 
+    /// Loads under 6, so that ties are common.
     fn cands() -> impl Strategy<Value = Vec<Candidate<'static>>> {
-        prop::collection::vec((0u32..6, 0u32..20, any::<bool>()), 1..8).prop_map(|v| {
-            v.into_iter()
-                .enumerate()
-                .map(|(i, (load, m, s))| Candidate {
-                    endpoint: i,
-                    name: NAMES[i],
-                    load: f64::from(load),
-                    matched_blocks: m,
-                    holds_session: s,
-                    inflight: f64::from(load),
-                    ..Candidate::default()
-                })
-                .collect()
-        })
+        test_support::cands(6)
     }
 
     fn ctx<'a>(

@@ -357,36 +357,13 @@ impl Policy for Dualmap {
 mod tests {
     use super::*;
     use crate::config::PolicySettings;
-    use crate::policy::test_support::{context, NAMES};
+    use crate::policy::test_support::{self, context, NAMES};
     use crate::policy::Candidate;
     use proptest::prelude::*;
 
+    /// Loads up to 100, past `sglang_cache_aware`'s imbalance bound of 64.
     fn cands() -> impl Strategy<Value = Vec<Candidate<'static>>> {
-        prop::collection::vec(
-            (
-                0u32..100,
-                0u32..21,
-                prop::option::of(0.0f64..1.0),
-                prop::option::of(0u32..10),
-            ),
-            1..8,
-        )
-        .prop_map(|v| {
-            v.into_iter()
-                .enumerate()
-                .map(|(i, (load, m, kv, q))| Candidate {
-                    endpoint: i,
-                    name: NAMES[i],
-                    load: f64::from(load),
-                    matched_blocks: m,
-                    inflight: f64::from(load),
-                    kv_usage: kv,
-                    waiting: q.map(f64::from),
-                    active_blocks: f64::from(load) * 20.0,
-                    ..Candidate::default()
-                })
-                .collect()
-        })
+        test_support::cands(100)
     }
 
     fn ctx<'a>(

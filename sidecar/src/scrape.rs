@@ -5,7 +5,9 @@
 //! which is averaged.
 
 use kvroute_core::rates::RateCounters;
-use prom_text_format_parser::{Scrape, ValueType};
+use prom_text_format_parser::Scrape;
+/// Which series of a histogram [`Page::hist`] reads (`Sum`, `Count`).
+pub use prom_text_format_parser::ValueType;
 
 /// What one scrape says.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -47,34 +49,96 @@ fn value(v: &prom_text_format_parser::Value) -> Option<f64> {
     v.value.parse::<f64>().ok().filter(|x| x.is_finite())
 }
 
-/// Reads a vLLM `/metrics` page.
-pub fn parse_vllm(text: &str) -> Result<EngineSample, ScrapeError> {
-    let scrape = Scrape::parse(text).map_err(|e| ScrapeError::Format(format!("{e:?}")))?;
-    let family = |names: &[&str]| -> Option<(f64, usize)> {
-        let m = scrape
+/// A parsed Prometheus text page, read by family name: what [`parse_vllm`] reads, and what the
+/// study reads its counters with.
+pub struct Page {
+    scrape: Scrape,
+}
+
+impl std::fmt::Debug for Page {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Page")
+            .field("families", &self.scrape.metrics.len())
+            .finish()
+    }
+}
+
+impl Page {
+    /// Parses a page in the Prometheus text format.
+    pub fn parse(text: &str) -> Result<Self, ScrapeError> {
+        Scrape::parse(text)
+            .map(|scrape| Self { scrape })
+            .map_err(|e| ScrapeError::Format(format!("{e:?}")))
+    }
+
+    fn metric(&self, names: &[&str]) -> Option<&prom_text_format_parser::Metric> {
+        self.scrape
             .metrics
             .iter()
-            .find(|m| names.contains(&m.name.as_str()))?;
-        let values: Vec<f64> = m
-            .samples
+            .find(|m| names.contains(&m.name.as_str()))
+    }
+
+    fn values(&self, names: &[&str], kind: ValueType) -> Vec<f64> {
+        self.metric(names).map_or_else(Vec::new, |m| {
+            m.samples
+                .iter()
+                .filter(|s| s.value.value_type == kind)
+                .filter_map(|s| value(&s.value))
+                .collect()
+        })
+    }
+
+    /// The first of `names` the page has: its samples summed over label sets, and how many there
+    /// were (None: no sample).
+    pub fn family(&self, names: &[&str]) -> Option<(f64, usize)> {
+        let v = self.values(names, ValueType::Sample);
+        (!v.is_empty()).then(|| (v.iter().sum(), v.len()))
+    }
+
+    /// The first of `names` the page has, summed over label sets.
+    pub fn sum(&self, names: &[&str]) -> Option<f64> {
+        self.family(names).map(|(s, _)| s)
+    }
+
+    /// A histogram's `_sum` (`kind` = Sum) or `_count` (Count), summed over label sets.
+    pub fn hist(&self, name: &str, kind: ValueType) -> Option<f64> {
+        let v = self.values(&[name], kind);
+        (!v.is_empty()).then(|| v.iter().sum())
+    }
+
+    /// A histogram's buckets, summed over label sets: (upper bound, cumulative count) by bound.
+    pub fn buckets(&self, name: &str) -> Vec<(f64, f64)> {
+        let mut out: Vec<(f64, f64)> = Vec::new();
+        let samples = self.metric(&[name]).map_or(&[][..], |m| &m.samples[..]);
+        for s in samples
             .iter()
             .filter(|s| s.value.value_type == ValueType::Sample)
-            .filter_map(|s| value(&s.value))
-            .collect();
-        (!values.is_empty()).then(|| (values.iter().sum(), values.len()))
-    };
-    let sum = |names: &[&str]| family(names).map(|(s, _)| s);
-    // A histogram's `_sum` or `_count`, summed over label sets.
-    let hist = |name: &str, kind: ValueType| -> Option<f64> {
-        let m = scrape.metrics.iter().find(|m| m.name == name)?;
-        let values: Vec<f64> = m
-            .samples
-            .iter()
-            .filter(|s| s.value.value_type == kind)
-            .filter_map(|s| value(&s.value))
-            .collect();
-        (!values.is_empty()).then(|| values.iter().sum())
-    };
+        {
+            let le = s
+                .labels
+                .iter()
+                .find(|l| l.key == "le")
+                .and_then(|l| l.value.parse::<f64>().ok());
+            let (Some(le), Some(v)) = (le, s.value.value.parse::<f64>().ok()) else {
+                continue;
+            };
+            match out.iter_mut().find(|(l, _)| *l == le) {
+                Some(b) => b.1 += v,
+                None => out.push((le, v)),
+            }
+        }
+        out.sort_by(|a, b| a.0.total_cmp(&b.0));
+        out
+    }
+}
+
+/// Reads a vLLM `/metrics` page.
+pub fn parse_vllm(text: &str) -> Result<EngineSample, ScrapeError> {
+    let page = Page::parse(text)?;
+    let family = |names: &[&str]| page.family(names);
+    let sum = |names: &[&str]| page.sum(names);
+    let hist = |name: &str, kind: ValueType| page.hist(name, kind);
+    let scrape = &page.scrape;
     let rates = (|| {
         Some(RateCounters {
             prefill_tokens: hist("vllm:request_prefill_kv_computed_tokens", ValueType::Sum)?,

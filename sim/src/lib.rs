@@ -84,14 +84,13 @@ fn reply(turn: &kvroute_traces::Turn) -> String {
     }
 }
 
-/// Prepares one session: every turn's prompt tokens and features, as the emulator and the filter
-/// compute them from the chat the replayer would send.
-pub fn prepare_session(s: &Session, filter: &FilterConfig) -> PreparedSession {
+/// Calls `f` with each turn of `s` and the chat the replayer sends for it: the system prompt, the
+/// user turns so far, and each earlier turn's reply (the file's, or the engine's filler).
+pub fn each_turn_chat(s: &Session, mut f: impl FnMut(&kvroute_traces::Turn, &[ChatMessage<'_>])) {
     let mut history: Vec<(&'static str, String)> = Vec::new();
     if let Some(sys) = &s.system {
         history.push(("system", sys.clone()));
     }
-    let mut turns = Vec::with_capacity(s.turns.len());
     for turn in &s.turns {
         history.push(("user", turn.user.clone()));
         let msgs: Vec<ChatMessage<'_>> = history
@@ -101,17 +100,25 @@ pub fn prepare_session(s: &Session, filter: &FilterConfig) -> PreparedSession {
                 content: c,
             })
             .collect();
-        let prompt = encode_chat(&msgs);
+        f(turn, &msgs);
+        history.push(("assistant", reply(turn)));
+    }
+}
+
+/// Prepares one session: every turn's prompt tokens and features, as the emulator and the filter
+/// compute them from the chat the replayer would send.
+pub fn prepare_session(s: &Session, filter: &FilterConfig) -> PreparedSession {
+    let mut turns = Vec::with_capacity(s.turns.len());
+    each_turn_chat(s, |turn, msgs| {
         let parsed = ParsedRequest {
             model: Cow::Borrowed(""),
             user: None,
             tools: None,
             prompt: Prompt::Chat(
-                history
-                    .iter()
-                    .map(|(r, c)| Message {
-                        role: Cow::Borrowed(r),
-                        content: Content::Text(Cow::Borrowed(c)),
+                msgs.iter()
+                    .map(|m| Message {
+                        role: Cow::Borrowed(m.role),
+                        content: Content::Text(Cow::Borrowed(m.content)),
                         name: None,
                         tool_calls: None,
                         tool_call_id: None,
@@ -120,14 +127,12 @@ pub fn prepare_session(s: &Session, filter: &FilterConfig) -> PreparedSession {
             ),
             usage_expected: true,
         };
-        let f = features(&parsed, Some(&s.id), filter.block_spec());
         turns.push(PreparedTurn {
-            prompt,
-            features: f,
+            prompt: encode_chat(msgs),
+            features: features(&parsed, Some(&s.id), filter.block_spec()),
             max_tokens: turn.max_tokens,
         });
-        history.push(("assistant", reply(turn)));
-    }
+    });
     PreparedSession {
         id: s.id.clone(),
         start_us: us(s.start_ms),
@@ -267,24 +272,7 @@ pub struct SimRecord {
     pub error: Option<String>,
 }
 
-/// Engine counters summed over engines, with vLLM's meanings.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
-pub struct Counters {
-    /// `prefix_cache_hits_total`
-    pub hits: f64,
-    /// `prefix_cache_queries_total`
-    pub queries: f64,
-    /// `prompt_tokens_total`
-    pub prompt_tokens: f64,
-    /// `request_prefill_kv_computed_tokens_sum`
-    pub prefill_computed: f64,
-    /// `time_to_first_token_seconds_sum`
-    pub ttft_sum: f64,
-    /// `time_to_first_token_seconds_count`
-    pub ttft_count: f64,
-    /// `num_preemptions_total`
-    pub preemptions: f64,
-}
+pub use kvroute_engine::counters::EngineCounters;
 
 /// What a simulation produced.
 #[derive(Debug, Clone, PartialEq)]
@@ -292,7 +280,7 @@ pub struct SimOutput {
     /// One record per request, in completion order.
     pub records: Vec<SimRecord>,
     /// Engine counters at the end (they start at zero).
-    pub counters: Counters,
+    pub counters: EngineCounters,
     /// Decisions per endpoint.
     pub per_endpoint: Vec<u64>,
     /// Events processed.
@@ -886,7 +874,7 @@ pub fn simulate(cfg: &SimConfig, work: &[PreparedSession]) -> SimOutput {
         decisions: 0,
         out: SimOutput {
             records: Vec::with_capacity(kvroute_traces_requests(work)),
-            counters: Counters::default(),
+            counters: EngineCounters::default(),
             per_endpoint: vec![0; n],
             events: 0,
             end_us: 0,

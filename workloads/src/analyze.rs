@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::num::NonZeroUsize;
 
 use kvroute_emulator::block_pool::{block_hashes, chain_root};
-use kvroute_emulator::tokenizer::{encode_chat, filler_token, ChatMessage};
+use kvroute_emulator::tokenizer::encode_chat;
 use kvroute_traces::Session;
 use serde::Serialize;
 
@@ -49,31 +49,15 @@ pub struct Analysis {
 pub fn requests(sessions: &[Session], model: &str) -> Vec<(usize, Vec<u32>)> {
     let mut timed: Vec<(f64, usize, Vec<u32>)> = Vec::new();
     for (si, s) in sessions.iter().enumerate() {
-        let mut history: Vec<(String, String)> = Vec::new();
-        if let Some(sys) = &s.system {
-            history.push(("system".into(), sys.clone()));
-        }
-        for (t, turn) in s.turns.iter().enumerate() {
-            history.push(("user".into(), turn.user.clone()));
-            let msgs: Vec<ChatMessage<'_>> = history
-                .iter()
-                .map(|(r, c)| ChatMessage {
-                    role: r,
-                    content: c,
-                })
-                .collect();
+        let mut t = 0usize;
+        kvroute_sim::each_turn_chat(s, |_, msgs| {
             timed.push((
                 s.start_ms + t as f64 * s.think_ms.max(1.0),
                 si,
-                encode_chat(&msgs),
+                encode_chat(msgs),
             ));
-            let answer = turn.assistant.clone().unwrap_or_else(|| {
-                (0..turn.max_tokens as usize)
-                    .map(|i| filler_token(i).1)
-                    .collect::<String>()
-            });
-            history.push(("assistant".into(), answer));
-        }
+            t += 1;
+        });
     }
     let _ = model;
     timed.sort_by(|a, b| a.0.total_cmp(&b.0));

@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use kvroute_emulator::profile::{LatencyModel, Profile};
 use serde::Serialize;
-use serde_json::{json, Value};
+use serde_json::json;
+
+use crate::sse;
 
 /// One prompt length's measurements (emulated or real seconds).
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -52,14 +54,9 @@ pub struct Calibration {
 pub const REPEATS: usize = 3;
 
 fn ids(n: usize, salt: u64) -> Vec<u32> {
-    let mut x = salt.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut rng = kvroute_traces::rng::Rng::new(salt);
     (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            1000 + (x % 100_000) as u32
-        })
+        .map(|_| 1000 + (rng.next_u64() % 100_000) as u32)
         .collect()
 }
 
@@ -80,36 +77,20 @@ async fn stream(
         .send()
         .await?
         .error_for_status()?;
-    let mut s = r.bytes_stream();
-    let (mut first, mut last, mut gaps, mut cached, mut buf) =
-        (None, None, Vec::new(), 0u64, String::new());
-    while let Some(chunk) = s.next().await {
-        buf.push_str(&String::from_utf8_lossy(&chunk?));
-        while let Some(end) = buf.find("\n\n") {
-            let event: String = buf.drain(..end + 2).collect();
-            let Some(data) = event.trim().strip_prefix("data: ") else {
-                continue;
-            };
-            let Ok(v) = serde_json::from_str::<Value>(data) else {
-                continue;
-            };
-            if v.pointer("/choices/0/text")
-                .and_then(Value::as_str)
-                .is_some_and(|t| !t.is_empty())
-            {
-                let now = Instant::now();
-                match last {
-                    None => first = Some(now.duration_since(t0).as_secs_f64() * scale),
-                    Some(prev) => gaps.push(now.duration_since(prev).as_secs_f64() * scale),
-                }
-                last = Some(now);
+    let (mut first, mut last, mut gaps, mut cached) = (None, None, Vec::new(), 0u64);
+    let mut events = std::pin::pin!(sse::json_events(r));
+    while let Some(v) = events.next().await {
+        let v = v.map_err(anyhow::Error::msg)?;
+        if sse::chunk_text(&v).is_some_and(|t| !t.is_empty()) {
+            let now = Instant::now();
+            match last {
+                None => first = Some(now.duration_since(t0).as_secs_f64() * scale),
+                Some(prev) => gaps.push(now.duration_since(prev).as_secs_f64() * scale),
             }
-            if let Some(c) = v
-                .pointer("/usage/prompt_tokens_details/cached_tokens")
-                .and_then(Value::as_u64)
-            {
-                cached = c;
-            }
+            last = Some(now);
+        }
+        if let Some((_, _, Some(c))) = sse::chunk_usage(&v) {
+            cached = c;
         }
     }
     Ok((first.unwrap_or(f64::NAN), gaps, cached))

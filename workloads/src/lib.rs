@@ -31,5 +31,6 @@ pub mod report;
 pub mod scripted;
 pub mod search;
 pub mod simulated;
+pub mod sse;
 pub mod stack;
 pub mod study;

@@ -18,6 +18,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 
+use crate::sse;
+
 /// One request as the client saw it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RequestRecord {
@@ -205,13 +207,12 @@ pub async fn replay(
 
 /// The gateway a request goes to (see [`ReplayOptions::urls`]).
 fn pick_url<'a>(urls: &'a [String], session: &str, turn: usize) -> &'a str {
-    use std::hash::{Hash, Hasher};
     if urls.len() < 2 {
         return urls.first().map_or("", String::as_str);
     }
-    let mut h = std::hash::DefaultHasher::new();
-    (session, turn).hash(&mut h);
-    let i = (h.finish() % urls.len() as u64) as usize;
+    // A stable hash of (session, turn): the same replay spreads the same way on every machine.
+    let key = xxhash_rust::xxh3::xxh3_64(session.as_bytes()) ^ turn as u64;
+    let i = (kvroute_traces::rng::mix(key) % urls.len() as u64) as usize;
     urls.get(i).map_or("", String::as_str)
 }
 
@@ -262,62 +263,44 @@ async fn one(
                 .get("x-kvroute-endpoint")
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string);
-            let mut stream = r.bytes_stream();
-            let mut buf = String::new();
-            let mut last: Option<Instant> = None;
-            while let Some(chunk) = stream.next().await {
-                match chunk {
-                    Err(e) => {
-                        rec.error = Some(e.to_string());
-                        break;
-                    }
-                    Ok(bytes) => buf.push_str(&String::from_utf8_lossy(&bytes)),
-                }
-                // Complete SSE events only; a partial one waits for the next chunk.
-                while let Some(end) = buf.find("\n\n") {
-                    let event: String = buf.drain(..end + 2).collect();
-                    let Some(data) = event.trim().strip_prefix("data: ") else {
-                        continue;
-                    };
-                    let Ok(v) = serde_json::from_str::<Value>(data) else {
-                        continue;
-                    };
-                    if let Some(text) = v
-                        .pointer("/choices/0/delta/content")
-                        .and_then(Value::as_str)
-                    {
-                        if !text.is_empty() {
-                            let now = Instant::now();
-                            match last {
-                                None => {
-                                    rec.ttft_ms = Some(now.duration_since(t0).as_secs_f64() * 1e3)
-                                }
-                                Some(prev) => rec
-                                    .itl_ms
-                                    .push(now.duration_since(prev).as_secs_f64() * 1e3),
-                            }
-                            last = Some(now);
-                            answer.push_str(text);
+            if rec.status != 200 {
+                let body = r.text().await.unwrap_or_default();
+                rec.error = Some(format!(
+                    "HTTP {}: {}",
+                    rec.status,
+                    body.chars().take(200).collect::<String>()
+                ));
+            } else {
+                let mut last: Option<Instant> = None;
+                let mut events = std::pin::pin!(sse::json_events(r));
+                while let Some(v) = events.next().await {
+                    let v = match v {
+                        Ok(v) => v,
+                        Err(e) => {
+                            rec.error = Some(e);
+                            break;
                         }
+                    };
+                    if let Some(text) = sse::chunk_text(&v).filter(|t| !t.is_empty()) {
+                        let now = Instant::now();
+                        match last {
+                            None => rec.ttft_ms = Some(now.duration_since(t0).as_secs_f64() * 1e3),
+                            Some(prev) => rec
+                                .itl_ms
+                                .push(now.duration_since(prev).as_secs_f64() * 1e3),
+                        }
+                        last = Some(now);
+                        answer.push_str(text);
                     }
-                    if let Some(u) = v.get("usage").filter(|u| !u.is_null()) {
-                        rec.prompt_tokens = u.get("prompt_tokens").and_then(Value::as_u64);
-                        rec.completion_tokens = u.get("completion_tokens").and_then(Value::as_u64);
-                        rec.cached_tokens = u
-                            .pointer("/prompt_tokens_details/cached_tokens")
-                            .and_then(Value::as_u64);
+                    if let Some((prompt, completion, cached)) = sse::chunk_usage(&v) {
+                        rec.prompt_tokens = prompt;
+                        rec.completion_tokens = completion;
+                        rec.cached_tokens = cached;
                     }
                     if let Some(e) = v.get("error") {
                         rec.error = Some(e.to_string());
                     }
                 }
-            }
-            if rec.status != 200 && rec.error.is_none() {
-                rec.error = Some(format!(
-                    "HTTP {}: {}",
-                    rec.status,
-                    buf.chars().take(200).collect::<String>()
-                ));
             }
         }
     }

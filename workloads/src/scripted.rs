@@ -2,9 +2,10 @@
 //! demo and the benchmarks (the study's replayer replaces it for experiments).
 
 use futures_util::StreamExt;
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::emulated::EmulatedEngine;
+use crate::sse;
 
 /// Sums of the engines' prefix-cache counters and TTFT histograms.
 #[derive(Debug, Default, Clone, Copy)]
@@ -67,17 +68,11 @@ impl Spread {
         match self {
             Spread::Single => 0,
             Spread::PerConversation => c % n,
-            Spread::PerTurn => (xorshift((c as u64) << 32 | t as u64) % n as u64) as usize,
+            Spread::PerTurn => {
+                (kvroute_traces::rng::mix((c as u64) << 32 | t as u64) % n as u64) as usize
+            }
         }
     }
-}
-
-fn xorshift(mut x: u64) -> u64 {
-    x ^= 0x9e37_79b9_7f4a_7c15;
-    x ^= x >> 33;
-    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    x ^= x >> 33;
-    x
 }
 
 /// One conversation of `turns` turns: the history is resent every turn, the system prompt is one
@@ -110,19 +105,10 @@ pub async fn conversation(
             anyhow::bail!("request failed: {}", r.status());
         }
         let mut answer = String::new();
-        let mut stream = r.bytes_stream();
-        let mut buf = String::new();
-        while let Some(chunk) = stream.next().await {
-            buf.push_str(&String::from_utf8_lossy(&chunk?));
-        }
-        for data in buf.lines().filter_map(|l| l.strip_prefix("data: ")) {
-            if let Ok(v) = serde_json::from_str::<Value>(data) {
-                if let Some(t) = v
-                    .pointer("/choices/0/delta/content")
-                    .and_then(Value::as_str)
-                {
-                    answer.push_str(t);
-                }
+        let mut events = std::pin::pin!(sse::json_events(r));
+        while let Some(v) = events.next().await {
+            if let Some(t) = sse::chunk_text(&v.map_err(anyhow::Error::msg)?) {
+                answer.push_str(t);
             }
         }
         messages.push(json!({"role": "assistant", "content": answer}));

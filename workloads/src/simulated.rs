@@ -36,21 +36,10 @@ pub fn records(out: &SimOutput, work: &[PreparedSession]) -> Vec<RequestRecord> 
 
 /// The study result of a simulated run.
 pub fn result(spec: &RunSpec, out: &SimOutput, work: &[PreparedSession], wall_s: f64) -> RunResult {
-    let c = out.counters;
-    let after = EngineCounters {
-        hits: c.hits,
-        queries: c.queries,
-        prompt_tokens: c.prompt_tokens,
-        prefill_computed: c.prefill_computed,
-        ttft_sum: c.ttft_sum,
-        ttft_count: c.ttft_count,
-        preemptions: c.preemptions,
-        ttft_buckets: Vec::new(),
-    };
     let mut r = RunResult::new(
         spec,
         &records(out, work),
-        (EngineCounters::default(), after),
+        (EngineCounters::default(), out.counters.clone()),
         out.per_endpoint.clone(),
         wall_s,
         1.0,

@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kvroute_core::policy::PolicyKind;
+use kvroute_sidecar::scrape::{parse_vllm, Page, ValueType};
 use kvroute_traces::Session;
 use serde::{Deserialize, Serialize};
 
@@ -135,34 +136,21 @@ impl Lab {
     pub async fn engine_counters(&self) -> anyhow::Result<EngineCounters> {
         let mut c = EngineCounters::default();
         for url in &self.engine_urls {
-            let page = metrics_page(&self.client, url).await?;
-            for line in page.lines().filter(|l| !l.starts_with('#')) {
-                let Some((series, value)) = line.rsplit_once(' ') else {
-                    continue;
-                };
-                let v: f64 = value.parse().unwrap_or(0.0);
-                match series.split('{').next().unwrap_or("") {
-                    "vllm:prefix_cache_hits_total" => c.hits += v,
-                    "vllm:prefix_cache_queries_total" => c.queries += v,
-                    "vllm:prompt_tokens_total" => c.prompt_tokens += v,
-                    "vllm:request_prefill_kv_computed_tokens_sum" => c.prefill_computed += v,
-                    "vllm:time_to_first_token_seconds_sum" => c.ttft_sum += v,
-                    "vllm:time_to_first_token_seconds_count" => c.ttft_count += v,
-                    "vllm:num_preemptions_total" => c.preemptions += v,
-                    "vllm:time_to_first_token_seconds_bucket" => {
-                        let le = series
-                            .split("le=\"")
-                            .nth(1)
-                            .and_then(|r| r.split('"').next())
-                            .and_then(|x| x.parse::<f64>().ok());
-                        if let Some(le) = le {
-                            match c.ttft_buckets.iter_mut().find(|(l, _)| *l == le) {
-                                Some(b) => b.1 += v,
-                                None => c.ttft_buckets.push((le, v)),
-                            }
-                        }
-                    }
-                    _ => {}
+            let text = metrics_page(&self.client, url).await?;
+            let page = Page::parse(&text).map_err(|e| anyhow::anyhow!("{url}/metrics: {e}"))?;
+            let sum = |name: &str| page.sum(&[name]).unwrap_or(0.0);
+            let hist = |name: &str, kind| page.hist(name, kind).unwrap_or(0.0);
+            c.hits += sum("vllm:prefix_cache_hits_total");
+            c.queries += sum("vllm:prefix_cache_queries_total");
+            c.prompt_tokens += sum("vllm:prompt_tokens_total");
+            c.prefill_computed += hist("vllm:request_prefill_kv_computed_tokens", ValueType::Sum);
+            c.ttft_sum += hist("vllm:time_to_first_token_seconds", ValueType::Sum);
+            c.ttft_count += hist("vllm:time_to_first_token_seconds", ValueType::Count);
+            c.preemptions += sum("vllm:num_preemptions_total");
+            for (le, v) in page.buckets("vllm:time_to_first_token_seconds") {
+                match c.ttft_buckets.iter_mut().find(|(l, _)| *l == le) {
+                    Some(b) => b.1 += v,
+                    None => c.ttft_buckets.push((le, v)),
                 }
             }
         }
@@ -413,86 +401,18 @@ impl QueueProbe {
         let mut out = Vec::new();
         for url in &self.engine_urls {
             let page = metrics_page(&self.client, url).await.ok();
-            out.push(page.map(|p| queue_depth(&p)));
+            out.push(page.and_then(|p| queue_depth(&p)));
         }
         out
     }
 }
 
-/// Waiting + running requests in one engine's `/metrics` page.
-pub fn queue_depth(page: &str) -> f64 {
-    page.lines()
-        .filter_map(|l| l.rsplit_once(' '))
-        .filter(|(series, _)| {
-            matches!(
-                series.split('{').next(),
-                Some("vllm:num_requests_waiting" | "vllm:num_requests_running")
-            )
-        })
-        .filter_map(|(_, v)| v.parse::<f64>().ok())
-        .sum()
+/// Waiting + running requests in one engine's `/metrics` page (None: not a vLLM page).
+pub fn queue_depth(page: &str) -> Option<f64> {
+    parse_vllm(page).ok().map(|s| s.waiting + s.running)
 }
 
-/// Engine counters summed over engines.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct EngineCounters {
-    /// `vllm:prefix_cache_hits_total`
-    pub hits: f64,
-    /// `vllm:prefix_cache_queries_total`
-    pub queries: f64,
-    /// `vllm:prompt_tokens_total`
-    pub prompt_tokens: f64,
-    /// `vllm:request_prefill_kv_computed_tokens_sum`
-    pub prefill_computed: f64,
-    /// `vllm:time_to_first_token_seconds_sum`
-    pub ttft_sum: f64,
-    /// `vllm:time_to_first_token_seconds_count`
-    pub ttft_count: f64,
-    /// `vllm:num_preemptions_total`
-    pub preemptions: f64,
-    /// `vllm:time_to_first_token_seconds_bucket`: (upper bound s, cumulative count), summed over
-    /// engines, in bound order.
-    #[serde(default)]
-    pub ttft_buckets: Vec<(f64, f64)>,
-}
-
-impl EngineCounters {
-    /// The q-quantile of TTFT (ms) between `before` and `self`, from the histogram's bucket deltas
-    /// (linear inside a bucket, as Prometheus' `histogram_quantile` does); NaN without buckets.
-    pub fn ttft_quantile_ms(&self, before: &EngineCounters, q: f64) -> f64 {
-        let delta: Vec<(f64, f64)> = self
-            .ttft_buckets
-            .iter()
-            .map(|(le, c)| {
-                let b = before
-                    .ttft_buckets
-                    .iter()
-                    .find(|(l, _)| l == le)
-                    .map_or(0.0, |x| x.1);
-                (*le, c - b)
-            })
-            .collect();
-        let Some(&(_, total)) = delta.last() else {
-            return f64::NAN;
-        };
-        if total <= 0.0 {
-            return f64::NAN;
-        }
-        let rank = q * total;
-        let (mut lo, mut below) = (0.0, 0.0);
-        for (le, cum) in delta {
-            if cum >= rank {
-                if le.is_infinite() {
-                    return lo * 1e3;
-                }
-                let inside = (cum - below).max(1e-12);
-                return (lo + (le - lo) * (rank - below) / inside) * 1e3;
-            }
-            (lo, below) = (le, cum);
-        }
-        f64::NAN
-    }
-}
+pub use kvroute_sim::EngineCounters;
 
 /// One measured run's definition.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -872,32 +792,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ttft_quantile_from_bucket_deltas() {
-        let before = EngineCounters {
-            ttft_buckets: vec![(0.1, 5.0), (0.5, 5.0), (1.0, 5.0), (f64::INFINITY, 5.0)],
-            ..Default::default()
-        };
-        // 10 new requests: 4 under 100 ms, 4 in (100, 500], 2 in (500, 1000].
-        let after = EngineCounters {
-            ttft_buckets: vec![(0.1, 9.0), (0.5, 13.0), (1.0, 15.0), (f64::INFINITY, 15.0)],
-            ..Default::default()
-        };
-        // The 5th of 10 is a quarter into the (100, 500] bucket; the 9.5th three quarters into
-        // (500, 1000].
-        assert!((after.ttft_quantile_ms(&before, 0.5) - 200.0).abs() < 1e-6);
-        assert!((after.ttft_quantile_ms(&before, 0.95) - 875.0).abs() < 1e-6);
-        assert!(before.ttft_quantile_ms(&before, 0.5).is_nan());
-        assert!(EngineCounters::default()
-            .ttft_quantile_ms(&before, 0.5)
-            .is_nan());
-    }
-
-    #[test]
     fn queue_depth_reads_waiting_and_running() {
         let page = "# HELP x\nvllm:num_requests_running{engine=\"0\",model_name=\"m\"} 3.0\n\
                     vllm:num_requests_waiting{engine=\"0\",model_name=\"m\"} 2.0\n\
-                    vllm:num_requests_waiting_by_reason{reason=\"capacity\"} 9.0\n";
+                    vllm:num_requests_waiting_by_reason{reason=\"capacity\"} 9.0\n\
+                    vllm:kv_cache_usage_perc{engine=\"0\",model_name=\"m\"} 0.5\n";
         // `_by_reason` shares the prefix; only exact names count.
-        assert_eq!(queue_depth(page), 5.0);
+        assert_eq!(queue_depth(page), Some(5.0));
+        assert_eq!(queue_depth("not a metrics page {"), None);
     }
 }
