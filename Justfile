@@ -39,7 +39,7 @@ clippy:
 
 # Unit and property tests (no Envoy).
 unit:
-    cargo test -p kvroute-core -p kvroute-control -p kvroute-engine -p kvroute-emulator -p kvroute-sidecar -p kvroute-traces -p kvroute-sim -p kvroute-workloads
+    cargo test -p kvroute-core -p kvroute-control -p kvroute-engine -p kvroute-emulator -p kvroute-sidecar -p kvroute-traces -p kvroute-sim -p kvroute-loadgen -p kvroute-harness -p kvroute-study -p kvroute-workloads
 
 # Validate every Envoy config the project ships (starts the VM and runs on_configure).
 validate-configs: wasm

@@ -15,9 +15,9 @@ use futures_util::StreamExt;
 
 use kvroute_core::config::PolicySettings;
 use kvroute_core::FilterConfig;
-use kvroute_workloads::echo::EchoEngine;
-use kvroute_workloads::envoy_config::{Engine, EnvoySpec, NativeModule};
-use kvroute_workloads::stack::{filter_wasm, native_module, Envoy};
+use kvroute_harness::echo::EchoEngine;
+use kvroute_harness::envoy_config::{Engine, EnvoySpec, NativeModule};
+use kvroute_harness::stack::{filter_wasm, native_module, Envoy};
 
 /// Engines behind one Envoy.
 #[derive(Debug)]
@@ -369,7 +369,7 @@ pub async fn streaming_client(
 
 /// The model an engine serves, as a client reads it from `/v1/models`.
 pub async fn served_model(base_url: &str) -> String {
-    kvroute_workloads::engine_api::served_model(&reqwest::Client::new(), base_url)
+    kvroute_loadgen::engine_api::served_model(&reqwest::Client::new(), base_url)
         .await
         .unwrap()
 }

@@ -10,8 +10,8 @@
 use std::time::Instant;
 
 use futures_util::StreamExt;
-use kvroute_workloads::calibrate::{calibrate, profile};
-use kvroute_workloads::emulated::EmulatedEngine;
+use kvroute_harness::emulated::EmulatedEngine;
+use kvroute_loadgen::calibrate::{calibrate, profile};
 use serde_json::json;
 
 /// (TTFT, median token gap) of one streamed completion, s.

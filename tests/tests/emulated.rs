@@ -10,9 +10,9 @@
 use std::time::Duration;
 
 use kvroute_core::config::PolicySettings;
-use kvroute_workloads::emulated::EmulatedEngine;
-use kvroute_workloads::envoy_config::{Engine, EnvoySpec};
-use kvroute_workloads::stack::{filter_wasm, Envoy};
+use kvroute_harness::emulated::EmulatedEngine;
+use kvroute_harness::envoy_config::{Engine, EnvoySpec};
+use kvroute_harness::stack::{filter_wasm, Envoy};
 use serde_json::{json, Value};
 
 /// One turn's token accounting from the engine.

@@ -9,8 +9,8 @@
 )]
 
 use kvroute_e2e::*;
-use kvroute_workloads::envoy_config::Engine;
-use kvroute_workloads::procs;
+use kvroute_harness::envoy_config::Engine;
+use kvroute_harness::procs;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_ext_proc_processor_routes_by_prefix_through_envoy() {

@@ -17,10 +17,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kvroute_e2e::*;
-use kvroute_workloads::echo::EchoEngine;
-use kvroute_workloads::envoy_config::{Engine, EnvoySpec};
-use kvroute_workloads::procs;
-use kvroute_workloads::stack::{filter_wasm, Envoy};
+use kvroute_harness::echo::EchoEngine;
+use kvroute_harness::envoy_config::{Engine, EnvoySpec};
+use kvroute_harness::procs;
+use kvroute_harness::stack::{filter_wasm, Envoy};
 
 /// After a kill: the load went on, no more requests failed than were in flight at the kill, and
 /// requests sent to the dead engine were retried.

@@ -14,10 +14,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kvroute_e2e::*;
-use kvroute_workloads::emulated::EmulatedEngine;
-use kvroute_workloads::envoy_config::{Engine, EnvoySpec};
-use kvroute_workloads::procs;
-use kvroute_workloads::stack::{filter_wasm, Envoy};
+use kvroute_harness::emulated::EmulatedEngine;
+use kvroute_harness::envoy_config::{Engine, EnvoySpec};
+use kvroute_harness::procs;
+use kvroute_harness::stack::{filter_wasm, Envoy};
 
 async fn stat(envoy: &Envoy, name: &str) -> u64 {
     envoy.stat(name).await.unwrap()
@@ -192,7 +192,7 @@ async fn a_storm_of_runtime_modify_calls_loses_no_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crashed_state_singleton_loses_nothing_and_a_filter_vm_takes_over() {
     // The filter built with the test-only trigger: the singleton traps at its next runtime poll.
-    let wasm = kvroute_workloads::stack::faults_wasm().unwrap();
+    let wasm = kvroute_harness::stack::faults_wasm().unwrap();
     let s = Arc::new(
         Stack::start_with(2, |spec| {
             spec.wasm_path = wasm.display().to_string();

@@ -15,10 +15,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kvroute_e2e::*;
-use kvroute_workloads::emulated::EmulatedEngine;
-use kvroute_workloads::envoy_config::{Engine, EnvoySpec};
-use kvroute_workloads::procs::{self, Proc};
-use kvroute_workloads::stack::{filter_wasm, Envoy};
+use kvroute_harness::emulated::EmulatedEngine;
+use kvroute_harness::envoy_config::{Engine, EnvoySpec};
+use kvroute_harness::procs::{self, Proc};
+use kvroute_harness::stack::{filter_wasm, Envoy};
 
 const PROFILE: &str = "rtx5080-llama3.2-3b";
 

@@ -12,11 +12,11 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use kvroute_harness::emulated::EmulatedEngine;
+use kvroute_harness::envoy_config::{Engine, EnvoySpec};
+use kvroute_harness::stack::{filter_wasm, Envoy};
+use kvroute_loadgen::replay::{replay, MemorySink, ReplayOptions, RequestRecord};
 use kvroute_traces::{arrivals, rag, with_arrivals};
-use kvroute_workloads::emulated::EmulatedEngine;
-use kvroute_workloads::envoy_config::{Engine, EnvoySpec};
-use kvroute_workloads::replay::{replay, MemorySink, ReplayOptions, RequestRecord};
-use kvroute_workloads::stack::{filter_wasm, Envoy};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_counts_add_up_and_hits_are_recorded() {
@@ -162,7 +162,7 @@ async fn the_oracle_matches_an_engine_that_never_evicts() {
         .await
         .unwrap();
     let model = "meta-llama/Llama-3.1-8B-Instruct";
-    let analysis = kvroute_workloads::analyze::analyze(&sessions, model, 1, 1_000_000);
+    let analysis = kvroute_loadgen::analyze::analyze(&sessions, model, 1, 1_000_000);
     let (mut cached, mut prompt) = (0u64, 0u64);
     for s in sessions {
         let sink = MemorySink::default();

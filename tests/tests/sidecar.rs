@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use kvroute_core::config::PolicySettings;
 use kvroute_core::policy::{LoadSignal, PolicyKind};
-use kvroute_workloads::emulated::{EmulatedEngine, RunningSidecar};
-use kvroute_workloads::envoy_config::{Engine, EnvoySpec};
-use kvroute_workloads::stack::{filter_wasm, Envoy};
+use kvroute_harness::emulated::{EmulatedEngine, RunningSidecar};
+use kvroute_harness::envoy_config::{Engine, EnvoySpec};
+use kvroute_harness::stack::{filter_wasm, Envoy};
 use serde_json::json;
 
 const PROFILE: &str = "rtx5080-llama3.2-3b";

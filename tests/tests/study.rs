@@ -7,12 +7,12 @@
 )]
 
 use kvroute_core::policy::PolicyKind;
+use kvroute_harness::peer::{smg_version, Peer};
+use kvroute_loadgen::analyze::analyze;
+use kvroute_study::report::{write, Meta, SimMeta};
+use kvroute_study::simulated;
+use kvroute_study::study::{Lab, RunSpec};
 use kvroute_traces::{arrivals, rag, sharegpt, with_arrivals, Session};
-use kvroute_workloads::analyze::analyze;
-use kvroute_workloads::peer::{smg_version, Peer};
-use kvroute_workloads::report::{write, Meta, SimMeta};
-use kvroute_workloads::simulated;
-use kvroute_workloads::study::{Lab, RunSpec};
 
 fn conversations(seed: u64) -> Vec<Session> {
     let text = std::fs::read_to_string(concat!(
@@ -73,7 +73,7 @@ async fn a_peer_router_runs_on_the_same_engines_and_is_counted_from_them() {
     assert_eq!(r.envoy_stats.get("kvroute_requests_total"), None);
     assert!((r.hit_rate - r.hit_rate_client).abs() < 0.002);
     // Its row stands in the criterion's cell beside kvroute's policies.
-    let cells = kvroute_workloads::criterion::cells(&[r], 1000.0);
+    let cells = kvroute_study::criterion::cells(&[r], 1000.0);
     assert_eq!(cells[0].policies[0].policy, peer.label());
 }
 
@@ -180,7 +180,7 @@ async fn a_tiny_study_is_internally_consistent() {
         )
         .await
         .unwrap();
-    let engine = kvroute_workloads::simulated::engine_config("rtx5080-llama3.2-3b").unwrap();
+    let engine = kvroute_study::simulated::engine_config("rtx5080-llama3.2-3b").unwrap();
     let base = kvroute_sim::SimConfig::new(2, engine, Default::default());
     let work = simulated::prepare_for(&base, &conversations(1));
     let sim = simulated::run(
@@ -202,7 +202,7 @@ async fn a_tiny_study_is_internally_consistent() {
     );
     let base4 = kvroute_sim::SimConfig::new(
         4,
-        kvroute_workloads::simulated::engine_config("rtx5080-llama3.2-3b").unwrap(),
+        kvroute_study::simulated::engine_config("rtx5080-llama3.2-3b").unwrap(),
         Default::default(),
     );
     let e5 = simulated::run(
@@ -276,14 +276,14 @@ async fn a_tiny_study_is_internally_consistent() {
             fleet_sync_ms: 50,
         }),
     };
-    let calibration = kvroute_workloads::calibrate::Calibration {
-        prefill: vec![kvroute_workloads::calibrate::PrefillPoint {
+    let calibration = kvroute_loadgen::calibrate::Calibration {
+        prefill: vec![kvroute_loadgen::calibrate::PrefillPoint {
             tokens: 128,
             miss_s: 0.014,
             hit_s: 0.011,
             hit_cached: 112,
         }],
-        decode: vec![kvroute_workloads::calibrate::DecodePoint {
+        decode: vec![kvroute_loadgen::calibrate::DecodePoint {
             batch: 1,
             step_s: 0.009,
         }],
@@ -326,7 +326,7 @@ async fn a_tiny_study_is_internally_consistent() {
 /// emulated engines started on their own, which the lab knows only by their URLs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_runner_works_against_engines_by_url() {
-    use kvroute_workloads::emulated::EmulatedEngine;
+    use kvroute_harness::emulated::EmulatedEngine;
     let e0 = EmulatedEngine::start("gpu-a", "rtx5080-llama3.2-3b", 8.0)
         .await
         .unwrap();

@@ -9,7 +9,7 @@ use clap::{Parser, ValueEnum};
 use kvroute_traces::{mooncake, rag, sharegpt};
 
 // Turn t of a session is placed at start + t x think time (response times are not modelled).
-use kvroute_workloads::analyze::analyze;
+use kvroute_loadgen::analyze::analyze;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Workload {

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use clap::Parser;
 use futures_util::StreamExt;
-use kvroute_workloads::procs;
+use kvroute_harness::procs;
 
 #[derive(Parser, Debug)]
 #[command(about = "Load and footprint of one kvroute-emulator process")]

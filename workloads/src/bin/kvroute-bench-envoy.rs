@@ -38,11 +38,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use kvroute_workloads::echo::EchoEngine;
-use kvroute_workloads::envoy_config::{Engine, EnvoySpec, NativeModule};
-use kvroute_workloads::peer::Smg;
-use kvroute_workloads::procs;
-use kvroute_workloads::stack::{filter_wasm, native_module, repo_root, Envoy};
+use kvroute_harness::echo::EchoEngine;
+use kvroute_harness::envoy_config::{Engine, EnvoySpec, NativeModule};
+use kvroute_harness::peer::Smg;
+use kvroute_harness::procs;
+use kvroute_harness::stack::{filter_wasm, native_module, repo_root, Envoy};
 
 #[derive(Parser, Debug)]
 #[command(about = "Added latency and throughput cost of the kvroute filter in Envoy")]

@@ -19,14 +19,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::Parser;
-use kvroute_workloads::emulated::EmulatedEngine;
-use kvroute_workloads::envoy_config::{Engine, EnvoySpec};
-use kvroute_workloads::plan::{rag_sessions, sharegpt_sessions, RagPlan, ShareGptPlan};
-use kvroute_workloads::procs::{self, Proc};
-use kvroute_workloads::replay::{replay, MemorySink, ReplayOptions, RequestRecord};
-use kvroute_workloads::scripted::snapshot;
-use kvroute_workloads::stack::{filter_wasm, Envoy};
-use kvroute_workloads::study::quantile;
+use kvroute_harness::emulated::EmulatedEngine;
+use kvroute_harness::envoy_config::{Engine, EnvoySpec};
+use kvroute_harness::procs::{self, Proc};
+use kvroute_harness::scripted::snapshot;
+use kvroute_harness::stack::{filter_wasm, Envoy};
+use kvroute_loadgen::replay::{replay, MemorySink, ReplayOptions, RequestRecord};
+use kvroute_study::plan::{rag_sessions, sharegpt_sessions, RagPlan, ShareGptPlan};
+use kvroute_study::study::quantile;
 
 #[derive(Parser, Debug)]
 #[command(about = "Hit rate and TTFT of 1, 2 and 4 Envoy replicas, sharing their directory or not")]

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::Parser;
-use kvroute_workloads::procs;
+use kvroute_harness::procs;
 
 #[derive(Parser, Debug)]
 #[command(about = "CPU and latency of the sidecar polling N engines")]

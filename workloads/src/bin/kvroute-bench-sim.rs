@@ -15,8 +15,8 @@ use std::time::Instant;
 use clap::Parser;
 use kvroute_core::{PolicyKind, PolicySettings};
 use kvroute_sim::{simulate, SimConfig};
+use kvroute_study::simulated;
 use kvroute_traces::{arrivals, mooncake, rag, with_arrivals};
-use kvroute_workloads::simulated;
 
 #[derive(Parser, Debug)]
 #[command(about = "Benchmark the simulator: Mooncake at N=16 per policy, and a million requests")]

@@ -4,7 +4,7 @@
 //! kvroute-calibrate --url http://127.0.0.1:8000 --out my-gpu.json
 
 use clap::Parser;
-use kvroute_workloads::calibrate::{calibrate, profile};
+use kvroute_loadgen::calibrate::{calibrate, profile};
 
 #[derive(Parser, Debug)]
 #[command(about = "Calibrate an engine's prefill and decode times into an emulator profile")]

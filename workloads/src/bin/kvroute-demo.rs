@@ -13,10 +13,10 @@ use std::time::Duration;
 use clap::Parser;
 use futures_util::StreamExt;
 use kvroute_core::policy::PolicyKind;
-use kvroute_workloads::emulated::EmulatedEngine;
-use kvroute_workloads::envoy_config::{Engine, EnvoySpec};
-use kvroute_workloads::scripted::{conversation, snapshot, Spread};
-use kvroute_workloads::stack::{filter_wasm, Envoy};
+use kvroute_harness::emulated::EmulatedEngine;
+use kvroute_harness::envoy_config::{Engine, EnvoySpec};
+use kvroute_harness::scripted::{conversation, snapshot, Spread};
+use kvroute_harness::stack::{filter_wasm, Envoy};
 
 #[derive(Parser, Debug)]
 #[command(

@@ -3,7 +3,7 @@
 //! `kvroute-envoy-config` with no flags prints the shipped example (envoy/envoy.yaml).
 
 use clap::Parser;
-use kvroute_workloads::envoy_config::{render, Engine, EnvoySpec};
+use kvroute_harness::envoy_config::{render, Engine, EnvoySpec};
 
 #[derive(Parser, Debug)]
 #[command(about = "Render an Envoy bootstrap with the kvroute filter")]

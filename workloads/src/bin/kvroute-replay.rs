@@ -11,8 +11,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Parser, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
+use kvroute_loadgen::replay::{replay, ReplayOptions};
 use kvroute_traces::{arrivals, mooncake, rag, sharegpt, with_arrivals};
-use kvroute_workloads::replay::{replay, ReplayOptions};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Workload {

@@ -17,10 +17,10 @@ use clap::Parser;
 use kvroute_core::policy::PolicyKind;
 use kvroute_core::PolicySettings;
 use kvroute_sim::SimConfig;
+use kvroute_study::search::RateSearch;
+use kvroute_study::simulated;
+use kvroute_study::study::{RunResult, RunSpec};
 use kvroute_traces::{agentic, arrivals, mooncake, rag, sharegpt, with_arrivals, Session};
-use kvroute_workloads::search::RateSearch;
-use kvroute_workloads::simulated;
-use kvroute_workloads::study::{RunResult, RunSpec};
 
 #[derive(Parser, Debug)]
 #[command(about = "Every policy in one cell of the grid, simulated, with repeats")]

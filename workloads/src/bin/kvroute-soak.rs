@@ -19,12 +19,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use kvroute_workloads::engine_api::served_model;
-use kvroute_workloads::envoy_config::{Engine, EnvoySpec};
-use kvroute_workloads::procs::{self, Proc};
-use kvroute_workloads::report::{lines, Series};
-use kvroute_workloads::stack::{filter_wasm, Envoy};
-use kvroute_workloads::study::quantile;
+use kvroute_harness::envoy_config::{Engine, EnvoySpec};
+use kvroute_harness::procs::{self, Proc};
+use kvroute_harness::stack::{filter_wasm, Envoy};
+use kvroute_loadgen::engine_api::served_model;
+use kvroute_study::report::{lines, Series};
+use kvroute_study::study::quantile;
 use serde::Serialize;
 
 #[derive(Parser, Debug)]

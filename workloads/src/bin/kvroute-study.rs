@@ -20,21 +20,21 @@ use clap::Parser;
 use kvroute_core::policy::PolicyKind;
 use kvroute_core::PolicySettings;
 use kvroute_emulator::engine::EngineConfig;
+use kvroute_harness::emulated::EmulatedEngine;
+use kvroute_harness::peer;
+use kvroute_loadgen::analyze::{analyze, Analysis};
+use kvroute_loadgen::calibrate::calibrate;
 use kvroute_sim::{GatewayCost, SimConfig};
-use kvroute_traces::{agentic, arrivals, mooncake, with_arrivals, words, Session, Turn};
-use kvroute_workloads::analyze::{analyze, Analysis};
-use kvroute_workloads::calibrate::calibrate;
-use kvroute_workloads::emulated::EmulatedEngine;
-use kvroute_workloads::peer;
-use kvroute_workloads::plan::{
+use kvroute_study::plan::{
     self, rag_sessions, sharegpt_sessions, SimulatedPlan, StudyPlan, Workload,
 };
-use kvroute_workloads::report;
-use kvroute_workloads::search::RateSearch;
-use kvroute_workloads::simulated;
-use kvroute_workloads::study::{
+use kvroute_study::report;
+use kvroute_study::search::RateSearch;
+use kvroute_study::simulated;
+use kvroute_study::study::{
     save, Lab, RunResult, RunSpec, SEND_DELAY_QUANTILES, VALIDATION_STALLED,
 };
+use kvroute_traces::{agentic, arrivals, mooncake, with_arrivals, words, Session, Turn};
 
 #[derive(Parser, Debug)]
 #[command(about = "Run the routing study (experiments 1-4) and write the report")]
@@ -42,7 +42,7 @@ struct Args {
     /// The full-size study (the embedded `plans/full.toml`: more sessions, finer sweeps).
     #[arg(long)]
     full: bool,
-    /// A study plan file (TOML; see `workloads/plans/reduced.toml`) instead of the embedded one.
+    /// A study plan file (TOML; see `workloads/study/plans/reduced.toml`) instead of the embedded one.
     #[arg(long, conflicts_with = "full")]
     plan: Option<PathBuf>,
     /// ShareGPT file.

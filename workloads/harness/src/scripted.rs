@@ -5,7 +5,7 @@ use futures_util::StreamExt;
 use serde_json::json;
 
 use crate::emulated::EmulatedEngine;
-use crate::sse;
+use kvroute_loadgen::sse;
 
 /// Sums of the engines' prefix-cache counters and TTFT histograms.
 #[derive(Debug, Default, Clone, Copy)]

@@ -19,12 +19,12 @@ use kvroute_sidecar::scrape::{parse_vllm, Page, ValueType};
 use kvroute_traces::Session;
 use serde::{Deserialize, Serialize};
 
-use crate::emulated::{EmulatedEngine, RunningSidecar};
-use crate::engine_api::{metrics_page, served_model};
-use crate::envoy_config::{Engine, EnvoySpec};
-use crate::peer::{Peer, Smg};
-use crate::replay::{replay, MemorySink, ReplayOptions, RequestRecord};
-use crate::stack::{filter_wasm, Envoy};
+use kvroute_harness::emulated::{EmulatedEngine, RunningSidecar};
+use kvroute_harness::envoy_config::{Engine, EnvoySpec};
+use kvroute_harness::peer::{Peer, Smg};
+use kvroute_harness::stack::{filter_wasm, Envoy};
+use kvroute_loadgen::engine_api::{metrics_page, served_model};
+use kvroute_loadgen::replay::{replay, MemorySink, ReplayOptions, RequestRecord};
 
 /// The runtime values that set `policy` and `values`, as one update.
 fn runtime_update(policy: PolicyKind, values: &[(String, String)]) -> Vec<(&str, &str)> {

@@ -383,7 +383,7 @@ impl StudyPlan {
                 errors.push(format!("{at}: {m}"));
             }
             for p in &e.peers {
-                if let Err(m) = crate::peer::Peer::parse(p) {
+                if let Err(m) = kvroute_harness::peer::Peer::parse(p) {
                     errors.push(format!("{at}: {m}"));
                 }
             }

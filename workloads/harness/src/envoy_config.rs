@@ -524,9 +524,11 @@ mod tests {
     /// The shipped example is exactly the generator's default output.
     #[test]
     fn shipped_example_is_generated() {
-        let shipped =
-            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../envoy/envoy.yaml"))
-                .unwrap();
+        let shipped = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../envoy/envoy.yaml"
+        ))
+        .unwrap();
         assert_eq!(
             shipped,
             render(&EnvoySpec::example()),
@@ -540,7 +542,7 @@ mod tests {
     fn add_to_existing_example_matches_the_generator() {
         let example = std::fs::read_to_string(concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/../envoy/add-to-existing.yaml"
+            "/../../envoy/add-to-existing.yaml"
         ))
         .unwrap();
         for (tag, regex) in STATS_TAGS {

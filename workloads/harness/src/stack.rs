@@ -11,10 +11,11 @@ use tokio::process::{Child, Command};
 
 use crate::envoy_config::{render, render_ecds, EnvoySpec};
 
-/// The repository root (where `.tools/` and `target/` live).
+/// The repository root (where `.tools/` and `target/` live): two above this crate's manifest.
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
+        .ancestors()
+        .nth(2)
         .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
 }
 

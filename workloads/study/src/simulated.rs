@@ -4,8 +4,8 @@
 use kvroute_sim::{prepare, simulate, PreparedSession, SimConfig, SimOutput};
 use kvroute_traces::Session;
 
-use crate::replay::RequestRecord;
 use crate::study::{EngineCounters, RunResult, RunSpec};
+use kvroute_loadgen::replay::RequestRecord;
 
 /// The client records of a simulated run, as the replayer writes them.
 pub fn records(out: &SimOutput, work: &[PreparedSession]) -> Vec<RequestRecord> {
