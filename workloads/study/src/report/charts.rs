@@ -13,9 +13,145 @@ pub type BarSeries = (String, Vec<f64>, Vec<(f64, f64)>);
 /// Mean, min and max over repeats, per key.
 pub type Spread = BTreeMap<String, (f64, f64, f64)>;
 
+/// Matplotlib's `tab10`, then two darker ones: qualitative colours that stay apart on white.
+const PALETTE: [RGBColor; 12] = [
+    RGBColor(0x1f, 0x77, 0xb4),
+    RGBColor(0xff, 0x7f, 0x0e),
+    RGBColor(0x2c, 0xa0, 0x2c),
+    RGBColor(0xd6, 0x27, 0x28),
+    RGBColor(0x94, 0x67, 0xbd),
+    RGBColor(0x8c, 0x56, 0x4b),
+    RGBColor(0xe3, 0x77, 0xc2),
+    RGBColor(0x7f, 0x7f, 0x7f),
+    RGBColor(0xbc, 0xbd, 0x22),
+    RGBColor(0x17, 0xbe, 0xcf),
+    RGBColor(0x39, 0x3b, 0x79),
+    RGBColor(0x63, 0x79, 0x39),
+];
+
+/// The `i`-th colour of the palette (series that are not policies).
 pub(super) fn color(i: usize) -> RGBColor {
-    let p = Palette99::pick(i).to_rgba();
-    RGBColor(p.0, p.1, p.2)
+    PALETTE.get(i % PALETTE.len()).copied().unwrap_or(BLACK)
+}
+
+/// The range bars' colour: visible on the default's black bars and on white.
+const ERROR_BAR: RGBColor = RGBColor(0x99, 0x99, 0x99);
+
+/// How a series is drawn.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Style {
+    pub color: RGBColor,
+    /// Line width (the default policy's is heavier).
+    pub width: u32,
+    /// A peer router: dashed lines, hollow bars.
+    pub peer: bool,
+    /// The series is a policy or a peer's (its colour is its own in every figure).
+    policy: bool,
+}
+
+impl Style {
+    fn is_policy(&self) -> bool {
+        self.policy
+    }
+}
+
+/// Each policy's colour, the same in every figure: the default in black, kvroute's and the
+/// reference policies from the palette, and a peer router's policy in the colour of kvroute's
+/// rule of the same kind, dashed (SMG `cache_aware` as `sglang_cache_aware`, `round_robin` as
+/// `round_robin`, `power_of_two` as `p2c`, `prefix_hash` as `prefix_key`). Series that are not
+/// policies take the palette in order.
+pub(super) fn style(name: &str, i: usize) -> Style {
+    let (peer, policy) = match name.strip_prefix("smg-").and_then(|r| r.split_once('/')) {
+        Some((_, p)) => (
+            true,
+            match p {
+                "cache_aware" => "sglang_cache_aware",
+                "power_of_two" => "p2c",
+                "prefix_hash" => "prefix_key",
+                other => other,
+            },
+        ),
+        None => (false, name),
+    };
+    let slot = match policy {
+        "session_hash" => Some(0),
+        "prefix_key" => Some(1),
+        "load_cache_aware" => Some(2),
+        "sglang_cache_aware" => Some(3),
+        "llmd_scorer" => Some(4),
+        "dynamo_cost" => Some(5),
+        "chwbl" => Some(6),
+        "round_robin" => Some(7),
+        "jsq" => Some(8),
+        "p2c" => Some(9),
+        "dualmap" => Some(10),
+        "lmetric" => Some(11),
+        _ => None,
+    };
+    let default = kvroute_core::PolicySettings::default().policy.as_str() == policy;
+    Style {
+        color: match (default, slot) {
+            (true, _) => BLACK,
+            (false, Some(s)) => color(s),
+            (false, None) => color(i % PALETTE.len()),
+        },
+        width: if default { 3 } else { 2 },
+        peer,
+        policy: default || slot.is_some(),
+    }
+}
+
+/// The legend, beside the plot (never over the data): one row per series, with its swatch.
+pub(super) fn legend<DB: DrawingBackend>(
+    area: &DrawingArea<DB, plotters::coord::Shift>,
+    entries: &[(String, Style)],
+    bars: bool,
+) -> Res<()>
+where
+    DB::ErrorType: 'static,
+{
+    let font = ("sans-serif", 12).into_font();
+    for (k, (name, s)) in entries.iter().enumerate() {
+        let y = 48 + 18 * k as i32;
+        if bars {
+            let fill = if s.peer {
+                s.color.mix(0.35).filled()
+            } else {
+                s.color.filled()
+            };
+            area.draw(&Rectangle::new([(4, y - 5), (18, y + 5)], fill))?;
+            area.draw(&Rectangle::new(
+                [(4, y - 5), (18, y + 5)],
+                s.color.stroke_width(1),
+            ))?;
+        } else if s.peer {
+            area.draw(&PathElement::new(
+                vec![(2, y), (8, y)],
+                s.color.stroke_width(s.width),
+            ))?;
+            area.draw(&PathElement::new(
+                vec![(13, y), (20, y)],
+                s.color.stroke_width(s.width),
+            ))?;
+        } else {
+            area.draw(&PathElement::new(
+                vec![(2, y), (20, y)],
+                s.color.stroke_width(s.width),
+            ))?;
+        }
+        area.draw(&Text::new(name.clone(), (26, y - 7), font.clone()))?;
+    }
+    Ok(())
+}
+
+/// Width of the legend column beside a figure with these series names.
+fn legend_width(names: impl Iterator<Item = usize>) -> u32 {
+    let longest = names.max().unwrap_or(0) as u32;
+    if longest == 0 {
+        0
+    } else {
+        40 + 7 * longest
+    }
 }
 
 pub(super) fn range(vals: impl Iterator<Item = f64>, pad: f64) -> (f64, f64) {
@@ -117,12 +253,18 @@ pub(super) fn lines_with(
     y0: bool,
     log2x: bool,
 ) -> Res<()> {
-    let root = SVGBackend::new(path, (720, 420)).into_drawing_area();
+    let side = if series.len() > 1 {
+        legend_width(series.iter().map(|s| s.0.len()))
+    } else {
+        0
+    };
+    let root = SVGBackend::new(path, (720 + side, 420)).into_drawing_area();
     root.fill(&WHITE)?;
+    let (plot, key) = root.split_horizontally(720);
     let (x0, x1) = range(series.iter().flat_map(|s| s.1.iter().map(|p| p.0)), 0.02);
     let (ya, yb) = range(series.iter().flat_map(|s| s.1.iter().map(|p| p.1)), 0.05);
     let ya = if y0 { 0f64.min(ya) } else { ya };
-    let mut c = ChartBuilder::on(&root)
+    let mut c = ChartBuilder::on(&plot)
         .caption(title, ("sans-serif", 18))
         .margin(12)
         .x_label_area_size(40)
@@ -147,19 +289,31 @@ pub(super) fn lines_with(
         mesh.x_labels((xspan.round() as usize).saturating_add(1).max(2));
     }
     mesh.draw()?;
-    for (i, (name, pts)) in series.iter().enumerate() {
-        let col = color(i);
-        c.draw_series(LineSeries::new(pts.iter().copied(), col.stroke_width(2)))?
-            .label(name.as_str())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], col.stroke_width(2)));
+    let styles: Vec<(String, Style)> = series
+        .iter()
+        .enumerate()
+        .map(|(i, (name, _))| (name.clone(), style(name, i)))
+        .collect();
+    // The default last, so that it is drawn over the others.
+    let mut order: Vec<usize> = (0..series.len()).collect();
+    order.sort_by_key(|i| styles.get(*i).is_some_and(|s| s.1.width > 2));
+    for i in order {
+        let (Some((_, pts)), Some((_, s))) = (series.get(i), styles.get(i)) else {
+            continue;
+        };
+        let line = s.color.stroke_width(s.width);
+        if s.peer {
+            c.draw_series(DashedLineSeries::new(pts.iter().copied(), 6, 4, line))?;
+        } else {
+            c.draw_series(LineSeries::new(pts.iter().copied(), line))?;
+        }
         if pts.len() < 12 {
-            c.draw_series(pts.iter().map(|p| Circle::new(*p, 3, col.filled())))?;
+            c.draw_series(pts.iter().map(|p| Circle::new(*p, 3, s.color.filled())))?;
         }
     }
-    c.configure_series_labels()
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()?;
+    if side > 0 {
+        legend(&key, &styles, false)?;
+    }
     root.present()?;
     Ok(())
 }
@@ -174,8 +328,19 @@ pub(super) fn bars(
     series: &[BarSeries],
     refs: &[(usize, f64)],
 ) -> Res<()> {
-    let root = SVGBackend::new(path, (760, 420)).into_drawing_area();
+    let side = if series.len() > 1 {
+        legend_width(series.iter().map(|s| s.0.len()))
+    } else {
+        0
+    };
+    // Category names that would not fit side by side (policies) are written downwards, under a
+    // plot as tall as it would be without them.
+    let longest = categories.iter().map(String::len).max().unwrap_or(0) as u32;
+    let rotate = categories.iter().map(|c| c.len() + 2).sum::<usize>() * 7 > 680;
+    let labels = if rotate { 16 + 7 * longest } else { 40 };
+    let root = SVGBackend::new(path, (760 + side, 380 + labels)).into_drawing_area();
     root.fill(&WHITE)?;
+    let (plot, key) = root.split_horizontally(760);
     let n = series.len().max(1) as f64;
     let ymax = series
         .iter()
@@ -184,10 +349,10 @@ pub(super) fn bars(
         .filter(|v| v.is_finite())
         .fold(0.0f64, f64::max)
         * 1.15;
-    let mut c = ChartBuilder::on(&root)
+    let mut c = ChartBuilder::on(&plot)
         .caption(title, ("sans-serif", 18))
         .margin(12)
-        .x_label_area_size(40)
+        .x_label_area_size(labels)
         .y_label_area_size(60)
         .build_cartesian_2d(0f64..categories.len() as f64, 0f64..ymax.max(1e-9))?;
     let cats = categories.to_vec();
@@ -198,7 +363,7 @@ pub(super) fn bars(
         .x_labels(categories.len().max(1) * 2 + 1)
         .x_label_formatter(&move |x| {
             let i = x.floor() as usize;
-            if (x - x.floor() - 0.5).abs() < 0.01 {
+            if (x - x.floor() - 0.5).abs() < 0.01 && !rotate {
                 cats.get(i).cloned().unwrap_or_default()
             } else {
                 String::new()
@@ -206,22 +371,46 @@ pub(super) fn bars(
         })
         .y_desc(yl)
         .draw()?;
-    for (si, (name, vals, errs)) in series.iter().enumerate() {
-        let col = color(si);
+    let styles: Vec<(String, Style)> = series
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.0.clone(), style(&s.0, i)))
+        .collect();
+    // One series over categories that are policies: each bar in its policy's style.
+    let per_category = series.len() == 1;
+    for (si, ((_, vals, errs), (_, s))) in series.iter().zip(&styles).enumerate() {
         let w = 0.8 / n;
-        c.draw_series(vals.iter().enumerate().map(|(ci, v)| {
+        let rect = |ci: usize, v: f64| {
             let x0 = ci as f64 + 0.1 + w * si as f64;
-            Rectangle::new([(x0, 0.0), (x0 + w * 0.9, *v)], col.filled())
-        }))?
-        .label(name.as_str())
-        .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], col.filled()));
+            [(x0, 0.0), (x0 + w * 0.9, v)]
+        };
+        for (ci, v) in vals.iter().enumerate() {
+            let s = match categories.get(ci) {
+                Some(name) if per_category && style(name, usize::MAX).is_policy() => {
+                    style(name, ci)
+                }
+                _ => *s,
+            };
+            let fill = if s.peer {
+                s.color.mix(0.35).filled()
+            } else {
+                s.color.filled()
+            };
+            c.draw_series(std::iter::once(Rectangle::new(rect(ci, *v), fill)))?;
+            if s.peer {
+                c.draw_series(std::iter::once(Rectangle::new(
+                    rect(ci, *v),
+                    s.color.stroke_width(1),
+                )))?;
+            }
+        }
         c.draw_series(
             errs.iter()
                 .enumerate()
                 .filter(|(_, e)| e.0.is_finite())
                 .map(|(ci, e)| {
                     let x = ci as f64 + 0.1 + w * si as f64 + w * 0.45;
-                    PathElement::new(vec![(x, e.0), (x, e.1)], BLACK.stroke_width(1))
+                    PathElement::new(vec![(x, e.0), (x, e.1)], ERROR_BAR.stroke_width(1))
                 }),
         )?;
     }
@@ -232,10 +421,19 @@ pub(super) fn bars(
             BLACK.stroke_width(2),
         )))?;
     }
-    c.configure_series_labels()
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()?;
+    if rotate {
+        // Written downwards from just under the axis, each centred on its group.
+        let font = ("sans-serif", 12)
+            .into_font()
+            .transform(FontTransform::Rotate90);
+        for (ci, name) in categories.iter().enumerate() {
+            let (px, py) = c.backend_coord(&(ci as f64 + 0.5, 0.0));
+            root.draw(&Text::new(name.clone(), (px + 6, py + 8), font.clone()))?;
+        }
+    }
+    if side > 0 {
+        legend(&key, &styles, true)?;
+    }
     root.present()?;
     Ok(())
 }
@@ -344,6 +542,48 @@ pub(super) fn scatter(
 )]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_policy_has_one_colour_in_every_figure_and_a_peer_its_counterparts_dashed() {
+        let default = kvroute_core::PolicySettings::default().policy.as_str();
+        assert_eq!(style(default, 4).color, BLACK);
+        assert!(style(default, 4).width > style("jsq", 4).width);
+        assert_eq!(style("jsq", 0).color, style("jsq", 7).color);
+        let peer = style("smg-1.13.0/cache_aware", 2);
+        assert!(peer.peer && !style("sglang_cache_aware", 2).peer);
+        assert_eq!(peer.color, style("sglang_cache_aware", 9).color);
+        assert_eq!(
+            style("smg-1.13.0/power_of_two", 0).color,
+            style("p2c", 3).color
+        );
+        // Kvroute's twelve other policies and rules are twelve colours.
+        let names = [
+            "round_robin",
+            "jsq",
+            "p2c",
+            "session_hash",
+            "prefix_key",
+            "load_cache_aware",
+            "sglang_cache_aware",
+            "llmd_scorer",
+            "dynamo_cost",
+            "chwbl",
+            "dualmap",
+            "lmetric",
+        ];
+        let mut colours: Vec<(u8, u8, u8)> = names
+            .iter()
+            .map(|n| {
+                let c = style(n, 0).color;
+                (c.0, c.1, c.2)
+            })
+            .collect();
+        colours.sort_unstable();
+        colours.dedup();
+        assert_eq!(colours.len(), names.len());
+        // Series that are not policies take the palette in order.
+        assert_eq!(style("engine1", 1).color, color(1));
+    }
 
     #[test]
     fn ticks_carry_only_the_decimals_their_axis_needs() {
