@@ -528,6 +528,24 @@ pub(crate) mod test_support {
     /// Endpoint names of the test candidates.
     pub const NAMES: [&str; 8] = ["e0", "e1", "e2", "e3", "e4", "e5", "e6", "e7"];
 
+    /// [`context`] for a request whose session, prefix key and head key are all `key`, decided
+    /// `key`-th (round robin's sequence) with the random draw `rand`.
+    pub fn keyed<'a>(
+        c: &'a [Candidate<'a>],
+        s: &'a PolicySettings,
+        key: u64,
+        rand: u64,
+    ) -> PickContext<'a> {
+        PickContext {
+            session: Some(key),
+            prefix_key: Some(key),
+            head_key: Some(key),
+            seq: key,
+            rand,
+            ..context(c, s)
+        }
+    }
+
     /// 1 to 8 candidates: a load under `max_load` (also their in-flight count, and 20 blocks in
     /// flight per request), a match of up to the context's 20 blocks, the session or not, and an
     /// engine's KV usage and waiting queue or none.
@@ -591,7 +609,7 @@ pub(crate) mod test_support {
     clippy::indexing_slicing
 )]
 mod tests {
-    use super::test_support::{self, context, NAMES};
+    use super::test_support::{self, NAMES};
     use super::*;
     use proptest::prelude::*;
 
@@ -600,21 +618,7 @@ mod tests {
         test_support::cands(6)
     }
 
-    fn ctx<'a>(
-        c: &'a [Candidate<'a>],
-        s: &'a PolicySettings,
-        seq: u64,
-        rand: u64,
-    ) -> PickContext<'a> {
-        PickContext {
-            session: Some(seq),
-            prefix_key: Some(seq),
-            head_key: Some(seq),
-            seq,
-            rand,
-            ..context(c, s)
-        }
-    }
+    use test_support::keyed as ctx;
 
     #[test]
     fn names_round_trip() {

@@ -357,7 +357,7 @@ impl Policy for Dualmap {
 mod tests {
     use super::*;
     use crate::config::PolicySettings;
-    use crate::policy::test_support::{self, context, NAMES};
+    use crate::policy::test_support::{self, NAMES};
     use crate::policy::Candidate;
     use proptest::prelude::*;
 
@@ -366,18 +366,7 @@ mod tests {
         test_support::cands(100)
     }
 
-    fn ctx<'a>(
-        c: &'a [Candidate<'a>],
-        s: &'a PolicySettings,
-        key: u64,
-        rand: u64,
-    ) -> PickContext<'a> {
-        PickContext {
-            head_key: Some(key),
-            rand,
-            ..context(c, s)
-        }
-    }
+    use test_support::keyed as ctx;
 
     proptest! {
         #[test]
