@@ -328,7 +328,8 @@ struct Open {
     itl: Vec<u64>,
     predicted_blocks: u32,
     blocks: u32,
-    /// Prompt tokens the router counts as still to prefill (until the first token).
+    /// Prefill work (tokens, attention counted) the router counts as still to do, until the first
+    /// token.
     prefill_tokens: i64,
 }
 

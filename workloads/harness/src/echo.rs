@@ -1,7 +1,7 @@
 //! A minimal OpenAI-shaped endpoint that says which endpoint served each request.
 //!
-//! It is what the end-to-end tests and the demo put behind Envoy until the emulator (a real
-//! vLLM-compatible engine) exists. It answers `POST /v1/chat/completions` and `/v1/completions`
+//! The routing tests put it behind Envoy where they need control the emulator does not give: an
+//! answer whatever the body holds, and a response held open on request. It answers `POST /v1/chat/completions` and `/v1/completions`
 //! with a small completion naming itself (body field `served_by`, header `x-served-by`), whatever
 //! the body holds, so routing can be observed for any input; `GET /v1/models` and `/health` answer
 //! 200, anything else 404. A request header `x-echo-delay-ms` (at most 30 s) holds the response,

@@ -1,4 +1,4 @@
-//! The short demo (the main job until the study runner lands): two emulated vLLM engines (the seed
+//! The short demo (`just demo`, a few minutes; the study is the main job): two emulated vLLM engines (the seed
 //! rig's profile, 5x real time) behind the real Envoy with the real filter. For every policy in
 //! turn: both engines' prefix caches are reset, the policy is switched on live through
 //! `runtime_modify`, and the same multi-turn workload runs (conversations resend their history;
