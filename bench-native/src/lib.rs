@@ -2,11 +2,8 @@
 //! dynamic module (`envoy.filters.http.dynamic_modules`, a shared object Envoy loads with
 //! `dlopen`) instead of a Wasm filter in V8.
 //!
-//! Issue 2's speed targets (8 KB: at most 50 us added P99; throughput at least 85% of Envoy
-//! without the filter) are not met by the Wasm filter on a 2-core machine, and a Wasm filter that
-//! only pauses, buffers the body and sets the header (`bench-floor`) already misses the throughput
-//! target. This module answers what the Wasm runtime itself costs: `kvroute-bench-envoy` runs it in
-//! the same run as the Wasm builds, in two modes chosen by the filter name:
+//! It measures what the Wasm runtime itself costs: `kvroute-bench-envoy` runs it in the same run
+//! as the Wasm builds, in two modes chosen by the filter name:
 //!
 //! - `floor`: pause on the request headers, buffer the body, set the routing header: the same work
 //!   as the Wasm `bench-floor` build.
