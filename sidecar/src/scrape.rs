@@ -208,15 +208,12 @@ pub fn parse_vllm(text: &str) -> Result<EngineSample, ScrapeError> {
 mod tests {
     use super::*;
 
-    /// The sample page produced from vLLM's own metric definitions (shared/reference).
+    /// The sample page produced from vLLM's own metric definitions (a copy of
+    /// shared/reference/vllm_metrics_sample.prom).
     #[test]
     fn reads_the_reference_vllm_page() {
-        let page = std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../shared/reference/vllm_metrics_sample.prom"
-        ))
-        .unwrap();
-        let s = parse_vllm(&page).unwrap();
+        let page = include_str!("../tests/fixtures/vllm_metrics_sample.prom");
+        let s = parse_vllm(page).unwrap();
         assert_eq!((s.waiting, s.running, s.kv_usage), (1.0, 3.0, 0.42));
         assert_eq!((s.hits, s.queries), (Some(640.0), Some(1000.0)));
         assert_eq!(s.prompt_tokens, Some(1000.0));

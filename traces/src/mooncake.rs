@@ -136,20 +136,4 @@ mod tests {
             .count();
         assert!(common >= block_text(1).len() && common < pb.len());
     }
-
-    #[test]
-    fn the_shipped_trace() {
-        let text = std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../shared/data/mooncake_synthetic_trace.jsonl"
-        ))
-        .unwrap();
-        let reqs = parse(&text).unwrap();
-        assert_eq!(reqs.len(), 3993);
-        let mean = reqs.iter().map(|r| r.input_length).sum::<usize>() as f64 / reqs.len() as f64;
-        assert!((15_000.0..15_700.0).contains(&mean), "{mean}");
-        let s = sessions(&reqs[..10], 2.0);
-        assert_eq!(s[0].turns[0].user.split(' ').count(), reqs[0].input_length);
-        assert!(parse("{\"timestamp\": 1}\n").is_err());
-    }
 }

@@ -160,17 +160,4 @@ mod tests {
         assert!(capped.iter().all(|s| s.turns.len() == 1));
         assert!(parse("{", &ShareGptOptions::default()).is_err());
     }
-
-    #[test]
-    fn the_shipped_sharegpt_file() {
-        let text = std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../shared/data/sharegpt_dev_3000.json"
-        ))
-        .unwrap();
-        let s = parse(&text, &ShareGptOptions::default()).unwrap();
-        // The file holds conversations of 2-10 human turns, alternating, messages <= 8,000 chars.
-        assert_eq!(s.len(), 3000);
-        assert!(s.iter().all(|s| (2..=10).contains(&s.turns.len())));
-    }
 }
