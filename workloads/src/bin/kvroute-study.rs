@@ -29,7 +29,7 @@ use kvroute_study::plan::{
     self, rag_sessions, sharegpt_sessions, SimulatedPlan, StudyPlan, Workload,
 };
 use kvroute_study::report;
-use kvroute_study::search::RateSearch;
+use kvroute_study::search::{close_call, verdict, RateSearch};
 use kvroute_study::simulated;
 use kvroute_study::study::{
     save, Lab, RunResult, RunSpec, SEND_DELAY_QUANTILES, VALIDATION_STALLED,
@@ -206,19 +206,30 @@ async fn main() -> anyhow::Result<()> {
     let search = plan.search.clone();
     let mut probes = RateSearch::new(search.start_rate, search.max_steps, search.bisect_steps);
     while let Some(rate) = probes.next() {
-        let spec = RunSpec::new(
-            "search",
-            "sharegpt",
-            search.policy,
-            rate,
-            &format!("{rate}/s"),
-            0,
-        );
-        let count = plan.search_sessions_at(rate);
-        let sessions = sharegpt_sessions(&text, &plan.sharegpt, count, 1, rate, 0)?;
-        let r = run(&mut lab, &a.out, &mut n, spec, vec![], sessions).await?;
-        probes.record(r.failed == 0 && r.ttft_ms[1] <= search.slo_ms);
-        results.push(r);
+        // A probe too close to the objective to call is repeated with the next seed, and the
+        // mean of the two decides.
+        let mut samples: Vec<(f64, usize)> = Vec::new();
+        for rep in 0..2 {
+            let spec = RunSpec::new(
+                "search",
+                "sharegpt",
+                search.policy,
+                rate,
+                &format!("{rate}/s"),
+                rep,
+            );
+            let count = plan.search_sessions_at(rate);
+            let seed = rep as u64 + 1;
+            let sessions = sharegpt_sessions(&text, &plan.sharegpt, count, seed, rate, 0)?;
+            let r = run(&mut lab, &a.out, &mut n, spec, vec![], sessions).await?;
+            samples.push((r.ttft_ms[1], r.failed));
+            results.push(r);
+            let first = samples.first().copied().unwrap_or_default();
+            if !close_call(first.0, search.slo_ms) || first.1 > 0 {
+                break;
+            }
+        }
+        probes.record(verdict(&samples, search.slo_ms));
     }
     let capped = probes.capped();
     let sustainable = probes.knee().unwrap_or_else(|| {
@@ -657,20 +668,28 @@ fn simulated_part(
             0,
         )
     };
+    // As the live search: a close call takes a second seed, and the mean decides.
     let probe = |rate: f64, results: &mut Vec<RunResult>| -> anyhow::Result<bool> {
-        let spec = RunSpec::new(
-            "sim-search",
-            "sharegpt",
-            PolicyKind::RoundRobin,
-            rate * 2.0,
-            &format!("{rate:.3}/s/engine"),
-            0,
-        );
-        let work = simulated::prepare_for(&b2, &sessions_at(2, rate, 1)?);
-        let r = simulated::run(&spec, &b2, &work)?;
-        let ok = r.failed == 0 && r.ttft_ms[1] <= plan.search.slo_ms;
-        keep(&a.out, results, r)?;
-        Ok(ok)
+        let mut samples: Vec<(f64, usize)> = Vec::new();
+        for rep in 0..2 {
+            let spec = RunSpec::new(
+                "sim-search",
+                "sharegpt",
+                PolicyKind::RoundRobin,
+                rate * 2.0,
+                &format!("{rate:.3}/s/engine"),
+                rep,
+            );
+            let work = simulated::prepare_for(&b2, &sessions_at(2, rate, rep as u64 + 1)?);
+            let r = simulated::run(&spec, &b2, &work)?;
+            samples.push((r.ttft_ms[1], r.failed));
+            keep(&a.out, results, r)?;
+            let first = samples.first().copied().unwrap_or_default();
+            if !close_call(first.0, plan.search.slo_ms) || first.1 > 0 {
+                break;
+            }
+        }
+        Ok(verdict(&samples, plan.search.slo_ms))
     };
     // Doubling to the first rate over the objective, then four bisection steps between the last
     // rate within it and that one: the knee, to about 6%.

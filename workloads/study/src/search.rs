@@ -1,7 +1,25 @@
 //! The sustainable-rate search, shared by the live study and the simulator: rates double from a
 //! start until a probe misses the objective, then bisection narrows the knee between the last rate
 //! that met it and the first that did not. The caller runs each probe; this only says which rate
-//! comes next and what was found.
+//! comes next, whether a probe needs a second sample, and what was found.
+
+/// A probe whose P95 is within this fraction of the objective is too close to call from one
+/// sample: a P95 over about a hundred requests moves by tens of percent between seeds, and one
+/// probe at 998 ms against 1,000 (another run's: 1,087) moved a whole study's 1x by 14%.
+pub const CLOSE_CALL: f64 = 0.10;
+
+/// Whether a probe with P95 `p95` needs a second sample (another seed) before it decides.
+pub fn close_call(p95: f64, objective: f64) -> bool {
+    (p95 - objective).abs() <= CLOSE_CALL * objective
+}
+
+/// The verdict on a rate from its samples' (P95, failed requests): every sample without a failure,
+/// and their mean P95 within the objective.
+pub fn verdict(samples: &[(f64, usize)], objective: f64) -> bool {
+    !samples.is_empty()
+        && samples.iter().all(|(_, failed)| *failed == 0)
+        && samples.iter().map(|(p, _)| p).sum::<f64>() / samples.len() as f64 <= objective
+}
 
 /// A search in progress.
 #[derive(Debug, Clone, PartialEq)]
@@ -70,6 +88,19 @@ impl RateSearch {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_close_probe_gets_a_second_sample_and_the_mean_decides() {
+        assert!(close_call(998.0, 1000.0) && close_call(1087.0, 1000.0));
+        assert!(!close_call(850.0, 1000.0) && !close_call(1200.0, 1000.0));
+        assert!(verdict(&[(998.0, 0)], 1000.0));
+        // 998 then 1,087: over on the mean.
+        assert!(!verdict(&[(998.0, 0), (1087.0, 0)], 1000.0));
+        assert!(verdict(&[(1010.0, 0), (950.0, 0)], 1000.0));
+        // A failed request fails the rate, and no sample decides nothing.
+        assert!(!verdict(&[(500.0, 1)], 1000.0));
+        assert!(!verdict(&[], 1000.0));
+    }
 
     fn run(start: f64, doublings: usize, bisections: usize, limit: f64) -> (RateSearch, Vec<f64>) {
         let mut s = RateSearch::new(start, doublings, bisections);
