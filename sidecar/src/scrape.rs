@@ -109,53 +109,64 @@ impl Page {
     /// A histogram's buckets, summed over label sets: (upper bound, cumulative count) by bound.
     pub fn buckets(&self, name: &str) -> Vec<(f64, f64)> {
         let mut out: Vec<(f64, f64)> = Vec::new();
-        let samples = self.metric(&[name]).map_or(&[][..], |m| &m.samples[..]);
-        for s in samples
-            .iter()
-            .filter(|s| s.value.value_type == ValueType::Sample)
-        {
-            let le = s
-                .labels
-                .iter()
-                .find(|l| l.key == "le")
-                .and_then(|l| l.value.parse::<f64>().ok());
-            let (Some(le), Some(v)) = (le, s.value.value.parse::<f64>().ok()) else {
-                continue;
-            };
-            match out.iter_mut().find(|(l, _)| *l == le) {
-                Some(b) => b.1 += v,
-                None => out.push((le, v)),
-            }
-        }
-        out.sort_by(|a, b| a.0.total_cmp(&b.0));
+        merge_buckets(&mut out, self.bucket_samples(name));
         out
     }
+
+    /// A histogram's bucket samples, one (upper bound, cumulative count) per label set and bound.
+    fn bucket_samples<'a>(&'a self, name: &str) -> impl Iterator<Item = (f64, f64)> + 'a {
+        let samples = self.metric(&[name]).map_or(&[][..], |m| &m.samples[..]);
+        samples
+            .iter()
+            .filter(|s| s.value.value_type == ValueType::Sample)
+            .filter_map(|s| {
+                let le = s
+                    .labels
+                    .iter()
+                    .find(|l| l.key == "le")
+                    .and_then(|l| l.value.parse::<f64>().ok())?;
+                Some((le, s.value.value.parse::<f64>().ok()?))
+            })
+    }
+}
+
+/// Adds histogram buckets (upper bound, cumulative count) into `into`, summing counts of the same
+/// bound, and keeps it in bound order: one page's label sets, or several engines' pages.
+pub fn merge_buckets(into: &mut Vec<(f64, f64)>, buckets: impl IntoIterator<Item = (f64, f64)>) {
+    for (le, v) in buckets {
+        match into.iter_mut().find(|(l, _)| *l == le) {
+            Some(b) => b.1 += v,
+            None => into.push((le, v)),
+        }
+    }
+    into.sort_by(|a, b| a.0.total_cmp(&b.0));
 }
 
 /// Reads a vLLM `/metrics` page.
 pub fn parse_vllm(text: &str) -> Result<EngineSample, ScrapeError> {
     let page = Page::parse(text)?;
-    let family = |names: &[&str]| page.family(names);
-    let sum = |names: &[&str]| page.sum(names);
-    let hist = |name: &str, kind: ValueType| page.hist(name, kind);
     let scrape = &page.scrape;
     let rates = (|| {
         Some(RateCounters {
-            prefill_tokens: hist("vllm:request_prefill_kv_computed_tokens", ValueType::Sum)?,
-            prefill_seconds: hist("vllm:request_prefill_time_seconds", ValueType::Sum)?,
-            prefill_requests: hist("vllm:request_prefill_time_seconds", ValueType::Count)?,
-            tpot_seconds: hist("vllm:request_time_per_output_token_seconds", ValueType::Sum)?,
-            tpot_requests: hist(
+            prefill_tokens: page.hist("vllm:request_prefill_kv_computed_tokens", ValueType::Sum)?,
+            prefill_seconds: page.hist("vllm:request_prefill_time_seconds", ValueType::Sum)?,
+            prefill_requests: page.hist("vllm:request_prefill_time_seconds", ValueType::Count)?,
+            tpot_seconds: page
+                .hist("vllm:request_time_per_output_token_seconds", ValueType::Sum)?,
+            tpot_requests: page.hist(
                 "vllm:request_time_per_output_token_seconds",
                 ValueType::Count,
             )?,
         })
     })();
-    let waiting = sum(&["vllm:num_requests_waiting"])
+    let waiting = page
+        .sum(&["vllm:num_requests_waiting"])
         .ok_or(ScrapeError::Missing("vllm:num_requests_waiting"))?;
-    let running = sum(&["vllm:num_requests_running"])
+    let running = page
+        .sum(&["vllm:num_requests_running"])
         .ok_or(ScrapeError::Missing("vllm:num_requests_running"))?;
-    let kv_usage = family(&["vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"])
+    let kv_usage = page
+        .family(&["vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"])
         .map(|(s, n)| s / n as f64)
         .ok_or(ScrapeError::Missing("vllm:kv_cache_usage_perc"))?;
     let capacity_tokens = scrape
@@ -183,16 +194,16 @@ pub fn parse_vllm(text: &str) -> Result<EngineSample, ScrapeError> {
         waiting,
         running,
         kv_usage,
-        hits: sum(&[
+        hits: page.sum(&[
             "vllm:prefix_cache_hits_total",
             "vllm:gpu_prefix_cache_hits_total",
         ]),
-        queries: sum(&[
+        queries: page.sum(&[
             "vllm:prefix_cache_queries_total",
             "vllm:gpu_prefix_cache_queries_total",
         ]),
-        prompt_tokens: sum(&["vllm:prompt_tokens_total"]),
-        generation_tokens: sum(&["vllm:generation_tokens_total"]),
+        prompt_tokens: page.sum(&["vllm:prompt_tokens_total"]),
+        generation_tokens: page.sum(&["vllm:generation_tokens_total"]),
         capacity_tokens,
         rates,
     })

@@ -84,14 +84,18 @@ fn reply(turn: &kvroute_traces::Turn) -> String {
     }
 }
 
-/// Calls `f` with each turn of `s` and the chat the replayer sends for it: the system prompt, the
-/// user turns so far, and each earlier turn's reply (the file's, or the engine's filler).
-pub fn each_turn_chat(s: &Session, mut f: impl FnMut(&kvroute_traces::Turn, &[ChatMessage<'_>])) {
+/// Calls `f` with each turn of `s` (its index and the turn) and the chat the replayer sends for
+/// it: the system prompt, the user turns so far, and each earlier turn's reply (the file's, or the
+/// engine's filler).
+pub fn each_turn_chat(
+    s: &Session,
+    mut f: impl FnMut(usize, &kvroute_traces::Turn, &[ChatMessage<'_>]),
+) {
     let mut history: Vec<(&'static str, String)> = Vec::new();
     if let Some(sys) = &s.system {
         history.push(("system", sys.clone()));
     }
-    for turn in &s.turns {
+    for (t, turn) in s.turns.iter().enumerate() {
         history.push(("user", turn.user.clone()));
         let msgs: Vec<ChatMessage<'_>> = history
             .iter()
@@ -100,7 +104,7 @@ pub fn each_turn_chat(s: &Session, mut f: impl FnMut(&kvroute_traces::Turn, &[Ch
                 content: c,
             })
             .collect();
-        f(turn, &msgs);
+        f(t, turn, &msgs);
         history.push(("assistant", reply(turn)));
     }
 }
@@ -109,7 +113,7 @@ pub fn each_turn_chat(s: &Session, mut f: impl FnMut(&kvroute_traces::Turn, &[Ch
 /// compute them from the chat the replayer would send.
 pub fn prepare_session(s: &Session, filter: &FilterConfig) -> PreparedSession {
     let mut turns = Vec::with_capacity(s.turns.len());
-    each_turn_chat(s, |turn, msgs| {
+    each_turn_chat(s, |_, turn, msgs| {
         let parsed = ParsedRequest {
             model: Cow::Borrowed(""),
             user: None,

@@ -49,14 +49,12 @@ pub struct Analysis {
 pub fn requests(sessions: &[Session], model: &str) -> Vec<(usize, Vec<u32>)> {
     let mut timed: Vec<(f64, usize, Vec<u32>)> = Vec::new();
     for (si, s) in sessions.iter().enumerate() {
-        let mut t = 0usize;
-        kvroute_sim::each_turn_chat(s, |_, msgs| {
+        kvroute_sim::each_turn_chat(s, |t, _, msgs| {
             timed.push((
                 s.start_ms + t as f64 * s.think_ms.max(1.0),
                 si,
                 encode_chat(msgs),
             ));
-            t += 1;
         });
     }
     let _ = model;

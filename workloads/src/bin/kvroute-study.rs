@@ -29,7 +29,7 @@ use kvroute_study::plan::{
     self, rag_sessions, sharegpt_sessions, SimulatedPlan, StudyPlan, Workload,
 };
 use kvroute_study::report;
-use kvroute_study::search::{close_call, verdict, RateSearch};
+use kvroute_study::search::{another_sample, verdict, RateSearch};
 use kvroute_study::simulated;
 use kvroute_study::study::{
     save, Lab, RunResult, RunSpec, SEND_DELAY_QUANTILES, VALIDATION_STALLED,
@@ -208,6 +208,7 @@ async fn main() -> anyhow::Result<()> {
     while let Some(rate) = probes.next() {
         // A probe too close to the objective to call is repeated with the next seed, and the
         // mean of the two decides.
+        let count = plan.search_sessions_at(rate);
         let mut samples: Vec<(f64, usize)> = Vec::new();
         for rep in 0..2 {
             let spec = RunSpec::new(
@@ -218,14 +219,12 @@ async fn main() -> anyhow::Result<()> {
                 &format!("{rate}/s"),
                 rep,
             );
-            let count = plan.search_sessions_at(rate);
             let seed = rep as u64 + 1;
             let sessions = sharegpt_sessions(&text, &plan.sharegpt, count, seed, rate, 0)?;
             let r = run(&mut lab, &a.out, &mut n, spec, vec![], sessions).await?;
             samples.push((r.ttft_ms[1], r.failed));
             results.push(r);
-            let first = samples.first().copied().unwrap_or_default();
-            if !close_call(first.0, search.slo_ms) || first.1 > 0 {
+            if !another_sample(&samples, search.slo_ms) {
                 break;
             }
         }
@@ -684,8 +683,7 @@ fn simulated_part(
             let r = simulated::run(&spec, &b2, &work)?;
             samples.push((r.ttft_ms[1], r.failed));
             keep(&a.out, results, r)?;
-            let first = samples.first().copied().unwrap_or_default();
-            if !close_call(first.0, plan.search.slo_ms) || first.1 > 0 {
+            if !another_sample(&samples, plan.search.slo_ms) {
                 break;
             }
         }

@@ -13,6 +13,12 @@ pub fn close_call(p95: f64, objective: f64) -> bool {
     (p95 - objective).abs() <= CLOSE_CALL * objective
 }
 
+/// Whether a rate with these samples' (P95, failed requests) takes another: the first one is a
+/// close call without a failure, and it is the only one.
+pub fn another_sample(samples: &[(f64, usize)], objective: f64) -> bool {
+    matches!(samples, [(p95, 0)] if close_call(*p95, objective))
+}
+
 /// The verdict on a rate from its samples' (P95, failed requests): every sample without a failure,
 /// and their mean P95 within the objective.
 pub fn verdict(samples: &[(f64, usize)], objective: f64) -> bool {
@@ -100,6 +106,10 @@ mod tests {
         // A failed request fails the rate, and no sample decides nothing.
         assert!(!verdict(&[(500.0, 1)], 1000.0));
         assert!(!verdict(&[], 1000.0));
+        assert!(another_sample(&[(998.0, 0)], 1000.0));
+        assert!(!another_sample(&[(998.0, 1)], 1000.0));
+        assert!(!another_sample(&[(800.0, 0)], 1000.0));
+        assert!(!another_sample(&[(998.0, 0), (1087.0, 0)], 1000.0));
     }
 
     fn run(start: f64, doublings: usize, bisections: usize, limit: f64) -> (RateSearch, Vec<f64>) {

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kvroute_core::policy::PolicyKind;
-use kvroute_sidecar::scrape::{parse_vllm, Page, ValueType};
+use kvroute_sidecar::scrape::{merge_buckets, parse_vllm, Page, ValueType};
 use kvroute_traces::Session;
 use serde::{Deserialize, Serialize};
 
@@ -147,14 +147,11 @@ impl Lab {
             c.ttft_sum += hist("vllm:time_to_first_token_seconds", ValueType::Sum);
             c.ttft_count += hist("vllm:time_to_first_token_seconds", ValueType::Count);
             c.preemptions += sum("vllm:num_preemptions_total");
-            for (le, v) in page.buckets("vllm:time_to_first_token_seconds") {
-                match c.ttft_buckets.iter_mut().find(|(l, _)| *l == le) {
-                    Some(b) => b.1 += v,
-                    None => c.ttft_buckets.push((le, v)),
-                }
-            }
+            merge_buckets(
+                &mut c.ttft_buckets,
+                page.buckets("vllm:time_to_first_token_seconds"),
+            );
         }
-        c.ttft_buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
         Ok(c)
     }
 

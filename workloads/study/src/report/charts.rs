@@ -46,12 +46,17 @@ pub(super) struct Style {
     /// A peer router: dashed lines, hollow bars.
     pub peer: bool,
     /// The series is a policy or a peer's (its colour is its own in every figure).
-    policy: bool,
+    pub policy: bool,
 }
 
 impl Style {
-    fn is_policy(&self) -> bool {
-        self.policy
+    /// A bar's fill: a peer's pale (its outline in the full colour).
+    fn fill(&self) -> ShapeStyle {
+        if self.peer {
+            self.color.mix(0.35).filled()
+        } else {
+            self.color.filled()
+        }
     }
 }
 
@@ -114,12 +119,7 @@ where
     for (k, (name, s)) in entries.iter().enumerate() {
         let y = 48 + 18 * k as i32;
         if bars {
-            let fill = if s.peer {
-                s.color.mix(0.35).filled()
-            } else {
-                s.color.filled()
-            };
-            area.draw(&Rectangle::new([(4, y - 5), (18, y + 5)], fill))?;
+            area.draw(&Rectangle::new([(4, y - 5), (18, y + 5)], s.fill()))?;
             area.draw(&Rectangle::new(
                 [(4, y - 5), (18, y + 5)],
                 s.color.stroke_width(1),
@@ -144,14 +144,21 @@ where
     Ok(())
 }
 
-/// Width of the legend column beside a figure with these series names.
-fn legend_width(names: impl Iterator<Item = usize>) -> u32 {
-    let longest = names.max().unwrap_or(0) as u32;
-    if longest == 0 {
+/// Each series' style, by name and position, and the width of the legend column beside the
+/// figure (none for a single series).
+fn styled<'a>(names: impl ExactSizeIterator<Item = &'a String>) -> (Vec<(String, Style)>, u32) {
+    let single = names.len() < 2;
+    let styles: Vec<(String, Style)> = names
+        .enumerate()
+        .map(|(i, name)| (name.clone(), style(name, i)))
+        .collect();
+    let longest = styles.iter().map(|(n, _)| n.len()).max().unwrap_or(0) as u32;
+    let side = if single || longest == 0 {
         0
     } else {
         40 + 7 * longest
-    }
+    };
+    (styles, side)
 }
 
 pub(super) fn range(vals: impl Iterator<Item = f64>, pad: f64) -> (f64, f64) {
@@ -253,11 +260,7 @@ pub(super) fn lines_with(
     y0: bool,
     log2x: bool,
 ) -> Res<()> {
-    let side = if series.len() > 1 {
-        legend_width(series.iter().map(|s| s.0.len()))
-    } else {
-        0
-    };
+    let (styles, side) = styled(series.iter().map(|s| &s.0));
     let root = SVGBackend::new(path, (720 + side, 420)).into_drawing_area();
     root.fill(&WHITE)?;
     let (plot, key) = root.split_horizontally(720);
@@ -289,11 +292,6 @@ pub(super) fn lines_with(
         mesh.x_labels((xspan.round() as usize).saturating_add(1).max(2));
     }
     mesh.draw()?;
-    let styles: Vec<(String, Style)> = series
-        .iter()
-        .enumerate()
-        .map(|(i, (name, _))| (name.clone(), style(name, i)))
-        .collect();
     // The default last, so that it is drawn over the others.
     let mut order: Vec<usize> = (0..series.len()).collect();
     order.sort_by_key(|i| styles.get(*i).is_some_and(|s| s.1.width > 2));
@@ -328,11 +326,7 @@ pub(super) fn bars(
     series: &[BarSeries],
     refs: &[(usize, f64)],
 ) -> Res<()> {
-    let side = if series.len() > 1 {
-        legend_width(series.iter().map(|s| s.0.len()))
-    } else {
-        0
-    };
+    let (styles, side) = styled(series.iter().map(|s| &s.0));
     // Category names that would not fit side by side (policies) are written downwards, under a
     // plot as tall as it would be without them.
     let longest = categories.iter().map(String::len).max().unwrap_or(0) as u32;
@@ -371,11 +365,6 @@ pub(super) fn bars(
         })
         .y_desc(yl)
         .draw()?;
-    let styles: Vec<(String, Style)> = series
-        .iter()
-        .enumerate()
-        .map(|(i, s)| (s.0.clone(), style(&s.0, i)))
-        .collect();
     // One series over categories that are policies: each bar in its policy's style.
     let per_category = series.len() == 1;
     for (si, ((_, vals, errs), (_, s))) in series.iter().zip(&styles).enumerate() {
@@ -385,18 +374,11 @@ pub(super) fn bars(
             [(x0, 0.0), (x0 + w * 0.9, v)]
         };
         for (ci, v) in vals.iter().enumerate() {
-            let s = match categories.get(ci) {
-                Some(name) if per_category && style(name, usize::MAX).is_policy() => {
-                    style(name, ci)
-                }
+            let s = match categories.get(ci).map(|name| style(name, ci)) {
+                Some(own) if per_category && own.policy => own,
                 _ => *s,
             };
-            let fill = if s.peer {
-                s.color.mix(0.35).filled()
-            } else {
-                s.color.filled()
-            };
-            c.draw_series(std::iter::once(Rectangle::new(rect(ci, *v), fill)))?;
+            c.draw_series(std::iter::once(Rectangle::new(rect(ci, *v), s.fill())))?;
             if s.peer {
                 c.draw_series(std::iter::once(Rectangle::new(
                     rect(ci, *v),
