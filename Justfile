@@ -20,12 +20,11 @@ wasm:
 wasm-faults:
     cargo build -p kvroute-filter --target wasm32-wasip1 --release --features test-faults --target-dir target/test-faults
 
-# The native bench probe: kvroute's request path as an Envoy dynamic module, without the Wasm VM
-# (bench-native/; what the Wasm runtime costs, measured by kvroute-bench-envoy).
+# The native module: kvroute's control plane as an Envoy dynamic module (native/, a shared object
+# Envoy loads; the second build of the filter, no Wasm VM).
 native:
-    cargo build -p kvroute-bench-native --release
+    cargo build -p kvroute-native --release
 
-# Build everything: host crates and the filter.
 build: wasm
     cargo build --workspace --release
 
@@ -42,21 +41,24 @@ unit:
     cargo test -p kvroute-core -p kvroute-control -p kvroute-engine -p kvroute-emulator -p kvroute-sidecar -p kvroute-traces -p kvroute-sim -p kvroute-loadgen -p kvroute-harness -p kvroute-study -p kvroute-workloads
 
 # Validate every Envoy config the project ships (starts the VM and runs on_configure).
-validate-configs: wasm
+validate-configs: wasm native
     for f in envoy/*.yaml; do envoy --mode validate -c "$f" --log-level warn >/dev/null && echo "valid: $f"; done
 
 # Regenerate envoy/envoy.yaml from the generator.
 envoy-config:
     cargo run -q -p kvroute-workloads --bin kvroute-envoy-config > envoy/envoy.yaml
+    cargo run -q -p kvroute-workloads --bin kvroute-envoy-config -- --native target/release/libkvroute_native.so > envoy/envoy-native.yaml
 
 # The emulator, the sidecar and the ext_proc processor as release binaries (the tests and benches that run them as
 # processes: killed with SIGKILL, measured from /proc).
 procs:
     cargo build --release -p kvroute-emulator -p kvroute-sidecar -p kvroute-extproc --bins
 
-# End-to-end tests against the real Envoy with the real filter (and the native probe).
+# End-to-end tests against the real Envoy with the real filter, then the suites that apply to
+# both builds again with the native module in the filter's place.
 e2e: wasm wasm-faults native procs
     cargo test -p kvroute-e2e -- --test-threads 2
+    KVROUTE_FILTER=native cargo test -p kvroute-e2e --test policies --test bad_input --test sidecar --test failover --test faults --test fleet -- --test-threads 2
 
 # Python tests: the emulator through the official openai client and prometheus_client's parser.
 py-tests:

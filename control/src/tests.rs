@@ -401,6 +401,25 @@ fn reports_within_the_coalescing_interval_travel_in_one_message() {
 }
 
 #[test]
+fn a_worker_without_coalescing_sends_every_report_at_once() {
+    // The native module's workers: no tick, so no batch waits for one.
+    let mut p = Proxy::new(r#","defaults":{"publish_interval":{"millis":100}}"#);
+    p.worker = Rc::new(
+        Worker::new(
+            p.host.clone(),
+            config(r#","defaults":{"publish_interval":{"millis":100}}"#),
+        )
+        .with_report_coalesce_us(0),
+    );
+    for i in 0..5 {
+        p.route(&format!("s{i}"), &text(i));
+    }
+    assert_eq!(p.host.queued(state::DECISION_QUEUE), 5);
+    p.apply_reports();
+    assert_eq!(p.host.value("kvroute_decisions_recorded_total"), 5);
+}
+
+#[test]
 fn a_report_that_cannot_be_queued_is_counted_and_the_request_still_routed() {
     let p = Proxy::new("");
     p.host.fail_enqueue(true);

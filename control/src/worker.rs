@@ -36,6 +36,9 @@ pub struct Worker<H: Host> {
     config: FilterConfig,
     metrics: FilterMetrics,
     state: RefCell<WorkerState>,
+    /// Reports made within this long of the last one sent wait for the next batch (see
+    /// [`Worker::report`]).
+    coalesce_us: u64,
 }
 
 /// The section of the in-flight value that holds each endpoint's down mark.
@@ -93,7 +96,16 @@ impl<H: Host> Worker<H> {
                 last_sent_us: 0,
             }),
             config,
+            coalesce_us: REPORT_COALESCE_US,
         }
+    }
+
+    /// This worker with reports coalesced over `us` instead of [`REPORT_COALESCE_US`]; 0 sends
+    /// each at once. A host whose queue is a lock in process memory and that gives each worker no
+    /// tick (the native module) sends at once: a batch would wait for the worker's next request.
+    pub fn with_report_coalesce_us(mut self, us: u64) -> Self {
+        self.coalesce_us = us;
+        self
     }
 
     /// Re-reads the published state if its version changed.
@@ -400,7 +412,7 @@ impl<H: Host> Worker<H> {
         };
         report.encode_into(&mut st.batch);
         if at_once
-            || now_us.saturating_sub(st.last_sent_us) >= REPORT_COALESCE_US
+            || now_us.saturating_sub(st.last_sent_us) >= self.coalesce_us
             || st.batch.len() >= MAX_BATCH_BYTES
         {
             self.flush(st, now_us);

@@ -31,6 +31,23 @@ pub struct Stack {
     filter: FilterConfig,
 }
 
+/// Whether the tests run the native module (`KVROUTE_FILTER=native`) instead of the `.wasm`.
+pub fn native_build() -> bool {
+    std::env::var("KVROUTE_FILTER").is_ok_and(|v| v == "native")
+}
+
+/// Puts the build under test in `spec`: the `.wasm` filter (the spec's default) or, with
+/// `KVROUTE_FILTER=native`, the native module (`kvroute-native`) with the same configuration. The
+/// suites that run under both (`just e2e-native`) reach Envoy only through this.
+pub fn under_test(spec: &mut EnvoySpec) {
+    if native_build() {
+        spec.native_module = Some(NativeModule {
+            path: native_module().unwrap().display().to_string(),
+            filter_name: "kvroute".into(),
+        });
+    }
+}
+
 /// A response through Envoy.
 #[derive(Debug)]
 pub struct Routed {
@@ -48,8 +65,8 @@ impl Stack {
         Self::start_with(n, |spec| tweak(&mut spec.filter)).await
     }
 
-    /// `n` echo endpoints behind an Envoy that runs the native bench probe (`kvroute-bench-native`)
-    /// in `mode` (`floor` or `kvroute`) with `policy`, instead of the Wasm filter.
+    /// `n` echo endpoints behind an Envoy that runs the native module (`kvroute-native`) in `mode`
+    /// (`kvroute`, or the bench's `floor`) with `policy`, instead of the Wasm filter.
     pub async fn native(n: usize, mode: &str, policy: &str) -> Stack {
         Self::start_with(n, |spec| {
             spec.filter.defaults.policy = policy.parse().unwrap();
@@ -73,6 +90,7 @@ impl Stack {
             .map(|e| Engine::local(&e.name, e.addr.port()))
             .collect();
         let mut spec = EnvoySpec::new(spec_engines, filter_wasm().unwrap().display().to_string());
+        under_test(&mut spec);
         tweak(&mut spec);
         let filter = spec.filter.clone();
         let envoy = Envoy::start(spec).await.unwrap();

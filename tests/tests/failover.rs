@@ -103,6 +103,7 @@ async fn an_engine_process_killed_mid_stream_loses_only_what_it_held() {
             .collect(),
         filter_wasm().unwrap().display().to_string(),
     );
+    kvroute_e2e::under_test(&mut spec);
     spec.filter.defaults.policy = "round_robin".parse().unwrap();
     let envoy = Envoy::start(spec).await.unwrap();
     let model = served_model(&engines[0].url()).await;

@@ -95,6 +95,7 @@ impl Fleet {
                 .collect(),
             filter_wasm().unwrap().display().to_string(),
         );
+        kvroute_e2e::under_test(&mut spec);
         spec.set_sidecar(Engine::local("sidecar", self.sidecar.addr.port()));
         spec.share_fleet(20);
         spec.filter.defaults.load_refresh_ms = 50;

@@ -1,8 +1,10 @@
-//! The native bench probe (`kvroute-bench-native`, an Envoy dynamic module) does the work
-//! `kvroute-bench-envoy` measures it for, on the real Envoy with `--concurrency 2`: in `kvroute`
-//! mode it keeps conversations where their prefix is (the directory), counts requests in flight
-//! and uncounts them when they end (the load term); in `floor` mode it routes every chat request to
-//! the first endpoint after buffering its body. Other requests pass through.
+//! The native module (`kvroute-native`, an Envoy dynamic module running the same control plane
+//! as the `.wasm`) on the real Envoy with `--concurrency 2`: in `kvroute` mode it keeps
+//! conversations where their prefix is (the directory of its state service, on Envoy's main
+//! thread), counts requests in flight and uncounts them when they end (the load term); in the
+//! bench's `floor` mode it routes every chat request to the first endpoint after buffering its
+//! body. Other requests pass through. The suites that apply to both builds run again on this one
+//! with `KVROUTE_FILTER=native` (`just e2e`).
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,

@@ -216,6 +216,8 @@ async fn prefix_key_is_sticky_and_overflows_to_jsq() {
     }
     assert_eq!(s.stat("kvroute_prefix_key_overflows_total").await, 0);
     // Threshold 0: one request in flight at the preferred endpoint makes the next one overflow.
+    // The state published after the change carries it.
+    let published = s.stat("kvroute_state_publishes_total").await;
     s.envoy
         .runtime_modify(&[("kvroute.prefix_key_threshold", "0")])
         .await
@@ -224,7 +226,7 @@ async fn prefix_key_is_sticky_and_overflows_to_jsq() {
         .wait_stat(
             "kvroute_state_publishes_total",
             Duration::from_secs(2),
-            |v| v >= 3,
+            |v| v > published,
         )
         .await
         .unwrap();
@@ -292,7 +294,13 @@ async fn load_cache_aware_follows_cache_and_trades_with_load() {
     }
     assert_eq!(s.stat("kvroute_predicted_hits_total").await, follow_ups);
     assert!(s.stat("kvroute_predicted_cached_blocks_total").await >= follow_ups * 10);
-    assert!(s.stat("kvroute_directory_blocks").await > 0);
+    // The service refreshes its gauges on its tick (20 ms).
+    s.envoy
+        .wait_stat("kvroute_directory_blocks", Duration::from_secs(1), |v| {
+            v > 0
+        })
+        .await
+        .unwrap();
 
     // Load on the home endpoint: at alpha 0.7 / beta 0.3 the cache still wins (0.7 - 0.3 > 0)...
     let (history, home) = homes[0].clone();
@@ -394,9 +402,16 @@ async fn stats_have_prometheus_labels() {
     let s = Stack::with_policy(2, "round_robin").await;
     served(&s.chat(&chat(&[("user", "x")]), &[]).await);
     let page = s.envoy.prometheus().await.unwrap();
+    // Envoy drops the Wasm stat namespace from Prometheus names only where a Wasm VM registered
+    // it; the native module's stats keep it.
+    let prefix = if kvroute_e2e::native_build() {
+        "envoy_wasmcustom_"
+    } else {
+        ""
+    };
     let line = page
         .lines()
-        .find(|l| l.starts_with("kvroute_decisions_total{") && l.ends_with(" 1"))
+        .find(|l| l.starts_with(&format!("{prefix}kvroute_decisions_total{{")) && l.ends_with(" 1"))
         .unwrap_or_else(|| {
             panic!(
                 "no labelled decision counter in:\n{}",

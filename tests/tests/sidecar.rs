@@ -48,6 +48,7 @@ impl Rig {
             .map(|e| Engine::local(&e.name, e.addr.port()))
             .collect();
         let mut spec = EnvoySpec::new(spec_engines, filter_wasm().unwrap().display().to_string());
+        kvroute_e2e::under_test(&mut spec);
         spec.set_sidecar(Engine::local("sidecar", sidecar.addr.port()));
         spec.filter.defaults = PolicySettings {
             policy,

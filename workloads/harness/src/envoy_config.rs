@@ -55,8 +55,8 @@ pub struct EnvoySpec {
     pub with_filter: bool,
     /// The sidecar serving engine state (cluster `kvroute_sidecar`), if any.
     pub sidecar: Option<Engine>,
-    /// A native dynamic module in the Wasm filter's place (a bench probe: `kvroute-bench-native`),
-    /// with no state singleton.
+    /// The native module (`kvroute-native`, an Envoy dynamic module) in the Wasm filter's place,
+    /// with no state singleton (the module runs its own on Envoy's main thread).
     pub native_module: Option<NativeModule>,
     /// Serve the Wasm filter's configuration by ECDS from this file (a watched directory: replace the
     /// file by a rename to apply a new configuration without touching the listener); None: inline.
@@ -311,6 +311,9 @@ pub fn render(spec: &EnvoySpec) -> String {
         let _ = writeln!(w, "            typed_config:");
         let _ = writeln!(w, "              \"@type\": type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter");
         let _ = writeln!(w, "              dynamic_module_config:");
+        // The Wasm filter's stat namespace, so both builds' stats have the same names in
+        // `/stats` and the same tags (STATS_TAGS).
+        let _ = writeln!(w, "                metrics_namespace: wasmcustom");
         let _ = writeln!(
             w,
             "                module: {{ local: {{ filename: {} }} }}",
@@ -534,6 +537,28 @@ mod tests {
             render(&EnvoySpec::example()),
             "run `just envoy-config` to regenerate envoy/envoy.yaml"
         );
+    }
+
+    /// The shipped native example is the generator's output with the native module.
+    #[test]
+    fn shipped_native_example_is_generated() {
+        let shipped = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../envoy/envoy-native.yaml"
+        ))
+        .unwrap();
+        let mut spec = EnvoySpec::example();
+        spec.native_module = Some(NativeModule {
+            path: "target/release/libkvroute_native.so".into(),
+            filter_name: "kvroute".into(),
+        });
+        assert_eq!(
+            shipped,
+            render(&spec),
+            "run `just envoy-config` to regenerate envoy/envoy-native.yaml"
+        );
+        assert!(shipped.contains("metrics_namespace: wasmcustom"));
+        assert!(!shipped.contains("envoy.bootstrap.wasm"));
     }
 
     /// The hand-written "add to an existing config" example carries the same stat tags and the

@@ -168,8 +168,14 @@ impl Envoy {
                 .timeout(Duration::from_secs(10))
                 .build()?,
         };
-        // A native module publishes no state: it is ready when Envoy is live.
-        let publishes = spec.with_filter && spec.native_module.is_none() && spec.ext_proc.is_none();
+        // kvroute publishes its state, as the Wasm filter or the native module; the native floor
+        // and the ext_proc processor publish none: they are ready when Envoy is live.
+        let publishes = spec.with_filter
+            && spec.ext_proc.is_none()
+            && spec
+                .native_module
+                .as_ref()
+                .is_none_or(|m| m.filter_name == "kvroute");
         me.wait_ready(publishes, Duration::from_secs(30)).await?;
         Ok(me)
     }

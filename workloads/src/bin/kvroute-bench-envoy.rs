@@ -14,10 +14,10 @@
 //! - Pass-through: a fourth Envoy whose wasm filter (feature `bench-passthrough`) lets every request
 //!   through at its headers: what having a wasm HTTP filter in the chain costs at all.
 //!
-//! - Native: where `kvroute-bench-native` is built (`just bench` builds it), two more Envoys load
-//!   it as a dynamic module (no Wasm VM): its `floor` mode does the floor's work, its `kvroute` mode
-//!   kvroute's request path with the same core code. What the Wasm runtime costs, against the
-//!   issue's targets.
+//! - Native: where `kvroute-native` is built (`just bench` builds it), two more Envoys load it as a
+//!   dynamic module (no Wasm VM): its `floor` filter does the floor's work, its `kvroute` filter is
+//!   the product's second build (the same control plane as the `.wasm`: state service, stats,
+//!   runtime poll). What the Wasm runtime costs.
 //! - Inside the filter: two more Envoys run a build with feature `bench-phases`, one per body size,
 //!   and the bench reads its per-phase histograms (body copy, parse and hash, decide, route and
 //!   record): where the filter's own time goes. They run apart from the measured Envoys, whose
@@ -260,7 +260,7 @@ fn feature_wasm(feature: &str) -> Option<String> {
     None
 }
 
-/// An Envoy with the native probe module in `mode` (`floor` or `kvroute`), if it is built.
+/// An Envoy with the native module's filter `mode` (`floor` or `kvroute`), if it is built.
 async fn native_envoy(
     engines: &[Engine],
     wasm: &str,

@@ -1,9 +1,11 @@
 //! Prints an Envoy bootstrap for kvroute in front of the given engines.
 //!
-//! `kvroute-envoy-config` with no flags prints the shipped example (envoy/envoy.yaml).
+//! `kvroute-envoy-config` with no flags prints the shipped example (envoy/envoy.yaml);
+//! `--native target/release/libkvroute_native.so` the same with the native module in the `.wasm`
+//! filter's place (envoy/envoy-native.yaml).
 
 use clap::Parser;
-use kvroute_harness::envoy_config::{render, Engine, EnvoySpec};
+use kvroute_harness::envoy_config::{render, Engine, EnvoySpec, NativeModule};
 
 #[derive(Parser, Debug)]
 #[command(about = "Render an Envoy bootstrap with the kvroute filter")]
@@ -23,6 +25,9 @@ struct Args {
         default_value = "target/wasm32-wasip1/release/kvroute_filter.wasm"
     )]
     wasm: String,
+    /// Path of the native module (`libkvroute_native.so`): load it instead of the `.wasm`.
+    #[arg(long)]
+    native: Option<String>,
     /// Default policy (runtime key kvroute.policy overrides it).
     #[arg(long)]
     policy: Option<String>,
@@ -75,6 +80,12 @@ fn main() -> anyhow::Result<()> {
     if let Some(ms) = args.fleet_sync_ms {
         anyhow::ensure!(spec.sidecar.is_some(), "--fleet-sync-ms needs a sidecar");
         spec.share_fleet(ms);
+    }
+    if let Some(path) = args.native {
+        spec.native_module = Some(NativeModule {
+            path,
+            filter_name: "kvroute".into(),
+        });
     }
     spec.listen_port = args.listen_port;
     spec.admin_port = args.admin_port;
