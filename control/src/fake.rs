@@ -5,11 +5,8 @@
 //! definitions), the clock and the log. Time moves only when a test moves it. HTTP callouts wait
 //! until the test answers them; the stream whose callback runs is the one the test set.
 //!
-//! What it models from Envoy's `SharedData` and `SharedQueue`:
-//! - a value's CAS token changes on every write; a write with a token that is not the current
-//!   one is a mismatch, a write without one (or to an absent key) always lands;
-//! - a queue is named by its VM id and name; registering it again returns the same id;
-//! - dequeuing an empty queue finds nothing.
+//! Shared data and queues are [`SharedMemory`] (Envoy's `SharedData` and `SharedQueue` rules, the
+//! same code as the native module's); the fake adds another VM's interleaved writes and refusals.
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
@@ -17,6 +14,7 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use crate::host::{Host, LogLevel, MetricId, MetricKind, SharedSetError};
+use crate::memory::SharedMemory;
 
 /// Another VM's write, applied to a key just before this VM's next compare-and-swap on it.
 type Interleaved = Box<dyn FnOnce(Option<Vec<u8>>) -> Vec<u8>>;
@@ -78,11 +76,9 @@ impl FakeStream {
 #[derive(Default)]
 struct World {
     now_ns: u64,
-    shared: HashMap<String, (Vec<u8>, u32)>,
-    next_cas: u32,
+    mem: SharedMemory,
     interleaved: HashMap<String, VecDeque<Interleaved>>,
     fail_shared_sets: bool,
-    queues: Vec<(String, VecDeque<Vec<u8>>)>,
     fail_enqueue: bool,
     metrics: Vec<Metric>,
     callouts: Vec<Callout>,
@@ -118,7 +114,6 @@ impl FakeHost {
     pub fn new() -> Self {
         let world = World {
             now_ns: 1_767_225_600_000_000_000,
-            next_cas: 1,
             next_token: 1,
             ..World::default()
         };
@@ -141,15 +136,12 @@ impl FakeHost {
 
     /// A shared-data value as it is now.
     pub fn shared(&self, key: &str) -> Option<Vec<u8>> {
-        self.world.borrow().shared.get(key).map(|(v, _)| v.clone())
+        self.world.borrow().mem.value(key).map(<[u8]>::to_vec)
     }
 
     /// Writes a shared-data value as another VM would (its token changes).
     pub fn put_shared(&self, key: &str, value: &[u8]) {
-        let mut w = self.world.borrow_mut();
-        let cas = w.next_cas;
-        w.next_cas += 1;
-        w.shared.insert(key.to_owned(), (value.to_vec(), cas));
+        self.world.borrow_mut().mem.put(key, value);
     }
 
     /// Another VM writes `key` (the value `write` makes of the current one) between this VM's
@@ -175,21 +167,12 @@ impl FakeHost {
 
     /// Messages waiting in the queue `name`.
     pub fn queued(&self, name: &str) -> usize {
-        self.world
-            .borrow()
-            .queues
-            .iter()
-            .find(|(n, _)| n == name)
-            .map_or(0, |(_, q)| q.len())
+        self.world.borrow().mem.queued(name)
     }
 
     /// The id of the queue `name`, if registered.
     pub fn queue_id(&self, name: &str) -> Option<u32> {
-        let w = self.world.borrow();
-        w.queues
-            .iter()
-            .position(|(n, _)| n == name)
-            .map(|i| i as u32)
+        self.world.borrow().mem.resolve_queue(name)
     }
 
     /// Callouts sent and not yet answered.
@@ -276,10 +259,7 @@ impl Host for FakeHost {
     }
 
     fn shared_get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
-        match self.world.borrow().shared.get(key) {
-            Some((v, cas)) => (Some(v.clone()), Some(*cas)),
-            None => (None, None),
-        }
+        self.world.borrow().mem.get(key)
     }
 
     fn shared_set(
@@ -305,24 +285,11 @@ impl Host for FakeHost {
         if w.fail_shared_sets {
             return Err(SharedSetError);
         }
-        if let (Some(cas), Some((_, current))) = (cas, w.shared.get(key)) {
-            if cas != 0 && cas != *current {
-                return Ok(false);
-            }
-        }
-        let next = w.next_cas;
-        w.next_cas += 1;
-        w.shared.insert(key.to_owned(), (value.to_vec(), next));
-        Ok(true)
+        Ok(w.mem.set(key, value, cas))
     }
 
     fn register_queue(&self, name: &str) -> Option<u32> {
-        let mut w = self.world.borrow_mut();
-        if let Some(i) = w.queues.iter().position(|(n, _)| n == name) {
-            return Some(i as u32);
-        }
-        w.queues.push((name.to_owned(), VecDeque::new()));
-        Some(w.queues.len() as u32 - 1)
+        Some(self.world.borrow_mut().mem.register_queue(name))
     }
 
     fn resolve_queue(&self, name: &str) -> Option<u32> {
@@ -334,18 +301,11 @@ impl Host for FakeHost {
         if w.fail_enqueue {
             return false;
         }
-        match w.queues.get_mut(queue as usize) {
-            Some((_, q)) => {
-                q.push_back(msg.to_vec());
-                true
-            }
-            None => false,
-        }
+        w.mem.enqueue(queue, msg, usize::MAX)
     }
 
     fn dequeue(&self, queue: u32) -> Option<Vec<u8>> {
-        let mut w = self.world.borrow_mut();
-        w.queues.get_mut(queue as usize)?.1.pop_front()
+        self.world.borrow_mut().mem.dequeue(queue)
     }
 
     fn set_tick(&self, period: Duration) -> bool {

@@ -10,6 +10,8 @@
 //!   in Redis, through the sidecar).
 //! - [`standby`]: every filter VM stands by for the state service and takes its lease over when
 //!   the service's VM dies.
+//! - [`memory`]: shared data and queues in process memory with Envoy's rules (the native module's,
+//!   and the fake host's).
 //! - [`fake`]: an in-memory [`Host`] (shared data with CAS, queues, a clock, stats, callouts and one
 //!   stream at a time) on which the unit tests drive several VMs at once.
 //!
@@ -19,6 +21,7 @@
 pub mod fake;
 pub mod fleet;
 pub mod host;
+pub mod memory;
 pub mod metrics;
 pub mod service;
 pub mod standby;

@@ -2,8 +2,9 @@
 //!
 //! What proxy-wasm gives a Wasm VM, a native module has in process memory or in Envoy's
 //! dynamic-module callbacks:
-//! - shared data and the decision queue: [`Shared`], one per filter configuration, behind locks
-//!   (Envoy's worker threads and its main thread all reach it); the queue is bounded;
+//! - shared data and the decision queue: the control plane's `SharedMemory` (Envoy's rules), one
+//!   per filter configuration ([`Shared`]), behind a lock (Envoy's worker threads and its main
+//!   thread all reach it); the queue is bounded;
 //! - stats: defined on the filter configuration while Envoy creates it (afterwards Envoy refuses new
 //!   ones), so [`Shared::defining`] is on only then; later definitions look the name up;
 //! - HTTP callouts: the configuration's (`http_filter_config_http_callout`), made and answered on
@@ -12,11 +13,12 @@
 //!   thread-local before it calls the control plane.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use kvroute_control::memory::SharedMemory;
 use kvroute_control::{Host, LogLevel, MetricId, MetricKind, SharedSetError};
 
 use crate::abi::{self, ConfigEnvoyPtr, EnvoyBuffer, EnvoyHeader, FilterEnvoyPtr, ModuleBuffer};
@@ -30,8 +32,8 @@ pub const MAX_QUEUED: usize = 65_536;
 pub struct Shared {
     /// The configuration Envoy created (its pointer, for stats and callouts).
     pub config: AtomicUsize,
-    data: Mutex<HashMap<String, (Vec<u8>, u32)>>,
-    queues: Mutex<Vec<(String, VecDeque<Vec<u8>>)>>,
+    /// Shared data and the decision queue, with Envoy's rules for proxy-wasm.
+    mem: Mutex<SharedMemory>,
     /// A message was queued since the main thread last drained.
     pub queued: AtomicBool,
     metrics: Mutex<HashMap<String, u32>>,
@@ -75,12 +77,7 @@ impl Shared {
 
     /// The ids of the queues that hold messages.
     pub fn nonempty_queues(&self) -> Vec<u32> {
-        lock(&self.queues)
-            .iter()
-            .enumerate()
-            .filter(|(_, (_, q))| !q.is_empty())
-            .map(|(i, _)| i as u32 + 1)
-            .collect()
+        lock(&self.mem).nonempty_queues()
     }
 }
 
@@ -91,20 +88,35 @@ thread_local! {
     static RESPONSE: RefCell<Option<(Option<String>, Vec<u8>)>> = const { RefCell::new(None) };
 }
 
+/// Puts the thread's running filter back when dropped (also when the work panicked).
+struct Restore(usize);
+
+impl Drop for Restore {
+    fn drop(&mut self) {
+        FILTER.with(|c| c.set(self.0));
+    }
+}
+
 /// Runs `f` with `filter` as the running hook's filter.
 pub fn with_filter<R>(filter: FilterEnvoyPtr, f: impl FnOnce() -> R) -> R {
-    let before = FILTER.with(|c| c.replace(filter as usize));
-    let r = f();
-    FILTER.with(|c| c.set(before));
-    r
+    let _restore = Restore(FILTER.with(|c| c.replace(filter as usize)));
+    f()
+}
+
+/// Clears the callout response when dropped.
+struct Clear;
+
+impl Drop for Clear {
+    fn drop(&mut self) {
+        RESPONSE.with(|r| *r.borrow_mut() = None);
+    }
 }
 
 /// Runs `f` with a callout response to read.
 pub fn with_response<R>(status: Option<String>, body: Vec<u8>, f: impl FnOnce() -> R) -> R {
     RESPONSE.with(|r| *r.borrow_mut() = Some((status, body)));
-    let out = f();
-    RESPONSE.with(|r| *r.borrow_mut() = None);
-    out
+    let _clear = Clear;
+    f()
 }
 
 fn current_filter() -> Option<FilterEnvoyPtr> {
@@ -200,10 +212,7 @@ impl Host for NativeHost {
     }
 
     fn shared_get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
-        match lock(&self.shared.data).get(key) {
-            Some((v, cas)) => (Some(v.clone()), Some(*cas)),
-            None => (None, None),
-        }
+        lock(&self.shared.mem).get(key)
     }
 
     fn shared_set(
@@ -212,46 +221,20 @@ impl Host for NativeHost {
         value: &[u8],
         cas: Option<u32>,
     ) -> Result<bool, SharedSetError> {
-        let mut data = lock(&self.shared.data);
-        let current = data.get(key).map(|(_, c)| *c);
-        // As Envoy's shared data for proxy-wasm: a token (non-zero) must be the value's current
-        // one; a key not set yet takes any write.
-        if let (Some(c), Some(now)) = (cas, current) {
-            if c != 0 && c != now {
-                return Ok(false);
-            }
-        }
-        let next = current.map_or(1, |c| c.wrapping_add(1).max(1));
-        data.insert(key.to_owned(), (value.to_vec(), next));
-        Ok(true)
+        Ok(lock(&self.shared.mem).set(key, value, cas))
     }
 
     fn register_queue(&self, name: &str) -> Option<u32> {
-        let mut qs = lock(&self.shared.queues);
-        if let Some(i) = qs.iter().position(|(n, _)| n == name) {
-            return Some(i as u32 + 1);
-        }
-        qs.push((name.to_owned(), VecDeque::new()));
-        Some(qs.len() as u32)
+        Some(lock(&self.shared.mem).register_queue(name))
     }
 
     fn resolve_queue(&self, name: &str) -> Option<u32> {
-        lock(&self.shared.queues)
-            .iter()
-            .position(|(n, _)| n == name)
-            .map(|i| i as u32 + 1)
+        lock(&self.shared.mem).resolve_queue(name)
     }
 
     fn enqueue(&self, queue: u32, msg: &[u8]) -> bool {
-        {
-            let mut qs = lock(&self.shared.queues);
-            let Some((_, q)) = (queue as usize).checked_sub(1).and_then(|i| qs.get_mut(i)) else {
-                return false;
-            };
-            if q.len() >= MAX_QUEUED {
-                return false;
-            }
-            q.push_back(msg.to_vec());
+        if !lock(&self.shared.mem).enqueue(queue, msg, MAX_QUEUED) {
+            return false;
         }
         // One wake for a run of messages: the main thread drains them all.
         if !self.shared.queued.swap(true, Ordering::AcqRel) {
@@ -261,11 +244,7 @@ impl Host for NativeHost {
     }
 
     fn dequeue(&self, queue: u32) -> Option<Vec<u8>> {
-        let mut qs = lock(&self.shared.queues);
-        let (_, q) = (queue as usize)
-            .checked_sub(1)
-            .and_then(|i| qs.get_mut(i))?;
-        q.pop_front()
+        lock(&self.shared.mem).dequeue(queue)
     }
 
     fn set_tick(&self, period: Duration) -> bool {

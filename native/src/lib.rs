@@ -63,6 +63,8 @@ struct Config {
     host: NativeHost,
     service: Mutex<Option<StateService<NativeHost>>>,
     ticker: Mutex<Option<Ticker>>,
+    /// `kvroute_native_panics_total`: hooks whose work panicked (see [`guarded`]).
+    panics: kvroute_control::MetricId,
 }
 
 static NEXT_CONFIG: AtomicUsize = AtomicUsize::new(1);
@@ -216,6 +218,35 @@ unsafe fn config<'a>(ptr: ConfigModulePtr) -> Option<&'a Config> {
     unsafe { ptr.cast::<Config>().as_ref() }
 }
 
+/// Runs a hook's work. The control plane is written not to panic; if it does all the same (a bug),
+/// the panic stops here, where unwinding into Envoy would abort the process: it is logged (the
+/// panic hook) and counted, and the hook answers `fallback`, which lets the stream go on as if the
+/// filter were not there (the route without the header: the pool's own balancing).
+fn guarded<R>(config: Option<&Config>, fallback: R, work: impl FnOnce() -> R) -> R {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)) {
+        Ok(r) => r,
+        Err(_) => {
+            if let Some(c) = config {
+                c.host.increment(c.panics, 1);
+            }
+            fallback
+        }
+    }
+}
+
+/// Runs a stream callback of the control plane, guarded, with `envoy` as the running filter (None:
+/// not a stream of the router, the floor's).
+fn on_stream(
+    f: &mut Filter,
+    envoy: FilterEnvoyPtr,
+    work: impl FnOnce(&mut Stream<NativeHost>) -> Flow,
+) -> Option<Flow> {
+    let s = f.stream.as_mut()?;
+    Some(guarded(Some(&f.config), Flow::Continue, || {
+        host::with_filter(envoy, || work(s))
+    }))
+}
+
 // ------------------------------- event hooks -------------------------------
 
 /// ABI version this module is written against: Envoy 1.40's (it loads in 1.40 and, by Envoy's
@@ -224,6 +255,11 @@ static ABI_VERSION: &[u8] = b"v0.2.0\0";
 
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_program_init() -> *const c_char {
+    std::panic::set_hook(Box::new(|info| {
+        let msg = format!("kvroute panicked: {info}");
+        // SAFETY: a buffer valid for the call; Envoy's logger may be called from any thread.
+        unsafe { abi::envoy_dynamic_module_callback_log(5, abi::ModuleBuffer::of(msg.as_bytes())) };
+    }));
     ABI_VERSION.as_ptr().cast()
 }
 
@@ -237,6 +273,11 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
 ) -> ConfigModulePtr {
     // SAFETY: Envoy's buffers, valid for this call.
     let (name, json) = unsafe { (name.bytes(), config.bytes()) };
+    guarded(None, std::ptr::null(), || new_config(envoy, name, json))
+}
+
+/// A filter configuration from its name and JSON (null: rejected, and Envoy says so).
+fn new_config(envoy: ConfigEnvoyPtr, name: &[u8], json: &[u8]) -> ConfigModulePtr {
     let shared = Arc::new(Shared::default());
     shared.config.store(envoy as usize, Ordering::Release);
     let host = NativeHost {
@@ -280,6 +321,10 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
         Mode::Floor => None,
     };
     drop(Worker::new(host.clone(), filter.clone()));
+    let panics = host.define_metric(
+        kvroute_control::MetricKind::Counter,
+        "kvroute_native_panics_total",
+    );
     shared.defining.store(false, Ordering::Release);
 
     let ticker = if service.is_some() {
@@ -300,6 +345,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
         host,
         service: Mutex::new(service),
         ticker: Mutex::new(ticker),
+        panics,
     };
     Arc::into_raw(Arc::new(c)).cast()
 }
@@ -332,7 +378,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_scheduled(
 ) {
     // SAFETY: Envoy passes the configuration's pointer.
     if let Some(c) = unsafe { config(module) } {
-        c.on_main(event);
+        guarded(Some(c), (), || c.on_main(event));
     }
 }
 
@@ -373,10 +419,12 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_http_callout
         }
     }
     let size = body.len();
-    host::with_response(status, body, || {
-        if let Some(s) = lock(&c.service).as_mut() {
-            s.on_http_call_response(callout_id as u32, size);
-        }
+    guarded(Some(c), (), || {
+        host::with_response(status, body, || {
+            if let Some(s) = lock(&c.service).as_mut() {
+                s.on_http_call_response(callout_id as u32, size);
+            }
+        });
     });
 }
 
@@ -418,10 +466,8 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
     let Some(f) = (unsafe { filter(module) }) else {
         return abi::HEADERS_CONTINUE;
     };
-    if let Some(s) = f.stream.as_mut() {
-        return headers_status(host::with_filter(envoy, || {
-            s.on_request_headers(end_of_stream)
-        }));
+    if let Some(flow) = on_stream(f, envoy, |s| s.on_request_headers(end_of_stream)) {
+        return headers_status(flow);
     }
     // The floor: chat and completion POSTs wait for their body.
     let method = host::header(envoy, abi::REQUEST_HEADER, ":method");
@@ -448,14 +494,14 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_body(
     let Some(f) = (unsafe { filter(module) }) else {
         return abi::BODY_CONTINUE;
     };
-    if let Some(s) = f.stream.as_mut() {
-        let size = body_size(
+    let size = || {
+        body_size(
             envoy,
             &[abi::BUFFERED_REQUEST_BODY, abi::RECEIVED_REQUEST_BODY],
-        );
-        return body_status(host::with_filter(envoy, || {
-            s.on_request_body(size, end_of_stream)
-        }));
+        )
+    };
+    if let Some(flow) = on_stream(f, envoy, |s| s.on_request_body(size(), end_of_stream)) {
+        return body_status(flow);
     }
     if f.floor.is_none() {
         return abi::BODY_CONTINUE;
@@ -489,11 +535,8 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_trailers(
     let Some(f) = (unsafe { filter(module) }) else {
         return abi::BODY_CONTINUE;
     };
-    match f.stream.as_mut() {
-        // Trailers statuses: Continue 0, StopIteration 1, as the headers'.
-        Some(s) => headers_status(host::with_filter(envoy, || s.on_request_trailers())),
-        None => abi::BODY_CONTINUE,
-    }
+    // Trailers statuses: Continue 0, StopIteration 1, as the headers'.
+    on_stream(f, envoy, |s| s.on_request_trailers()).map_or(abi::HEADERS_CONTINUE, headers_status)
 }
 
 /// # Safety
@@ -505,10 +548,9 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(
     _end_of_stream: bool,
 ) -> u32 {
     // SAFETY: Envoy passes this stream's pointer.
-    if let Some(s) = unsafe { filter(module) }.and_then(|f| f.stream.as_mut()) {
-        return headers_status(host::with_filter(envoy, || s.on_response_headers()));
-    }
-    abi::HEADERS_CONTINUE
+    unsafe { filter(module) }
+        .and_then(|f| on_stream(f, envoy, |s| s.on_response_headers()))
+        .map_or(abi::HEADERS_CONTINUE, headers_status)
 }
 
 /// # Safety
@@ -520,11 +562,13 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_body(
     _end_of_stream: bool,
 ) -> u32 {
     // SAFETY: Envoy passes this stream's pointer.
-    if let Some(s) = unsafe { filter(module) }.and_then(|f| f.stream.as_mut()) {
-        let size = body_size(envoy, &[abi::RECEIVED_RESPONSE_BODY]);
-        return body_status(host::with_filter(envoy, || s.on_response_body(size)));
-    }
-    abi::BODY_CONTINUE
+    unsafe { filter(module) }
+        .and_then(|f| {
+            on_stream(f, envoy, |s| {
+                s.on_response_body(body_size(envoy, &[abi::RECEIVED_RESPONSE_BODY]))
+            })
+        })
+        .map_or(abi::BODY_CONTINUE, body_status)
 }
 
 /// # Safety
@@ -536,7 +580,8 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_stream_complete(
 ) {
     // SAFETY: Envoy passes this stream's pointer.
     if let Some(f) = unsafe { filter(module) } {
-        host::with_filter(envoy, || f.end());
+        let config = f.config.clone();
+        guarded(Some(&config), (), || host::with_filter(envoy, || f.end()));
     }
 }
 
@@ -548,7 +593,8 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_destroy(module: Fil
         // SAFETY: the pointer came from `Box::into_raw`.
         let mut f = unsafe { Box::from_raw(module as *mut Filter) };
         // A stream Envoy destroys without completing it still leaves the in-flight counts.
-        f.end();
+        let config = f.config.clone();
+        guarded(Some(&config), (), || f.end());
     }
 }
 
