@@ -336,6 +336,8 @@ pub struct StateMetrics {
     pub publish_interval_ms: Id,
     pub directory_epoch: Id,
     pub stale: Id,
+    /// The characters per engine token the directory's capacities are sized at (x1000).
+    pub chars_per_token_milli: Id,
     pub sidecar_pulls: Id,
     pub sidecar_poll_interval_ms: Id,
     pub endpoint_healthy: Vec<Id>,
@@ -411,6 +413,7 @@ impl StateMetrics {
             publish_interval_ms: d.gauge("kvroute_setting_publish_interval_ms"),
             directory_epoch: d.gauge("kvroute_setting_directory_epoch"),
             stale: d.gauge("kvroute_state_stale"),
+            chars_per_token_milli: d.gauge("kvroute_chars_per_token_milli"),
             sidecar_pulls: d.counter("kvroute_sidecar_pulls_total"),
             sidecar_poll_interval_ms: d.gauge("kvroute_sidecar_poll_interval_ms"),
             endpoint_healthy: d.per_endpoint(config, "kvroute_endpoint_healthy"),

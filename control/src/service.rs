@@ -14,6 +14,7 @@ use kvroute_core::snapshot::Snapshot;
 use kvroute_core::state::{
     self, DecisionReport, DirectorySection, EndpointStatus, EngineLoad, OverlayBuilder, StateHeader,
 };
+use kvroute_core::tokens::CharsPerToken;
 use kvroute_core::FilterConfig;
 
 /// Most queued messages (report batches) applied per queue wake-up (the rest wait for the next one).
@@ -78,6 +79,13 @@ pub struct StateService<H: Host> {
     active: bool,
     /// The exchange with the fleet's other replicas, when configured.
     fleet: Option<FleetSync>,
+    /// Characters per engine token as measured ([`CharsPerToken`]), the workers' sample totals as
+    /// last read, and the ratio the directory's capacities are sized at now.
+    chars: CharsPerToken,
+    tokenizer_read: (u64, u64),
+    chars_per_token: f64,
+    /// Each engine's KV capacity in tokens, as the sidecar last reported it.
+    capacity_tokens: Vec<Option<u64>>,
 }
 
 /// Test-only fault: traps the singleton's VM while `kvroute.test_crash_singleton_before_ms` (a
@@ -150,6 +158,10 @@ impl<H: Host> StateService<H> {
                 let fp = fleet::fingerprint(&config.endpoints);
                 FleetSync::new(f, lease_id, fp, config.defaults.directory_epoch)
             }),
+            chars: CharsPerToken::default(),
+            tokenizer_read: (0, 0),
+            chars_per_token: config.chars_per_token,
+            capacity_tokens: vec![None; n],
             config,
             host,
         };
@@ -175,6 +187,8 @@ impl<H: Host> StateService<H> {
                 None,
             );
         }
+        let (sample, _) = s.host.shared_get(state::TOKENIZER_KEY);
+        s.tokenizer_read = state::decode_tokenizer(sample.as_deref().unwrap_or_default());
         s.directory.set_journal_capacity(state::OVERLAY_MAX_CHANGES);
         s.publish(true);
         s.update_gauges();
@@ -264,7 +278,38 @@ impl<H: Host> StateService<H> {
         self.pull_snapshot(now);
         self.exchange(now);
         self.mirror_inflight();
+        self.measure_chars_per_token();
         self.update_gauges();
+    }
+
+    /// Takes the workers' new tokenizer samples; when the measured chars per token moved far
+    /// enough from the one in use, resizes the directory's capacities that follow an engine's
+    /// reported KV capacity.
+    fn measure_chars_per_token(&mut self) {
+        let (value, _) = self.host.shared_get(state::TOKENIZER_KEY);
+        let (bytes, tokens) = state::decode_tokenizer(value.as_deref().unwrap_or_default());
+        let (b0, t0) = self.tokenizer_read;
+        if bytes < b0 || tokens < t0 {
+            // Totals that went back (the key was reset): start from these.
+            self.tokenizer_read = (bytes, tokens);
+            return;
+        }
+        if tokens == t0 {
+            return;
+        }
+        self.chars.add(bytes - b0, tokens - t0);
+        self.tokenizer_read = (bytes, tokens);
+        let Some(r) = self.chars.update(self.chars_per_token) else {
+            return;
+        };
+        self.chars_per_token = r;
+        for (i, t) in self.capacity_tokens.iter().enumerate() {
+            if let Some(t) = t {
+                let blocks = self.config.blocks_for_tokens_at(*t, r);
+                self.directory.set_capacity(i, blocks);
+            }
+        }
+        self.gauges_dirty = true;
     }
 
     /// Pulls the sidecar's snapshot when due; marks the state stale when none arrived in time.
@@ -349,7 +394,12 @@ impl<H: Host> StateService<H> {
                     };
                     // The directory forgets roughly what this engine's KV cache can hold.
                     if let (Some(tokens), None) = (e.capacity_tokens, ep.capacity_blocks) {
-                        let blocks = self.config.blocks_for_tokens(tokens);
+                        if let Some(c) = self.capacity_tokens.get_mut(i) {
+                            *c = Some(tokens);
+                        }
+                        let blocks = self
+                            .config
+                            .blocks_for_tokens_at(tokens, self.chars_per_token);
                         if blocks as usize != self.directory.endpoint_capacity(i) {
                             self.directory.set_capacity(i, blocks);
                         }
@@ -799,6 +849,10 @@ impl<H: Host> StateService<H> {
         self.host
             .record(m.directory_epoch, self.settings.directory_epoch);
         self.host.record(m.stale, u64::from(self.stale));
+        self.host.record(
+            m.chars_per_token_milli,
+            (self.chars_per_token * 1000.0).round() as u64,
+        );
         for (i, st) in self.status.iter().enumerate() {
             self.host.record(
                 m.endpoint_healthy.get(i).copied().flatten(),

@@ -863,3 +863,53 @@ fn a_fleet_sync_period_shorter_than_the_tick_sets_the_state_services_tick() {
         Some(std::time::Duration::from_millis(TICK_MS))
     );
 }
+
+#[test]
+fn responses_measure_chars_per_token_and_the_directory_is_sized_at_it() {
+    let mut p = Proxy::new(r#","sidecar":{"cluster":"sidecar","stale_after_ms":60000}"#);
+    p.tick(100);
+    let snap = snapshot(p.host.now_ms(), [0.0, 0.0], [true, true])
+        .replace("\"capacity_tokens\":null", "\"capacity_tokens\":64000");
+    p.answer("/snapshot", 200, snap.as_bytes());
+    p.tick(20);
+    let capacity = |p: &Proxy| {
+        p.host
+            .value("kvroute_directory_endpoint_capacity.endpoint.e0")
+    };
+    // The configured 4 characters a token: 64,000 tokens are 4,000 blocks of 64 characters.
+    assert_eq!(capacity(&p), 4000);
+    assert_eq!(p.host.value("kvroute_chars_per_token_milli"), 4000);
+
+    // Responses that report usage: each prompt's bytes against 400 tokens.
+    for i in 0..60 {
+        let (mut s, _) = p.route(&format!("s{i}"), &text(i));
+        p.host.edit_stream(|s| {
+            s.response_body =
+                br#"{"usage":{"prompt_tokens":400,"prompt_tokens_details":{"cached_tokens":0}}}"#
+                    .to_vec()
+        });
+        s.on_response_headers();
+        s.on_response_body(100);
+        s.on_end();
+    }
+    let (bytes, tokens) = state::decode_tokenizer(&p.host.shared(state::TOKENIZER_KEY).unwrap());
+    assert_eq!(tokens, 24_000);
+    let ratio = bytes as f64 / tokens as f64;
+    assert!(ratio > 4.5, "{ratio}");
+    p.tick(20);
+    assert_eq!(
+        p.host.value("kvroute_chars_per_token_milli"),
+        (ratio * 1000.0).round() as i64
+    );
+    assert_eq!(capacity(&p), (64_000.0 * ratio / 64.0) as i64);
+
+    // A response without usage adds nothing.
+    let (mut s, _) = p.route("t", &text(99));
+    p.host.edit_stream(|s| s.response_body = b"{}".to_vec());
+    s.on_response_body(2);
+    s.on_end();
+    assert_eq!(
+        state::decode_tokenizer(&p.host.shared(state::TOKENIZER_KEY).unwrap()).1,
+        24_000
+    );
+}

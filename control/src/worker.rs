@@ -333,6 +333,22 @@ impl<H: Host> Worker<H> {
         self.add_inflight(endpoint, delta);
     }
 
+    /// Adds one response's prompt bytes and reported prompt tokens to the gateway's tokenizer
+    /// sample ([`state::TOKENIZER_KEY`]), for the state service's measured chars per token.
+    fn add_tokenizer_sample(&self, bytes: u64, tokens: u64) {
+        for _ in 0..CAS_RETRIES {
+            let (value, cas) = self.host.shared_get(state::TOKENIZER_KEY);
+            let (b, t) = state::decode_tokenizer(value.as_deref().unwrap_or_default());
+            let next = state::encode_tokenizer(b.saturating_add(bytes), t.saturating_add(tokens));
+            match self.host.shared_set(state::TOKENIZER_KEY, &next, cas) {
+                Ok(true) => return,
+                Ok(false) => continue,
+                Err(_) => break,
+            }
+        }
+        self.metrics.host_error(&self.host, HostOp::Inflight);
+    }
+
     /// [`Worker::add_inflight`] for the request just decided: its first attempt starts from the
     /// counters the decision read (one shared-data read fewer); if another worker changed them
     /// since, the swap fails and the loop reads them again.
@@ -464,6 +480,9 @@ enum Phase {
         counted: bool,
         /// Tokens the directory predicted the engine holds; None once compared (or unknown).
         predicted_tokens: Option<u64>,
+        /// The prompt's canonical text bytes, until the engine's `usage.prompt_tokens` is read
+        /// (None where the response carries no usage).
+        prompt_bytes: Option<u64>,
     },
 }
 
@@ -545,6 +564,11 @@ impl<H: Host> Stream<H> {
             let units = w.config.block_spec().units(decision.predicted_blocks);
             (units as f64 * per_block).round() as u64
         });
+        let prompt_bytes = parsed
+            .as_ref()
+            .ok()
+            .filter(|f| f.usage_expected)
+            .map(|f| f.prompt_bytes);
         self.phase = Phase::Routed {
             endpoint: decision.endpoint,
             blocks: decision.total_blocks,
@@ -552,6 +576,7 @@ impl<H: Host> Stream<H> {
             policy: decision.policy,
             counted: true,
             predicted_tokens,
+            prompt_bytes,
         };
         if let Ok(f) = parsed {
             w.report(
@@ -862,28 +887,35 @@ impl<H: Host> Stream<H> {
                 w.add_inflight(*endpoint, [0, 0, -p, 0]);
             }
         }
-        if let Phase::Routed {
-            predicted_tokens: Some(predicted),
+        let Phase::Routed {
+            predicted_tokens,
+            prompt_bytes,
             ..
-        } = self.phase
-        {
-            if let Some(reported) = w
-                .host
-                .response_body(body_size)
-                .and_then(|c| router::find_cached_tokens(&c))
-            {
+        } = &mut self.phase
+        else {
+            return;
+        };
+        if predicted_tokens.is_none() && prompt_bytes.is_none() {
+            return;
+        }
+        let Some(chunk) = w.host.response_body(body_size) else {
+            return;
+        };
+        if let Some(predicted) = *predicted_tokens {
+            if let Some(reported) = router::find_cached_tokens(&chunk) {
                 let m = &w.metrics;
                 w.host.increment(m.prediction_reports, 1);
                 w.host.increment(m.predicted_tokens, predicted as i64);
                 w.host.increment(m.reported_tokens, reported as i64);
                 w.host
                     .record(m.prediction_abs_error, predicted.abs_diff(reported));
-                if let Phase::Routed {
-                    predicted_tokens, ..
-                } = &mut self.phase
-                {
-                    *predicted_tokens = None;
-                }
+                *predicted_tokens = None;
+            }
+        }
+        if let Some(bytes) = *prompt_bytes {
+            if let Some(tokens) = router::find_prompt_tokens(&chunk) {
+                w.add_tokenizer_sample(bytes, tokens);
+                *prompt_bytes = None;
             }
         }
     }

@@ -426,7 +426,13 @@ impl FilterConfig {
 
     /// Directory blocks that hold what an engine's KV cache of `tokens` tokens holds.
     pub fn blocks_for_tokens(&self, tokens: u64) -> u32 {
-        let blocks = tokens as f64 * self.chars_per_token / f64::from(self.block_chars.max(1));
+        self.blocks_for_tokens_at(tokens, self.chars_per_token)
+    }
+
+    /// [`FilterConfig::blocks_for_tokens`] at `chars_per_token` characters a token (a measured
+    /// ratio, [`crate::tokens::CharsPerToken`]) instead of the configured one.
+    pub fn blocks_for_tokens_at(&self, tokens: u64, chars_per_token: f64) -> u32 {
+        let blocks = tokens as f64 * chars_per_token / f64::from(self.block_chars.max(1));
         blocks.clamp(1.0, f64::from(1u32 << 20)) as u32
     }
 

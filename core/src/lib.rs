@@ -24,6 +24,7 @@ pub mod request;
 pub mod router;
 pub mod snapshot;
 pub mod state;
+pub mod tokens;
 pub mod ttft;
 
 /// Most endpoints one router can address (one bit each in a 64-bit mask).

@@ -422,8 +422,17 @@ mod tests {
 /// The engine-reported `usage.prompt_tokens_details.cached_tokens` in a chunk of a response body
 /// (a JSON response, or an SSE event carrying usage), if the chunk holds it.
 pub fn find_cached_tokens(chunk: &[u8]) -> Option<u64> {
-    const KEY: &[u8] = b"\"cached_tokens\"";
-    let at = chunk.windows(KEY.len()).position(|w| w == KEY)? + KEY.len();
+    find_number(chunk, b"\"cached_tokens\"")
+}
+
+/// The `usage.prompt_tokens` an engine reports, if `chunk` (a JSON body or SSE events) carries it.
+pub fn find_prompt_tokens(chunk: &[u8]) -> Option<u64> {
+    find_number(chunk, b"\"prompt_tokens\"")
+}
+
+/// The unsigned integer after the first `KEY:` in `chunk`.
+fn find_number(chunk: &[u8], key: &[u8]) -> Option<u64> {
+    let at = chunk.windows(key.len()).position(|w| w == key)? + key.len();
     let rest = chunk.get(at..)?;
     let rest = rest.get(rest.iter().position(|b| !b.is_ascii_whitespace())?..)?;
     let rest = rest.strip_prefix(b":")?;
@@ -444,7 +453,18 @@ pub fn find_cached_tokens(chunk: &[u8]) -> Option<u64> {
     clippy::indexing_slicing
 )]
 mod usage_tests {
-    use super::find_cached_tokens;
+    use super::{find_cached_tokens, find_prompt_tokens};
+
+    #[test]
+    fn finds_prompt_tokens_not_their_details() {
+        let json =
+            br#"{"usage":{"prompt_tokens":44,"prompt_tokens_details":{"cached_tokens":32}}}"#;
+        assert_eq!(find_prompt_tokens(json), Some(44));
+        let details_first =
+            br#"{"usage":{"prompt_tokens_details":{"cached_tokens":3},"prompt_tokens":7}}"#;
+        assert_eq!(find_prompt_tokens(details_first), Some(7));
+        assert_eq!(find_prompt_tokens(b"{}"), None);
+    }
 
     #[test]
     fn finds_cached_tokens_in_json_and_sse() {

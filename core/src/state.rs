@@ -78,6 +78,37 @@ pub const INFLIGHT_SECTIONS: usize = 4;
 /// How long an endpoint that refused a connection counts as down for the policies, ms (the
 /// sidecar's next scrapes take over from there).
 pub const PASSIVE_DOWN_MS: u64 = 2_000;
+/// Shared-data key of the tokenizer sample: two u64 LE running totals over the responses that
+/// reported `usage.prompt_tokens`, the prompts' canonical text bytes and those tokens (see
+/// [`crate::tokens`]). Workers add to it; the state service reads it.
+pub const TOKENIZER_KEY: &str = "kvroute.tokenizer";
+
+/// Decodes [`TOKENIZER_KEY`]'s value (zeros when absent or malformed).
+pub fn decode_tokenizer(v: &[u8]) -> (u64, u64) {
+    let word = |i: usize| {
+        v.get(i * 8..i * 8 + 8)
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            .map_or(0, u64::from_le_bytes)
+    };
+    if v.len() == 16 {
+        (word(0), word(1))
+    } else {
+        (0, 0)
+    }
+}
+
+/// Encodes [`TOKENIZER_KEY`]'s value.
+pub fn encode_tokenizer(bytes: u64, tokens: u64) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    for (o, b) in out
+        .iter_mut()
+        .zip(bytes.to_le_bytes().into_iter().chain(tokens.to_le_bytes()))
+    {
+        *o = b;
+    }
+    out
+}
+
 /// Shared-data key of the gateway-wide round-robin sequence (u64 LE).
 pub const RR_SEQ_KEY: &str = "kvroute.rr_seq";
 /// Shared queue on which workers report their decisions to the singleton.

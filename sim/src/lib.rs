@@ -38,6 +38,7 @@ use kvroute_core::router::{decide, features, Inputs, RequestFeatures};
 use kvroute_core::state::{
     encode, DirectorySection, EndpointStatus, EngineLoad, PublishedState, StateHeader,
 };
+use kvroute_core::tokens::CharsPerToken;
 use kvroute_core::{FilterConfig, PolicySettings};
 use kvroute_engine::engine::{Engine, EngineConfig, Event, NewRequest, Observation};
 use kvroute_engine::tokenizer::{encode_chat, filler_token, ChatMessage};
@@ -359,6 +360,10 @@ struct Gateway {
     outbox: Vec<(u32, u32, u32)>,
     /// Entries of the fleet log read so far.
     cursor: usize,
+    /// Characters per engine token measured from the responses, and the ratio the directory's
+    /// capacities are sized at (the state service's rule, [`CharsPerToken`]).
+    chars: CharsPerToken,
+    chars_per_token: f64,
 }
 
 struct Sim<'a> {
@@ -750,6 +755,17 @@ impl Sim<'_> {
         self.free_slots.push(slot);
         self.open_count -= 1;
         if let Some(gw) = self.gateways.get_mut(o.gateway as usize) {
+            // The engine's reported prompt tokens against the prompt's bytes, where the response
+            // carries usage.
+            if let Some(f) = self
+                .work
+                .get(o.session as usize)
+                .and_then(|s| s.turns.get(o.turn as usize))
+                .map(|t| &t.features)
+                .filter(|f| f.usage_expected && error.is_none())
+            {
+                gw.chars.add(f.prompt_bytes, u64::from(prompt));
+            }
             let e = o.endpoint as usize;
             if let Some(c) = gw.inflight.get_mut(e) {
                 *c -= 1;
@@ -812,6 +828,17 @@ impl Sim<'_> {
     }
 
     fn refresh(&mut self) {
+        // The state service's tick: capacities follow the measured chars per token.
+        let kv_tokens = u64::from(self.cfg.engine.num_gpu_blocks * self.cfg.engine.block_size);
+        for gw in &mut self.gateways {
+            if let Some(r) = gw.chars.update(gw.chars_per_token) {
+                gw.chars_per_token = r;
+                let blocks = self.cfg.filter.blocks_for_tokens_at(kv_tokens, r);
+                for i in 0..self.cfg.filter.endpoints.len() {
+                    gw.directory.set_capacity(i, blocks);
+                }
+            }
+        }
         for (st, l) in self.status.iter_mut().zip(&self.sidecar) {
             *st = EndpointStatus {
                 healthy: true,
@@ -857,6 +884,8 @@ pub fn simulate(cfg: &SimConfig, work: &[PreparedSession]) -> SimOutput {
                 remote: Default::default(),
                 outbox: Vec::new(),
                 cursor: 0,
+                chars: CharsPerToken::default(),
+                chars_per_token: cfg.filter.chars_per_token,
             })
             .collect(),
         log: Vec::new(),
