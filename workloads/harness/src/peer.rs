@@ -94,6 +94,10 @@ impl Smg {
     pub async fn start(policy: &str, worker_urls: &[String]) -> anyhow::Result<Self> {
         let bin = smg_binary()?;
         let port = free_port()?;
+        // Its metrics server on a free loopback port too: the default (every interface, port
+        // 29000) collides with any other SMG on the machine, one left behind by an interrupted
+        // run included.
+        let metrics_port = free_port()?;
         let log_path = std::env::temp_dir().join(format!("kvroute-smg-{port}.log"));
         let log = std::fs::File::create(&log_path)?;
         let mut cmd = Command::new(&bin);
@@ -108,6 +112,10 @@ impl Smg {
                 "--disable-tokenizer-autoload",
                 "--log-level",
                 "warn",
+                "--prometheus-host",
+                "127.0.0.1",
+                "--prometheus-port",
+                &metrics_port.to_string(),
             ])
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
