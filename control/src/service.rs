@@ -303,13 +303,24 @@ impl<H: Host> StateService<H> {
             return;
         };
         self.chars_per_token = r;
-        for (i, t) in self.capacity_tokens.iter().enumerate() {
-            if let Some(t) = t {
-                let blocks = self.config.blocks_for_tokens_at(*t, r);
-                self.directory.set_capacity(i, blocks);
-            }
+        for i in 0..self.capacity_tokens.len() {
+            self.follow_capacity(i);
         }
         self.gauges_dirty = true;
+    }
+
+    /// Sizes endpoint `i`'s directory at its engine's reported KV capacity, if known, at the
+    /// characters per token in use: the directory forgets roughly what that engine forgets.
+    fn follow_capacity(&mut self, i: usize) {
+        let Some(tokens) = self.capacity_tokens.get(i).copied().flatten() else {
+            return;
+        };
+        let blocks = self
+            .config
+            .blocks_for_tokens_at(tokens, self.chars_per_token);
+        if blocks as usize != self.directory.endpoint_capacity(i) {
+            self.directory.set_capacity(i, blocks);
+        }
     }
 
     /// Pulls the sidecar's snapshot when due; marks the state stale when none arrived in time.
@@ -392,22 +403,19 @@ impl<H: Host> StateService<H> {
                             scraped_at_ms: e.scraped_at_ms,
                         }),
                     };
-                    // The directory forgets roughly what this engine's KV cache can hold.
+                    // An endpoint without a configured capacity follows its engine's.
                     if let (Some(tokens), None) = (e.capacity_tokens, ep.capacity_blocks) {
                         if let Some(c) = self.capacity_tokens.get_mut(i) {
                             *c = Some(tokens);
-                        }
-                        let blocks = self
-                            .config
-                            .blocks_for_tokens_at(tokens, self.chars_per_token);
-                        if blocks as usize != self.directory.endpoint_capacity(i) {
-                            self.directory.set_capacity(i, blocks);
                         }
                     }
                 }
                 // An engine the sidecar does not know: no load, health unknown.
                 None => *status = EndpointStatus::default(),
             }
+        }
+        for i in 0..self.capacity_tokens.len() {
+            self.follow_capacity(i);
         }
         self.snapshot_ok_ms = self.now_ms();
         if self.stale {

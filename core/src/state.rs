@@ -85,28 +85,18 @@ pub const TOKENIZER_KEY: &str = "kvroute.tokenizer";
 
 /// Decodes [`TOKENIZER_KEY`]'s value (zeros when absent or malformed).
 pub fn decode_tokenizer(v: &[u8]) -> (u64, u64) {
-    let word = |i: usize| {
-        v.get(i * 8..i * 8 + 8)
-            .and_then(|b| <[u8; 8]>::try_from(b).ok())
-            .map_or(0, u64::from_le_bytes)
-    };
-    if v.len() == 16 {
-        (word(0), word(1))
-    } else {
-        (0, 0)
+    match (v.len(), u64_at(v, 0), u64_at(v, 8)) {
+        (16, Some(bytes), Some(tokens)) => (bytes, tokens),
+        _ => (0, 0),
     }
 }
 
 /// Encodes [`TOKENIZER_KEY`]'s value.
-pub fn encode_tokenizer(bytes: u64, tokens: u64) -> [u8; 16] {
-    let mut out = [0u8; 16];
-    for (o, b) in out
-        .iter_mut()
-        .zip(bytes.to_le_bytes().into_iter().chain(tokens.to_le_bytes()))
-    {
-        *o = b;
-    }
-    out
+pub fn encode_tokenizer(bytes: u64, tokens: u64) -> Vec<u8> {
+    [bytes, tokens]
+        .iter()
+        .flat_map(|c| c.to_le_bytes())
+        .collect()
 }
 
 /// Shared-data key of the gateway-wide round-robin sequence (u64 LE).

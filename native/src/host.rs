@@ -50,7 +50,7 @@ pub const EVENT_TICK: u64 = 1;
 /// Event id of a scheduler wake for a queued decision report.
 pub const EVENT_QUEUE: u64 = 2;
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding one of these locks leaves plain data behind; go on with it.
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }

@@ -38,7 +38,7 @@ use kvroute_core::FilterConfig;
 use abi::{
     ConfigEnvoyPtr, ConfigModulePtr, EnvoyBuffer, EnvoyHeader, FilterEnvoyPtr, FilterModulePtr,
 };
-use host::{NativeHost, Shared, EVENT_TICK};
+use host::{lock, NativeHost, Shared, EVENT_TICK};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
@@ -70,10 +70,6 @@ struct Config {
 static NEXT_CONFIG: AtomicUsize = AtomicUsize::new(1);
 /// Configurations not yet destroyed (their ids).
 static LIVE: Mutex<Vec<usize>> = Mutex::new(Vec::new());
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
 
 thread_local! {
     /// This thread's worker for each live configuration.
