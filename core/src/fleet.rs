@@ -20,6 +20,11 @@ pub const MAGIC: &[u8; 4] = b"KVF1";
 pub const MAX_CURSOR: usize = 64;
 /// The cursor of a replica that has read nothing yet: the log from its start.
 pub const START: &str = "0";
+/// The log's default bounds, as the sidecar keeps it: the largest batch accepted from a replica,
+/// most entries and most bytes of entries returned by one exchange (at least one entry).
+pub const MAX_ENTRY_BYTES: usize = 1 << 20;
+pub const READ_COUNT: usize = 512;
+pub const MAX_RESPONSE_BYTES: usize = 4 << 20;
 /// In-flight sections per endpoint sent in an exchange: requests, blocks, prompt tokens to prefill.
 pub const INFLIGHT_SECTIONS: usize = 3;
 
@@ -85,6 +90,90 @@ pub fn fingerprint(endpoints: &[EndpointConfig]) -> u64 {
         h = crate::hash::block_hash(h, e.name.as_bytes()).0;
     }
     h
+}
+
+/// One entry of the fleet's log as its store returns it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEntry {
+    /// The entry's id in the log (the next exchange's cursor once read).
+    pub id: String,
+    /// The replica that appended it ([`FleetRequest::replica`], in decimal).
+    pub replica: String,
+    /// [`FleetRequest::batch_from_ms`] of the exchange that appended it.
+    pub from_ms: u64,
+    /// Its decision reports.
+    pub batch: Vec<u8>,
+}
+
+/// The value a replica's in-flight counts are stored as: when (ms since the epoch), then the
+/// counts, all little-endian.
+pub fn stored_inflight(now_ms: u64, counts: &[i64]) -> Vec<u8> {
+    let mut v = now_ms.to_le_bytes().to_vec();
+    v.extend(counts.iter().flat_map(|c| c.to_le_bytes()));
+    v
+}
+
+/// The answer to `req` from what the log's store read for it: every replica's stored in-flight
+/// value ([`stored_inflight`], this replica's own included) and the log's entries after the
+/// request's cursor, in the log's order. The other replicas' counts younger than `ttl_ms` are
+/// summed; entries are returned up to `max_response_bytes` (at least one), the replica's own are
+/// skipped but move the cursor. Also returns the replicas whose counts are older than `ttl_ms`,
+/// for the store to forget.
+pub fn answer<'a>(
+    req: &FleetRequest,
+    now_ms: u64,
+    ttl_ms: u64,
+    max_response_bytes: usize,
+    inflight: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+    range: impl IntoIterator<Item = StoredEntry>,
+) -> (FleetResponse, Vec<String>) {
+    let replica = req.replica.to_string();
+    let mut sum = vec![0i64; req.inflight.len()];
+    let mut stale = Vec::new();
+    let mut replicas = 0usize;
+    for (r, v) in inflight {
+        replicas += 1;
+        if r == replica {
+            continue;
+        }
+        let at = v
+            .get(..8)
+            .and_then(|b| b.try_into().ok())
+            .map_or(0, u64::from_le_bytes);
+        if now_ms.saturating_sub(at) > ttl_ms {
+            stale.push(r.to_owned());
+            continue;
+        }
+        let counts = v.get(8..).unwrap_or_default().chunks_exact(8);
+        for (s, c) in sum.iter_mut().zip(counts) {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(c);
+            *s = s.saturating_add(i64::from_le_bytes(a));
+        }
+    }
+    let mut cursor = req.cursor.clone();
+    let mut entries = Vec::new();
+    let mut bytes = 0usize;
+    for e in range {
+        if !entries.is_empty() && bytes + e.batch.len() > max_response_bytes {
+            break;
+        }
+        cursor = e.id;
+        if e.replica == replica {
+            continue;
+        }
+        bytes += e.batch.len();
+        entries.push(FleetEntry {
+            from_ms: e.from_ms,
+            batch: e.batch,
+        });
+    }
+    let resp = FleetResponse {
+        cursor,
+        inflight: if replicas > 1 { sum } else { Vec::new() },
+        entries,
+    };
+    (resp, stale)
 }
 
 struct Reader<'a>(&'a [u8]);
@@ -342,5 +431,65 @@ mod tests {
             prop_assume!(cut < b.len());
             prop_assert!(FleetResponse::decode(&b[..cut]).is_err());
         }
+    }
+
+    #[test]
+    fn an_answer_skips_the_replicas_own_entries_and_stale_counts() {
+        let req = FleetRequest {
+            replica: 7,
+            endpoints: 1,
+            epoch: 0,
+            cursor: "3".into(),
+            keep: 100,
+            batch_from_ms: 0,
+            inflight: vec![1, 1],
+            batch: Vec::new(),
+        };
+        let entry = |id: &str, replica: &str, n: usize| StoredEntry {
+            id: id.into(),
+            replica: replica.into(),
+            from_ms: 5,
+            batch: vec![0xab; n],
+        };
+        let inflight = [
+            ("7".to_owned(), stored_inflight(1_000, &[100, 100])),
+            ("8".to_owned(), stored_inflight(1_000, &[2, 3])),
+            ("9".to_owned(), stored_inflight(900, &[4, 5])),
+            ("10".to_owned(), stored_inflight(1, &[50, 50])),
+        ];
+        let (resp, stale) = answer(
+            &req,
+            1_000,
+            500,
+            10,
+            inflight.iter().map(|(r, v)| (r.as_str(), v.as_slice())),
+            [
+                entry("4", "8", 4),
+                entry("5", "7", 4),
+                entry("6", "9", 4),
+                entry("7", "8", 4),
+                entry("8", "8", 4),
+            ],
+        );
+        // Its own entry is skipped but read past; the bytes bound (10) stops the read at the
+        // others' third entry.
+        assert_eq!(resp.entries.len(), 2);
+        assert_eq!(resp.cursor, "6");
+        // The others' fresh counts, summed; the stale replica's left out and named.
+        assert_eq!(resp.inflight, vec![6, 8]);
+        assert_eq!(stale, vec!["10".to_owned()]);
+
+        // Alone in the fleet: no counts, and an empty range keeps the cursor.
+        let mine = [("7".to_owned(), stored_inflight(1_000, &[1, 1]))];
+        let (resp, _) = answer(
+            &req,
+            1_000,
+            500,
+            10,
+            mine.iter().map(|(r, v)| (r.as_str(), v.as_slice())),
+            [],
+        );
+        assert!(resp.inflight.is_empty() && resp.entries.is_empty());
+        assert_eq!(resp.cursor, "3");
     }
 }

@@ -20,7 +20,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use kvroute_core::fleet::{self, FleetEntry, FleetRequest, FleetResponse};
+use kvroute_core::fleet::{self, FleetRequest, StoredEntry};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::streams::StreamRangeReply;
 
@@ -52,9 +52,9 @@ impl FleetConfig {
             url: url.into(),
             ca_file: None,
             prefix: "kvroute".into(),
-            max_entry_bytes: 1 << 20,
-            read_count: 512,
-            max_response_bytes: 4 << 20,
+            max_entry_bytes: fleet::MAX_ENTRY_BYTES,
+            read_count: fleet::READ_COUNT,
+            max_response_bytes: fleet::MAX_RESPONSE_BYTES,
             inflight_ttl: Duration::from_millis(kvroute_core::state::FLEET_INFLIGHT_TTL_MS),
             timeout: Duration::from_millis(250),
         }
@@ -158,12 +158,10 @@ impl FleetLog {
             }
             Outcome::Ok
         };
-        let mut mine = now.to_le_bytes().to_vec();
-        mine.extend(req.inflight.iter().flat_map(|c| c.to_le_bytes()));
         pipe.cmd("HSET")
             .arg(&inflight_key)
             .arg(&replica)
-            .arg(mine)
+            .arg(fleet::stored_inflight(now, &req.inflight))
             .ignore();
         pipe.cmd("HGETALL").arg(&inflight_key);
         // After the cursor, exclusive ("(" needs Redis 6.2); from the start for a new reader.
@@ -183,28 +181,19 @@ impl FleetLog {
             tokio::time::timeout(self.cfg.timeout, pipe.query_async(&mut conn))
                 .await
                 .map_err(|_| FleetFailure::Timeout)??;
-
-        let mut sum = vec![0i64; req.inflight.len()];
-        let mut stale = Vec::new();
-        for (r, v) in &all_inflight {
-            if *r == replica {
-                continue;
-            }
-            let at = v
-                .get(..8)
-                .and_then(|b| b.try_into().ok())
-                .map_or(0, u64::from_le_bytes);
-            if now.saturating_sub(at) > self.cfg.inflight_ttl.as_millis() as u64 {
-                stale.push(r.clone());
-                continue;
-            }
-            let counts = v.get(8..).unwrap_or_default().chunks_exact(8);
-            for (s, c) in sum.iter_mut().zip(counts) {
-                let mut a = [0u8; 8];
-                a.copy_from_slice(c);
-                *s = s.saturating_add(i64::from_le_bytes(a));
-            }
-        }
+        let (resp, stale) = fleet::answer(
+            &req,
+            now,
+            self.cfg.inflight_ttl.as_millis() as u64,
+            self.cfg.max_response_bytes,
+            all_inflight.iter().map(|(r, v)| (r.as_str(), v.as_slice())),
+            range.ids.into_iter().map(|id| StoredEntry {
+                replica: id.get("r").unwrap_or_default(),
+                from_ms: id.get("t").unwrap_or(0),
+                batch: id.get("b").unwrap_or_default(),
+                id: id.id,
+            }),
+        );
         if !stale.is_empty() {
             // Replicas gone for a while: forget their counts (best effort; a failure only leaves
             // them to be skipped again).
@@ -213,35 +202,6 @@ impl FleetLog {
             hdel.arg(&inflight_key).arg(&stale);
             let _ = tokio::time::timeout(self.cfg.timeout, hdel.query_async::<()>(&mut conn)).await;
         }
-
-        let mut cursor = req.cursor.clone();
-        let mut entries = Vec::new();
-        let mut bytes = 0usize;
-        for id in range.ids {
-            let batch: Vec<u8> = id.get("b").unwrap_or_default();
-            if !entries.is_empty() && bytes + batch.len() > self.cfg.max_response_bytes {
-                break;
-            }
-            cursor.clone_from(&id.id);
-            let from: String = id.get("r").unwrap_or_default();
-            if from == replica {
-                continue;
-            }
-            bytes += batch.len();
-            entries.push(FleetEntry {
-                from_ms: id.get("t").unwrap_or(0),
-                batch,
-            });
-        }
-        let resp = FleetResponse {
-            cursor,
-            inflight: if all_inflight.len() > 1 {
-                sum
-            } else {
-                Vec::new()
-            },
-            entries,
-        };
         Ok((resp.encode(), outcome))
     }
 }
