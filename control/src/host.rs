@@ -1,7 +1,7 @@
 //! What the control plane needs from the proxy: the [`Host`] trait.
 //!
 //! The filter implements it over `proxy_wasm::hostcalls` (one zero-sized type, so every call is
-//! static); [`crate::fake::FakeHost`] implements it in memory for the unit tests. Every method
+//! static); [`crate::in_memory::InMemoryHost`] implements it in memory for the unit tests. Every method
 //! turns a host failure into `None`/`false`/`Err`, so the callers decide what a failure means
 //! (count it, fall back) instead of unwrapping.
 

@@ -233,6 +233,11 @@ impl InMemoryHost {
         self.world.borrow().tick
     }
 
+    /// Every stat defined so far.
+    pub fn metrics(&self) -> Vec<Metric> {
+        self.world.borrow().metrics.clone()
+    }
+
     /// A stat by name.
     pub fn metric(&self, name: &str) -> Option<Metric> {
         let w = self.world.borrow();

@@ -11,16 +11,17 @@
 //! - [`standby`]: every filter VM stands by for the state service and takes its lease over when
 //!   the service's VM dies.
 //! - [`memory`]: shared data and queues in process memory with Envoy's rules (the native module's,
-//!   and the fake host's).
-//! - [`fake`]: an in-memory [`Host`] (shared data with CAS, queues, a clock, stats, callouts and one
-//!   stream at a time) on which the unit tests drive several VMs at once.
+//!   and the in-memory host's).
+//! - [`in_memory`]: a [`Host`] in memory on a virtual clock (shared data with CAS, queues, stats,
+//!   callouts and one stream at a time): the unit tests drive several VMs at once on it, and the
+//!   simulator runs each gateway replica's control plane on it.
 //!
 //! The proxy-wasm filter (`filter/`) is the callbacks, the root-id dispatch and `impl Host` over
 //! `proxy_wasm::hostcalls`; everything else lives here, where it is unit tested.
 
-pub mod fake;
 pub mod fleet;
 pub mod host;
+pub mod in_memory;
 pub mod memory;
 pub mod metrics;
 pub mod service;
@@ -30,7 +31,7 @@ pub mod worker;
 pub use host::{Host, LogLevel, MetricId, MetricKind, SharedSetError};
 pub use service::{Role, StateService};
 pub use standby::Standby;
-pub use worker::{Flow, Stream, Worker};
+pub use worker::{Flow, Routed, Stream, Worker};
 
 #[cfg(test)]
 mod tests;

@@ -1,6 +1,6 @@
 //! Shared data and shared queues in process memory, with the semantics Envoy gives proxy-wasm
 //! VMs (`SharedData`, `SharedQueue`): one place for them, used by the native module's host (behind
-//! a lock, for Envoy's threads) and by the in-memory fake host of the unit tests.
+//! a lock, for Envoy's threads) and by the in-memory host of the unit tests and the simulator.
 //!
 //! - a value's CAS token changes on every write; a write with a non-zero token that is not the
 //!   current one is a mismatch, a write without one (or to a key not set yet) always lands;

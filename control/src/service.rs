@@ -57,7 +57,11 @@ pub struct StateService<H: Host> {
     dir_dirty: bool,
     /// Decisions were recorded since the last publish, but they changed nothing it shows.
     dir_touched: bool,
-    /// Sequence number of the overlay published on top of the current state (0: none).
+    /// The version of the state that published the directory now under `state::DIRECTORY_KEY`
+    /// (0: none yet), and that value's size.
+    dir_version: u64,
+    dir_bytes: usize,
+    /// Sequence number of the overlay published on top of that directory (0: none).
     overlay_seq: u64,
     /// Its entries: the directory's changes since that state.
     overlay: OverlayBuilder,
@@ -139,6 +143,8 @@ impl<H: Host> StateService<H> {
             published_dir_at_ms: 0,
             dir_dirty: false,
             dir_touched: false,
+            dir_version: 0,
+            dir_bytes: 0,
             overlay_seq: 0,
             overlay: OverlayBuilder::default(),
             journal_from_published: false,
@@ -726,7 +732,12 @@ impl<H: Host> StateService<H> {
             self.dir_touched = false;
             if self.published_dir_at_ms != 0 {
                 self.published_dir_at_ms = now;
-                let v = state::encode_version_with_overlay(self.version, now, self.overlay_seq);
+                let v = state::encode_version_with_directory(
+                    self.version,
+                    now,
+                    self.overlay_seq,
+                    self.dir_version,
+                );
                 if self.host.shared_set(state::VERSION_KEY, &v, None) != Ok(true) {
                     self.metrics.host_error(&self.host, HostOp::Publish);
                 }
@@ -734,13 +745,15 @@ impl<H: Host> StateService<H> {
         }
     }
 
-    /// Publishes the state; `with_directory` takes a fresh directory snapshot (else the last
-    /// published one is kept, so a settings change does not shorten the directory interval).
+    /// Publishes the state; `with_directory` takes a fresh directory snapshot and publishes it
+    /// (else the last published one is kept, with the overlay on top of it, so a settings or engine
+    /// status change neither shortens the directory interval nor copies the directory).
     fn publish(&mut self, with_directory: bool) {
         let now = self.now_ms();
-        // An overlay applies to the state it was published on: a new state carries its changes.
-        let with_directory = with_directory || !self.overlay.is_empty();
+        let mut with_directory = with_directory;
         if self.settings.publish_interval == PublishInterval::Never {
+            // The workers route without a directory: an empty one replaces any published before.
+            with_directory |= self.dir_version == 0 || !self.published_dir.is_empty();
             self.published_dir = DirectorySection::empty();
             self.published_dir_at_ms = 0;
             // The journal counts from the directory published, and none is.
@@ -763,9 +776,21 @@ impl<H: Host> StateService<H> {
             self.dir_dirty = false;
             self.dir_touched = false;
         }
-        self.overlay_seq = 0;
-        self.overlay.clear();
         self.version += 1;
+        if with_directory {
+            // The overlay's changes are in the directory published now.
+            self.overlay_seq = 0;
+            self.overlay.clear();
+            let blob = state::encode_directory(self.version, &self.published_dir);
+            if self.host.shared_set(state::DIRECTORY_KEY, &blob, None) != Ok(true) {
+                self.metrics.host_error(&self.host, HostOp::Publish);
+                // The workers may not have this directory: the next publish must be a full one.
+                self.journal_from_published = false;
+                return;
+            }
+            self.dir_version = self.version;
+            self.dir_bytes = blob.len();
+        }
         let header = StateHeader {
             version: self.version,
             published_at_ms: now,
@@ -776,23 +801,29 @@ impl<H: Host> StateService<H> {
             stale: self.stale,
             sessions: self.directory.session_stats().cloned().unwrap_or_default(),
         };
-        let blob = state::encode(&header, &self.published_dir);
+        let blob = state::encode(&header, &DirectorySection::empty());
         let ok = self.host.shared_set(state::STATE_KEY, &blob, None) == Ok(true)
             && self.host.shared_set(
                 state::VERSION_KEY,
-                &state::encode_version(self.version, self.published_dir_at_ms),
+                &state::encode_version_with_directory(
+                    self.version,
+                    self.published_dir_at_ms,
+                    self.overlay_seq,
+                    self.dir_version,
+                ),
                 None,
             ) == Ok(true);
         if !ok {
             self.metrics.host_error(&self.host, HostOp::Publish);
-            // The workers may not have this directory: the next publish must be a full one.
             self.journal_from_published = false;
             return;
         }
         self.host.increment(self.metrics.publishes, 1);
         self.host.record(self.metrics.state_version, self.version);
-        self.host
-            .record(self.metrics.state_bytes, blob.len() as u64);
+        self.host.record(
+            self.metrics.state_bytes,
+            (blob.len() + self.dir_bytes) as u64,
+        );
         self.gauges_dirty = true;
     }
 
@@ -810,11 +841,11 @@ impl<H: Host> StateService<H> {
         let seq = self.overlay_seq + 1;
         let section = DirectorySection::of_overlay(&self.overlay);
         let sessions = self.directory.session_stats().cloned().unwrap_or_default();
-        let blob = state::encode_overlay(self.version, seq, &sessions, &section);
+        let blob = state::encode_overlay(self.dir_version, seq, &sessions, &section);
         let ok = self.host.shared_set(state::OVERLAY_KEY, &blob, None) == Ok(true)
             && self.host.shared_set(
                 state::VERSION_KEY,
-                &state::encode_version_with_overlay(self.version, now, seq),
+                &state::encode_version_with_directory(self.version, now, seq, self.dir_version),
                 None,
             ) == Ok(true);
         if !ok {

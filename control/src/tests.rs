@@ -15,8 +15,8 @@ use kvroute_core::hash::BlockHash;
 use kvroute_core::state::{self, DecisionReport, PublishedState};
 use kvroute_core::FilterConfig;
 
-use crate::fake::{FakeHost, FakeStream};
 use crate::host::Host;
+use crate::in_memory::{InMemoryHost, InMemoryStream};
 use crate::service::{Role, StateService, TICK_MS};
 use crate::standby::Standby;
 use crate::worker::{Flow, Stream, Worker, REPORT_COALESCE_US};
@@ -32,14 +32,14 @@ fn config(extra: &str) -> FilterConfig {
 
 /// One proxy: the state service's VM and a worker VM.
 struct Proxy {
-    host: FakeHost,
-    service: StateService<FakeHost>,
-    worker: Rc<Worker<FakeHost>>,
+    host: InMemoryHost,
+    service: StateService<InMemoryHost>,
+    worker: Rc<Worker<InMemoryHost>>,
 }
 
 impl Proxy {
     fn new(extra: &str) -> Self {
-        let host = FakeHost::new();
+        let host = InMemoryHost::new();
         let cfg = config(extra);
         // Each proxy's service has its own lease id (its replica id in a fleet).
         static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -54,7 +54,7 @@ impl Proxy {
     }
 
     /// Another worker VM of the same proxy.
-    fn worker(&self, extra: &str) -> Rc<Worker<FakeHost>> {
+    fn worker(&self, extra: &str) -> Rc<Worker<InMemoryHost>> {
         Rc::new(Worker::new(self.host.clone(), config(extra)))
     }
 
@@ -62,16 +62,16 @@ impl Proxy {
     /// returns the stream (still open) and the endpoint it was routed to.
     fn route_on(
         &self,
-        worker: &Rc<Worker<FakeHost>>,
+        worker: &Rc<Worker<InMemoryHost>>,
         session: &str,
         text: &str,
-    ) -> (Stream<FakeHost>, usize) {
+    ) -> (Stream<InMemoryHost>, usize) {
         let body = serde_json::json!({
             "model": "m",
             "messages": [{"role": "user", "content": text}],
         })
         .to_string();
-        let mut req = FakeStream::post(CHAT, &body);
+        let mut req = InMemoryStream::post(CHAT, &body);
         req.request_headers
             .push(("x-session-id".into(), session.as_bytes().to_vec()));
         self.host.set_stream(req);
@@ -87,7 +87,7 @@ impl Proxy {
         (s, endpoint)
     }
 
-    fn route(&self, session: &str, text: &str) -> (Stream<FakeHost>, usize) {
+    fn route(&self, session: &str, text: &str) -> (Stream<InMemoryHost>, usize) {
         self.route_on(&self.worker, session, text)
     }
 
@@ -133,8 +133,14 @@ impl Proxy {
             .is_some()
     }
 
+    /// The published state's header with the published directory.
     fn published(&self) -> PublishedState {
-        PublishedState::decode(self.host.shared(state::STATE_KEY).unwrap()).unwrap()
+        let header = PublishedState::decode(self.host.shared(state::STATE_KEY).unwrap())
+            .unwrap()
+            .header;
+        PublishedState::with_directory(header, self.host.shared(state::DIRECTORY_KEY).unwrap())
+            .unwrap()
+            .0
     }
 
     /// Gateway in-flight counts: requests, blocks, prompt tokens to prefill, down marks.
@@ -583,7 +589,7 @@ fn bad_bodies_fall_back_to_load_routing_and_are_counted_by_reason() {
             "kvroute_parse_errors_total.reason.no_prompt",
         ),
     ] {
-        p.host.set_stream(FakeStream::post(CHAT, body));
+        p.host.set_stream(InMemoryStream::post(CHAT, body));
         let mut s = Stream::new(p.worker.clone());
         assert_eq!(s.on_request_headers(false), Flow::Pause);
         assert_eq!(s.on_request_body(body.len(), true), Flow::Continue);
@@ -596,7 +602,7 @@ fn bad_bodies_fall_back_to_load_routing_and_are_counted_by_reason() {
         2
     );
     // Declared too large: routed on its headers, never buffered.
-    let mut big = FakeStream::post(CHAT, "{}");
+    let mut big = InMemoryStream::post(CHAT, "{}");
     big.request_headers[2].1 = b"5000".to_vec();
     p.host.set_stream(big);
     let mut s = Stream::new(p.worker.clone());
@@ -607,7 +613,7 @@ fn bad_bodies_fall_back_to_load_routing_and_are_counted_by_reason() {
         1
     );
     // A client's own routing header is removed; other paths pass through untouched.
-    let mut get = FakeStream::post("/v1/models", "");
+    let mut get = InMemoryStream::post("/v1/models", "");
     get.request_headers[0].1 = b"GET".to_vec();
     get.request_headers
         .push(("x-kvroute-endpoint".into(), b"e1".to_vec()));
@@ -912,4 +918,44 @@ fn responses_measure_chars_per_token_and_the_directory_is_sized_at_it() {
         state::decode_tokenizer(&p.host.shared(state::TOKENIZER_KEY).unwrap()).1,
         24_000
     );
+}
+
+#[test]
+fn a_snapshot_republishes_the_header_only_and_the_overlay_still_applies() {
+    let mut p = Proxy::new(r#","sidecar":{"cluster":"sidecar"}"#);
+    p.tick(100);
+    p.answer(
+        "/snapshot",
+        200,
+        snapshot(p.host.now_ms(), [0.0, 0.0], [true, true]).as_bytes(),
+    );
+    let (_s, e) = p.route("a", &text(1));
+    p.apply_reports();
+    // The decision is published as an overlay on the directory.
+    assert_eq!(p.host.value("kvroute_state_overlay_publishes_total"), 1);
+    let directory = p.host.shared(state::DIRECTORY_KEY).unwrap();
+    let overlay = p.host.shared(state::OVERLAY_KEY).unwrap();
+    let version = p.published().header.version;
+
+    // Engine load changes: a new state, the same directory value and overlay.
+    p.tick(100);
+    p.answer(
+        "/snapshot",
+        200,
+        snapshot(p.host.now_ms(), [5.0, 0.0], [true, true]).as_bytes(),
+    );
+    let h = p.published().header;
+    assert!(h.version > version);
+    assert_eq!(h.endpoints[0].engine.unwrap().waiting, 5.0);
+    assert_eq!(p.host.shared(state::DIRECTORY_KEY).unwrap(), directory);
+    assert_eq!(p.host.shared(state::OVERLAY_KEY).unwrap(), overlay);
+    assert!(p.host.shared(state::STATE_KEY).unwrap().len() < 1024);
+
+    // A worker that reads the new state keeps routing on the overlay: the follow-up goes where
+    // its prefix is, as a predicted hit, and the new engine load is what it reads.
+    let fresh = p.worker(r#","sidecar":{"cluster":"sidecar"}"#);
+    let before = p.host.value("kvroute_predicted_hits_total");
+    let (_s, e2) = p.route_on(&fresh, "a", &format!("{}and a follow-up.", text(1)));
+    assert_eq!(e2, e);
+    assert_eq!(p.host.value("kvroute_predicted_hits_total"), before + 1);
 }

@@ -47,6 +47,8 @@ const DOWN_SECTION: usize = 3;
 #[derive(Debug)]
 struct WorkerState {
     version: Option<u64>,
+    /// The version of the state that published the directory in `published`.
+    dir_version: Option<u64>,
     published: Option<PublishedState>,
     /// The overlay published on top of that state, if any (see `state::OVERLAY_KEY`).
     overlay: Option<PublishedOverlay>,
@@ -84,6 +86,7 @@ impl<H: Host> Worker<H> {
             metrics,
             state: RefCell::new(WorkerState {
                 version: None,
+                dir_version: None,
                 published: None,
                 overlay: None,
                 seq: 0,
@@ -108,7 +111,8 @@ impl<H: Host> Worker<H> {
         self
     }
 
-    /// Re-reads the published state if its version changed.
+    /// Re-reads the published state if its version changed, and the published directory if that
+    /// changed too.
     fn refresh(&self, st: &mut WorkerState) {
         let (v, _) = self.host.shared_get(state::VERSION_KEY);
         let Some((version, as_of)) = v.as_deref().and_then(state::decode_version) else {
@@ -116,17 +120,35 @@ impl<H: Host> Worker<H> {
         };
         if Some(version) != st.version {
             let (blob, _) = self.host.shared_get(state::STATE_KEY);
-            match blob.map(PublishedState::decode) {
-                Some(Ok(p)) => {
-                    st.version = Some(p.header.version);
-                    st.published = Some(p);
-                    st.overlay = None;
-                }
+            let header = match blob.map(PublishedState::decode) {
+                Some(Ok(p)) => p.header,
                 _ => {
                     self.metrics.host_error(&self.host, HostOp::StateRead);
                     return;
                 }
+            };
+            let dir_version = v.as_deref().and_then(state::decode_directory_version);
+            match st.published.as_mut() {
+                // The same directory: only the header is new.
+                Some(p) if dir_version.is_some() && dir_version == st.dir_version => {
+                    p.header = header;
+                }
+                _ => {
+                    let (blob, _) = self.host.shared_get(state::DIRECTORY_KEY);
+                    match blob.map(|b| PublishedState::with_directory(header, b)) {
+                        Some(Ok((p, d))) => {
+                            st.published = Some(p);
+                            st.dir_version = Some(d);
+                            st.overlay = None;
+                        }
+                        _ => {
+                            self.metrics.host_error(&self.host, HostOp::StateRead);
+                            return;
+                        }
+                    }
+                }
             }
+            st.version = Some(version);
         }
         // The overlay of the directory's changes since that state, when one is named: read again
         // only when its sequence number moves (it holds every change since the state, so the
@@ -137,9 +159,9 @@ impl<H: Host> Worker<H> {
         } else if st.overlay.as_ref().is_none_or(|o| o.seq < seq) {
             let (blob, _) = self.host.shared_get(state::OVERLAY_KEY);
             match blob.map(PublishedOverlay::decode) {
-                // One for another state (the singleton published a new state since the version
-                // read) is dropped; the next request reads that state.
-                Some(Ok(o)) => st.overlay = (Some(o.base) == st.version).then_some(o),
+                // One for another directory (the service published a new one since the version
+                // read) is dropped; the next request reads that directory.
+                Some(Ok(o)) => st.overlay = (Some(o.base) == st.dir_version).then_some(o),
                 _ => {
                     st.overlay = None;
                     self.metrics.host_error(&self.host, HostOp::StateRead);
@@ -477,6 +499,8 @@ enum Phase {
         /// Prefill work (tokens) counted as still to do, until the response starts.
         prefill: i64,
         policy: PolicyKind,
+        /// Blocks of the prompt the directory placed on the chosen endpoint.
+        predicted_blocks: u32,
         counted: bool,
         /// Tokens the directory predicted the engine holds; None once compared (or unknown).
         predicted_tokens: Option<u64>,
@@ -574,6 +598,7 @@ impl<H: Host> Stream<H> {
             blocks: decision.total_blocks,
             prefill,
             policy: decision.policy,
+            predicted_blocks: decision.predicted_blocks,
             counted: true,
             predicted_tokens,
             prompt_bytes,
@@ -663,8 +688,44 @@ impl<H: Host> Stream<H> {
     }
 }
 
+/// Where a stream was routed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Routed {
+    /// The endpoint's index (the one that served it, after a retry).
+    pub endpoint: usize,
+    /// Blocks of the prompt the directory placed on the endpoint chosen.
+    pub predicted_blocks: u32,
+}
+
 /// The stream callbacks, one method each.
 impl<H: Host> Stream<H> {
+    /// Where this stream was routed, once it was.
+    pub fn routed(&self) -> Option<Routed> {
+        match self.phase {
+            Phase::Routed {
+                endpoint,
+                predicted_blocks,
+                ..
+            } => Some(Routed {
+                endpoint,
+                predicted_blocks,
+            }),
+            _ => None,
+        }
+    }
+
+    /// The request body's end, for a host that computed the body's features itself: what
+    /// [`Stream::on_request_body`] does at the end of the stream once it has parsed the body. The
+    /// simulator computes each turn's features once per workload, with the same
+    /// [`router::features`] that the body parser ends in, and hands them here.
+    pub fn on_request_features(&mut self, features: RequestFeatures) -> Flow {
+        if let Phase::Buffering(_) = self.phase {
+            let t0 = self.worker.host.now_us();
+            self.route(Ok(features), t0);
+        }
+        Flow::Continue
+    }
+
     /// The clock, read only in a `bench-phases` build (0 otherwise).
     fn phase_clock(&self) -> u64 {
         if cfg!(feature = "bench-phases") {

@@ -64,6 +64,48 @@ pub fn decode_overlay_seq(b: &[u8]) -> u64 {
     u64_at(b, 16).unwrap_or(0)
 }
 
+/// [`encode_version_with_overlay`]'s value followed by the version of the state that published
+/// the directory now under [`DIRECTORY_KEY`] (the overlay applies to that directory).
+pub fn encode_version_with_directory(
+    version: u64,
+    directory_as_of_ms: u64,
+    overlay: u64,
+    directory: u64,
+) -> [u8; 32] {
+    let mut b = [0u8; 32];
+    b[..24].copy_from_slice(&encode_version_with_overlay(
+        version,
+        directory_as_of_ms,
+        overlay,
+    ));
+    b[24..].copy_from_slice(&directory.to_le_bytes());
+    b
+}
+
+/// The directory's version in a version value: the state's own version where the value names
+/// none (the directory was published with that state).
+pub fn decode_directory_version(b: &[u8]) -> Option<u64> {
+    u64_at(b, 24).or_else(|| u64_at(b, 0))
+}
+
+/// Shared-data key of the published directory ([`encode_directory`]): written only when the
+/// directory is republished, so a state that changes only engine status, health or settings
+/// (every sidecar pull) copies a header of a few hundred bytes, not the directory.
+pub const DIRECTORY_KEY: &str = "kvroute.state.directory";
+/// Magic of a directory value.
+pub const DIRECTORY_MAGIC: &[u8; 4] = b"KVD1";
+
+/// Encodes a directory value: `"KVD1" | version: u64 LE | section`, where `version` is the state
+/// version that published it.
+pub fn encode_directory(version: u64, directory: &DirectorySection) -> Vec<u8> {
+    let dir = directory.bytes_or_empty();
+    let mut out = Vec::with_capacity(12 + dir.len());
+    out.extend_from_slice(DIRECTORY_MAGIC);
+    out.extend_from_slice(&version.to_le_bytes());
+    out.extend_from_slice(&dir);
+    out
+}
+
 /// Reads [`encode_version`]'s value: (version, directory as-of ms if present).
 pub fn decode_version(b: &[u8]) -> Option<(u64, Option<u64>)> {
     Some((u64_at(b, 0)?, u64_at(b, 8)))
@@ -525,6 +567,24 @@ impl PublishedState {
             header,
             section,
         })
+    }
+
+    /// A state of `header` with the directory of a [`DIRECTORY_KEY`] value, and that directory's
+    /// version.
+    pub fn with_directory(header: StateHeader, bytes: Vec<u8>) -> Result<(Self, u64), StateError> {
+        if bytes.get(..4) != Some(DIRECTORY_MAGIC.as_slice()) {
+            return Err(StateError::Magic);
+        }
+        let version = u64_at(&bytes, 4).ok_or(StateError::Truncated)?;
+        let section = Section::parse(&bytes, 12)?;
+        Ok((
+            Self {
+                bytes,
+                header,
+                section,
+            },
+            version,
+        ))
     }
 
     /// Directory entries published.

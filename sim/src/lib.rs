@@ -4,47 +4,57 @@
 //! - the engines are the emulator's engine model ([`kvroute_engine::engine::Engine`]: vLLM's
 //!   block pool, prefix cache, eviction and V1 scheduler, the profile's latency model), fed the
 //!   token ids the emulator's server would compute for the same chat;
-//! - the router is kvroute-core's: request features from the same canonical prompt text, the same
-//!   policies through [`kvroute_core::router::decide`], the same bounded [`Directory`], published to
-//!   the deciding side through the same state encoding ([`kvroute_core::state`]) at the configured
-//!   publish interval;
+//! - each gateway replica is kvroute-control's control plane, as the filter runs it, on an
+//!   in-memory host on the simulation's clock ([`gateway`]): per Envoy worker a `Worker`, per
+//!   request a `Stream` whose callbacks run when Envoy's would, and the `StateService` with its
+//!   directory, publishes and overlays, decision queue, sidecar pull, runtime poll and fleet
+//!   exchange. The request features are kvroute-core's, from the same canonical prompt text;
 //! - the workloads are kvroute-traces' [`Session`]s, as the replayer runs them: each turn resends
 //!   the history, the next turn leaves a think time after the response ends.
 //!
-//! What it models besides: the freshness of the router's state (the sidecar polls the engines
-//! every `sidecar_poll_us`; the router takes the sidecar's snapshot every `load_refresh_ms`; the
-//! directory is republished every `publish_interval_ms`), gateway in-flight counts, the
-//! gateway's per-request cost (a fixed delay on the request path and on the response path), and
-//! the client's send delay: a real client sends a turn a little after it means to (timer
-//! granularity, scheduling), by a random amount. That jitter reorders sends that are close, and a
-//! policy whose outcome depends on the order of decisions (round_robin's parity) samples a
-//! different interleaving in every realisation; the simulator draws it from a measured
-//! distribution, so its router seeds sample interleavings as live repeats do.
+//! What it models besides: the sidecar (it polls the engines every `sidecar_poll_us`, measuring
+//! their rates as the sidecar does, and serves its last poll as the snapshot), the host's own
+//! latencies ([`HostLatency`]: a queued report's wake-up of the state service, a callout's answer),
+//! the gateway's per-request cost (a fixed delay on the request path and on the response path),
+//! the fleet's log when replicas share one ([`fleet_log`]), and the client's send delay: a real
+//! client sends a turn a little after it means to (timer granularity, scheduling), by a random
+//! amount. That jitter reorders sends that are close, and a policy whose outcome depends on the
+//! order of decisions (round_robin's parity) samples a different interleaving in every
+//! realisation; the simulator draws it from a measured distribution, so its router seeds sample
+//! interleavings as live repeats do.
 //!
 //! Time is integer microseconds. Events are ordered by (time, rank, sequence number) — step ends
-//! first, then state refreshes, arrivals, engine admissions, and step starts last, so a request
-//! admitted at the instant a step ends joins the next step as it would in the live engine loop.
-//! Random draws come from one seeded generator. Same inputs and seed, same output, byte for byte.
+//! first, then the sidecar's polls, the replicas' ticks, callout answers and queue wake-ups,
+//! arrivals, engine admissions, and step starts last, so a request admitted at the instant a step
+//! ends joins the next step as it would in the live engine loop. Random draws come from seeded
+//! generators (the workers seed theirs from their host's clock, which starts at a time drawn from
+//! the seed). Same inputs and seed, same output, byte for byte.
 
 use std::borrow::Cow;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 
-use kvroute_core::config::PublishInterval;
-use kvroute_core::directory::{Directory, EmptyIndex, PrefixIndex};
+use kvroute_control::in_memory::InMemoryHost;
+use kvroute_control::worker::REPORT_COALESCE_US;
+use kvroute_control::Stream;
 use kvroute_core::rates::{RateCounters, RateEstimator};
 use kvroute_core::request::{Content, Message, ParsedRequest, Prompt};
-use kvroute_core::router::{decide, features, Inputs, RequestFeatures};
-use kvroute_core::state::{
-    encode, DirectorySection, EndpointStatus, EngineLoad, PublishedState, StateHeader,
-};
-use kvroute_core::tokens::CharsPerToken;
+use kvroute_core::router::{features, RequestFeatures};
+use kvroute_core::snapshot::{EngineSnapshot, Snapshot};
+use kvroute_core::state::EngineLoad;
 use kvroute_core::{FilterConfig, PolicySettings};
 use kvroute_engine::engine::{Engine, EngineConfig, Event, NewRequest, Observation};
 use kvroute_engine::tokenizer::{encode_chat, filler_token, ChatMessage};
 use kvroute_traces::rng::Rng;
 use kvroute_traces::Session;
 use serde::{Deserialize, Serialize};
+
+mod fleet_log;
+pub mod gateway;
+
+use fleet_log::FleetLog;
+pub use gateway::HostLatency;
+use gateway::{Ask, Gateway, WORKERS};
 
 /// One turn, ready to send: the engine's prompt tokens and the router's features.
 #[derive(Debug, Clone)]
@@ -200,6 +210,8 @@ pub struct SimConfig {
     pub sidecar_poll_us: u64,
     /// The gateway's per-request cost.
     pub gateway: GatewayCost,
+    /// The gateway host's own latencies (queue wake-up, callouts).
+    pub host: HostLatency,
     /// The client's send delay, us: quantiles evenly spaced in probability (the first is the
     /// minimum, the last the maximum) of the time from when a client means to send a turn to when
     /// it does. Each send draws from it (linear between quantiles). Empty: sends are on time.
@@ -239,6 +251,7 @@ impl SimConfig {
                 request_us: 0,
                 response_us: 0,
             },
+            host: HostLatency::default(),
             send_delay_us: Vec::new(),
             seed: 1,
             record_itl: true,
@@ -294,19 +307,25 @@ pub struct SimOutput {
     pub end_us: u64,
     /// Engine queue samples: (time us, waiting + running per engine), at every sidecar poll.
     pub queue_samples: Vec<(u64, Vec<u32>)>,
+    /// The replicas' kvroute counters at the end (summed over replicas), as Envoy's admin
+    /// `/stats` would show them: publishes, overlays, fallbacks, decisions recorded.
+    pub gateway_counters: std::collections::BTreeMap<String, i64>,
 }
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Kind {
     StepEnd = 0,
     Poll = 1,
-    Refresh = 2,
-    Publish = 3,
-    Arrive = 4,
-    Admit = 5,
-    StepStart = 6,
-    /// A gateway's fleet exchange (`a`: the gateway).
-    Sync = 7,
+    /// A replica's state service tick (`a`: the replica).
+    ServiceTick = 2,
+    /// A callout's answer (`a`: the pending callout's slot).
+    Answer = 3,
+    /// A replica's queue wake-up (`a`: the replica).
+    QueueReady = 4,
+    /// A worker's tick (`a`: the replica, `b`: the worker).
+    WorkerTick = 5,
+    Arrive = 6,
+    Admit = 7,
+    StepStart = 8,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -314,16 +333,19 @@ struct Ev {
     at: u64,
     kind: Kind,
     seq: u64,
-    /// Session (Arrive), request (Admit) or engine (steps).
+    /// Session (Arrive), request (Admit), engine (steps), replica (its events), callout slot.
     a: u32,
-    /// Turn (Arrive), engine (Admit).
+    /// Turn (Arrive), engine (Admit), worker (WorkerTick).
     b: u32,
 }
 
 /// A request between its decision and its end.
-#[derive(Debug)]
 struct Open {
     gateway: u32,
+    /// The worker that routed it (its callbacks run there).
+    worker: u32,
+    /// Its HTTP stream in the replica's control plane.
+    stream: Stream<InMemoryHost>,
     session: u32,
     turn: u32,
     endpoint: u32,
@@ -332,38 +354,6 @@ struct Open {
     last_us: u64,
     itl: Vec<u64>,
     predicted_blocks: u32,
-    blocks: u32,
-    /// Prefill work (tokens, attention counted) the router counts as still to do, until the first
-    /// token.
-    prefill_tokens: i64,
-}
-
-/// A gateway's own in-flight counts plus the other gateways' (as of its last fleet exchange).
-fn with_remote<'a>(local: &'a [i64], remote: Option<&Vec<i64>>) -> std::borrow::Cow<'a, [i64]> {
-    match remote.filter(|r| !r.is_empty()) {
-        Some(r) => local.iter().zip(r).map(|(a, b)| a + b).collect(),
-        None => std::borrow::Cow::Borrowed(local),
-    }
-}
-
-/// One gateway replica's view: what the live filter keeps per Envoy.
-struct Gateway {
-    directory: Directory,
-    published: Option<PublishedState>,
-    inflight: Vec<i64>,
-    inflight_blocks: Vec<i64>,
-    inflight_prefill: Vec<i64>,
-    /// The other gateways' in-flight counts as of this gateway's last exchange (requests, blocks,
-    /// prefill per endpoint); empty without a fleet.
-    remote: [Vec<i64>; 3],
-    /// Decisions (session, turn, endpoint) made here since the last exchange.
-    outbox: Vec<(u32, u32, u32)>,
-    /// Entries of the fleet log read so far.
-    cursor: usize,
-    /// Characters per engine token measured from the responses, and the ratio the directory's
-    /// capacities are sized at (the state service's rule, [`CharsPerToken`]).
-    chars: CharsPerToken,
-    chars_per_token: f64,
 }
 
 struct Sim<'a> {
@@ -379,18 +369,17 @@ struct Sim<'a> {
     open_count: usize,
     free_slots: Vec<u32>,
     gateways: Vec<Gateway>,
-    /// The fleet's log: (gateway, session, turn, endpoint), in order.
-    log: Vec<(u32, u32, u32, u32)>,
-    sidecar: Vec<EngineLoad>,
-    status: Vec<EndpointStatus>,
+    /// Callouts on their way: (replica, token, what it asks), by slot.
+    callouts: Vec<Option<(u32, u32, Ask)>>,
+    /// The fleet's log, when the replicas share one.
+    fleet: FleetLog,
+    /// The sidecar's last poll of each engine, and when (us; 0: never).
+    sidecar: Vec<(EngineLoad, u64)>,
+    sidecar_polls: u64,
     /// The sidecar's measured rates per engine, and the counters it measures them from.
     rates: Vec<(RateEstimator, RateCounters)>,
-    /// When the directory was last published, us.
-    published_at_us: u64,
-    rng: Rng,
-    /// The send delays' draws, apart from the router's.
+    /// The clients' send delays.
     jitter: Rng,
-    decisions: u64,
     out: SimOutput,
 }
 
@@ -422,83 +411,126 @@ impl Sim<'_> {
         }));
     }
 
-    fn publish(&mut self) {
-        for g in &mut self.gateways {
-            let section = match self.cfg.settings.publish_interval {
-                PublishInterval::Never => DirectorySection::empty(),
-                _ => DirectorySection::of(&g.directory),
-            };
-            let header = StateHeader {
-                version: self.seq,
-                published_at_ms: 0,
-                settings: self.cfg.settings.clone(),
-                endpoints: self.status.clone(),
-                directory_as_of_ms: 0,
-                decisions_recorded: self.decisions,
-                stale: false,
-                sessions: g.directory.session_stats().cloned().unwrap_or_default(),
-            };
-            g.published = PublishedState::decode(encode(&header, &section)).ok();
-        }
+    /// The replica and worker a request goes to: at random (a hash of its session and turn, so
+    /// the rest of the run's draws do not depend on the number of replicas). The worker (which
+    /// Envoy thread holds the client's connection) does not depend on the router seed.
+    fn route_of(&self, session: u32, turn: u32) -> (usize, usize) {
+        let key = u64::from(session) << 32 | u64::from(turn);
+        let g = kvroute_traces::rng::mix(key ^ self.cfg.seed.rotate_left(17))
+            % self.gateways.len().max(1) as u64;
+        let w = kvroute_traces::rng::mix(key ^ 0x776f_726b_6572) % WORKERS as u64;
+        (g as usize, w as usize)
     }
 
-    /// The gateway a request goes to: one of them at random (a hash of its session and turn, so
-    /// the router's own draws stay as with one gateway).
-    fn gateway_of(&self, session: u32, turn: u32) -> usize {
-        let n = self.gateways.len();
-        if n < 2 {
-            return 0;
-        }
-        let key = (u64::from(session) << 32 | u64::from(turn)) ^ self.cfg.seed.rotate_left(17);
-        (kvroute_traces::rng::mix(key) % n as u64) as usize
-    }
-
-    /// Gateway `g`'s fleet exchange: its decisions since the last one join the log; the other
-    /// gateways' entries since its cursor are applied to its directory, in the log's order; it
-    /// leaves its in-flight counts and takes the others'.
-    fn sync(&mut self, g: usize) {
+    /// After a replica's control plane ran at `now`: schedules what it asked of the host (a
+    /// queue wake-up, its callouts' answers, worker `w`'s tick for a batch it holds).
+    fn after(&mut self, now: u64, g: usize, worker: Option<usize>) {
         let Some(gw) = self.gateways.get_mut(g) else {
             return;
         };
-        let out = std::mem::take(&mut gw.outbox);
-        self.log
-            .extend(out.into_iter().map(|(s, t, e)| (g as u32, s, t, e)));
-        let from = std::mem::replace(&mut gw.cursor, self.log.len());
-        for &(src, s, t, e) in self.log.get(from..).unwrap_or_default() {
-            if src as usize == g {
-                continue;
-            }
-            if let Some(turn) = self
-                .work
-                .get(s as usize)
-                .and_then(|w| w.turns.get(t as usize))
-            {
-                gw.directory
-                    .record(e as usize, &turn.features.blocks, turn.features.session);
-            }
+        let wake = !gw.wake_pending && gw.queued();
+        if wake {
+            gw.wake_pending = true;
         }
-        let n = gw.inflight.len();
-        let mut remote = [vec![0i64; n], vec![0i64; n], vec![0i64; n]];
-        for (i, other) in self.gateways.iter().enumerate() {
-            if i == g {
-                continue;
-            }
-            for (k, local) in [
-                &other.inflight,
-                &other.inflight_blocks,
-                &other.inflight_prefill,
-            ]
-            .into_iter()
-            .enumerate()
-            {
-                if let Some(r) = remote.get_mut(k) {
-                    r.iter_mut().zip(local).for_each(|(a, b)| *a += b);
+        let tick = worker.filter(|w| {
+            gw.tick_pending
+                .get_mut(*w)
+                .is_some_and(|p| !std::mem::replace(p, true))
+        });
+        let callouts = gw.take_callouts();
+        let lat = self.cfg.host;
+        if wake {
+            self.push(now + lat.queue_us, Kind::QueueReady, g as u32, 0);
+        }
+        if let Some(w) = tick {
+            // The worker's next tick on its period's grid.
+            let period = REPORT_COALESCE_US.max(1);
+            self.push(
+                (now / period + 1) * period,
+                Kind::WorkerTick,
+                g as u32,
+                w as u32,
+            );
+        }
+        for (token, ask) in callouts {
+            let slot = self.callouts.len() as u32;
+            self.callouts.push(Some((g as u32, token, ask)));
+            self.push(now + lat.callout_us, Kind::Answer, slot, 0);
+        }
+    }
+
+    /// The sidecar's snapshot at `now` on replica `g`'s clock.
+    fn snapshot(&self, now: u64, g: &Gateway) -> Vec<u8> {
+        let capacity =
+            u64::from(self.cfg.engine.num_gpu_blocks) * u64::from(self.cfg.engine.block_size);
+        let snap = Snapshot {
+            schema: kvroute_core::snapshot::SCHEMA,
+            version: self.sidecar_polls,
+            generated_at_ms: g.clock_ms(now),
+            poll_interval_ms: (self.poll_us() / 1000) as u32,
+            engines: self
+                .cfg
+                .filter
+                .endpoints
+                .iter()
+                .zip(&self.sidecar)
+                .map(|(e, (l, at))| EngineSnapshot {
+                    name: e.name.clone(),
+                    healthy: true,
+                    consecutive_failures: 0,
+                    scraped_at_ms: if *at > 0 { g.clock_ms(*at) } else { 0 },
+                    waiting: l.waiting,
+                    running: l.running,
+                    kv_usage: l.kv_usage,
+                    hit_rate: None,
+                    prompt_tokens_per_s: 0.0,
+                    generation_tokens_per_s: 0.0,
+                    capacity_tokens: Some(capacity),
+                    prefill_tps: l.prefill_tps,
+                    step_s: l.step_s,
+                    restarts: 0,
+                    last_error: None,
+                })
+                .collect(),
+        };
+        serde_json::to_vec(&snap).unwrap_or_default()
+    }
+
+    /// The sidecar's poll period, us: the runtime's `sidecar_poll_ms` where set.
+    fn poll_us(&self) -> u64 {
+        match self.cfg.settings.sidecar_poll_ms {
+            0 => self.cfg.sidecar_poll_us.max(1_000),
+            ms => u64::from(ms) * 1000,
+        }
+    }
+
+    fn answer(&mut self, now: u64, slot: u32) {
+        let Some((g, token, ask)) = self.callouts.get_mut(slot as usize).and_then(Option::take)
+        else {
+            return;
+        };
+        let g = g as usize;
+        let Some(gw) = self.gateways.get(g) else {
+            return;
+        };
+        gw.at(now);
+        let (status, body) = match ask {
+            Ask::Snapshot => (200, self.snapshot(now, gw)),
+            Ask::Runtime => (200, b"{\"entries\":{}}".to_vec()),
+            Ask::Fleet(req) => {
+                // The log's clock: the simulation's, from the first replica's epoch.
+                let log_ms = self.gateways.first().map_or(0, |f| f.clock_ms(now));
+                match self.fleet.exchange(&req, log_ms) {
+                    Some(b) => (200, b),
+                    None => (400, Vec::new()),
                 }
             }
-        }
+            Ask::Other => (404, Vec::new()),
+        };
         if let Some(gw) = self.gateways.get_mut(g) {
-            gw.remote = remote;
+            gw.answer(token, status, &body);
         }
+        self.after(now, g, None);
     }
 
     fn arrive(&mut self, now: u64, session: u32, turn: u32) {
@@ -509,74 +541,33 @@ impl Sim<'_> {
         else {
             return;
         };
-        let g = self.gateway_of(session, turn);
+        let (g, w) = self.route_of(session, turn);
         let Some(gw) = self.gateways.get(g) else {
             return;
         };
-        let live: &dyn PrefixIndex = match (&self.cfg.settings.publish_interval, &gw.published) {
-            (PublishInterval::EveryDecision, _) => &gw.directory,
-            (_, Some(p)) => p,
-            (_, None) => &EmptyIndex,
-        };
-        // With a fleet, the other gateways' requests (as of the last exchange) count too.
-        let (inflight, inflight_blocks, inflight_prefill) = (
-            with_remote(&gw.inflight, gw.remote.first()),
-            with_remote(&gw.inflight_blocks, gw.remote.get(1)),
-            with_remote(&gw.inflight_prefill, gw.remote.get(2)),
-        );
-        let directory_age_ms = match self.cfg.settings.publish_interval {
-            PublishInterval::Millis(_) => now.saturating_sub(self.published_at_us) / 1000,
-            _ => 0,
-        };
-        let inputs = Inputs {
-            endpoints: &self.cfg.filter.endpoints,
-            status: &self.status,
-            inflight: &inflight,
-            inflight_blocks: &inflight_blocks,
-            inflight_prefill: &inflight_prefill,
-            chars_per_token: self.cfg.filter.chars_per_token,
-            spec: self.cfg.filter.block_spec(),
-            directory_age_ms,
-            settings: &self.cfg.settings,
-            seq: self.decisions,
-            rand: self.rng.next_u64(),
-        };
-        let d = decide(&t.features, live, &inputs, None);
-        let prefill_tokens = i64::from(d.prefill_work);
-        let fleet = self.cfg.fleet_sync_us.is_some() && self.gateways.len() > 1;
-        let Some(gw) = self.gateways.get_mut(g) else {
+        gw.at(now);
+        let Some(stream) = gw.request(w, t.features.clone()) else {
             return;
         };
-        if let Some(c) = gw.inflight_prefill.get_mut(d.endpoint) {
-            *c += prefill_tokens;
-        }
-        self.decisions += 1;
-        gw.directory
-            .record(d.endpoint, &t.features.blocks, t.features.session);
-        if fleet {
-            gw.outbox.push((session, turn, d.endpoint as u32));
-        }
-        if let Some(c) = gw.inflight.get_mut(d.endpoint) {
-            *c += 1;
-        }
-        if let Some(c) = gw.inflight_blocks.get_mut(d.endpoint) {
-            *c += i64::from(d.total_blocks);
-        }
-        if let Some(c) = self.out.per_endpoint.get_mut(d.endpoint) {
+        self.after(now, g, Some(w));
+        // A stream the filter left unrouted takes Envoy's default route: the first engine.
+        let routed = stream.routed();
+        let endpoint = routed.map_or(0, |r| r.endpoint);
+        if let Some(c) = self.out.per_endpoint.get_mut(endpoint) {
             *c += 1;
         }
         let open = Open {
             gateway: g as u32,
+            worker: w as u32,
+            stream,
             session,
             turn,
-            endpoint: d.endpoint as u32,
+            endpoint: endpoint as u32,
             sent_us: now,
             first_us: None,
             last_us: now,
             itl: Vec::new(),
-            predicted_blocks: d.predicted_blocks,
-            blocks: d.total_blocks,
-            prefill_tokens,
+            predicted_blocks: routed.map_or(0, |r| r.predicted_blocks),
         };
         self.open_count += 1;
         let slot = match self.free_slots.pop() {
@@ -595,7 +586,7 @@ impl Sim<'_> {
             now + self.cfg.gateway.request_us,
             Kind::Admit,
             slot,
-            d.endpoint as u32,
+            endpoint as u32,
         );
     }
 
@@ -621,8 +612,7 @@ impl Sim<'_> {
             return;
         };
         if let Err(err) = e.add(req, now as f64 / 1e6) {
-            let done = now + self.cfg.gateway.response_us;
-            self.finish(slot, done, 0, 0, 0, Some(err.to_string()));
+            self.finish(slot, now, 0, 0, 0, Some(err.to_string()));
             return;
         }
         self.kick(now, engine);
@@ -707,12 +697,10 @@ impl Sim<'_> {
                         match o.first_us {
                             None => {
                                 o.first_us = Some(at_client);
-                                if let Some(c) = self
-                                    .gateways
-                                    .get_mut(o.gateway as usize)
-                                    .and_then(|g| g.inflight_prefill.get_mut(o.endpoint as usize))
-                                {
-                                    *c -= std::mem::take(&mut o.prefill_tokens);
+                                // Envoy sees the response start: the request's prefill is done.
+                                if let Some(gw) = self.gateways.get(o.gateway as usize) {
+                                    gw.at(now);
+                                    gw.first_bytes(&mut o.stream);
                                 }
                             }
                             Some(_) if self.cfg.record_itl => {
@@ -726,7 +714,7 @@ impl Sim<'_> {
                 Event::Finished { id, usage, .. } => {
                     self.finish(
                         id as u32,
-                        at_client,
+                        now,
                         usage.prompt_tokens,
                         usage.completion_tokens,
                         usage.cached_tokens,
@@ -740,43 +728,29 @@ impl Sim<'_> {
         }
     }
 
+    /// A request's end at `now` (its last bytes leave the engine; the client has them
+    /// `gateway.response_us` later).
     fn finish(
         &mut self,
         slot: u32,
-        at: u64,
+        now: u64,
         prompt: u32,
         completion: u32,
         cached: u32,
         error: Option<String>,
     ) {
-        let Some(o) = self.open.get_mut(slot as usize).and_then(Option::take) else {
+        let Some(mut o) = self.open.get_mut(slot as usize).and_then(Option::take) else {
             return;
         };
         self.free_slots.push(slot);
         self.open_count -= 1;
-        if let Some(gw) = self.gateways.get_mut(o.gateway as usize) {
-            // The engine's reported prompt tokens against the prompt's bytes, where the response
-            // carries usage.
-            if let Some(f) = self
-                .work
-                .get(o.session as usize)
-                .and_then(|s| s.turns.get(o.turn as usize))
-                .map(|t| &t.features)
-                .filter(|f| f.usage_expected && error.is_none())
-            {
-                gw.chars.add(f.prompt_bytes, u64::from(prompt));
-            }
-            let e = o.endpoint as usize;
-            if let Some(c) = gw.inflight.get_mut(e) {
-                *c -= 1;
-            }
-            if let Some(c) = gw.inflight_blocks.get_mut(e) {
-                *c -= i64::from(o.blocks);
-            }
-            if let Some(c) = gw.inflight_prefill.get_mut(e) {
-                *c -= o.prefill_tokens;
-            }
+        let at = now + self.cfg.gateway.response_us;
+        if let Some(gw) = self.gateways.get(o.gateway as usize) {
+            gw.at(now);
+            let usage = error.is_none().then_some((prompt, completion, cached));
+            gw.last_bytes(&mut o.stream, usage);
         }
+        self.after(now, o.gateway as usize, Some(o.worker as usize));
         self.out.records.push(SimRecord {
             session: o.session,
             turn: o.turn,
@@ -803,6 +777,7 @@ impl Sim<'_> {
 
     fn poll(&mut self, now: u64) {
         let mut sample = Vec::with_capacity(self.engines.len());
+        self.sidecar_polls += 1;
         for (i, e) in self.engines.iter().enumerate() {
             let s = e.stats();
             let (prefill_tps, step_s) = match self.rates.get_mut(i) {
@@ -813,38 +788,21 @@ impl Sim<'_> {
                 None => (0.0, 0.0),
             };
             if let Some(l) = self.sidecar.get_mut(i) {
-                *l = EngineLoad {
-                    waiting: s.waiting as f64,
-                    running: s.running as f64,
-                    kv_usage: s.kv_usage,
-                    prefill_tps,
-                    step_s,
-                    scraped_at_ms: now / 1000 + 1,
-                };
+                *l = (
+                    EngineLoad {
+                        waiting: s.waiting as f64,
+                        running: s.running as f64,
+                        kv_usage: s.kv_usage,
+                        prefill_tps,
+                        step_s,
+                        scraped_at_ms: 0,
+                    },
+                    now.max(1),
+                );
             }
             sample.push((s.waiting + s.running) as u32);
         }
         self.out.queue_samples.push((now, sample));
-    }
-
-    fn refresh(&mut self) {
-        // The state service's tick: capacities follow the measured chars per token.
-        let kv_tokens = u64::from(self.cfg.engine.num_gpu_blocks * self.cfg.engine.block_size);
-        for gw in &mut self.gateways {
-            if let Some(r) = gw.chars.update(gw.chars_per_token) {
-                gw.chars_per_token = r;
-                let blocks = self.cfg.filter.blocks_for_tokens_at(kv_tokens, r);
-                for i in 0..self.cfg.filter.endpoints.len() {
-                    gw.directory.set_capacity(i, blocks);
-                }
-            }
-        }
-        for (st, l) in self.status.iter_mut().zip(&self.sidecar) {
-            *st = EndpointStatus {
-                healthy: true,
-                engine: Some(*l),
-            };
-        }
     }
 
     fn busy_anywhere(&self) -> bool {
@@ -855,9 +813,12 @@ impl Sim<'_> {
 /// Simulates `work` under `cfg`.
 pub fn simulate(cfg: &SimConfig, work: &[PreparedSession]) -> SimOutput {
     let n = cfg.filter.endpoints.len().max(1);
-    let capacity = cfg
-        .filter
-        .blocks_for_tokens(u64::from(cfg.engine.num_gpu_blocks * cfg.engine.block_size));
+    let replicas = cfg.gateways.max(1);
+    let fleet_sync_us = cfg.fleet_sync_us.filter(|_| replicas > 1);
+    let config = gateway::replica_config(&cfg.filter, &cfg.settings, fleet_sync_us);
+    let gateways: Vec<Gateway> = (0..replicas)
+        .filter_map(|g| Gateway::start(&config, g, cfg.seed))
+        .collect();
     let mut sim = Sim {
         cfg,
         work,
@@ -870,42 +831,26 @@ pub fn simulate(cfg: &SimConfig, work: &[PreparedSession]) -> SimOutput {
         open: Vec::new(),
         open_count: 0,
         free_slots: Vec::new(),
-        gateways: (0..cfg.gateways.max(1))
-            .map(|_| Gateway {
-                directory: Directory::with_spec(
-                    &vec![capacity; n],
-                    cfg.filter.session_capacity,
-                    &cfg.filter.block_spec(),
-                ),
-                published: None,
-                inflight: vec![0; n],
-                inflight_blocks: vec![0; n],
-                inflight_prefill: vec![0; n],
-                remote: Default::default(),
-                outbox: Vec::new(),
-                cursor: 0,
-                chars: CharsPerToken::default(),
-                chars_per_token: cfg.filter.chars_per_token,
-            })
-            .collect(),
-        log: Vec::new(),
+        gateways,
+        callouts: Vec::new(),
+        fleet: FleetLog::default(),
         sidecar: vec![
-            EngineLoad {
-                waiting: 0.0,
-                running: 0.0,
-                kv_usage: 0.0,
-                prefill_tps: 0.0,
-                step_s: 0.0,
-                scraped_at_ms: 1,
-            };
+            (
+                EngineLoad {
+                    waiting: 0.0,
+                    running: 0.0,
+                    kv_usage: 0.0,
+                    prefill_tps: 0.0,
+                    step_s: 0.0,
+                    scraped_at_ms: 0,
+                },
+                0,
+            );
             n
         ],
-        status: vec![EndpointStatus::default(); n],
+        sidecar_polls: 0,
         rates: vec![Default::default(); n],
-        published_at_us: 0,
-        rng: Rng::new(cfg.seed),
         jitter: Rng::new(cfg.seed ^ 0x5eed_de1a_7c11_e4e7),
-        decisions: 0,
         out: SimOutput {
             records: Vec::with_capacity(kvroute_traces_requests(work)),
             counters: EngineCounters::default(),
@@ -913,6 +858,7 @@ pub fn simulate(cfg: &SimConfig, work: &[PreparedSession]) -> SimOutput {
             events: 0,
             end_us: 0,
             queue_samples: Vec::new(),
+            gateway_counters: Default::default(),
         },
     };
     for (i, s) in work.iter().enumerate() {
@@ -921,33 +867,17 @@ pub fn simulate(cfg: &SimConfig, work: &[PreparedSession]) -> SimOutput {
             sim.push(s.start_us + delay, Kind::Arrive, i as u32, 0);
         }
     }
-    let poll_us = cfg.sidecar_poll_us.max(1_000);
-    let refresh_us = u64::from(cfg.settings.load_refresh_ms.max(10)) * 1000;
-    let publish_us = match cfg.settings.publish_interval {
-        PublishInterval::Millis(ms) => Some(u64::from(ms.max(1)) * 1000),
-        _ => None,
-    };
-    sim.refresh();
-    sim.publish();
+    let poll_us = sim.poll_us();
+    // The sidecar has polled once before the run starts.
+    sim.poll(0);
+    sim.out.queue_samples.clear();
     sim.push(poll_us, Kind::Poll, 0, 0);
-    sim.push(refresh_us, Kind::Refresh, 0, 0);
-    if let Some(p) = publish_us {
-        sim.push(p, Kind::Publish, 0, 0);
-    }
-    // Each gateway's exchanges, their phases spread over one period.
-    let sync_us = cfg
-        .fleet_sync_us
-        .filter(|_| cfg.gateways > 1)
-        .map(|s| s.max(1));
-    if let Some(s) = sync_us {
-        for g in 0..cfg.gateways {
-            sim.push(
-                s * (g as u64 + 1) / cfg.gateways as u64,
-                Kind::Sync,
-                g as u32,
-                0,
-            );
-        }
+    // Each replica's service ticks, their phases spread over one period.
+    for g in 0..sim.gateways.len() {
+        let tick = sim.gateways.get(g).map_or(1000, |gw| gw.tick_us.max(1));
+        let phase = tick * (g as u64 + 1) / sim.gateways.len() as u64;
+        sim.push(phase, Kind::ServiceTick, g as u32, 0);
+        sim.after(0, g, None);
     }
     let mut remaining_arrivals = work.iter().filter(|s| !s.turns.is_empty()).count();
     while let Some(Reverse(ev)) = sim.queue.pop() {
@@ -972,34 +902,51 @@ pub fn simulate(cfg: &SimConfig, work: &[PreparedSession]) -> SimOutput {
                 sim.poll(now);
                 sim.push(now + poll_us, Kind::Poll, 0, 0);
             }
-            Kind::Refresh => {
+            Kind::ServiceTick => {
                 if !active {
                     continue;
                 }
-                sim.refresh();
-                sim.push(now + refresh_us, Kind::Refresh, 0, 0);
+                let g = ev.a as usize;
+                let Some(gw) = sim.gateways.get_mut(g) else {
+                    continue;
+                };
+                gw.at(now);
+                gw.service.on_tick();
+                let next = now + gw.tick_us.max(1);
+                sim.after(now, g, None);
+                sim.push(next, Kind::ServiceTick, ev.a, 0);
             }
-            Kind::Sync => {
-                if !active {
-                    continue;
+            Kind::Answer => sim.answer(now, ev.a),
+            Kind::QueueReady => {
+                let g = ev.a as usize;
+                if let Some(gw) = sim.gateways.get_mut(g) {
+                    gw.at(now);
+                    gw.wake();
                 }
-                sim.sync(ev.a as usize);
-                if let Some(s) = sync_us {
-                    sim.push(now + s, Kind::Sync, ev.a, 0);
-                }
+                sim.after(now, g, None);
             }
-            Kind::Publish => {
-                if !active {
-                    continue;
+            Kind::WorkerTick => {
+                let (g, w) = (ev.a as usize, ev.b as usize);
+                if let Some(gw) = sim.gateways.get_mut(g) {
+                    if let Some(p) = gw.tick_pending.get_mut(w) {
+                        *p = false;
+                    }
+                    gw.at(now);
+                    if let Some(worker) = gw.workers.get(w) {
+                        worker.on_tick();
+                    }
                 }
-                sim.publish();
-                sim.published_at_us = now;
-                if let Some(p) = publish_us {
-                    sim.push(now + p, Kind::Publish, 0, 0);
-                }
+                sim.after(now, g, None);
             }
         }
         sim.out.end_us = now;
+    }
+    for gw in &sim.gateways {
+        for m in gw.host.metrics() {
+            if m.kind == kvroute_control::MetricKind::Counter {
+                *sim.out.gateway_counters.entry(m.name).or_default() += m.value;
+            }
+        }
     }
     for e in &sim.engines {
         let s = e.stats();
