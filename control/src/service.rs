@@ -790,6 +790,7 @@ impl<H: Host> StateService<H> {
             }
             self.dir_version = self.version;
             self.dir_bytes = blob.len();
+            self.host.increment(self.metrics.directory_publishes, 1);
         }
         let header = StateHeader {
             version: self.version,

@@ -936,6 +936,8 @@ fn a_snapshot_republishes_the_header_only_and_the_overlay_still_applies() {
     let directory = p.host.shared(state::DIRECTORY_KEY).unwrap();
     let overlay = p.host.shared(state::OVERLAY_KEY).unwrap();
     let version = p.published().header.version;
+    let directories = p.host.value("kvroute_state_directory_publishes_total");
+    assert!(directories >= 1);
 
     // Engine load changes: a new state, the same directory value and overlay.
     p.tick(100);
@@ -950,6 +952,10 @@ fn a_snapshot_republishes_the_header_only_and_the_overlay_still_applies() {
     assert_eq!(p.host.shared(state::DIRECTORY_KEY).unwrap(), directory);
     assert_eq!(p.host.shared(state::OVERLAY_KEY).unwrap(), overlay);
     assert!(p.host.shared(state::STATE_KEY).unwrap().len() < 1024);
+    assert_eq!(
+        p.host.value("kvroute_state_directory_publishes_total"),
+        directories
+    );
 
     // A worker that reads the new state keeps routing on the overlay: the follow-up goes where
     // its prefix is, as a predicted hit, and the new engine load is what it reads.
