@@ -61,6 +61,10 @@ pub struct StateService<H: Host> {
     /// (0: none yet), and that value's size.
     dir_version: u64,
     dir_bytes: usize,
+    /// Directory changes per recorded decision (a moving mean), and the decisions recorded when
+    /// the journal was last taken: they size the overlay's bound (`state::overlay_bound`).
+    changes_per_decision: f64,
+    decisions_at_take: u64,
     /// Sequence number of the overlay published on top of that directory (0: none).
     overlay_seq: u64,
     /// Its entries: the directory's changes since that state.
@@ -145,6 +149,8 @@ impl<H: Host> StateService<H> {
             dir_touched: false,
             dir_version: 0,
             dir_bytes: 0,
+            changes_per_decision: 0.0,
+            decisions_at_take: 0,
             overlay_seq: 0,
             overlay: OverlayBuilder::default(),
             journal_from_published: false,
@@ -195,7 +201,7 @@ impl<H: Host> StateService<H> {
         }
         let (sample, _) = s.host.shared_get(state::TOKENIZER_KEY);
         s.tokenizer_read = state::decode_tokenizer(sample.as_deref().unwrap_or_default());
-        s.directory.set_journal_capacity(state::OVERLAY_MAX_CHANGES);
+        s.directory.set_journal_capacity(state::OVERLAY_CAP_CHANGES);
         s.publish(true);
         s.update_gauges();
         if role == Role::Bootstrap && !s.host.set_tick(Duration::from_millis(tick_ms(&s.config))) {
@@ -708,17 +714,43 @@ impl<H: Host> StateService<H> {
         }
     }
 
+    /// Takes `n` directory changes made by the decisions recorded since the last take into the
+    /// mean changes per decision (an exponentially weighted mean, weight 1/8).
+    fn learn_changes(&mut self, n: usize) {
+        let decisions = self
+            .decisions_recorded
+            .saturating_sub(self.decisions_at_take);
+        self.decisions_at_take = self.decisions_recorded;
+        if decisions == 0 {
+            return;
+        }
+        let per = n as f64 / decisions as f64;
+        self.changes_per_decision = if self.changes_per_decision == 0.0 {
+            per
+        } else {
+            self.changes_per_decision + (per - self.changes_per_decision) / 8.0
+        };
+    }
+
     /// A directory publish that is due: the whole state when the directory changed, else (only
     /// recency refreshed) just the time the published directory is current as of.
     fn publish_due(&mut self, now: u64) {
         if self.dir_dirty {
-            // On every decision, the changes since the last full state, while they are few.
-            match self.directory.take_changes() {
+            // On every decision, the changes since the last full state, while they are fewer
+            // than the overlay's bound.
+            let taken = self.directory.take_changes();
+            if let Some(c) = &taken {
+                self.learn_changes(c.blocks.len() + c.sessions.len());
+            }
+            match taken {
                 Some(c)
                     if self.journal_from_published
                         && self.settings.publish_interval == PublishInterval::EveryDecision
                         && self.overlay.len() + c.blocks.len() + c.sessions.len()
-                            <= state::OVERLAY_MAX_CHANGES =>
+                            <= state::overlay_bound(
+                                self.directory.distinct_blocks(),
+                                self.changes_per_decision,
+                            ) =>
                 {
                     self.overlay.add(&self.directory, &c);
                     self.publish_overlay(now);

@@ -319,8 +319,9 @@ fn more_changes_than_an_overlay_holds_publish_the_whole_directory() {
     p.apply_reports();
     assert_eq!(p.host.value("kvroute_state_overlay_publishes_total"), 1);
     let publishes = p.host.value("kvroute_state_publishes_total");
-    // More than the journal holds in one wake-up (reports of at most 1,000 blocks, all of weight
-    // one): a full state, which holds every block.
+    // More than the overlay's bound in one wake-up (reports of at most 1,000 blocks, all of
+    // weight one, on a small directory: the bound is 2,048): a full state, which holds every
+    // block.
     let big = state::OVERLAY_MAX_CHANGES as u64 + 452;
     let mut batch = Vec::new();
     for from in (10..10 + big).step_by(1000) {
@@ -964,4 +965,58 @@ fn a_snapshot_republishes_the_header_only_and_the_overlay_still_applies() {
     let (_s, e2) = p.route_on(&fresh, "a", &format!("{}and a follow-up.", text(1)));
     assert_eq!(e2, e);
     assert_eq!(p.host.value("kvroute_predicted_hits_total"), before + 1);
+}
+
+#[test]
+fn long_prompts_on_a_large_directory_grow_the_overlay_instead_of_republishing_the_directory() {
+    // Two endpoints of 16,384 blocks; each decision brings 1,000 new blocks (a long prompt).
+    let mut p = Proxy::new(r#","default_capacity_blocks":16384"#);
+    let q = p.host.queue_id(state::DECISION_QUEUE).unwrap();
+    let mut next = 0u64;
+    let mut decide = |p: &mut Proxy, endpoint: u16| {
+        let report = DecisionReport {
+            endpoint,
+            session: None,
+            blocks: (next..next + 1000)
+                .map(|i| BlockHash(i.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1))
+                .collect(),
+        };
+        next += 1000;
+        p.host.enqueue(q, &report.encode());
+        p.apply_reports();
+    };
+    // Fill the directory.
+    for i in 0..32 {
+        decide(&mut p, i % 2);
+    }
+    let (dirs, overlays) = (
+        p.host.value("kvroute_state_directory_publishes_total"),
+        p.host.value("kvroute_state_overlay_publishes_total"),
+    );
+    for i in 0..40 {
+        decide(&mut p, i % 2);
+    }
+    let dirs = p.host.value("kvroute_state_directory_publishes_total") - dirs;
+    let overlays = p.host.value("kvroute_state_overlay_publishes_total") - overlays;
+    assert_eq!(dirs + overlays, 40);
+    // 2,000 changes a decision (1,000 added, 1,000 evicted) on 32,768 entries: a bound of
+    // about 11,400, so five overlays between directory publishes; a bound of 2,048 would publish
+    // the directory every other decision.
+    assert!(dirs <= 8, "{dirs} directory publishes in 40 decisions");
+    // The view stays exact: the last decision's blocks are where it put them.
+    let published = p.published();
+    let last = (next - 1000..next).map(|i| BlockHash(i.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1));
+    let overlay = state::PublishedOverlay::decode(p.host.shared(state::OVERLAY_KEY).unwrap()).ok();
+    let view = state::Layered {
+        base: &published,
+        top: overlay.as_ref().filter(|o| {
+            Some(o.seq)
+                == p.host
+                    .shared(state::VERSION_KEY)
+                    .map(|v| state::decode_overlay_seq(&v))
+        }),
+    };
+    for b in last {
+        assert_eq!(view.holders(b), 0b10);
+    }
 }

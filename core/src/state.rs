@@ -767,13 +767,32 @@ fn merge_newer<K: Ord + Copy, V: Copy>(into: &mut Vec<(K, V)>, newer: Vec<(K, V)
     *into = merge_sorted(old.into_iter(), newer.into_iter(), |_| true);
 }
 
-/// Most directory changes (blocks and sessions) an overlay carries; past it the next publish is a
-/// full one. With publishing on every decision, each decision that changes the directory publishes
-/// the changes since the last full state (an overlay of a few KB) instead of the whole directory,
-/// and the workers copy that instead of the whole state. With 8 KB prompts new to a full directory
-/// (118 blocks added and 118 evicted a decision), 1,024 or 4,096 cost the singleton more per
-/// decision than 2,048 (the core's decision bench measures it).
+/// Most directory changes (blocks and sessions) an overlay carries, at the least; past its bound
+/// the next publish is a full one. With publishing on every decision, each decision that changes
+/// the directory publishes the changes since the last full state (an overlay of a few KB) instead
+/// of the whole directory, and the workers copy that instead of the whole directory. With 8 KB
+/// prompts new to a full directory (118 blocks added and 118 evicted a decision), 1,024 or 4,096
+/// cost the singleton more per decision than 2,048 (the core's decision bench measures it).
 pub const OVERLAY_MAX_CHANGES: usize = 2048;
+/// The most an overlay's bound grows to ([`overlay_bound`]): 512 KiB of entries.
+pub const OVERLAY_CAP_CHANGES: usize = 32_768;
+
+/// The overlay's bound for a directory of `entries` blocks whose decisions change
+/// `changes_per_decision` entries each: sqrt(2 x entries x changes), within [`OVERLAY_MAX_CHANGES`]
+/// and [`OVERLAY_CAP_CHANGES`]. Each decision costs about the overlay's size (the service encodes
+/// it, every worker copies it), half the bound on average, and a full publish every
+/// bound / changes decisions costs the directory's size; their sum is least at that bound. Small
+/// directories and short prompts keep 2,048; long prompts on large directories (the Mooncake
+/// trace's 660 new blocks a request on 16 engines) get a larger overlay instead of copying the
+/// directory every few requests.
+pub fn overlay_bound(entries: usize, changes_per_decision: f64) -> usize {
+    let k = (2.0 * entries as f64 * changes_per_decision.max(0.0)).sqrt();
+    if k.is_finite() {
+        (k as usize).clamp(OVERLAY_MAX_CHANGES, OVERLAY_CAP_CHANGES)
+    } else {
+        OVERLAY_MAX_CHANGES
+    }
+}
 
 /// Magic of a published overlay.
 pub const OVERLAY_MAGIC: &[u8; 4] = b"KVO2";
@@ -1208,5 +1227,19 @@ mod tests {
         let mut out = Vec::new();
         decode_inflight(&encode_inflight(&[3, -1, 0]), 4, &mut out);
         assert_eq!(out, vec![3, -1, 0, 0]);
+    }
+
+    #[test]
+    fn the_overlay_bound_grows_with_the_directory_and_the_changes_per_decision() {
+        // Short prompts or a small directory: the fixed bound.
+        assert_eq!(overlay_bound(8192, 118.0), OVERLAY_MAX_CHANGES);
+        assert_eq!(overlay_bound(0, 1000.0), OVERLAY_MAX_CHANGES);
+        // The Mooncake trace on 16 engines: about 31k.
+        let k = overlay_bound(740_000, 660.0);
+        assert!((31_000..31_500).contains(&k), "{k}");
+        // Capped, and nothing odd out of bad input.
+        assert_eq!(overlay_bound(usize::MAX, 1e9), OVERLAY_CAP_CHANGES);
+        assert_eq!(overlay_bound(1000, f64::NAN), OVERLAY_MAX_CHANGES);
+        assert_eq!(overlay_bound(1000, -5.0), OVERLAY_MAX_CHANGES);
     }
 }
