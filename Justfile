@@ -87,7 +87,7 @@ test: check-fmt clippy unit validate-configs e2e py-tests fuzz-smoke
 
 # The main job: build the filter and the study binary (only what it runs: the LTO of every other
 # binary would add about 100 s on 2 cores), then the reduced routing study (experiments 1-4 live
-# on emulated engines, the simulator's validation, experiment 5 simulated; about 13 minutes on 2
+# on emulated engines, the simulator's validation, experiment 5 simulated; about 15 minutes on 2
 # cores after the build); writes results/study/report.html. The study keeps the release profile's
 # LTO: built without it (120 s instead of 165 s), its in-process engines and clients added a
 # third to the gateway cost the validation measures (2.7 against 2.0 ms).
