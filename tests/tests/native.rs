@@ -28,6 +28,7 @@ async fn native_kvroute_follows_the_cache_and_the_load() {
     let s = Arc::new(Stack::native(2, "kvroute", "load_cache_aware").await);
     // Multi-turn conversations: each turn resends the history, so it shares the earlier turns'
     // blocks and must stay where they are.
+    let mut sent = 0;
     for c in 0..4 {
         let mut history: Vec<(String, String)> =
             vec![("system".into(), system_prompt(&format!("native {c}")))];
@@ -39,6 +40,17 @@ async fn native_kvroute_follows_the_cache_and_the_load() {
                 .map(|(r, t)| (r.as_str(), t.as_str()))
                 .collect();
             let e = served(&s.chat(&chat(&msgs), &[]).await);
+            sent += 1;
+            // The policy is checked against the directory: wait until the state service (on
+            // Envoy's main thread) applied the decision, as the Wasm filter's test does.
+            s.envoy
+                .wait_stat(
+                    "kvroute_decisions_recorded_total",
+                    std::time::Duration::from_secs(2),
+                    |v| v >= sent,
+                )
+                .await
+                .unwrap();
             match &home {
                 None => home = Some(e),
                 Some(h) => assert_eq!(&e, h, "conversation {c} turn {turn} left its cache"),
