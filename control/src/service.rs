@@ -739,18 +739,19 @@ impl<H: Host> StateService<H> {
             // On every decision, the changes since the last full state, while they are fewer
             // than the overlay's bound.
             let taken = self.directory.take_changes();
-            if let Some(c) = &taken {
-                self.learn_changes(c.blocks.len() + c.sessions.len());
+            let n = taken
+                .as_ref()
+                .map_or(0, |c| c.blocks.len() + c.sessions.len());
+            if taken.is_some() {
+                self.learn_changes(n);
             }
+            let bound =
+                state::overlay_bound(self.directory.distinct_blocks(), self.changes_per_decision);
             match taken {
                 Some(c)
                     if self.journal_from_published
                         && self.settings.publish_interval == PublishInterval::EveryDecision
-                        && self.overlay.len() + c.blocks.len() + c.sessions.len()
-                            <= state::overlay_bound(
-                                self.directory.distinct_blocks(),
-                                self.changes_per_decision,
-                            ) =>
+                        && self.overlay.len() + n <= bound =>
                 {
                     self.overlay.add(&self.directory, &c);
                     self.publish_overlay(now);

@@ -474,6 +474,11 @@ impl<H: Host> Worker<H> {
         st.last_sent_us = now_us;
     }
 
+    /// Whether reports wait in a batch for the worker's tick.
+    pub fn holds_reports(&self) -> bool {
+        !self.state.borrow().batch.is_empty()
+    }
+
     /// The worker's tick: sends what waited for the coalescing interval.
     pub fn on_tick(&self) {
         let mut guard = self.state.borrow_mut();

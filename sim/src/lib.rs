@@ -339,21 +339,24 @@ struct Ev {
     b: u32,
 }
 
+/// Where a stream went and the blocks the directory predicted there. A stream the filter left
+/// unrouted takes Envoy's default route: the first engine.
+fn routed_to(s: &Stream<InMemoryHost>) -> (usize, u32) {
+    s.routed()
+        .map_or((0, 0), |r| (r.endpoint, r.predicted_blocks))
+}
+
 /// A request between its decision and its end.
 struct Open {
     gateway: u32,
-    /// The worker that routed it (its callbacks run there).
-    worker: u32,
     /// Its HTTP stream in the replica's control plane.
     stream: Stream<InMemoryHost>,
     session: u32,
     turn: u32,
-    endpoint: u32,
     sent_us: u64,
     first_us: Option<u64>,
     last_us: u64,
     itl: Vec<u64>,
-    predicted_blocks: u32,
 }
 
 struct Sim<'a> {
@@ -432,10 +435,13 @@ impl Sim<'_> {
         if wake {
             gw.wake_pending = true;
         }
+        // A tick only matters to a worker that holds a batch (it flushes it).
         let tick = worker.filter(|w| {
-            gw.tick_pending
-                .get_mut(*w)
-                .is_some_and(|p| !std::mem::replace(p, true))
+            gw.workers.get(*w).is_some_and(|x| x.holds_reports())
+                && gw
+                    .tick_pending
+                    .get_mut(*w)
+                    .is_some_and(|p| !std::mem::replace(p, true))
         });
         let callouts = gw.take_callouts();
         let lat = self.cfg.host;
@@ -550,24 +556,19 @@ impl Sim<'_> {
             return;
         };
         self.after(now, g, Some(w));
-        // A stream the filter left unrouted takes Envoy's default route: the first engine.
-        let routed = stream.routed();
-        let endpoint = routed.map_or(0, |r| r.endpoint);
+        let (endpoint, _) = routed_to(&stream);
         if let Some(c) = self.out.per_endpoint.get_mut(endpoint) {
             *c += 1;
         }
         let open = Open {
             gateway: g as u32,
-            worker: w as u32,
             stream,
             session,
             turn,
-            endpoint: endpoint as u32,
             sent_us: now,
             first_us: None,
             last_us: now,
             itl: Vec::new(),
-            predicted_blocks: routed.map_or(0, |r| r.predicted_blocks),
         };
         self.open_count += 1;
         let slot = match self.free_slots.pop() {
@@ -745,16 +746,18 @@ impl Sim<'_> {
         self.free_slots.push(slot);
         self.open_count -= 1;
         let at = now + self.cfg.gateway.response_us;
+        // Read before the stream's end, which closes it.
+        let (endpoint, predicted_blocks) = routed_to(&o.stream);
         if let Some(gw) = self.gateways.get(o.gateway as usize) {
             gw.at(now);
             let usage = error.is_none().then_some((prompt, completion, cached));
             gw.last_bytes(&mut o.stream, usage);
         }
-        self.after(now, o.gateway as usize, Some(o.worker as usize));
+        self.after(now, o.gateway as usize, None);
         self.out.records.push(SimRecord {
             session: o.session,
             turn: o.turn,
-            endpoint: o.endpoint,
+            endpoint: endpoint as u32,
             sent_us: o.sent_us,
             ttft_us: o.first_us.map(|f| f - o.sent_us),
             e2e_us: at - o.sent_us,
@@ -762,7 +765,7 @@ impl Sim<'_> {
             prompt_tokens: prompt,
             completion_tokens: completion,
             cached_tokens: cached,
-            predicted_blocks: o.predicted_blocks,
+            predicted_blocks,
             error,
         });
         // The session's next turn, after the think time.
