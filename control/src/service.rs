@@ -287,6 +287,7 @@ impl<H: Host> StateService<H> {
                 self.publish_due(now);
             }
         }
+        self.confirm_current(now);
         self.pull_snapshot(now);
         self.exchange(now);
         self.mirror_inflight();
@@ -775,6 +776,36 @@ impl<H: Host> StateService<H> {
                     self.metrics.host_error(&self.host, HostOp::Publish);
                 }
             }
+        }
+    }
+
+    /// When every decision is published and none came since the last publish, the published
+    /// directory is still the whole of what this gateway decided: the version key says so (its
+    /// time `as_of` moves to now, once a tick). The view's age is what `predicted_ttft` weighs the
+    /// directory's matches by; without this, a decision after a quiet spell (a trace with requests
+    /// seconds apart) would take a complete view for an old one. Not with a fleet, whose view lacks
+    /// the other replicas' decisions since the last exchange, nor with an interval, whose age is
+    /// the staleness it is set to.
+    fn confirm_current(&mut self, now: u64) {
+        if self.fleet.is_some()
+            || self.settings.publish_interval != PublishInterval::EveryDecision
+            || self.dir_dirty
+            || self.dir_touched
+            || self.published_dir_at_ms == 0
+            || now <= self.published_dir_at_ms
+        {
+            return;
+        }
+        let v = state::encode_version_with_directory(
+            self.version,
+            now,
+            self.overlay_seq,
+            self.dir_version,
+        );
+        if self.host.shared_set(state::VERSION_KEY, &v, None) == Ok(true) {
+            self.published_dir_at_ms = now;
+        } else {
+            self.metrics.host_error(&self.host, HostOp::Publish);
         }
     }
 

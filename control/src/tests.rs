@@ -467,6 +467,30 @@ fn an_interval_publishes_the_directory_at_most_once_per_interval_and_never_publi
     assert_eq!(p.host.value("kvroute_predicted_hits_total"), 0);
 }
 
+#[test]
+fn a_quiet_spell_does_not_age_a_directory_that_every_decision_is_published_to() {
+    let mut p = Proxy::new("");
+    p.route("a", &text(1));
+    p.apply_reports();
+    // Five seconds without a request: the service's ticks confirm the view is still complete.
+    p.tick(5_000);
+    p.host.advance_ms(3);
+    p.route("b", &text(2));
+    let ages = p.host.samples("kvroute_state_age_ms");
+    assert_eq!(ages.last().copied(), Some(3), "ages {ages:?}");
+
+    // Published on an interval, the view's age is the time since its publish.
+    let mut p = Proxy::new(r#","defaults":{"publish_interval":{"millis":1000}}"#);
+    p.route("a", &text(1));
+    p.apply_reports();
+    p.tick(1_000);
+    p.tick(4_000);
+    p.host.advance_ms(3);
+    p.route("b", &text(2));
+    let ages = p.host.samples("kvroute_state_age_ms");
+    assert_eq!(ages.last().copied(), Some(4_003), "ages {ages:?}");
+}
+
 fn snapshot(now_ms: u64, waiting: [f64; 2], healthy: [bool; 2]) -> String {
     let engines: Vec<_> = (0..2)
         .map(|i| {
