@@ -992,6 +992,42 @@ fn a_snapshot_republishes_the_header_only_and_the_overlay_still_applies() {
 }
 
 #[test]
+fn a_worker_that_reads_every_overlay_as_it_comes_sees_what_a_fresh_one_sees() {
+    // Small endpoints (256 blocks each): a prompt here is about 40 blocks, so every decision
+    // also evicts, and the directory is published again every few dozen decisions. A policy that follows the cache alone, so that both
+    // workers choose by the directory's match.
+    let extra = r#","default_capacity_blocks":256,"defaults":{"policy":"load_cache_aware","beta":0}"#;
+    let mut p = Proxy::new(extra);
+    let steady = p.worker(extra);
+    for i in 0..60 {
+        p.route_on(&steady, &format!("s{i}"), &text(i));
+        p.apply_reports();
+        // Each new prompt after the first few is checked both ways: its predecessors as the
+        // steady worker sees them (its overlays read one publish at a time, the directory when
+        // it is published again) and as a worker that reads everything now sees them.
+        if i >= 4 {
+            let fresh = p.worker(extra);
+            for j in [i - 4, i - 1, i] {
+                let (s1, _) = p.route_on(&steady, &format!("q{i}-{j}"), &text(j));
+                let (s2, _) = p.route_on(&fresh, &format!("q{i}-{j}"), &text(j));
+                let (a, b) = (s1.routed().unwrap(), s2.routed().unwrap());
+                assert_eq!(a.predicted_blocks, b.predicted_blocks, "prompt {j} after {i}");
+                if j == i {
+                    assert!(a.predicted_blocks > 0, "the newest prompt is placed");
+                }
+            }
+        }
+    }
+    for (stat, least) in [
+        ("kvroute_state_overlay_publishes_total", 10),
+        ("kvroute_state_directory_publishes_total", 2),
+    ] {
+        let n = p.host.value(stat);
+        assert!(n >= least, "{stat} = {n}");
+    }
+}
+
+#[test]
 fn long_prompts_on_a_large_directory_grow_the_overlay_instead_of_republishing_the_directory() {
     // Two endpoints of 16,384 blocks; each decision brings 1,000 new blocks (a long prompt).
     let mut p = Proxy::new(r#","default_capacity_blocks":16384"#);
