@@ -996,7 +996,8 @@ fn a_worker_that_reads_every_overlay_as_it_comes_sees_what_a_fresh_one_sees() {
     // Small endpoints (256 blocks each): a prompt here is about 40 blocks, so every decision
     // also evicts, and the directory is published again every few dozen decisions. A policy that follows the cache alone, so that both
     // workers choose by the directory's match.
-    let extra = r#","default_capacity_blocks":256,"defaults":{"policy":"load_cache_aware","beta":0}"#;
+    let extra =
+        r#","default_capacity_blocks":256,"defaults":{"policy":"load_cache_aware","beta":0}"#;
     let mut p = Proxy::new(extra);
     let steady = p.worker(extra);
     for i in 0..60 {
@@ -1011,7 +1012,10 @@ fn a_worker_that_reads_every_overlay_as_it_comes_sees_what_a_fresh_one_sees() {
                 let (s1, _) = p.route_on(&steady, &format!("q{i}-{j}"), &text(j));
                 let (s2, _) = p.route_on(&fresh, &format!("q{i}-{j}"), &text(j));
                 let (a, b) = (s1.routed().unwrap(), s2.routed().unwrap());
-                assert_eq!(a.predicted_blocks, b.predicted_blocks, "prompt {j} after {i}");
+                assert_eq!(
+                    a.predicted_blocks, b.predicted_blocks,
+                    "prompt {j} after {i}"
+                );
                 if j == i {
                     assert!(a.predicted_blocks > 0, "the newest prompt is placed");
                 }
