@@ -32,6 +32,8 @@ pub struct PolicyCell {
     pub slo: f64,
     /// Mean hit rate of the repeats.
     pub hit: f64,
+    /// Lowest and highest repeat hit rate.
+    pub hit_range: (f64, f64),
     /// Repeats.
     pub runs: usize,
 }
@@ -109,20 +111,23 @@ pub fn cells(runs: &[RunResult], slo_ms: f64) -> Vec<Cell> {
                     let mine: Vec<&&RunResult> =
                         rs.iter().filter(|r| r.spec.label() == p).collect();
                     let p95s: Vec<f64> = mine.iter().map(|r| r.ttft_ms[1]).collect();
+                    let hits: Vec<f64> = mine.iter().map(|r| r.hit_rate).collect();
+                    let range = |xs: &[f64]| {
+                        (
+                            xs.iter().copied().fold(f64::INFINITY, f64::min),
+                            xs.iter().copied().fold(0.0, f64::max),
+                        )
+                    };
                     let all: Vec<f64> = mine.iter().flat_map(|r| r.ttfts.iter().copied()).collect();
                     PolicyCell {
                         policy: p,
                         p95: quantile_free_mean(&p95s),
-                        p95_range: (
-                            p95s.iter().copied().fold(f64::INFINITY, f64::min),
-                            p95s.iter().copied().fold(0.0, f64::max),
-                        ),
+                        p95_range: range(&p95s),
                         mean: quantile_free_mean(&all),
                         slo: all.iter().filter(|t| **t <= slo_ms).count() as f64
                             / all.len().max(1) as f64,
-                        hit: quantile_free_mean(
-                            &mine.iter().map(|r| r.hit_rate).collect::<Vec<_>>(),
-                        ),
+                        hit: quantile_free_mean(&hits),
+                        hit_range: range(&hits),
                         runs: mine.len(),
                     }
                 })
@@ -207,10 +212,12 @@ pub fn html(runs: &[RunResult], default: PolicyKind, slo_ms: f64) -> String {
          best policy on P95 TTFT, mean TTFT and hit rate, and the default's ratio to each. The \
          default loses a cell when its P95 is over 1.05x the best and outside the best's spread \
          over repeats, when its hit rate is over 2 points below the best, or at N &ge; 8 and 1x \
-         when round_robin's P95 is not 1.3x its own. It loses <b>{lost} of {judged}</b> cells.</p>\
+         when round_robin's P95 is not 1.3x its own. It loses <b>{lost} of {judged}</b> cells. \
+         A spread is the lowest and highest of the repeats; where the default's hit rates and the \
+         best's overlap, the difference is within what repeats move it by.</p>\
          <table><tr><th>experiment</th><th>workload</th><th>N</th><th>load</th><th>repeats</th>\
          <th>best P95 (ms, spread)</th><th>default / best</th><th>best mean TTFT</th>\
-         <th>default / best</th><th>best hit</th><th>default &minus; best</th>\
+         <th>default / best</th><th>best hit (spread)</th><th>default &minus; best</th>\
          <th>round_robin / default P95</th><th>default SLO attainment</th><th>loses on</th></tr>"
     ));
     for c in &cells {
@@ -222,6 +229,17 @@ pub fn html(runs: &[RunResult], default: PolicyKind, slo_ms: f64) -> String {
         let spread = b.map_or(String::new(), |b| {
             format!(" ({:.0}-{:.0})", b.p95_range.0, b.p95_range.1)
         });
+        let bh = c.policies.iter().find(|p| p.policy == v.best_hit.0);
+        let hit_spread = match (bh, d) {
+            (Some(b), Some(d)) if b.runs > 1 => {
+                let overlap = d.hit_range.1 >= b.hit_range.0 && d.policy != b.policy;
+                (
+                    format!(" ({:.3}-{:.3})", b.hit_range.0, b.hit_range.1),
+                    if overlap { ", spreads overlap" } else { "" },
+                )
+            }
+            _ => (String::new(), ""),
+        };
         let mark = if v.losses.is_empty() {
             String::new()
         } else {
@@ -229,7 +247,7 @@ pub fn html(runs: &[RunResult], default: PolicyKind, slo_ms: f64) -> String {
         };
         h.push_str(&format!(
             "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{} {:.0}{}</td>\
-             <td>{:.2}</td><td>{} {:.0}</td><td>{:.2}</td><td>{} {:.3}</td><td>{:+.3}</td>\
+             <td>{:.2}</td><td>{} {:.0}</td><td>{:.2}</td><td>{} {:.3}{}</td><td>{:+.3}{}</td>\
              <td>{}</td><td>{:.3}</td><td>{}</td></tr>",
             c.experiment,
             c.workload,
@@ -245,7 +263,9 @@ pub fn html(runs: &[RunResult], default: PolicyKind, slo_ms: f64) -> String {
             v.mean_ratio,
             v.best_hit.0,
             v.best_hit.1,
+            hit_spread.0,
             v.hit_diff,
+            hit_spread.1,
             v.over_round_robin
                 .map_or("-".to_string(), |x| format!("{x:.2}")),
             d.map_or(0.0, |d| d.slo),
@@ -311,6 +331,27 @@ mod tests {
         let v = verdict(&cells(&runs, 50.0)[0], d).unwrap();
         assert_eq!(v.losses, vec!["P95", "hit rate", "under 1.3x round_robin"]);
         assert!(html(&runs, d, 50.0).contains("1 of 1"));
+        // Hit rates that move between repeats: the best's spread, and whether the default's
+        // overlaps it.
+        let runs = vec![
+            run(d, 0, &ramp(1.0), 0.40),
+            run(d, 1, &ramp(1.0), 0.44),
+            run(rr, 0, &ramp(2.0), 0.43),
+            run(rr, 1, &ramp(2.0), 0.49),
+        ];
+        let c = cells(&runs, 50.0);
+        assert_eq!(c[0].policies[1].hit_range, (0.43, 0.49));
+        let h = html(&runs, d, 50.0);
+        assert!(h.contains("round_robin 0.460 (0.430-0.490)"), "{h}");
+        assert!(h.contains("-0.040, spreads overlap"), "{h}");
+        let runs = vec![
+            run(d, 0, &ramp(1.0), 0.40),
+            run(d, 1, &ramp(1.0), 0.42),
+            run(rr, 0, &ramp(2.0), 0.45),
+            run(rr, 1, &ramp(2.0), 0.49),
+        ];
+        let h = html(&runs, d, 50.0);
+        assert!(h.contains("(0.450-0.490)</td><td>-0.060</td>"), "{h}");
         // A default that did not run is not judged.
         assert!(verdict(&cells(&runs, 50.0)[0], PolicyKind::Jsq).is_none());
     }
