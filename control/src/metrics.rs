@@ -322,6 +322,7 @@ pub struct StateMetrics {
     pub publishes: Id,
     pub directory_publishes: Id,
     pub overlay_publishes: Id,
+    pub report_delay_us: Id,
     pub overlay_entries: Id,
     pub directory_blocks: Id,
     pub directory_endpoint_blocks: Vec<Id>,
@@ -375,6 +376,7 @@ impl StateMetrics {
             publishes: d.counter("kvroute_state_publishes_total"),
             directory_publishes: d.counter("kvroute_state_directory_publishes_total"),
             overlay_publishes: d.counter("kvroute_state_overlay_publishes_total"),
+            report_delay_us: d.histogram("kvroute_report_delay_us"),
             overlay_entries: d.gauge("kvroute_state_overlay_entries"),
             directory_blocks: d.gauge("kvroute_directory_blocks"),
             directory_endpoint_blocks: config

@@ -546,12 +546,24 @@ impl<H: Host> StateService<H> {
                 break;
             };
             messages += 1;
-            let (reports, leftover) = DecisionReport::decode_batch(&msg);
+            let Some((from_us, batch)) = state::decode_report_message(&msg) else {
+                self.metrics.host_error(&self.host, HostOp::BadReport);
+                continue;
+            };
+            let (reports, leftover) = DecisionReport::decode_batch(batch);
             if leftover > 0 {
                 self.metrics.host_error(&self.host, HostOp::BadReport);
             }
+            if !reports.is_empty() {
+                // How long the batch's oldest report waited to be applied: the worker's coalescing,
+                // the queue's wake-up and this thread's other work.
+                self.host.record(
+                    self.metrics.report_delay_us,
+                    self.host.now_us().saturating_sub(from_us),
+                );
+            }
             if let Some(f) = self.fleet.as_mut() {
-                let well_formed = msg.get(..msg.len() - leftover).unwrap_or_default();
+                let well_formed = batch.get(..batch.len() - leftover).unwrap_or_default();
                 let blocks = reports.iter().map(|r| r.blocks.len()).sum();
                 let n = reports.len() as i64;
                 if f.share(well_formed, blocks, self.host.now_us() / 1000) {

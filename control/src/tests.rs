@@ -315,7 +315,8 @@ fn more_changes_than_an_overlay_holds_publish_the_whole_directory() {
             .collect(),
     };
     // A few changes: an overlay.
-    p.host.enqueue(q, &report(0, 10).encode());
+    p.host
+        .enqueue(q, &state::encode_report_message(0, &report(0, 10).encode()));
     p.apply_reports();
     assert_eq!(p.host.value("kvroute_state_overlay_publishes_total"), 1);
     let publishes = p.host.value("kvroute_state_publishes_total");
@@ -327,7 +328,7 @@ fn more_changes_than_an_overlay_holds_publish_the_whole_directory() {
     for from in (10..10 + big).step_by(1000) {
         report(from, 1000.min(10 + big - from)).encode_into(&mut batch);
     }
-    p.host.enqueue(q, &batch);
+    p.host.enqueue(q, &state::encode_report_message(0, &batch));
     p.apply_reports();
     assert_eq!(p.host.value("kvroute_state_overlay_publishes_total"), 1);
     assert_eq!(p.host.value("kvroute_state_publishes_total"), publishes + 1);
@@ -389,8 +390,15 @@ fn reports_within_the_coalescing_interval_travel_in_one_message() {
     p.host.advance_us(REPORT_COALESCE_US);
     p.worker.on_tick();
     assert_eq!(p.host.queued(state::DECISION_QUEUE), 2);
+    p.host.advance_us(50);
     p.apply_reports();
     assert_eq!(p.host.value("kvroute_decisions_recorded_total"), 5);
+    // Each message's wait is its oldest report's: the first report, sent at once, and the first
+    // of the four that waited for the tick.
+    assert_eq!(
+        p.host.samples("kvroute_report_delay_us"),
+        vec![400 + REPORT_COALESCE_US + 50, 300 + REPORT_COALESCE_US + 50]
+    );
 
     // Every decision published: a report that changes the directory goes at once.
     let mut p = Proxy::new("");
@@ -1046,7 +1054,8 @@ fn long_prompts_on_a_large_directory_grow_the_overlay_instead_of_republishing_th
                 .collect(),
         };
         next += 1000;
-        p.host.enqueue(q, &report.encode());
+        p.host
+            .enqueue(q, &state::encode_report_message(0, &report.encode()));
         p.apply_reports();
     };
     // Fill the directory.

@@ -64,6 +64,8 @@ struct WorkerState {
     /// The in-flight counts with the fleet's added, when a fleet is configured (reused).
     fleet_view: Vec<i64>,
     batch: Vec<u8>,
+    /// When the batch's first report was decided, us.
+    batch_from_us: u64,
     last_sent_us: u64,
 }
 
@@ -96,6 +98,7 @@ impl<H: Host> Worker<H> {
                 inflight_cas: None,
                 fleet_view: Vec::new(),
                 batch: Vec::new(),
+                batch_from_us: 0,
                 last_sent_us: 0,
             }),
             config,
@@ -448,6 +451,9 @@ impl<H: Host> Worker<H> {
                         }))
             }
         };
+        if st.batch.is_empty() {
+            st.batch_from_us = now_us;
+        }
         report.encode_into(&mut st.batch);
         if at_once
             || now_us.saturating_sub(st.last_sent_us) >= self.coalesce_us
@@ -465,7 +471,8 @@ impl<H: Host> Worker<H> {
         if st.queue.is_none() {
             st.queue = self.host.resolve_queue(state::DECISION_QUEUE);
         }
-        let ok = st.queue.is_some_and(|q| self.host.enqueue(q, &st.batch));
+        let msg = state::encode_report_message(st.batch_from_us, &st.batch);
+        let ok = st.queue.is_some_and(|q| self.host.enqueue(q, &msg));
         if !ok {
             st.queue = None;
             self.metrics.host_error(&self.host, HostOp::Enqueue);

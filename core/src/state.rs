@@ -515,6 +515,21 @@ impl DecisionReport {
     }
 }
 
+/// Wraps a batch of reports (back to back, [`DecisionReport::encode_into`]) for the decision
+/// queue: `from_us: u64 LE | batch`, where `from_us` is when the batch's first report was decided
+/// (the host's clock, us), so that the singleton can tell how long reports wait to be applied.
+pub fn encode_report_message(from_us: u64, batch: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + batch.len());
+    out.extend_from_slice(&from_us.to_le_bytes());
+    out.extend_from_slice(batch);
+    out
+}
+
+/// Splits a decision-queue message into its time and its batch; None when it is too short.
+pub fn decode_report_message(msg: &[u8]) -> Option<(u64, &[u8])> {
+    Some((u64_at(msg, 0)?, msg.get(8..)?))
+}
+
 /// A decoded state, owning its bytes; lookups read the bytes in place.
 #[derive(Debug, Clone)]
 pub struct PublishedState {
@@ -1209,6 +1224,26 @@ mod tests {
         );
         batch.extend_from_slice(&[1, 2, 3]);
         assert_eq!(DecisionReport::decode_batch(&batch), (vec![r, r2], 3));
+    }
+
+    #[test]
+    fn report_message_round_trip() {
+        let r = DecisionReport {
+            endpoint: 1,
+            session: Some(5),
+            blocks: vec![BlockHash(9)],
+        };
+        let m = encode_report_message(1_234, &r.encode());
+        assert_eq!(
+            decode_report_message(&m),
+            Some((1_234, r.encode().as_slice()))
+        );
+        assert_eq!(
+            DecisionReport::decode_batch(decode_report_message(&m).unwrap().1),
+            (vec![r], 0)
+        );
+        assert_eq!(decode_report_message(&m[..7]), None);
+        assert_eq!(decode_report_message(&m[..8]), Some((1_234, &[][..])));
     }
 
     #[test]

@@ -2,8 +2,8 @@
 //! reports, as a worker or the singleton reads them from shared data and queues.
 use kvroute_core::directory::PrefixIndex;
 use kvroute_core::state::{
-    decode_directory_version, decode_inflight, decode_overlay_seq, decode_version,
-    DecisionReport, PublishedOverlay, PublishedState,
+    decode_directory_version, decode_inflight, decode_overlay_seq, decode_report_message,
+    decode_version, DecisionReport, PublishedOverlay, PublishedState,
 };
 use kvroute_core::BlockHash;
 
@@ -15,6 +15,9 @@ fn main() {
         let mut counts = Vec::new();
         decode_inflight(data, 16, &mut counts);
         let _ = DecisionReport::decode_batch(data);
+        if let Some((_, batch)) = decode_report_message(data) {
+            let _ = DecisionReport::decode_batch(batch);
+        }
         if let Ok(s) = PublishedState::decode(data.to_vec()) {
             for h in [0u64, 1, u64::MAX, 0x9e37_79b9_7f4a_7c15] {
                 let _ = s.holders(BlockHash(h));

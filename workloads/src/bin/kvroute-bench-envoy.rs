@@ -737,23 +737,27 @@ async fn main() -> anyhow::Result<()> {
     if !phase_rows.is_empty() {
         results.insert("phases_us".into(), phase_rows.into());
     }
-    let hist = reqwest::get(format!(
-        "http://{}/stats?filter=kvroute_decision_time_us",
-        with.admin
-    ))
-    .await?
-    .text()
-    .await?;
-    for line in hist.lines().filter(|l| l.contains("P50")) {
-        println!(
-            "in-filter decision time, µs (interval,cumulative): {}",
-            line.trim()
-        );
+    for (name, what, key) in [
+        (
+            "kvroute_decision_time_us",
+            "in-filter decision time",
+            "decision_time_us_envoy_histogram",
+        ),
+        (
+            "kvroute_report_delay_us",
+            "a decision's wait until the state service applied it",
+            "report_delay_us_envoy_histogram",
+        ),
+    ] {
+        let hist = reqwest::get(format!("http://{}/stats?filter={name}", with.admin))
+            .await?
+            .text()
+            .await?;
+        for line in hist.lines().filter(|l| l.contains("P50")) {
+            println!("{what}, µs (interval,cumulative): {}", line.trim());
+        }
+        results.insert(key.into(), hist.trim().to_string().into());
     }
-    results.insert(
-        "decision_time_us_envoy_histogram".into(),
-        hist.trim().to_string().into(),
-    );
     let stats = with.stats().await?;
     let fallbacks: u64 = stats
         .iter()
