@@ -777,17 +777,23 @@ impl<H: Host> StateService<H> {
         } else if self.dir_touched {
             self.dir_touched = false;
             if self.published_dir_at_ms != 0 {
-                self.published_dir_at_ms = now;
-                let v = state::encode_version_with_directory(
-                    self.version,
-                    now,
-                    self.overlay_seq,
-                    self.dir_version,
-                );
-                if self.host.shared_set(state::VERSION_KEY, &v, None) != Ok(true) {
-                    self.metrics.host_error(&self.host, HostOp::Publish);
-                }
+                self.mark_current(now);
             }
+        }
+    }
+
+    /// Says that the published directory, with its overlay, is current as of `now` (the version
+    /// key's `as_of`), without publishing anything else.
+    fn mark_current(&mut self, now: u64) {
+        self.published_dir_at_ms = now;
+        let v = state::encode_version_with_directory(
+            self.version,
+            now,
+            self.overlay_seq,
+            self.dir_version,
+        );
+        if self.host.shared_set(state::VERSION_KEY, &v, None) != Ok(true) {
+            self.metrics.host_error(&self.host, HostOp::Publish);
         }
     }
 
@@ -808,17 +814,7 @@ impl<H: Host> StateService<H> {
         {
             return;
         }
-        let v = state::encode_version_with_directory(
-            self.version,
-            now,
-            self.overlay_seq,
-            self.dir_version,
-        );
-        if self.host.shared_set(state::VERSION_KEY, &v, None) == Ok(true) {
-            self.published_dir_at_ms = now;
-        } else {
-            self.metrics.host_error(&self.host, HostOp::Publish);
-        }
+        self.mark_current(now);
     }
 
     /// Publishes the state; `with_directory` takes a fresh directory snapshot and publishes it

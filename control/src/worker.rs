@@ -63,9 +63,9 @@ struct WorkerState {
     inflight_cas: Option<u32>,
     /// The in-flight counts with the fleet's added, when a fleet is configured (reused).
     fleet_view: Vec<i64>,
+    /// The decision-queue message being batched: its time (its first report's), then its reports
+    /// (empty when none waits).
     batch: Vec<u8>,
-    /// When the batch's first report was decided, us.
-    batch_from_us: u64,
     last_sent_us: u64,
 }
 
@@ -98,7 +98,6 @@ impl<H: Host> Worker<H> {
                 inflight_cas: None,
                 fleet_view: Vec::new(),
                 batch: Vec::new(),
-                batch_from_us: 0,
                 last_sent_us: 0,
             }),
             config,
@@ -452,12 +451,12 @@ impl<H: Host> Worker<H> {
             }
         };
         if st.batch.is_empty() {
-            st.batch_from_us = now_us;
+            state::begin_report_message(&mut st.batch, now_us);
         }
         report.encode_into(&mut st.batch);
         if at_once
             || now_us.saturating_sub(st.last_sent_us) >= self.coalesce_us
-            || st.batch.len() >= MAX_BATCH_BYTES
+            || st.batch.len() >= MAX_BATCH_BYTES + state::REPORT_MESSAGE_HEADER
         {
             self.flush(st, now_us);
         }
@@ -471,8 +470,7 @@ impl<H: Host> Worker<H> {
         if st.queue.is_none() {
             st.queue = self.host.resolve_queue(state::DECISION_QUEUE);
         }
-        let msg = state::encode_report_message(st.batch_from_us, &st.batch);
-        let ok = st.queue.is_some_and(|q| self.host.enqueue(q, &msg));
+        let ok = st.queue.is_some_and(|q| self.host.enqueue(q, &st.batch));
         if !ok {
             st.queue = None;
             self.metrics.host_error(&self.host, HostOp::Enqueue);

@@ -519,15 +519,25 @@ impl DecisionReport {
 /// queue: `from_us: u64 LE | batch`, where `from_us` is when the batch's first report was decided
 /// (the host's clock, us), so that the singleton can tell how long reports wait to be applied.
 pub fn encode_report_message(from_us: u64, batch: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(8 + batch.len());
-    out.extend_from_slice(&from_us.to_le_bytes());
+    let mut out = Vec::with_capacity(REPORT_MESSAGE_HEADER + batch.len());
+    begin_report_message(&mut out, from_us);
     out.extend_from_slice(batch);
     out
 }
 
+/// Bytes of a decision-queue message before its reports.
+pub const REPORT_MESSAGE_HEADER: usize = 8;
+
+/// Starts a decision-queue message in `out` (emptied first): its time, `from_us`; the reports are
+/// appended after it ([`DecisionReport::encode_into`]).
+pub fn begin_report_message(out: &mut Vec<u8>, from_us: u64) {
+    out.clear();
+    out.extend_from_slice(&from_us.to_le_bytes());
+}
+
 /// Splits a decision-queue message into its time and its batch; None when it is too short.
 pub fn decode_report_message(msg: &[u8]) -> Option<(u64, &[u8])> {
-    Some((u64_at(msg, 0)?, msg.get(8..)?))
+    Some((u64_at(msg, 0)?, msg.get(REPORT_MESSAGE_HEADER..)?))
 }
 
 /// A decoded state, owning its bytes; lookups read the bytes in place.

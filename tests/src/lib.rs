@@ -203,6 +203,33 @@ impl Stack {
     }
 }
 
+/// P-quantiles of an Envoy histogram from `/stats` (cumulative values).
+pub async fn histogram_quantiles(envoy: &Envoy, name: &str) -> Vec<(String, f64)> {
+    let text = reqwest::get(format!("http://{}/stats?filter={name}", envoy.admin))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.contains("P50"))
+        .unwrap_or_default()
+        .to_string();
+    line.split_whitespace()
+        .filter_map(|tok| {
+            let (q, rest) = tok.split_once('(')?;
+            let cumulative = rest
+                .trim_end_matches(')')
+                .split(',')
+                .nth(1)?
+                .parse::<f64>()
+                .ok()?;
+            Some((q.to_string(), cumulative))
+        })
+        .collect()
+}
+
 /// A chat body.
 pub fn chat(messages: &[(&str, &str)]) -> serde_json::Value {
     let msgs: Vec<serde_json::Value> = messages

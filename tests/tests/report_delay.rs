@@ -36,52 +36,33 @@ async fn send_new_prompts(s: &Stack, n: u64, gap: Duration) {
         .unwrap();
 }
 
-/// The histogram's line in `/stats`: `P0(interval,cumulative) ... P100(...)`, once Envoy has
-/// merged the workers' histograms (on its stats flush, every 5 s); empty if it never shows.
-async fn delay_histogram(s: &Stack) -> String {
+/// The histogram's cumulative quantiles, once Envoy has merged the workers' histograms (on its
+/// stats flush, every 5 s); empty if they never show.
+async fn delay_quantiles(s: &Stack) -> Vec<(String, f64)> {
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     loop {
-        let text = reqwest::get(format!(
-            "http://{}/stats?filter=kvroute_report_delay_us",
-            s.envoy.admin
-        ))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-        let line = text
-            .lines()
-            .find(|l| l.contains("P50("))
-            .unwrap_or_default()
-            .trim()
-            .to_string();
-        if cumulative(&line, "P50").is_some() || std::time::Instant::now() > deadline {
-            return line;
+        let q = histogram_quantiles(&s.envoy, "kvroute_report_delay_us").await;
+        if quantile(&q, "P50").is_some_and(f64::is_finite) || std::time::Instant::now() > deadline {
+            return q;
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
 
-/// The cumulative value of quantile `q` (`"P50"`) in a histogram line; None when it has none.
-fn cumulative(line: &str, q: &str) -> Option<f64> {
-    let rest = line.split(&format!(" {q}(")).nth(1)?;
-    let inner = rest.split(')').next()?;
-    inner.split(',').nth(1)?.trim().parse().ok()
+/// The value of quantile `name` (`"P50"`), if the histogram has it.
+fn quantile(q: &[(String, f64)], name: &str) -> Option<f64> {
+    q.iter().find(|(k, _)| k == name).map(|(_, v)| *v)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_applied_decision_records_how_long_it_waited() {
     let s = Stack::start(2, |_| {}).await;
     send_new_prompts(&s, 20, Duration::from_millis(10)).await;
-    let line = delay_histogram(&s).await;
-    let p50 = cumulative(&line, "P50").unwrap_or(f64::NAN);
+    let q = delay_quantiles(&s).await;
+    let p50 = quantile(&q, "P50").unwrap_or(f64::NAN);
     // A wait is positive and, on an idle Envoy, far under a second.
-    assert!(p50 > 0.0 && p50 < 1e6, "{line}");
-    assert!(
-        cumulative(&line, "P100").is_some_and(|m| m >= p50),
-        "{line}"
-    );
+    assert!(p50 > 0.0 && p50 < 1e6, "{q:?}");
+    assert!(quantile(&q, "P100").is_some_and(|m| m >= p50), "{q:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -89,12 +70,10 @@ async fn every_applied_decision_records_how_long_it_waited() {
 async fn measure_the_report_delay_at_a_light_load() {
     let s = Stack::start(2, |_| {}).await;
     send_new_prompts(&s, 400, Duration::from_millis(20)).await;
-    let line = delay_histogram(&s).await;
-    println!("400 new 2 KB prompts, one every 20 ms, 2 engines: {line}");
-    for q in ["P25", "P50", "P75", "P90", "P99"] {
-        println!(
-            "report delay {q}: {:.0} us",
-            cumulative(&line, q).unwrap_or(f64::NAN)
-        );
+    let q = delay_quantiles(&s).await;
+    println!("400 new 2 KB prompts, one every 20 ms, 2 engines:");
+    for name in ["P25", "P50", "P75", "P90", "P99"] {
+        let v = quantile(&q, name).unwrap_or(f64::NAN);
+        println!("report delay {name}: {v:.0} us");
     }
 }

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use kvroute_core::config::PolicySettings;
 use kvroute_core::policy::{LoadSignal, PolicyKind};
+use kvroute_e2e::histogram_quantiles;
 use kvroute_harness::emulated::{EmulatedEngine, RunningSidecar};
 use kvroute_harness::envoy_config::{Engine, EnvoySpec};
 use kvroute_harness::stack::{filter_wasm, Envoy};
@@ -236,33 +237,6 @@ async fn a_dead_sidecar_degrades_routing_not_traffic() {
     );
 }
 
-/// P-quantiles of an Envoy histogram from `/stats` (cumulative values).
-async fn quantiles(envoy: &Envoy, name: &str) -> Vec<(String, f64)> {
-    let text = reqwest::get(format!("http://{}/stats?filter={name}", envoy.admin))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let line = text
-        .lines()
-        .find(|l| l.contains("P50"))
-        .unwrap_or_default()
-        .to_string();
-    line.split_whitespace()
-        .filter_map(|tok| {
-            let (q, rest) = tok.split_once('(')?;
-            let cumulative = rest
-                .trim_end_matches(')')
-                .split(',')
-                .nth(1)?
-                .parse::<f64>()
-                .ok()?;
-            Some((q.to_string(), cumulative))
-        })
-        .collect()
-}
-
 /// The sidecar's engine poll interval is an Envoy runtime value too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sidecar_poll_interval_follows_a_runtime_value() {
@@ -344,7 +318,7 @@ async fn a_five_second_directory_interval_shows_in_the_age_histogram() {
     }
     // Histograms reach /stats at Envoy's 5 s flush.
     tokio::time::sleep(Duration::from_millis(5500)).await;
-    let q = quantiles(&rig.envoy, "kvroute_state_age_ms").await;
+    let q = histogram_quantiles(&rig.envoy, "kvroute_state_age_ms").await;
     let get = |name: &str| q.iter().find(|(k, _)| k == name).map(|(_, v)| *v).unwrap();
     println!("state age quantiles (ms): {q:?}");
     assert!(
