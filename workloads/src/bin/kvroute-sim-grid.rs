@@ -17,15 +17,18 @@ use clap::Parser;
 use kvroute_core::policy::PolicyKind;
 use kvroute_core::PolicySettings;
 use kvroute_sim::SimConfig;
+use kvroute_study::criterion::{self, Cell};
+use kvroute_study::plan::{self, GridWorkload, StudyPlan};
 use kvroute_study::search::RateSearch;
 use kvroute_study::simulated;
 use kvroute_study::study::{RunResult, RunSpec};
-use kvroute_traces::{agentic, arrivals, mooncake, rag, sharegpt, with_arrivals, Session};
+use kvroute_traces::{agentic, arrivals, mooncake, with_arrivals, Session};
 
 #[derive(Parser, Debug)]
 #[command(about = "Every policy in one cell of the grid, simulated, with repeats")]
 struct Args {
-    /// `sharegpt`, `rag`, `mix` (half each), `agentic` or `mooncake` (the trace's own times).
+    /// `sharegpt` (cut to `--max-turns`), `sharegpt-full` (up to 10 turns), `rag`, `mix` (half
+    /// each), `agentic` or `mooncake` (the trace's own times).
     #[arg(long, default_value = "sharegpt")]
     workload: String,
     /// Fleet sizes.
@@ -70,91 +73,43 @@ struct Args {
     /// A runtime value for every run (`--set kvroute.ttft_work_weight=2`; repeat the flag).
     #[arg(long = "set")]
     sets: Vec<String>,
+    /// Also print, per policy, how often a session's next turn went to another endpoint than its
+    /// previous one, and the cached share of the moved and the staying turns' prompt tokens.
+    #[arg(long)]
+    moves: bool,
 }
 
 struct Workloads {
-    sharegpt: Vec<Session>,
+    /// The ShareGPT file's text.
+    sharegpt: String,
+    /// The study's reduced plan, with `--max-turns`: the shapes of the ShareGPT and RAG sessions.
+    plan: StudyPlan,
     mooncake: Vec<Session>,
 }
 
-fn sessions(a: &Args, w: &Workloads, n: usize, rate: f64, seed: u64) -> Vec<Session> {
+fn sessions(
+    a: &Args,
+    w: &Workloads,
+    n: usize,
+    rate: f64,
+    seed: u64,
+) -> anyhow::Result<Vec<Session>> {
     let count = a.sessions_per_engine * n;
-    let pick = |all: &[Session], k: usize, offset: usize| -> Vec<Session> {
-        let start = (offset + seed as usize * 97) % all.len().max(1);
-        all.iter().cycle().skip(start).take(k).cloned().collect()
-    };
     let picked = match a.workload.as_str() {
-        "rag" => rag::generate(&rag::RagOptions {
-            users: count,
-            max_tokens: 32,
-            seed,
-            ..Default::default()
-        }),
-        "mix" => kvroute_traces::mix(
-            &pick(&w.sharegpt, count, 0),
-            &rag::generate(&rag::RagOptions {
-                users: count,
-                max_tokens: 32,
-                seed,
-                ..Default::default()
-            }),
-            0.5,
-            count,
-            seed,
-        ),
         "agentic" => agentic::generate(&agentic::AgenticOptions {
             sessions: count,
             seed,
             ..Default::default()
         }),
-        "mooncake" => return w.mooncake.clone(),
-        _ => pick(&w.sharegpt, count, 0),
+        "mooncake" => return Ok(w.mooncake.clone()),
+        name => {
+            let g = GridWorkload::parse(name)
+                .ok_or_else(|| anyhow::anyhow!("unknown workload {name}"))?;
+            return plan::grid_sessions(&w.sharegpt, &w.plan, g, count, seed, rate * n as f64);
+        }
     };
     let starts = arrivals::poisson(picked.len(), rate * n as f64, seed);
-    with_arrivals(picked, &starts)
-}
-
-/// One policy's figures in a cell, over its repeats.
-struct Cell {
-    /// Mean P95 TTFT, ms.
-    p95: f64,
-    /// Lowest and highest P95 of a repeat.
-    lo: f64,
-    hi: f64,
-    /// Mean TTFT, ms.
-    mean: f64,
-    /// Share of requests with TTFT within the objective.
-    slo: f64,
-    /// Engine prefix-cache hit rate.
-    hit: f64,
-}
-
-fn stats(results: &[&RunResult], slo_ms: f64) -> Cell {
-    let k = results.len().max(1) as f64;
-    let p95: Vec<f64> = results.iter().map(|r| r.ttft_ms[1]).collect();
-    let mean_ttft = results
-        .iter()
-        .map(|r| r.ttfts.iter().sum::<f64>() / r.ttfts.len().max(1) as f64)
-        .sum::<f64>()
-        / k;
-    let slo = results
-        .iter()
-        .map(|r| {
-            r.ttfts.iter().filter(|t| **t <= slo_ms).count() as f64 / r.ttfts.len().max(1) as f64
-        })
-        .sum::<f64>()
-        / k;
-    let hit = results.iter().map(|r| r.hit_rate).sum::<f64>() / k;
-    let lo = p95.iter().copied().fold(f64::INFINITY, f64::min);
-    let hi = p95.iter().copied().fold(0.0, f64::max);
-    Cell {
-        p95: p95.iter().sum::<f64>() / k,
-        lo,
-        hi,
-        mean: mean_ttft,
-        slo,
-        hit,
-    }
+    Ok(with_arrivals(picked, &starts))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -174,17 +129,11 @@ fn main() -> anyhow::Result<()> {
         .default_policy
         .parse()
         .map_err(|()| anyhow::anyhow!("unknown policy {}", a.default_policy))?;
-    let text = std::fs::read_to_string(&a.sharegpt)?;
+    let mut plan = StudyPlan::parse(plan::REDUCED).map_err(anyhow::Error::msg)?;
+    plan.sharegpt.max_turns = a.max_turns;
     let mut w = Workloads {
-        sharegpt: sharegpt::parse(
-            &text,
-            &sharegpt::ShareGptOptions {
-                max_turns: a.max_turns,
-                max_tokens: 64,
-                think_ms: 2000.0,
-                ..Default::default()
-            },
-        )?,
+        sharegpt: std::fs::read_to_string(&a.sharegpt)?,
+        plan,
         mooncake: Vec::new(),
     };
     if a.workload == "mooncake" {
@@ -217,7 +166,7 @@ fn main() -> anyhow::Result<()> {
             while let Some(r) = search.next() {
                 let spec = RunSpec::new("knee", &a.workload, PolicyKind::RoundRobin, r, "knee", 0);
                 let b = base(2);
-                let work = simulated::prepare_for(&b, &sessions(&a, &w, 2, r, 1));
+                let work = simulated::prepare_for(&b, &sessions(&a, &w, 2, r, 1)?);
                 let res = simulated::run(&spec, &b, &work)?;
                 search.record(res.failed == 0 && res.ttft_ms[1] <= a.slo_ms);
             }
@@ -232,6 +181,10 @@ fn main() -> anyhow::Result<()> {
         for &x in &a.loads {
             let b = base(n);
             let mut results: Vec<RunResult> = Vec::new();
+            // Per policy: follow-ups, moved, and the moved and staying turns' hit shares
+            // weighted by their counts.
+            let mut moved: std::collections::BTreeMap<&str, (usize, usize, f64, f64)> =
+                Default::default();
             let reps = if a.workload == "mooncake" {
                 1
             } else {
@@ -239,7 +192,7 @@ fn main() -> anyhow::Result<()> {
             };
             for rep in 0..reps {
                 let seed = rep as u64 + 1;
-                let work = simulated::prepare_for(&b, &sessions(&a, &w, n, rate * x, seed));
+                let work = simulated::prepare_for(&b, &sessions(&a, &w, n, rate * x, seed)?);
                 for p in &policies {
                     let spec = RunSpec::new(
                         "grid",
@@ -250,7 +203,13 @@ fn main() -> anyhow::Result<()> {
                         rep,
                     )
                     .with_runtime(runtime.clone());
-                    let r = simulated::run(&spec, &b, &work)?;
+                    let (r, sim_out) = simulated::run_with_output(&spec, &b, &work)?;
+                    let m = simulated::moves(&sim_out);
+                    let total = moved.entry(p.as_str()).or_default();
+                    total.0 += m.follow_ups;
+                    total.1 += m.moved;
+                    total.2 += m.moved_hit * m.moved as f64;
+                    total.3 += m.stayed_hit * (m.follow_ups - m.moved) as f64;
                     if let Some(o) = out.as_mut() {
                         use std::io::Write;
                         let mut slim = r.clone();
@@ -260,64 +219,81 @@ fn main() -> anyhow::Result<()> {
                     results.push(r);
                 }
             }
-            let rows: Vec<(PolicyKind, Cell)> = policies
-                .iter()
-                .map(|p| {
-                    let rs: Vec<&RunResult> =
-                        results.iter().filter(|r| r.spec.policy == *p).collect();
-                    (*p, stats(&rs, a.slo_ms))
-                })
-                .collect();
-            let best_p95 = rows.iter().map(|r| r.1.p95).fold(f64::INFINITY, f64::min);
-            let best_mean = rows.iter().map(|r| r.1.mean).fold(f64::INFINITY, f64::min);
-            let best_hit = rows.iter().map(|r| r.1.hit).fold(0.0, f64::max);
-            println!(
-                "\nN = {n}, {x}x ({} requests a run)",
-                results.first().map_or(0, |r| r.requests)
-            );
-            println!(
-                "{:<20} {:>10} {:>19} {:>10} {:>7} {:>6}",
-                "policy", "P95 ms", "P95 spread", "mean ms", "SLO", "hit"
-            );
-            for (p, c) in &rows {
-                let Cell {
-                    p95,
-                    lo,
-                    hi,
-                    mean,
-                    slo,
-                    hit,
-                } = c;
-                let mark = |v: f64, b: f64| if (v - b).abs() < 1e-9 { "*" } else { " " };
+            let refs: Vec<&RunResult> = results.iter().collect();
+            let cell = Cell {
+                experiment: "grid".into(),
+                workload: a.workload.clone(),
+                engines: n,
+                rate: plan::load_label(x),
+                policies: criterion::policy_cells(&refs, a.slo_ms),
+            };
+            print_cell(&cell, default, results.first().map_or(0, |r| r.requests));
+            if a.moves {
                 println!(
-                    "{:<20} {:>9.0}{} {:>9.0}-{:<9.0} {:>9.0}{} {:>7.3} {:>5.3}{}",
-                    p.as_str(),
-                    p95,
-                    mark(*p95, best_p95),
-                    lo,
-                    hi,
-                    mean,
-                    mark(*mean, best_mean),
-                    slo,
-                    hit,
-                    mark(*hit, best_hit)
+                    "{:<20} {:>10} {:>8} {:>10} {:>11}",
+                    "policy", "follow-ups", "moved", "moved hit", "stayed hit"
                 );
-            }
-            if let Some((_, Cell { p95, mean, hit, .. })) = rows.iter().find(|r| r.0 == default) {
-                let rr = rows.iter().find(|r| r.0 == PolicyKind::RoundRobin);
-                println!(
-                    "{}: P95 {:.2}x the best, mean {:.2}x the best, hit {:+.3} against the best{}",
-                    default.as_str(),
-                    p95 / best_p95.max(1e-9),
-                    mean / best_mean.max(1e-9),
-                    hit - best_hit,
-                    rr.map_or(String::new(), |r| format!(
-                        "; round_robin's P95 / its P95 = {:.2}",
-                        r.1.p95 / p95.max(1e-9)
-                    ))
-                );
+                for p in &policies {
+                    let (f, m, mh, sh) = moved.get(p.as_str()).copied().unwrap_or_default();
+                    println!(
+                        "{:<20} {:>10} {:>7.1}% {:>10.3} {:>11.3}",
+                        p.as_str(),
+                        f,
+                        100.0 * m as f64 / f.max(1) as f64,
+                        mh / m.max(1) as f64,
+                        sh / (f - m).max(1) as f64
+                    );
+                }
             }
         }
     }
     Ok(())
+}
+
+/// A cell as a table: every policy's P95 (mean over repeats, and their spread), mean TTFT, SLO
+/// attainment and hit rate, the best of each marked; then the default's standing, as the study's
+/// opening table judges it ([`criterion::verdict`]).
+fn print_cell(cell: &Cell, default: PolicyKind, requests: usize) {
+    println!(
+        "\nN = {}, {} ({requests} requests a run)",
+        cell.engines, cell.rate
+    );
+    println!(
+        "{:<20} {:>10} {:>19} {:>10} {:>7} {:>6}",
+        "policy", "P95 ms", "P95 spread", "mean ms", "SLO", "hit"
+    );
+    let Some(v) = criterion::verdict(cell, default) else {
+        return;
+    };
+    let mark = |p: &str, best: &(String, f64)| if p == best.0 { "*" } else { " " };
+    for c in &cell.policies {
+        println!(
+            "{:<20} {:>9.0}{} {:>9.0}-{:<9.0} {:>9.0}{} {:>7.3} {:>5.3}{}",
+            c.policy,
+            c.p95,
+            mark(&c.policy, &v.best_p95),
+            c.p95_range.0,
+            c.p95_range.1,
+            c.mean,
+            mark(&c.policy, &v.best_mean),
+            c.slo,
+            c.hit,
+            mark(&c.policy, &v.best_hit)
+        );
+    }
+    println!(
+        "{}: P95 {:.2}x the best, mean {:.2}x the best, hit {:+.3} against the best{}{}",
+        default.as_str(),
+        v.p95_ratio,
+        v.mean_ratio,
+        v.hit_diff,
+        v.over_round_robin.map_or(String::new(), |x| format!(
+            "; round_robin's P95 / its P95 = {x:.2}"
+        )),
+        if v.losses.is_empty() {
+            String::new()
+        } else {
+            format!("; loses on {}", v.losses.join(", "))
+        }
+    );
 }

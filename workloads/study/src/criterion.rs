@@ -15,7 +15,14 @@ use kvroute_core::policy::PolicyKind;
 use crate::study::RunResult;
 
 /// Experiments whose runs compare policies (the sweeps, searches and validation runs do not).
-pub const POLICY_EXPERIMENTS: [&str; 5] = ["exp1", "exp2", "exp5", "exp5-mooncake", "exp5-agentic"];
+pub const POLICY_EXPERIMENTS: [&str; 6] = [
+    "exp1",
+    "exp2",
+    "exp5",
+    "exp5-grid",
+    "exp5-mooncake",
+    "exp5-agentic",
+];
 
 /// One policy (or peer router) in one cell, over its repeats.
 #[derive(Debug, Clone, PartialEq)]
@@ -99,39 +106,7 @@ pub fn cells(runs: &[RunResult], slo_ms: f64) -> Vec<Cell> {
     groups
         .into_iter()
         .map(|((i, workload, engines, rate), rs)| {
-            let mut order: Vec<String> = Vec::new();
-            for r in &rs {
-                if !order.contains(&r.spec.label()) {
-                    order.push(r.spec.label());
-                }
-            }
-            let policies = order
-                .into_iter()
-                .map(|p| {
-                    let mine: Vec<&&RunResult> =
-                        rs.iter().filter(|r| r.spec.label() == p).collect();
-                    let p95s: Vec<f64> = mine.iter().map(|r| r.ttft_ms[1]).collect();
-                    let hits: Vec<f64> = mine.iter().map(|r| r.hit_rate).collect();
-                    let range = |xs: &[f64]| {
-                        (
-                            xs.iter().copied().fold(f64::INFINITY, f64::min),
-                            xs.iter().copied().fold(0.0, f64::max),
-                        )
-                    };
-                    let all: Vec<f64> = mine.iter().flat_map(|r| r.ttfts.iter().copied()).collect();
-                    PolicyCell {
-                        policy: p,
-                        p95: quantile_free_mean(&p95s),
-                        p95_range: range(&p95s),
-                        mean: quantile_free_mean(&all),
-                        slo: all.iter().filter(|t| **t <= slo_ms).count() as f64
-                            / all.len().max(1) as f64,
-                        hit: quantile_free_mean(&hits),
-                        hit_range: range(&hits),
-                        runs: mine.len(),
-                    }
-                })
-                .collect();
+            let policies = policy_cells(&rs, slo_ms);
             Cell {
                 experiment: POLICY_EXPERIMENTS
                     .get(i)
@@ -142,6 +117,42 @@ pub fn cells(runs: &[RunResult], slo_ms: f64) -> Vec<Cell> {
                 engines,
                 rate,
                 policies,
+            }
+        })
+        .collect()
+}
+
+/// Every policy's (or peer router's) figures over `rs`, the runs of one cell, in the order first
+/// seen.
+pub fn policy_cells(rs: &[&RunResult], slo_ms: f64) -> Vec<PolicyCell> {
+    let mut order: Vec<String> = Vec::new();
+    for r in rs {
+        if !order.contains(&r.spec.label()) {
+            order.push(r.spec.label());
+        }
+    }
+    order
+        .into_iter()
+        .map(|p| {
+            let mine: Vec<&&RunResult> = rs.iter().filter(|r| r.spec.label() == p).collect();
+            let p95s: Vec<f64> = mine.iter().map(|r| r.ttft_ms[1]).collect();
+            let hits: Vec<f64> = mine.iter().map(|r| r.hit_rate).collect();
+            let range = |xs: &[f64]| {
+                (
+                    xs.iter().copied().fold(f64::INFINITY, f64::min),
+                    xs.iter().copied().fold(0.0, f64::max),
+                )
+            };
+            let all: Vec<f64> = mine.iter().flat_map(|r| r.ttfts.iter().copied()).collect();
+            PolicyCell {
+                policy: p,
+                p95: quantile_free_mean(&p95s),
+                p95_range: range(&p95s),
+                mean: quantile_free_mean(&all),
+                slo: all.iter().filter(|t| **t <= slo_ms).count() as f64 / all.len().max(1) as f64,
+                hit: quantile_free_mean(&hits),
+                hit_range: range(&hits),
+                runs: mine.len(),
             }
         })
         .collect()
@@ -354,5 +365,43 @@ mod tests {
         assert!(h.contains("(0.450-0.490)</td><td>-0.060</td>"), "{h}");
         // A default that did not run is not judged.
         assert!(verdict(&cells(&runs, 50.0)[0], PolicyKind::Jsq).is_none());
+        // The simulated grid's runs are cells of their own, one per workload, fleet and load;
+        // the sweeps' runs (runtime values) are not.
+        let grid = |policy, rep, workload: &str, load: &str| {
+            let mut r = run(policy, rep, &ramp(1.0), 0.5);
+            r.spec = RunSpec::new("exp5-grid", workload, policy, 8.0, load, rep);
+            r
+        };
+        let mut runs = vec![
+            grid(d, 0, "mix", "2x"),
+            grid(rr, 0, "mix", "2x"),
+            grid(d, 0, "rag", "2x"),
+            grid(d, 0, "mix", "0.5x"),
+        ];
+        let mut swept = grid(d, 0, "mix", "2x");
+        swept.spec = swept
+            .spec
+            .with_runtime(vec![("kvroute.alpha".into(), "1".into())]);
+        runs.push(swept);
+        let c = cells(&runs, 50.0);
+        let keys: Vec<(&str, &str, &str, usize)> = c
+            .iter()
+            .map(|c| {
+                (
+                    c.experiment.as_str(),
+                    c.workload.as_str(),
+                    c.rate.as_str(),
+                    c.policies.len(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                ("exp5-grid", "mix", "0.5x", 1),
+                ("exp5-grid", "mix", "2x", 2),
+                ("exp5-grid", "rag", "2x", 1)
+            ]
+        );
     }
 }

@@ -307,6 +307,71 @@ pub struct SimulatedPlan {
     /// The fleet log's sync period, ms (the filter's `fleet.sync_ms`).
     #[serde(default = "d_fleet_sync_ms")]
     pub fleet_sync_ms: u64,
+    /// The rest of the default policy's criterion grid (`exp5-grid`): workloads, fleets and loads
+    /// beyond experiment 5's ShareGPT at 1x, every policy of `policies` in each cell.
+    #[serde(default)]
+    pub grid: Vec<GridCells>,
+}
+
+/// A workload of the simulated criterion grid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GridWorkload {
+    /// ShareGPT cut to the plan's `sharegpt.max_turns` (experiment 5's conversations).
+    Sharegpt,
+    /// ShareGPT at full length: up to [`FULL_LENGTH_TURNS`] turns.
+    SharegptFull,
+    /// Synthetic RAG: one question a user on one of a few shared documents.
+    Rag,
+    /// Half ShareGPT conversations, half RAG users, interleaved.
+    Mix,
+}
+
+/// Turns at most of a full-length ShareGPT conversation in the grid.
+pub const FULL_LENGTH_TURNS: usize = 10;
+
+impl GridWorkload {
+    /// Its name in results.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GridWorkload::Sharegpt => "sharegpt",
+            GridWorkload::SharegptFull => "sharegpt-full",
+            GridWorkload::Rag => "rag",
+            GridWorkload::Mix => "mix",
+        }
+    }
+
+    /// The workload named `name` (`sharegpt`, `sharegpt-full`, `rag`, `mix`).
+    pub fn parse(name: &str) -> Option<GridWorkload> {
+        [
+            GridWorkload::Sharegpt,
+            GridWorkload::SharegptFull,
+            GridWorkload::Rag,
+            GridWorkload::Mix,
+        ]
+        .into_iter()
+        .find(|w| w.as_str() == name)
+    }
+}
+
+/// Cells of the simulated criterion grid: one workload on each fleet at each load. A load is a
+/// multiple of the workload's own 1x: half the knee that the live and simulated searches use (the
+/// highest rate per engine at which `round_robin` keeps P95 TTFT within the objective at N = 2),
+/// as experiment 5 runs ShareGPT.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GridCells {
+    /// The workload.
+    pub workload: GridWorkload,
+    /// Engine counts.
+    pub engines: Vec<usize>,
+    /// Multiples of the workload's 1x.
+    pub loads: Vec<f64>,
+}
+
+/// A load's label in results: `0.5x`, `1x`, `2x`.
+pub fn load_label(x: f64) -> String {
+    format!("{x}x")
 }
 
 fn d_gateways() -> Vec<usize> {
@@ -448,6 +513,17 @@ impl StudyPlan {
         {
             errors.push("simulated: engine counts must be 1 to 64".into());
         }
+        for g in &self.simulated.grid {
+            let at = format!("simulated.grid {}", g.workload.as_str());
+            if g.engines.is_empty() || g.engines.iter().any(|n| *n < 1 || *n > 64) {
+                errors.push(format!("{at}: engines must be a non-empty list of 1 to 64"));
+            }
+            if g.loads.is_empty() || g.loads.iter().any(|x| !x.is_finite() || *x <= 0.0) {
+                errors.push(format!(
+                    "{at}: loads must be a non-empty list of positive multiples"
+                ));
+            }
+        }
         if errors.is_empty() {
             Ok(())
         } else {
@@ -489,6 +565,56 @@ pub fn sharegpt_sessions(
         .take(count)
         .cloned()
         .collect();
+    let starts = arrivals::poisson(picked.len(), rate, seed);
+    Ok(with_arrivals(picked, &starts))
+}
+
+/// `sessions` sessions of a simulated grid run of `workload`, starting as a Poisson process of
+/// `rate` sessions/s. ShareGPT conversations are picked by `seed` as in [`sharegpt_sessions`]; RAG
+/// users have the plan's `rag` shape; the mix draws each session from one or the other, half and
+/// half, by `seed`.
+pub fn grid_sessions(
+    text: &str,
+    plan: &StudyPlan,
+    workload: GridWorkload,
+    sessions: usize,
+    seed: u64,
+    rate: f64,
+) -> anyhow::Result<Vec<Session>> {
+    let sharegpt = |max_turns: usize| {
+        let p = ShareGptPlan {
+            max_turns,
+            ..plan.sharegpt.clone()
+        };
+        sharegpt_sessions(text, &p, sessions, seed, 1.0, 0)
+    };
+    let rag = || {
+        rag::generate(&rag::RagOptions {
+            users: sessions,
+            max_tokens: plan.rag.max_tokens,
+            seed,
+            ..Default::default()
+        })
+    };
+    let picked = match workload {
+        GridWorkload::Sharegpt => sharegpt(plan.sharegpt.max_turns)?,
+        GridWorkload::SharegptFull => sharegpt(FULL_LENGTH_TURNS)?,
+        GridWorkload::Rag => rag(),
+        GridWorkload::Mix => {
+            // The mix keeps its draw's order among equal start times (arrivals come after).
+            let unset = |mut v: Vec<Session>| {
+                v.iter_mut().for_each(|s| s.start_ms = 0.0);
+                v
+            };
+            kvroute_traces::mix(
+                &unset(sharegpt(plan.sharegpt.max_turns)?),
+                &unset(rag()),
+                0.5,
+                sessions,
+                seed,
+            )
+        }
+    };
     let starts = arrivals::poisson(picked.len(), rate, seed);
     Ok(with_arrivals(picked, &starts))
 }
@@ -547,6 +673,66 @@ mod tests {
         assert_eq!(r.simulated.validation_router_seeds, 8);
         let f = StudyPlan::parse(FULL).unwrap();
         assert_eq!(f.validation_repeats(), f.repeats);
+        // The criterion grid: part of it in the reduced plan, all of it in the full one.
+        let workloads = |p: &StudyPlan| {
+            p.simulated
+                .grid
+                .iter()
+                .map(|g| g.workload)
+                .collect::<Vec<_>>()
+        };
+        let all = [
+            GridWorkload::Sharegpt,
+            GridWorkload::SharegptFull,
+            GridWorkload::Rag,
+            GridWorkload::Mix,
+        ];
+        assert_eq!(workloads(&r), all);
+        assert_eq!(workloads(&f), all);
+        assert!(f
+            .simulated
+            .grid
+            .iter()
+            .all(|g| g.engines == f.simulated.engines));
+        assert_eq!(r.simulated.grid[1].loads, vec![0.5, 1.0, 2.0]);
+        assert_eq!(load_label(0.5), "0.5x");
+        assert_eq!(load_label(2.0), "2x");
+        for w in all {
+            assert_eq!(GridWorkload::parse(w.as_str()), Some(w));
+        }
+    }
+
+    #[test]
+    fn grid_sessions_have_their_workloads_shape() {
+        // The project's data, beside the checkout (as CI has it).
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../../shared/data/sharegpt_dev_3000.json"
+        ))
+        .unwrap();
+        let p = StudyPlan::parse(REDUCED).unwrap();
+        let turns = |w: GridWorkload| {
+            let s = grid_sessions(&text, &p, w, 300, 1, 2.0).unwrap();
+            assert_eq!(s.len(), 300, "{w:?}");
+            // Poisson starts at 2 sessions/s: about 150 s for 300 sessions.
+            let last = s.iter().map(|x| x.start_ms).fold(0.0, f64::max);
+            assert!((100_000.0..200_000.0).contains(&last), "{w:?} {last}");
+            s.iter().map(|x| x.turns.len()).collect::<Vec<_>>()
+        };
+        let (short, full, rag, mix) = (
+            turns(GridWorkload::Sharegpt),
+            turns(GridWorkload::SharegptFull),
+            turns(GridWorkload::Rag),
+            turns(GridWorkload::Mix),
+        );
+        assert!(short.iter().all(|t| (1..=p.sharegpt.max_turns).contains(t)));
+        assert!(full.iter().all(|t| (1..=FULL_LENGTH_TURNS).contains(t)));
+        assert!(full.iter().any(|t| *t > p.sharegpt.max_turns));
+        assert!(rag.iter().all(|t| *t == 1));
+        // About half of the mix is single-question RAG users, the rest conversations.
+        let single = mix.iter().filter(|t| **t == 1).count();
+        assert!((100..250).contains(&single), "{single}");
+        assert!(mix.iter().any(|t| *t > 1));
     }
 
     #[test]
@@ -612,5 +798,10 @@ mod tests {
         assert!(
             bad("mooncake_engines = [8, 16]", "mooncake_engines = [8, 128]").contains("1 to 64")
         );
+        assert!(bad("engines = [2, 8, 32]", "engines = [2, 80]")
+            .contains("simulated.grid sharegpt: engines"));
+        assert!(bad("loads = [0.5, 2.0]", "loads = [0.5, -2.0]")
+            .contains("simulated.grid sharegpt: loads"));
+        assert!(bad("workload = \"mix\"", "workload = \"chat\"").contains("chat"));
     }
 }

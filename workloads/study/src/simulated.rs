@@ -59,10 +59,61 @@ pub fn run(
     base: &SimConfig,
     work: &[PreparedSession],
 ) -> anyhow::Result<RunResult> {
+    Ok(run_with_output(spec, base, work)?.0)
+}
+
+/// [`run`], with the simulator's own output (its per-request records).
+pub fn run_with_output(
+    spec: &RunSpec,
+    base: &SimConfig,
+    work: &[PreparedSession],
+) -> anyhow::Result<(RunResult, SimOutput)> {
     let cfg = configured(spec, base)?;
     let t = std::time::Instant::now();
     let out = simulate(&cfg, work);
-    Ok(result(spec, &out, work, t.elapsed().as_secs_f64()))
+    Ok((result(spec, &out, work, t.elapsed().as_secs_f64()), out))
+}
+
+/// How a run's follow-up requests (a session's turns after its first) were placed: how many went
+/// to another endpoint than the session's previous turn, and the share of their prompt tokens the
+/// engine had cached, for the moved turns and for the ones that stayed.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Moves {
+    /// Follow-up turns.
+    pub follow_ups: usize,
+    /// Of those, sent to another endpoint than the previous turn.
+    pub moved: usize,
+    /// Cached share of the moved turns' prompt tokens.
+    pub moved_hit: f64,
+    /// Cached share of the other follow-ups' prompt tokens.
+    pub stayed_hit: f64,
+}
+
+/// The [`Moves`] of a simulated run.
+pub fn moves(out: &SimOutput) -> Moves {
+    let mut turns: Vec<_> = out.records.iter().filter(|r| r.error.is_none()).collect();
+    turns.sort_by_key(|r| (r.session, r.turn));
+    let (mut m, mut s) = ((0u64, 0u64), (0u64, 0u64));
+    let mut out_m = Moves::default();
+    for pair in turns.windows(2) {
+        let [prev, next] = pair else { continue };
+        if prev.session != next.session {
+            continue;
+        }
+        out_m.follow_ups += 1;
+        let acc = if prev.endpoint == next.endpoint {
+            &mut s
+        } else {
+            out_m.moved += 1;
+            &mut m
+        };
+        acc.0 += u64::from(next.cached_tokens);
+        acc.1 += u64::from(next.prompt_tokens);
+    }
+    let share = |(c, t): (u64, u64)| c as f64 / t.max(1) as f64;
+    out_m.moved_hit = share(m);
+    out_m.stayed_hit = share(s);
+    out_m
 }
 
 /// Prepares sessions for `base`'s filter on every core.

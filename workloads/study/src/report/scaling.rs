@@ -197,4 +197,23 @@ pub(super) fn section(h: &mut String, figs: &Figures, runs: &[RunResult], sm: &S
         &|r| r.spec.experiment == "exp5-agentic",
         &|r| format!("N={:>2} {}", r.per_endpoint.len(), r.spec.policy.as_str()),
     );
+    if runs.iter().any(|r| r.spec.experiment == "exp5-grid") {
+        let _ = write!(h, "<h3>The rest of the criterion's grid</h3><p>ShareGPT cut to the plan's turns at 0.5x and 2x (1x is experiment 5 above), ShareGPT at full length (up to {} turns), RAG users and the mix (half each), at 0.5x, 1x and 2x. Each workload's 1x offers experiment 5's requests per second per engine (its session rate scaled by its requests per session), and a run's sessions arrive over experiment 5's window, so 2x is twice the sessions in the same time. The opening table judges the default in each cell.</p>",
+            crate::plan::FULL_LENGTH_TURNS);
+        table(
+            h,
+            runs,
+            "Criterion grid (simulated) by workload, engines, load and policy",
+            &|r| r.spec.experiment == "exp5-grid",
+            &|r| {
+                format!(
+                    "{} N={:>2} {:>4} {}",
+                    r.spec.workload,
+                    r.per_endpoint.len(),
+                    r.spec.rate_label,
+                    r.spec.policy.as_str()
+                )
+            },
+        );
+    }
 }
