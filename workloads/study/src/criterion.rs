@@ -43,6 +43,57 @@ pub struct PolicyCell {
     pub hit_range: (f64, f64),
     /// Repeats.
     pub runs: usize,
+    /// Each repeat's (seed, P95, hit rate), by seed: every policy of a cell runs the same
+    /// sessions and arrivals under a seed, so two policies' repeats pair up.
+    pub per_seed: Vec<(u64, f64, f64)>,
+}
+
+/// The default against another policy, seed by seed: what the same sessions and arrivals gave
+/// each, which leaves out how much one realisation of the workload differs from the next.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Paired {
+    /// Lowest and highest of the default's P95 over the other's, per seed.
+    pub p95_ratio: (f64, f64),
+    /// Seeds where the default's P95 was the lower (or equal).
+    pub p95_lower: usize,
+    /// Lowest and highest of the default's hit rate minus the other's, per seed.
+    pub hit_diff: (f64, f64),
+    /// Seeds where the default's hit rate was the higher (or equal).
+    pub hit_higher: usize,
+    /// Seeds both ran.
+    pub seeds: usize,
+}
+
+/// `d` against `o` over the seeds both ran (None: fewer than two).
+pub fn paired(d: &PolicyCell, o: &PolicyCell) -> Option<Paired> {
+    let pairs: Vec<((f64, f64), (f64, f64))> = d
+        .per_seed
+        .iter()
+        .filter_map(|(s, p, h)| {
+            o.per_seed
+                .iter()
+                .find(|x| x.0 == *s)
+                .map(|x| ((*p, *h), (x.1, x.2)))
+        })
+        .collect();
+    if pairs.len() < 2 {
+        return None;
+    }
+    let ratios: Vec<f64> = pairs.iter().map(|(a, b)| a.0 / b.0.max(1e-9)).collect();
+    let diffs: Vec<f64> = pairs.iter().map(|(a, b)| a.1 - b.1).collect();
+    let range = |xs: &[f64]| {
+        (
+            xs.iter().copied().fold(f64::INFINITY, f64::min),
+            xs.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+        )
+    };
+    Some(Paired {
+        p95_ratio: range(&ratios),
+        p95_lower: ratios.iter().filter(|r| **r <= 1.0).count(),
+        hit_diff: range(&diffs),
+        hit_higher: diffs.iter().filter(|d| **d >= 0.0).count(),
+        seeds: pairs.len(),
+    })
 }
 
 /// One cell: which runs, and every policy's figures.
@@ -153,6 +204,14 @@ pub fn policy_cells(rs: &[&RunResult], slo_ms: f64) -> Vec<PolicyCell> {
                 hit: quantile_free_mean(&hits),
                 hit_range: range(&hits),
                 runs: mine.len(),
+                per_seed: {
+                    let mut v: Vec<(u64, f64, f64)> = mine
+                        .iter()
+                        .map(|r| (r.spec.seed, r.ttft_ms[1], r.hit_rate))
+                        .collect();
+                    v.sort_by_key(|x| x.0);
+                    v
+                },
             }
         })
         .collect()
@@ -225,7 +284,12 @@ pub fn html(runs: &[RunResult], default: PolicyKind, slo_ms: f64) -> String {
          over repeats, when its hit rate is over 2 points below the best, or at N &ge; 8 and 1x \
          when round_robin's P95 is not 1.3x its own. It loses <b>{lost} of {judged}</b> cells. \
          A spread is the lowest and highest of the repeats; where the default's hit rates and the \
-         best's overlap, the difference is within what repeats move it by.</p>\
+         best's overlap, the difference is within what repeats move it by. Every policy of a cell \
+         runs the same sessions and arrivals under each seed, so the small print pairs the \
+         default with the best (or, where the default is the best, the runner-up) seed by seed: \
+         the range of the per-seed ratios or differences, and in how many seeds the default was \
+         as good. That leaves out how much one realisation of the workload differs from the \
+         next.</p>\
          <table><tr><th>experiment</th><th>workload</th><th>N</th><th>load</th><th>repeats</th>\
          <th>best P95 (ms, spread)</th><th>default / best</th><th>best mean TTFT</th>\
          <th>default / best</th><th>best hit (spread)</th><th>default &minus; best</th>\
@@ -251,6 +315,41 @@ pub fn html(runs: &[RunResult], default: PolicyKind, slo_ms: f64) -> String {
             }
             _ => (String::new(), ""),
         };
+        // Seed by seed, against the best (or, where the default is the best, the runner-up).
+        let rival = |best: &str, key: &dyn Fn(&PolicyCell) -> f64, lower: bool| {
+            if best != default.as_str() {
+                return c.policies.iter().find(|p| p.policy == best);
+            }
+            c.policies
+                .iter()
+                .filter(|p| p.policy != best)
+                .min_by(|a, b| {
+                    let o = key(a).total_cmp(&key(b));
+                    if lower {
+                        o
+                    } else {
+                        o.reverse()
+                    }
+                })
+        };
+        let by_seed_p95 = match (d, rival(&v.best_p95.0, &|p| p.p95, true)) {
+            (Some(d), Some(o)) => paired(d, o).map_or(String::new(), |x| {
+                format!(
+                    "<br><small>per seed vs {}: {:.2}-{:.2}, lower in {} of {}</small>",
+                    o.policy, x.p95_ratio.0, x.p95_ratio.1, x.p95_lower, x.seeds
+                )
+            }),
+            _ => String::new(),
+        };
+        let by_seed_hit = match (d, rival(&v.best_hit.0, &|p| p.hit, false)) {
+            (Some(d), Some(o)) => paired(d, o).map_or(String::new(), |x| {
+                format!(
+                    "<br><small>per seed vs {}: {:+.3} to {:+.3}, as high in {} of {}</small>",
+                    o.policy, x.hit_diff.0, x.hit_diff.1, x.hit_higher, x.seeds
+                )
+            }),
+            _ => String::new(),
+        };
         let mark = if v.losses.is_empty() {
             String::new()
         } else {
@@ -258,7 +357,7 @@ pub fn html(runs: &[RunResult], default: PolicyKind, slo_ms: f64) -> String {
         };
         h.push_str(&format!(
             "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{} {:.0}{}</td>\
-             <td>{:.2}</td><td>{} {:.0}</td><td>{:.2}</td><td>{} {:.3}{}</td><td>{:+.3}{}</td>\
+             <td>{:.2}{}</td><td>{} {:.0}</td><td>{:.2}</td><td>{} {:.3}{}</td><td>{:+.3}{}{}</td>\
              <td>{}</td><td>{:.3}</td><td>{}</td></tr>",
             c.experiment,
             c.workload,
@@ -269,6 +368,7 @@ pub fn html(runs: &[RunResult], default: PolicyKind, slo_ms: f64) -> String {
             v.best_p95.1,
             spread,
             v.p95_ratio,
+            by_seed_p95,
             v.best_mean.0,
             v.best_mean.1,
             v.mean_ratio,
@@ -277,6 +377,7 @@ pub fn html(runs: &[RunResult], default: PolicyKind, slo_ms: f64) -> String {
             hit_spread.0,
             v.hit_diff,
             hit_spread.1,
+            by_seed_hit,
             v.over_round_robin
                 .map_or("-".to_string(), |x| format!("{x:.2}")),
             d.map_or(0.0, |d| d.slo),
@@ -362,7 +463,23 @@ mod tests {
             run(rr, 1, &ramp(2.0), 0.49),
         ];
         let h = html(&runs, d, 50.0);
-        assert!(h.contains("(0.450-0.490)</td><td>-0.060</td>"), "{h}");
+        assert!(h.contains("(0.450-0.490)</td><td>-0.060<br>"), "{h}");
+        // Seed by seed: the default's hit rate 0.05 and 0.07 under round_robin's, its P95 half.
+        assert!(
+            h.contains("per seed vs round_robin: -0.070 to -0.050, as high in 0 of 2"),
+            "{h}"
+        );
+        assert!(
+            h.contains("per seed vs round_robin: 0.50-0.50, lower in 2 of 2"),
+            "{h}"
+        );
+        let c = cells(&runs, 50.0);
+        let p = paired(&c[0].policies[0], &c[0].policies[1]).unwrap();
+        assert_eq!((p.seeds, p.p95_lower, p.hit_higher), (2, 2, 0));
+        // Seeds one side lacks do not pair; one pair is not a comparison.
+        let mut lone = c[0].policies[1].clone();
+        lone.per_seed.truncate(1);
+        assert!(paired(&c[0].policies[0], &lone).is_none());
         // A default that did not run is not judged.
         assert!(verdict(&cells(&runs, 50.0)[0], PolicyKind::Jsq).is_none());
         // The simulated grid's runs are cells of their own, one per workload, fleet and load;
