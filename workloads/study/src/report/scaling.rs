@@ -207,7 +207,7 @@ pub(super) fn section(h: &mut String, figs: &Figures, runs: &[RunResult], sm: &S
             &|r| r.spec.experiment == "exp5-grid",
             &|r| {
                 format!(
-                    "{} N={:>2} {:>4} {}",
+                    "{} N={:>2} {} {}",
                     r.spec.workload,
                     r.per_endpoint.len(),
                     r.spec.rate_label,
