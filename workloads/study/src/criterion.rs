@@ -217,6 +217,22 @@ pub fn policy_cells(rs: &[&RunResult], slo_ms: f64) -> Vec<PolicyCell> {
         .collect()
 }
 
+/// The first of `policies` with the lowest `key` (the highest unless `lower`).
+fn best_by<'a>(
+    policies: impl Iterator<Item = &'a PolicyCell>,
+    key: &dyn Fn(&PolicyCell) -> f64,
+    lower: bool,
+) -> Option<&'a PolicyCell> {
+    policies.min_by(|a, b| {
+        let o = key(a).total_cmp(&key(b));
+        if lower {
+            o
+        } else {
+            o.reverse()
+        }
+    })
+}
+
 /// The default's standing in `cell` against every policy and peer router there; None when the
 /// default did not run there.
 pub fn verdict(cell: &Cell, default: PolicyKind) -> Option<Verdict> {
@@ -225,13 +241,7 @@ pub fn verdict(cell: &Cell, default: PolicyKind) -> Option<Verdict> {
         .iter()
         .find(|p| p.policy == default.as_str())?;
     let best = |key: &dyn Fn(&PolicyCell) -> f64, lower: bool| {
-        cell.policies
-            .iter()
-            .map(|p| (p.policy.clone(), key(p), p))
-            .fold(None::<(String, f64, &PolicyCell)>, |acc, x| match acc {
-                Some(a) if (lower && a.1 <= x.1) || (!lower && a.1 >= x.1) => Some(a),
-                _ => Some(x),
-            })
+        best_by(cell.policies.iter(), key, lower).map(|p| (p.policy.clone(), key(p), p))
     };
     let (bp, bp95, bcell) = best(&|p| p.p95, true)?;
     let (bm, bmean, _) = best(&|p| p.mean, true)?;
@@ -316,40 +326,31 @@ pub fn html(runs: &[RunResult], default: PolicyKind, slo_ms: f64) -> String {
             _ => (String::new(), ""),
         };
         // Seed by seed, against the best (or, where the default is the best, the runner-up).
-        let rival = |best: &str, key: &dyn Fn(&PolicyCell) -> f64, lower: bool| {
-            if best != default.as_str() {
-                return c.policies.iter().find(|p| p.policy == best);
-            }
-            c.policies
-                .iter()
-                .filter(|p| p.policy != best)
-                .min_by(|a, b| {
-                    let o = key(a).total_cmp(&key(b));
-                    if lower {
-                        o
-                    } else {
-                        o.reverse()
-                    }
-                })
+        let by_seed = |best: &str,
+                       key: &dyn Fn(&PolicyCell) -> f64,
+                       lower: bool,
+                       show: &dyn Fn(&PolicyCell, Paired) -> String| {
+            let rival = if best == default.as_str() {
+                best_by(c.policies.iter().filter(|p| p.policy != best), key, lower)
+            } else {
+                c.policies.iter().find(|p| p.policy == best)
+            };
+            d.zip(rival)
+                .and_then(|(d, o)| paired(d, o).map(|x| show(o, x)))
+                .unwrap_or_default()
         };
-        let by_seed_p95 = match (d, rival(&v.best_p95.0, &|p| p.p95, true)) {
-            (Some(d), Some(o)) => paired(d, o).map_or(String::new(), |x| {
-                format!(
-                    "<br><small>per seed vs {}: {:.2}-{:.2}, lower in {} of {}</small>",
-                    o.policy, x.p95_ratio.0, x.p95_ratio.1, x.p95_lower, x.seeds
-                )
-            }),
-            _ => String::new(),
-        };
-        let by_seed_hit = match (d, rival(&v.best_hit.0, &|p| p.hit, false)) {
-            (Some(d), Some(o)) => paired(d, o).map_or(String::new(), |x| {
-                format!(
-                    "<br><small>per seed vs {}: {:+.3} to {:+.3}, as high in {} of {}</small>",
-                    o.policy, x.hit_diff.0, x.hit_diff.1, x.hit_higher, x.seeds
-                )
-            }),
-            _ => String::new(),
-        };
+        let by_seed_p95 = by_seed(&v.best_p95.0, &|p| p.p95, true, &|o, x| {
+            format!(
+                "<br><small>per seed vs {}: {:.2}-{:.2}, lower in {} of {}</small>",
+                o.policy, x.p95_ratio.0, x.p95_ratio.1, x.p95_lower, x.seeds
+            )
+        });
+        let by_seed_hit = by_seed(&v.best_hit.0, &|p| p.hit, false, &|o, x| {
+            format!(
+                "<br><small>per seed vs {}: {:+.3} to {:+.3}, as high in {} of {}</small>",
+                o.policy, x.hit_diff.0, x.hit_diff.1, x.hit_higher, x.seeds
+            )
+        });
         let mark = if v.losses.is_empty() {
             String::new()
         } else {
