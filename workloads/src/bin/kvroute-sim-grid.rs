@@ -2,13 +2,17 @@
 //! load, with repeats, as a table of P95, mean TTFT, SLO attainment and hit rate, the best of each
 //! marked, and the default policy's ratio to it.
 //!
-//! The load: `--rate` sessions/s per engine, or the knee the study uses (the highest rate at which
-//! `round_robin` keeps P95 TTFT within the objective at N = 2, doubling from 0.125/s then
-//! bisecting), times each of `--loads`.
+//! The load is the study's ([`GridLoad`]): `--rate` is experiment 5's ShareGPT sessions/s per
+//! engine at 1x (by default half the simulated knee, as the study finds it), each grid workload's
+//! 1x offers as many requests per second per engine, and a run's sessions arrive over experiment
+//! 5's window (`--sessions-per-engine` / `--rate`). The study's simulated runs also add the live
+//! gateway's cost and client send delay, measured in its live part, so its figures differ a
+//! little. `agentic` takes `--rate` as its own sessions/s per engine; `mooncake` keeps the trace's
+//! times.
 //!
 //! ```sh
 //! cargo run --release -p kvroute-workloads --bin kvroute-sim-grid -- \
-//!   --workload sharegpt --max-turns 10 --engines 8,16 --loads 0.5,1,2 --repeats 3
+//!   --workload sharegpt-full --engines 8,16 --loads 0.5,1,2 --repeats 3
 //! ```
 
 use std::path::PathBuf;
@@ -18,8 +22,7 @@ use kvroute_core::policy::PolicyKind;
 use kvroute_core::PolicySettings;
 use kvroute_sim::SimConfig;
 use kvroute_study::criterion::{self, Cell};
-use kvroute_study::plan::{self, GridWorkload, StudyPlan};
-use kvroute_study::search::RateSearch;
+use kvroute_study::plan::{self, GridLoad, GridWorkload, StudyPlan};
 use kvroute_study::simulated;
 use kvroute_study::study::{RunResult, RunSpec};
 use kvroute_traces::{agentic, arrivals, mooncake, with_arrivals, Session};
@@ -37,7 +40,8 @@ struct Args {
     /// Multiples of the per-engine rate.
     #[arg(long, value_delimiter = ',', default_value = "1")]
     loads: Vec<f64>,
-    /// Sessions/s per engine at 1x (default: the knee search).
+    /// Experiment 5's ShareGPT sessions/s per engine at 1x (default: half the simulated knee);
+    /// `agentic`: its own sessions/s per engine.
     #[arg(long)]
     rate: Option<f64>,
     /// Repeats (seeds 1, 2, ...).
@@ -46,12 +50,17 @@ struct Args {
     /// Policies (default: every one).
     #[arg(long, value_delimiter = ',')]
     policies: Vec<String>,
-    /// Sessions per engine in a run.
-    #[arg(long, default_value_t = 40)]
-    sessions_per_engine: usize,
-    /// ShareGPT turns at most per conversation.
-    #[arg(long, default_value_t = 4)]
-    max_turns: usize,
+    /// Experiment 5's ShareGPT sessions per engine (its window: these over `--rate`; default: the
+    /// plan's); `agentic`: its sessions per engine.
+    #[arg(long)]
+    sessions_per_engine: Option<usize>,
+    /// The full plan's session shapes and run size (`plans/full.toml`) instead of the reduced one.
+    #[arg(long)]
+    full: bool,
+    /// Every cell of the plan's `[[simulated.grid]]` (instead of `--workload`, `--engines` and
+    /// `--loads`), then the cells the default loses.
+    #[arg(long)]
+    plan_grid: bool,
     /// Engine profile.
     #[arg(long, default_value = "rtx5080-llama3.2-3b")]
     profile: String,
@@ -82,34 +91,40 @@ struct Args {
 struct Workloads {
     /// The ShareGPT file's text.
     sharegpt: String,
-    /// The study's reduced plan, with `--max-turns`: the shapes of the ShareGPT and RAG sessions.
+    /// The study's reduced plan: the shapes of the ShareGPT and RAG sessions.
     plan: StudyPlan,
     mooncake: Vec<Session>,
+    /// Experiment 5's load and window.
+    load: GridLoad,
+    /// Experiment 5's sessions per engine.
+    sessions_per_engine: usize,
 }
 
 fn sessions(
-    a: &Args,
+    workload: &str,
     w: &Workloads,
     n: usize,
-    rate: f64,
+    x: f64,
     seed: u64,
 ) -> anyhow::Result<Vec<Session>> {
-    let count = a.sessions_per_engine * n;
-    let picked = match a.workload.as_str() {
-        "agentic" => agentic::generate(&agentic::AgenticOptions {
-            sessions: count,
-            seed,
-            ..Default::default()
-        }),
-        "mooncake" => return Ok(w.mooncake.clone()),
+    match workload {
+        "mooncake" => Ok(w.mooncake.clone()),
+        "agentic" => {
+            let picked = agentic::generate(&agentic::AgenticOptions {
+                sessions: w.sessions_per_engine * n,
+                seed,
+                ..Default::default()
+            });
+            let starts = arrivals::poisson(picked.len(), w.load.per_engine * x * n as f64, seed);
+            Ok(with_arrivals(picked, &starts))
+        }
         name => {
             let g = GridWorkload::parse(name)
                 .ok_or_else(|| anyhow::anyhow!("unknown workload {name}"))?;
-            return plan::grid_sessions(&w.sharegpt, &w.plan, g, count, seed, rate * n as f64);
+            let one = w.load.one_x(&w.sharegpt, &w.plan, g)?;
+            w.load.sessions(&w.sharegpt, &w.plan, g, n, one * x, seed)
         }
-    };
-    let starts = arrivals::poisson(picked.len(), rate * n as f64, seed);
-    Ok(with_arrivals(picked, &starts))
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -129,18 +144,19 @@ fn main() -> anyhow::Result<()> {
         .default_policy
         .parse()
         .map_err(|()| anyhow::anyhow!("unknown policy {}", a.default_policy))?;
-    let mut plan = StudyPlan::parse(plan::REDUCED).map_err(anyhow::Error::msg)?;
-    plan.sharegpt.max_turns = a.max_turns;
-    let mut w = Workloads {
-        sharegpt: std::fs::read_to_string(&a.sharegpt)?,
-        plan,
-        mooncake: Vec::new(),
-    };
-    if a.workload == "mooncake" {
+    let plan = StudyPlan::parse(if a.full { plan::FULL } else { plan::REDUCED })
+        .map_err(anyhow::Error::msg)?;
+    let spe = a
+        .sessions_per_engine
+        .unwrap_or(plan.simulated.sessions_per_engine);
+    let text = std::fs::read_to_string(&a.sharegpt)?;
+    let mooncake = if a.workload == "mooncake" {
         let m = std::fs::read_to_string(&a.mooncake)?;
         let reqs = mooncake::parse(&m).map_err(|e| anyhow::anyhow!("{e}"))?;
-        w.mooncake = mooncake::sessions(&reqs, 1.0);
-    }
+        mooncake::sessions(&reqs, 1.0)
+    } else {
+        Vec::new()
+    };
     let runtime: Vec<(String, String)> = a
         .sets
         .iter()
@@ -158,96 +174,176 @@ fn main() -> anyhow::Result<()> {
         Some(p) => Some(std::io::BufWriter::new(std::fs::File::create(p)?)),
         None => None,
     };
-    let rate = match (a.rate, a.workload.as_str()) {
-        (_, "mooncake") => 0.0,
-        (Some(r), _) => r,
-        (None, _) => {
-            let mut search = RateSearch::new(0.125, 12, 4);
-            while let Some(r) = search.next() {
-                let spec = RunSpec::new("knee", &a.workload, PolicyKind::RoundRobin, r, "knee", 0);
-                let b = base(2);
-                let work = simulated::prepare_for(&b, &sessions(&a, &w, 2, r, 1)?);
-                let res = simulated::run(&spec, &b, &work)?;
-                search.record(res.failed == 0 && res.ttft_ms[1] <= a.slo_ms);
-            }
-            search.knee().unwrap_or(0.125)
+    let per_engine = match a.rate {
+        Some(r) => r,
+        None => {
+            let sharegpt = |rate: f64, seed: u64| {
+                plan::sharegpt_sessions(&text, &plan.sharegpt, spe * 2, seed, rate * 2.0, 0)
+            };
+            simulated::knee(&base(2), sharegpt, a.slo_ms, |_| Ok(()))? / 2.0
         }
     };
+    let w = Workloads {
+        load: GridLoad::new(&text, &plan, per_engine, spe)?,
+        sessions_per_engine: spe,
+        sharegpt: text,
+        plan,
+        mooncake,
+    };
     println!(
-        "workload {} ({} turns at most), profile {}, 1x = {rate:.3} sessions/s per engine, {} repeats",
-        a.workload, a.max_turns, a.profile, a.repeats
+        "{} plan, profile {}, experiment 5 at {per_engine:.3} ShareGPT sessions/s per engine, {} \
+         repeats",
+        w.plan.name, a.profile, a.repeats
     );
-    for &n in &a.engines {
-        for &x in &a.loads {
-            let b = base(n);
-            let mut results: Vec<RunResult> = Vec::new();
-            // Per policy: follow-ups, moved, and the moved and staying turns' hit shares
-            // weighted by their counts.
-            let mut moved: std::collections::BTreeMap<&str, (usize, usize, f64, f64)> =
-                Default::default();
-            let reps = if a.workload == "mooncake" {
-                1
-            } else {
-                a.repeats
-            };
-            for rep in 0..reps {
-                let seed = rep as u64 + 1;
-                let work = simulated::prepare_for(&b, &sessions(&a, &w, n, rate * x, seed)?);
-                for p in &policies {
-                    let spec = RunSpec::new(
-                        "grid",
-                        &a.workload,
-                        *p,
-                        rate * x * n as f64,
-                        &format!("{x}x"),
-                        rep,
-                    )
-                    .with_runtime(runtime.clone());
-                    let (r, sim_out) = simulated::run_with_output(&spec, &b, &work)?;
-                    let m = simulated::moves(&sim_out);
-                    let total = moved.entry(p.as_str()).or_default();
-                    total.0 += m.follow_ups;
-                    total.1 += m.moved;
-                    total.2 += m.moved_hit * m.moved as f64;
-                    total.3 += m.stayed_hit * (m.follow_ups - m.moved) as f64;
-                    if let Some(o) = out.as_mut() {
-                        use std::io::Write;
-                        let mut slim = r.clone();
-                        slim.ttfts.clear();
-                        writeln!(o, "{}", serde_json::to_string(&slim)?)?;
-                    }
-                    results.push(r);
+    let cells: Vec<(String, Vec<usize>, Vec<f64>)> = if a.plan_grid {
+        w.plan
+            .simulated
+            .grid
+            .iter()
+            .map(|g| {
+                (
+                    g.workload.as_str().to_string(),
+                    g.engines.clone(),
+                    g.loads.clone(),
+                )
+            })
+            .collect()
+    } else {
+        vec![(a.workload.clone(), a.engines.clone(), a.loads.clone())]
+    };
+    let mut lost = Vec::new();
+    let mut judged = 0;
+    for (workload, engines, loads) in &cells {
+        let one_x = match GridWorkload::parse(workload) {
+            Some(g) => w.load.one_x(&w.sharegpt, &w.plan, g)?,
+            None => per_engine,
+        };
+        println!("\nworkload {workload}: 1x = {one_x:.3} sessions/s per engine");
+        for &n in engines {
+            for &x in loads {
+                let cell = Run {
+                    a: &a,
+                    w: &w,
+                    policies: &policies,
+                    runtime: &runtime,
+                    base: base(n),
+                    out: &mut out,
                 }
-            }
-            let refs: Vec<&RunResult> = results.iter().collect();
-            let cell = Cell {
-                experiment: "grid".into(),
-                workload: a.workload.clone(),
-                engines: n,
-                rate: plan::load_label(x),
-                policies: criterion::policy_cells(&refs, a.slo_ms),
-            };
-            print_cell(&cell, default, results.first().map_or(0, |r| r.requests));
-            if a.moves {
-                println!(
-                    "{:<20} {:>10} {:>8} {:>10} {:>11}",
-                    "policy", "follow-ups", "moved", "moved hit", "stayed hit"
-                );
-                for p in &policies {
-                    let (f, m, mh, sh) = moved.get(p.as_str()).copied().unwrap_or_default();
-                    println!(
-                        "{:<20} {:>10} {:>7.1}% {:>10.3} {:>11.3}",
-                        p.as_str(),
-                        f,
-                        100.0 * m as f64 / f.max(1) as f64,
-                        mh / m.max(1) as f64,
-                        sh / (f - m).max(1) as f64
-                    );
+                .cell(workload, n, x, one_x, default)?;
+                if let Some(v) = criterion::verdict(&cell, default) {
+                    judged += 1;
+                    if !v.losses.is_empty() {
+                        lost.push(format!(
+                            "{workload} N = {n}, {}: {}",
+                            cell.rate,
+                            v.losses.join(", ")
+                        ));
+                    }
                 }
             }
         }
     }
+    if a.plan_grid {
+        println!(
+            "\n{} loses {} of {judged} cells",
+            default.as_str(),
+            lost.len()
+        );
+        for l in &lost {
+            println!("  {l}");
+        }
+    }
     Ok(())
+}
+
+/// What every cell's runs share.
+struct Run<'a, W: std::io::Write> {
+    a: &'a Args,
+    w: &'a Workloads,
+    policies: &'a [PolicyKind],
+    runtime: &'a [(String, String)],
+    base: SimConfig,
+    out: &'a mut Option<W>,
+}
+
+impl<W: std::io::Write> Run<'_, W> {
+    /// Every policy on `n` engines at `x` times `workload`'s 1x (`one_x` sessions/s per engine),
+    /// each repeat; prints the cell (and the moves, when asked) and returns it.
+    fn cell(
+        &mut self,
+        workload: &str,
+        n: usize,
+        x: f64,
+        one_x: f64,
+        default: PolicyKind,
+    ) -> anyhow::Result<Cell> {
+        let b = &self.base;
+        let mut results: Vec<RunResult> = Vec::new();
+        // Per policy: follow-ups, moved, and the moved and staying turns' hit shares weighted
+        // by their counts.
+        let mut moved: std::collections::BTreeMap<&str, (usize, usize, f64, f64)> =
+            Default::default();
+        let reps = if workload == "mooncake" {
+            1
+        } else {
+            self.a.repeats
+        };
+        for rep in 0..reps {
+            let seed = rep as u64 + 1;
+            let work = simulated::prepare_for(b, &sessions(workload, self.w, n, x, seed)?);
+            for p in self.policies {
+                let spec = RunSpec::new(
+                    "grid",
+                    workload,
+                    *p,
+                    one_x * x * n as f64,
+                    &plan::load_label(x),
+                    rep,
+                )
+                .with_runtime(self.runtime.to_vec());
+                let (r, sim_out) = simulated::run_with_output(&spec, b, &work)?;
+                let m = simulated::moves(&sim_out);
+                let total = moved.entry(p.as_str()).or_default();
+                total.0 += m.follow_ups;
+                total.1 += m.moved;
+                total.2 += m.moved_hit * m.moved as f64;
+                total.3 += m.stayed_hit * (m.follow_ups - m.moved) as f64;
+                if let Some(o) = self.out.as_mut() {
+                    let mut slim = r.clone();
+                    slim.ttfts.clear();
+                    writeln!(o, "{}", serde_json::to_string(&slim)?)?;
+                }
+                results.push(r);
+            }
+        }
+        let refs: Vec<&RunResult> = results.iter().collect();
+        let cell = Cell {
+            experiment: "grid".into(),
+            workload: workload.to_string(),
+            engines: n,
+            rate: plan::load_label(x),
+            policies: criterion::policy_cells(&refs, self.a.slo_ms),
+        };
+        print_cell(&cell, default, results.first().map_or(0, |r| r.requests));
+        if self.a.moves {
+            println!(
+                "{:<20} {:>10} {:>8} {:>10} {:>11}",
+                "policy", "follow-ups", "moved", "moved hit", "stayed hit"
+            );
+            for p in self.policies {
+                let (f, m, mh, sh) = moved.get(p.as_str()).copied().unwrap_or_default();
+                println!(
+                    "{:<20} {:>10} {:>7.1}% {:>10.3} {:>11.3}",
+                    p.as_str(),
+                    f,
+                    100.0 * m as f64 / f.max(1) as f64,
+                    mh / m.max(1) as f64,
+                    sh / (f - m).max(1) as f64
+                );
+            }
+        }
+        Ok(cell)
+    }
 }
 
 /// A cell as a table: every policy's P95 (mean over repeats, and their spread), mean TTFT, SLO

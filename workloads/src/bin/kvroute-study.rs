@@ -26,8 +26,7 @@ use kvroute_loadgen::analyze::{analyze, Analysis};
 use kvroute_loadgen::calibrate::calibrate;
 use kvroute_sim::{GatewayCost, SimConfig};
 use kvroute_study::plan::{
-    self, grid_sessions, load_label, rag_sessions, sharegpt_sessions, GridWorkload, SimulatedPlan,
-    StudyPlan, Workload,
+    self, load_label, rag_sessions, sharegpt_sessions, GridLoad, SimulatedPlan, StudyPlan, Workload,
 };
 use kvroute_study::report;
 use kvroute_study::search::{another_sample, verdict, RateSearch};
@@ -668,37 +667,14 @@ fn simulated_part(
             0,
         )
     };
-    // As the live search: a close call takes a second seed, and the mean decides.
-    let probe = |rate: f64, results: &mut Vec<RunResult>| -> anyhow::Result<bool> {
-        let mut samples: Vec<(f64, usize)> = Vec::new();
-        for rep in 0..2 {
-            let spec = RunSpec::new(
-                "sim-search",
-                "sharegpt",
-                PolicyKind::RoundRobin,
-                rate * 2.0,
-                &format!("{rate:.3}/s/engine"),
-                rep,
-            );
-            let work = simulated::prepare_for(&b2, &sessions_at(2, rate, rep as u64 + 1)?);
-            let r = simulated::run(&spec, &b2, &work)?;
-            samples.push((r.ttft_ms[1], r.failed));
-            keep(&a.out, results, r)?;
-            if !another_sample(&samples, plan.search.slo_ms) {
-                break;
-            }
-        }
-        Ok(verdict(&samples, plan.search.slo_ms))
-    };
-    // Doubling to the first rate over the objective, then four bisection steps between the last
-    // rate within it and that one: the knee, to about 6%.
-    let mut search = RateSearch::new(0.125, 12, 4);
-    while let Some(rate) = search.next() {
-        search.record(probe(rate, results)?);
-    }
+    let knee = simulated::knee(
+        &b2,
+        |rate, seed| sessions_at(2, rate, seed),
+        plan.search.slo_ms,
+        |r| keep(&a.out, results, r),
+    )?;
     // Experiment 5 runs at half the knee: loaded, but short of saturation at N = 2, where
     // placement rather than overload decides.
-    let knee = search.knee().unwrap_or(0.125);
     let per_engine = knee / 2.0;
     eprintln!(
         "study: simulated knee {knee:.3} sessions/s per engine; experiment 5 at {per_engine:.3}"
@@ -714,25 +690,10 @@ fn simulated_part(
             }
         }
     }
-    // The rest of the default policy's criterion grid (`exp5-grid`). Each workload's 1x offers
-    // the requests per second per engine of experiment 5's ShareGPT at 1x (its session rate
-    // scaled by requests per session, measured on 400 of its sessions), and a run's sessions
-    // arrive over experiment 5's window at 1x: a higher load is more sessions in the same time,
-    // as in the live runs. (A knee search per workload does not bound RAG: its requests are
-    // short, and round_robin keeps its P95 within the objective past 500 users/s per engine.)
-    let window_s = sim.sessions_per_engine as f64 / per_engine.max(1e-9);
-    let grid_at = |w: GridWorkload, n: usize, rate: f64, seed: u64| {
-        let total = rate * n as f64;
-        let count = (total * window_s).ceil().max(1.0) as usize;
-        grid_sessions(text, plan, w, count, seed, total)
-    };
-    let per_session = |w: GridWorkload| -> anyhow::Result<f64> {
-        let s = grid_sessions(text, plan, w, 400, 1, 1.0)?;
-        Ok(kvroute_traces::requests(&s) as f64 / s.len().max(1) as f64)
-    };
-    let sharegpt_per_session = per_session(GridWorkload::Sharegpt)?;
+    // The rest of the default policy's criterion grid (`exp5-grid`), at experiment 5's load.
+    let grid = GridLoad::new(text, plan, per_engine, sim.sessions_per_engine)?;
     for g in &sim.grid {
-        let one = per_engine * sharegpt_per_session / per_session(g.workload)?.max(1e-9);
+        let one = grid.one_x(text, plan, g.workload)?;
         eprintln!(
             "study: grid {} at 1x: {one:.3} sessions/s per engine",
             g.workload.as_str()
@@ -745,7 +706,10 @@ fn simulated_part(
             for &x in &g.loads {
                 for rep in 0..plan.repeats {
                     let seed = rep as u64 + 1;
-                    let work = simulated::prepare_for(&b, &grid_at(g.workload, n, one * x, seed)?);
+                    let work = simulated::prepare_for(
+                        &b,
+                        &grid.sessions(text, plan, g.workload, n, one * x, seed)?,
+                    );
                     for p in &sim_policies {
                         let spec = RunSpec::new(
                             "exp5-grid",

@@ -619,6 +619,75 @@ pub fn grid_sessions(
     Ok(with_arrivals(picked, &starts))
 }
 
+/// The load of the simulated criterion grid. Experiment 5 runs ShareGPT at `per_engine` sessions/s
+/// per engine, `sessions_per_engine` of them per engine: its window is their arrival time. Each
+/// grid workload's 1x offers experiment 5's requests per second per engine (its session rate
+/// scaled by requests per session, measured on 400 of its sessions), and a run's sessions arrive
+/// over that window, so a higher load is more sessions in the same time, as in the live runs. (A
+/// knee search per workload does not bound RAG: its requests are short, and round_robin keeps its
+/// P95 within the objective past 500 users/s per engine.)
+#[derive(Debug, Clone, Copy)]
+pub struct GridLoad {
+    /// Experiment 5's ShareGPT sessions/s per engine (1x).
+    pub per_engine: f64,
+    /// Experiment 5's window, s.
+    pub window_s: f64,
+    sharegpt_per_session: f64,
+}
+
+impl GridLoad {
+    /// The grid's load for experiment 5 at `per_engine` with `sessions_per_engine`.
+    pub fn new(
+        text: &str,
+        plan: &StudyPlan,
+        per_engine: f64,
+        sessions_per_engine: usize,
+    ) -> anyhow::Result<GridLoad> {
+        Ok(GridLoad {
+            per_engine,
+            window_s: sessions_per_engine as f64 / per_engine.max(1e-9),
+            sharegpt_per_session: requests_per_session(text, plan, GridWorkload::Sharegpt)?,
+        })
+    }
+
+    /// `workload`'s 1x, sessions/s per engine.
+    pub fn one_x(
+        &self,
+        text: &str,
+        plan: &StudyPlan,
+        workload: GridWorkload,
+    ) -> anyhow::Result<f64> {
+        let own = requests_per_session(text, plan, workload)?;
+        Ok(self.per_engine * self.sharegpt_per_session / own.max(1e-9))
+    }
+
+    /// The sessions of a run of `workload` on `engines` engines at `rate` sessions/s per engine:
+    /// as many as arrive in the window.
+    pub fn sessions(
+        &self,
+        text: &str,
+        plan: &StudyPlan,
+        workload: GridWorkload,
+        engines: usize,
+        rate: f64,
+        seed: u64,
+    ) -> anyhow::Result<Vec<Session>> {
+        let total = rate * engines as f64;
+        let count = (total * self.window_s).ceil().max(1.0) as usize;
+        grid_sessions(text, plan, workload, count, seed, total)
+    }
+}
+
+/// Requests per session of `workload`, measured on 400 of its sessions.
+fn requests_per_session(
+    text: &str,
+    plan: &StudyPlan,
+    workload: GridWorkload,
+) -> anyhow::Result<f64> {
+    let s = grid_sessions(text, plan, workload, 400, 1, 1.0)?;
+    Ok(kvroute_traces::requests(&s) as f64 / s.len().max(1) as f64)
+}
+
 /// The RAG users of a run at `rate` requests/s (one request each).
 pub fn rag_sessions(p: &RagPlan, seed: u64, rate: f64) -> Vec<Session> {
     let s = rag::generate(&rag::RagOptions {
@@ -733,6 +802,44 @@ mod tests {
         let single = mix.iter().filter(|t| **t == 1).count();
         assert!((100..250).contains(&single), "{single}");
         assert!(mix.iter().any(|t| *t > 1));
+    }
+
+    #[test]
+    fn every_grid_workload_offers_experiment_5s_requests_per_second() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../../shared/data/sharegpt_dev_3000.json"
+        ))
+        .unwrap();
+        let p = StudyPlan::parse(REDUCED).unwrap();
+        // Experiment 5: 2 ShareGPT sessions/s per engine, 60 per engine: a 30 s window.
+        let load = GridLoad::new(&text, &p, 2.0, 60).unwrap();
+        assert!((load.window_s - 30.0).abs() < 1e-9);
+        let per_s = |w: GridWorkload, x: f64| {
+            let rate = load.one_x(&text, &p, w).unwrap() * x;
+            let s = load.sessions(&text, &p, w, 4, rate, 1).unwrap();
+            // Sessions arriving over the window on 4 engines.
+            assert_eq!(s.len(), (rate * 4.0 * 30.0).ceil() as usize, "{w:?}");
+            kvroute_traces::requests(&s) as f64 / 30.0
+        };
+        assert!((load.one_x(&text, &p, GridWorkload::Sharegpt).unwrap() - 2.0).abs() < 1e-9);
+        let sharegpt = per_s(GridWorkload::Sharegpt, 1.0);
+        for w in [
+            GridWorkload::SharegptFull,
+            GridWorkload::Rag,
+            GridWorkload::Mix,
+        ] {
+            // Within the draw of one run's sessions against the 400 the rate is measured on.
+            let r = per_s(w, 1.0) / sharegpt;
+            assert!((0.8..1.25).contains(&r), "{w:?} {r}");
+            // RAG is one request a user: a higher rate of users than of conversations.
+            if w == GridWorkload::Rag {
+                assert!(load.one_x(&text, &p, w).unwrap() > 2.0);
+            }
+        }
+        // 2x is twice the sessions in the same window.
+        let r = per_s(GridWorkload::Mix, 2.0) / per_s(GridWorkload::Mix, 1.0);
+        assert!((1.9..2.1).contains(&r), "{r}");
     }
 
     #[test]

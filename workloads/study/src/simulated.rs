@@ -4,7 +4,9 @@
 use kvroute_sim::{prepare, simulate, PreparedSession, SimConfig, SimOutput};
 use kvroute_traces::Session;
 
+use crate::search::{another_sample, verdict, RateSearch};
 use crate::study::{EngineCounters, RunResult, RunSpec};
+use kvroute_core::policy::PolicyKind;
 use kvroute_loadgen::replay::RequestRecord;
 
 /// The client records of a simulated run, as the replayer writes them.
@@ -51,6 +53,43 @@ pub fn result(spec: &RunSpec, out: &SimOutput, work: &[PreparedSession], wall_s:
         .collect();
     r.set_queue_depths(&samples);
     r
+}
+
+/// The simulated knee: the highest ShareGPT session rate per engine at which `round_robin` keeps
+/// P95 TTFT within `slo_ms` on `base`'s fleet (the study's N = 2), doubling from 0.125/s to the
+/// first rate over the objective, then four bisection steps between the last rate within it and
+/// that one (the knee to about 6%). As the live search, a close call takes a second seed and the
+/// mean decides. `sessions_at(rate, seed)` makes a probe's sessions; every probe's result goes to
+/// `keep`.
+pub fn knee(
+    base: &SimConfig,
+    sessions_at: impl Fn(f64, u64) -> anyhow::Result<Vec<Session>>,
+    slo_ms: f64,
+    mut keep: impl FnMut(RunResult) -> anyhow::Result<()>,
+) -> anyhow::Result<f64> {
+    let mut search = RateSearch::new(0.125, 12, 4);
+    while let Some(rate) = search.next() {
+        let mut samples: Vec<(f64, usize)> = Vec::new();
+        for rep in 0..2 {
+            let spec = RunSpec::new(
+                "sim-search",
+                "sharegpt",
+                PolicyKind::RoundRobin,
+                rate * base.filter.endpoints.len() as f64,
+                &format!("{rate:.3}/s/engine"),
+                rep,
+            );
+            let work = prepare_for(base, &sessions_at(rate, rep as u64 + 1)?);
+            let r = run(&spec, base, &work)?;
+            samples.push((r.ttft_ms[1], r.failed));
+            keep(r)?;
+            if !another_sample(&samples, slo_ms) {
+                break;
+            }
+        }
+        search.record(verdict(&samples, slo_ms));
+    }
+    Ok(search.knee().unwrap_or(0.125))
 }
 
 /// Runs `spec` in the simulator: `base` with the spec's policy and runtime values applied.
