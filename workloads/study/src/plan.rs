@@ -771,14 +771,18 @@ mod tests {
         }
     }
 
-    #[test]
-    fn grid_sessions_have_their_workloads_shape() {
-        // The project's data, beside the checkout (as CI has it).
-        let text = std::fs::read_to_string(concat!(
+    /// The project's ShareGPT data, beside the checkout (as CI has it).
+    fn sharegpt_text() -> String {
+        std::fs::read_to_string(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/../../../shared/data/sharegpt_dev_3000.json"
         ))
-        .unwrap();
+        .unwrap()
+    }
+
+    #[test]
+    fn grid_sessions_have_their_workloads_shape() {
+        let text = sharegpt_text();
         let p = StudyPlan::parse(REDUCED).unwrap();
         let turns = |w: GridWorkload| {
             let s = grid_sessions(&text, &p, w, 300, 1, 2.0).unwrap();
@@ -806,11 +810,7 @@ mod tests {
 
     #[test]
     fn every_grid_workload_offers_experiment_5s_requests_per_second() {
-        let text = std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../../shared/data/sharegpt_dev_3000.json"
-        ))
-        .unwrap();
+        let text = sharegpt_text();
         let p = StudyPlan::parse(REDUCED).unwrap();
         // Experiment 5: 2 ShareGPT sessions/s per engine, 60 per engine: a 30 s window.
         let load = GridLoad::new(&text, &p, 2.0, 60).unwrap();
