@@ -198,8 +198,15 @@ pub(super) fn section(h: &mut String, figs: &Figures, runs: &[RunResult], sm: &S
         &|r| format!("N={:>2} {}", r.per_endpoint.len(), r.spec.policy.as_str()),
     );
     if runs.iter().any(|r| r.spec.experiment == "exp5-grid") {
-        let _ = write!(h, "<h3>The rest of the criterion's grid</h3><p>ShareGPT cut to the plan's turns at 0.5x and 2x (1x is experiment 5 above), ShareGPT at full length (up to {} turns), RAG users and the mix (half each), at 0.5x, 1x and 2x. Each workload's 1x offers experiment 5's requests per second per engine (its session rate scaled by its requests per session), and a run's sessions arrive over experiment 5's window, so 2x is twice the sessions in the same time. The opening table judges the default in each cell.</p>",
-            crate::plan::FULL_LENGTH_TURNS);
+        let _ = write!(h, "<h3>The rest of the criterion's grid</h3><p>ShareGPT cut to the plan's turns at 0.5x and 2x (1x is experiment 5 above), ShareGPT at full length (up to {} turns), RAG users and the mix (half each), at 0.5x, 1x and 2x. Each workload's 1x offers experiment 5's requests per second per engine (its session rate scaled by its requests per session), and a run's sessions arrive over experiment 5's window, so 2x is twice the sessions in the same time. The opening table judges the default in each cell.{}</p>",
+            crate::plan::FULL_LENGTH_TURNS,
+            runs.iter()
+                .find(|r| r.spec.experiment == "exp5" && !r.per_endpoint.is_empty())
+                .map_or(String::new(), |r| format!(
+                    " Experiment 5 ran at {:.4} sessions/s per engine: <code>kvroute-sim-grid --plan-grid --rate {:.4}</code> runs these cells again (with <code>--full</code> for the full plan), without the gateway cost and client send jitter that this study measured live and added, so its figures differ a little.",
+                    r.spec.rate / r.per_endpoint.len() as f64,
+                    r.spec.rate / r.per_endpoint.len() as f64
+                )));
         table(
             h,
             runs,
