@@ -76,7 +76,7 @@ struct Args {
     /// The policy whose ratios to the best are printed.
     #[arg(long, default_value = "predicted_ttft")]
     default_policy: String,
-    /// Write every run's result here (JSON lines).
+    /// Write every run's result here (JSON lines; without the per-request TTFTs and hit timeline).
     #[arg(long)]
     out: Option<PathBuf>,
     /// A runtime value for every run (`--set kvroute.ttft_work_weight=2`; repeat the flag).
@@ -311,6 +311,7 @@ impl<W: std::io::Write> Run<'_, W> {
                 if let Some(o) = self.out.as_mut() {
                     let mut slim = r.clone();
                     slim.ttfts.clear();
+                    slim.hit_timeline.clear();
                     writeln!(o, "{}", serde_json::to_string(&slim)?)?;
                 }
                 results.push(r);
