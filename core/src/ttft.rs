@@ -5,7 +5,8 @@
 //!
 //! ```text
 //! predicted_i = 1000 * (queued_i + uncached_i) / rate_i                     (ms)
-//! score_i     = predicted_i + work_weight * 1000 * uncached_i / rate_i
+//! score_i     = predicted_i + work_weight * 1000 * uncached_i / rate_i   (work_weight 0 for a
+//!               request that opens a session: its recompute is of a shared prefix)
 //! queued_i    = prompt tokens the gateway sent to i that i has not answered yet, less the tokens
 //!               the directory placed on i at each of their decisions (their predicted prefill)
 //! uncached_i  = max(prompt_tokens - w * matched_tokens_i, 0)
@@ -151,8 +152,19 @@ impl PredictedTtft {
 
     /// Every candidate's score, ms: its predicted time to first token plus `ttft_work_weight`
     /// times this request's own prefill there (the delay it adds for the requests behind it).
+    ///
+    /// A request that opens a session ([`PickContext::new_session`]) is not charged the work
+    /// term: what it recomputes is a prefix it shares with other sessions (a document, a tool and
+    /// system prompt), and the copy it leaves serves the requests that follow, where a
+    /// follow-up's recompute only duplicates a history cached elsewhere. Charged, a hot shared
+    /// prefix stays on as few endpoints as the queues allow (simulated RAG, four documents, 64
+    /// engines at 2x: P95 59 ms against 22 uncharged and `round_robin`'s 21).
     pub fn scores(ctx: &PickContext<'_>) -> Vec<f64> {
-        let ww = ctx.settings.ttft_work_weight;
+        let ww = if ctx.new_session {
+            0.0
+        } else {
+            ctx.settings.ttft_work_weight
+        };
         Self::parts(ctx)
             .into_iter()
             .map(|(t, own)| t + ww * own)
@@ -330,6 +342,21 @@ mod tests {
             prefill_rates(&ctx(&c, &pooled, 0)),
             vec![10_000.0, 10_000.0]
         );
+    }
+
+    #[test]
+    fn a_new_session_is_not_charged_the_work_term() {
+        // e1 holds 480 of the 640 tokens behind a queue of 700: over the 480 a miss recomputes,
+        // under the 960 it costs with the work term.
+        let s = linear();
+        let c = [cand(0, 0, 0.0, None), cand(1, 30, 700.0, None)];
+        let follow_up = ctx(&c, &s, 0);
+        assert_eq!(PredictedTtft.pick(&follow_up).candidate, 1);
+        let opening = PickContext {
+            new_session: true,
+            ..ctx(&c, &s, 0)
+        };
+        assert_eq!(PredictedTtft.pick(&opening).candidate, 0);
     }
 
     #[test]
