@@ -100,11 +100,13 @@ struct Workloads {
     sessions_per_engine: usize,
 }
 
+/// The sessions of a run of `workload` on `n` engines at `rate` sessions/s per engine (the cell's
+/// load times the workload's 1x).
 fn sessions(
     workload: &str,
     w: &Workloads,
     n: usize,
-    x: f64,
+    rate: f64,
     seed: u64,
 ) -> anyhow::Result<Vec<Session>> {
     match workload {
@@ -115,14 +117,13 @@ fn sessions(
                 seed,
                 ..Default::default()
             });
-            let starts = arrivals::poisson(picked.len(), w.load.per_engine * x * n as f64, seed);
+            let starts = arrivals::poisson(picked.len(), rate * n as f64, seed);
             Ok(with_arrivals(picked, &starts))
         }
         name => {
             let g = GridWorkload::parse(name)
                 .ok_or_else(|| anyhow::anyhow!("unknown workload {name}"))?;
-            let one = w.load.one_x(&w.sharegpt, &w.plan, g)?;
-            w.load.sessions(&w.sharegpt, &w.plan, g, n, one * x, seed)
+            w.load.sessions(&w.sharegpt, &w.plan, g, n, rate, seed)
         }
     }
 }
@@ -290,7 +291,7 @@ impl<W: std::io::Write> Run<'_, W> {
         };
         for rep in 0..reps {
             let seed = rep as u64 + 1;
-            let work = simulated::prepare_for(b, &sessions(workload, self.w, n, x, seed)?);
+            let work = simulated::prepare_for(b, &sessions(workload, self.w, n, one_x * x, seed)?);
             for p in self.policies {
                 let spec = RunSpec::new(
                     "grid",
