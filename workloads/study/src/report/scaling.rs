@@ -202,11 +202,10 @@ pub(super) fn section(h: &mut String, figs: &Figures, runs: &[RunResult], sm: &S
             crate::plan::FULL_LENGTH_TURNS,
             runs.iter()
                 .find(|r| r.spec.experiment == "exp5" && !r.per_endpoint.is_empty())
-                .map_or(String::new(), |r| format!(
-                    " Experiment 5 ran at {:.4} sessions/s per engine: <code>kvroute-sim-grid --plan-grid --rate {:.4}</code> runs these cells again (with <code>--full</code> for the full plan), without the gateway cost and client send jitter that this study measured live and added, so its figures differ a little.",
-                    r.spec.rate / r.per_endpoint.len() as f64,
-                    r.spec.rate / r.per_endpoint.len() as f64
-                )));
+                .map_or(String::new(), |r| {
+                    let rate = r.spec.rate / r.per_endpoint.len() as f64;
+                    format!(" Experiment 5 ran at {rate:.4} sessions/s per engine: <code>kvroute-sim-grid --plan-grid --rate {rate:.4}</code> runs these cells again (with <code>--full</code> for the full plan), without the gateway cost and client send jitter that this study measured live and added, so its figures differ a little.")
+                }));
         table(
             h,
             runs,
