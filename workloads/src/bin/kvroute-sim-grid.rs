@@ -82,8 +82,10 @@ struct Args {
     /// A runtime value for every run (`--set kvroute.ttft_work_weight=2`; repeat the flag).
     #[arg(long = "set")]
     sets: Vec<String>,
-    /// Also print, per policy, how often a session's next turn went to another endpoint than its
-    /// previous one, and the cached share of the moved and the staying turns' prompt tokens.
+    /// Also print, per policy, where the hits came from: the cached share of the prompt tokens of
+    /// one-request sessions, of longer sessions' first requests, and of their follow-ups, split by
+    /// whether a follow-up went to another endpoint than the session's previous request (and how
+    /// often it did)
     #[arg(long)]
     moves: bool,
 }
@@ -280,10 +282,8 @@ impl<W: std::io::Write> Run<'_, W> {
     ) -> anyhow::Result<Cell> {
         let b = &self.base;
         let mut results: Vec<RunResult> = Vec::new();
-        // Per policy: follow-ups, moved, and the moved and staying turns' hit shares weighted
-        // by their counts.
-        let mut moved: std::collections::BTreeMap<&str, (usize, usize, f64, f64)> =
-            Default::default();
+        // Per policy: where its hits came from, over the repeats.
+        let mut moved: std::collections::BTreeMap<&str, simulated::Moves> = Default::default();
         let reps = if workload == "mooncake" {
             1
         } else {
@@ -303,12 +303,7 @@ impl<W: std::io::Write> Run<'_, W> {
                 )
                 .with_runtime(self.runtime.to_vec());
                 let (r, sim_out) = simulated::run_with_output(&spec, b, &work)?;
-                let m = simulated::moves(&sim_out);
-                let total = moved.entry(p.as_str()).or_default();
-                total.0 += m.follow_ups;
-                total.1 += m.moved;
-                total.2 += m.moved_hit * m.moved as f64;
-                total.3 += m.stayed_hit * (m.follow_ups - m.moved) as f64;
+                *moved.entry(p.as_str()).or_default() += simulated::moves(&sim_out);
                 if let Some(o) = self.out.as_mut() {
                     let mut slim = r.clone();
                     slim.ttfts.clear();
@@ -329,18 +324,26 @@ impl<W: std::io::Write> Run<'_, W> {
         print_cell(&cell, default, results.first().map_or(0, |r| r.requests));
         if self.a.moves {
             println!(
-                "{:<20} {:>10} {:>8} {:>10} {:>11}",
-                "policy", "follow-ups", "moved", "moved hit", "stayed hit"
+                "{:<20} {:>10} {:>10} {:>10} {:>8} {:>10} {:>11}",
+                "policy",
+                "single hit",
+                "first hit",
+                "follow-ups",
+                "moved",
+                "moved hit",
+                "stayed hit"
             );
             for p in self.policies {
-                let (f, m, mh, sh) = moved.get(p.as_str()).copied().unwrap_or_default();
+                let m = moved.get(p.as_str()).copied().unwrap_or_default();
                 println!(
-                    "{:<20} {:>10} {:>7.1}% {:>10.3} {:>11.3}",
+                    "{:<20} {:>10.3} {:>10.3} {:>10} {:>7.1}% {:>10.3} {:>11.3}",
                     p.as_str(),
-                    f,
-                    100.0 * m as f64 / f.max(1) as f64,
-                    mh / m.max(1) as f64,
-                    sh / (f - m).max(1) as f64
+                    m.single.hit(),
+                    m.opening.hit(),
+                    m.follow_ups(),
+                    100.0 * m.moved.requests as f64 / m.follow_ups().max(1) as f64,
+                    m.moved.hit(),
+                    m.stayed.hit()
                 );
             }
         }

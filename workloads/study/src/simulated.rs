@@ -1,7 +1,7 @@
 //! Simulated runs as study results: the simulator's output turned into the replayer's records and
 //! the runner's [`RunResult`], so the same report and figures come out of a simulated run.
 
-use kvroute_sim::{prepare, simulate, PreparedSession, SimConfig, SimOutput};
+use kvroute_sim::{prepare, simulate, PreparedSession, SimConfig, SimOutput, SimRecord};
 use kvroute_traces::Session;
 
 use crate::search::{another_sample, verdict, RateSearch};
@@ -113,46 +113,90 @@ pub fn run_with_output(
     Ok((result(spec, &out, work, t.elapsed().as_secs_f64()), out))
 }
 
-/// How a run's follow-up requests (a session's turns after its first) were placed: how many went
-/// to another endpoint than the session's previous turn, and the share of their prompt tokens the
-/// engine had cached, for the moved turns and for the ones that stayed.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+/// A class of a run's requests: how many, and their cached and prompt tokens.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tokens {
+    /// Requests.
+    pub requests: usize,
+    /// Prompt tokens the engines had cached.
+    pub cached: u64,
+    /// Prompt tokens.
+    pub prompt: u64,
+}
+
+impl Tokens {
+    fn add(&mut self, r: &SimRecord) {
+        self.requests += 1;
+        self.cached += u64::from(r.cached_tokens);
+        self.prompt += u64::from(r.prompt_tokens);
+    }
+
+    /// Cached share of the prompt tokens (0 with none).
+    pub fn hit(&self) -> f64 {
+        self.cached as f64 / self.prompt.max(1) as f64
+    }
+}
+
+impl std::ops::AddAssign for Tokens {
+    fn add_assign(&mut self, o: Self) {
+        self.requests += o.requests;
+        self.cached += o.cached;
+        self.prompt += o.prompt;
+    }
+}
+
+/// Where a run's hits came from: requests of one-request sessions (a RAG question, a trace's
+/// request), the first requests of longer sessions, and the follow-ups (a session's requests after
+/// its first), split by whether they went to the endpoint of the session's previous request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Moves {
-    /// Follow-up turns.
-    pub follow_ups: usize,
-    /// Of those, sent to another endpoint than the previous turn.
-    pub moved: usize,
-    /// Cached share of the moved turns' prompt tokens.
-    pub moved_hit: f64,
-    /// Cached share of the other follow-ups' prompt tokens.
-    pub stayed_hit: f64,
+    /// Requests of sessions with one request.
+    pub single: Tokens,
+    /// First requests of sessions with more than one.
+    pub opening: Tokens,
+    /// Follow-ups sent to another endpoint than the session's previous request.
+    pub moved: Tokens,
+    /// Follow-ups sent to the same endpoint.
+    pub stayed: Tokens,
+}
+
+impl Moves {
+    /// Follow-ups.
+    pub fn follow_ups(&self) -> usize {
+        self.moved.requests + self.stayed.requests
+    }
+}
+
+impl std::ops::AddAssign for Moves {
+    fn add_assign(&mut self, o: Self) {
+        self.single += o.single;
+        self.opening += o.opening;
+        self.moved += o.moved;
+        self.stayed += o.stayed;
+    }
 }
 
 /// The [`Moves`] of a simulated run.
 pub fn moves(out: &SimOutput) -> Moves {
-    let mut turns: Vec<_> = out.records.iter().filter(|r| r.error.is_none()).collect();
+    moves_of(&out.records)
+}
+
+/// The [`Moves`] of a run's records (failed requests left out).
+pub fn moves_of(records: &[SimRecord]) -> Moves {
+    let mut turns: Vec<&SimRecord> = records.iter().filter(|r| r.error.is_none()).collect();
     turns.sort_by_key(|r| (r.session, r.turn));
-    let (mut m, mut s) = ((0u64, 0u64), (0u64, 0u64));
-    let mut out_m = Moves::default();
-    for pair in turns.windows(2) {
-        let [prev, next] = pair else { continue };
-        if prev.session != next.session {
-            continue;
+    let mut m = Moves::default();
+    for (i, r) in turns.iter().enumerate() {
+        let prev = i.checked_sub(1).and_then(|j| turns.get(j));
+        let next = turns.get(i + 1);
+        match prev.filter(|p| p.session == r.session) {
+            Some(p) if p.endpoint == r.endpoint => m.stayed.add(r),
+            Some(_) => m.moved.add(r),
+            None if next.is_some_and(|n| n.session == r.session) => m.opening.add(r),
+            None => m.single.add(r),
         }
-        out_m.follow_ups += 1;
-        let acc = if prev.endpoint == next.endpoint {
-            &mut s
-        } else {
-            out_m.moved += 1;
-            &mut m
-        };
-        acc.0 += u64::from(next.cached_tokens);
-        acc.1 += u64::from(next.prompt_tokens);
     }
-    let share = |(c, t): (u64, u64)| c as f64 / t.max(1) as f64;
-    out_m.moved_hit = share(m);
-    out_m.stayed_hit = share(s);
-    out_m
+    m
 }
 
 /// Prepares sessions for `base`'s filter on every core.
@@ -179,4 +223,61 @@ fn configured(spec: &RunSpec, base: &SimConfig) -> anyhow::Result<SimConfig> {
 pub fn engine_config(profile: &str) -> anyhow::Result<kvroute_emulator::engine::EngineConfig> {
     let p = kvroute_emulator::profile::Profile::load(profile).map_err(anyhow::Error::msg)?;
     Ok(kvroute_emulator::engine::EngineConfig::vllm_defaults(&p))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+
+    fn rec(session: u32, turn: u32, endpoint: u32, prompt: u32, cached: u32) -> SimRecord {
+        SimRecord {
+            session,
+            turn,
+            endpoint,
+            sent_us: 0,
+            ttft_us: Some(1),
+            e2e_us: 1,
+            itl_us: Vec::new(),
+            prompt_tokens: prompt,
+            completion_tokens: 1,
+            cached_tokens: cached,
+            predicted_blocks: 0,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn requests_are_told_apart_by_their_place_in_the_session() {
+        // Completion order, not session order: session 0 has three turns (the second moves, the
+        // third stays), session 1 one request, session 2 two turns on one endpoint, and a failed
+        // request of session 3 counts nowhere.
+        let mut failed = rec(3, 0, 0, 100, 0);
+        failed.error = Some("too long".into());
+        let records = [
+            rec(0, 2, 1, 300, 200),
+            rec(1, 0, 0, 500, 480),
+            rec(0, 0, 0, 100, 0),
+            rec(2, 1, 1, 200, 100),
+            rec(0, 1, 1, 200, 0),
+            rec(2, 0, 1, 100, 20),
+            failed,
+        ];
+        let m = moves_of(&records);
+        let t = |requests, cached, prompt| Tokens {
+            requests,
+            cached,
+            prompt,
+        };
+        assert_eq!(m.single, t(1, 480, 500));
+        assert_eq!(m.opening, t(2, 20, 200));
+        assert_eq!(m.moved, t(1, 0, 200));
+        assert_eq!(m.stayed, t(2, 300, 500));
+        assert_eq!(m.follow_ups(), 3);
+        assert!((m.stayed.hit() - 0.6).abs() < 1e-12);
+        let mut sum = m;
+        sum += m;
+        assert_eq!(sum.stayed, t(4, 600, 1000));
+        assert_eq!(Tokens::default().hit(), 0.0);
+    }
 }
