@@ -533,9 +533,11 @@ pub struct PolicySettings {
     /// `u`, attention not counted).
     pub ttft_attention_tokens: u32,
     /// `kvroute.ttft_session_spread`: when at least this share of the recent requests continue a
-    /// session the directory knows, `predicted_ttft` places a new session only on an endpoint that
-    /// serves no more than the mean number of sessions (a session's later requests follow its
-    /// cache, so where it starts decides their load too); 1: never.
+    /// session the directory knows (of those that begin with the request's prompt head, where the
+    /// directory has counted enough of them: [`crate::directory::SessionStats::continuing_for`]),
+    /// `predicted_ttft` places a new session only on an endpoint that serves no more than the mean
+    /// number of sessions (a session's later requests follow its cache, so where it starts decides
+    /// their load too); 1: never.
     pub ttft_session_spread: f64,
     /// `kvroute.ttft_rates`: `pooled` (the fleet's measured prefill rate for every endpoint) or
     /// `per_endpoint` (each engine's own, for fleets of unlike engines).

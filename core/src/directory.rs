@@ -38,11 +38,102 @@ pub struct SessionStats {
     /// (a moving average over about [`SessionStats::WINDOW`] requests): near 1 when sessions are
     /// long conversations, 0 when every request is its own session.
     pub continuing: f32,
+    /// The same share among the requests that begin with each of the most frequent prompt heads
+    /// ([`crate::prefix::head_key`]), at most [`SessionStats::HEADS`] of them: a request is judged
+    /// by the requests that begin as it does. Where RAG questions over a few shared documents mix
+    /// with conversations, the questions (every one its own session) share a head per document
+    /// and never continue, while the conversations' heads are their own.
+    pub heads: Vec<HeadStats>,
+}
+
+/// Requests with a session that began with one prompt head, and how many continued a known one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeadStats {
+    /// The head's key ([`crate::prefix::head_key`]).
+    pub key: u64,
+    /// Requests counted for the head, `inherited` included.
+    pub requests: u32,
+    /// Of the requests counted since the head took its slot, those that continued a known session.
+    pub continuing: u32,
+    /// The count of the head whose slot it took (the space-saving algorithm: at most what the head
+    /// had before it was counted), not its own.
+    pub inherited: u32,
+}
+
+impl HeadStats {
+    /// Requests counted since the head took its slot.
+    pub fn seen(&self) -> u32 {
+        self.requests.saturating_sub(self.inherited)
+    }
 }
 
 impl SessionStats {
-    /// Requests the continuing share averages over.
+    /// Requests the continuing share averages over; the heads' counts halve after as many.
     pub const WINDOW: u32 = 256;
+    /// Prompt heads followed: the most frequent ones (space-saving: a head seen for the first time
+    /// takes the slot of the least counted one).
+    pub const HEADS: usize = 32;
+    /// Requests a head must have been counted on before its share stands for the requests that
+    /// begin with it (before that, the share of all requests does).
+    pub const HEAD_MIN_REQUESTS: u32 = 8;
+
+    /// The continuing share that describes a request beginning with `head`: its head's when that
+    /// head has been counted on [`SessionStats::HEAD_MIN_REQUESTS`] requests, else
+    /// [`SessionStats::continuing`].
+    pub fn continuing_for(&self, head: Option<u64>) -> f64 {
+        head.and_then(|k| self.heads.iter().find(|h| h.key == k))
+            .filter(|h| h.seen() >= Self::HEAD_MIN_REQUESTS)
+            .map_or(f64::from(self.continuing), |h| {
+                f64::from(h.continuing) / f64::from(h.seen())
+            })
+    }
+
+    /// Counts a request that begins with `key` and did (or did not) continue a known session.
+    fn count_head(&mut self, key: u64, continued: bool) {
+        let i = match self.heads.iter().position(|h| h.key == key) {
+            Some(i) => i,
+            None if self.heads.len() < Self::HEADS => {
+                self.heads.push(HeadStats {
+                    key,
+                    ..HeadStats::default()
+                });
+                self.heads.len() - 1
+            }
+            None => {
+                let Some((i, least)) = self
+                    .heads
+                    .iter()
+                    .enumerate()
+                    .min_by_key(|(_, h)| h.requests)
+                    .map(|(i, h)| (i, h.requests))
+                else {
+                    return;
+                };
+                if let Some(h) = self.heads.get_mut(i) {
+                    *h = HeadStats {
+                        key,
+                        requests: least,
+                        continuing: 0,
+                        inherited: least,
+                    };
+                }
+                i
+            }
+        };
+        if let Some(h) = self.heads.get_mut(i) {
+            h.requests = h.requests.saturating_add(1);
+            h.continuing += u32::from(continued);
+        }
+    }
+
+    /// Halves every head's counts, so that they follow the recent requests.
+    fn age_heads(&mut self) {
+        for h in &mut self.heads {
+            h.requests /= 2;
+            h.continuing /= 2;
+            h.inherited /= 2;
+        }
+    }
 }
 
 /// For each of `n` endpoints, how many leading blocks of `blocks` it holds (a run from the start,
@@ -198,6 +289,10 @@ pub struct Directory {
     /// Requests with a session the continuing share has seen, up to its window (until then it is
     /// their plain mean).
     session_requests: u32,
+    /// Requests with a session counted since the heads' counts last halved.
+    head_requests: u32,
+    /// Blocks that cover a prompt's head ([`crate::prefix::BlockSpec::head_blocks`]).
+    head_blocks: usize,
     journal: Journal,
     /// Blocks of a request before they grow coarser, and how many fine blocks a coarser one
     /// weighs against an endpoint's capacity ([`crate::prefix::BlockSpec`]).
@@ -315,8 +410,11 @@ impl Directory {
             session_stats: SessionStats {
                 per_endpoint: vec![0; capacities.len().min(MAX_ENDPOINTS)],
                 continuing: 0.0,
+                heads: Vec::new(),
             },
             session_requests: 0,
+            head_requests: 0,
+            head_blocks: crate::prefix::BlockSpec::default().head_blocks(),
             journal: Journal::default(),
             coarse_after: usize::MAX,
             coarse_factor: 1,
@@ -338,6 +436,7 @@ impl Directory {
     /// `coarse_factor` fine blocks each against the endpoint's capacity (the default weighs every
     /// block as one).
     pub fn set_block_spec(&mut self, spec: &crate::prefix::BlockSpec) {
+        self.head_blocks = spec.head_blocks();
         self.coarse_after = spec.coarse_after;
         self.coarse_factor = u32::try_from(spec.coarse_factor.clamp(1, 256)).unwrap_or(1);
     }
@@ -582,6 +681,14 @@ impl Directory {
             let pushed = self.sessions.push(s, e8);
             let known = matches!(pushed, Some((k, _)) if k == s);
             self.count_session(pushed.map(|(_, e)| e), e8, known);
+            if let Some(head) = crate::prefix::head_key(blocks, self.head_blocks) {
+                self.session_stats.count_head(head, known);
+                self.head_requests += 1;
+                if self.head_requests >= 2 * SessionStats::WINDOW {
+                    self.session_stats.age_heads();
+                    self.head_requests = 0;
+                }
+            }
             match pushed {
                 Some((k, e)) if k == s => {
                     if e != e8 {
@@ -664,7 +771,9 @@ impl Directory {
             .iter_mut()
             .for_each(|c| *c = 0);
         self.session_stats.continuing = 0.0;
+        self.session_stats.heads.clear();
         self.session_requests = 0;
+        self.head_requests = 0;
     }
 
     /// Blocks held by one endpoint.
@@ -804,9 +913,71 @@ mod tests {
             stats(&d),
             SessionStats {
                 per_endpoint: vec![0; 3],
-                continuing: 0.0
+                continuing: 0.0,
+                heads: Vec::new(),
             }
         );
+    }
+
+    #[test]
+    fn a_request_is_judged_by_the_requests_that_begin_as_it_does() {
+        // Prompts of two blocks and more: the head is the second block (two cover 100 characters
+        // of 64). Questions over one document (head 50) are each their own session; conversations
+        // (a head each) continue over four requests.
+        let mut d = Directory::new(&[1_000, 1_000], 10_000);
+        let stats = |d: &Directory| d.session_stats().cloned().unwrap();
+        let mut session = 0u64;
+        for c in 0..40u64 {
+            session += 1;
+            d.record(0, &hs(&[49, 50, 1_000 + c]), Some(session));
+            let conversation = 100 + c;
+            session += 1;
+            for turn in 0..4 {
+                d.record(1, &hs(&[99, conversation, 5_000 + turn]), Some(session));
+            }
+        }
+        let s = stats(&d);
+        // Over all: 120 of 200 requests continued a session.
+        assert!((s.continuing - 0.6).abs() < 0.05, "{}", s.continuing);
+        // The document's questions never did, whatever the share of all requests.
+        assert_eq!(s.continuing_for(Some(50)), 0.0);
+        // A head counted on fewer than eight requests, or never seen, or none: the share of all.
+        assert_eq!(s.continuing_for(Some(139)), f64::from(s.continuing));
+        assert_eq!(s.continuing_for(Some(7)), f64::from(s.continuing));
+        assert_eq!(s.continuing_for(None), f64::from(s.continuing));
+        // A long conversation's own head, once counted enough, is its own share.
+        session += 1;
+        for turn in 0..12 {
+            d.record(1, &hs(&[99, 777, 9_000 + turn]), Some(session));
+        }
+        let s = stats(&d);
+        assert!((s.continuing_for(Some(777)) - 11.0 / 12.0).abs() < 1e-9);
+        // Requests without a session are not counted.
+        d.record(0, &hs(&[49, 50]), None);
+        assert_eq!(stats(&d).heads, s.heads);
+        d.clear();
+        assert!(stats(&d).heads.is_empty());
+    }
+
+    #[test]
+    fn frequent_heads_stay_followed_among_many_single_ones() {
+        // One request in four begins with the shared head 1; the others with a head of their own.
+        let mut d = Directory::new(&[100], 100);
+        for i in 0..4_000u64 {
+            let head = if i % 4 == 0 { 1 } else { 10_000 + i };
+            d.record(0, &hs(&[head]), Some(i));
+            let heads = &d.session_stats().unwrap().heads;
+            assert!(heads.len() <= SessionStats::HEADS);
+        }
+        let s = d.session_stats().cloned().unwrap();
+        let shared = s.heads.iter().find(|h| h.key == 1).copied().unwrap();
+        // Counted since it came in, at most one window's worth (the counts halve), and followed.
+        assert!(
+            shared.seen() >= SessionStats::HEAD_MIN_REQUESTS,
+            "{shared:?}"
+        );
+        assert!(shared.requests <= 2 * SessionStats::WINDOW);
+        assert_eq!(s.continuing_for(Some(1)), 0.0);
     }
 
     #[test]

@@ -175,8 +175,9 @@ pub struct PickContext<'a> {
     /// The request has a session the directory does not know (its first request, or one
     /// forgotten).
     pub new_session: bool,
-    /// Share of the recent requests with a session that continued a known one
-    /// ([`crate::directory::SessionStats::continuing`]).
+    /// Share of the recent requests with a session that continued a known one, among those that
+    /// begin as this request does where enough of them were counted
+    /// ([`crate::directory::SessionStats::continuing_for`]).
     pub continuing_share: f64,
 }
 

@@ -73,6 +73,19 @@ impl BlockSpec {
     pub fn units(&self, n: u32) -> u64 {
         fine_units(n, self.coarse_after as u64, self.coarse_factor as u64)
     }
+
+    /// Blocks that cover a prompt's head ([`crate::reference::HEAD_CHARS`] characters).
+    pub fn head_blocks(&self) -> usize {
+        (crate::reference::HEAD_CHARS as usize).div_ceil(self.block_chars.max(1))
+    }
+}
+
+/// The key of a prompt's head: the hash of the last of its first `head_blocks` blocks (all of them
+/// for a shorter prompt), so it stands for the whole head ([`BlockSpec::head_blocks`]).
+pub fn head_key(blocks: &[BlockHash], head_blocks: usize) -> Option<u64> {
+    blocks
+        .get(head_blocks.min(blocks.len()).saturating_sub(1))
+        .map(|b| b.0)
 }
 
 /// The first `n` blocks of a request in fine blocks, when the blocks after `coarse_after` stand

@@ -49,10 +49,7 @@ pub fn features(
         .or(req.user.as_deref().filter(|s| !s.is_empty()))
         .map(|s| session_key(s).0);
     let blocks = request_blocks(req, spec);
-    let head = (crate::reference::HEAD_CHARS as usize).div_ceil(spec.block_chars.max(1));
-    let head_key = blocks
-        .get(head.min(blocks.len()).saturating_sub(1))
-        .map(|b| b.0);
+    let head_key = crate::prefix::head_key(&blocks, spec.head_blocks());
     let mut prompt_bytes = 0u64;
     crate::prefix::for_each_segment(req, |s| prompt_bytes += s.len() as u64);
     RequestFeatures {
@@ -217,7 +214,7 @@ pub fn decide(
         coarse_factor: u32::try_from(inputs.spec.coarse_factor.max(1)).unwrap_or(1),
         directory_age_ms: inputs.directory_age_ms,
         new_session: features.session.is_some() && session_at.is_none(),
-        continuing_share: sessions.map_or(0.0, |s| f64::from(s.continuing)),
+        continuing_share: sessions.map_or(0.0, |s| s.continuing_for(features.head_key)),
     };
     let pick = policy(kind).pick(&ctx);
     let endpoint = candidates.get(pick.candidate).map_or(0, |c| c.endpoint);
@@ -406,6 +403,65 @@ mod tests {
         );
         assert_eq!(d.endpoint, 1);
         assert!(d.engine_load_missing);
+    }
+
+    #[test]
+    fn questions_over_a_shared_document_are_not_spread_like_conversations() {
+        let spec = BlockSpec::default();
+        let mut dir = Directory::with_spec(&[100_000; 2], 10_000, &spec);
+        let doc = "Answer from this document only: the tides follow the moon. ".repeat(10);
+        let question = |i: usize| {
+            let body = format!(
+                r#"{{"model":"m","messages":[{{"role":"system","content":"{doc}"}},{{"role":"user","content":"Question {i}?"}}]}}"#
+            );
+            body_features(ApiKind::Chat, body.as_bytes(), Some(&format!("q{i}")), spec).unwrap()
+        };
+        let turn = |c: usize, t: usize| {
+            let mut messages = vec![format!(
+                r#"{{"role":"user","content":"Conversation {c} starts with a question of its own, long enough to fill its head."}}"#
+            )];
+            for k in 0..t {
+                messages.push(format!(r#"{{"role":"assistant","content":"Answer {k}."}}"#));
+                messages.push(format!(r#"{{"role":"user","content":"Follow-up {k}."}}"#));
+            }
+            let body = format!(r#"{{"model":"m","messages":[{}]}}"#, messages.join(","));
+            body_features(ApiKind::Chat, body.as_bytes(), Some(&format!("c{c}")), spec).unwrap()
+        };
+        // Twenty questions on e0, each its own session; ten conversations of ten requests on e1:
+        // most requests continue a session, and e0 serves more sessions than the mean.
+        for i in 0..20 {
+            let f = question(i);
+            dir.record(0, &f.blocks, f.session);
+        }
+        for c in 0..10 {
+            for t in 0..10 {
+                let f = turn(c, t);
+                dir.record(1, &f.blocks, f.session);
+            }
+        }
+        let stats = dir.session_stats().unwrap();
+        assert!(stats.continuing > 0.5, "{}", stats.continuing);
+        assert_eq!(stats.per_endpoint, vec![20, 10]);
+        let settings = PolicySettings::default();
+        let inputs = Inputs {
+            endpoints: &eps(2),
+            status: &[EndpointStatus::default(), EndpointStatus::default()],
+            inflight: &[0, 0],
+            inflight_blocks: &[],
+            inflight_prefill: &[],
+            chars_per_token: 4.0,
+            spec,
+            directory_age_ms: 0,
+            settings: &settings,
+            seq: 0,
+            rand: 0,
+        };
+        let pick = |f: &RequestFeatures| decide(f, &dir, &inputs, Some(PolicyKind::PredictedTtft));
+        // A new question goes where its document is: questions over it never continue.
+        let d = pick(&question(99));
+        assert_eq!((d.endpoint, d.note), (0, PickNote::Primary));
+        // A new conversation, which no endpoint holds, starts on the endpoint with fewer sessions.
+        assert_eq!(pick(&turn(99, 0)).endpoint, 1);
     }
 
     #[test]

@@ -963,7 +963,7 @@ pub fn decode_inflight(bytes: &[u8], n: usize, out: &mut Vec<i64>) {
 )]
 mod tests {
     use super::*;
-    use crate::directory::match_lengths;
+    use crate::directory::{match_lengths, HeadStats};
     use proptest::prelude::*;
 
     #[test]
@@ -1010,6 +1010,12 @@ mod tests {
             sessions: SessionStats {
                 per_endpoint: vec![4, 1],
                 continuing: 0.75,
+                heads: vec![HeadStats {
+                    key: 42,
+                    requests: 20,
+                    continuing: 3,
+                    inherited: 4,
+                }],
             },
         }
     }

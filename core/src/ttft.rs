@@ -123,7 +123,10 @@ impl PredictedTtft {
     /// whether candidate `i` serves no more than the mean number of sessions. A session's later
     /// requests follow its cache, so where its first one goes decides their queue too; placed by
     /// each first request's own wait alone, sessions gather on the endpoints that hold a prefix
-    /// they all share (a tool and system prompt) while the others stay idle.
+    /// they all share (a tool and system prompt) while the others stay idle. "Most requests" are
+    /// those that begin as this one does where the directory counted enough of them
+    /// ([`PickContext::continuing_share`]): a question over a shared document, whose kind never
+    /// continues, is not moved away from the document's holders.
     ///
     /// [`PolicySettings::ttft_session_spread`]: crate::config::PolicySettings::ttft_session_spread
     fn session_share<'a>(ctx: &'a PickContext<'_>) -> Option<impl Fn(usize) -> bool + 'a> {
