@@ -8,7 +8,8 @@
 //! 5's window (`--sessions-per-engine` / `--rate`). The study's simulated runs also add the live
 //! gateway's cost and client send delay, measured in its live part, so its figures differ a
 //! little. `agentic` takes `--rate` as its own sessions/s per engine; `mooncake` keeps the trace's
-//! times.
+//! times (one cell per fleet, labelled `trace` as in the report, on `--mooncake-profile`, the
+//! study's profile for it).
 //!
 //! ```sh
 //! cargo run --release -p kvroute-workloads --bin kvroute-sim-grid -- \
@@ -64,6 +65,10 @@ struct Args {
     /// Engine profile.
     #[arg(long, default_value = "rtx5080-llama3.2-3b")]
     profile: String,
+    /// Engine profile of the `mooncake` cells, as the study runs them (prompts up to 40k tokens
+    /// need a large KV cache).
+    #[arg(long, default_value = "h100-llama3.1-8b")]
+    mooncake_profile: String,
     /// TTFT objective, ms (SLO attainment and the knee search).
     #[arg(long, default_value_t = 1000.0)]
     slo_ms: f64,
@@ -169,10 +174,20 @@ fn main() -> anyhow::Result<()> {
         })
         .collect::<anyhow::Result<_>>()?;
     let engine = simulated::engine_config(&a.profile)?;
-    let base = |n: usize| SimConfig {
+    let mooncake_engine = simulated::engine_config(&a.mooncake_profile)?;
+    let base_on = |n: usize, workload: &str| SimConfig {
         record_itl: false,
-        ..SimConfig::new(n, engine.clone(), PolicySettings::default())
+        ..SimConfig::new(
+            n,
+            if workload == "mooncake" {
+                mooncake_engine.clone()
+            } else {
+                engine.clone()
+            },
+            PolicySettings::default(),
+        )
     };
+    let base = |n: usize| base_on(n, "");
     let mut out = match &a.out {
         Some(p) => Some(std::io::BufWriter::new(std::fs::File::create(p)?)),
         None => None,
@@ -221,7 +236,17 @@ fn main() -> anyhow::Result<()> {
             Some(g) => w.load.one_x(&w.sharegpt, &w.plan, g)?,
             None => per_engine,
         };
-        println!("\nworkload {workload}: 1x = {one_x:.3} sessions/s per engine");
+        // The trace keeps its own times: one cell per fleet, labelled as the study labels it.
+        let loads: &[f64] = if workload == "mooncake" {
+            println!(
+                "\nworkload mooncake: the trace's own times (--loads does not apply), profile {}",
+                a.mooncake_profile
+            );
+            &[1.0]
+        } else {
+            println!("\nworkload {workload}: 1x = {one_x:.3} sessions/s per engine");
+            loads
+        };
         for &n in engines {
             for &x in loads {
                 let cell = Run {
@@ -229,7 +254,7 @@ fn main() -> anyhow::Result<()> {
                     w: &w,
                     policies: &policies,
                     runtime: &runtime,
-                    base: base(n),
+                    base: base_on(n, workload),
                     out: &mut out,
                 }
                 .cell(workload, n, x, one_x, default)?;
@@ -298,7 +323,7 @@ impl<W: std::io::Write> Run<'_, W> {
                     workload,
                     *p,
                     one_x * x * n as f64,
-                    &plan::load_label(x),
+                    &load_label(workload, x),
                     rep,
                 )
                 .with_runtime(self.runtime.to_vec());
@@ -318,7 +343,7 @@ impl<W: std::io::Write> Run<'_, W> {
             experiment: "grid".into(),
             workload: workload.to_string(),
             engines: n,
-            rate: plan::load_label(x),
+            rate: load_label(workload, x),
             policies: criterion::policy_cells(&refs, self.a.slo_ms),
         };
         print_cell(&cell, default, results.first().map_or(0, |r| r.requests));
@@ -348,6 +373,16 @@ impl<W: std::io::Write> Run<'_, W> {
             }
         }
         Ok(cell)
+    }
+}
+
+/// A cell's load as the report labels it: `trace` for the Mooncake trace, which keeps its own
+/// times (and so is not judged against the 1x line), else the multiple of 1x.
+fn load_label(workload: &str, x: f64) -> String {
+    if workload == "mooncake" {
+        "trace".into()
+    } else {
+        plan::load_label(x)
     }
 }
 
