@@ -329,6 +329,12 @@ pub struct StateMetrics {
     pub inflight: Vec<Id>,
     pub queued_prefill: Vec<Id>,
     pub sessions: Id,
+    /// `kvroute_session_continuing_milli`: the share of recent requests with a session that
+    /// continued a known one, x1000 (what `kvroute.ttft_session_spread` compares with).
+    pub session_continuing_milli: Id,
+    /// `kvroute_session_heads`: prompt heads counted on enough requests that their own continuing
+    /// share decides for the requests that begin with them.
+    pub session_heads: Id,
     pub decisions_recorded: Id,
     pub runtime_polls: Id,
     pub runtime_invalid: Id,
@@ -405,6 +411,8 @@ impl StateMetrics {
                 })
                 .collect(),
             sessions: d.gauge("kvroute_directory_sessions"),
+            session_continuing_milli: d.gauge("kvroute_session_continuing_milli"),
+            session_heads: d.gauge("kvroute_session_heads"),
             decisions_recorded: d.counter("kvroute_decisions_recorded_total"),
             runtime_polls: d.counter("kvroute_runtime_polls_total"),
             runtime_invalid: d.gauge("kvroute_runtime_invalid_values"),

@@ -1093,3 +1093,66 @@ fn long_prompts_on_a_large_directory_grow_the_overlay_instead_of_republishing_th
         assert_eq!(view.holders(b), 0b10);
     }
 }
+
+#[test]
+fn prompt_heads_and_their_continuing_shares_are_published_and_counted() {
+    let mut p = Proxy::new("");
+    let doc =
+        "Answer from this document only: the tides follow the moon, twice a day, everywhere. "
+            .repeat(3);
+    // Twenty questions over one document, each its own session; ten conversations of ten requests,
+    // each request's report recorded before the next is decided.
+    let send = |p: &mut Proxy, session: String, prompt: String| {
+        let _ = p.route(&session, &prompt);
+        p.host.advance_us(REPORT_COALESCE_US);
+        p.worker.on_tick();
+        p.apply_reports();
+    };
+    for i in 0..20 {
+        send(&mut p, format!("q{i}"), format!("{doc} Question {i}?"));
+    }
+    for c in 0..10 {
+        for t in 0..10 {
+            send(&mut p, format!("c{c}"), format!("{} turn {t}", text(c)));
+        }
+    }
+    p.tick(TICK_MS);
+    // The workers read the heads from the published state (its overlay's, where one applies): the
+    // document's head never continued.
+    let published = p.published();
+    let overlay = state::PublishedOverlay::decode(p.host.shared(state::OVERLAY_KEY).unwrap()).ok();
+    let view = state::Layered {
+        base: &published,
+        top: overlay.as_ref().filter(|o| {
+            Some(o.seq)
+                == p.host
+                    .shared(state::VERSION_KEY)
+                    .map(|v| state::decode_overlay_seq(&v))
+        }),
+    };
+    let stats = view.session_stats().unwrap().clone();
+    let key = |t: &str| {
+        let body = serde_json::json!({"model": "m", "messages": [{"role": "user", "content": t}]});
+        let f = kvroute_core::router::body_features(
+            kvroute_core::request::ApiKind::Chat,
+            body.to_string().as_bytes(),
+            None,
+            kvroute_core::prefix::BlockSpec::default(),
+        )
+        .unwrap();
+        f.head_key
+    };
+    let question = key(&format!("{doc} Question 99?"));
+    let h = stats
+        .heads
+        .iter()
+        .find(|h| Some(h.key) == question)
+        .unwrap();
+    assert_eq!((h.seen(), h.continuing), (20, 0));
+    assert_eq!(stats.continuing_for(question), 0.0);
+    let conversation = key(&format!("{} turn 99", text(3)));
+    assert!((stats.continuing_for(conversation) - 0.9).abs() < 1e-9);
+    // And the gauges say so: 90 of 120 requests continued; eleven heads have their own share.
+    assert_eq!(p.host.value("kvroute_session_continuing_milli"), 750);
+    assert_eq!(p.host.value("kvroute_session_heads"), 11);
+}
