@@ -8,7 +8,7 @@ use crate::fleet::FleetSync;
 use crate::host::{Host, LogLevel};
 use crate::metrics::{HostOp, StateMetrics};
 use kvroute_core::config::{PolicySettings, PublishInterval};
-use kvroute_core::directory::{Changes, Directory, PrefixIndex, SessionStats};
+use kvroute_core::directory::{Changes, Directory, PrefixIndex};
 use kvroute_core::policy::PolicyKind;
 use kvroute_core::snapshot::Snapshot;
 use kvroute_core::state::{
@@ -951,11 +951,7 @@ impl<H: Host> StateService<H> {
         if let Some(st) = self.directory.session_stats() {
             let share = (f64::from(st.continuing) * 1000.0).round() as u64;
             self.host.record(m.session_continuing_milli, share);
-            let own = st
-                .heads
-                .iter()
-                .filter(|h| h.seen() >= SessionStats::HEAD_MIN_REQUESTS)
-                .count();
+            let own = st.heads.iter().filter(|h| h.has_own_share()).count();
             self.host.record(m.session_heads, own as u64);
         }
         for (i, id) in m.directory_endpoint_blocks.iter().enumerate() {

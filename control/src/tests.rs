@@ -143,6 +143,22 @@ impl Proxy {
             .0
     }
 
+    /// Runs `f` on what the workers route on: the published state with its overlay, where the
+    /// version key names it.
+    fn with_view<R>(&self, f: impl FnOnce(&state::Layered<'_>) -> R) -> R {
+        let published = self.published();
+        let overlay =
+            state::PublishedOverlay::decode(self.host.shared(state::OVERLAY_KEY).unwrap()).ok();
+        let seq = self
+            .host
+            .shared(state::VERSION_KEY)
+            .map(|v| state::decode_overlay_seq(&v));
+        f(&state::Layered {
+            base: &published,
+            top: overlay.as_ref().filter(|o| Some(o.seq) == seq),
+        })
+    }
+
     /// Gateway in-flight counts: requests, blocks, prompt tokens to prefill, down marks.
     fn inflight(&self) -> [Vec<i64>; 4] {
         let mut all = Vec::new();
@@ -1077,21 +1093,12 @@ fn long_prompts_on_a_large_directory_grow_the_overlay_instead_of_republishing_th
     // the directory every other decision.
     assert!(dirs <= 8, "{dirs} directory publishes in 40 decisions");
     // The view stays exact: the last decision's blocks are where it put them.
-    let published = p.published();
     let last = (next - 1000..next).map(|i| BlockHash(i.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1));
-    let overlay = state::PublishedOverlay::decode(p.host.shared(state::OVERLAY_KEY).unwrap()).ok();
-    let view = state::Layered {
-        base: &published,
-        top: overlay.as_ref().filter(|o| {
-            Some(o.seq)
-                == p.host
-                    .shared(state::VERSION_KEY)
-                    .map(|v| state::decode_overlay_seq(&v))
-        }),
-    };
-    for b in last {
-        assert_eq!(view.holders(b), 0b10);
-    }
+    p.with_view(|view| {
+        for b in last {
+            assert_eq!(view.holders(b), 0b10);
+        }
+    });
 }
 
 #[test]
@@ -1119,18 +1126,7 @@ fn prompt_heads_and_their_continuing_shares_are_published_and_counted() {
     p.tick(TICK_MS);
     // The workers read the heads from the published state (its overlay's, where one applies): the
     // document's head never continued.
-    let published = p.published();
-    let overlay = state::PublishedOverlay::decode(p.host.shared(state::OVERLAY_KEY).unwrap()).ok();
-    let view = state::Layered {
-        base: &published,
-        top: overlay.as_ref().filter(|o| {
-            Some(o.seq)
-                == p.host
-                    .shared(state::VERSION_KEY)
-                    .map(|v| state::decode_overlay_seq(&v))
-        }),
-    };
-    let stats = view.session_stats().unwrap().clone();
+    let stats = p.with_view(|view| view.session_stats().unwrap().clone());
     let key = |t: &str| {
         let body = serde_json::json!({"model": "m", "messages": [{"role": "user", "content": t}]});
         let f = kvroute_core::router::body_features(

@@ -65,6 +65,12 @@ impl HeadStats {
     pub fn seen(&self) -> u32 {
         self.requests.saturating_sub(self.inherited)
     }
+
+    /// Whether enough of the head's requests were counted for its share to stand for the requests
+    /// that begin with it ([`SessionStats::HEAD_MIN_REQUESTS`]).
+    pub fn has_own_share(&self) -> bool {
+        self.seen() >= SessionStats::HEAD_MIN_REQUESTS
+    }
 }
 
 impl SessionStats {
@@ -82,7 +88,7 @@ impl SessionStats {
     /// [`SessionStats::continuing`].
     pub fn continuing_for(&self, head: Option<u64>) -> f64 {
         head.and_then(|k| self.heads.iter().find(|h| h.key == k))
-            .filter(|h| h.seen() >= Self::HEAD_MIN_REQUESTS)
+            .filter(|h| h.has_own_share())
             .map_or(f64::from(self.continuing), |h| {
                 f64::from(h.continuing) / f64::from(h.seen())
             })

@@ -179,7 +179,7 @@ fn main() -> anyhow::Result<()> {
         record_itl: false,
         ..SimConfig::new(
             n,
-            if workload == "mooncake" {
+            if keeps_own_times(workload) {
                 mooncake_engine.clone()
             } else {
                 engine.clone()
@@ -237,7 +237,7 @@ fn main() -> anyhow::Result<()> {
             None => per_engine,
         };
         // The trace keeps its own times: one cell per fleet, labelled as the study labels it.
-        let loads: &[f64] = if workload == "mooncake" {
+        let loads: &[f64] = if keeps_own_times(workload) {
             println!(
                 "\nworkload mooncake: the trace's own times (--loads does not apply), profile {}",
                 a.mooncake_profile
@@ -309,7 +309,7 @@ impl<W: std::io::Write> Run<'_, W> {
         let mut results: Vec<RunResult> = Vec::new();
         // Per policy: where its hits came from, over the repeats.
         let mut moved: std::collections::BTreeMap<&str, simulated::Moves> = Default::default();
-        let reps = if workload == "mooncake" {
+        let reps = if keeps_own_times(workload) {
             1
         } else {
             self.a.repeats
@@ -376,10 +376,16 @@ impl<W: std::io::Write> Run<'_, W> {
     }
 }
 
+/// Whether `workload` is a trace that keeps its own times (Mooncake): one run per fleet, on the
+/// Mooncake profile, whatever the loads and repeats.
+fn keeps_own_times(workload: &str) -> bool {
+    workload == "mooncake"
+}
+
 /// A cell's load as the report labels it: `trace` for the Mooncake trace, which keeps its own
 /// times (and so is not judged against the 1x line), else the multiple of 1x.
 fn load_label(workload: &str, x: f64) -> String {
-    if workload == "mooncake" {
+    if keeps_own_times(workload) {
         "trace".into()
     } else {
         plan::load_label(x)
