@@ -143,6 +143,9 @@ pub struct FilterMetrics {
     /// `kvroute_session_spread_total`: new sessions `predicted_ttft` placed away from their
     /// fastest endpoint because it served more than its share of the sessions.
     pub session_spread: Id,
+    /// `kvroute_idle_copies_total`: questions over a shared prefix `predicted_ttft` sent to an idle
+    /// endpoint that did not hold it, because every holder was busy and too few held it.
+    pub idle_copies: Id,
     /// `kvroute_reference_rule_total.reason.{imbalanced,low_match,spill}`: picks a reference
     /// policy made by its secondary rule.
     pub reference_rules: [Id; 3],
@@ -232,6 +235,7 @@ impl FilterMetrics {
             host_errors: d.host_errors(),
             prefix_key_overflows: d.counter("kvroute_prefix_key_overflows_total"),
             session_spread: d.counter("kvroute_session_spread_total"),
+            idle_copies: d.counter("kvroute_idle_copies_total"),
             reference_rules: ["imbalanced", "low_match", "spill"]
                 .map(|r| d.counter(&format!("kvroute_reference_rule_total.reason.{r}"))),
             predicted_blocks: d.counter("kvroute_predicted_cached_blocks_total"),

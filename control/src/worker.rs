@@ -642,6 +642,7 @@ impl<H: Host> Stream<H> {
             PickNote::LowMatch => w.host.increment(m.reference_rules[1], 1),
             PickNote::Spill => w.host.increment(m.reference_rules[2], 1),
             PickNote::SessionSpread => w.host.increment(m.session_spread, 1),
+            PickNote::IdleCopy => w.host.increment(m.idle_copies, 1),
         }
         if decision.no_healthy {
             m.fallback(&w.host, Fallback::NoHealthy);

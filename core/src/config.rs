@@ -539,6 +539,12 @@ pub struct PolicySettings {
     /// number of sessions (a session's later requests follow its cache, so where it starts decides
     /// their load too); 1: never.
     pub ttft_session_spread: f64,
+    /// `kvroute.ttft_idle_copies`: `predicted_ttft` sends a question over a shared prefix (a
+    /// request that opens a session, of a prompt head whose requests do not continue one) to an
+    /// idle endpoint when every endpoint that holds the head is busy, while fewer than this many
+    /// times the head's share of the recent requests x the endpoints hold it, where such questions
+    /// are most of the recent requests ([`crate::ttft::PredictedTtft`]); 0: never (0..=64).
+    pub ttft_idle_copies: f64,
     /// `kvroute.ttft_rates`: `pooled` (the fleet's measured prefill rate for every endpoint) or
     /// `per_endpoint` (each engine's own, for fleets of unlike engines).
     pub ttft_rates: RateScope,
@@ -569,6 +575,7 @@ impl Default for PolicySettings {
             ttft_work_weight: 1.0,
             ttft_attention_tokens: 26_624,
             ttft_session_spread: 0.5,
+            ttft_idle_copies: 2.0,
             ttft_rates: RateScope::Pooled,
         }
     }
@@ -578,7 +585,7 @@ impl Default for PolicySettings {
 pub const RUNTIME_PREFIX: &str = "kvroute.";
 
 /// Every runtime key, without the prefix.
-pub const RUNTIME_KEYS: [&str; 23] = [
+pub const RUNTIME_KEYS: [&str; 24] = [
     "policy",
     "alpha",
     "beta",
@@ -601,6 +608,7 @@ pub const RUNTIME_KEYS: [&str; 23] = [
     "ttft_work_weight",
     "ttft_attention_tokens",
     "ttft_session_spread",
+    "ttft_idle_copies",
     "ttft_rates",
 ];
 
@@ -646,6 +654,7 @@ impl PolicySettings {
             ("ttft_prefill_tps", self.ttft_prefill_tps, 1.0, 1e9),
             ("ttft_work_weight", self.ttft_work_weight, 0.0, 100.0),
             ("ttft_session_spread", self.ttft_session_spread, 0.0, 1.0),
+            ("ttft_idle_copies", self.ttft_idle_copies, 0.0, 64.0),
         ] {
             if !(v.is_finite() && (lo..=hi).contains(&v)) {
                 e.push(FieldError::new(
@@ -706,6 +715,7 @@ impl PolicySettings {
             "ttft_work_weight" => self.ttft_work_weight.to_string(),
             "ttft_attention_tokens" => self.ttft_attention_tokens.to_string(),
             "ttft_session_spread" => self.ttft_session_spread.to_string(),
+            "ttft_idle_copies" => self.ttft_idle_copies.to_string(),
             "ttft_rates" => self.ttft_rates.as_str().to_string(),
             _ => return None,
         })
@@ -783,6 +793,9 @@ impl PolicySettings {
                     .is_some(),
                 "ttft_session_spread" => parse_range(v, 0.0, 1.0)
                     .map(|x| s.ttft_session_spread = x)
+                    .is_some(),
+                "ttft_idle_copies" => parse_range(v, 0.0, 64.0)
+                    .map(|x| s.ttft_idle_copies = x)
                     .is_some(),
                 "ttft_attention_tokens" => v
                     .parse::<u32>()

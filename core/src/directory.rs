@@ -94,6 +94,42 @@ impl SessionStats {
             })
     }
 
+    /// The share of the recent requests (of those with a session) that begin with `head`, where
+    /// the head has a share of its own ([`HeadStats::has_own_share`]); else 0. The heads' counts
+    /// sum to the requests counted (the space-saving algorithm passes a slot's count on), and a
+    /// head's own count leaves out what its slot inherited, so this is a lower bound.
+    pub fn share_of(&self, head: Option<u64>) -> f64 {
+        let total = self.counted();
+        head.and_then(|k| self.heads.iter().find(|h| h.key == k))
+            .filter(|h| h.has_own_share() && total > 0)
+            .map_or(0.0, |h| f64::from(h.seen()) / total as f64)
+    }
+
+    /// The share of the recent requests (of those with a session) that begin with a head whose
+    /// own share of continuing requests is under `continuing_below`: questions over shared
+    /// documents, where RAG and conversations mix. A lower bound, as [`SessionStats::share_of`].
+    pub fn one_shot_share(&self, continuing_below: f64) -> f64 {
+        let total = self.counted();
+        if total == 0 {
+            return 0.0;
+        }
+        let one_shot: u64 = self
+            .heads
+            .iter()
+            .filter(|h| {
+                h.has_own_share()
+                    && f64::from(h.continuing) < continuing_below * f64::from(h.seen())
+            })
+            .map(|h| u64::from(h.seen()))
+            .sum();
+        one_shot as f64 / total as f64
+    }
+
+    /// The requests the heads' counts stand for (halved as they are).
+    fn counted(&self) -> u64 {
+        self.heads.iter().map(|h| u64::from(h.requests)).sum()
+    }
+
     /// Counts a request that begins with `key` and did (or did not) continue a known session.
     fn count_head(&mut self, key: u64, continued: bool) {
         let i = match self.heads.iter().position(|h| h.key == key) {
@@ -951,6 +987,18 @@ mod tests {
         assert_eq!(s.continuing_for(Some(139)), f64::from(s.continuing));
         assert_eq!(s.continuing_for(Some(7)), f64::from(s.continuing));
         assert_eq!(s.continuing_for(None), f64::from(s.continuing));
+        // The document's head began 40 of the 200 requests; a head without a share of its own
+        // has none.
+        assert!(
+            (s.share_of(Some(50)) - 0.2).abs() < 1e-9,
+            "{}",
+            s.share_of(Some(50))
+        );
+        assert_eq!(s.share_of(Some(139)), 0.0);
+        assert_eq!(s.share_of(Some(7)), 0.0);
+        assert_eq!(s.share_of(None), 0.0);
+        // The document's questions are the requests of a head that does not continue: a fifth.
+        assert!((s.one_shot_share(0.5) - 0.2).abs() < 1e-9);
         // A long conversation's own head, once counted enough, is its own share.
         session += 1;
         for turn in 0..12 {
@@ -984,6 +1032,12 @@ mod tests {
         );
         assert!(shared.requests <= 2 * SessionStats::WINDOW);
         assert_eq!(s.continuing_for(Some(1)), 0.0);
+        // One request in four (within what halving the counts rounds off).
+        let share = s.share_of(Some(1));
+        assert!((0.2..=0.3).contains(&share), "{share}");
+        // Only the shared head has a share of its own, and it never continues.
+        assert_eq!(s.one_shot_share(0.5), share);
+        assert_eq!(s.one_shot_share(0.0), 0.0);
     }
 
     #[test]

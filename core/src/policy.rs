@@ -179,6 +179,17 @@ pub struct PickContext<'a> {
     /// begin as this request does where enough of them were counted
     /// ([`crate::directory::SessionStats::continuing_for`]).
     pub continuing_share: f64,
+    /// Share of the recent requests with a session that begin with this request's prompt head,
+    /// where the directory counted enough of them; else 0
+    /// ([`crate::directory::SessionStats::share_of`]).
+    pub head_share: f64,
+    /// Share of the recent requests with a session that begin with a prompt head whose requests
+    /// do not continue one: questions over shared prefixes
+    /// ([`crate::directory::SessionStats::one_shot_share`]).
+    pub one_shot_share: f64,
+    /// Leading blocks that cover a prompt's head ([`crate::prefix::BlockSpec::head_blocks`]): an
+    /// endpoint that matches as many holds the request's head.
+    pub head_blocks: u32,
 }
 
 impl PickContext<'_> {
@@ -232,6 +243,10 @@ pub enum PickNote {
     /// `predicted_ttft`: a new session's fastest endpoint served more than its share of the
     /// sessions, so the fastest of those that did not.
     SessionSpread,
+    /// `predicted_ttft`: a question over a shared prefix found every endpoint that holds it busy
+    /// and too few holding it for its share of the requests, so an idle endpoint (which then holds
+    /// it too).
+    IdleCopy,
 }
 
 impl PickNote {
@@ -246,6 +261,7 @@ impl PickNote {
             Self::LowMatch => "low_match",
             Self::Spill => "spill",
             Self::SessionSpread => "session_spread",
+            Self::IdleCopy => "idle_copy",
         }
     }
 }
@@ -598,6 +614,9 @@ pub(crate) mod test_support {
             directory_age_ms: 0,
             new_session: false,
             continuing_share: 0.0,
+            head_share: 0.0,
+            one_shot_share: 0.0,
+            head_blocks: 2,
         }
     }
 }

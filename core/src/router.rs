@@ -215,6 +215,11 @@ pub fn decide(
         directory_age_ms: inputs.directory_age_ms,
         new_session: features.session.is_some() && session_at.is_none(),
         continuing_share: sessions.map_or(0.0, |s| s.continuing_for(features.head_key)),
+        head_share: sessions.map_or(0.0, |s| s.share_of(features.head_key)),
+        one_shot_share: sessions.map_or(0.0, |s| {
+            s.one_shot_share(inputs.settings.ttft_session_spread)
+        }),
+        head_blocks: u32::try_from(inputs.spec.head_blocks()).unwrap_or(u32::MAX),
     };
     let pick = policy(kind).pick(&ctx);
     let endpoint = candidates.get(pick.candidate).map_or(0, |c| c.endpoint);
