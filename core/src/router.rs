@@ -167,6 +167,9 @@ pub fn decide(
         PolicyKind::PredictedTtft => index.session_stats(),
         _ => None,
     };
+    let new_session = features.session.is_some() && session_at.is_none();
+    // The shares of the session stats place only a request that opens a session.
+    let opening = sessions.filter(|_| new_session);
     let healthy = |i: usize| inputs.status.get(i).is_none_or(|s| s.healthy);
     let no_healthy = !(0..n).any(healthy);
     let mut missing = false;
@@ -213,10 +216,10 @@ pub fn decide(
         coarse_after: u32::try_from(inputs.spec.coarse_after).unwrap_or(u32::MAX),
         coarse_factor: u32::try_from(inputs.spec.coarse_factor.max(1)).unwrap_or(1),
         directory_age_ms: inputs.directory_age_ms,
-        new_session: features.session.is_some() && session_at.is_none(),
-        continuing_share: sessions.map_or(0.0, |s| s.continuing_for(features.head_key)),
-        head_share: sessions.map_or(0.0, |s| s.share_of(features.head_key)),
-        one_shot_share: sessions.map_or(0.0, |s| {
+        new_session,
+        continuing_share: opening.map_or(0.0, |s| s.continuing_for(features.head_key)),
+        head_share: opening.map_or(0.0, |s| s.share_of(features.head_key)),
+        one_shot_share: opening.map_or(0.0, |s| {
             s.one_shot_share(inputs.settings.ttft_session_spread)
         }),
         head_blocks: u32::try_from(inputs.spec.head_blocks()).unwrap_or(u32::MAX),

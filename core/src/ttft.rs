@@ -106,6 +106,10 @@ pub(crate) fn prompt_total(ctx: &PickContext<'_>) -> f64 {
 }
 
 impl PredictedTtft {
+    /// The share of the recent requests above which questions over shared prefixes are most of
+    /// them ([`PredictedTtft::idle_copy`]).
+    const MOST: f64 = 0.5;
+
     /// Every candidate's (predicted time to first token, own prefill time), ms.
     fn parts(ctx: &PickContext<'_>) -> Vec<(f64, f64)> {
         let rates = prefill_rates(ctx);
@@ -177,7 +181,7 @@ impl PredictedTtft {
         if !ctx.new_session
             || ctx.head_share <= 0.0
             || ctx.continuing_share >= s.ttft_session_spread
-            || ctx.one_shot_share <= 0.5
+            || ctx.one_shot_share <= Self::MOST
             || !busy(best)
         {
             return false;
