@@ -141,7 +141,7 @@ pub struct FilterMetrics {
     host_errors: Vec<Id>,
     pub prefix_key_overflows: Id,
     /// `kvroute_session_spread_total`: new sessions `predicted_ttft` placed away from their
-    /// fastest endpoint because it served more than its share of the sessions.
+    /// fastest endpoint because it served more than its share of the conversations.
     pub session_spread: Id,
     /// `kvroute_idle_copies_total`: questions over a shared prefix `predicted_ttft` sent to an idle
     /// endpoint that did not hold it, because every holder was busy and too few held it.

@@ -32,7 +32,8 @@ pub trait PrefixIndex {
 /// How sessions spread over the endpoints: what `predicted_ttft` places a new session by.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct SessionStats {
-    /// Sessions the directory remembers on each endpoint (the one that served each last).
+    /// Conversations the directory remembers on each endpoint (the one that served each last): the
+    /// sessions that have continued, from their second request on.
     pub per_endpoint: Vec<u32>,
     /// Share of the recent requests with a session whose session the directory already knew
     /// (a moving average over about [`SessionStats::WINDOW`] requests): near 1 when sessions are
@@ -71,6 +72,16 @@ impl HeadStats {
     pub fn has_own_share(&self) -> bool {
         self.seen() >= SessionStats::HEAD_MIN_REQUESTS
     }
+}
+
+/// A remembered session: the endpoint that served it last, and whether it has continued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SessionEntry {
+    endpoint: u8,
+    /// Whether a request after its first one was seen: only then is it a conversation, whose next
+    /// turns [`SessionStats::per_endpoint`] counts on its endpoint. A session of one request (a
+    /// question over a shared document) brings no more requests, so it does not count.
+    continued: bool,
 }
 
 impl SessionStats {
@@ -325,8 +336,8 @@ pub struct Directory {
     /// Head of the list of free slots in `nodes` (linked through `next`).
     free: u32,
     lists: Vec<List>,
-    sessions: LruCache<u64, u8, Prehashed>,
-    /// Sessions per endpoint in `sessions`, and the continuing share.
+    sessions: LruCache<u64, SessionEntry, Prehashed>,
+    /// Conversations per endpoint in `sessions`, and the continuing share.
     session_stats: SessionStats,
     /// Requests with a session the continuing share has seen, up to its window (until then it is
     /// their plain mean).
@@ -720,9 +731,13 @@ impl Directory {
             }
         }
         if let Some(s) = session {
-            let pushed = self.sessions.push(s, e8);
-            let known = matches!(pushed, Some((k, _)) if k == s);
-            self.count_session(pushed.map(|(_, e)| e), e8, known);
+            let known = self.sessions.contains(&s);
+            let now = SessionEntry {
+                endpoint: e8,
+                continued: known,
+            };
+            let pushed = self.sessions.push(s, now);
+            self.count_session(pushed.map(|(_, e)| e), now, known);
             if let Some(head) = crate::prefix::head_key(blocks, self.head_blocks) {
                 self.session_stats.count_head(head, known);
                 self.head_requests += 1;
@@ -733,7 +748,7 @@ impl Directory {
             }
             match pushed {
                 Some((k, e)) if k == s => {
-                    if e != e8 {
+                    if e.endpoint != e8 {
                         changed = true;
                         if journal {
                             self.journal.session(s);
@@ -754,14 +769,19 @@ impl Directory {
         changed
     }
 
-    /// Moves a session's count from the endpoint it left (or was forgotten from) to the one that
-    /// now serves it, and folds whether it was known into the continuing share.
-    fn count_session(&mut self, left: Option<u8>, now: u8, known: bool) {
+    /// Moves a conversation's count from the endpoint it left (or was forgotten from) to the one
+    /// that now serves it, and folds whether the session was known into the continuing share.
+    /// A session counts as a conversation from its second request on ([`SessionEntry::continued`]).
+    fn count_session(&mut self, left: Option<SessionEntry>, now: SessionEntry, known: bool) {
         let st = &mut self.session_stats;
-        if let Some(c) = left.and_then(|e| st.per_endpoint.get_mut(usize::from(e))) {
+        let counted = |e: SessionEntry| e.continued.then_some(usize::from(e.endpoint));
+        if let Some(c) = left
+            .and_then(counted)
+            .and_then(|e| st.per_endpoint.get_mut(e))
+        {
             *c = c.saturating_sub(1);
         }
-        if let Some(c) = st.per_endpoint.get_mut(usize::from(now)) {
+        if let Some(c) = counted(now).and_then(|e| st.per_endpoint.get_mut(e)) {
             *c += 1;
         }
         self.session_requests = (self.session_requests + 1).min(SessionStats::WINDOW);
@@ -852,7 +872,9 @@ impl Directory {
 
     /// (session, endpoint) pairs in no particular order.
     pub fn session_entries(&self) -> impl Iterator<Item = (u64, usize)> + '_ {
-        self.sessions.iter().map(|(s, e)| (*s, usize::from(*e)))
+        self.sessions
+            .iter()
+            .map(|(s, e)| (*s, usize::from(e.endpoint)))
     }
 }
 
@@ -861,7 +883,7 @@ impl PrefixIndex for Directory {
         self.blocks.get(&h).map_or(0, |x| x.mask)
     }
     fn session_endpoint(&self, s: u64) -> Option<usize> {
-        self.sessions.peek(&s).map(|e| usize::from(*e))
+        self.sessions.peek(&s).map(|e| usize::from(e.endpoint))
     }
     fn session_stats(&self) -> Option<&SessionStats> {
         Some(&self.session_stats)
@@ -932,24 +954,34 @@ mod tests {
     }
 
     #[test]
-    fn sessions_are_counted_where_they_are_and_continuing_ones_measured() {
+    fn conversations_are_counted_where_they_are_and_continuing_ones_measured() {
         let mut d = Directory::new(&[10, 10, 10], 2);
         let stats = |d: &Directory| d.session_stats().cloned().unwrap();
+        // Two sessions of one request so far: no conversation yet.
         d.record(0, &hs(&[1]), Some(1));
         d.record(0, &hs(&[2]), Some(2));
-        assert_eq!(stats(&d).per_endpoint, vec![2, 0, 0]);
+        assert_eq!(stats(&d).per_endpoint, vec![0, 0, 0]);
         assert_eq!(stats(&d).continuing, 0.0);
-        // Session 1 continues on endpoint 1: it moves, and half the requests so far... a third.
+        // Session 1 continues, on endpoint 1: a conversation there. A third of the requests so far
+        // continued a session.
         d.record(1, &hs(&[1, 3]), Some(1));
-        assert_eq!(stats(&d).per_endpoint, vec![1, 1, 0]);
+        assert_eq!(stats(&d).per_endpoint, vec![0, 1, 0]);
         assert!((stats(&d).continuing - 1.0 / 3.0).abs() < 1e-6);
-        // A third session evicts the least recent one (session 2, on endpoint 0).
-        d.record(2, &hs(&[4]), Some(3));
-        assert_eq!(stats(&d).per_endpoint, vec![0, 1, 1]);
+        // It moves to endpoint 2 with its next request.
+        d.record(2, &hs(&[1, 3, 4]), Some(1));
+        assert_eq!(stats(&d).per_endpoint, vec![0, 0, 1]);
+        // A third session evicts the least recent one (session 2, of one request: nothing to
+        // uncount); a fourth evicts session 1, the conversation.
+        d.record(2, &hs(&[5]), Some(3));
+        assert_eq!(stats(&d).per_endpoint, vec![0, 0, 1]);
+        d.record(0, &hs(&[6]), Some(4));
+        assert_eq!(stats(&d).per_endpoint, vec![0, 0, 0]);
+        d.record(0, &hs(&[6, 7]), Some(4));
+        assert_eq!(stats(&d).per_endpoint, vec![1, 0, 0]);
         // Requests without a session count for neither.
-        d.record(2, &hs(&[5]), None);
-        assert_eq!(stats(&d).per_endpoint, vec![0, 1, 1]);
-        assert!((stats(&d).continuing - 0.25).abs() < 1e-6);
+        d.record(2, &hs(&[8]), None);
+        assert_eq!(stats(&d).per_endpoint, vec![1, 0, 0]);
+        assert!((stats(&d).continuing - 3.0 / 7.0).abs() < 1e-6);
         d.clear();
         assert_eq!(
             stats(&d),
@@ -1196,10 +1228,10 @@ mod tests {
                     prop_assert!(d.endpoint_len(i) <= *c as usize);
                 }
                 prop_assert!(d.sessions() <= session_cap as usize);
-                // The per-endpoint session counts are a recount of the sessions remembered.
+                // The per-endpoint counts are a recount of the remembered sessions that continued.
                 let mut recount = vec![0u32; caps.len()];
-                for (_, e) in d.session_entries() {
-                    recount[e] += 1;
+                for (_, e) in d.sessions.iter().filter(|(_, e)| e.continued) {
+                    recount[usize::from(e.endpoint)] += 1;
                 }
                 prop_assert_eq!(&d.session_stats().unwrap().per_endpoint, &recount);
                 let total_bits: usize = d.entries().iter().map(|(_, m)| m.count_ones() as usize).sum();

@@ -137,7 +137,7 @@ pub struct Candidate<'a> {
     pub prefill_tps: Option<f64>,
     /// The engine's measured time per output token, seconds (sidecar), if measured.
     pub step_s: Option<f64>,
-    /// Sessions the directory places on this endpoint.
+    /// Conversations (sessions seen to continue) the directory places on this endpoint.
     pub sessions: u32,
 }
 

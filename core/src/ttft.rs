@@ -36,7 +36,7 @@
 //! one). Unhealthy endpoints are not candidates ([`crate::router::decide`]).
 //!
 //! Two rules place a request that opens a session by more than its own wait: a new conversation
-//! starts where fewer sessions are served (`PredictedTtft::session_share`), and a question over
+//! starts where fewer conversations are served (`PredictedTtft::session_share`), and a question over
 //! a shared document that finds every holder busy makes a copy on an idle endpoint
 //! (`PredictedTtft::idle_copy`).
 
@@ -129,7 +129,8 @@ impl PredictedTtft {
     }
 
     /// For a new session, when most requests continue one ([`PolicySettings::ttft_session_spread`]):
-    /// whether candidate `i` serves no more than the mean number of sessions. A session's later
+    /// whether candidate `i` serves no more than the mean number of conversations (sessions seen to
+    /// continue: [`crate::directory::SessionStats::per_endpoint`]). A session's later
     /// requests follow its cache, so where its first one goes decides their queue too; placed by
     /// each first request's own wait alone, sessions gather on the endpoints that hold a prefix
     /// they all share (a tool and system prompt) while the others stay idle. "Most requests" are
