@@ -116,6 +116,16 @@ impl SessionStats {
             .map_or(0.0, |h| f64::from(h.seen()) / total as f64)
     }
 
+    /// At most the share of the recent requests (of those with a session) that begin with `head`:
+    /// its count with what its slot inherited, over the requests counted; 0 for a head not followed
+    /// (the heads followed are the most frequent, so an unfollowed head's share is under theirs).
+    pub fn share_bound(&self, head: Option<u64>) -> f64 {
+        let total = self.counted();
+        head.and_then(|k| self.heads.iter().find(|h| h.key == k))
+            .filter(|_| total > 0)
+            .map_or(0.0, |h| f64::from(h.requests) / total as f64)
+    }
+
     /// The share of the recent requests (of those with a session) that begin with a head whose
     /// own share of continuing requests is under `continuing_below`: questions over shared
     /// documents, where RAG and conversations mix. A lower bound, as [`SessionStats::share_of`].
@@ -1029,6 +1039,13 @@ mod tests {
         assert_eq!(s.share_of(Some(139)), 0.0);
         assert_eq!(s.share_of(Some(7)), 0.0);
         assert_eq!(s.share_of(None), 0.0);
+        // The bound counts a head followed however few requests it has (139 began 4 of 200, and
+        // its slot passed on the count of a head it replaced), and no head that is not followed.
+        assert!((s.share_bound(Some(50)) - 0.2).abs() < 1e-9);
+        let b = s.share_bound(Some(139));
+        assert!((0.02..0.2).contains(&b), "{b}");
+        assert_eq!(s.share_bound(Some(7)), 0.0);
+        assert_eq!(s.share_bound(None), 0.0);
         // The document's questions are the requests of a head that does not continue: a fifth.
         assert!((s.one_shot_share(0.5) - 0.2).abs() < 1e-9);
         // A long conversation's own head, once counted enough, is its own share.
@@ -1067,6 +1084,13 @@ mod tests {
         // One request in four (within what halving the counts rounds off).
         let share = s.share_of(Some(1));
         assert!((0.2..=0.3).contains(&share), "{share}");
+        // The bound adds what the head's slot inherited: at least its own share, and no head
+        // followed has more requests than the shared one.
+        assert!(s.share_bound(Some(1)) >= share);
+        assert!(s
+            .heads
+            .iter()
+            .all(|h| s.share_bound(Some(h.key)) <= s.share_bound(Some(1))));
         // Only the shared head has a share of its own, and it never continues.
         assert_eq!(s.one_shot_share(0.5), share);
         assert_eq!(s.one_shot_share(0.0), 0.0);

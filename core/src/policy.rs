@@ -183,6 +183,10 @@ pub struct PickContext<'a> {
     /// where the directory counted enough of them; else 0
     /// ([`crate::directory::SessionStats::share_of`]).
     pub head_share: f64,
+    /// At most the share of the recent requests with a session that begin with this request's
+    /// prompt head ([`crate::directory::SessionStats::share_bound`]); 1 where the directory keeps
+    /// no session stats.
+    pub head_share_bound: f64,
     /// Share of the recent requests with a session that begin with a prompt head whose requests
     /// do not continue one: questions over shared prefixes
     /// ([`crate::directory::SessionStats::one_shot_share`]).
@@ -615,6 +619,7 @@ pub(crate) mod test_support {
             new_session: false,
             continuing_share: 0.0,
             head_share: 0.0,
+            head_share_bound: 1.0,
             one_shot_share: 0.0,
             head_blocks: 2,
         }

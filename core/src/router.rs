@@ -219,6 +219,7 @@ pub fn decide(
         new_session,
         continuing_share: opening.map_or(0.0, |s| s.continuing_for(features.head_key)),
         head_share: opening.map_or(0.0, |s| s.share_of(features.head_key)),
+        head_share_bound: opening.map_or(1.0, |s| s.share_bound(features.head_key)),
         one_shot_share: opening.map_or(0.0, |s| {
             s.one_shot_share(inputs.settings.ttft_session_spread)
         }),
