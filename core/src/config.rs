@@ -536,8 +536,8 @@ pub struct PolicySettings {
     /// session the directory knows (of those that begin with the request's prompt head, where the
     /// directory has counted enough of them: [`crate::directory::SessionStats::continuing_for`]),
     /// `predicted_ttft` places a new session only on an endpoint that serves no more than the mean
-    /// number of conversations, sessions seen to continue (a session's later requests follow its
-    /// cache, so where it starts decides their load too); 1: never.
+    /// number of conversations ([`crate::directory::SessionStats::per_endpoint`]: a session's
+    /// later requests follow its cache, so where it starts decides their load too); 1: never.
     pub ttft_session_spread: f64,
     /// `kvroute.ttft_idle_copies`: `predicted_ttft` sends a question over a shared prefix (a
     /// request that opens a session, of a prompt head whose requests do not continue one) to an

@@ -33,7 +33,8 @@ pub trait PrefixIndex {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct SessionStats {
     /// Conversations the directory remembers on each endpoint (the one that served each last): the
-    /// sessions that have continued, from their second request on.
+    /// sessions but those of one request whose head's requests mostly do not continue
+    /// ([`SessionStats::is_one_shot`]).
     pub per_endpoint: Vec<u32>,
     /// Share of the recent requests with a session whose session the directory already knew
     /// (a moving average over about [`SessionStats::WINDOW`] requests): near 1 when sessions are
@@ -74,14 +75,15 @@ impl HeadStats {
     }
 }
 
-/// A remembered session: the endpoint that served it last, and whether it has continued.
+/// A remembered session: the endpoint that served it last, and whether it is a conversation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct SessionEntry {
     endpoint: u8,
-    /// Whether a request after its first one was seen: only then is it a conversation, whose next
-    /// turns [`SessionStats::per_endpoint`] counts on its endpoint. A session of one request (a
-    /// question over a shared document) brings no more requests, so it does not count.
-    continued: bool,
+    /// Whether its next requests are to be expected, so that [`SessionStats::per_endpoint`]
+    /// counts it on its endpoint: it continued, or it did not begin as requests that mostly do not
+    /// continue theirs ([`SessionStats::is_one_shot`]). A question over a shared document, whose
+    /// head never continues, brings no more requests, so it does not count.
+    conversation: bool,
 }
 
 impl SessionStats {
@@ -90,6 +92,10 @@ impl SessionStats {
     /// Prompt heads followed: the most frequent ones (space-saving: a head seen for the first time
     /// takes the slot of the least counted one).
     pub const HEADS: usize = 32;
+    /// The share of a head's requests that continue a session under which a new session that
+    /// begins with it is not counted as a conversation until it continues
+    /// ([`SessionStats::is_one_shot`]).
+    pub const CONVERSATION_SHARE: f64 = 0.5;
     /// Requests a head must have been counted on before its share stands for the requests that
     /// begin with it (before that, the share of all requests does).
     pub const HEAD_MIN_REQUESTS: u32 = 8;
@@ -102,6 +108,17 @@ impl SessionStats {
             .filter(|h| h.has_own_share())
             .map_or(f64::from(self.continuing), |h| {
                 f64::from(h.continuing) / f64::from(h.seen())
+            })
+    }
+
+    /// Whether the requests that begin with `head` mostly do not continue a session, judged only
+    /// where the head has a share of its own ([`HeadStats::has_own_share`]): its share of
+    /// continuing requests is under [`SessionStats::CONVERSATION_SHARE`].
+    pub fn is_one_shot(&self, head: Option<u64>) -> bool {
+        head.and_then(|k| self.heads.iter().find(|h| h.key == k))
+            .is_some_and(|h| {
+                h.has_own_share()
+                    && f64::from(h.continuing) < Self::CONVERSATION_SHARE * f64::from(h.seen())
             })
     }
 
@@ -742,13 +759,17 @@ impl Directory {
         }
         if let Some(s) = session {
             let known = self.sessions.contains(&s);
+            let head = crate::prefix::head_key(blocks, self.head_blocks);
+            // A new session is a conversation unless the requests that begin as it does mostly
+            // do not continue theirs (questions over a shared document); then once it continues.
+            let conversation = known || !self.session_stats.is_one_shot(head);
             let now = SessionEntry {
                 endpoint: e8,
-                continued: known,
+                conversation,
             };
             let pushed = self.sessions.push(s, now);
             self.count_session(pushed.map(|(_, e)| e), now, known);
-            if let Some(head) = crate::prefix::head_key(blocks, self.head_blocks) {
+            if let Some(head) = head {
                 self.session_stats.count_head(head, known);
                 self.head_requests += 1;
                 if self.head_requests >= 2 * SessionStats::WINDOW {
@@ -781,10 +802,10 @@ impl Directory {
 
     /// Moves a conversation's count from the endpoint it left (or was forgotten from) to the one
     /// that now serves it, and folds whether the session was known into the continuing share.
-    /// A session counts as a conversation from its second request on ([`SessionEntry::continued`]).
+    /// Only conversations count ([`SessionEntry::conversation`]).
     fn count_session(&mut self, left: Option<SessionEntry>, now: SessionEntry, known: bool) {
         let st = &mut self.session_stats;
-        let counted = |e: SessionEntry| e.continued.then_some(usize::from(e.endpoint));
+        let counted = |e: SessionEntry| e.conversation.then_some(usize::from(e.endpoint));
         if let Some(c) = left
             .and_then(counted)
             .and_then(|e| st.per_endpoint.get_mut(e))
@@ -967,31 +988,22 @@ mod tests {
     fn conversations_are_counted_where_they_are_and_continuing_ones_measured() {
         let mut d = Directory::new(&[10, 10, 10], 2);
         let stats = |d: &Directory| d.session_stats().cloned().unwrap();
-        // Two sessions of one request so far: no conversation yet.
         d.record(0, &hs(&[1]), Some(1));
         d.record(0, &hs(&[2]), Some(2));
-        assert_eq!(stats(&d).per_endpoint, vec![0, 0, 0]);
+        assert_eq!(stats(&d).per_endpoint, vec![2, 0, 0]);
         assert_eq!(stats(&d).continuing, 0.0);
-        // Session 1 continues, on endpoint 1: a conversation there. A third of the requests so far
+        // Session 1 continues on endpoint 1: it moves, and a third of the requests so far
         // continued a session.
         d.record(1, &hs(&[1, 3]), Some(1));
-        assert_eq!(stats(&d).per_endpoint, vec![0, 1, 0]);
+        assert_eq!(stats(&d).per_endpoint, vec![1, 1, 0]);
         assert!((stats(&d).continuing - 1.0 / 3.0).abs() < 1e-6);
-        // It moves to endpoint 2 with its next request.
-        d.record(2, &hs(&[1, 3, 4]), Some(1));
-        assert_eq!(stats(&d).per_endpoint, vec![0, 0, 1]);
-        // A third session evicts the least recent one (session 2, of one request: nothing to
-        // uncount); a fourth evicts session 1, the conversation.
-        d.record(2, &hs(&[5]), Some(3));
-        assert_eq!(stats(&d).per_endpoint, vec![0, 0, 1]);
-        d.record(0, &hs(&[6]), Some(4));
-        assert_eq!(stats(&d).per_endpoint, vec![0, 0, 0]);
-        d.record(0, &hs(&[6, 7]), Some(4));
-        assert_eq!(stats(&d).per_endpoint, vec![1, 0, 0]);
+        // A third session evicts the least recent one (session 2, on endpoint 0).
+        d.record(2, &hs(&[4]), Some(3));
+        assert_eq!(stats(&d).per_endpoint, vec![0, 1, 1]);
         // Requests without a session count for neither.
-        d.record(2, &hs(&[8]), None);
-        assert_eq!(stats(&d).per_endpoint, vec![1, 0, 0]);
-        assert!((stats(&d).continuing - 3.0 / 7.0).abs() < 1e-6);
+        d.record(2, &hs(&[5]), None);
+        assert_eq!(stats(&d).per_endpoint, vec![0, 1, 1]);
+        assert!((stats(&d).continuing - 0.25).abs() < 1e-6);
         d.clear();
         assert_eq!(
             stats(&d),
@@ -1001,6 +1013,21 @@ mod tests {
                 heads: Vec::new(),
             }
         );
+        // Questions over one document (head 50), each its own session on endpoint 2: counted
+        // until the head has a share of its own and it shows that its requests do not continue;
+        // then a question counts once it continues.
+        let mut d = Directory::new(&[100, 100, 100], 100);
+        for q in 0..12u64 {
+            d.record(2, &hs(&[49, 50, 1_000 + q]), Some(q));
+        }
+        let n = SessionStats::HEAD_MIN_REQUESTS;
+        assert_eq!(stats(&d).per_endpoint, vec![0, 0, n]);
+        assert!(stats(&d).is_one_shot(Some(50)));
+        d.record(1, &hs(&[49, 50, 1_011, 7]), Some(11));
+        assert_eq!(stats(&d).per_endpoint, vec![0, 1, n]);
+        // A conversation's head that is not followed, or has no share of its own, is not one-shot.
+        assert!(!stats(&d).is_one_shot(Some(4_242)));
+        assert!(!stats(&d).is_one_shot(None));
     }
 
     #[test]
@@ -1254,7 +1281,7 @@ mod tests {
                 prop_assert!(d.sessions() <= session_cap as usize);
                 // The per-endpoint counts are a recount of the remembered sessions that continued.
                 let mut recount = vec![0u32; caps.len()];
-                for (_, e) in d.sessions.iter().filter(|(_, e)| e.continued) {
+                for (_, e) in d.sessions.iter().filter(|(_, e)| e.conversation) {
                     recount[usize::from(e.endpoint)] += 1;
                 }
                 prop_assert_eq!(&d.session_stats().unwrap().per_endpoint, &recount);

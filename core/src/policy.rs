@@ -137,7 +137,8 @@ pub struct Candidate<'a> {
     pub prefill_tps: Option<f64>,
     /// The engine's measured time per output token, seconds (sidecar), if measured.
     pub step_s: Option<f64>,
-    /// Conversations (sessions seen to continue) the directory places on this endpoint.
+    /// Conversations the directory places on this endpoint
+    /// ([`crate::directory::SessionStats::per_endpoint`]).
     pub sessions: u32,
 }
 

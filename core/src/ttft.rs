@@ -130,8 +130,9 @@ impl PredictedTtft {
     }
 
     /// For a new session, when most requests continue one ([`PolicySettings::ttft_session_spread`]):
-    /// whether candidate `i` serves no more than the mean number of conversations (sessions seen to
-    /// continue: [`crate::directory::SessionStats::per_endpoint`]). A session's later
+    /// whether candidate `i` serves no more than the mean number of conversations (sessions less
+    /// single questions over a shared document: [`crate::directory::SessionStats::per_endpoint`]).
+    /// A session's later
     /// requests follow its cache, so where its first one goes decides their queue too; placed by
     /// each first request's own wait alone, sessions gather on the endpoints that hold a prefix
     /// they all share (a tool and system prompt) while the others stay idle. "Most requests" are
