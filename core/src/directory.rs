@@ -73,6 +73,13 @@ impl HeadStats {
     pub fn has_own_share(&self) -> bool {
         self.seen() >= SessionStats::HEAD_MIN_REQUESTS
     }
+
+    /// Whether the head has a share of its own and, of its requests, under `continuing_below`
+    /// continued a session: questions over a shared document.
+    pub fn is_one_shot(&self, continuing_below: f64) -> bool {
+        self.has_own_share()
+            && f64::from(self.continuing) < continuing_below * f64::from(self.seen())
+    }
 }
 
 /// A remembered session: the endpoint that served it last, and whether it is a conversation.
@@ -104,7 +111,7 @@ impl SessionStats {
     /// head has been counted on [`SessionStats::HEAD_MIN_REQUESTS`] requests, else
     /// [`SessionStats::continuing`].
     pub fn continuing_for(&self, head: Option<u64>) -> f64 {
-        head.and_then(|k| self.heads.iter().find(|h| h.key == k))
+        self.head(head)
             .filter(|h| h.has_own_share())
             .map_or(f64::from(self.continuing), |h| {
                 f64::from(h.continuing) / f64::from(h.seen())
@@ -115,11 +122,8 @@ impl SessionStats {
     /// where the head has a share of its own ([`HeadStats::has_own_share`]): its share of
     /// continuing requests is under [`SessionStats::CONVERSATION_SHARE`].
     pub fn is_one_shot(&self, head: Option<u64>) -> bool {
-        head.and_then(|k| self.heads.iter().find(|h| h.key == k))
-            .is_some_and(|h| {
-                h.has_own_share()
-                    && f64::from(h.continuing) < Self::CONVERSATION_SHARE * f64::from(h.seen())
-            })
+        self.head(head)
+            .is_some_and(|h| h.is_one_shot(Self::CONVERSATION_SHARE))
     }
 
     /// The share of the recent requests (of those with a session) that begin with `head`, where
@@ -128,17 +132,18 @@ impl SessionStats {
     /// head's own count leaves out what its slot inherited, so this is a lower bound.
     pub fn share_of(&self, head: Option<u64>) -> f64 {
         let total = self.counted();
-        head.and_then(|k| self.heads.iter().find(|h| h.key == k))
+        self.head(head)
             .filter(|h| h.has_own_share() && total > 0)
             .map_or(0.0, |h| f64::from(h.seen()) / total as f64)
     }
 
     /// At most the share of the recent requests (of those with a session) that begin with `head`:
-    /// its count with what its slot inherited, over the requests counted; 0 for a head not followed
-    /// (the heads followed are the most frequent, so an unfollowed head's share is under theirs).
+    /// its count with what its slot inherited, over the requests counted; 0 for a head not
+    /// followed (the heads followed are the most frequent, so an unfollowed head's share is under
+    /// theirs).
     pub fn share_bound(&self, head: Option<u64>) -> f64 {
         let total = self.counted();
-        head.and_then(|k| self.heads.iter().find(|h| h.key == k))
+        self.head(head)
             .filter(|_| total > 0)
             .map_or(0.0, |h| f64::from(h.requests) / total as f64)
     }
@@ -154,13 +159,15 @@ impl SessionStats {
         let one_shot: u64 = self
             .heads
             .iter()
-            .filter(|h| {
-                h.has_own_share()
-                    && f64::from(h.continuing) < continuing_below * f64::from(h.seen())
-            })
+            .filter(|h| h.is_one_shot(continuing_below))
             .map(|h| u64::from(h.seen()))
             .sum();
         one_shot as f64 / total as f64
+    }
+
+    /// The followed head `head`, if it is one.
+    fn head(&self, head: Option<u64>) -> Option<&HeadStats> {
+        head.and_then(|k| self.heads.iter().find(|h| h.key == k))
     }
 
     /// The requests the heads' counts stand for (halved as they are).
@@ -1279,7 +1286,7 @@ mod tests {
                     prop_assert!(d.endpoint_len(i) <= *c as usize);
                 }
                 prop_assert!(d.sessions() <= session_cap as usize);
-                // The per-endpoint counts are a recount of the remembered sessions that continued.
+                // The per-endpoint counts are a recount of the remembered conversations.
                 let mut recount = vec![0u32; caps.len()];
                 for (_, e) in d.sessions.iter().filter(|(_, e)| e.conversation) {
                     recount[usize::from(e.endpoint)] += 1;

@@ -37,8 +37,8 @@
 //! one). Unhealthy endpoints are not candidates ([`crate::router::decide`]).
 //!
 //! Two rules place a request that opens a session by more than its own wait: a new conversation
-//! starts where fewer conversations are served (`PredictedTtft::session_share`), and a question over
-//! a shared document that finds every holder busy makes a copy on an idle endpoint
+//! starts where fewer conversations are served (`PredictedTtft::session_share`), and a question
+//! over a shared document that finds every holder busy makes a copy on an idle endpoint
 //! (`PredictedTtft::idle_copy`).
 
 use crate::policy::{argbest, primary, Pick, PickContext, PickNote, Policy, PolicyKind, RateScope};
@@ -132,11 +132,11 @@ impl PredictedTtft {
     /// For a new session, when most requests continue one ([`PolicySettings::ttft_session_spread`]):
     /// whether candidate `i` serves no more than the mean number of conversations (sessions less
     /// single questions over a shared document: [`crate::directory::SessionStats::per_endpoint`]).
-    /// A session's later
-    /// requests follow its cache, so where its first one goes decides their queue too; placed by
-    /// each first request's own wait alone, sessions gather on the endpoints that hold a prefix
-    /// they all share (a tool and system prompt) while the others stay idle. "Most requests" are
-    /// those that begin as this one does where the directory counted enough of them
+    /// A session's later requests follow its cache, so where its first one goes decides their
+    /// queue too; placed by each first request's own wait alone, sessions gather on the endpoints
+    /// that hold a prefix they all share (a tool and system prompt) while the others stay idle.
+    /// "Most requests" are those that begin as this one does where the directory counted enough
+    /// of them
     /// ([`PickContext::continuing_share`]): a question over a shared document, whose kind never
     /// continues, is not moved away from the document's holders.
     ///
@@ -424,24 +424,15 @@ mod tests {
         let follow_up = ctx(&c, &s, 0);
         assert_eq!(PredictedTtft.pick(&follow_up).candidate, 1);
         // A new session whose head begins half the requests or more (one endpoint's share of two)
-        // is not charged; where no session stats are kept, neither.
-        for bound in [0.5, 1.0] {
+        // is not charged (1: no session stats kept); under one endpoint's share (a prefix few
+        // requests share, a head not followed) it is charged, as a follow-up is.
+        for (bound, pick) in [(0.5, 0), (1.0, 0), (0.0, 1), (0.49, 1)] {
             let opening = PickContext {
                 new_session: true,
                 head_share_bound: bound,
                 ..ctx(&c, &s, 0)
             };
-            assert_eq!(PredictedTtft.pick(&opening).candidate, 0, "{bound}");
-        }
-        // Under one endpoint's share (a prefix few requests share, a head not followed): charged,
-        // as a follow-up is.
-        for bound in [0.0, 0.49] {
-            let opening = PickContext {
-                new_session: true,
-                head_share_bound: bound,
-                ..ctx(&c, &s, 0)
-            };
-            assert_eq!(PredictedTtft.pick(&opening).candidate, 1, "{bound}");
+            assert_eq!(PredictedTtft.pick(&opening).candidate, pick, "{bound}");
         }
     }
 
