@@ -50,7 +50,9 @@
 //! over a shared document that finds every holder busy makes a copy on an idle endpoint
 //! (`PredictedTtft::idle_copy`).
 
-use crate::policy::{argbest, primary, Pick, PickContext, PickNote, Policy, PolicyKind, RateScope};
+use crate::policy::{
+    argbest, primary, Candidate, Pick, PickContext, PickNote, Policy, PolicyKind, RateScope,
+};
 
 /// The `predicted_ttft` policy.
 #[derive(Debug)]
@@ -64,47 +66,49 @@ pub fn cache_weight(age_ms: u64, halflife_ms: u32) -> f64 {
     0.5f64.powf(age_ms as f64 / f64::from(halflife_ms.max(1)))
 }
 
-/// Each candidate's prefill throughput, tokens/s: measured, else the mean of the measured ones,
-/// else the configured default.
-pub fn prefill_rates(ctx: &PickContext<'_>) -> Vec<f64> {
-    let measured = |r: Option<f64>| r.filter(|x| x.is_finite() && *x > 0.0);
+/// Each candidate's value of a figure the sidecar measures per engine (`get`), taken as
+/// `ttft_rates` says: pooled, the mean over the measured engines for every candidate; per
+/// endpoint, its own, else that mean; `unmeasured` where no engine is measured.
+fn measured_or_mean(
+    ctx: &PickContext<'_>,
+    get: impl Fn(&Candidate<'_>) -> Option<f64>,
+    unmeasured: f64,
+) -> Vec<f64> {
+    let measured = |c: &Candidate<'_>| get(c).filter(|x| x.is_finite() && *x > 0.0);
     let (sum, n) = ctx
         .candidates
         .iter()
-        .filter_map(|c| measured(c.prefill_tps))
+        .filter_map(measured)
         .fold((0.0, 0u32), |(s, n), r| (s + r, n + 1));
-    let fallback = if n > 0 {
+    let mean = if n > 0 {
         sum / f64::from(n)
     } else {
-        ctx.settings.ttft_prefill_tps.max(1.0)
+        unmeasured
     };
     ctx.candidates
         .iter()
         .map(|c| match ctx.settings.ttft_rates {
-            RateScope::Pooled => fallback,
-            RateScope::PerEndpoint => measured(c.prefill_tps).unwrap_or(fallback),
+            RateScope::Pooled => mean,
+            RateScope::PerEndpoint => measured(c).unwrap_or(mean),
         })
         .collect()
 }
 
+/// Each candidate's prefill throughput, tokens/s: measured, else the mean of the measured ones,
+/// else the configured default.
+pub fn prefill_rates(ctx: &PickContext<'_>) -> Vec<f64> {
+    measured_or_mean(
+        ctx,
+        |c| c.prefill_tps,
+        ctx.settings.ttft_prefill_tps.max(1.0),
+    )
+}
+
 /// Each candidate's time per decode step, seconds (the sidecar's measured time per output token),
-/// taken as [`prefill_rates`] takes rates: pooled, the mean of the measured engines; per endpoint,
-/// its own, else that mean; 0 where none is measured (the step in progress is then not counted).
+/// taken as [`prefill_rates`] takes rates; 0 where none is measured (the step in progress is then
+/// not counted).
 pub fn step_times(ctx: &PickContext<'_>) -> Vec<f64> {
-    let measured = |r: Option<f64>| r.filter(|x| x.is_finite() && *x > 0.0);
-    let (sum, n) = ctx
-        .candidates
-        .iter()
-        .filter_map(|c| measured(c.step_s))
-        .fold((0.0, 0u32), |(s, n), r| (s + r, n + 1));
-    let mean = if n > 0 { sum / f64::from(n) } else { 0.0 };
-    ctx.candidates
-        .iter()
-        .map(|c| match ctx.settings.ttft_rates {
-            RateScope::Pooled => mean,
-            RateScope::PerEndpoint => measured(c.step_s).unwrap_or(mean),
-        })
-        .collect()
+    measured_or_mean(ctx, |c| c.step_s, 0.0)
 }
 
 /// Prefill work, in tokens of linear-layer compute, of `uncached` tokens computed after `cached`
