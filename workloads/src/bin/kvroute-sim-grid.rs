@@ -262,9 +262,14 @@ fn main() -> anyhow::Result<()> {
                     judged += 1;
                     if !v.losses.is_empty() {
                         lost.push(format!(
-                            "{workload} N = {n}, {}: {}",
+                            "{workload} N = {n}, {}: {}{}",
                             cell.rate,
-                            v.losses.join(", ")
+                            v.losses.join(", "),
+                            if v.better_on_both.is_empty() {
+                                String::new()
+                            } else {
+                                format!(" (better on both: {})", v.better_on_both.join(", "))
+                            }
                         ));
                     }
                 }
@@ -443,8 +448,14 @@ fn print_cell(cell: &Cell, default: PolicyKind, requests: usize) {
         )),
         if v.losses.is_empty() {
             String::new()
-        } else {
+        } else if v.better_on_both.is_empty() {
             format!("; loses on {}", v.losses.join(", "))
+        } else {
+            format!(
+                "; loses on {} (better on both: {})",
+                v.losses.join(", "),
+                v.better_on_both.join(", ")
+            )
         }
     );
 }

@@ -126,6 +126,21 @@ pub struct Verdict {
     pub over_round_robin: Option<f64>,
     /// Why the default loses the cell (empty: it does not).
     pub losses: Vec<&'static str>,
+    /// Policies that beat the default on P95 or hit rate, as a loss counts it, and are not worse
+    /// on the other (a lower mean P95 and a higher mean hit rate): where there are none, every
+    /// loss on those two is a trade-off, the policy that beats the default on one being worse on
+    /// the other.
+    pub better_on_both: Vec<String>,
+}
+
+/// Whether the default (`d`) loses to `o` on P95: more than 5% above it and outside its spread.
+fn loses_p95_to(d: &PolicyCell, o: &PolicyCell) -> bool {
+    d.p95 > 1.05 * o.p95 && d.p95_range.0 > o.p95_range.1
+}
+
+/// Whether the default (`d`) loses to `o` on hit rate: more than 2 points under it.
+fn loses_hit_to(d: &PolicyCell, o: &PolicyCell) -> bool {
+    d.hit < o.hit - 0.02
 }
 
 fn quantile_free_mean(xs: &[f64]) -> f64 {
@@ -251,13 +266,25 @@ pub fn verdict(cell: &Cell, default: PolicyKind) -> Option<Verdict> {
         .iter()
         .find(|p| p.policy == PolicyKind::RoundRobin.as_str())
         .map(|r| r.p95 / d.p95.max(1e-9));
+    let (_, _, hcell) = best(&|p| p.hit, false)?;
     let mut losses = Vec::new();
-    if d.p95 > 1.05 * bp95 && d.p95_range.0 > bcell.p95_range.1 {
+    if loses_p95_to(d, bcell) {
         losses.push("P95");
     }
-    if d.hit < bhit - 0.02 {
+    if loses_hit_to(d, hcell) {
         losses.push("hit rate");
     }
+    let better_on_both = cell
+        .policies
+        .iter()
+        .filter(|o| {
+            o.policy != d.policy
+                && o.p95 < d.p95
+                && o.hit > d.hit
+                && (loses_p95_to(d, o) || loses_hit_to(d, o))
+        })
+        .map(|o| o.policy.clone())
+        .collect();
     if cell.engines >= 8 && cell.rate == "1x" && rr.is_some_and(|x| x < 1.3) {
         losses.push("under 1.3x round_robin");
     }
@@ -270,7 +297,23 @@ pub fn verdict(cell: &Cell, default: PolicyKind) -> Option<Verdict> {
         hit_diff: d.hit - bhit,
         over_round_robin: rr,
         losses,
+        better_on_both,
     })
+}
+
+/// For a lost cell: whether a policy beats the default on both P95 and hit rate, or the loss is a
+/// trade-off (nothing to add where it is lost only on the round_robin line).
+fn trade_off_note(v: &Verdict) -> String {
+    if !v.better_on_both.is_empty() {
+        format!(
+            "<br><small>better on both: {}</small>",
+            v.better_on_both.join(", ")
+        )
+    } else if v.losses.iter().any(|l| *l == "P95" || *l == "hit rate") {
+        "<br><small>a trade-off: none better on both</small>".to_string()
+    } else {
+        String::new()
+    }
 }
 
 /// The report's opening table: per cell, the best policy on P95, mean TTFT and hit rate, and the
@@ -286,13 +329,20 @@ pub fn html(runs: &[RunResult], default: PolicyKind, slo_ms: f64) -> String {
         .iter()
         .filter(|c| verdict(c, default).is_some())
         .count();
+    let plain = cells
+        .iter()
+        .filter(|c| verdict(c, default).is_some_and(|v| !v.better_on_both.is_empty()))
+        .count();
     h.push_str(&format!(
         "<h2>The default policy in every cell</h2><p>The default policy is <code>{default}</code>. \
          Per cell (one workload, fleet and load, every policy on the same sessions and seeds): the \
          best policy on P95 TTFT, mean TTFT and hit rate, and the default's ratio to each. The \
          default loses a cell when its P95 is over 1.05x the best and outside the best's spread \
          over repeats, when its hit rate is over 2 points below the best, or at N &ge; 8 and 1x \
-         when round_robin's P95 is not 1.3x its own. It loses <b>{lost} of {judged}</b> cells. \
+         when round_robin's P95 is not 1.3x its own. It loses <b>{lost} of {judged}</b> cells, \
+         in {plain} of them to a policy better on both P95 and hit rate (named under the loss; \
+         in the others the policy that beats the default on one is worse on the other, or no \
+         policy meets the round_robin line). \
          A spread is the lowest and highest of the repeats; where the default's hit rates and the \
          best's overlap, the difference is within what repeats move it by. Every policy of a cell \
          runs the same sessions and arrivals under each seed, so the small print pairs the \
@@ -354,7 +404,7 @@ pub fn html(runs: &[RunResult], default: PolicyKind, slo_ms: f64) -> String {
         let mark = if v.losses.is_empty() {
             String::new()
         } else {
-            format!("<b>{}</b>", v.losses.join(", "))
+            format!("<b>{}</b>{}", v.losses.join(", "), trade_off_note(&v))
         };
         h.push_str(&format!(
             "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{} {:.0}{}</td>\
@@ -443,7 +493,34 @@ mod tests {
         ];
         let v = verdict(&cells(&runs, 50.0)[0], d).unwrap();
         assert_eq!(v.losses, vec!["P95", "hit rate", "under 1.3x round_robin"]);
-        assert!(html(&runs, d, 50.0).contains("1 of 1"));
+        assert_eq!(v.better_on_both, vec![rr.as_str().to_string()]);
+        let h = html(&runs, d, 50.0);
+        assert!(h.contains("1 of 1</b> cells, in 1 of them"), "{h}");
+        assert!(h.contains("better on both: round_robin"), "{h}");
+        // Better on the tail, worse on hit rate: a trade-off.
+        let runs = vec![
+            run(d, 0, &ramp(1.0), 0.5),
+            run(d, 1, &ramp(1.0), 0.5),
+            run(rr, 0, &ramp(0.8), 0.4),
+            run(rr, 1, &ramp(0.8), 0.4),
+        ];
+        let v = verdict(&cells(&runs, 50.0)[0], d).unwrap();
+        assert_eq!(v.losses, vec!["P95", "under 1.3x round_robin"]);
+        assert!(v.better_on_both.is_empty());
+        let h = html(&runs, d, 50.0);
+        assert!(h.contains("1 of 1</b> cells, in 0 of them"), "{h}");
+        assert!(h.contains("a trade-off: none better on both"), "{h}");
+        // A policy better on both, but by less than a loss on either, does not count.
+        let runs = vec![
+            run(d, 0, &ramp(1.0), 0.5),
+            run(d, 1, &ramp(1.0), 0.5),
+            run(rr, 0, &ramp(0.98), 0.51),
+            run(rr, 1, &ramp(0.98), 0.51),
+        ];
+        assert!(verdict(&cells(&runs, 50.0)[0], d)
+            .unwrap()
+            .better_on_both
+            .is_empty());
         // Hit rates that move between repeats: the best's spread, and whether the default's
         // overlaps it.
         let runs = vec![
