@@ -265,11 +265,7 @@ fn main() -> anyhow::Result<()> {
                             "{workload} N = {n}, {}: {}{}",
                             cell.rate,
                             v.losses.join(", "),
-                            if v.better_on_both.is_empty() {
-                                String::new()
-                            } else {
-                                format!(" (better on both: {})", v.better_on_both.join(", "))
-                            }
+                            v.better_on_both_suffix()
                         ));
                     }
                 }
@@ -448,13 +444,11 @@ fn print_cell(cell: &Cell, default: PolicyKind, requests: usize) {
         )),
         if v.losses.is_empty() {
             String::new()
-        } else if v.better_on_both.is_empty() {
-            format!("; loses on {}", v.losses.join(", "))
         } else {
             format!(
-                "; loses on {} (better on both: {})",
+                "; loses on {}{}",
                 v.losses.join(", "),
-                v.better_on_both.join(", ")
+                v.better_on_both_suffix()
             )
         }
     );

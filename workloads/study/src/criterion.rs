@@ -260,13 +260,12 @@ pub fn verdict(cell: &Cell, default: PolicyKind) -> Option<Verdict> {
     };
     let (bp, bp95, bcell) = best(&|p| p.p95, true)?;
     let (bm, bmean, _) = best(&|p| p.mean, true)?;
-    let (bh, bhit, _) = best(&|p| p.hit, false)?;
+    let (bh, bhit, hcell) = best(&|p| p.hit, false)?;
     let rr = cell
         .policies
         .iter()
         .find(|p| p.policy == PolicyKind::RoundRobin.as_str())
         .map(|r| r.p95 / d.p95.max(1e-9));
-    let (_, _, hcell) = best(&|p| p.hit, false)?;
     let mut losses = Vec::new();
     if loses_p95_to(d, bcell) {
         losses.push("P95");
@@ -301,6 +300,17 @@ pub fn verdict(cell: &Cell, default: PolicyKind) -> Option<Verdict> {
     })
 }
 
+impl Verdict {
+    /// ` (better on both: a, b)`, or nothing where no policy beats the default on both.
+    pub fn better_on_both_suffix(&self) -> String {
+        if self.better_on_both.is_empty() {
+            String::new()
+        } else {
+            format!(" (better on both: {})", self.better_on_both.join(", "))
+        }
+    }
+}
+
 /// For a lost cell: whether a policy beats the default on both P95 and hit rate, or the loss is a
 /// trade-off (nothing to add where it is lost only on the round_robin line).
 fn trade_off_note(v: &Verdict) -> String {
@@ -320,26 +330,24 @@ fn trade_off_note(v: &Verdict) -> String {
 /// default's ratio to each, marked where it loses.
 pub fn html(runs: &[RunResult], default: PolicyKind, slo_ms: f64) -> String {
     let cells = cells(runs, slo_ms);
+    let judged: Vec<(&Cell, Verdict)> = cells
+        .iter()
+        .filter_map(|c| verdict(c, default).map(|v| (c, v)))
+        .collect();
     let mut h = String::new();
-    let lost = cells
+    let lost = judged.iter().filter(|(_, v)| !v.losses.is_empty()).count();
+    let plain = judged
         .iter()
-        .filter(|c| verdict(c, default).is_some_and(|v| !v.losses.is_empty()))
+        .filter(|(_, v)| !v.better_on_both.is_empty())
         .count();
-    let judged = cells
-        .iter()
-        .filter(|c| verdict(c, default).is_some())
-        .count();
-    let plain = cells
-        .iter()
-        .filter(|c| verdict(c, default).is_some_and(|v| !v.better_on_both.is_empty()))
-        .count();
+    let judged_n = judged.len();
     h.push_str(&format!(
         "<h2>The default policy in every cell</h2><p>The default policy is <code>{default}</code>. \
          Per cell (one workload, fleet and load, every policy on the same sessions and seeds): the \
          best policy on P95 TTFT, mean TTFT and hit rate, and the default's ratio to each. The \
          default loses a cell when its P95 is over 1.05x the best and outside the best's spread \
          over repeats, when its hit rate is over 2 points below the best, or at N &ge; 8 and 1x \
-         when round_robin's P95 is not 1.3x its own. It loses <b>{lost} of {judged}</b> cells, \
+         when round_robin's P95 is not 1.3x its own. It loses <b>{lost} of {judged_n}</b> cells, \
          in {plain} of them to a policy better on both P95 and hit rate (named under the loss; \
          in the others the policy that beats the default on one is worse on the other, or no \
          policy meets the round_robin line). \
@@ -355,10 +363,7 @@ pub fn html(runs: &[RunResult], default: PolicyKind, slo_ms: f64) -> String {
          <th>default / best</th><th>best hit (spread)</th><th>default &minus; best</th>\
          <th>round_robin / default P95</th><th>default SLO attainment</th><th>loses on</th></tr>"
     ));
-    for c in &cells {
-        let Some(v) = verdict(c, default) else {
-            continue;
-        };
+    for (c, v) in &judged {
         let d = c.policies.iter().find(|p| p.policy == default.as_str());
         let b = c.policies.iter().find(|p| p.policy == v.best_p95.0);
         let spread = b.map_or(String::new(), |b| {
@@ -404,7 +409,7 @@ pub fn html(runs: &[RunResult], default: PolicyKind, slo_ms: f64) -> String {
         let mark = if v.losses.is_empty() {
             String::new()
         } else {
-            format!("<b>{}</b>{}", v.losses.join(", "), trade_off_note(&v))
+            format!("<b>{}</b>{}", v.losses.join(", "), trade_off_note(v))
         };
         h.push_str(&format!(
             "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{} {:.0}{}</td>\
@@ -465,17 +470,24 @@ mod tests {
         (0..100).map(|i| f64::from(i) * scale).collect()
     }
 
+    /// Two repeats of the default (TTFTs 0..99 ms) with hit rates `d_hits`, and two of
+    /// round_robin with TTFTs `rr_scale` times those and hit rates `rr_hits`.
+    fn against_round_robin(d_hits: [f64; 2], rr_scale: f64, rr_hits: [f64; 2]) -> Vec<RunResult> {
+        let (d, rr) = (PolicyKind::PredictedTtft, PolicyKind::RoundRobin);
+        vec![
+            run(d, 0, &ramp(1.0), d_hits[0]),
+            run(d, 1, &ramp(1.0), d_hits[1]),
+            run(rr, 0, &ramp(rr_scale), rr_hits[0]),
+            run(rr, 1, &ramp(rr_scale), rr_hits[1]),
+        ]
+    }
+
     #[test]
     fn the_default_loses_on_tail_hit_and_round_robin_and_wins_otherwise() {
         let d = PolicyKind::PredictedTtft;
         let rr = PolicyKind::RoundRobin;
         // The default: P95 95 ms; round_robin: 190 ms (2x), lower hit rate.
-        let runs = vec![
-            run(d, 0, &ramp(1.0), 0.5),
-            run(d, 1, &ramp(1.0), 0.5),
-            run(rr, 0, &ramp(2.0), 0.1),
-            run(rr, 1, &ramp(2.0), 0.1),
-        ];
+        let runs = against_round_robin([0.5, 0.5], 2.0, [0.1, 0.1]);
         let c = cells(&runs, 50.0);
         assert_eq!(c.len(), 1);
         assert_eq!(c[0].policies.len(), 2);
@@ -485,12 +497,7 @@ mod tests {
         assert!((v.over_round_robin.unwrap() - 2.0).abs() < 1e-9);
         assert!((c[0].policies[0].slo - 0.51).abs() < 1e-9);
         // round_robin now better on the tail by 20% in both repeats, and on hit rate.
-        let runs = vec![
-            run(d, 0, &ramp(1.0), 0.5),
-            run(d, 1, &ramp(1.0), 0.5),
-            run(rr, 0, &ramp(0.8), 0.6),
-            run(rr, 1, &ramp(0.8), 0.6),
-        ];
+        let runs = against_round_robin([0.5, 0.5], 0.8, [0.6, 0.6]);
         let v = verdict(&cells(&runs, 50.0)[0], d).unwrap();
         assert_eq!(v.losses, vec!["P95", "hit rate", "under 1.3x round_robin"]);
         assert_eq!(v.better_on_both, vec![rr.as_str().to_string()]);
@@ -498,12 +505,7 @@ mod tests {
         assert!(h.contains("1 of 1</b> cells, in 1 of them"), "{h}");
         assert!(h.contains("better on both: round_robin"), "{h}");
         // Better on the tail, worse on hit rate: a trade-off.
-        let runs = vec![
-            run(d, 0, &ramp(1.0), 0.5),
-            run(d, 1, &ramp(1.0), 0.5),
-            run(rr, 0, &ramp(0.8), 0.4),
-            run(rr, 1, &ramp(0.8), 0.4),
-        ];
+        let runs = against_round_robin([0.5, 0.5], 0.8, [0.4, 0.4]);
         let v = verdict(&cells(&runs, 50.0)[0], d).unwrap();
         assert_eq!(v.losses, vec!["P95", "under 1.3x round_robin"]);
         assert!(v.better_on_both.is_empty());
@@ -511,35 +513,20 @@ mod tests {
         assert!(h.contains("1 of 1</b> cells, in 0 of them"), "{h}");
         assert!(h.contains("a trade-off: none better on both"), "{h}");
         // A policy better on both, but by less than a loss on either, does not count.
-        let runs = vec![
-            run(d, 0, &ramp(1.0), 0.5),
-            run(d, 1, &ramp(1.0), 0.5),
-            run(rr, 0, &ramp(0.98), 0.51),
-            run(rr, 1, &ramp(0.98), 0.51),
-        ];
+        let runs = against_round_robin([0.5, 0.5], 0.98, [0.51, 0.51]);
         assert!(verdict(&cells(&runs, 50.0)[0], d)
             .unwrap()
             .better_on_both
             .is_empty());
         // Hit rates that move between repeats: the best's spread, and whether the default's
         // overlaps it.
-        let runs = vec![
-            run(d, 0, &ramp(1.0), 0.40),
-            run(d, 1, &ramp(1.0), 0.44),
-            run(rr, 0, &ramp(2.0), 0.43),
-            run(rr, 1, &ramp(2.0), 0.49),
-        ];
+        let runs = against_round_robin([0.40, 0.44], 2.0, [0.43, 0.49]);
         let c = cells(&runs, 50.0);
         assert_eq!(c[0].policies[1].hit_range, (0.43, 0.49));
         let h = html(&runs, d, 50.0);
         assert!(h.contains("round_robin 0.460 (0.430-0.490)"), "{h}");
         assert!(h.contains("-0.040, spreads overlap"), "{h}");
-        let runs = vec![
-            run(d, 0, &ramp(1.0), 0.40),
-            run(d, 1, &ramp(1.0), 0.42),
-            run(rr, 0, &ramp(2.0), 0.45),
-            run(rr, 1, &ramp(2.0), 0.49),
-        ];
+        let runs = against_round_robin([0.40, 0.42], 2.0, [0.45, 0.49]);
         let h = html(&runs, d, 50.0);
         assert!(h.contains("(0.450-0.490)</td><td>-0.060<br>"), "{h}");
         // Seed by seed: the default's hit rate 0.05 and 0.07 under round_robin's, its P95 half.
