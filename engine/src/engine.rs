@@ -126,7 +126,8 @@ pub enum Observation {
     Itl(f64),
     /// `e2e_request_latency_seconds`
     E2e(f64),
-    /// `request_queue_time_seconds`
+    /// `request_queue_time_seconds`: arrival to first scheduled (at the request's end, as vLLM
+    /// records it).
     QueueTime(f64),
     /// `request_prefill_kv_computed_tokens` (at the request's end, as vLLM records it)
     PrefillKvComputed(u32),
@@ -609,9 +610,6 @@ impl Engine {
             req.tokens.push(token);
             if index == 0 {
                 out.observations.push(Observation::Ttft(t - req.arrival));
-                out.observations.push(Observation::QueueTime(
-                    req.first_scheduled.unwrap_or(now) - req.arrival,
-                ));
                 out.observations
                     .push(Observation::PromptTokens(req.prompt_len as u32));
                 let cached = req.cached_tokens.unwrap_or(0);
@@ -636,6 +634,8 @@ impl Engine {
                     .push(Observation::GenerationTokens(usage.completion_tokens));
                 let scheduled = req.first_scheduled.unwrap_or(req.arrival);
                 let first = req.first_token.unwrap_or(t);
+                out.observations
+                    .push(Observation::QueueTime((scheduled - req.arrival).max(0.0)));
                 out.observations
                     .push(Observation::PrefillTime((first - scheduled).max(0.0)));
                 out.observations
@@ -781,6 +781,35 @@ mod tests {
         assert_eq!(e.pool().num_free(), 50);
         assert!(!e.has_work());
         assert_eq!(e.stats().finished[2], 1);
+    }
+
+    #[test]
+    fn queue_time_is_observed_when_the_request_finishes() {
+        // vLLM observes queue, prefill, decode and inference time per finished request: a request
+        // still decoding shows in none of them, so a router reading their sums reads finished
+        // requests only.
+        let mut c = cfg(200);
+        c.max_num_seqs = 1;
+        let mut e = Engine::new(c);
+        e.add(req(1, (0..100).collect(), 3), 0.0).unwrap();
+        e.add(req(2, (500..600).collect(), 3), 0.0).unwrap();
+        let (mut now, mut queue, mut finished) = (0.0, Vec::new(), 0);
+        while e.has_work() {
+            let o = e.step(now);
+            now += o.duration;
+            for ob in &o.observations {
+                match ob {
+                    Observation::QueueTime(s) => queue.push((*s, finished)),
+                    Observation::E2e(_) => finished += 1,
+                    _ => {}
+                }
+            }
+        }
+        // Each after its own request's end: the first waited for nothing, the second (one running
+        // sequence at most) for the whole first one.
+        assert_eq!(queue.len(), 2, "{queue:?}");
+        assert!(queue[0].0.abs() < 1e-12 && queue[0].1 == 1, "{queue:?}");
+        assert!(queue[1].0 > 0.0 && queue[1].1 == 2, "{queue:?}");
     }
 
     #[test]
