@@ -83,6 +83,9 @@ pub struct BlockPool {
     caching: bool,
     /// Cached blocks evicted so far.
     pub evictions: u64,
+    /// Hashes of the cached blocks evicted since the last [`BlockPool::take_evicted`], when
+    /// recorded ([`BlockPool::record_evictions`]: for vLLM's KV cache events).
+    evicted: Option<Vec<u64>>,
 }
 
 impl BlockPool {
@@ -96,6 +99,7 @@ impl BlockPool {
             cached: HashMap::default(),
             caching: enable_caching,
             evictions: 0,
+            evicted: None,
         };
         for i in 0..n {
             p.blocks.push(Block {
@@ -108,6 +112,20 @@ impl BlockPool {
             p.push_tail(i);
         }
         p
+    }
+
+    /// Records the hash of every cached block evicted from now on, for [`BlockPool::take_evicted`].
+    pub fn record_evictions(&mut self) {
+        self.evicted.get_or_insert_with(Vec::new);
+    }
+
+    /// The hashes of the cached blocks evicted since the last call, in eviction order (empty unless
+    /// recorded).
+    pub fn take_evicted(&mut self) -> Vec<u64> {
+        self.evicted
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
     }
 
     /// Total blocks.
@@ -227,6 +245,9 @@ impl BlockPool {
                     self.cached.remove(&h);
                 }
                 self.evictions += 1;
+                if let Some(e) = self.evicted.as_mut() {
+                    e.push(h);
+                }
             }
             if let Some(b) = self.blocks.get_mut(id as usize) {
                 b.ref_cnt = 1;
@@ -249,19 +270,26 @@ impl BlockPool {
         }
     }
 
-    /// Marks a full block as holding the content with this hash.
-    pub fn cache(&mut self, id: BlockId, hash: u64) {
+    /// Marks a full block as holding the content with this hash; whether it newly does (a block
+    /// already hashed keeps its hash).
+    pub fn cache(&mut self, id: BlockId, hash: u64) -> bool {
         if !self.caching {
-            return;
+            return false;
         }
         let Some(b) = self.blocks.get_mut(id as usize) else {
-            return;
+            return false;
         };
         if b.hash.is_some() {
-            return;
+            return false;
         }
         b.hash = Some(hash);
         self.cached.entry(hash).or_insert(id);
+        true
+    }
+
+    /// Every block's hash, for the blocks that have one (several blocks may hold one content).
+    pub fn block_hashes(&self) -> impl Iterator<Item = u64> + '_ {
+        self.blocks.iter().filter_map(|b| b.hash)
     }
 
     /// Drops every hash, if no block is in use (vLLM refuses to reset while blocks are in use).

@@ -226,6 +226,62 @@ pub struct Engine {
     running: Vec<u64>,
     waiting: VecDeque<u64>,
     stats: EngineStats,
+    /// KV cache events since the last [`Engine::take_kv_events`], when recorded.
+    kv_events: Option<Vec<KvEvent>>,
+}
+
+/// A change to the prefix cache, as vLLM publishes it with `--kv-events-config` (its
+/// `BlockStored`, `BlockRemoved` and `AllBlocksCleared`): what a router that follows each engine's
+/// cache from the engine itself (llm-d's precise prefix-cache scorer, Dynamo's KV router) reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KvEvent {
+    /// Full blocks of one request entered the cache, in order.
+    Stored {
+        /// Their chained hashes.
+        block_hashes: Vec<u64>,
+        /// The hash of the block before the first (None: the first is the prompt's first block).
+        parent_block_hash: Option<u64>,
+        /// Their tokens, `block_size` per block.
+        token_ids: Vec<u32>,
+        /// Tokens per block.
+        block_size: u32,
+    },
+    /// A cached block was evicted (one event per block, as vLLM emits them).
+    Removed {
+        /// Its hash.
+        block_hash: u64,
+    },
+    /// The whole prefix cache was reset.
+    AllCleared,
+}
+
+/// Appends the `Stored` events of a request's newly cached blocks `js` (ascending block indices):
+/// one event per run of consecutive blocks.
+fn stored_events(into: &mut Vec<KvEvent>, req: &Req, js: &[usize], bs: usize) {
+    let mut i = 0;
+    while let Some(&first) = js.get(i) {
+        let mut last = first;
+        while js.get(i + 1) == Some(&(last + 1)) {
+            i += 1;
+            last += 1;
+        }
+        i += 1;
+        let hashes = req.hashes.get(first..=last).map(<[u64]>::to_vec);
+        let tokens = req
+            .tokens
+            .get(first * bs..(last + 1) * bs)
+            .map(<[u32]>::to_vec);
+        if let (Some(block_hashes), Some(token_ids)) = (hashes, tokens) {
+            into.push(KvEvent::Stored {
+                block_hashes,
+                parent_block_hash: first
+                    .checked_sub(1)
+                    .and_then(|p| req.hashes.get(p).copied()),
+                token_ids,
+                block_size: bs as u32,
+            });
+        }
+    }
 }
 
 /// Why a request was not accepted.
@@ -285,6 +341,34 @@ impl Engine {
             running: Vec::new(),
             waiting: VecDeque::new(),
             stats: EngineStats::default(),
+            kv_events: None,
+        }
+    }
+
+    /// Records every change to the prefix cache from now on, for [`Engine::take_kv_events`].
+    pub fn record_kv_events(&mut self) {
+        self.pool.record_evictions();
+        self.kv_events.get_or_insert_with(Vec::new);
+    }
+
+    /// The prefix cache's changes since the last call, in order (empty unless recorded).
+    pub fn take_kv_events(&mut self) -> Vec<KvEvent> {
+        self.drain_evictions();
+        self.kv_events
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    /// Moves the pool's evictions so far into the event log (they precede what comes next).
+    fn drain_evictions(&mut self) {
+        if let Some(ev) = self.kv_events.as_mut() {
+            ev.extend(
+                self.pool
+                    .take_evicted()
+                    .into_iter()
+                    .map(|block_hash| KvEvent::Removed { block_hash }),
+            );
         }
     }
 
@@ -409,7 +493,14 @@ impl Engine {
 
     /// `POST /reset_prefix_cache`: false (and nothing reset) while any block is in use.
     pub fn reset_prefix_cache(&mut self) -> bool {
-        self.pool.reset_prefix_cache()
+        let done = self.pool.reset_prefix_cache();
+        if done {
+            self.drain_evictions();
+            if let Some(ev) = self.kv_events.as_mut() {
+                ev.push(KvEvent::AllCleared);
+            }
+        }
+        done
     }
 
     fn refresh_gauges(&mut self) {
@@ -588,6 +679,7 @@ impl Engine {
         }
 
         // 4. Commit at now + duration.
+        self.drain_evictions();
         for (id, n) in scheduled {
             let root = self.root;
             let Some(req) = self.reqs.get_mut(&id) else {
@@ -597,10 +689,18 @@ impl Engine {
             req.num_computed += n;
             let after = req.num_computed / bs;
             Self::ensure_hashes(root, req, bs);
+            // Newly cached blocks, kept only where events are recorded (no allocation otherwise).
+            let mut stored: Vec<usize> = Vec::new();
+            let record = self.kv_events.is_some();
             for j in before..after {
                 if let (Some(b), Some(h)) = (req.blocks.get(j), req.hashes.get(j)) {
-                    self.pool.cache(*b, *h);
+                    if self.pool.cache(*b, *h) && record {
+                        stored.push(j);
+                    }
                 }
+            }
+            if let Some(ev) = self.kv_events.as_mut() {
+                stored_events(ev, req, &stored, bs);
             }
             if req.num_computed < req.tokens.len() {
                 continue; // a prefill chunk: no token yet
@@ -677,6 +777,7 @@ impl Engine {
 )]
 mod tests {
     use super::*;
+    use crate::block_pool::block_hash;
     use crate::profile::a100_llama2_13b;
     use proptest::prelude::*;
 
@@ -847,6 +948,58 @@ mod tests {
             prop_assert_eq!(e.pool().num_free(), blocks as usize);
             prop_assert!(e.stats().prefix_cache_hits <= e.stats().prefix_cache_queries);
             prop_assert_eq!(e.stats().generation_tokens, expected.values().map(|v| u64::from(*v)).sum::<u64>());
+        }
+
+        /// A consumer that replays the KV events holds exactly the engine's cached blocks, whatever
+        /// is evicted or reset on the way, and every stored block's hash follows from its parent and
+        /// its tokens (what a router recomputes them from).
+        #[test]
+        fn kv_events_replay_to_the_engines_cache(
+            waves in prop::collection::vec(
+                prop::collection::vec((1usize..300, 1u32..30, 0u64..4), 1..8),
+                1..4,
+            ),
+            blocks in 30u32..100,
+            reset in any::<bool>(),
+        ) {
+            let mut e = Engine::new(cfg(blocks));
+            e.record_kv_events();
+            let root = chain_root("m");
+            let mut held: HashMap<u64, i64> = HashMap::new();
+            let mut id = 0;
+            for (w, wave) in waves.iter().enumerate() {
+                for (len, out, family) in wave {
+                    let prompt: Vec<u32> = (0..*len as u32).map(|t| t + 10_000 * *family as u32).collect();
+                    e.add(req(id, prompt, *out), 0.0).unwrap();
+                    id += 1;
+                }
+                run(&mut e, 0.0);
+                if reset && w == 0 {
+                    prop_assert!(e.reset_prefix_cache());
+                }
+                for ev in e.take_kv_events() {
+                    match ev {
+                        KvEvent::Stored { block_hashes, parent_block_hash, token_ids, block_size } => {
+                            prop_assert_eq!(block_size, 16);
+                            prop_assert_eq!(token_ids.len(), block_hashes.len() * 16);
+                            let mut parent = parent_block_hash.unwrap_or(root);
+                            for (h, chunk) in block_hashes.iter().zip(token_ids.chunks(16)) {
+                                prop_assert_eq!(*h, block_hash(parent, chunk));
+                                parent = *h;
+                                *held.entry(*h).or_default() += 1;
+                            }
+                        }
+                        KvEvent::Removed { block_hash } => *held.entry(block_hash).or_default() -= 1,
+                        KvEvent::AllCleared => held.clear(),
+                    }
+                }
+                held.retain(|_, n| *n != 0);
+                let mut truth: HashMap<u64, i64> = HashMap::new();
+                for h in e.pool().block_hashes() {
+                    *truth.entry(h).or_default() += 1;
+                }
+                prop_assert_eq!(&held, &truth);
+            }
         }
     }
 }
