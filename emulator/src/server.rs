@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::kv_events::KvEventSink;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -45,6 +46,8 @@ pub struct ServerConfig {
     pub time_scale: f64,
     /// `--gpu-memory-utilization` (reported in `cache_config_info`).
     pub gpu_memory_utilization: f64,
+    /// Where the engine's KV cache events go (`--kv-events-config`), if published.
+    pub kv_events: Option<KvEventSink>,
 }
 
 enum Command {
@@ -111,14 +114,18 @@ pub fn start(cfg: ServerConfig) -> anyhow::Result<(Router, AppState)> {
     )?);
     let (tx, rx) = mpsc::unbounded_channel();
     let timing = Arc::new(DriverTiming::default());
-    let engine = Engine::new(cfg.engine.clone());
+    let mut engine = Engine::new(cfg.engine.clone());
+    let kv = cfg.kv_events.clone();
+    if kv.is_some() {
+        engine.record_kv_events();
+    }
     // The engine loop has a thread of its own: its step timing must not depend on how busy the
     // async runtime is with streams, and an OS sleep is precise where the runtime's timer rounds
     // to milliseconds.
     let (m, t, scale) = (metrics.clone(), timing.clone(), cfg.time_scale.max(1e-6));
     std::thread::Builder::new()
         .name("kvroute-engine".into())
-        .spawn(move || drive(engine, rx, m, t, scale))?;
+        .spawn(move || drive(engine, rx, m, t, scale, kv))?;
     let state = AppState {
         cfg: Arc::new(cfg),
         tx,
@@ -146,7 +153,13 @@ fn drive(
     metrics: Arc<Metrics>,
     timing: Arc<DriverTiming>,
     scale: f64,
+    kv: Option<KvEventSink>,
 ) {
+    let publish = |engine: &mut Engine| {
+        if let Some(k) = &kv {
+            k.publish(engine.take_kv_events());
+        }
+    };
     let start = Instant::now();
     let model_now = |t: Instant| t.duration_since(start).as_secs_f64() * scale;
     let mut sinks: HashMap<u64, mpsc::UnboundedSender<Event>> = HashMap::new();
@@ -191,6 +204,7 @@ fn drive(
                 }
                 Command::Reset(reply) => {
                     let _ = reply.send(engine.reset_prefix_cache());
+                    publish(&mut engine);
                 }
             }
             metrics.update(engine.stats(), &[]);
@@ -215,6 +229,9 @@ fn drive(
         // The step's counters are on /metrics before its tokens reach a client, so a client that
         // has read its last token and then scrapes sees that token counted.
         metrics.update(engine.stats(), &out.observations);
+        // The cache's changes are published when the step's results exist, as vLLM publishes them
+        // after each scheduler step.
+        publish(&mut engine);
         let mut gone = Vec::new();
         for ev in out.events {
             let (id, finished) = match &ev {
@@ -869,6 +886,7 @@ async fn emulator_stats(State(state): State<AppState>) -> Response {
         "num_gpu_blocks": state.cfg.engine.num_gpu_blocks,
         "requests": t.requests.load(Ordering::Relaxed),
         "time_scale": state.cfg.time_scale,
+        "kv_events_dropped": state.cfg.kv_events.as_ref().map(KvEventSink::dropped),
     }))
     .into_response()
 }

@@ -39,6 +39,7 @@ async fn serve(engine: EngineConfig, time_scale: f64) -> String {
         engine,
         time_scale,
         gpu_memory_utilization: 0.45,
+        kv_events: None,
     };
     let (app, _) = start(cfg).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -4,6 +4,7 @@
 use axum::serve::ListenerExt;
 use clap::Parser;
 use kvroute_emulator::engine::EngineConfig;
+use kvroute_emulator::kv_events::KvEventsConfig;
 use kvroute_emulator::profile::Profile;
 use kvroute_emulator::server::{start, ServerConfig};
 
@@ -59,6 +60,10 @@ struct Args {
     /// Run this many times faster than real time (latencies in /metrics stay in model time).
     #[arg(long, default_value_t = 1.0)]
     time_scale: f64,
+    /// Publish KV cache events, as vLLM's flag of the same name (JSON: `{"enable_kv_cache_events":
+    /// true, "publisher": "zmq", "endpoint": "tcp://*:5557", "topic": ""}`).
+    #[arg(long)]
+    kv_events_config: Option<String>,
 }
 
 #[tokio::main]
@@ -118,7 +123,21 @@ async fn main() -> anyhow::Result<()> {
         },
         time_scale: args.time_scale,
         gpu_memory_utilization: util,
+        kv_events: None,
     };
+    let mut cfg = cfg;
+    if let Some(k) = args
+        .kv_events_config
+        .as_deref()
+        .map(KvEventsConfig::parse)
+        .transpose()?
+        .flatten()
+    {
+        let (sink, endpoint) = kvroute_emulator::kv_events::start(&k).await?;
+        // Before "listening on", which tells a supervisor the server is up.
+        println!("kv events on {endpoint}");
+        cfg.kv_events = Some(sink);
+    }
     let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port)).await?;
     let addr = listener.local_addr()?;
     eprintln!(

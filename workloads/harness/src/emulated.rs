@@ -39,6 +39,7 @@ impl EmulatedEngine {
             engine: EngineConfig::vllm_defaults(&p),
             time_scale,
             gpu_memory_utilization: util,
+            kv_events: None,
         };
         let (app, _) = start(cfg)?;
         let listener = tokio::net::TcpListener::bind(at).await?;
