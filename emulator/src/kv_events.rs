@@ -18,7 +18,10 @@
 //!
 //! One batch per engine step that changed the cache (and one per prefix-cache reset). A block hash
 //! is the engine's 8-byte chained hash, big-endian (vLLM's are 32-byte SHA-256 digests; consumers
-//! treat them as opaque keys and recompute their own from `token_ids`). Delivery is best effort, as
+//! treat them as opaque keys and recompute their own from `token_ids`); with vLLM's environment
+//! variable `VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=1` it is an unsigned integer instead, as vLLM then
+//! sends the low 64 bits of each digest (the form llm-d's guides set, and the only one Dynamo 1.6
+//! decodes). Delivery is best effort, as
 //! vLLM's: a full queue drops the batch (its sequence number is skipped, so a subscriber sees the
 //! gap) and counts it. The replay socket (`replay_endpoint`) is not emulated.
 
@@ -52,6 +55,10 @@ pub struct KvEventsConfig {
     pub max_queue_size: usize,
     /// The first frame of every message.
     pub topic: String,
+    /// Block hashes as integers (`VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES`, an environment variable in
+    /// vLLM, not a field of its config: [`KvEventsConfig::parse`] reads it).
+    #[serde(skip)]
+    pub int_block_hashes: bool,
 }
 
 impl Default for KvEventsConfig {
@@ -65,15 +72,27 @@ impl Default for KvEventsConfig {
             hwm: 100_000,
             max_queue_size: 100_000,
             topic: String::new(),
+            int_block_hashes: false,
         }
     }
+}
+
+/// vLLM's reading of `VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES`: `bool(int(value))`; unset or not a
+/// number, bytes.
+fn int_hashes_from_env() -> bool {
+    std::env::var("VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES")
+        .ok()
+        .and_then(|v| v.trim().parse::<i64>().ok())
+        .is_some_and(|v| v != 0)
 }
 
 impl KvEventsConfig {
     /// Parses the flag's JSON; None when events are off (`enable_kv_cache_events` false or the
     /// `null` publisher), an error for what vLLM would refuse or the emulator does not do.
     pub fn parse(json: &str) -> anyhow::Result<Option<Self>> {
-        let c: Self = serde_json::from_str(json).context("--kv-events-config: not valid JSON")?;
+        let mut c: Self =
+            serde_json::from_str(json).context("--kv-events-config: not valid JSON")?;
+        c.int_block_hashes = int_hashes_from_env();
         if !c.enable_kv_cache_events || c.publisher == "null" {
             return Ok(None);
         }
@@ -165,12 +184,15 @@ pub async fn start(cfg: &KvEventsConfig) -> anyhow::Result<(KvEventSink, String)
     let dropped = Arc::new(AtomicU64::new(0));
     let topic = bytes::Bytes::from(cfg.topic.clone().into_bytes());
     let lost = dropped.clone();
+    let int_hashes = cfg.int_block_hashes;
     tokio::spawn(async move {
         let mut seq: u64 = 0;
         while let Some(b) = rx.recv().await {
             let mut msg = ZmqMessage::from(topic.clone());
             msg.push_back(bytes::Bytes::copy_from_slice(&seq.to_be_bytes()));
-            msg.push_back(bytes::Bytes::from(encode_batch(b.ts, &b.events, 0)));
+            msg.push_back(bytes::Bytes::from(encode_batch(
+                b.ts, &b.events, 0, int_hashes,
+            )));
             seq += 1;
             if socket.send(msg).await.is_err() {
                 lost.fetch_add(1, Ordering::Relaxed);
@@ -190,7 +212,13 @@ fn is_local_bind(endpoint: &str) -> bool {
 }
 
 /// A batch's msgpack payload, `[ts, events, data_parallel_rank]` (module docs).
-pub fn encode_batch(ts: f64, events: &[KvEvent], data_parallel_rank: u32) -> Vec<u8> {
+/// `int_hashes`: block hashes as unsigned integers rather than bytes.
+pub fn encode_batch(
+    ts: f64,
+    events: &[KvEvent],
+    data_parallel_rank: u32,
+    int_hashes: bool,
+) -> Vec<u8> {
     use rmp::encode as m;
     // Writes to a Vec cannot fail.
     let mut w = Vec::with_capacity(64 + events.len() * 32);
@@ -198,7 +226,11 @@ pub fn encode_batch(ts: f64, events: &[KvEvent], data_parallel_rank: u32) -> Vec
     let _ = m::write_f64(&mut w, ts);
     let _ = m::write_array_len(&mut w, events.len() as u32);
     let hash = |w: &mut Vec<u8>, h: u64| {
-        let _ = m::write_bin(w, &h.to_be_bytes());
+        if int_hashes {
+            let _ = m::write_uint(w, h);
+        } else {
+            let _ = m::write_bin(w, &h.to_be_bytes());
+        }
     };
     let key = |w: &mut Vec<u8>, k: &str| {
         let _ = m::write_str(w, k);
@@ -268,7 +300,12 @@ pub fn encode_batch(ts: f64, events: &[KvEvent], data_parallel_rank: u32) -> Vec
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 mod tests {
     use super::*;
 
@@ -313,7 +350,7 @@ mod tests {
             KvEvent::Removed { block_hash: h },
             KvEvent::AllCleared,
         ];
-        let got = encode_batch(1_700_000_000.5, &events, 0);
+        let got = encode_batch(1_700_000_000.5, &events, 0, false);
         // Built by hand from the msgpack spec: fixarray(3), float64, fixarray(3) of fixmaps.
         let mut want = vec![0x93, 0xcb];
         want.extend_from_slice(&1_700_000_000.5f64.to_be_bytes());
@@ -365,5 +402,19 @@ mod tests {
         s(&mut want, "AllBlocksCleared");
         want.push(0);
         assert_eq!(got, want);
+        // With integer hashes each `bin 8` (c4 08 + 8 bytes) becomes a `uint 64` (cf + 8 bytes).
+        let ints = encode_batch(1_700_000_000.5, &events, 0, true);
+        let mut want_ints = Vec::new();
+        let mut i = 0;
+        while i < want.len() {
+            if want[i..].starts_with(&[0xc4, 8, 1, 1, 1, 1, 1, 1, 1, 1]) {
+                want_ints.push(0xcf);
+                i += 2;
+            } else {
+                want_ints.push(want[i]);
+                i += 1;
+            }
+        }
+        assert_eq!(ints, want_ints);
     }
 }

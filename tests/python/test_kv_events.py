@@ -3,6 +3,7 @@ libzmq binding vLLM publishes with), decoded strictly with msgspec (the library 
 with) against vLLM 0.33's event schema, as shared/reference/vllm_kv_event_wire_examples.txt shows it.
 """
 import json
+import os
 import subprocess
 import time
 import urllib.request
@@ -15,8 +16,8 @@ from conftest import emulator_binary
 
 
 class BlockStored(msgspec.Struct, tag=True):
-    block_hashes: list[bytes]
-    parent_block_hash: bytes | None
+    block_hashes: list[bytes | int]
+    parent_block_hash: bytes | int | None
     token_ids: list[int]
     block_size: int
     lora_id: int | None
@@ -27,7 +28,7 @@ class BlockStored(msgspec.Struct, tag=True):
 
 
 class BlockRemoved(msgspec.Struct, tag=True):
-    block_hashes: list[bytes]
+    block_hashes: list[bytes | int]
     medium: str | None
     group_idx: int | None = None
 
@@ -46,9 +47,11 @@ DECODER = msgspec.msgpack.Decoder(KVEventBatch)
 BEGIN_OF_TEXT = 128000
 
 
-@pytest.fixture(scope="module")
-def publishing_emulator():
-    """An emulator with 48 KV blocks (so a few long prompts evict) publishing on a free port."""
+@pytest.fixture(scope="module", params=["bytes", "int"])
+def publishing_emulator(request):
+    """An emulator with 48 KV blocks (so a few long prompts evict) publishing on a free port; its
+    block hashes as bytes (vLLM 0.33's default) or, with VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=1, as
+    integers."""
     config = {
         "enable_kv_cache_events": True,
         "publisher": "zmq",
@@ -61,13 +64,14 @@ def publishing_emulator():
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
+        env={**os.environ, "VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES": "1" if request.param == "int" else "0"},
     )
     try:
         events_line = proc.stdout.readline()
         assert events_line.startswith("kv events on tcp://"), events_line
         line = proc.stdout.readline()
         assert line.startswith("listening on "), line
-        yield "http://" + line.split()[-1], events_line.split()[-1]
+        yield "http://" + line.split()[-1], events_line.split()[-1], request.param
     finally:
         proc.terminate()
         proc.wait(timeout=10)
@@ -99,7 +103,8 @@ def drain(sub, quiet_s=1.0):
 
 
 def test_kv_events_follow_the_cache(publishing_emulator):
-    base, endpoint = publishing_emulator
+    base, endpoint, hashes = publishing_emulator
+    kind = bytes if hashes == "bytes" else int
     sub = zmq.Context.instance().socket(zmq.SUB)
     sub.connect(endpoint)
     sub.setsockopt(zmq.SUBSCRIBE, b"kv")
@@ -136,6 +141,7 @@ def test_kv_events_follow_the_cache(publishing_emulator):
                 if ev.parent_block_hash is None:
                     assert ev.token_ids[0] == BEGIN_OF_TEXT
                 for h in ev.block_hashes:
+                    assert isinstance(h, kind) and (kind is int or len(h) == 8), h
                     seen.add(h)
                     held[h] = held.get(h, 0) + 1
             elif isinstance(ev, BlockRemoved):
