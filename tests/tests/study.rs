@@ -7,7 +7,8 @@
 )]
 
 use kvroute_core::policy::PolicyKind;
-use kvroute_harness::peer::{smg_version, Peer};
+use kvroute_harness::emulated::EmulatedEngine;
+use kvroute_harness::peer::{smg_version, Dynamo, Peer};
 use kvroute_loadgen::analyze::analyze;
 use kvroute_study::report::{write, Meta, SimMeta};
 use kvroute_study::simulated;
@@ -75,6 +76,83 @@ async fn a_peer_router_runs_on_the_same_engines_and_is_counted_from_them() {
     // Its row stands in the criterion's cell beside kvroute's policies.
     let cells = kvroute_study::criterion::cells(&[r], 1000.0);
     assert_eq!(cells[0].policies[0].policy, peer.label());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynamo_routes_by_the_engines_kv_events() {
+    // NVIDIA Dynamo (the bootstrap's pinned ai-dynamo) with its KV router in front of two emulated
+    // engines: it learns where a prompt's blocks are only from the engines' KV cache events, so a
+    // prompt sent again goes to the engine that holds it, every time. Its round-robin mode, the
+    // same deployment without KV routing, alternates.
+    let mut engines = Vec::new();
+    for i in 0..2 {
+        engines.push(
+            EmulatedEngine::start(&format!("engine{i}"), "rtx5080-llama3.2-3b", 8.0)
+                .await
+                .unwrap(),
+        );
+    }
+    let targets: Vec<(String, String)> = engines
+        .iter()
+        .map(|e| (e.url(), e.kv_events.clone()))
+        .collect();
+    let http = reqwest::Client::new();
+    let models: serde_json::Value = http
+        .get(format!("{}/v1/models", engines[0].url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let model = models["data"][0]["id"].as_str().unwrap().to_string();
+    let system = "You answer questions about prefix caching, in detail. ".repeat(40);
+    for (mode, want_hits) in [("kv", true), ("round-robin", false)] {
+        for e in &engines {
+            http.post(format!("{}/reset_prefix_cache", e.url()))
+                .send()
+                .await
+                .unwrap();
+        }
+        let dynamo = Dynamo::start(mode, &targets, &model).await.unwrap();
+        let mut cached = Vec::new();
+        for _ in 0..4 {
+            let body = serde_json::json!({
+                "model": model,
+                "messages": [{"role": "system", "content": system}, {"role": "user", "content": "What is a block?"}],
+                "max_tokens": 4,
+                "ignore_eos": true,
+            });
+            let r: serde_json::Value = http
+                .post(dynamo.url("/v1/chat/completions"))
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            cached.push(
+                r["usage"]["prompt_tokens_details"]["cached_tokens"]
+                    .as_u64()
+                    .unwrap_or(0),
+            );
+            // The engine's events reach the router within a step or two.
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        }
+        dynamo.stop().await;
+        if want_hits {
+            assert!(
+                cached[0] == 0 && cached[1..].iter().all(|c| *c > 0),
+                "{mode}: {cached:?}"
+            );
+        } else {
+            assert!(
+                cached.iter().filter(|c| **c == 0).count() >= 2,
+                "{mode}: {cached:?}"
+            );
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use kvroute_emulator::engine::EngineConfig;
+use kvroute_emulator::kv_events::KvEventsConfig;
 use kvroute_emulator::profile::Profile;
 use kvroute_emulator::server::{start, ServerConfig};
 use kvroute_sidecar::{EngineTarget, Sidecar, SidecarConfig};
@@ -16,6 +17,9 @@ pub struct EmulatedEngine {
     pub name: String,
     /// Where it listens.
     pub addr: SocketAddr,
+    /// Where it publishes its KV cache events (vLLM's ZMQ feed, integer block hashes), for peer
+    /// routers that follow the engines' caches from the engines (Dynamo's KV router).
+    pub kv_events: String,
     stop: Option<oneshot::Sender<()>>,
 }
 
@@ -34,12 +38,21 @@ impl EmulatedEngine {
     ) -> anyhow::Result<Self> {
         let p = Profile::load(profile).map_err(anyhow::Error::msg)?;
         let util = p.default_gpu_memory_utilization;
+        // Integer block hashes: the form llm-d's guides set and the one Dynamo 1.6 decodes.
+        let (sink, kv_events) = kvroute_emulator::kv_events::start(&KvEventsConfig {
+            enable_kv_cache_events: true,
+            publisher: "zmq".into(),
+            endpoint: "tcp://127.0.0.1:0".into(),
+            int_block_hashes: true,
+            ..KvEventsConfig::default()
+        })
+        .await?;
         let cfg = ServerConfig {
             served_model_name: p.model.clone(),
             engine: EngineConfig::vllm_defaults(&p),
             time_scale,
             gpu_memory_utilization: util,
-            kv_events: None,
+            kv_events: Some(sink),
         };
         let (app, _) = start(cfg)?;
         let listener = tokio::net::TcpListener::bind(at).await?;
@@ -48,6 +61,7 @@ impl EmulatedEngine {
         Ok(Self {
             name: name.to_string(),
             addr,
+            kv_events,
             stop: Some(tx),
         })
     }

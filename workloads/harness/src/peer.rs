@@ -1,7 +1,13 @@
-//! Peer routers run beside kvroute on the same engines: SGLang's model gateway (PyPI `smg`,
-//! installed by the bootstrap into `.tools/venv`), launched per run against the engines' URLs with
-//! one of its policies at its defaults, so each run starts from the router's cold state as kvroute
-//! does from a new directory epoch.
+//! Peer routers run beside kvroute on the same engines, each launched per run so that it starts
+//! from its cold state as kvroute does from a new directory epoch:
+//! - SGLang's model gateway (PyPI `smg`, installed by the bootstrap into `.tools/venv`), against
+//!   the engines' URLs with one of its policies at its defaults;
+//! - NVIDIA Dynamo's frontend with its KV router (PyPI `ai-dynamo`, installed by the bootstrap into
+//!   `.tools/dynamo`), at its defaults, in front of one Dynamo worker per engine
+//!   (`scripts/dynamo_worker.py`: it registers the engine with Dynamo's runtime, relays the
+//!   engine's KV cache events, vLLM's ZMQ feed, to the router, and forwards each request, which
+//!   Dynamo has tokenized with Llama 3's tokenizer, to the engine as token ids). File discovery,
+//!   TCP requests and ZMQ events: no etcd or NATS.
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -16,10 +22,14 @@ use crate::stack::{free_port, installed};
 /// SMG's policies the study runs, each at its defaults.
 pub const SMG_POLICIES: [&str; 4] = ["cache_aware", "round_robin", "power_of_two", "prefix_hash"];
 
+/// Dynamo's router modes the study runs, at their defaults: its KV router, and round robin (the same
+/// deployment without KV routing: what Dynamo's stack itself costs).
+pub const DYNAMO_MODES: [&str; 2] = ["kv", "round-robin"];
+
 /// A peer router that routed a run: its rows stand beside kvroute's policies.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Peer {
-    /// The router: `smg` (SGLang's model gateway).
+    /// The router: `smg` (SGLang's model gateway) or `dynamo` (NVIDIA Dynamo's frontend).
     pub router: String,
     /// Its version, as installed.
     pub version: String,
@@ -33,18 +43,20 @@ impl Peer {
         format!("{}-{}/{}", self.router, self.version, self.policy)
     }
 
-    /// Parses `smg:POLICY` (a plan's spelling) with the installed version.
+    /// Parses `smg:POLICY` or `dynamo:MODE` (a plan's spelling), without the version.
     pub fn parse(s: &str) -> Result<Self, String> {
-        let (router, policy) = s
-            .split_once(':')
-            .ok_or_else(|| format!("peer {s:?}: want ROUTER:POLICY (smg:cache_aware)"))?;
-        if router != "smg" {
-            return Err(format!("peer {s:?}: the only peer router is smg"));
-        }
-        if !SMG_POLICIES.contains(&policy) {
+        let (router, policy) = s.split_once(':').ok_or_else(|| {
+            format!("peer {s:?}: want ROUTER:POLICY (smg:cache_aware, dynamo:kv)")
+        })?;
+        let known: &[&str] = match router {
+            "smg" => &SMG_POLICIES,
+            "dynamo" => &DYNAMO_MODES,
+            _ => return Err(format!("peer {s:?}: the peer routers are smg and dynamo")),
+        };
+        if !known.contains(&policy) {
             return Err(format!(
-                "peer {s:?}: smg policies are {}",
-                SMG_POLICIES.join(", ")
+                "peer {s:?}: {router} policies are {}",
+                known.join(", ")
             ));
         }
         Ok(Self {
@@ -52,6 +64,14 @@ impl Peer {
             version: String::new(),
             policy: policy.into(),
         })
+    }
+}
+
+/// The installed version of a peer router (`smg` or `dynamo`).
+pub fn peer_version(router: &str) -> anyhow::Result<String> {
+    match router {
+        "dynamo" => dynamo_version(),
+        _ => smg_version(),
     }
 }
 
@@ -170,6 +190,153 @@ impl Smg {
     }
 }
 
+/// Dynamo's Python: `$KVROUTE_DYNAMO_PYTHON`, else the bootstrap's `.tools/dynamo/bin/python`.
+pub fn dynamo_python() -> anyhow::Result<PathBuf> {
+    installed(
+        "KVROUTE_DYNAMO_PYTHON",
+        ".tools/dynamo/bin/python",
+        "Dynamo (ai-dynamo)",
+    )
+}
+
+/// The model directory Dynamo's frontend loads its tokenizer and chat template from (the
+/// bootstrap builds it: Llama 3's tokenizer, Llama 3.2's template as the emulator renders it).
+pub fn dynamo_model_dir() -> anyhow::Result<PathBuf> {
+    installed(
+        "KVROUTE_DYNAMO_MODEL",
+        ".tools/dynamo/model",
+        "Dynamo's model directory",
+    )
+}
+
+/// The installed `ai-dynamo` package's version.
+pub fn dynamo_version() -> anyhow::Result<String> {
+    let python = dynamo_python()?;
+    let out = std::process::Command::new(&python)
+        .args([
+            "-c",
+            "import importlib.metadata as m; print(m.version('ai-dynamo'))",
+        ])
+        .output()
+        .with_context(|| format!("{} (Dynamo's virtualenv)", python.display()))?;
+    let v = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    if v.is_empty() {
+        bail!("ai-dynamo's version not found");
+    }
+    Ok(v)
+}
+
+/// A running Dynamo deployment (frontend with its KV router, one worker per engine); every process
+/// is killed when dropped.
+#[derive(Debug)]
+pub struct Dynamo {
+    children: Vec<Child>,
+    /// Where the frontend serves the OpenAI API.
+    pub addr: std::net::SocketAddr,
+    /// Its discovery directory and logs.
+    pub dir: PathBuf,
+}
+
+impl Dynamo {
+    /// One worker per engine (`engines`: base URL and KV events endpoint), then the frontend with
+    /// `--router-mode MODE` at its defaults, serving `model`; returns once the frontend lists the
+    /// model with every worker registered.
+    pub async fn start(
+        mode: &str,
+        engines: &[(String, String)],
+        model: &str,
+    ) -> anyhow::Result<Self> {
+        let python = dynamo_python()?;
+        let model_dir = dynamo_model_dir()?;
+        let worker = crate::stack::repo_root().join("scripts/dynamo_worker.py");
+        let port = free_port()?;
+        let dir = std::env::temp_dir().join(format!("kvroute-dynamo-{port}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("kv"))?;
+        let env = |cmd: &mut Command| {
+            cmd.env("DYN_FILE_KV", dir.join("kv"))
+                .env("DYN_SELF_HOST_METADATA", "0")
+                .env("DYN_LOG", "warn")
+                .stdin(Stdio::null())
+                .kill_on_drop(true);
+        };
+        let mut children = Vec::new();
+        for (i, (url, events)) in engines.iter().enumerate() {
+            let log = std::fs::File::create(dir.join(format!("worker{i}.log")))?;
+            let mut cmd = Command::new(&python);
+            cmd.arg(&worker)
+                .args(["--engine", url, "--kv-events", events, "--model", model])
+                .arg("--model-path")
+                .arg(&model_dir)
+                .stdout(Stdio::piped())
+                .stderr(log);
+            env(&mut cmd);
+            let mut child = cmd
+                .spawn()
+                .with_context(|| format!("starting {}", worker.display()))?;
+            // The worker prints one line once it is registered.
+            let stdout = child.stdout.take().context("worker stdout")?;
+            let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+            let ready = tokio::time::timeout(Duration::from_secs(60), lines.next_line()).await;
+            children.push(child);
+            match ready {
+                Ok(Ok(Some(l))) if l.starts_with("worker ready") => {}
+                other => bail!(
+                    "Dynamo worker {i} not ready ({other:?}); log in {}",
+                    dir.display()
+                ),
+            }
+        }
+        let log = std::fs::File::create(dir.join("frontend.log"))?;
+        let mut cmd = Command::new(&python);
+        cmd.args(["-m", "dynamo.frontend", "--http-host", "127.0.0.1"])
+            .args(["--http-port", &port.to_string()])
+            .args(["--router-mode", mode, "--discovery-backend", "file"])
+            .args(["--kv-cache-block-size", "16"])
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        env(&mut cmd);
+        children.push(cmd.spawn().context("starting dynamo.frontend")?);
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .build()?;
+        let start = Instant::now();
+        loop {
+            if let Ok(r) = http.get(format!("http://{addr}/v1/models")).send().await {
+                if r.text().await.is_ok_and(|t| t.contains(model)) {
+                    break;
+                }
+            }
+            if start.elapsed() > Duration::from_secs(60) {
+                bail!(
+                    "Dynamo's frontend not ready after 60 s; logs in {}",
+                    dir.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Ok(Self {
+            children,
+            addr,
+            dir,
+        })
+    }
+
+    /// URL of `path` on the frontend.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Stops every process and removes its directory.
+    pub async fn stop(mut self) {
+        for c in &mut self.children {
+            let _ = c.kill().await;
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -180,7 +347,9 @@ mod tests {
         let p = Peer::parse("smg:cache_aware").unwrap();
         assert_eq!(p.policy, "cache_aware");
         assert!(Peer::parse("smg:nope").is_err());
-        assert!(Peer::parse("dynamo:kv").is_err());
+        assert_eq!(Peer::parse("dynamo:kv").unwrap().router, "dynamo");
+        assert!(Peer::parse("dynamo:random").is_err());
+        assert!(Peer::parse("llmd:precise").is_err());
         assert!(Peer::parse("cache_aware").is_err());
         let p = Peer {
             version: "1.13.0".into(),

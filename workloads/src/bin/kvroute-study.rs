@@ -262,12 +262,15 @@ async fn main() -> anyhow::Result<()> {
         }
         Ok(v)
     };
-    // Peer routers named by the plan, at the installed version.
-    let peer_version = if plan.experiments.iter().any(|e| !e.peers.is_empty()) {
-        Some(peer::smg_version()?)
-    } else {
-        None
-    };
+    // Peer routers named by the plan, at their installed versions.
+    let mut peer_versions: std::collections::BTreeMap<String, String> = Default::default();
+    for p in plan.experiments.iter().flat_map(|e| &e.peers) {
+        let router = peer::Peer::parse(p).map_err(|e| anyhow::anyhow!(e))?.router;
+        if let std::collections::btree_map::Entry::Vacant(e) = peer_versions.entry(router) {
+            let v = peer::peer_version(e.key())?;
+            e.insert(v);
+        }
+    }
     for exp in &plan.experiments {
         let policies = exp.policies.resolve().map_err(|e| anyhow::anyhow!(e))?;
         let peers = exp
@@ -275,7 +278,7 @@ async fn main() -> anyhow::Result<()> {
             .iter()
             .map(|p| {
                 peer::Peer::parse(p).map(|p| peer::Peer {
-                    version: peer_version.clone().unwrap_or_default(),
+                    version: peer_versions.get(&p.router).cloned().unwrap_or_default(),
                     ..p
                 })
             })

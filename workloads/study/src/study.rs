@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use kvroute_harness::emulated::{EmulatedEngine, RunningSidecar};
 use kvroute_harness::envoy_config::{Engine, EnvoySpec};
-use kvroute_harness::peer::{Peer, Smg};
+use kvroute_harness::peer::{Dynamo, Peer, Smg};
 use kvroute_harness::stack::{filter_wasm, Envoy};
 use kvroute_loadgen::engine_api::{metrics_page, served_model};
 use kvroute_loadgen::replay::{replay, MemorySink, ReplayOptions, RequestRecord};
@@ -31,6 +31,12 @@ fn runtime_update(policy: PolicyKind, values: &[(String, String)]) -> Vec<(&str,
     std::iter::once(("kvroute.policy", policy.as_str()))
         .chain(values.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .collect()
+}
+
+/// A peer router running for one run.
+enum PeerRouter {
+    Smg(Smg),
+    Dynamo(Dynamo),
 }
 
 /// The stack the runs go through.
@@ -48,6 +54,8 @@ pub struct Lab {
     pub queue_sample_every: Duration,
     /// The `model` every request names (None: the workload's own; the emulator serves any).
     pub model: Option<String>,
+    /// Each engine's KV cache events endpoint, where it publishes them (emulated engines do).
+    pub kv_events: Vec<Option<String>>,
     // Fields drop in order: the sidecar stops before the engines it polls.
     _sidecar: RunningSidecar,
     _engines: Vec<EmulatedEngine>,
@@ -116,7 +124,13 @@ impl Lab {
         envoy
             .wait_stat("kvroute_state_stale", Duration::from_secs(10), |v| v == 0)
             .await?;
+        let kv_events = if engines.is_empty() {
+            vec![None; named.len()]
+        } else {
+            engines.iter().map(|e| Some(e.kv_events.clone())).collect()
+        };
         Ok(Lab {
+            kv_events,
             engine_urls: named.into_iter().map(|(_, u)| u).collect(),
             envoy,
             time_scale,
@@ -228,20 +242,39 @@ impl Lab {
         };
         let (warmup, measured) = (to_wall(warmup), to_wall(measured));
         self.cold_start(spec.policy, &spec.runtime).await?;
+        // A peer router routes by model, so its requests name the one the engines serve (the
+        // emulator itself serves any name).
+        let model = match (&spec.peer, &self.model) {
+            (Some(_), None) => Some(self.served_model().await?),
+            _ => self.model.clone(),
+        };
         // A peer router is started for the run (its own state cold) and the clients go to it.
         let peer = match &spec.peer {
-            Some(p) => Some(Smg::start(&p.policy, &self.engine_urls).await?),
+            Some(p) if p.router == "dynamo" => {
+                let engines: Vec<(String, String)> = self
+                    .engine_urls
+                    .iter()
+                    .zip(&self.kv_events)
+                    .map(|(u, e)| {
+                        e.clone().map(|e| (u.clone(), e)).ok_or_else(|| {
+                            anyhow::anyhow!("the Dynamo peer needs the engines' KV events (emulated engines publish them)")
+                        })
+                    })
+                    .collect::<anyhow::Result<_>>()?;
+                let served = model.clone().unwrap_or_default();
+                Some(PeerRouter::Dynamo(
+                    Dynamo::start(&p.policy, &engines, &served).await?,
+                ))
+            }
+            Some(p) => Some(PeerRouter::Smg(
+                Smg::start(&p.policy, &self.engine_urls).await?,
+            )),
             None => None,
         };
         let url = match &peer {
-            Some(smg) => smg.url("/v1/chat/completions"),
+            Some(PeerRouter::Smg(smg)) => smg.url("/v1/chat/completions"),
+            Some(PeerRouter::Dynamo(d)) => d.url("/v1/chat/completions"),
             None => self.envoy.url("/v1/chat/completions"),
-        };
-        // A peer router routes by model, so its requests name the one the engines serve (the
-        // emulator itself serves any name).
-        let model = match (&peer, &self.model) {
-            (Some(_), None) => Some(self.served_model().await?),
-            _ => self.model.clone(),
         };
         let opts = ReplayOptions {
             urls: vec![url],
@@ -294,8 +327,10 @@ impl Lab {
         let samples = sampler.await.unwrap_or_default();
         let after = self.engine_counters().await?;
         let decisions_after = self.per_endpoint(peer.is_some()).await?;
-        if let Some(smg) = peer {
-            smg.stop().await;
+        match peer {
+            Some(PeerRouter::Smg(smg)) => smg.stop().await,
+            Some(PeerRouter::Dynamo(d)) => d.stop().await,
+            None => {}
         }
         let stats_after = self.envoy.stats().await?;
         let text = sink.text();

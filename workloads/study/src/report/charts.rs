@@ -63,11 +63,17 @@ impl Style {
 /// Each policy's colour, the same in every figure: the default in black, kvroute's and the
 /// reference policies from the palette, and a peer router's policy in the colour of kvroute's
 /// rule of the same kind, dashed (SMG `cache_aware` as `sglang_cache_aware`, `round_robin` as
-/// `round_robin`, `power_of_two` as `p2c`, `prefix_hash` as `prefix_key`). Series that are not
-/// policies take the palette in order.
+/// `round_robin`, `power_of_two` as `p2c`, `prefix_hash` as `prefix_key`; Dynamo's `kv` as
+/// `dynamo_cost`, its `round-robin` as `round_robin`). Series that are not policies take the
+/// palette in order.
 pub(super) fn style(name: &str, i: usize) -> Style {
-    let (peer, policy) = match name.strip_prefix("smg-").and_then(|r| r.split_once('/')) {
-        Some((_, p)) => (
+    let peer_policy = |router: &str| {
+        name.strip_prefix(router)
+            .and_then(|r| r.split_once('/'))
+            .map(|(_, p)| p)
+    };
+    let (peer, policy) = match (peer_policy("smg-"), peer_policy("dynamo-")) {
+        (Some(p), _) => (
             true,
             match p {
                 "cache_aware" => "sglang_cache_aware",
@@ -76,7 +82,15 @@ pub(super) fn style(name: &str, i: usize) -> Style {
                 other => other,
             },
         ),
-        None => (false, name),
+        (None, Some(p)) => (
+            true,
+            match p {
+                "kv" => "dynamo_cost",
+                "round-robin" => "round_robin",
+                other => other,
+            },
+        ),
+        (None, None) => (false, name),
     };
     let slot = match policy {
         "session_hash" => Some(0),
@@ -534,6 +548,13 @@ mod tests {
         let peer = style("smg-1.13.0/cache_aware", 2);
         assert!(peer.peer && !style("sglang_cache_aware", 2).peer);
         assert_eq!(peer.color, style("sglang_cache_aware", 9).color);
+        let dynamo = style("dynamo-1.6.1/kv", 3);
+        assert!(dynamo.peer);
+        assert_eq!(dynamo.color, style("dynamo_cost", 1).color);
+        assert_eq!(
+            style("dynamo-1.6.1/round-robin", 3).color,
+            style("round_robin", 0).color
+        );
         assert_eq!(
             style("smg-1.13.0/power_of_two", 0).color,
             style("p2c", 3).color
