@@ -54,6 +54,7 @@ async fn replay_counts_add_up_and_hits_are_recorded() {
         max_in_flight: 8,
         timeout: Duration::from_secs(60),
         session_header: "x-session-id".into(),
+        fresh_connections: false,
     };
     let summary = replay(
         sessions,
@@ -172,6 +173,7 @@ async fn the_oracle_matches_an_engine_that_never_evicts() {
             max_in_flight: 1,
             timeout: Duration::from_secs(60),
             session_header: "x-session-id".into(),
+            fresh_connections: false,
         };
         replay(
             vec![s],

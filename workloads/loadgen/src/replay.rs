@@ -97,6 +97,11 @@ pub struct ReplayOptions {
     pub timeout: Duration,
     /// Session header name.
     pub session_header: String,
+    /// A new connection for every request instead of a pool of kept-alive ones: for a server whose
+    /// streamed responses stall on a reused connection (Dynamo 1.6.1's frontend: about 40 ms a
+    /// request, its first write waiting for the client's delayed ACK), a stall the study's time
+    /// scale would multiply.
+    pub fresh_connections: bool,
 }
 
 /// What a replay produced.
@@ -130,7 +135,11 @@ pub async fn replay(
     let total = kvroute_traces::requests(&sessions);
     let client = reqwest::Client::builder()
         .timeout(opts.timeout)
-        .pool_max_idle_per_host(opts.max_in_flight)
+        .pool_max_idle_per_host(if opts.fresh_connections {
+            0
+        } else {
+            opts.max_in_flight
+        })
         .build()?;
     let gate = Arc::new(Semaphore::new(opts.max_in_flight.max(1)));
     let start = Instant::now();

@@ -269,6 +269,7 @@ async fn main() -> anyhow::Result<()> {
                         max_in_flight: 256,
                         timeout: Duration::from_secs(120),
                         session_header: "x-session-id".into(),
+                        fresh_connections: false,
                     },
                     out,
                     Arc::new(AtomicBool::new(false)),

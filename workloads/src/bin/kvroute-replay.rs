@@ -165,6 +165,7 @@ async fn main() -> anyhow::Result<()> {
         max_in_flight: a.max_in_flight,
         timeout: Duration::from_secs(600),
         session_header: "x-session-id".into(),
+        fresh_connections: false,
     };
     let summary = replay(
         sessions,

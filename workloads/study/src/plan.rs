@@ -707,6 +707,10 @@ mod tests {
 
     #[test]
     fn embedded_plans_parse_and_round_trip() {
+        // The shipped plan that is not embedded (the peers beside kvroute) parses too.
+        let peers = StudyPlan::parse(include_str!("../plans/peers.toml")).unwrap();
+        assert_eq!(StudyPlan::parse(&peers.to_toml()).unwrap(), peers);
+        assert!(peers.experiments.iter().all(|e| !e.peers.is_empty()));
         for text in [REDUCED, FULL] {
             let p = StudyPlan::parse(text).unwrap();
             assert_eq!(StudyPlan::parse(&p.to_toml()).unwrap(), p);

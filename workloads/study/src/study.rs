@@ -282,6 +282,9 @@ impl Lab {
             max_in_flight: 256,
             timeout: Duration::from_secs(120),
             session_header: "x-session-id".into(),
+            // Dynamo's frontend stalls a streamed response on a kept-alive connection for the
+            // client's delayed ACK (docs/study.md, "Dynamo"): a connection per request to it.
+            fresh_connections: matches!(peer, Some(PeerRouter::Dynamo(_))),
         };
         let sink: Arc<Mutex<dyn Write + Send>> = Arc::new(Mutex::new(std::io::sink()));
         if !warmup.is_empty() {
