@@ -80,22 +80,25 @@ pub fn smg_binary() -> anyhow::Result<PathBuf> {
     installed("KVROUTE_SMG", ".tools/venv/bin/smg", "smg")
 }
 
-/// The installed `smg` package's version (from the virtualenv's package metadata).
-pub fn smg_version() -> anyhow::Result<String> {
-    let bin = smg_binary()?;
-    let python = bin.with_file_name("python");
-    let out = std::process::Command::new(&python)
+/// The version of `package` installed where `python` runs (its package metadata).
+fn package_version(python: &std::path::Path, package: &str) -> anyhow::Result<String> {
+    let out = std::process::Command::new(python)
         .args([
             "-c",
-            "import importlib.metadata as m; print(m.version('smg'))",
+            &format!("import importlib.metadata as m; print(m.version({package:?}))"),
         ])
         .output()
-        .with_context(|| format!("{} (smg's virtualenv)", python.display()))?;
+        .with_context(|| format!("{} ({package}'s virtualenv)", python.display()))?;
     let v = String::from_utf8_lossy(&out.stdout).trim().to_string();
     if v.is_empty() {
-        bail!("smg's version not found");
+        bail!("{package}'s version not found");
     }
     Ok(v)
+}
+
+/// The installed `smg` package's version.
+pub fn smg_version() -> anyhow::Result<String> {
+    package_version(&smg_binary()?.with_file_name("python"), "smg")
 }
 
 /// A running SGLang model gateway; killed when dropped.
@@ -211,19 +214,7 @@ pub fn dynamo_model_dir() -> anyhow::Result<PathBuf> {
 
 /// The installed `ai-dynamo` package's version.
 pub fn dynamo_version() -> anyhow::Result<String> {
-    let python = dynamo_python()?;
-    let out = std::process::Command::new(&python)
-        .args([
-            "-c",
-            "import importlib.metadata as m; print(m.version('ai-dynamo'))",
-        ])
-        .output()
-        .with_context(|| format!("{} (Dynamo's virtualenv)", python.display()))?;
-    let v = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    if v.is_empty() {
-        bail!("ai-dynamo's version not found");
-    }
-    Ok(v)
+    package_version(&dynamo_python()?, "ai-dynamo")
 }
 
 /// A running Dynamo deployment (frontend with its KV router, one worker per engine); every process
