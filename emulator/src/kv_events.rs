@@ -21,9 +21,10 @@
 //! treat them as opaque keys and recompute their own from `token_ids`); with vLLM's environment
 //! variable `VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=1` it is an unsigned integer instead, as vLLM then
 //! sends the low 64 bits of each digest (the form llm-d's guides set, and the only one Dynamo 1.6
-//! decodes). Delivery is best effort, as
-//! vLLM's: a full queue drops the batch (its sequence number is skipped, so a subscriber sees the
-//! gap) and counts it. The replay socket (`replay_endpoint`) is not emulated.
+//! decodes). Delivery is best effort: the engine loop never waits for the socket, so a full queue
+//! drops the batch and counts it (`/emulator/stats` `kv_events_dropped`; vLLM's publisher blocks
+//! instead). Sequence numbers count the batches sent. The replay socket (`replay_endpoint`) is not
+//! emulated.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -43,7 +44,8 @@ pub struct KvEventsConfig {
     pub enable_kv_cache_events: bool,
     /// `zmq` or `null`.
     pub publisher: String,
-    /// Where the PUB socket binds (`tcp://*:5557`; a `*` or `::` host binds, another connects).
+    /// Where the PUB socket is (`tcp://*:5557`): a `*`, `::`, `0.0.0.0` or `127.0.0.1` host binds, another
+    /// connects.
     pub endpoint: String,
     /// vLLM's replay socket: not emulated (refused when set).
     pub replay_endpoint: Option<String>,
@@ -114,6 +116,7 @@ impl KvEventsConfig {
 }
 
 /// One step's events, on their way to the socket.
+#[derive(Debug)]
 struct Batch {
     ts: f64,
     events: Vec<KvEvent>,
@@ -124,14 +127,6 @@ struct Batch {
 pub struct KvEventSink {
     tx: mpsc::Sender<Batch>,
     dropped: Arc<AtomicU64>,
-}
-
-impl std::fmt::Debug for Batch {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Batch")
-            .field("events", &self.events.len())
-            .finish()
-    }
 }
 
 impl KvEventSink {
@@ -167,7 +162,7 @@ pub async fn start(cfg: &KvEventsConfig) -> anyhow::Result<(KvEventSink, String)
         }
         _ => (cfg.endpoint.clone(), false),
     };
-    let bound = if wildcard || cfg.endpoint.starts_with("ipc://") || is_local_bind(&cfg.endpoint) {
+    let bound = if wildcard || is_local_bind(&cfg.endpoint) {
         socket
             .bind(&host_rest)
             .await

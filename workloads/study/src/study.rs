@@ -39,6 +39,24 @@ enum PeerRouter {
     Dynamo(Dynamo),
 }
 
+impl PeerRouter {
+    /// URL of `path` on the router.
+    fn url(&self, path: &str) -> String {
+        match self {
+            Self::Smg(smg) => smg.url(path),
+            Self::Dynamo(d) => d.url(path),
+        }
+    }
+
+    /// Stops it.
+    async fn stop(self) {
+        match self {
+            Self::Smg(smg) => smg.stop().await,
+            Self::Dynamo(d) => d.stop().await,
+        }
+    }
+}
+
 /// The stack the runs go through.
 #[derive(Debug)]
 pub struct Lab {
@@ -54,11 +72,10 @@ pub struct Lab {
     pub queue_sample_every: Duration,
     /// The `model` every request names (None: the workload's own; the emulator serves any).
     pub model: Option<String>,
-    /// Each engine's KV cache events endpoint, where it publishes them (emulated engines do).
-    pub kv_events: Vec<Option<String>>,
     // Fields drop in order: the sidecar stops before the engines it polls.
     _sidecar: RunningSidecar,
-    _engines: Vec<EmulatedEngine>,
+    /// The emulated engines, in endpoint order (none for real engines).
+    engines: Vec<EmulatedEngine>,
     client: reqwest::Client,
     epoch: u64,
 }
@@ -124,20 +141,14 @@ impl Lab {
         envoy
             .wait_stat("kvroute_state_stale", Duration::from_secs(10), |v| v == 0)
             .await?;
-        let kv_events = if engines.is_empty() {
-            vec![None; named.len()]
-        } else {
-            engines.iter().map(|e| Some(e.kv_events.clone())).collect()
-        };
         Ok(Lab {
-            kv_events,
             engine_urls: named.into_iter().map(|(_, u)| u).collect(),
             envoy,
             time_scale,
             records_dir: None,
             queue_sample_every: Duration::from_millis(100),
             model,
-            _engines: engines,
+            engines,
             _sidecar: sidecar,
             client: reqwest::Client::builder()
                 .timeout(Duration::from_secs(30))
@@ -251,16 +262,16 @@ impl Lab {
         // A peer router is started for the run (its own state cold) and the clients go to it.
         let peer = match &spec.peer {
             Some(p) if p.router == "dynamo" => {
+                if self.engines.is_empty() {
+                    anyhow::bail!(
+                        "the Dynamo peer needs the engines' KV events (emulated engines publish them)"
+                    );
+                }
                 let engines: Vec<(String, String)> = self
-                    .engine_urls
+                    .engines
                     .iter()
-                    .zip(&self.kv_events)
-                    .map(|(u, e)| {
-                        e.clone().map(|e| (u.clone(), e)).ok_or_else(|| {
-                            anyhow::anyhow!("the Dynamo peer needs the engines' KV events (emulated engines publish them)")
-                        })
-                    })
-                    .collect::<anyhow::Result<_>>()?;
+                    .map(|e| (e.url(), e.kv_events.clone()))
+                    .collect();
                 let served = model.clone().unwrap_or_default();
                 Some(PeerRouter::Dynamo(
                     Dynamo::start(&p.policy, &engines, &served).await?,
@@ -272,8 +283,7 @@ impl Lab {
             None => None,
         };
         let url = match &peer {
-            Some(PeerRouter::Smg(smg)) => smg.url("/v1/chat/completions"),
-            Some(PeerRouter::Dynamo(d)) => d.url("/v1/chat/completions"),
+            Some(p) => p.url("/v1/chat/completions"),
             None => self.envoy.url("/v1/chat/completions"),
         };
         let opts = ReplayOptions {
@@ -330,10 +340,8 @@ impl Lab {
         let samples = sampler.await.unwrap_or_default();
         let after = self.engine_counters().await?;
         let decisions_after = self.per_endpoint(peer.is_some()).await?;
-        match peer {
-            Some(PeerRouter::Smg(smg)) => smg.stop().await,
-            Some(PeerRouter::Dynamo(d)) => d.stop().await,
-            None => {}
+        if let Some(p) = peer {
+            p.stop().await;
         }
         let stats_after = self.envoy.stats().await?;
         let text = sink.text();
