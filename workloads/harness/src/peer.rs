@@ -319,6 +319,16 @@ impl Dynamo {
         format!("http://{}{path}", self.addr)
     }
 
+    /// The process ids of the frontend and of every worker (those still running).
+    pub fn pids(&self) -> Vec<u32> {
+        self.children.iter().filter_map(Child::id).collect()
+    }
+
+    /// The frontend's process id (None once it has exited): it is started last.
+    pub fn frontend_pid(&self) -> Option<u32> {
+        self.children.last().and_then(Child::id)
+    }
+
     /// Stops every process and removes its directory.
     pub async fn stop(mut self) {
         for c in &mut self.children {

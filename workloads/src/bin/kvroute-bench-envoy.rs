@@ -29,6 +29,14 @@
 //!   Envoy without a filter, where a team with an Envoy gateway would put it; and SMG alone against
 //!   a client straight to the upstream. Their CPU per request counts Envoy's and the processor's
 //!   or SMG's together. The run ends with a met/missed line per target (ratios to the peers).
+//! - NVIDIA Dynamo (`ai-dynamo`, the study's second peer), measured as SMG is, in a phase of its
+//!   own after the others (with the Envoy without a filter and the upstream straight measured again
+//!   beside it): its frontend with its KV router (`--router-mode kv`) as a hop behind an Envoy
+//!   without a filter, and alone. It routes to one Dynamo worker per echo endpoint
+//!   (`scripts/dynamo_worker.py`, which forwards the tokenized request over HTTP), so its CPU per
+//!   request counts Envoy, the frontend and the workers, and the frontend's share is reported
+//!   apart: Dynamo's own vLLM worker runs in the engine's process and has no such relay. Reported
+//!   beside the targets, not one of them; `--no-dynamo` leaves it out.
 //!
 //! Upstream are two echo endpoints (they answer at once), so what is measured is the proxy path.
 //! Run: `just bench` (or `cargo run --release -p kvroute-workloads --bin kvroute-bench-envoy`).
@@ -40,9 +48,9 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use kvroute_harness::echo::EchoEngine;
 use kvroute_harness::envoy_config::{Engine, EnvoySpec, NativeModule};
-use kvroute_harness::peer::Smg;
+use kvroute_harness::peer::{Dynamo, Smg};
 use kvroute_harness::procs;
-use kvroute_harness::stack::{filter_wasm, native_module, repo_root, Envoy};
+use kvroute_harness::stack::{filter_wasm, free_port, native_module, repo_root, Envoy};
 
 #[derive(Parser, Debug)]
 #[command(about = "Added latency and throughput cost of the kvroute filter in Envoy")]
@@ -69,6 +77,10 @@ struct Args {
     /// publishes the directory and every worker re-reads it, as with real traffic of new prompts.
     #[arg(long, default_value_t = 1)]
     distinct_prompts: usize,
+    /// Leave Dynamo out (its sides, measured after the others, take about a third of the run: a
+    /// 200 KB request takes it tens of milliseconds).
+    #[arg(long)]
+    no_dynamo: bool,
     /// Where the JSON results go.
     #[arg(long, default_value = "results/bench/envoy.json")]
     out: std::path::PathBuf,
@@ -143,26 +155,38 @@ fn visit_order(n: usize, round: usize) -> Vec<usize> {
 struct Slot {
     url: String,
     pids: Vec<u32>,
+    /// Those of `pids` whose CPU time is also reported on its own (a peer's router proper, where
+    /// the side has other processes on its path); empty for most sides.
+    part: Vec<u32>,
 }
 
 impl Slot {
     fn envoy(e: &Envoy) -> Self {
+        Self::of(e.url("/v1/chat/completions"), e.pid().into_iter().collect())
+    }
+
+    fn of(url: String, pids: Vec<u32>) -> Self {
         Self {
-            url: e.url("/v1/chat/completions"),
-            pids: e.pid().into_iter().collect(),
+            url,
+            pids,
+            part: Vec::new(),
         }
     }
 
     /// CPU seconds its processes have used so far (None when it has none, or one is gone).
     fn cpu_seconds(&self) -> Option<f64> {
-        if self.pids.is_empty() {
-            return None;
-        }
-        self.pids
-            .iter()
-            .map(|p| procs::cpu_rss(*p).ok().map(|c| c.0))
-            .sum()
+        cpu_seconds_of(&self.pids)
     }
+}
+
+/// CPU seconds `pids` have used so far (None when there are none, or one is gone).
+fn cpu_seconds_of(pids: &[u32]) -> Option<f64> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter()
+        .map(|p| procs::cpu_rss(*p).ok().map(|c| c.0))
+        .sum()
 }
 
 /// Sequential requests, one keep-alive connection per side, interleaved in batches (in
@@ -231,6 +255,174 @@ async fn throughput(
         let _ = t.await;
     }
     Ok(done.load(Ordering::Relaxed) as f64 / secs as f64)
+}
+
+/// What each side did over the throughput rounds.
+struct Rounds {
+    /// Requests per second, per side and round.
+    rps: Vec<Vec<f64>>,
+    /// CPU seconds of all its processes, of its `part`, and its requests, per side.
+    cpu: Vec<(f64, f64, f64)>,
+}
+
+impl Rounds {
+    /// CPU microseconds per request of the side at `slot` (all its processes).
+    fn cpu_us_of(&self, slot: Option<usize>) -> f64 {
+        match slot.and_then(|i| self.cpu.get(i)) {
+            Some((s, _, n)) if *n > 0.0 => s * 1e6 / n,
+            _ => f64::NAN,
+        }
+    }
+
+    /// CPU microseconds per request of the `part` of the side at `slot`.
+    fn part_cpu_us_of(&self, slot: Option<usize>) -> f64 {
+        match slot.and_then(|i| self.cpu.get(i)) {
+            Some((_, s, n)) if *n > 0.0 && *s > 0.0 => s * 1e6 / n,
+            _ => f64::NAN,
+        }
+    }
+
+    /// Mean requests per second of the side at `slot`.
+    fn rps_of(&self, slot: Option<usize>) -> f64 {
+        slot.and_then(|i| self.rps.get(i))
+            .map_or(f64::NAN, |r| mean(r))
+    }
+}
+
+/// Two throughput rounds per side, visited in alternating order, 8 KB bodies: each side's
+/// requests per second and the CPU time its processes spent.
+async fn rounds(slots: &[Slot], bodies: Arc<Vec<Vec<u8>>>, args: &Args) -> anyhow::Result<Rounds> {
+    let mut out = Rounds {
+        rps: slots.iter().map(|_| Vec::new()).collect(),
+        cpu: slots.iter().map(|_| (0.0, 0.0, 0.0)).collect(),
+    };
+    for round in 0..2 {
+        for i in visit_order(slots.len(), round) {
+            let (Some(e), Some(r), Some(c)) =
+                (slots.get(i), out.rps.get_mut(i), out.cpu.get_mut(i))
+            else {
+                continue;
+            };
+            let (before, part_before) = (e.cpu_seconds(), cpu_seconds_of(&e.part));
+            let rps = throughput(&e.url, bodies.clone(), args.clients, args.seconds).await?;
+            if let (Some(b), Some(a)) = (before, e.cpu_seconds()) {
+                c.0 += a - b;
+                c.2 += rps * args.seconds as f64;
+            }
+            if let (Some(b), Some(a)) = (part_before, cpu_seconds_of(&e.part)) {
+                c.1 += a - b;
+            }
+            r.push(rps);
+        }
+    }
+    Ok(out)
+}
+
+/// NVIDIA Dynamo's sides: its frontend with its KV router (`--router-mode kv`) in front of one
+/// worker per echo endpoint, as a hop behind an Envoy without a filter and alone. Measured after
+/// the other sides, with the Envoy without a filter (`without`) and the echo endpoint straight
+/// (`direct`) measured again beside it as the baselines: in runs that measured Dynamo beside the
+/// others, every side's CPU per request came out higher (the Envoy without a filter 102-119 us a
+/// request, against 74 us in a run on the same machine without Dynamo). None where Dynamo is not
+/// installed.
+async fn dynamo_sides(
+    args: &Args,
+    echo: [&EchoEngine; 2],
+    wasm: &str,
+    without: &Envoy,
+) -> anyhow::Result<Option<serde_json::Value>> {
+    // The echo endpoints publish no KV events: each worker's subscriber waits on a port nobody
+    // binds, so the router sees no blocks and routes on its load terms, as it does for prompts
+    // new to it.
+    let mut engines = Vec::new();
+    for e in echo {
+        engines.push((
+            format!("http://{}", e.addr),
+            format!("tcp://127.0.0.1:{}", free_port()?),
+        ));
+    }
+    let dynamo = match Dynamo::start("kv", &engines, "echo").await {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("bench: dynamo: {e}; skipped");
+            return Ok(None);
+        }
+    };
+    let mut spec = EnvoySpec::new(
+        vec![Engine::local("dynamo", dynamo.addr.port())],
+        wasm.to_string(),
+    );
+    spec.with_filter = false;
+    let hop = Envoy::start(spec).await?;
+    let mut hop_slot = Slot::envoy(&hop);
+    hop_slot.pids.extend(dynamo.pids());
+    hop_slot.part.extend(dynamo.frontend_pid());
+    let mut alone = Slot::of(dynamo.url("/v1/chat/completions"), dynamo.pids());
+    alone.part.extend(dynamo.frontend_pid());
+    let direct = Slot::of(
+        format!("http://{}/v1/chat/completions", echo[0].addr),
+        Vec::new(),
+    );
+    // Sides: the Envoy without a filter, the hop, Dynamo alone, the upstream straight.
+    let slots = [Slot::envoy(without), hop_slot, alone, direct];
+    let mut out = serde_json::Map::new();
+    out.insert("mode".into(), "kv".into());
+    if let Ok(v) = kvroute_harness::peer::dynamo_version() {
+        out.insert("version".into(), v.into());
+    }
+    for (label, bytes, n) in [
+        ("8KB", 8 * 1024, args.requests),
+        ("200KB", 200 * 1024, args.requests / 4),
+    ] {
+        let runs = latency(&slots, &bodies_of(bytes, args.distinct_prompts), n).await?;
+        let diff = |a: usize, b: usize, p: f64| match (runs.get(a), runs.get(b)) {
+            (Some(x), Some(y)) => pct(x, p) - pct(y, p),
+            _ => f64::NAN,
+        };
+        let row = serde_json::json!({
+            "hop_added_p50_us": diff(1, 0, 0.5), "hop_added_p99_us": diff(1, 0, 0.99),
+            "alone_over_direct_p50_us": diff(2, 3, 0.5), "alone_over_direct_p99_us": diff(2, 3, 0.99),
+            "envoy_over_direct_p50_us": diff(0, 3, 0.5),
+        });
+        println!(
+            "{label:>6} Dynamo (after the others, against the Envoy without a filter measured again): hop (Envoy, then Dynamo's frontend and workers) added p50 / p99 {:.0} / {:.0}; alone over direct {:.0} / {:.0}",
+            diff(1, 0, 0.5),
+            diff(1, 0, 0.99),
+            diff(2, 3, 0.5),
+            diff(2, 3, 0.99)
+        );
+        out.insert(format!("latency_{label}"), row);
+    }
+    let measured = rounds(
+        &slots,
+        Arc::new(bodies_of(8 * 1024, args.distinct_prompts)),
+        args,
+    )
+    .await?;
+    let (cb, ch, cf, ca) = (
+        measured.cpu_us_of(Some(0)),
+        measured.cpu_us_of(Some(1)),
+        measured.part_cpu_us_of(Some(1)),
+        measured.cpu_us_of(Some(2)),
+    );
+    println!(
+        "  Dynamo, CPU per request: hop Envoy + frontend + workers {ch:.0} us (+{:.0} over the Envoy without a filter, {cb:.0} us in this phase), of which the frontend {cf:.0} us; alone (frontend + workers) {ca:.0} us; throughput hop {:.0} rps, alone {:.0} rps",
+        ch - cb,
+        measured.rps_of(Some(1)),
+        measured.rps_of(Some(2))
+    );
+    out.insert(
+        "cpu_us_per_request".into(),
+        serde_json::json!({"without": cb, "hop": ch, "hop_frontend": cf, "alone": ca}),
+    );
+    out.insert(
+        "rps".into(),
+        serde_json::json!({"without": measured.rps_of(Some(0)), "hop": measured.rps_of(Some(1)),
+            "alone": measured.rps_of(Some(2)), "direct": measured.rps_of(Some(3))}),
+    );
+    hop.stop(false).await;
+    dynamo.stop().await;
+    Ok(Some(out.into()))
 }
 
 /// An Envoy with the filter `wasm`, set to the bench's policy and publish interval.
@@ -444,18 +636,18 @@ async fn main() -> anyhow::Result<()> {
         slot.pids.extend(smg.pid());
         slots.push(slot);
         smghop_at = Some(slots.len() - 1);
-        slots.push(Slot {
-            url: smg.url("/v1/chat/completions"),
-            pids: smg.pid().into_iter().collect(),
-        });
+        slots.push(Slot::of(
+            smg.url("/v1/chat/completions"),
+            smg.pid().into_iter().collect(),
+        ));
         smg_at = Some(slots.len() - 1);
         smg_envoy = Some(e);
     }
     // The upstream with no proxy: SMG alone is compared with it.
-    slots.push(Slot {
-        url: format!("http://{}/v1/chat/completions", e0.addr),
-        pids: Vec::new(),
-    });
+    slots.push(Slot::of(
+        format!("http://{}/v1/chat/completions", e0.addr),
+        Vec::new(),
+    ));
     let direct_at = Some(slots.len() - 1);
 
     let mut results = serde_json::Map::new();
@@ -567,25 +759,8 @@ async fn main() -> anyhow::Result<()> {
     println!("(microseconds, client-side, one keep-alive connection per Envoy)");
 
     let bodies = Arc::new(bodies_of(8 * 1024, distinct(8 * 1024)));
-    let mut rounds: Vec<Vec<f64>> = slots.iter().map(|_| Vec::new()).collect();
-    // Per side: CPU seconds (of all its processes) and requests over its rounds.
-    let mut cpu: Vec<(f64, f64)> = slots.iter().map(|_| (0.0, 0.0)).collect();
-    for round in 0..2 {
-        for i in visit_order(slots.len(), round) {
-            let (Some(e), Some(r), Some(c)) = (slots.get(i), rounds.get_mut(i), cpu.get_mut(i))
-            else {
-                continue;
-            };
-            let before = e.cpu_seconds();
-            let rps = throughput(&e.url, bodies.clone(), args.clients, args.seconds).await?;
-            if let (Some(b), Some(a)) = (before, e.cpu_seconds()) {
-                c.0 += a - b;
-                c.1 += rps * args.seconds as f64;
-            }
-            r.push(rps);
-        }
-    }
-    let t: Vec<f64> = rounds.iter().map(|r| mean(r)).collect();
+    let measured = rounds(&slots, bodies, &args).await?;
+    let t: Vec<f64> = measured.rps.iter().map(|r| mean(r)).collect();
     let (tw, tb) = (
         t.first().copied().unwrap_or(f64::NAN),
         t.get(1).copied().unwrap_or(f64::NAN),
@@ -606,10 +781,7 @@ async fn main() -> anyhow::Result<()> {
     }
     println!("(the load generator, the Envoys and the echo endpoints share this machine's cores)");
     // CPU microseconds per request, per Envoy.
-    let cpu_of = |slot: Option<usize>| match slot.and_then(|i| cpu.get(i)) {
-        Some((s, n)) if *n > 0.0 => s * 1e6 / n,
-        _ => f64::NAN,
-    };
+    let cpu_of = |slot: Option<usize>| measured.cpu_us_of(slot);
     let (cw, cb, cf, cp) = (
         cpu_of(Some(0)),
         cpu_of(Some(1)),
@@ -653,7 +825,7 @@ async fn main() -> anyhow::Result<()> {
         "throughput_8KB".into(),
         serde_json::json!({"clients": args.clients, "with_rps": tw, "without_rps": tb, "floor_rps": tf,
             "passthrough_rps": tp, "ratio": tw / tb, "floor_ratio": tf / tb,
-            "passthrough_ratio": tp / tb, "rounds": rounds,
+            "passthrough_ratio": tp / tb, "rounds": measured.rps,
             "native_floor_rps": tnf, "native_rps": tn, "native_floor_ratio": tnf / tb,
             "native_ratio": tn / tb,
             "cpu_us_per_request": {"with": cw, "without": cb, "floor": cf, "passthrough": cp,
@@ -765,6 +937,11 @@ async fn main() -> anyhow::Result<()> {
         .map(|(_, v)| *v)
         .sum();
     results.insert("fallbacks_during_bench".into(), fallbacks.into());
+    if !args.no_dynamo {
+        if let Some(d) = dynamo_sides(&args, [&e0, &e1], &wasm, &without).await? {
+            results.insert("dynamo".into(), d);
+        }
+    }
     let verdict = targets(&results);
     results.insert("targets".into(), verdict);
     with.stop(false).await;
@@ -818,6 +995,14 @@ fn targets(results: &serde_json::Map<String, serde_json::Value>) -> serde_json::
             .unwrap_or(f64::NAN)
     };
     let cpu = |key: &str| cpu_in("throughput_8KB", key);
+    let get_in = |section: &str, sub: &str, key: &str| {
+        results
+            .get(section)
+            .and_then(|s| s.get(sub))
+            .and_then(|s| s.get(key))
+            .and_then(serde_json::Value::as_f64)
+            .unwrap_or(f64::NAN)
+    };
     let peer_cpu = |key: &str| cpu_in("peers_8KB", key);
     let l8 = |k: &str| get("latency_8KB", k);
     // (target, kvroute's figure, the peer's figure or 1, limit on the ratio)
@@ -894,6 +1079,36 @@ fn targets(results: &serde_json::Map<String, serde_json::Value>) -> serde_json::
     println!(
         "  reported: kvroute's Envoy CPU beyond the Wasm floor at 8 KB {own:.0} us a request (aim {aim:.0} us)"
     );
+    // Reported, not targets: the same ratios against Dynamo's hop (the study's second peer).
+    for (name, mine, theirs) in [
+        (
+            "8 KB added P99 / the Dynamo hop's",
+            l8("added_p99_us"),
+            get_in("dynamo", "latency_8KB", "hop_added_p99_us"),
+        ),
+        (
+            "CPU/request / the Dynamo hop's (Envoy + frontend + workers)",
+            cpu("with"),
+            get_in("dynamo", "cpu_us_per_request", "hop"),
+        ),
+        (
+            "CPU/request / the Dynamo hop's frontend alone",
+            cpu("with"),
+            get_in("dynamo", "cpu_us_per_request", "hop_frontend"),
+        ),
+    ] {
+        let ratio = mine / theirs;
+        if ratio.is_nan() {
+            continue;
+        }
+        println!(
+            "  reported: {name:<57} kvroute {mine:>8.1} against {theirs:>8.1}: ratio {ratio:>5.2}"
+        );
+        out.insert(
+            format!("{name} (reported)"),
+            serde_json::json!({"kvroute": mine, "against": theirs, "ratio": ratio}),
+        );
+    }
     out.insert(
         "kvroute CPU beyond the Wasm floor (reported)".into(),
         serde_json::json!({"us": own, "aim_us": aim}),
