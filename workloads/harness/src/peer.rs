@@ -148,26 +148,18 @@ impl Smg {
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
         let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(2))
-            .build()?;
-        let start = Instant::now();
-        loop {
-            if let Ok(r) = http.get(format!("http://{addr}/health")).send().await {
-                if r.status().is_success() {
-                    break;
-                }
-            }
-            if let Ok(Some(status)) = child.try_wait() {
-                bail!(
-                    "smg exited with {status} at start; log:\n{}",
-                    std::fs::read_to_string(&log_path).unwrap_or_default()
-                );
-            }
-            if start.elapsed() > Duration::from_secs(30) {
-                bail!("smg not ready after 30 s; log in {}", log_path.display());
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        let ready = wait_ready(
+            &format!("http://{addr}/health"),
+            Some(&mut child),
+            Duration::from_secs(30),
+            |_| true,
+        )
+        .await;
+        if let Err(why) = ready {
+            bail!(
+                "smg {why}; log:\n{}",
+                std::fs::read_to_string(&log_path).unwrap_or_default()
+            );
         }
         Ok(Self {
             child,
@@ -190,6 +182,35 @@ impl Smg {
     pub async fn stop(mut self) {
         let _ = self.child.kill().await;
         let _ = std::fs::remove_file(&self.log_path);
+    }
+}
+
+/// Polls `url` every 100 ms until it answers 2xx with a body `ready` accepts. Err (what went
+/// wrong, as the end of a sentence naming the process) when `child` exits or `limit` passes first.
+async fn wait_ready(
+    url: &str,
+    mut child: Option<&mut Child>,
+    limit: Duration,
+    ready: impl Fn(&str) -> bool,
+) -> Result<(), String> {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .map_err(|e| format!("not polled: {e}"))?;
+    let start = Instant::now();
+    loop {
+        if let Ok(r) = http.get(url).send().await {
+            if r.status().is_success() && r.text().await.is_ok_and(|t| ready(&t)) {
+                return Ok(());
+            }
+        }
+        if let Some(Ok(Some(status))) = child.as_mut().map(|c| c.try_wait()) {
+            return Err(format!("exited with {status} at start"));
+        }
+        if start.elapsed() > limit {
+            return Err(format!("not ready after {} s", limit.as_secs()));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -289,23 +310,16 @@ impl Dynamo {
         env(&mut cmd);
         children.push(cmd.spawn().context("starting dynamo.frontend")?);
         let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(2))
-            .build()?;
-        let start = Instant::now();
-        loop {
-            if let Ok(r) = http.get(format!("http://{addr}/v1/models")).send().await {
-                if r.text().await.is_ok_and(|t| t.contains(model)) {
-                    break;
-                }
-            }
-            if start.elapsed() > Duration::from_secs(60) {
-                bail!(
-                    "Dynamo's frontend not ready after 60 s; logs in {}",
-                    dir.display()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+        // Ready once it lists the model, which it does when a worker has registered it.
+        let ready = wait_ready(
+            &format!("http://{addr}/v1/models"),
+            children.last_mut(),
+            Duration::from_secs(60),
+            |body| body.contains(model),
+        )
+        .await;
+        if let Err(why) = ready {
+            bail!("Dynamo's frontend {why}; logs in {}", dir.display());
         }
         Ok(Self {
             children,
