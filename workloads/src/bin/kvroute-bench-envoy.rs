@@ -77,7 +77,7 @@ struct Args {
     /// publishes the directory and every worker re-reads it, as with real traffic of new prompts.
     #[arg(long, default_value_t = 1)]
     distinct_prompts: usize,
-    /// Leave Dynamo out (its sides, measured after the others, take about a third of the run: a
+    /// Leave Dynamo out (its sides are measured in a phase of their own after the others, and a
     /// 200 KB request takes it tens of milliseconds).
     #[arg(long)]
     no_dynamo: bool,
