@@ -80,18 +80,19 @@ struct Args {
     model: Option<String>,
 }
 
-/// The runtime values of the simulated `load_cache_aware` sweeps: every (alpha, beta) of the plan
-/// under experiment `ab`, then every directory publish interval under experiment `staleness`.
-fn sweeps(
-    plan: &SimulatedPlan,
-    ab: &'static str,
-    staleness: &'static str,
-) -> Vec<(&'static str, Vec<(String, String)>)> {
+/// A simulated sweep's run: its experiment, its policy and its runtime values.
+type SweepRun = (&'static str, PolicyKind, Vec<(String, String)>);
+
+/// The simulated sweeps' runs: `load_cache_aware` at every (alpha, beta) of the plan under
+/// experiment `ab`, then every directory publish interval under experiment `staleness`, for the
+/// default policy and for `load_cache_aware`.
+fn sweeps(plan: &SimulatedPlan, ab: &'static str, staleness: &'static str) -> Vec<SweepRun> {
     let mut out = Vec::new();
     for alpha in &plan.ab {
         for beta in &plan.ab {
             out.push((
                 ab,
+                PolicyKind::LoadCacheAware,
                 vec![
                     ("kvroute.alpha".to_string(), alpha.clone()),
                     ("kvroute.beta".to_string(), beta.clone()),
@@ -99,11 +100,19 @@ fn sweeps(
             ));
         }
     }
-    for iv in &plan.intervals {
-        out.push((
-            staleness,
-            vec![("kvroute.publish_interval_ms".to_string(), iv.clone())],
-        ));
+    let default = kvroute_core::PolicySettings::default().policy;
+    let mut policies = vec![default];
+    if default != PolicyKind::LoadCacheAware {
+        policies.push(PolicyKind::LoadCacheAware);
+    }
+    for policy in policies {
+        for iv in &plan.intervals {
+            out.push((
+                staleness,
+                policy,
+                vec![("kvroute.publish_interval_ms".to_string(), iv.clone())],
+            ));
+        }
     }
     out
 }
@@ -771,11 +780,11 @@ fn simulated_part(
     for rep in 0..plan.repeats {
         let seed = rep as u64 + 1;
         let work = simulated::prepare_for(&b8, &sessions_at(ns, per_engine, seed)?);
-        for (experiment, runtime) in &sweeps {
+        for (experiment, policy, runtime) in &sweeps {
             let spec = RunSpec::new(
                 experiment,
                 "sharegpt",
-                PolicyKind::LoadCacheAware,
+                *policy,
                 per_engine * ns as f64,
                 "1x",
                 rep,

@@ -162,9 +162,9 @@ pub(super) fn section(h: &mut String, figs: &Figures, runs: &[RunResult], sm: &S
     table(
         h,
         runs,
-        "Publish interval at N=8 (load_cache_aware)",
+        "Publish interval at N=8, by policy",
         &|r| r.spec.experiment == "exp5-staleness",
-        &|r| format!("{:>6}", runtime_value(r, "kvroute.publish_interval_ms")),
+        &super::sweeps::staleness_row,
     );
     let _ = write!(
         h,

@@ -1,5 +1,5 @@
 //! Experiments 3 and 4: `load_cache_aware`'s alpha / beta sweep and the directory's publish
-//! interval, live at N = 2 and simulated at N = 8.
+//! interval (the default policy and `load_cache_aware`), live at N = 2 and simulated at N = 8.
 
 use std::fmt::Write as _;
 
@@ -89,37 +89,43 @@ pub(super) fn figures(figs: &Figures, runs: &[RunResult]) -> anyhow::Result<()> 
             ))?;
         }
 
-        // 6. Staleness: one point per publish interval the runs used, in interval order.
-        let st_hit = agg(
-            runs,
-            |r| r.spec.experiment == exp_st,
-            |r| runtime_value(r, "kvroute.publish_interval_ms"),
-            |r| r.hit_rate,
-        );
-        let st_p95 = agg(
-            runs,
-            |r| r.spec.experiment == exp_st,
-            |r| runtime_value(r, "kvroute.publish_interval_ms"),
-            |r| r.ttft_ms[1],
-        );
-        let mut order: Vec<&str> = st_hit.keys().map(String::as_str).collect();
+        // 6. Staleness: a line per policy, one point per publish interval the runs used, in
+        // interval order.
+        let key = |r: &RunResult| {
+            (
+                r.spec.label(),
+                runtime_value(r, "kvroute.publish_interval_ms"),
+            )
+        };
+        let st_hit = agg(runs, |r| r.spec.experiment == exp_st, key, |r| r.hit_rate);
+        let st_p95 = agg(runs, |r| r.spec.experiment == exp_st, key, |r| r.ttft_ms[1]);
+        let mut order: Vec<&str> = st_hit.keys().map(|k| k.1.as_str()).collect();
         order.sort_by(|a, b| {
             let ms = |k: &str| k.trim().parse::<f64>().unwrap_or(f64::INFINITY);
             ms(a).total_cmp(&ms(b))
         });
+        order.dedup();
         let axis = order.join(", ");
+        let swept = policies(runs, exp_st);
         for (name, metric, values) in [
             ("staleness_hit", "hit rate", &st_hit),
             ("staleness_ttft", "P95 TTFT (ms)", &st_p95),
         ] {
-            let line = vec![(
-                metric.to_string(),
-                order
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(i, k)| Some((i as f64, values.get(*k)?.0)))
-                    .collect(),
-            )];
+            let line: Vec<(String, Vec<(f64, f64)>)> = swept
+                .iter()
+                .map(|p| {
+                    (
+                        p.clone(),
+                        order
+                            .iter()
+                            .enumerate()
+                            .filter_map(|(i, k)| {
+                                Some((i as f64, values.get(&(p.clone(), k.to_string()))?.0))
+                            })
+                            .collect(),
+                    )
+                })
+                .collect();
             e(lines(
                 &fig(&format!("{pre}{name}")),
                 &format!(
@@ -160,12 +166,22 @@ pub(super) fn section(h: &mut String, figs: &Figures, runs: &[RunResult]) {
             )
         },
     );
-    let _ = write!(h, "<h2>Experiment 4: directory publish interval (load_cache_aware, ShareGPT {})</h2><div class=fig>{}</div><div class=fig>{}</div>", rate_of("exp4"), svg("staleness_hit"), svg("staleness_ttft"));
+    let _ = write!(h, "<h2>Experiment 4: directory publish interval ({}, ShareGPT {})</h2><div class=fig>{}</div><div class=fig>{}</div>", policies(runs, "exp4").join(", "), rate_of("exp4"), svg("staleness_hit"), svg("staleness_ttft"));
     table(
         h,
         runs,
-        "publish interval (ms)",
+        "policy, publish interval (ms)",
         &|r| r.spec.experiment == "exp4",
-        &|r| format!("{:>6}", runtime_value(r, "kvroute.publish_interval_ms")),
+        &staleness_row,
     );
+}
+
+/// A staleness sweep's table row: the policy, then the publish interval (right-aligned, so that
+/// the rows of a policy sort by interval up to `never`).
+pub(super) fn staleness_row(r: &RunResult) -> String {
+    format!(
+        "{} {:>6}",
+        r.spec.label(),
+        runtime_value(r, "kvroute.publish_interval_ms")
+    )
 }
