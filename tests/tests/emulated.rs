@@ -25,14 +25,9 @@ struct Turn {
 /// Sends 6 conversations of 4 turns, turn by turn; returns each conversation's turns and the
 /// filter's predicted cached blocks.
 async fn converse(policy: &str) -> (Vec<Vec<Turn>>, u64) {
-    let mut engines = Vec::new();
-    for i in 0..2 {
-        engines.push(
-            EmulatedEngine::start(&format!("engine{i}"), "rtx5080-llama3.2-3b", 50.0)
-                .await
-                .unwrap(),
-        );
-    }
+    let engines = EmulatedEngine::start_fleet(2, "rtx5080-llama3.2-3b", 50.0)
+        .await
+        .unwrap();
     let spec_engines = engines
         .iter()
         .map(|e| Engine::local(&e.name, e.addr.port()))

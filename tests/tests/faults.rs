@@ -26,14 +26,7 @@ async fn stat(envoy: &Envoy, name: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sidecar_killed_under_load_loses_nothing_and_routing_recovers() {
     const PROFILE: &str = "rtx5080-llama3.2-3b";
-    let mut engines = Vec::new();
-    for i in 0..2 {
-        engines.push(
-            EmulatedEngine::start(&format!("engine{i}"), PROFILE, 4.0)
-                .await
-                .unwrap(),
-        );
-    }
+    let engines = EmulatedEngine::start_fleet(2, PROFILE, 4.0).await.unwrap();
     let named: Vec<(String, String)> = engines.iter().map(|e| (e.name.clone(), e.url())).collect();
     let mut sidecar = procs::sidecar(&named, 50, "127.0.0.1:0".parse().unwrap())
         .await

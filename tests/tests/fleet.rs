@@ -42,14 +42,7 @@ impl Fleet {
 
     /// A fleet on `redis`, which the sidecar reaches at `url` with `extra` flags.
     async fn start_on(replicas: usize, redis: Proc, url: &str, extra: &[String]) -> Fleet {
-        let mut engines = Vec::new();
-        for i in 0..2 {
-            engines.push(
-                EmulatedEngine::start(&format!("engine{i}"), PROFILE, 4.0)
-                    .await
-                    .unwrap(),
-            );
-        }
+        let engines = EmulatedEngine::start_fleet(2, PROFILE, 4.0).await.unwrap();
         let named: Vec<(String, String)> =
             engines.iter().map(|e| (e.name.clone(), e.url())).collect();
         let sidecar =

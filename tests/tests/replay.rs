@@ -20,14 +20,9 @@ use kvroute_traces::{arrivals, rag, with_arrivals};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_counts_add_up_and_hits_are_recorded() {
-    let mut engines = Vec::new();
-    for i in 0..2 {
-        engines.push(
-            EmulatedEngine::start(&format!("engine{i}"), "rtx5080-llama3.2-3b", 20.0)
-                .await
-                .unwrap(),
-        );
-    }
+    let engines = EmulatedEngine::start_fleet(2, "rtx5080-llama3.2-3b", 20.0)
+        .await
+        .unwrap();
     let spec_engines = engines
         .iter()
         .map(|e| Engine::local(&e.name, e.addr.port()))

@@ -32,14 +32,7 @@ struct Rig {
 
 impl Rig {
     async fn start(policy: PolicyKind, signal: LoadSignal) -> Rig {
-        let mut engines = Vec::new();
-        for i in 0..2 {
-            engines.push(
-                EmulatedEngine::start(&format!("engine{i}"), PROFILE, 1.0)
-                    .await
-                    .unwrap(),
-            );
-        }
+        let engines = EmulatedEngine::start_fleet(2, PROFILE, 1.0).await.unwrap();
         let refs: Vec<&EmulatedEngine> = engines.iter().collect();
         let sidecar = RunningSidecar::start_at(&refs, POLL, "127.0.0.1:0".parse().unwrap())
             .await

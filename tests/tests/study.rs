@@ -84,14 +84,9 @@ async fn dynamo_routes_by_the_engines_kv_events() {
     // engines: it learns where a prompt's blocks are only from the engines' KV cache events, so a
     // prompt sent again goes to the engine that holds it, every time. Its round-robin mode, the
     // same deployment without KV routing, alternates.
-    let mut engines = Vec::new();
-    for i in 0..2 {
-        engines.push(
-            EmulatedEngine::start(&format!("engine{i}"), "rtx5080-llama3.2-3b", 8.0)
-                .await
-                .unwrap(),
-        );
-    }
+    let engines = EmulatedEngine::start_fleet(2, "rtx5080-llama3.2-3b", 8.0)
+        .await
+        .unwrap();
     let targets: Vec<(String, String)> = engines
         .iter()
         .map(|e| (e.url(), e.kv_events.clone()))

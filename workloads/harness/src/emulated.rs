@@ -29,6 +29,19 @@ impl EmulatedEngine {
         Self::start_at(name, profile, time_scale, "127.0.0.1:0".parse()?).await
     }
 
+    /// Starts `n` engines named `engine0`, `engine1`, ... with the same profile and time scale.
+    pub async fn start_fleet(
+        n: usize,
+        profile: &str,
+        time_scale: f64,
+    ) -> anyhow::Result<Vec<Self>> {
+        let mut engines = Vec::with_capacity(n);
+        for i in 0..n {
+            engines.push(Self::start(&format!("engine{i}"), profile, time_scale).await?);
+        }
+        Ok(engines)
+    }
+
     /// Starts an engine on a given address (to bring a stopped engine back on the same port).
     pub async fn start_at(
         name: &str,

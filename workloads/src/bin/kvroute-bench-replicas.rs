@@ -173,12 +173,7 @@ async fn main() -> anyhow::Result<()> {
         window_s: 5.0,
         max_tokens: 32,
     };
-    let mut engines = Vec::new();
-    for i in 0..2 {
-        engines.push(
-            EmulatedEngine::start(&format!("engine{i}"), &args.profile, args.time_scale).await?,
-        );
-    }
+    let engines = EmulatedEngine::start_fleet(2, &args.profile, args.time_scale).await?;
     let redis = procs::redis(0).await?;
     let named: Vec<(String, String)> = engines.iter().map(|e| (e.name.clone(), e.url())).collect();
     let sidecar = procs::sidecar_with_fleet(

@@ -44,17 +44,7 @@ struct Args {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let mut engines = Vec::new();
-    for i in 0..2 {
-        engines.push(
-            EmulatedEngine::start(
-                &format!("engine{i}"),
-                "rtx5080-llama3.2-3b",
-                args.time_scale,
-            )
-            .await?,
-        );
-    }
+    let engines = EmulatedEngine::start_fleet(2, "rtx5080-llama3.2-3b", args.time_scale).await?;
     let spec_engines = engines
         .iter()
         .map(|e| Engine::local(&e.name, e.addr.port()))

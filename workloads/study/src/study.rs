@@ -83,10 +83,7 @@ pub struct Lab {
 impl Lab {
     /// `n` emulated engines with `profile`, `time_scale` times real time, the sidecar and Envoy.
     pub async fn emulated(n: usize, profile: &str, time_scale: f64) -> anyhow::Result<Lab> {
-        let mut engines = Vec::new();
-        for i in 0..n {
-            engines.push(EmulatedEngine::start(&format!("engine{i}"), profile, time_scale).await?);
-        }
+        let engines = EmulatedEngine::start_fleet(n, profile, time_scale).await?;
         let targets = engines
             .iter()
             .map(|e| (Engine::local(&e.name, e.addr.port()), e.url()))
