@@ -19,7 +19,7 @@ use crate::host::Host;
 use crate::in_memory::{InMemoryHost, InMemoryStream};
 use crate::service::{Role, StateService, TICK_MS};
 use crate::standby::Standby;
-use crate::worker::{Flow, Stream, Worker, REPORT_COALESCE_US};
+use crate::worker::{Flow, Stream, Worker, PER_TRY_TIMEOUT_HEADER, REPORT_COALESCE_US};
 
 const CHAT: &str = "/v1/chat/completions";
 
@@ -626,6 +626,40 @@ fn a_retry_on_another_engine_moves_the_counts_there_and_marks_the_first_down() {
     }
     s.on_end();
     assert_eq!(p.inflight()[0][1 - e], 4);
+}
+
+/// The per-try timeout header a request leaves the filter with, for a body with `stream` as given
+/// (absent for `None`).
+fn per_try_timeout(p: &Proxy, stream: Option<bool>) -> Option<String> {
+    let mut body = serde_json::json!({
+        "model": "m",
+        "messages": [{"role": "user", "content": text(3)}],
+    });
+    if let Some(st) = stream {
+        body["stream"] = st.into();
+    }
+    let body = body.to_string();
+    p.host.set_stream(InMemoryStream::post(CHAT, &body));
+    let mut s = Stream::new(p.worker.clone());
+    assert_eq!(s.on_request_headers(false), Flow::Pause);
+    assert_eq!(s.on_request_body(body.len(), true), Flow::Continue);
+    assert!(p.routed());
+    let header = p.host.stream().request_header(PER_TRY_TIMEOUT_HEADER);
+    s.on_end();
+    header
+}
+
+#[test]
+fn a_streamed_request_gets_a_time_limit_on_its_headers_and_no_other_does() {
+    let p = Proxy::new("");
+    assert_eq!(per_try_timeout(&p, Some(true)).as_deref(), Some("10000"));
+    assert_eq!(per_try_timeout(&p, Some(false)), None);
+    assert_eq!(per_try_timeout(&p, None), None);
+    let p = Proxy::new(r#","stream_start_timeout_ms":750"#);
+    assert_eq!(per_try_timeout(&p, Some(true)).as_deref(), Some("750"));
+    // Off, or with no fallback host for Envoy to retry on (endpoints without an address).
+    let p = Proxy::new(r#","stream_start_timeout_ms":0"#);
+    assert_eq!(per_try_timeout(&p, Some(true)), None);
 }
 
 #[test]

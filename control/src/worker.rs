@@ -17,6 +17,9 @@ use kvroute_core::FilterConfig;
 
 /// Response header naming the endpoint the filter chose.
 pub const RESPONSE_ENDPOINT_HEADER: &str = "x-kvroute-endpoint";
+/// Envoy's request header for a per-try timeout, which ends at the response headers: set on
+/// streamed requests (`FilterConfig::stream_start_timeout_ms`).
+pub const PER_TRY_TIMEOUT_HEADER: &str = "x-envoy-upstream-rq-per-try-timeout-ms";
 /// Response header naming the policy that chose it.
 pub const RESPONSE_POLICY_HEADER: &str = "x-kvroute-policy";
 const CAS_RETRIES: usize = 16;
@@ -586,6 +589,19 @@ impl<H: Host> Stream<H> {
             {
                 w.metrics.host_error(&w.host, HostOp::SetHeader);
             }
+            // A stream whose headers do not come in time is on a stopped engine: Envoy retries it
+            // on the fallback host (see `FilterConfig::stream_start_timeout_ms`).
+            let timeout = w.config.stream_start_timeout_ms;
+            let streamed = parsed.as_ref().is_ok_and(|f| f.streamed);
+            if next.is_some()
+                && streamed
+                && timeout > 0
+                && !w
+                    .host
+                    .set_request_header(PER_TRY_TIMEOUT_HEADER, Some(&timeout.to_string()))
+            {
+                w.metrics.host_error(&w.host, HostOp::SetHeader);
+            }
         }
         // A fallback decision has no prompt, so it leaves nothing to prefill.
         let prefill = i64::from(decision.prefill_work);
@@ -893,8 +909,9 @@ impl<H: Host> Stream<H> {
         }
     }
 
-    /// When Envoy retried the request on another engine (the chosen one refused the connection
-    /// or reset before responding), counts it there from now on, marks the chosen one down for
+    /// When Envoy retried the request on another engine (the chosen one refused the connection,
+    /// reset before responding, or left a stream's headers unanswered past
+    /// `stream_start_timeout_ms`), counts it there from now on, marks the chosen one down for
     /// the policies ([`state::PASSIVE_DOWN_MS`]) and counts the retry.
     fn follow_retry(&mut self) {
         let Phase::Routed {

@@ -148,6 +148,16 @@ pub struct FilterConfig {
     /// endpoints with an `address`).
     #[serde(default = "d_host_header")]
     pub host_header: String,
+    /// How long an engine has to answer a streamed request's headers before Envoy retries it on
+    /// the fallback engine named in `host_header`, in ms (0: never). vLLM answers a stream's
+    /// headers before its prefill, so a stream without headers after this long is on an engine
+    /// that has stopped (a hung process or GPU). The filter sets Envoy's
+    /// `x-envoy-upstream-rq-per-try-timeout-ms` on streamed requests to endpoints with an
+    /// `address` (the route's retry policy must retry `reset`); a per-try timeout ends at the
+    /// response headers, so it never cuts a stream. A response that is not streamed answers its
+    /// headers only when it is complete, so it gets no such bound.
+    #[serde(default = "d_stream_start_timeout")]
+    pub stream_start_timeout_ms: u32,
     /// Largest body buffered for parsing; larger bodies are routed by load and counted.
     #[serde(default = "d_max_body")]
     pub max_body_bytes: u32,
@@ -202,6 +212,9 @@ fn d_session_header() -> String {
 fn d_host_header() -> String {
     "x-kvroute-host".into()
 }
+fn d_stream_start_timeout() -> u32 {
+    10_000
+}
 fn d_max_body() -> u32 {
     4 << 20
 }
@@ -254,6 +267,7 @@ impl FilterConfig {
             route_header: d_route_header(),
             session_header: d_session_header(),
             host_header: d_host_header(),
+            stream_start_timeout_ms: d_stream_start_timeout(),
             max_body_bytes: d_max_body(),
             block_chars: d_block_chars(),
             max_blocks: d_max_blocks(),
@@ -344,6 +358,14 @@ impl FilterConfig {
                     ));
                 }
             }
+        }
+        if self.stream_start_timeout_ms != 0
+            && !(50..=3_600_000).contains(&self.stream_start_timeout_ms)
+        {
+            e.push(FieldError::new(
+                "stream_start_timeout_ms",
+                "must be 0 (never) or 50 to 3600000",
+            ));
         }
         if !(1..=(64 << 20)).contains(&self.max_body_bytes) {
             e.push(FieldError::new("max_body_bytes", "must be 1 to 67108864"));
@@ -958,7 +980,7 @@ mod tests {
         let err = FilterConfig::from_json(
             br#"{"endpoints":[{"name":"a.b"},{"name":"x"},{"name":"x","capacity_blocks":0}],
                 "route_header":"X-Up","max_body_bytes":0,"block_chars":0,"runtime_poll_ms":1,
-                "defaults":{"alpha":-1}}"#,
+                "stream_start_timeout_ms":10,"defaults":{"alpha":-1}}"#,
         )
         .unwrap_err();
         let ConfigError::Invalid(fields) = err else {
@@ -972,6 +994,7 @@ mod tests {
                 "endpoints[2].capacity_blocks",
                 "endpoints[2].name",
                 "route_header",
+                "stream_start_timeout_ms",
                 "max_body_bytes",
                 "block_chars",
                 "runtime_poll_ms",

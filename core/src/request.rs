@@ -89,6 +89,9 @@ pub struct ParsedRequest<'a> {
     /// reports it): a response that is not streamed always does; a stream only with
     /// `stream_options.include_usage` true.
     pub usage_expected: bool,
+    /// Whether the response is streamed (`"stream": true`): an engine answers such a request's
+    /// headers at once, before its prefill, as vLLM's server does.
+    pub streamed: bool,
 }
 
 /// The prompt of a request.
@@ -227,6 +230,7 @@ pub fn parse_request(kind: ApiKind, body: &[u8]) -> Result<ParsedRequest<'_>, Pa
         },
         prompt,
         usage_expected: usage_expected(raw.stream, raw.stream_options),
+        streamed: raw.stream.is_some_and(|s| s.get() == "true"),
     })
 }
 
@@ -455,6 +459,29 @@ mod tests {
         // Wrong types are the engine's to refuse: the prompt is still routed on.
         assert!(!usage(r#","stream":true,"stream_options":"yes""#));
         assert!(usage(r#","stream":"yes""#));
+    }
+
+    #[test]
+    fn only_stream_true_is_streamed() {
+        let streamed = |extra: &str| {
+            chat(&format!(
+                r#"{{"messages":[{{"role":"user","content":"hi"}}]{extra}}}"#
+            ))
+            .unwrap()
+            .streamed
+        };
+        assert!(streamed(r#","stream":true"#));
+        assert!(streamed(
+            r#","stream" : true ,"stream_options":{"include_usage":true}"#
+        ));
+        for extra in [
+            "",
+            r#","stream":false"#,
+            r#","stream":null"#,
+            r#","stream":"true""#,
+        ] {
+            assert!(!streamed(extra), "{extra}");
+        }
     }
 
     #[test]

@@ -27,6 +27,8 @@ pub struct RequestFeatures {
     pub head_key: Option<u64>,
     /// Whether the response will carry `usage` (see [`ParsedRequest::usage_expected`]).
     pub usage_expected: bool,
+    /// Whether the response is streamed (see [`ParsedRequest::streamed`]).
+    pub streamed: bool,
     /// Bytes of the prompt's canonical text, the whole of it (the blocks stop at `max_blocks`).
     pub prompt_bytes: u64,
 }
@@ -58,6 +60,7 @@ pub fn features(
         prefix_key: request_prefix_key(req),
         head_key,
         usage_expected: req.usage_expected,
+        streamed: req.streamed,
         prompt_bytes,
     }
 }

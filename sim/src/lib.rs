@@ -141,6 +141,7 @@ pub fn prepare_session(s: &Session, filter: &FilterConfig) -> PreparedSession {
                     .collect(),
             ),
             usage_expected: true,
+            streamed: true,
         };
         turns.push(PreparedTurn {
             prompt: encode_chat(msgs),

@@ -140,3 +140,82 @@ async fn an_engine_process_killed_mid_stream_loses_only_what_it_held() {
     assert!(a2 > a1 + 10, "engine0 serves again");
     assert_eq!(failed2, failed1, "nothing failed after the kill settled");
 }
+
+/// Sends SIGSTOP or SIGCONT to a process.
+fn signal(pid: u32, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig} {pid}");
+}
+
+/// Two emulated engines, four streaming clients, `round_robin`; engine0 frozen (SIGSTOP) for
+/// 2.5 s, then thawed. Returns (requests completed while it was frozen, failed in all, retried).
+async fn frozen_engine(stream_start_timeout_ms: u32) -> (u64, u64, u64) {
+    const PROFILE: &str = "rtx5080-llama3.2-3b";
+    let mut engines = Vec::new();
+    for _ in 0..2 {
+        engines.push(procs::emulator(PROFILE, 4.0, 0).await.unwrap());
+    }
+    let mut spec = EnvoySpec::new(
+        engines
+            .iter()
+            .enumerate()
+            .map(|(i, e)| Engine::local(&format!("engine{i}"), e.addr.port()))
+            .collect(),
+        filter_wasm().unwrap().display().to_string(),
+    );
+    kvroute_e2e::under_test(&mut spec);
+    spec.filter.defaults.policy = "round_robin".parse().unwrap();
+    spec.filter.stream_start_timeout_ms = stream_start_timeout_ms;
+    let envoy = Envoy::start(spec).await.unwrap();
+    let model = served_model(&engines[0].url()).await;
+    let load = Load::streaming(&[envoy.url("/v1/chat/completions")], &model, 16, 4);
+    let tally = load.tally.clone();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let (_, failed0, a0, b0) = tally.get();
+    assert!(a0 > 0 && b0 > 0 && failed0 == 0, "{:?}", tally.get());
+
+    // A hung engine: its port still accepts connections, nothing answers.
+    let pid = engines[0].pid().unwrap();
+    signal(pid, "-STOP");
+    let (sent0, ..) = tally.get();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (sent1, ..) = tally.get();
+    signal(pid, "-CONT");
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let (_, failed, _, _) = load.stop().await;
+    let retried = envoy
+        .stat("kvroute_retried_total.endpoint.engine0")
+        .await
+        .unwrap();
+    (sent1 - sent0, failed, retried)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_engine_holds_up_no_stream_that_it_has_not_answered() {
+    // Without a bound on a stream's headers, every client ends up waiting on the frozen engine.
+    let (stalled, failed_off, retried_off) = frozen_engine(0).await;
+    // With one, a stream the frozen engine does not answer in 300 ms is retried on the other,
+    // and the frozen engine is marked down.
+    let (flowed, failed, retried) = frozen_engine(300).await;
+    println!(
+        "engine0 frozen 2.5 s under 4 streaming clients: {stalled} requests completed without a \
+         bound on a stream's headers ({retried_off} retried, {failed_off} failed), {flowed} with \
+         300 ms ({retried} retried on engine1, {failed} failed)"
+    );
+    assert_eq!(
+        failed, 0,
+        "nothing lost: the streams it held resumed on the thaw"
+    );
+    assert!(
+        retried >= 1,
+        "streams sent to the frozen engine were retried"
+    );
+    assert!(
+        flowed > 10 && flowed > 2 * stalled,
+        "the load went on while engine0 was frozen: {flowed} against {stalled}"
+    );
+}
