@@ -42,6 +42,8 @@ pub struct Worker<H: Host> {
     /// Reports made within this long of the last one sent wait for the next batch (see
     /// [`Worker::report`]).
     coalesce_us: u64,
+    /// The value of [`PER_TRY_TIMEOUT_HEADER`] for streamed requests (None: not set).
+    stream_start_timeout: Option<String>,
 }
 
 /// The section of the in-flight value that holds each endpoint's down mark.
@@ -103,6 +105,8 @@ impl<H: Host> Worker<H> {
                 batch: Vec::new(),
                 last_sent_us: 0,
             }),
+            stream_start_timeout: (config.stream_start_timeout_ms > 0)
+                .then(|| config.stream_start_timeout_ms.to_string()),
             config,
             coalesce_us: REPORT_COALESCE_US,
         }
@@ -591,16 +595,18 @@ impl<H: Host> Stream<H> {
             }
             // A stream whose headers do not come in time is on a stopped engine: Envoy retries it
             // on the fallback host (see `FilterConfig::stream_start_timeout_ms`).
-            let timeout = w.config.stream_start_timeout_ms;
             let streamed = parsed.as_ref().is_ok_and(|f| f.streamed);
-            if next.is_some()
-                && streamed
-                && timeout > 0
-                && !w
-                    .host
-                    .set_request_header(PER_TRY_TIMEOUT_HEADER, Some(&timeout.to_string()))
+            if let Some(timeout) = w
+                .stream_start_timeout
+                .as_deref()
+                .filter(|_| next.is_some() && streamed)
             {
-                w.metrics.host_error(&w.host, HostOp::SetHeader);
+                if !w
+                    .host
+                    .set_request_header(PER_TRY_TIMEOUT_HEADER, Some(timeout))
+                {
+                    w.metrics.host_error(&w.host, HostOp::SetHeader);
+                }
             }
         }
         // A fallback decision has no prompt, so it leaves nothing to prefill.

@@ -181,10 +181,10 @@ struct StreamOptions<'a> {
     include_usage: Option<&'a RawValue>,
 }
 
-/// Whether a response carries `usage`: always unless it is streamed (`"stream": true`) without
+/// Whether a response carries `usage`: always unless it is `streamed` without
 /// `"stream_options": {"include_usage": true}`.
-fn usage_expected(stream: Option<&RawValue>, options: Option<&RawValue>) -> bool {
-    if stream.is_none_or(|s| s.get() != "true") {
+fn usage_expected(streamed: bool, options: Option<&RawValue>) -> bool {
+    if !streamed {
         return true;
     }
     options
@@ -220,6 +220,7 @@ pub fn parse_request(kind: ApiKind, body: &[u8]) -> Result<ParsedRequest<'_>, Pa
             _ => return Err(ParseError::NoPrompt),
         },
     };
+    let streamed = raw.stream.is_some_and(|s| s.get() == "true");
     Ok(ParsedRequest {
         model: raw.model.unwrap_or(Cow::Borrowed("")),
         user: raw.user,
@@ -229,8 +230,8 @@ pub fn parse_request(kind: ApiKind, body: &[u8]) -> Result<ParsedRequest<'_>, Pa
             None
         },
         prompt,
-        usage_expected: usage_expected(raw.stream, raw.stream_options),
-        streamed: raw.stream.is_some_and(|s| s.get() == "true"),
+        usage_expected: usage_expected(streamed, raw.stream_options),
+        streamed,
     })
 }
 

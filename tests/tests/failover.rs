@@ -89,24 +89,8 @@ async fn an_engine_killed_under_load_loses_nothing_and_comes_back() {
 async fn an_engine_process_killed_mid_stream_loses_only_what_it_held() {
     // Two emulated vLLM engines as processes, four times real time; streaming chats of 48 tokens
     // (about 100 ms each), so a SIGKILL cuts streams in the middle.
-    const PROFILE: &str = "rtx5080-llama3.2-3b";
-    let mut engines = Vec::new();
-    for _ in 0..2 {
-        engines.push(procs::emulator(PROFILE, 4.0, 0).await.unwrap());
-    }
+    let (mut engines, envoy, model) = emulated_stack(|_| {}).await;
     let port0 = engines[0].addr.port();
-    let mut spec = EnvoySpec::new(
-        engines
-            .iter()
-            .enumerate()
-            .map(|(i, e)| Engine::local(&format!("engine{i}"), e.addr.port()))
-            .collect(),
-        filter_wasm().unwrap().display().to_string(),
-    );
-    kvroute_e2e::under_test(&mut spec);
-    spec.filter.defaults.policy = "round_robin".parse().unwrap();
-    let envoy = Envoy::start(spec).await.unwrap();
-    let model = served_model(&engines[0].url()).await;
     let load = Load::streaming(&[envoy.url("/v1/chat/completions")], &model, 48, 4);
     let tally = load.tally.clone();
     tokio::time::sleep(Duration::from_millis(1000)).await;
@@ -132,13 +116,39 @@ async fn an_engine_process_killed_mid_stream_loses_only_what_it_held() {
     lost_only_what_was_in_flight(sent1 - sent0, failed1, in_flight_at_kill, retried);
 
     // A new process on the same port takes its share again once the down mark expires.
-    engines[0] = procs::emulator(PROFILE, 4.0, port0).await.unwrap();
+    engines[0] = procs::emulator(EMULATED_PROFILE, 4.0, port0).await.unwrap();
     tokio::time::sleep(Duration::from_millis(3000)).await;
     load.stop().await;
     let (_, failed2, a2, _) = tally.get();
     println!("restarted: engine0 completed {} requests", a2 - a1);
     assert!(a2 > a1 + 10, "engine0 serves again");
     assert_eq!(failed2, failed1, "nothing failed after the kill settled");
+}
+
+const EMULATED_PROFILE: &str = "rtx5080-llama3.2-3b";
+
+/// Two emulated vLLM engines as processes at four times real time, behind an Envoy with the
+/// filter under test, `round_robin`, and `edit` applied to its spec. Returns the engines, the
+/// Envoy and the served model.
+async fn emulated_stack(edit: impl FnOnce(&mut EnvoySpec)) -> (Vec<procs::Proc>, Envoy, String) {
+    let mut engines = Vec::new();
+    for _ in 0..2 {
+        engines.push(procs::emulator(EMULATED_PROFILE, 4.0, 0).await.unwrap());
+    }
+    let mut spec = EnvoySpec::new(
+        engines
+            .iter()
+            .enumerate()
+            .map(|(i, e)| Engine::local(&format!("engine{i}"), e.addr.port()))
+            .collect(),
+        filter_wasm().unwrap().display().to_string(),
+    );
+    kvroute_e2e::under_test(&mut spec);
+    spec.filter.defaults.policy = "round_robin".parse().unwrap();
+    edit(&mut spec);
+    let envoy = Envoy::start(spec).await.unwrap();
+    let model = served_model(&engines[0].url()).await;
+    (engines, envoy, model)
 }
 
 /// Sends SIGSTOP or SIGCONT to a process.
@@ -154,24 +164,10 @@ fn signal(pid: u32, sig: &str) {
 /// Two emulated engines, four streaming clients, `round_robin`; engine0 frozen (SIGSTOP) for
 /// 2.5 s, then thawed. Returns (requests completed while it was frozen, failed in all, retried).
 async fn frozen_engine(stream_start_timeout_ms: u32) -> (u64, u64, u64) {
-    const PROFILE: &str = "rtx5080-llama3.2-3b";
-    let mut engines = Vec::new();
-    for _ in 0..2 {
-        engines.push(procs::emulator(PROFILE, 4.0, 0).await.unwrap());
-    }
-    let mut spec = EnvoySpec::new(
-        engines
-            .iter()
-            .enumerate()
-            .map(|(i, e)| Engine::local(&format!("engine{i}"), e.addr.port()))
-            .collect(),
-        filter_wasm().unwrap().display().to_string(),
-    );
-    kvroute_e2e::under_test(&mut spec);
-    spec.filter.defaults.policy = "round_robin".parse().unwrap();
-    spec.filter.stream_start_timeout_ms = stream_start_timeout_ms;
-    let envoy = Envoy::start(spec).await.unwrap();
-    let model = served_model(&engines[0].url()).await;
+    let (engines, envoy, model) = emulated_stack(|spec| {
+        spec.filter.stream_start_timeout_ms = stream_start_timeout_ms;
+    })
+    .await;
     let load = Load::streaming(&[envoy.url("/v1/chat/completions")], &model, 16, 4);
     let tally = load.tally.clone();
     tokio::time::sleep(Duration::from_millis(800)).await;
