@@ -290,6 +290,10 @@ async fn a_tiny_study_is_internally_consistent() {
     stalled.spec.experiment = "val-live-stalled".into();
     stalled.send_delay_ms = vec![150.0; 21];
     runs.extend([live, sim, e5, stalled]);
+    // The capacity bound is sized by what the engines report: the seed rig's 711 blocks of 16.
+    let kv = lab.kv_capacity_tokens().await.unwrap();
+    assert_eq!(kv, vec![11_376, 11_376]);
+    let blocks = (kv[0] / 16) as usize;
     let bounds = vec![
         (
             "sharegpt 1x".to_string(),
@@ -297,12 +301,12 @@ async fn a_tiny_study_is_internally_consistent() {
                 &conversations(1),
                 "meta-llama/Llama-3.2-3B-Instruct",
                 2,
-                711,
+                blocks,
             ),
         ),
         (
             "rag".to_string(),
-            analyze(&rag_users, "meta-llama/Llama-3.2-3B-Instruct", 2, 711),
+            analyze(&rag_users, "meta-llama/Llama-3.2-3B-Instruct", 2, blocks),
         ),
     ];
     // No policy beats the oracle.
@@ -323,6 +327,7 @@ async fn a_tiny_study_is_internally_consistent() {
     let meta = Meta {
         mode: "smoke".into(),
         profile: "rtx5080-llama3.2-3b".into(),
+        kv_tokens_per_engine: kv[0],
         time_scale: 8.0,
         engines: 2,
         sustainable_rate: 4.0,
@@ -366,6 +371,7 @@ async fn a_tiny_study_is_internally_consistent() {
             .unwrap();
     for section in [
         "Calibration",
+        "a KV cache of 11376 tokens each",
         "Trace analysis and oracle bounds",
         "Prefix overlap by workload",
         "Experiment 1",

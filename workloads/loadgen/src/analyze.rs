@@ -73,7 +73,8 @@ pub fn analyze(
     let root = chain_root(model);
     // Infinite cache: who last computed each block.
     let mut owner: HashMap<u64, usize> = HashMap::new();
-    let cap = NonZeroUsize::new((engines * capacity_blocks).max(1)).unwrap_or(NonZeroUsize::MIN);
+    let cap = NonZeroUsize::new(engines.saturating_mul(capacity_blocks).max(1))
+        .unwrap_or(NonZeroUsize::MIN);
     let mut lru: lru::LruCache<u64, ()> = lru::LruCache::new(cap);
     let (mut total, mut inf_hits, mut cap_hits, mut within, mut across) =
         (0u64, 0u64, 0u64, 0u64, 0u64);

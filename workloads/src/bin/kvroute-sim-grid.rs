@@ -69,6 +69,10 @@ struct Args {
     /// need a large KV cache).
     #[arg(long, default_value = "h100-llama3.1-8b")]
     mooncake_profile: String,
+    /// The engines' `--gpu-memory-utilization` (default: the profile's), which sets their KV
+    /// capacity as vLLM does: what the cells look like with more or less KV cache per engine.
+    #[arg(long)]
+    gpu_memory_utilization: Option<f64>,
     /// TTFT objective, ms (SLO attainment and the knee search).
     #[arg(long, default_value_t = 1000.0)]
     slo_ms: f64,
@@ -173,8 +177,9 @@ fn main() -> anyhow::Result<()> {
             None => Err(anyhow::anyhow!("--set {kv}: want KEY=VALUE")),
         })
         .collect::<anyhow::Result<_>>()?;
-    let engine = simulated::engine_config(&a.profile)?;
-    let mooncake_engine = simulated::engine_config(&a.mooncake_profile)?;
+    let engine = simulated::engine_config_at(&a.profile, a.gpu_memory_utilization)?;
+    let mooncake_engine =
+        simulated::engine_config_at(&a.mooncake_profile, a.gpu_memory_utilization)?;
     let base_on = |n: usize, workload: &str| SimConfig {
         record_itl: false,
         ..SimConfig::new(
@@ -209,9 +214,9 @@ fn main() -> anyhow::Result<()> {
         mooncake,
     };
     println!(
-        "{} plan, profile {}, experiment 5 at {per_engine:.3} ShareGPT sessions/s per engine, {} \
-         repeats",
-        w.plan.name, a.profile, a.repeats
+        "{} plan, profile {} ({} KV blocks of {} tokens an engine), experiment 5 at \
+         {per_engine:.3} ShareGPT sessions/s per engine, {} repeats",
+        w.plan.name, a.profile, engine.num_gpu_blocks, engine.block_size, a.repeats
     );
     let cells: Vec<(String, Vec<usize>, Vec<f64>)> = if a.plan_grid {
         w.plan

@@ -22,7 +22,7 @@ use kvroute_core::PolicySettings;
 use kvroute_emulator::engine::EngineConfig;
 use kvroute_harness::emulated::EmulatedEngine;
 use kvroute_harness::peer;
-use kvroute_loadgen::analyze::{analyze, Analysis};
+use kvroute_loadgen::analyze::{analyze, Analysis, BLOCK};
 use kvroute_loadgen::calibrate::calibrate;
 use kvroute_sim::{GatewayCost, SimConfig};
 use kvroute_study::plan::{
@@ -208,6 +208,14 @@ async fn main() -> anyhow::Result<()> {
         lab
     };
     let engines = lab.engine_urls.len();
+    // The smallest KV cache the engines report, tokens: the report states it and sizes the
+    // capacity bound by it.
+    let kv_tokens = lab
+        .kv_capacity_tokens()
+        .await?
+        .into_iter()
+        .min()
+        .unwrap_or(0);
     lab.records_dir = Some(a.out.join("requests"));
     let mut results: Vec<RunResult> = Vec::new();
     let mut n = 0usize;
@@ -404,8 +412,10 @@ async fn main() -> anyhow::Result<()> {
     .await?;
     drop(calib_engine);
 
-    // The oracle bounds of the measured workloads (seed 1).
+    // The oracle bounds of the measured workloads (seed 1), for engines of the KV capacity they
+    // report (the smallest, in blocks of the bound's 16 tokens).
     let model = "meta-llama/Llama-3.2-3B-Instruct";
+    let kv_blocks = usize::try_from(kv_tokens / BLOCK as u64).unwrap_or(usize::MAX);
     // ShareGPT at every rate of experiment 1 (the capacity bound falls as more conversations are
     // in flight), RAG at experiment 2's.
     let mut bounds: Vec<(String, Analysis)> = Vec::new();
@@ -428,12 +438,12 @@ async fn main() -> anyhow::Result<()> {
         )?;
         bounds.push((
             format!("sharegpt {}", rate.label),
-            analyze(&sessions, model, engines, 711),
+            analyze(&sessions, model, engines, kv_blocks),
         ));
     }
     for rate in exp_rates("exp2") {
         let sessions = rag_sessions(&plan.rag, 1, sustainable * rate.x);
-        bounds.push(("rag".into(), analyze(&sessions, model, engines, 711)));
+        bounds.push(("rag".into(), analyze(&sessions, model, engines, kv_blocks)));
     }
     let meta = report::Meta {
         mode: plan.name.clone(),
@@ -442,6 +452,7 @@ async fn main() -> anyhow::Result<()> {
         } else {
             a.profile.clone()
         },
+        kv_tokens_per_engine: kv_tokens,
         time_scale: if remote { 1.0 } else { a.time_scale },
         engines,
         sustainable_rate: sustainable,

@@ -221,14 +221,59 @@ fn configured(spec: &RunSpec, base: &SimConfig) -> anyhow::Result<SimConfig> {
 
 /// The engine configuration `vllm serve` would start with on a built-in profile or profile file.
 pub fn engine_config(profile: &str) -> anyhow::Result<kvroute_emulator::engine::EngineConfig> {
+    engine_config_at(profile, None)
+}
+
+/// [`engine_config`] with the KV capacity vLLM computes at `gpu_memory_utilization` (None: the
+/// profile's own).
+pub fn engine_config_at(
+    profile: &str,
+    gpu_memory_utilization: Option<f64>,
+) -> anyhow::Result<kvroute_emulator::engine::EngineConfig> {
     let p = kvroute_emulator::profile::Profile::load(profile).map_err(anyhow::Error::msg)?;
-    Ok(kvroute_emulator::engine::EngineConfig::vllm_defaults(&p))
+    let mut cfg = kvroute_emulator::engine::EngineConfig::vllm_defaults(&p);
+    if let Some(u) = gpu_memory_utilization {
+        anyhow::ensure!(
+            u > 0.0 && u <= 1.0,
+            "--gpu-memory-utilization {u}: want a share in (0, 1]"
+        );
+        cfg.num_gpu_blocks = p.num_gpu_blocks(u, cfg.block_size);
+        anyhow::ensure!(
+            cfg.num_gpu_blocks > 0,
+            "--gpu-memory-utilization {u}: profile {} leaves no memory for the KV cache",
+            p.name
+        );
+    }
+    Ok(cfg)
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn memory_utilization_sets_the_kv_capacity_as_vllm_computes_it() {
+        let seed = engine_config("rtx5080-llama3.2-3b").unwrap();
+        // The seed rig's 0.45: (16 GiB x 0.45 - 6,425,499,648 B of weights) / (114,688 B x 16).
+        assert_eq!(seed.num_gpu_blocks, 711);
+        assert_eq!(
+            engine_config_at("rtx5080-llama3.2-3b", Some(0.45)).unwrap(),
+            seed
+        );
+        let more = engine_config_at("rtx5080-llama3.2-3b", Some(0.6)).unwrap();
+        assert_eq!(more.num_gpu_blocks, 2_115);
+        assert_eq!(more.max_num_batched_tokens, seed.max_num_batched_tokens);
+        for bad in [0.0, -0.5, 1.5, f64::NAN] {
+            assert!(
+                engine_config_at("rtx5080-llama3.2-3b", Some(bad)).is_err(),
+                "{bad}"
+            );
+        }
+        // Less than the weights: no KV cache at all, refused.
+        let err = engine_config_at("rtx5080-llama3.2-3b", Some(0.3)).unwrap_err();
+        assert!(err.to_string().contains("no memory"), "{err}");
+    }
 
     fn rec(session: u32, turn: u32, endpoint: u32, prompt: u32, cached: u32) -> SimRecord {
         SimRecord {

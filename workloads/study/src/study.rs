@@ -177,6 +177,23 @@ impl Lab {
         Ok(c)
     }
 
+    /// Each engine's KV cache, in tokens, as it reports it (`vllm:cache_config_info`'s
+    /// `num_gpu_blocks x block_size`, what the sidecar sizes the directory by).
+    pub async fn kv_capacity_tokens(&self) -> anyhow::Result<Vec<u64>> {
+        let mut out = Vec::with_capacity(self.engine_urls.len());
+        for url in &self.engine_urls {
+            let text = metrics_page(&self.client, url).await?;
+            let sample = parse_vllm(&text).map_err(|e| anyhow::anyhow!("{url}/metrics: {e}"))?;
+            out.push(sample.capacity_tokens.ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{url}/metrics has no vllm:cache_config_info with num_gpu_blocks and \
+                     block_size: the study's capacity bound needs each engine's KV capacity"
+                )
+            })?);
+        }
+        Ok(out)
+    }
+
     /// Cold start under `policy` and runtime `values`: every engine's prefix cache reset, then one
     /// runtime update that forgets the router's directory (a new `kvroute.directory_epoch`) and sets
     /// the policy and values. Envoy applies one update as one snapshot and the singleton publishes

@@ -28,6 +28,8 @@ pub struct Meta {
     pub mode: String,
     /// Engine profile.
     pub profile: String,
+    /// The smallest KV cache of the live engines, tokens (`vllm:cache_config_info`).
+    pub kv_tokens_per_engine: u64,
     /// Emulated time per wall time.
     pub time_scale: f64,
     /// Engines.
@@ -310,12 +312,12 @@ pub fn write(
     };
     let _ = write!(
         h,
-        "<p>{} emulated engines (profile <code>{}</code>, emulated time x{}) behind Envoy {} with kvroute {} and the sidecar. \
+        "<p>{} emulated engines (profile <code>{}</code>, a KV cache of {} tokens each, emulated time x{}) behind Envoy {} with kvroute {} and the sidecar. \
          Each run starts cold (engine caches reset, directory forgotten), sets its policy through Envoy runtime values, warms up where the plan asks, \
          and measures; {} repeats with seeds 1..{}{fewer}; values are mean <small>[min, max]</small>. Hit rate: the engines' \
          <code>prefix_cache_hits / prefix_cache_queries</code> deltas. Times are emulated ms. Sustainable rate (1x): {:.2} sessions/s, \
          the highest probed rate with P95 TTFT &le; {} ms under {search_policy} (doubling, then bisection; a probe within 10% of the objective is repeated with a second seed, and the mean of the two decides).{probes} {sizing} Study wall time {:.0} s.</p>",
-        meta.engines, meta.profile, meta.time_scale, meta.envoy, meta.kvroute, meta.repeats, meta.repeats, meta.sustainable_rate, meta.slo_ms, meta.wall_s
+        meta.engines, meta.profile, meta.kv_tokens_per_engine, meta.time_scale, meta.envoy, meta.kvroute, meta.repeats, meta.repeats, meta.sustainable_rate, meta.slo_ms, meta.wall_s
     );
     if let Some(c) = calibration {
         calibration::section(&mut h, &figs, c);
