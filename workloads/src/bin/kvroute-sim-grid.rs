@@ -69,8 +69,9 @@ struct Args {
     /// need a large KV cache).
     #[arg(long, default_value = "h100-llama3.1-8b")]
     mooncake_profile: String,
-    /// The engines' `--gpu-memory-utilization` (default: the profile's), which sets their KV
-    /// capacity as vLLM does: what the cells look like with more or less KV cache per engine.
+    /// The `--profile` engines' `--gpu-memory-utilization` (default: the profile's), which sets
+    /// their KV capacity as vLLM does: what the cells look like with more or less KV cache per
+    /// engine. The `mooncake` cells keep their own profile's.
     #[arg(long)]
     gpu_memory_utilization: Option<f64>,
     /// TTFT objective, ms (SLO attainment and the knee search).
@@ -178,8 +179,7 @@ fn main() -> anyhow::Result<()> {
         })
         .collect::<anyhow::Result<_>>()?;
     let engine = simulated::engine_config_at(&a.profile, a.gpu_memory_utilization)?;
-    let mooncake_engine =
-        simulated::engine_config_at(&a.mooncake_profile, a.gpu_memory_utilization)?;
+    let mooncake_engine = simulated::engine_config(&a.mooncake_profile)?;
     let base_on = |n: usize, workload: &str| SimConfig {
         record_itl: false,
         ..SimConfig::new(
