@@ -204,6 +204,36 @@ impl Profile {
         (kv / per_block).floor().max(0.0) as u32
     }
 
+    /// Refuses a `--gpu-memory-utilization` outside (0, 1].
+    pub fn check_utilization(gpu_memory_utilization: f64) -> Result<(), String> {
+        let u = gpu_memory_utilization;
+        if u > 0.0 && u <= 1.0 {
+            Ok(())
+        } else {
+            Err(format!(
+                "--gpu-memory-utilization {u}: want a share in (0, 1]"
+            ))
+        }
+    }
+
+    /// [`Profile::num_gpu_blocks`] for a `--gpu-memory-utilization` given by a user: refused
+    /// outside (0, 1], or where the weights leave no memory for the KV cache.
+    pub fn kv_blocks_at(
+        &self,
+        gpu_memory_utilization: f64,
+        block_size: u32,
+    ) -> Result<u32, String> {
+        Self::check_utilization(gpu_memory_utilization)?;
+        match self.num_gpu_blocks(gpu_memory_utilization, block_size) {
+            0 => Err(format!(
+                "--gpu-memory-utilization {gpu_memory_utilization}: profile {} leaves no memory \
+                 for the KV cache",
+                self.name
+            )),
+            n => Ok(n),
+        }
+    }
+
     /// Every built-in profile.
     pub fn builtin() -> Vec<Profile> {
         vec![seed_rig(), h100_llama31_8b(), a100_llama2_13b()]

@@ -89,21 +89,19 @@ async fn main() -> anyhow::Result<()> {
     let util = args
         .gpu_memory_utilization
         .unwrap_or(profile.default_gpu_memory_utilization);
-    if !(0.0..=1.0).contains(&util) || util == 0.0 {
-        anyhow::bail!("--gpu-memory-utilization must be in (0, 1], got {util}");
-    }
     if args.time_scale <= 0.0 || !args.time_scale.is_finite() {
         anyhow::bail!("--time-scale must be positive");
     }
-    let blocks = args
-        .num_gpu_blocks_override
-        .unwrap_or_else(|| profile.num_gpu_blocks(util, args.block_size));
-    if blocks == 0 {
-        anyhow::bail!(
-            "no room for KV cache blocks at --gpu-memory-utilization {util} on profile {}",
-            profile.name
-        );
-    }
+    let blocks = match args.num_gpu_blocks_override {
+        Some(0) => anyhow::bail!("--num-gpu-blocks-override 0: want at least one block"),
+        Some(n) => {
+            Profile::check_utilization(util).map_err(anyhow::Error::msg)?;
+            n
+        }
+        None => profile
+            .kv_blocks_at(util, args.block_size)
+            .map_err(anyhow::Error::msg)?,
+    };
     let model = args.model.clone().unwrap_or_else(|| profile.model.clone());
     let cfg = ServerConfig {
         served_model_name: args

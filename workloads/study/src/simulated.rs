@@ -233,16 +233,9 @@ pub fn engine_config_at(
     let p = kvroute_emulator::profile::Profile::load(profile).map_err(anyhow::Error::msg)?;
     let mut cfg = kvroute_emulator::engine::EngineConfig::vllm_defaults(&p);
     if let Some(u) = gpu_memory_utilization {
-        anyhow::ensure!(
-            u > 0.0 && u <= 1.0,
-            "--gpu-memory-utilization {u}: want a share in (0, 1]"
-        );
-        cfg.num_gpu_blocks = p.num_gpu_blocks(u, cfg.block_size);
-        anyhow::ensure!(
-            cfg.num_gpu_blocks > 0,
-            "--gpu-memory-utilization {u}: profile {} leaves no memory for the KV cache",
-            p.name
-        );
+        cfg.num_gpu_blocks = p
+            .kv_blocks_at(u, cfg.block_size)
+            .map_err(anyhow::Error::msg)?;
     }
     Ok(cfg)
 }
