@@ -297,18 +297,27 @@ impl Load {
         })
     }
 
-    /// `n` [`streaming_client`]s; client `c` sends to `urls[c % urls.len()]`.
+    /// `n` [`chat_client`]s streaming their answers; client `c` sends to `urls[c % urls.len()]`.
     pub fn streaming(urls: &[String], model: &str, max_tokens: u32, n: usize) -> Load {
+        Self::chats(urls, model, max_tokens, n, true)
+    }
+
+    /// `n` [`chat_client`]s asking for whole (not streamed) answers; client `c` sends to
+    /// `urls[c % urls.len()]`.
+    pub fn whole(urls: &[String], model: &str, max_tokens: u32, n: usize) -> Load {
+        Self::chats(urls, model, max_tokens, n, false)
+    }
+
+    fn chats(urls: &[String], model: &str, max_tokens: u32, n: usize, stream: bool) -> Load {
         Self::spawn(n, |c, stop, tally| {
             let url = urls[c % urls.len()].clone();
-            tokio::spawn(streaming_client(
+            let chat = ChatLoad {
                 url,
-                model.to_owned(),
+                model: model.to_owned(),
                 max_tokens,
-                stop,
-                tally,
-                c,
-            ))
+                stream,
+            };
+            tokio::spawn(chat_client(chat, stop, tally, c))
         })
     }
 
@@ -353,17 +362,24 @@ pub async fn echo_client(s: Arc<Stack>, stop: Arc<AtomicBool>, tally: Arc<Tally>
     }
 }
 
-/// One client streaming chats through Envoy (`url`) to emulated engines one after another until
-/// `stop`. A request completes when it gets a 200 and its stream ends with `data: [DONE]`; its
-/// endpoint is the filter's `x-kvroute-endpoint`.
-pub async fn streaming_client(
-    url: String,
-    model: String,
-    max_tokens: u32,
-    stop: Arc<AtomicBool>,
-    tally: Arc<Tally>,
-    c: usize,
-) {
+/// What a [`chat_client`] sends: chats of `max_tokens` to `url` (Envoy), streamed or not.
+#[derive(Debug, Clone)]
+pub struct ChatLoad {
+    /// Envoy's chat completions URL.
+    pub url: String,
+    /// The served model.
+    pub model: String,
+    /// Tokens each answer generates.
+    pub max_tokens: u32,
+    /// Stream the answers (SSE) or ask for them whole.
+    pub stream: bool,
+}
+
+/// One client sending chats through Envoy to emulated engines one after another until `stop`. A
+/// request completes when it gets a 200 and, streamed, its stream ends with `data: [DONE]`, or,
+/// whole, its body is a completion with a choice; its endpoint is the filter's
+/// `x-kvroute-endpoint`.
+pub async fn chat_client(chat: ChatLoad, stop: Arc<AtomicBool>, tally: Arc<Tally>, c: usize) {
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
         .build()
@@ -372,13 +388,13 @@ pub async fn streaming_client(
     while !stop.load(Ordering::SeqCst) && i < 20_000 {
         i += 1;
         let body = serde_json::json!({
-            "model": model,
+            "model": chat.model,
             "messages": [{"role": "user", "content": format!("client {c} request {i}: a new prompt")}],
-            "max_tokens": max_tokens,
-            "stream": true,
+            "max_tokens": chat.max_tokens,
+            "stream": chat.stream,
         });
         tally.in_flight.fetch_add(1, Ordering::SeqCst);
-        let (ok, endpoint) = match http.post(&url).json(&body).send().await {
+        let (ok, endpoint) = match http.post(&chat.url).json(&body).send().await {
             Ok(r) => {
                 let endpoint = r
                     .headers()
@@ -386,30 +402,37 @@ pub async fn streaming_client(
                     .and_then(|v| v.to_str().ok())
                     .map(str::to_string);
                 let status = r.status().as_u16();
-                let mut stream = r.bytes_stream();
-                let mut tail = Vec::new();
-                let mut cut = false;
-                while let Some(chunk) = stream.next().await {
-                    match chunk {
-                        Ok(b) => {
-                            tail.extend_from_slice(&b);
-                            let keep = tail.len().saturating_sub(64);
-                            tail.drain(..keep);
-                        }
-                        Err(_) => {
-                            cut = true;
-                            break;
-                        }
-                    }
-                }
-                let done = String::from_utf8_lossy(&tail).contains("data: [DONE]");
-                (status == 200 && done && !cut, endpoint)
+                let complete = if chat.stream {
+                    stream_ends_done(r).await
+                } else {
+                    r.json::<serde_json::Value>()
+                        .await
+                        .is_ok_and(|v| v["choices"][0]["message"]["content"].is_string())
+                };
+                (status == 200 && complete, endpoint)
             }
             Err(_) => (false, None),
         };
         tally.in_flight.fetch_sub(1, Ordering::SeqCst);
         tally.count(ok, endpoint.as_deref());
     }
+}
+
+/// Reads an SSE response to its end: true when it was not cut and ends with `data: [DONE]`.
+async fn stream_ends_done(r: reqwest::Response) -> bool {
+    let mut stream = r.bytes_stream();
+    let mut tail = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        match chunk {
+            Ok(b) => {
+                tail.extend_from_slice(&b);
+                let keep = tail.len().saturating_sub(64);
+                tail.drain(..keep);
+            }
+            Err(_) => return false,
+        }
+    }
+    String::from_utf8_lossy(&tail).contains("data: [DONE]")
 }
 
 /// The model an engine serves, as a client reads it from `/v1/models`.

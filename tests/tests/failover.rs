@@ -4,7 +4,8 @@
 //! refuses the connection is retried once on the fallback host the filter names (Envoy's
 //! override_host policy), the refusing engine is marked down for the policies at once, and it
 //! takes traffic again when it comes back: whether it stops gracefully or its process is killed
-//! mid-stream.
+//! mid-stream. A killed engine's whole (not streamed) answers are retried too: only the streams it
+//! had begun are lost.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -123,6 +124,43 @@ async fn an_engine_process_killed_mid_stream_loses_only_what_it_held() {
     println!("restarted: engine0 completed {} requests", a2 - a1);
     assert!(a2 > a1 + 10, "engine0 serves again");
     assert_eq!(failed2, failed1, "nothing failed after the kill settled");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_process_killed_mid_answer_loses_no_whole_answer() {
+    // Whole (not streamed) answers of 48 tokens, about 100 ms each at four times real time: an
+    // engine sends nothing of one before it is complete, so a SIGKILL cuts its connection before
+    // any response byte, and Envoy's retry sends the request again, to the fallback host the
+    // filter named.
+    let (engines, envoy, model) = emulated_stack(|_| {}).await;
+    let load = Load::whole(&[envoy.url("/v1/chat/completions")], &model, 48, 4);
+    let tally = load.tally.clone();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let (sent0, failed0, a0, b0) = tally.get();
+    assert!(a0 > 0 && b0 > 0 && failed0 == 0, "{:?}", tally.get());
+
+    let in_flight_at_kill = tally.in_flight.load(Ordering::SeqCst);
+    let mut engines = engines;
+    engines[0].kill().await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (sent1, failed1, a1, b1) = load.stop().await;
+    let retried = envoy
+        .stat("kvroute_retried_total.endpoint.engine0")
+        .await
+        .unwrap();
+    println!(
+        "SIGKILL mid-answer: {} requests since, {failed1} failed, {in_flight_at_kill} in flight \
+         (both engines) at the kill; engine0 completed {} more, engine1 {}; {retried} retried",
+        sent1 - sent0,
+        a1 - a0,
+        b1 - b0
+    );
+    assert!(sent1 - sent0 > 20, "the load went on");
+    assert_eq!(
+        failed1, 0,
+        "no whole answer was lost: each cut one was retried"
+    );
+    assert!(retried >= 1, "requests cut by the kill were retried");
 }
 
 const EMULATED_PROFILE: &str = "rtx5080-llama3.2-3b";
