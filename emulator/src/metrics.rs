@@ -8,11 +8,36 @@ use prometheus::{
 
 use crate::engine::{EngineConfig, EngineStats, Observation};
 
-/// `request_tokens_buckets`
-pub const TOKEN_BUCKETS: [f64; 16] = [
-    1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0, 20000.0,
-    50000.0, 100000.0,
+/// `request_tokens_buckets`: vLLM's `build_1_2_5_buckets(max_model_len)`, 1, 2, 5, 10, 20, ... up
+/// to the context length (1 to 100,000 for a 131,072-token model, as the sample page shows).
+pub fn token_buckets(max_model_len: u32) -> Vec<f64> {
+    let mut out = Vec::new();
+    let mut scale = 1u64;
+    loop {
+        for m in [1u64, 2, 5] {
+            let v = m * scale;
+            if v > u64::from(max_model_len) {
+                return out;
+            }
+            out.push(v as f64);
+        }
+        scale *= 10;
+    }
+}
+/// `request_params_n`
+pub const N_BUCKETS: [f64; 5] = [1.0, 2.0, 5.0, 10.0, 20.0];
+/// `kv_cache_residency_buckets`, seconds.
+pub const RESIDENCY_BUCKETS: [f64; 21] = [
+    0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0,
+    120.0, 300.0, 600.0, 1200.0, 1800.0,
 ];
+/// `num_requests_waiting_by_reason`'s reasons: waiting for KV blocks or the step's token budget
+/// (`capacity`, every waiting request here), or for something else first, such as KV from a
+/// remote engine (`deferred`, none here).
+const WAITING_REASONS: [&str; 2] = ["capacity", "deferred"];
+/// `prompt_tokens_by_source`'s sources: computed here, hit in the local prefix cache, or moved
+/// from another engine by a KV connector (none here).
+const PROMPT_SOURCES: [&str; 3] = ["local_compute", "local_cache_hit", "external_kv_transfer"];
 /// `time_to_first_token_buckets`
 pub const TTFT_BUCKETS: [f64; 22] = [
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -63,11 +88,21 @@ pub struct Metrics {
     decode_time: HistogramVec,
     inference_time: HistogramVec,
     tpot: HistogramVec,
+    waiting_by_reason: GaugeVec,
+    prompt_by_source: CounterVec,
+    max_generation: HistogramVec,
+    params_n: HistogramVec,
+    params_max_tokens: HistogramVec,
+    /// Lifetime, idle before eviction and reuse gap of sampled KV blocks, with
+    /// `--kv-cache-metrics` ([`Metrics::with_kv_cache_metrics`]).
+    residency: Option<[HistogramVec; 3]>,
     last: std::sync::Mutex<EngineStats>,
 }
 
-fn gauge(r: &Registry, name: &str, help: &str) -> prometheus::Result<GaugeVec> {
-    let g = GaugeVec::new(Opts::new(name, help), &LABELS)?;
+fn gauge(r: &Registry, name: &str, help: &str, extra: &[&str]) -> prometheus::Result<GaugeVec> {
+    let mut labels = LABELS.to_vec();
+    labels.extend_from_slice(extra);
+    let g = GaugeVec::new(Opts::new(name, help), &labels)?;
     r.register(Box::new(g.clone()))?;
     Ok(g)
 }
@@ -102,21 +137,25 @@ impl Metrics {
         gpu_memory_utilization: f64,
     ) -> prometheus::Result<Self> {
         let r = Registry::new();
+        let tokens = token_buckets(cfg.max_model_len);
         let m = Self {
             running: gauge(
                 &r,
                 "vllm:num_requests_running",
                 "Number of requests in model execution batches.",
+                &[],
             )?,
             waiting: gauge(
                 &r,
                 "vllm:num_requests_waiting",
                 "Number of requests waiting to be processed.",
+                &[],
             )?,
             kv_usage: gauge(
                 &r,
                 "vllm:kv_cache_usage_perc",
                 "KV-cache usage. 1 means 100 percent usage.",
+                &[],
             )?,
             queries: counter(
                 &r,
@@ -182,19 +221,19 @@ impl Metrics {
                 &r,
                 "vllm:request_prefill_kv_computed_tokens",
                 "Histogram of new KV tokens computed during prefill (excluding cached tokens).",
-                &TOKEN_BUCKETS,
+                &tokens,
             )?,
             prompt_hist: histogram(
                 &r,
                 "vllm:request_prompt_tokens",
                 "Number of prefill tokens processed.",
-                &TOKEN_BUCKETS,
+                &tokens,
             )?,
             generation_hist: histogram(
                 &r,
                 "vllm:request_generation_tokens",
                 "Number of generation tokens processed.",
-                &TOKEN_BUCKETS,
+                &tokens,
             )?,
             iteration: histogram(
                 &r,
@@ -232,6 +271,37 @@ impl Metrics {
                 "Histogram of time_per_output_token_seconds per request.",
                 &ITL_BUCKETS,
             )?,
+            waiting_by_reason: gauge(
+                &r,
+                "vllm:num_requests_waiting_by_reason",
+                "Number of requests waiting, by the reason they wait.",
+                &["reason"],
+            )?,
+            prompt_by_source: counter(
+                &r,
+                "vllm:prompt_tokens_by_source_total",
+                "Number of prompt tokens by source.",
+                &["source"],
+            )?,
+            max_generation: histogram(
+                &r,
+                "vllm:request_max_num_generation_tokens",
+                "Histogram of maximum number of requested generation tokens.",
+                &tokens,
+            )?,
+            params_n: histogram(
+                &r,
+                "vllm:request_params_n",
+                "Histogram of the n request parameter.",
+                &N_BUCKETS,
+            )?,
+            params_max_tokens: histogram(
+                &r,
+                "vllm:request_params_max_tokens",
+                "Histogram of the max_tokens request parameter.",
+                &tokens,
+            )?,
+            residency: None,
             labels: [model_name.to_string(), "0".to_string()],
             last: std::sync::Mutex::new(EngineStats::default()),
             registry: r,
@@ -282,6 +352,16 @@ impl Metrics {
         for g in [&m.running, &m.waiting, &m.kv_usage] {
             g.with_label_values(&l).set(0.0);
         }
+        for reason in WAITING_REASONS {
+            m.waiting_by_reason
+                .with_label_values(&[l[0], l[1], reason])
+                .set(0.0);
+        }
+        for source in PROMPT_SOURCES {
+            m.prompt_by_source
+                .with_label_values(&[l[0], l[1], source])
+                .inc_by(0.0);
+        }
         for c in [
             &m.queries,
             &m.hits,
@@ -305,10 +385,45 @@ impl Metrics {
             &m.decode_time,
             &m.inference_time,
             &m.tpot,
+            &m.max_generation,
+            &m.params_n,
+            &m.params_max_tokens,
         ] {
             let _ = h.with_label_values(&l);
         }
         Ok(m)
+    }
+
+    /// Adds vLLM's KV cache residency families (`--kv-cache-metrics`): the engine must follow
+    /// block residency ([`crate::engine::Engine::track_block_residency`]) for them to count.
+    pub fn with_kv_cache_metrics(mut self) -> prometheus::Result<Self> {
+        let h = |name: &str, help: &str| {
+            let h = histogram(&self.registry, name, help, &RESIDENCY_BUCKETS)?;
+            let _ = h.with_label_values(&self.l());
+            Ok::<_, prometheus::Error>(h)
+        };
+        let sampled = "Sampled metrics (controlled by --kv-cache-metrics-sample).";
+        let families = [
+            h(
+                "vllm:kv_block_lifetime_seconds",
+                &format!(
+                    "Histogram of KV cache block lifetime from allocation to eviction. {sampled}"
+                ),
+            )?,
+            h(
+                "vllm:kv_block_idle_before_evict_seconds",
+                &format!("Histogram of idle time before KV cache block eviction. {sampled}"),
+            )?,
+            h(
+                "vllm:kv_block_reuse_gap_seconds",
+                &format!(
+                    "Histogram of time gaps between consecutive KV cache block accesses. Only \
+                     the most recent accesses are recorded (ring buffer). {sampled}"
+                ),
+            )?,
+        ];
+        self.residency = Some(families);
+        Ok(self)
     }
 
     fn l(&self) -> [&str; 2] {
@@ -346,10 +461,27 @@ impl Metrics {
                 // vLLM's `request_num_preemptions` buckets are not in the reference file; the
                 // total is `num_preemptions_total`.
                 Observation::RequestPreemptions(_) => {}
+                Observation::MaxGenerationTokens(n) => self
+                    .max_generation
+                    .with_label_values(&l)
+                    .observe(f64::from(n)),
+                Observation::ParamsN(n) => {
+                    self.params_n.with_label_values(&l).observe(f64::from(n))
+                }
+                Observation::ParamsMaxTokens(n) => self
+                    .params_max_tokens
+                    .with_label_values(&l)
+                    .observe(f64::from(n)),
+                Observation::BlockLifetime(s) => self.residency(0, s),
+                Observation::BlockIdleBeforeEvict(s) => self.residency(1, s),
+                Observation::BlockReuseGap(s) => self.residency(2, s),
             }
         }
         self.running.with_label_values(&l).set(stats.running as f64);
         self.waiting.with_label_values(&l).set(stats.waiting as f64);
+        self.waiting_by_reason
+            .with_label_values(&[l[0], l[1], WAITING_REASONS[0]])
+            .set(stats.waiting as f64);
         self.kv_usage.with_label_values(&l).set(stats.kv_usage);
         let Ok(mut last) = self.last.lock() else {
             return;
@@ -373,6 +505,15 @@ impl Metrics {
         self.prompt_cached
             .with_label_values(&l)
             .inc_by(d(stats.prompt_tokens_cached, last.prompt_tokens_cached));
+        // Every cached prompt token here is a local hit: `prompt_tokens_cached_total` is the
+        // local_cache_hit source, and the rest of `prompt_tokens_total` was computed.
+        let hit = d(stats.prompt_tokens_cached, last.prompt_tokens_cached);
+        self.prompt_by_source
+            .with_label_values(&[l[0], l[1], PROMPT_SOURCES[1]])
+            .inc_by(hit);
+        self.prompt_by_source
+            .with_label_values(&[l[0], l[1], PROMPT_SOURCES[0]])
+            .inc_by((d(stats.prompt_tokens, last.prompt_tokens) - hit).max(0.0));
         for (i, reason) in ["stop", "length", "abort"].iter().enumerate() {
             let (new, old) = (
                 stats.finished.get(i).copied().unwrap_or(0),
@@ -383,6 +524,14 @@ impl Metrics {
                 .inc_by(d(new, old));
         }
         *last = stats.clone();
+    }
+
+    /// Observes `seconds` in residency family `i` (lifetime, idle before eviction, reuse gap),
+    /// where those families are exported.
+    fn residency(&self, i: usize, seconds: f64) {
+        if let Some(h) = self.residency.as_ref().and_then(|r| r.get(i)) {
+            h.with_label_values(&self.l()).observe(seconds);
+        }
     }
 
     /// The `/metrics` page.

@@ -48,6 +48,9 @@ pub struct ServerConfig {
     pub gpu_memory_utilization: f64,
     /// Where the engine's KV cache events go (`--kv-events-config`), if published.
     pub kv_events: Option<KvEventSink>,
+    /// The share of KV block allocations whose residency is reported (`--kv-cache-metrics` with
+    /// `--kv-cache-metrics-sample`), if reported.
+    pub kv_cache_metrics_sample: Option<f64>,
 }
 
 enum Command {
@@ -107,14 +110,21 @@ fn unix_now() -> u64 {
 
 /// Starts the engine loop and returns the router.
 pub fn start(cfg: ServerConfig) -> anyhow::Result<(Router, AppState)> {
-    let metrics = Arc::new(Metrics::new(
+    let mut metrics = Metrics::new(
         &cfg.served_model_name,
         &cfg.engine,
         cfg.gpu_memory_utilization,
-    )?);
+    )?;
     let (tx, rx) = mpsc::unbounded_channel();
     let timing = Arc::new(DriverTiming::default());
     let mut engine = Engine::new(cfg.engine.clone());
+    if let Some(sample) = cfg.kv_cache_metrics_sample {
+        engine
+            .track_block_residency(sample)
+            .map_err(anyhow::Error::msg)?;
+        metrics = metrics.with_kv_cache_metrics()?;
+    }
+    let metrics = Arc::new(metrics);
     let kv = cfg.kv_events.clone();
     if kv.is_some() {
         engine.record_kv_events();

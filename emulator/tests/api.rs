@@ -34,12 +34,18 @@ fn engine_cfg(blocks: u32, latency: LatencyModel) -> EngineConfig {
 }
 
 async fn serve(engine: EngineConfig, time_scale: f64) -> String {
+    serve_with(engine, time_scale, None).await
+}
+
+/// [`serve`], with `--kv-cache-metrics` at this sample rate where given.
+async fn serve_with(engine: EngineConfig, time_scale: f64, kv_metrics: Option<f64>) -> String {
     let cfg = ServerConfig {
         served_model_name: MODEL.into(),
         engine,
         time_scale,
         gpu_memory_utilization: 0.45,
         kv_events: None,
+        kv_cache_metrics_sample: kv_metrics,
     };
     let (app, _) = start(cfg).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -184,6 +190,11 @@ async fn metrics_page_has_vllm_families_types_and_labels() {
         ("vllm:e2e_request_latency_seconds", "histogram"),
         ("vllm:request_prefill_kv_computed_tokens", "histogram"),
         ("vllm:cache_config_info", "gauge"),
+        ("vllm:num_requests_waiting_by_reason", "gauge"),
+        ("vllm:prompt_tokens_by_source_total", "counter"),
+        ("vllm:request_max_num_generation_tokens", "histogram"),
+        ("vllm:request_params_n", "histogram"),
+        ("vllm:request_params_max_tokens", "histogram"),
     ];
     for (name, kind) in want {
         assert!(
@@ -226,6 +237,143 @@ async fn metrics_page_has_vllm_families_types_and_labels() {
         .filter(|x| x.is_finite())
         .collect();
     assert_eq!(les, kvroute_emulator::metrics::TTFT_BUCKETS.to_vec());
+}
+
+/// The value of the series `name{...label="value"...}` on a page.
+fn labelled(text: &str, name: &str, label: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
+        .and_then(|l| l.rsplit_once(' '))
+        .map(|(_, v)| v.parse().unwrap())
+        .unwrap_or_else(|| panic!("no {name} with {label}"))
+}
+
+#[tokio::test]
+async fn prompt_tokens_by_source_split_the_prompt_tokens_into_computed_and_hit() {
+    let base = fast().await;
+    let p = tokens(160, 9);
+    for _ in 0..2 {
+        post(
+            &base,
+            "/v1/completions",
+            json!({"prompt": p, "max_tokens": 2}),
+        )
+        .await;
+    }
+    let (m, text) = scrape(&base).await;
+    let src = |s: &str| {
+        labelled(
+            &text,
+            "vllm:prompt_tokens_by_source_total",
+            &format!("source=\"{s}\""),
+        )
+    };
+    // 320 prompt tokens, the second request's 144 (9 full blocks) from the cache.
+    assert_eq!(src("local_cache_hit"), 144.0);
+    assert_eq!(src("local_compute"), 176.0);
+    assert_eq!(src("external_kv_transfer"), 0.0);
+    assert_eq!(
+        src("local_cache_hit") + src("local_compute"),
+        m["vllm:prompt_tokens_total"]
+    );
+    for reason in ["capacity", "deferred"] {
+        let r = format!("reason=\"{reason}\"");
+        assert_eq!(
+            labelled(&text, "vllm:num_requests_waiting_by_reason", &r),
+            0.0
+        );
+    }
+    // Two requests of n = 1 and max_tokens 2.
+    assert_eq!(m["vllm:request_params_n_count"], 2.0);
+    assert_eq!(m["vllm:request_params_max_tokens_sum"], 4.0);
+    assert_eq!(m["vllm:request_max_num_generation_tokens_sum"], 4.0);
+}
+
+/// Every family of vLLM's reference list is on the page (with `--kv-cache-metrics`), but for those
+/// of features the emulator does not have, each named with its reason.
+#[tokio::test]
+async fn every_reference_family_is_exported_but_those_of_features_the_emulator_lacks() {
+    let missing_by_design = [
+        // A KV connector moving KV between engines (disaggregated prefill, offloading).
+        "vllm:num_requests_kv_fetch_by_stage",
+        "vllm:external_prefix_cache_queries_total",
+        "vllm:external_prefix_cache_hits_total",
+        // Its source values differ between vLLM versions (device, host, p2p, disk, ...).
+        "vllm:prompt_tokens_cached_by_source_total",
+        // Sleep mode, multimodal inputs, LoRA adapters, NaN checks of the logits.
+        "vllm:engine_sleep_state",
+        "vllm:mm_cache_queries_total",
+        "vllm:mm_cache_hits_total",
+        "vllm:lora_requests_info",
+        "vllm:corrupted_requests_total",
+        // Its buckets (`request_num_preemptions_buckets`) are not in the reference list; the
+        // total is `num_preemptions_total`.
+        "vllm:request_num_preemptions",
+        // Limits on the waiting queue and a KV watermark for admission: the emulator's queue is
+        // unbounded and admits on free blocks alone, as vLLM does by default.
+        "vllm:admission_rejections_total",
+        "vllm:watermark_requests_total",
+    ];
+    let reference: Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../shared/reference/vllm_0.33_metric_families.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let mut engine = engine_cfg(64, seed_rig().latency);
+    engine.max_model_len = 4096;
+    let base = serve_with(engine, 100.0, Some(1.0)).await;
+    post(
+        &base,
+        "/v1/completions",
+        json!({"prompt": tokens(40, 4), "max_tokens": 2}),
+    )
+    .await;
+    let (_, text) = scrape(&base).await;
+    let mut absent = Vec::new();
+    for f in reference["metrics"].as_array().unwrap() {
+        let name = f["exposed_as"].as_str().unwrap();
+        let kind = f["type"].as_str().unwrap();
+        // The page names a counter's family with its `_total`, as prometheus_client does.
+        if !text.contains(&format!("# TYPE {name} {kind}\n")) {
+            absent.push(name.to_string());
+        }
+    }
+    absent.sort();
+    let mut want: Vec<String> = missing_by_design.iter().map(|s| s.to_string()).collect();
+    want.sort();
+    assert_eq!(absent, want);
+}
+
+#[tokio::test]
+async fn kv_cache_metrics_report_how_long_evicted_blocks_lived_and_idled() {
+    // 64 blocks, every allocation followed: distinct prompts of 40 blocks evict each other's.
+    let base = serve_with(engine_cfg(64, seed_rig().latency), 100.0, Some(1.0)).await;
+    for salt in 0..4 {
+        post(
+            &base,
+            "/v1/completions",
+            json!({"prompt": tokens(640, 100 + salt), "max_tokens": 2}),
+        )
+        .await;
+    }
+    let (m, text) = scrape(&base).await;
+    let lived = m["vllm:kv_block_lifetime_seconds_count"];
+    assert!(lived >= 40.0, "{lived} evictions observed");
+    assert_eq!(m["vllm:kv_block_idle_before_evict_seconds_count"], lived);
+    assert!(
+        m["vllm:kv_block_idle_before_evict_seconds_sum"] <= m["vllm:kv_block_lifetime_seconds_sum"]
+    );
+    let les = text
+        .lines()
+        .filter(|l| l.starts_with("vllm:kv_block_lifetime_seconds_bucket{"))
+        .count();
+    assert_eq!(les, 22, "vLLM's 21 residency buckets and +Inf");
+    // Without the flag the families are not on the page, as in vLLM.
+    let (_, plain) = scrape(&fast().await).await;
+    assert!(!plain.contains("vllm:kv_block_lifetime_seconds"));
 }
 
 fn assert_openai_error(r: &(u16, Value), status: u16, kind: &str, needle: &str) {

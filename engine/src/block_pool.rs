@@ -13,6 +13,8 @@ use std::hash::{BuildHasherDefault, Hasher};
 
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
+use crate::residency::{BlockEviction, Residency};
+
 /// Index of a block.
 pub type BlockId = u32;
 
@@ -86,6 +88,10 @@ pub struct BlockPool {
     /// Hashes of the cached blocks evicted since the last [`BlockPool::take_evicted`], when
     /// recorded ([`BlockPool::record_evictions`]: for vLLM's KV cache events).
     evicted: Option<Vec<u64>>,
+    /// The residency of a sample of blocks, when followed ([`BlockPool::track_residency`]).
+    residency: Option<Residency>,
+    /// The engine's time, for residency ([`BlockPool::set_clock`]).
+    clock: f64,
 }
 
 impl BlockPool {
@@ -100,6 +106,8 @@ impl BlockPool {
             caching: enable_caching,
             evictions: 0,
             evicted: None,
+            residency: None,
+            clock: 0.0,
         };
         for i in 0..n {
             p.blocks.push(Block {
@@ -117,6 +125,26 @@ impl BlockPool {
     /// Records the hash of every cached block evicted from now on, for [`BlockPool::take_evicted`].
     pub fn record_evictions(&mut self) {
         self.evicted.get_or_insert_with(Vec::new);
+    }
+
+    /// Follows the residency of a `sample` share of block allocations from now on, as vLLM's
+    /// `--kv-cache-metrics` ([`crate::residency`]); an error for a share outside (0, 1].
+    pub fn track_residency(&mut self, sample: f64) -> Result<(), String> {
+        self.residency = Some(Residency::new(sample)?);
+        Ok(())
+    }
+
+    /// The time of the allocations and hits that follow (the engine's step start), seconds.
+    pub fn set_clock(&mut self, now: f64) {
+        self.clock = now;
+    }
+
+    /// The sampled blocks evicted since the last call (empty unless followed).
+    pub fn take_residency(&mut self) -> Vec<BlockEviction> {
+        self.residency
+            .as_mut()
+            .map(Residency::take)
+            .unwrap_or_default()
     }
 
     /// The hashes of the cached blocks evicted since the last call, in eviction order (empty unless
@@ -227,6 +255,9 @@ impl BlockPool {
             if let Some(b) = self.blocks.get_mut(*id as usize) {
                 b.ref_cnt += 1;
             }
+            if let Some(r) = self.residency.as_mut() {
+                r.accessed(*id, self.clock);
+            }
         }
     }
 
@@ -251,6 +282,9 @@ impl BlockPool {
             }
             if let Some(b) = self.blocks.get_mut(id as usize) {
                 b.ref_cnt = 1;
+            }
+            if let Some(r) = self.residency.as_mut() {
+                r.reallocated(id, self.clock);
             }
             out.push(id);
         }
@@ -300,6 +334,9 @@ impl BlockPool {
         self.cached.clear();
         for b in &mut self.blocks {
             b.hash = None;
+        }
+        if let Some(r) = self.residency.as_mut() {
+            r.reset();
         }
         true
     }

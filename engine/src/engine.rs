@@ -148,6 +148,21 @@ pub enum Observation {
     TimePerOutputToken(f64),
     /// `request_num_preemptions`: times the request was preempted.
     RequestPreemptions(u32),
+    /// `request_max_num_generation_tokens`: the most tokens any of a request's sequences
+    /// generated (its only one: the emulator samples one sequence a request).
+    MaxGenerationTokens(u32),
+    /// `request_params_n`: the request's `n` (1: one sequence a request).
+    ParamsN(u32),
+    /// `request_params_max_tokens`: the request's `max_tokens` (vLLM's server fills in the
+    /// context's room where a client sets none, so every request has one).
+    ParamsMaxTokens(u32),
+    /// `kv_block_lifetime_seconds`: a sampled block's allocation to its eviction (with
+    /// [`Engine::track_block_residency`]).
+    BlockLifetime(f64),
+    /// `kv_block_idle_before_evict_seconds`: a sampled block's last access to its eviction.
+    BlockIdleBeforeEvict(f64),
+    /// `kv_block_reuse_gap_seconds`: between two consecutive accesses of a sampled block.
+    BlockReuseGap(f64),
 }
 
 /// Cumulative counters and current gauges.
@@ -196,6 +211,7 @@ pub struct StepOutcome {
 #[derive(Debug)]
 struct Req {
     prompt_len: usize,
+    max_tokens: u32,
     tokens: Vec<u32>,
     hashes: Vec<u64>,
     target: u32,
@@ -345,6 +361,13 @@ impl Engine {
         }
     }
 
+    /// Follows the residency of a `sample` share of KV block allocations from now on and reports
+    /// each sampled block's eviction in the step's observations, as vLLM's `--kv-cache-metrics`
+    /// with `--kv-cache-metrics-sample`; an error for a share outside (0, 1].
+    pub fn track_block_residency(&mut self, sample: f64) -> Result<(), String> {
+        self.pool.track_residency(sample)
+    }
+
     /// Records every change to the prefix cache from now on, for [`Engine::take_kv_events`].
     pub fn record_kv_events(&mut self) {
         self.pool.record_evictions();
@@ -455,6 +478,7 @@ impl Engine {
             id,
             Req {
                 prompt_len: r.prompt.len(),
+                max_tokens: r.max_tokens,
                 tokens: r.prompt,
                 hashes: Vec::new(),
                 target: target.max(1),
@@ -559,6 +583,7 @@ impl Engine {
 
     /// Runs one step starting at `now`.
     pub fn step(&mut self, now: f64) -> StepOutcome {
+        self.pool.set_clock(now);
         let bs = self.cfg.block_size.max(1) as usize;
         let mut budget = self.cfg.max_num_batched_tokens as usize;
         let mut scheduled: Vec<(u64, usize)> = Vec::new();
@@ -677,6 +702,14 @@ impl Engine {
             out.observations
                 .push(Observation::IterationTokens(shape.tokens as u32));
         }
+        for e in self.pool.take_residency() {
+            out.observations
+                .push(Observation::BlockLifetime(e.lifetime_s));
+            out.observations
+                .push(Observation::BlockIdleBeforeEvict(e.idle_s));
+            out.observations
+                .extend(e.reuse_gaps_s.into_iter().map(Observation::BlockReuseGap));
+        }
 
         // 4. Commit at now + duration.
         self.drain_evictions();
@@ -749,6 +782,11 @@ impl Engine {
                 }
                 out.observations
                     .push(Observation::RequestPreemptions(req.preemptions));
+                out.observations
+                    .push(Observation::MaxGenerationTokens(usage.completion_tokens));
+                out.observations.push(Observation::ParamsN(1));
+                out.observations
+                    .push(Observation::ParamsMaxTokens(req.max_tokens));
                 out.observations.push(Observation::PrefillKvComputed(
                     (req.prompt_len - (usage.cached_tokens as usize).min(req.prompt_len)) as u32,
                 ));
@@ -821,6 +859,101 @@ mod tests {
             }
         }
         (now, done)
+    }
+
+    /// Runs until idle and returns every observation, with the time it ended.
+    fn observe(e: &mut Engine, mut now: f64) -> (f64, Vec<Observation>) {
+        let mut seen = Vec::new();
+        while e.has_work() {
+            let o = e.step(now);
+            now += o.duration;
+            seen.extend(o.observations);
+        }
+        (now, seen)
+    }
+
+    #[test]
+    fn sampled_blocks_report_their_residency_when_reallocated() {
+        // 16 blocks: a 160-token prompt takes 11 (10 and one for its output); its two repeats hit
+        // 9 and take 2 more each, all from blocks never allocated, so nothing is evicted yet.
+        let mut e = Engine::new(cfg(16));
+        e.track_block_residency(1.0).unwrap();
+        let p: Vec<u32> = (0..160).collect();
+        let mut t = 0.0;
+        for id in 1..=3 {
+            e.add(req(id, p.clone(), 2), t).unwrap();
+            let (end, seen) = observe(&mut e, t);
+            assert!(
+                !seen
+                    .iter()
+                    .any(|o| matches!(o, Observation::BlockLifetime(_))),
+                "nothing evicted while free blocks were never used"
+            );
+            t = end + 1.0;
+        }
+        // Two other prompts take the whole pool.
+        let mut seen = Vec::new();
+        for id in 4..=5u32 {
+            e.add(
+                req(u64::from(id), (id * 1000..id * 1000 + 160).collect(), 2),
+                t,
+            )
+            .unwrap();
+            let (end, s) = observe(&mut e, t);
+            seen.extend(s);
+            t = end;
+        }
+        let of = |f: fn(&Observation) -> Option<f64>| seen.iter().filter_map(f).collect::<Vec<_>>();
+        let life = of(|o| match o {
+            Observation::BlockLifetime(s) => Some(*s),
+            _ => None,
+        });
+        let idle = of(|o| match o {
+            Observation::BlockIdleBeforeEvict(s) => Some(*s),
+            _ => None,
+        });
+        let gaps = of(|o| match o {
+            Observation::BlockReuseGap(s) => Some(*s),
+            _ => None,
+        });
+        assert_eq!(life.len(), idle.len(), "one of each per evicted block");
+        assert!(
+            life.iter().zip(&idle).all(|(l, i)| i <= l),
+            "{life:?} {idle:?}"
+        );
+        // The first prompt's blocks, allocated at 0, lived past the two pauses of a second.
+        assert!(life.iter().filter(|s| **s > 2.0).count() >= 9, "{life:?}");
+        // Its first request's output block was never hit: idle since its allocation.
+        assert!(idle.iter().any(|s| *s > 2.0), "{idle:?}");
+        // The 9 blocks hit by requests 2 and 3: one gap each, over the second between them.
+        assert_eq!(gaps.len(), 9, "{gaps:?}");
+        assert!(gaps.iter().all(|g| *g > 1.0), "{gaps:?}");
+    }
+
+    #[test]
+    fn untracked_engines_report_no_residency() {
+        let mut e = Engine::new(cfg(12));
+        for id in 0..4u32 {
+            e.add(
+                req(u64::from(id), (id * 1000..id * 1000 + 160).collect(), 2),
+                0.0,
+            )
+            .unwrap();
+        }
+        let (_, seen) = observe(&mut e, 0.0);
+        assert!(!seen.iter().any(|o| matches!(
+            o,
+            Observation::BlockLifetime(_)
+                | Observation::BlockIdleBeforeEvict(_)
+                | Observation::BlockReuseGap(_)
+        )));
+        assert!(seen.iter().any(|o| matches!(o, Observation::ParamsN(1))));
+        assert!(seen
+            .iter()
+            .any(|o| matches!(o, Observation::ParamsMaxTokens(2))));
+        assert!(seen
+            .iter()
+            .any(|o| matches!(o, Observation::MaxGenerationTokens(2))));
     }
 
     #[test]

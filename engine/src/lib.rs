@@ -3,6 +3,8 @@
 //! - [`engine`]: vLLM V1's scheduler (chunked prefill, a token budget per step, preemption) over
 //!   [`block_pool`], vLLM's KV block pool with its prefix cache and LRU eviction;
 //! - [`profile`]: the calibrated step-time model of a GPU and model;
+//! - [`residency`]: vLLM's KV cache residency metrics (`--kv-cache-metrics`): how long sampled
+//!   blocks live and idle before eviction;
 //! - [`counters`]: vLLM's counters a study reads, summed over engines;
 //! - [`tokenizer`]: a deterministic tokenizer with a chat template, so prompts have token counts
 //!   and prefix blocks as a real engine's would.
@@ -14,4 +16,5 @@ pub mod block_pool;
 pub mod counters;
 pub mod engine;
 pub mod profile;
+pub mod residency;
 pub mod tokenizer;

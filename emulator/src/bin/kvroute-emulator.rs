@@ -64,6 +64,13 @@ struct Args {
     /// true, "publisher": "zmq", "endpoint": "tcp://*:5557", "topic": ""}`).
     #[arg(long)]
     kv_events_config: Option<String>,
+    /// Export vLLM's KV cache residency histograms (`vllm:kv_block_lifetime_seconds`,
+    /// `kv_block_idle_before_evict_seconds`, `kv_block_reuse_gap_seconds`) for a sample of blocks.
+    #[arg(long)]
+    kv_cache_metrics: bool,
+    /// Share of KV block allocations followed for `--kv-cache-metrics`, in (0, 1].
+    #[arg(long, default_value_t = 0.01)]
+    kv_cache_metrics_sample: f64,
 }
 
 #[tokio::main]
@@ -122,6 +129,9 @@ async fn main() -> anyhow::Result<()> {
         time_scale: args.time_scale,
         gpu_memory_utilization: util,
         kv_events: None,
+        kv_cache_metrics_sample: args
+            .kv_cache_metrics
+            .then_some(args.kv_cache_metrics_sample),
     };
     let mut cfg = cfg;
     if let Some(k) = args

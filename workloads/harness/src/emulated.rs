@@ -66,6 +66,7 @@ impl EmulatedEngine {
             time_scale,
             gpu_memory_utilization: util,
             kv_events: Some(sink),
+            kv_cache_metrics_sample: None,
         };
         let (app, _) = start(cfg)?;
         let listener = tokio::net::TcpListener::bind(at).await?;
