@@ -227,6 +227,9 @@ pub struct SimConfig {
     /// With several gateways: how often each exchanges with the fleet log, us (the live
     /// `fleet.sync_ms`); None: the gateways share nothing.
     pub fleet_sync_us: Option<u64>,
+    /// The engines follow the KV residency of this share of their block allocations, as vLLM's
+    /// `--kv-cache-metrics-sample` ([`SimOutput::block_residency`]); None: not followed.
+    pub kv_residency_sample: Option<f64>,
 }
 
 impl SimConfig {
@@ -258,6 +261,7 @@ impl SimConfig {
             record_itl: true,
             gateways: 1,
             fleet_sync_us: None,
+            kv_residency_sample: None,
         }
     }
 }
@@ -311,6 +315,10 @@ pub struct SimOutput {
     /// The replicas' kvroute counters at the end (summed over replicas), as Envoy's admin
     /// `/stats` would show them: publishes, overlays, fallbacks, decisions recorded.
     pub gateway_counters: std::collections::BTreeMap<String, i64>,
+    /// With [`SimConfig::kv_residency_sample`]: each sampled block's (lifetime, idle before
+    /// eviction), seconds, as vLLM's `kv_block_lifetime_seconds` and
+    /// `kv_block_idle_before_evict_seconds` observe them, over every engine.
+    pub block_residency: Vec<(f64, f64)>,
 }
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Kind {
@@ -648,8 +656,15 @@ impl Sim<'_> {
         let rc = self.rates.get_mut(i).map(|(_, c)| c);
         let mut scratch = RateCounters::default();
         let rc = rc.unwrap_or(&mut scratch);
+        let mut lifetime = None;
         for o in &out.observations {
             match o {
+                Observation::BlockLifetime(s) => lifetime = Some(*s),
+                Observation::BlockIdleBeforeEvict(s) => {
+                    if let Some(l) = lifetime.take() {
+                        self.out.block_residency.push((l, *s));
+                    }
+                }
                 Observation::PrefillTime(s) => {
                     rc.prefill_seconds += s;
                     rc.prefill_requests += 1.0;
@@ -828,7 +843,16 @@ pub fn simulate(cfg: &SimConfig, work: &[PreparedSession]) -> SimOutput {
         work,
         queue: BinaryHeap::new(),
         seq: 0,
-        engines: (0..n).map(|_| Engine::new(cfg.engine.clone())).collect(),
+        engines: (0..n)
+            .map(|_| {
+                let mut e = Engine::new(cfg.engine.clone());
+                if let Some(rate) = cfg.kv_residency_sample {
+                    // A rate outside (0, 1] follows nothing, as vLLM disables the metrics.
+                    let _ = e.track_block_residency(rate);
+                }
+                e
+            })
+            .collect(),
         busy: vec![false; n],
         start_pending: vec![false; n],
         pending: vec![Vec::new(); n],
@@ -863,6 +887,7 @@ pub fn simulate(cfg: &SimConfig, work: &[PreparedSession]) -> SimOutput {
             end_us: 0,
             queue_samples: Vec::new(),
             gateway_counters: Default::default(),
+            block_residency: Vec::new(),
         },
     };
     for (i, s) in work.iter().enumerate() {

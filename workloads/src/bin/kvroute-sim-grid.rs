@@ -98,6 +98,12 @@ struct Args {
     /// often it did)
     #[arg(long)]
     moves: bool,
+    /// Also print, per policy, how long the engines' KV blocks stay cached: vLLM's
+    /// `kv_block_idle_before_evict_seconds` and `kv_block_lifetime_seconds` (`--kv-cache-metrics`)
+    /// over this share of block allocations (0.01 as vLLM's default), against the think time
+    /// between a conversation's turns.
+    #[arg(long)]
+    kv_residency: Option<f64>,
 }
 
 struct Workloads {
@@ -180,8 +186,14 @@ fn main() -> anyhow::Result<()> {
         .collect::<anyhow::Result<_>>()?;
     let engine = simulated::engine_config_at(&a.profile, a.gpu_memory_utilization)?;
     let mooncake_engine = simulated::engine_config(&a.mooncake_profile)?;
+    if let Some(r) = a.kv_residency {
+        if !(r > 0.0 && r <= 1.0) {
+            anyhow::bail!("--kv-residency {r}: want a share of block allocations in (0, 1]");
+        }
+    }
     let base_on = |n: usize, workload: &str| SimConfig {
         record_itl: false,
+        kv_residency_sample: a.kv_residency,
         ..SimConfig::new(
             n,
             if keeps_own_times(workload) {
@@ -315,6 +327,9 @@ impl<W: std::io::Write> Run<'_, W> {
         let mut results: Vec<RunResult> = Vec::new();
         // Per policy: where its hits came from, over the repeats.
         let mut moved: std::collections::BTreeMap<&str, simulated::Moves> = Default::default();
+        // Per policy: its sampled blocks' (lifetime, idle before eviction), over the repeats.
+        let mut residency: std::collections::BTreeMap<&str, Vec<(f64, f64)>> = Default::default();
+        let mut think_s: Vec<f64> = Vec::new();
         let reps = if keeps_own_times(workload) {
             1
         } else {
@@ -323,6 +338,11 @@ impl<W: std::io::Write> Run<'_, W> {
         for rep in 0..reps {
             let seed = rep as u64 + 1;
             let work = simulated::prepare_for(b, &sessions(workload, self.w, n, one_x * x, seed)?);
+            think_s.extend(
+                work.iter()
+                    .filter(|s| s.turns.len() > 1)
+                    .map(|s| s.think_us as f64 / 1e6),
+            );
             for p in self.policies {
                 let spec = RunSpec::new(
                     "grid",
@@ -335,6 +355,10 @@ impl<W: std::io::Write> Run<'_, W> {
                 .with_runtime(self.runtime.to_vec());
                 let (r, sim_out) = simulated::run_with_output(&spec, b, &work)?;
                 *moved.entry(p.as_str()).or_default() += simulated::moves(&sim_out);
+                residency
+                    .entry(p.as_str())
+                    .or_default()
+                    .extend(&sim_out.block_residency);
                 if let Some(o) = self.out.as_mut() {
                     let mut slim = r.clone();
                     slim.ttfts.clear();
@@ -378,7 +402,49 @@ impl<W: std::io::Write> Run<'_, W> {
                 );
             }
         }
+        if self.a.kv_residency.is_some() {
+            print_residency(self.policies, &mut residency, &mut think_s);
+        }
         Ok(cell)
+    }
+}
+
+/// Per policy, the sampled blocks' idle time before eviction and lifetime (seconds: P10, median,
+/// P90), against the median think time between a conversation's turns.
+fn print_residency(
+    policies: &[PolicyKind],
+    residency: &mut std::collections::BTreeMap<&str, Vec<(f64, f64)>>,
+    think_s: &mut [f64],
+) {
+    let q = |v: &[f64], p: f64| -> f64 {
+        v.get(((v.len() as f64 - 1.0) * p).round() as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    think_s.sort_by(f64::total_cmp);
+    println!(
+        "KV blocks evicted (sampled), seconds: idle before eviction and lifetime, P10 / median / \
+         P90; median think time between turns {:.1} s",
+        q(think_s, 0.5)
+    );
+    println!(
+        "{:<20} {:>8} {:>22} {:>22}",
+        "policy", "blocks", "idle before eviction", "lifetime"
+    );
+    for p in policies {
+        let v = residency.entry(p.as_str()).or_default();
+        let mut idle: Vec<f64> = v.iter().map(|(_, i)| *i).collect();
+        let mut life: Vec<f64> = v.iter().map(|(l, _)| *l).collect();
+        idle.sort_by(f64::total_cmp);
+        life.sort_by(f64::total_cmp);
+        let three = |x: &[f64]| format!("{:.1} / {:.1} / {:.1}", q(x, 0.1), q(x, 0.5), q(x, 0.9));
+        println!(
+            "{:<20} {:>8} {:>22} {:>22}",
+            p.as_str(),
+            idle.len(),
+            three(&idle),
+            three(&life)
+        );
     }
 }
 
