@@ -25,44 +25,62 @@ pub struct EngineCounters {
     /// engines, in bound order.
     #[serde(default)]
     pub ttft_buckets: Vec<(f64, f64)>,
+    /// `vllm:kv_block_idle_before_evict_seconds_bucket`, summed over engines as
+    /// [`EngineCounters::ttft_buckets`]; empty where the engines do not export it (vLLM without
+    /// `--kv-cache-metrics`).
+    #[serde(default)]
+    pub idle_before_evict_buckets: Vec<(f64, f64)>,
 }
 
 impl EngineCounters {
     /// The q-quantile of TTFT (ms) between `before` and `self`, from the histogram's bucket deltas
     /// (linear inside a bucket, as Prometheus' `histogram_quantile` does); NaN without buckets.
     pub fn ttft_quantile_ms(&self, before: &EngineCounters, q: f64) -> f64 {
-        let delta: Vec<(f64, f64)> = self
-            .ttft_buckets
-            .iter()
-            .map(|(le, c)| {
-                let b = before
-                    .ttft_buckets
-                    .iter()
-                    .find(|(l, _)| l == le)
-                    .map_or(0.0, |x| x.1);
-                (*le, c - b)
-            })
-            .collect();
-        let Some(&(_, total)) = delta.last() else {
-            return f64::NAN;
-        };
-        if total <= 0.0 {
-            return f64::NAN;
-        }
-        let rank = q * total;
-        let (mut lo, mut below) = (0.0, 0.0);
-        for (le, cum) in delta {
-            if cum >= rank {
-                if le.is_infinite() {
-                    return lo * 1e3;
-                }
-                let inside = (cum - below).max(1e-12);
-                return (lo + (le - lo) * (rank - below) / inside) * 1e3;
-            }
-            (lo, below) = (le, cum);
-        }
-        f64::NAN
+        bucket_quantile(&self.ttft_buckets, &before.ttft_buckets, q) * 1e3
     }
+
+    /// The q-quantile of the sampled KV blocks' idle time before eviction (s) between `before`
+    /// and `self`; None where no sampled block was evicted or the engines do not report it.
+    pub fn idle_before_evict_quantile_s(&self, before: &EngineCounters, q: f64) -> Option<f64> {
+        let v = bucket_quantile(
+            &self.idle_before_evict_buckets,
+            &before.idle_before_evict_buckets,
+            q,
+        );
+        v.is_finite().then_some(v)
+    }
+}
+
+/// The q-quantile of a histogram between two readings of its cumulative buckets (upper bound,
+/// count), linear inside a bucket as Prometheus' `histogram_quantile` is; NaN without
+/// observations in between.
+fn bucket_quantile(after: &[(f64, f64)], before: &[(f64, f64)], q: f64) -> f64 {
+    let delta: Vec<(f64, f64)> = after
+        .iter()
+        .map(|(le, c)| {
+            let b = before.iter().find(|(l, _)| l == le).map_or(0.0, |x| x.1);
+            (*le, c - b)
+        })
+        .collect();
+    let Some(&(_, total)) = delta.last() else {
+        return f64::NAN;
+    };
+    if total <= 0.0 {
+        return f64::NAN;
+    }
+    let rank = q * total;
+    let (mut lo, mut below) = (0.0, 0.0);
+    for (le, cum) in delta {
+        if cum >= rank {
+            if le.is_infinite() {
+                return lo;
+            }
+            let inside = (cum - below).max(1e-12);
+            return lo + (le - lo) * (rank - below) / inside;
+        }
+        (lo, below) = (le, cum);
+    }
+    f64::NAN
 }
 
 #[cfg(test)]
@@ -89,5 +107,20 @@ mod tests {
         assert!(EngineCounters::default()
             .ttft_quantile_ms(&before, 0.5)
             .is_nan());
+    }
+
+    #[test]
+    fn the_kv_idle_time_is_a_quantile_in_seconds_and_none_unreported() {
+        let before = EngineCounters::default();
+        // 4 sampled evictions: 2 after under 1 s idle, 2 in (1, 2].
+        let after = EngineCounters {
+            idle_before_evict_buckets: vec![(1.0, 2.0), (2.0, 4.0), (f64::INFINITY, 4.0)],
+            ..Default::default()
+        };
+        assert_eq!(after.idle_before_evict_quantile_s(&before, 0.5), Some(1.0));
+        assert_eq!(after.idle_before_evict_quantile_s(&before, 0.75), Some(1.5));
+        // Engines without `--kv-cache-metrics`, or no sampled block evicted.
+        assert_eq!(before.idle_before_evict_quantile_s(&before, 0.5), None);
+        assert_eq!(after.idle_before_evict_quantile_s(&after, 0.5), None);
     }
 }

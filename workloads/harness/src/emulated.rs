@@ -10,6 +10,11 @@ use kvroute_emulator::server::{start, ServerConfig};
 use kvroute_sidecar::{EngineTarget, Sidecar, SidecarConfig};
 use tokio::sync::oneshot;
 
+/// The share of KV block allocations whose residency the emulated engines report (vLLM's
+/// `--kv-cache-metrics --kv-cache-metrics-sample 0.05`): enough sampled evictions in a study run
+/// for a median of their idle time.
+pub const KV_CACHE_METRICS_SAMPLE: f64 = 0.05;
+
 /// One emulated engine; stops when dropped.
 #[derive(Debug)]
 pub struct EmulatedEngine {
@@ -66,7 +71,7 @@ impl EmulatedEngine {
             time_scale,
             gpu_memory_utilization: util,
             kv_events: Some(sink),
-            kv_cache_metrics_sample: None,
+            kv_cache_metrics_sample: Some(KV_CACHE_METRICS_SAMPLE),
         };
         let (app, _) = start(cfg)?;
         let listener = tokio::net::TcpListener::bind(at).await?;

@@ -638,6 +638,8 @@ fn simulated_part(
             response_us: half,
         },
         send_delay_us: send_delay_us.clone(),
+        // The same share of blocks as the live engines follow (`KV_CACHE_METRICS_SAMPLE`).
+        kv_residency_sample: Some(kvroute_harness::emulated::KV_CACHE_METRICS_SAMPLE),
         ..SimConfig::new(n, engine.clone(), PolicySettings::default())
     };
 

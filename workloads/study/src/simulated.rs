@@ -52,6 +52,9 @@ pub fn result(spec: &RunSpec, out: &SimOutput, work: &[PreparedSession], wall_s:
         .map(|(_, q)| q.iter().map(|x| f64::from(*x)).collect())
         .collect();
     r.set_queue_depths(&samples);
+    let mut idle: Vec<f64> = out.block_residency.iter().map(|(_, i)| *i).collect();
+    idle.sort_by(f64::total_cmp);
+    r.kv_idle_before_evict_s = idle.get(idle.len() / 2).copied();
     r
 }
 

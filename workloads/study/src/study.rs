@@ -173,6 +173,10 @@ impl Lab {
                 &mut c.ttft_buckets,
                 page.buckets("vllm:time_to_first_token_seconds"),
             );
+            merge_buckets(
+                &mut c.idle_before_evict_buckets,
+                page.buckets("vllm:kv_block_idle_before_evict_seconds"),
+            );
         }
         Ok(c)
     }
@@ -614,6 +618,11 @@ pub struct RunResult {
     /// simulator has no engine histogram).
     #[serde(default = "nan2", deserialize_with = "nan_pair")]
     pub engine_ttft_ms: [f64; 2],
+    /// How long the engines' KV blocks stayed cached after their last use, median over the
+    /// sampled blocks evicted during the run, s (vLLM's `kv_block_idle_before_evict_seconds`,
+    /// exported with `--kv-cache-metrics`); None where the engines do not report it.
+    #[serde(default)]
+    pub kv_idle_before_evict_s: Option<f64>,
     /// Mean queue depth (waiting + running) per engine over the run's samples (NaN: no answer).
     #[serde(default, deserialize_with = "nan_vec")]
     pub queue_mean: Vec<f64>,
@@ -790,6 +799,7 @@ impl RunResult {
                 after.ttft_quantile_ms(&before, 0.5),
                 after.ttft_quantile_ms(&before, 0.95),
             ],
+            kv_idle_before_evict_s: after.idle_before_evict_quantile_s(&before, 0.5),
             queue_mean: Vec::new(),
             queue_max: 0.0,
             queue_samples: 0,

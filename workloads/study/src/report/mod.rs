@@ -216,16 +216,21 @@ fn table(
         f(&|r| r.imbalance),
         f(&|r| r.failed as f64),
     );
-    let (ep95, queue) = (
+    let (ep95, queue, idle) = (
         f(&|r| r.engine_ttft_ms[1]),
         f(&|r| r.queue_mean.iter().sum::<f64>() / r.queue_mean.len().max(1) as f64),
+        f(&|r| r.kv_idle_before_evict_s.unwrap_or(f64::NAN)),
     );
-    let _ = write!(h, "<h3>{title}</h3><table><tr><th>configuration</th><th>hit rate (engines)</th><th>hit rate (clients)</th><th>TTFT p50</th><th>p95</th><th>p99</th><th>engine TTFT p95</th><th>mean queue</th><th>req/s</th><th>imbalance</th><th>failed</th></tr>");
+    let _ = write!(h, "<h3>{title}</h3><table><tr><th>configuration</th><th>hit rate (engines)</th><th>hit rate (clients)</th><th>TTFT p50</th><th>p95</th><th>p99</th><th>engine TTFT p95</th><th>mean queue</th><th title=\"median over the sampled KV blocks evicted in the run of vLLM's kv_block_idle_before_evict_seconds: how long a block stayed cached after its last use\">KV kept (s)</th><th>req/s</th><th>imbalance</th><th>failed</th></tr>");
     for (k, v) in &hit {
         let g = |m: &BTreeMap<String, (f64, f64, f64)>| {
             m.get(k).copied().unwrap_or((f64::NAN, f64::NAN, f64::NAN))
         };
-        let _ = write!(h, "<tr><td>{k}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.1}</td><td>{:.2}</td><td>{:.2}</td><td>{:.0}</td></tr>", fmt3(*v), fmt3(g(&hc)), fmt0(g(&p50)), fmt0(g(&p95)), fmt0(g(&p99)), fmt0(g(&ep95)), g(&queue).0, g(&thr).0, g(&imb).0, g(&fail).2);
+        let kept = match g(&idle).0 {
+            x if x.is_finite() => format!("{x:.1}"),
+            _ => "-".into(),
+        };
+        let _ = write!(h, "<tr><td>{k}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.1}</td><td>{kept}</td><td>{:.2}</td><td>{:.2}</td><td>{:.0}</td></tr>", fmt3(*v), fmt3(g(&hc)), fmt0(g(&p50)), fmt0(g(&p95)), fmt0(g(&p99)), fmt0(g(&ep95)), g(&queue).0, g(&thr).0, g(&imb).0, g(&fail).2);
     }
     let _ = write!(h, "</table>");
 }
@@ -315,7 +320,9 @@ pub fn write(
         "<p>{} emulated engines (profile <code>{}</code>, a KV cache of {} tokens each, emulated time x{}) behind Envoy {} with kvroute {} and the sidecar. \
          Each run starts cold (engine caches reset, directory forgotten), sets its policy through Envoy runtime values, warms up where the plan asks, \
          and measures; {} repeats with seeds 1..{}{fewer}; values are mean <small>[min, max]</small>. Hit rate: the engines' \
-         <code>prefix_cache_hits / prefix_cache_queries</code> deltas. Times are emulated ms. Sustainable rate (1x): {:.2} sessions/s, \
+         <code>prefix_cache_hits / prefix_cache_queries</code> deltas. KV kept: the median over the run of vLLM's <code>kv_block_idle_before_evict_seconds</code> \
+         (the engines run with <code>--kv-cache-metrics</code>, 5% of block allocations sampled), how long a block stayed cached after its last use; \
+         where it is shorter than the time between a conversation's turns, their histories are recomputed under any policy. Times are emulated ms. Sustainable rate (1x): {:.2} sessions/s, \
          the highest probed rate with P95 TTFT &le; {} ms under {search_policy} (doubling, then bisection; a probe within 10% of the objective is repeated with a second seed, and the mean of the two decides).{probes} {sizing} Study wall time {:.0} s.</p>",
         meta.engines, meta.profile, meta.kv_tokens_per_engine, meta.time_scale, meta.envoy, meta.kvroute, meta.repeats, meta.repeats, meta.sustainable_rate, meta.slo_ms, meta.wall_s
     );
