@@ -86,44 +86,68 @@ async fn an_engine_killed_under_load_loses_nothing_and_comes_back() {
     assert_eq!(failed2, failed1, "nothing failed after the kill settled");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_engine_process_killed_mid_stream_loses_only_what_it_held() {
-    // Two emulated vLLM engines as processes, four times real time; streaming chats of 48 tokens
-    // (about 100 ms each), so a SIGKILL cuts streams in the middle.
-    let (mut engines, envoy, model) = emulated_stack(|_| {}).await;
-    let port0 = engines[0].addr.port();
-    let load = Load::streaming(&[envoy.url("/v1/chat/completions")], &model, 48, 4);
-    let tally = load.tally.clone();
+/// What a SIGKILL of engine0 under load did, 1.5 s after it.
+struct Killed {
+    /// Requests answered since the kill.
+    sent: u64,
+    /// Requests failed, in all.
+    failed: u64,
+    /// Requests out (on both engines) at the kill.
+    in_flight: u64,
+    /// Completed by engine0 and engine1 since the kill.
+    served: (u64, u64),
+    /// Requests retried off engine0 (`kvroute_retried_total`).
+    retried: u64,
+}
+
+/// Runs `load` for 1 s, SIGKILLs `engines[0]`, and tells what happened in the 1.5 s after.
+async fn kill_engine0_under(load: &Load, engines: &mut [procs::Proc], envoy: &Envoy) -> Killed {
+    let tally = &load.tally;
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let (sent0, failed0, a0, b0) = tally.get();
     assert!(a0 > 0 && b0 > 0 && failed0 == 0, "{:?}", tally.get());
-
-    // SIGKILL engine0: its open streams break, its port refuses from now on.
-    let in_flight_at_kill = tally.in_flight.load(Ordering::SeqCst);
+    let in_flight = tally.in_flight.load(Ordering::SeqCst);
     engines[0].kill().await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let (sent1, failed1, a1, b1) = tally.get();
+    let (sent1, failed, a1, b1) = tally.get();
     let retried = envoy
         .stat("kvroute_retried_total.endpoint.engine0")
         .await
         .unwrap();
+    let k = Killed {
+        sent: sent1 - sent0,
+        failed,
+        in_flight,
+        served: (a1 - a0, b1 - b0),
+        retried,
+    };
     println!(
-        "SIGKILL mid-stream: {} requests since, {failed1} failed, {in_flight_at_kill} in flight \
-         (both engines) at the kill; engine0 completed {} more, engine1 {}; {retried} retried",
-        sent1 - sent0,
-        a1 - a0,
-        b1 - b0
+        "{} requests since, {} failed, {} in flight (both engines) at the kill; engine0 \
+         completed {} more, engine1 {}; {} retried",
+        k.sent, k.failed, k.in_flight, k.served.0, k.served.1, k.retried
     );
-    lost_only_what_was_in_flight(sent1 - sent0, failed1, in_flight_at_kill, retried);
+    k
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_process_killed_mid_stream_loses_only_what_it_held() {
+    // Two emulated vLLM engines as processes, four times real time; streaming chats of 48 tokens
+    // (about 100 ms each), so a SIGKILL cuts streams in the middle: their open streams break,
+    // the port refuses from then on.
+    let (mut engines, envoy, model) = emulated_stack(|_| {}).await;
+    let port0 = engines[0].addr.port();
+    let load = Load::streaming(&[envoy.url("/v1/chat/completions")], &model, 48, 4);
+    let k = kill_engine0_under(&load, &mut engines, &envoy).await;
+    lost_only_what_was_in_flight(k.sent, k.failed, k.in_flight, k.retried);
 
     // A new process on the same port takes its share again once the down mark expires.
+    let (_, _, a1, _) = load.tally.get();
     engines[0] = procs::emulator(EMULATED_PROFILE, 4.0, port0).await.unwrap();
     tokio::time::sleep(Duration::from_millis(3000)).await;
-    load.stop().await;
-    let (_, failed2, a2, _) = tally.get();
+    let (_, failed2, a2, _) = load.stop().await;
     println!("restarted: engine0 completed {} requests", a2 - a1);
     assert!(a2 > a1 + 10, "engine0 serves again");
-    assert_eq!(failed2, failed1, "nothing failed after the kill settled");
+    assert_eq!(failed2, k.failed, "nothing failed after the kill settled");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -132,35 +156,16 @@ async fn an_engine_process_killed_mid_answer_loses_no_whole_answer() {
     // engine sends nothing of one before it is complete, so a SIGKILL cuts its connection before
     // any response byte, and Envoy's retry sends the request again, to the fallback host the
     // filter named.
-    let (engines, envoy, model) = emulated_stack(|_| {}).await;
+    let (mut engines, envoy, model) = emulated_stack(|_| {}).await;
     let load = Load::whole(&[envoy.url("/v1/chat/completions")], &model, 48, 4);
-    let tally = load.tally.clone();
-    tokio::time::sleep(Duration::from_millis(1000)).await;
-    let (sent0, failed0, a0, b0) = tally.get();
-    assert!(a0 > 0 && b0 > 0 && failed0 == 0, "{:?}", tally.get());
-
-    let in_flight_at_kill = tally.in_flight.load(Ordering::SeqCst);
-    let mut engines = engines;
-    engines[0].kill().await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let (sent1, failed1, a1, b1) = load.stop().await;
-    let retried = envoy
-        .stat("kvroute_retried_total.endpoint.engine0")
-        .await
-        .unwrap();
-    println!(
-        "SIGKILL mid-answer: {} requests since, {failed1} failed, {in_flight_at_kill} in flight \
-         (both engines) at the kill; engine0 completed {} more, engine1 {}; {retried} retried",
-        sent1 - sent0,
-        a1 - a0,
-        b1 - b0
-    );
-    assert!(sent1 - sent0 > 20, "the load went on");
+    let k = kill_engine0_under(&load, &mut engines, &envoy).await;
+    load.stop().await;
+    assert!(k.sent > 20, "the load went on");
     assert_eq!(
-        failed1, 0,
+        k.failed, 0,
         "no whole answer was lost: each cut one was retried"
     );
-    assert!(retried >= 1, "requests cut by the kill were retried");
+    assert!(k.retried >= 1, "requests cut by the kill were retried");
 }
 
 const EMULATED_PROFILE: &str = "rtx5080-llama3.2-3b";
