@@ -9,8 +9,6 @@
 //! These show how long a prefix stays cached on an engine: an idle time before eviction shorter
 //! than the time between a conversation's turns means its history is recomputed.
 
-use std::collections::{HashMap, VecDeque};
-
 use crate::block_pool::BlockId;
 
 /// Accesses a tracked block remembers, as vLLM's `deque(maxlen=4)`.
@@ -27,20 +25,63 @@ pub struct BlockEviction {
     pub reuse_gaps_s: Vec<f64>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 struct Tracked {
     birth: f64,
     last_access: f64,
-    accesses: VecDeque<f64>,
+    /// The last accesses, oldest first from `next` (a ring of [`HISTORY`]).
+    accesses: [f64; HISTORY],
+    len: u8,
+    next: u8,
 }
 
-/// The sampled blocks and the evictions not yet taken. Bounded: one entry a block of the pool at
-/// most, and the engine takes the evictions every step.
+impl Tracked {
+    fn new(now: f64) -> Self {
+        Self {
+            birth: now,
+            last_access: now,
+            accesses: [0.0; HISTORY],
+            len: 0,
+            next: 0,
+        }
+    }
+
+    fn access(&mut self, now: f64) {
+        self.last_access = now;
+        if let Some(slot) = self.accesses.get_mut(usize::from(self.next)) {
+            *slot = now;
+        }
+        self.next = (self.next + 1) % HISTORY as u8;
+        self.len = (self.len + 1).min(HISTORY as u8);
+    }
+
+    /// The gaps between the remembered accesses, in order.
+    fn gaps(&self) -> Vec<f64> {
+        let n = usize::from(self.len);
+        let first = (usize::from(self.next) + HISTORY - n) % HISTORY;
+        let at = |i: usize| {
+            self.accesses
+                .get((first + i) % HISTORY)
+                .copied()
+                .unwrap_or(0.0)
+        };
+        (1..n).map(|i| at(i) - at(i - 1)).collect()
+    }
+}
+
+/// The sampled blocks and the evictions not yet taken. Bounded: one slot a block of the pool, and
+/// the engine takes the evictions every step.
 #[derive(Debug, Clone)]
 pub struct Residency {
     rate: f64,
     rng: u64,
-    tracked: HashMap<BlockId, Tracked>,
+    /// By block id: the sampled blocks' times (a dense table: every allocation and hit looks
+    /// its block up).
+    tracked: Vec<Option<Tracked>>,
+    followed: usize,
+    /// Allocations to pass over before the next sampled one (a geometric draw: the same sample
+    /// as one draw per allocation, with one draw per sampled block).
+    skip: u64,
     evictions: Vec<BlockEviction>,
 }
 
@@ -52,13 +93,26 @@ impl Residency {
                 "--kv-cache-metrics-sample {rate}: want a share of blocks in (0, 1]"
             ));
         }
-        Ok(Self {
+        let mut r = Self {
             rate,
             // A fixed seed: the emulator's runs repeat (vLLM draws from Python's `random`).
             rng: 0x9e37_79b9_7f4a_7c15,
-            tracked: HashMap::new(),
+            tracked: Vec::new(),
+            followed: 0,
+            skip: 0,
             evictions: Vec::new(),
-        })
+        };
+        r.skip = r.next_skip();
+        Ok(r)
+    }
+
+    /// Allocations before the next sampled one: each is sampled with probability `rate`.
+    fn next_skip(&mut self) -> u64 {
+        if self.rate >= 1.0 {
+            return 0;
+        }
+        let u = 1.0 - self.draw(); // in (0, 1]
+        (u.ln() / (1.0 - self.rate).ln()).floor().min(1e18) as u64
     }
 
     /// A uniform draw in [0, 1) (SplitMix64).
@@ -74,45 +128,40 @@ impl Residency {
     /// Block `id` taken from the free queue at `now`: the end of what it held before (vLLM calls
     /// this its eviction, for every block it reallocates), then, if sampled, a new life.
     pub fn reallocated(&mut self, id: BlockId, now: f64) {
-        if let Some(t) = self.tracked.remove(&id) {
-            let gaps = t
-                .accesses
-                .iter()
-                .zip(t.accesses.iter().skip(1))
-                .map(|(a, b)| b - a)
-                .collect();
+        let i = id as usize;
+        if let Some(t) = self.tracked.get_mut(i).and_then(Option::take) {
+            self.followed -= 1;
             self.evictions.push(BlockEviction {
                 lifetime_s: (now - t.birth).max(0.0),
                 idle_s: (now - t.last_access).max(0.0),
-                reuse_gaps_s: gaps,
+                reuse_gaps_s: t.gaps(),
             });
         }
-        if self.rate >= 1.0 || self.draw() < self.rate {
-            self.tracked.insert(
-                id,
-                Tracked {
-                    birth: now,
-                    last_access: now,
-                    accesses: VecDeque::with_capacity(HISTORY),
-                },
-            );
+        if self.skip > 0 {
+            self.skip -= 1;
+        } else {
+            self.skip = self.next_skip();
+            if self.tracked.len() <= i {
+                self.tracked.resize(i + 1, None);
+            }
+            if let Some(slot) = self.tracked.get_mut(i) {
+                *slot = Some(Tracked::new(now));
+                self.followed += 1;
+            }
         }
     }
 
     /// Block `id` hit by a request at `now`.
     pub fn accessed(&mut self, id: BlockId, now: f64) {
-        if let Some(t) = self.tracked.get_mut(&id) {
-            t.last_access = now;
-            if t.accesses.len() == HISTORY {
-                t.accesses.pop_front();
-            }
-            t.accesses.push_back(now);
+        if let Some(Some(t)) = self.tracked.get_mut(id as usize) {
+            t.access(now);
         }
     }
 
     /// The prefix cache was reset: nothing is followed any more (vLLM's `reset`).
     pub fn reset(&mut self) {
         self.tracked.clear();
+        self.followed = 0;
     }
 
     /// The evictions since the last call.
@@ -122,7 +171,7 @@ impl Residency {
 
     /// Blocks followed now.
     pub fn tracked(&self) -> usize {
-        self.tracked.len()
+        self.followed
     }
 }
 
