@@ -529,6 +529,15 @@ fn keep(out: &std::path::Path, results: &mut Vec<RunResult>, r: RunResult) -> an
     Ok(())
 }
 
+/// [`keep`] for each of `runs`, in order.
+fn keep_all(
+    out: &std::path::Path,
+    results: &mut Vec<RunResult>,
+    runs: Vec<RunResult>,
+) -> anyhow::Result<()> {
+    runs.into_iter().try_for_each(|r| keep(out, results, r))
+}
+
 /// The live half of the simulator's validation, on a lab of its own at the plan's validation time
 /// scale, real time or close to it (at the study's x8 every millisecond of host overhead is eight
 /// emulated ones, and on a small machine that noise, not the model, would dominate the
@@ -667,13 +676,13 @@ fn simulated_part(
                 0,
             )?,
         );
-        for k in 0..plan.simulated.validation_router_seeds as u64 {
-            let spec = RunSpec {
+        let specs: Vec<RunSpec> = (0..plan.simulated.validation_router_seeds as u64)
+            .map(|k| RunSpec {
                 router_seed: (k > 0).then(|| spec.seed + 1000 * k),
                 ..spec.clone()
-            };
-            keep(&a.out, results, simulated::run(&spec, &b2, &m)?)?;
-        }
+            })
+            .collect();
+        keep_all(&a.out, results, simulated::run_each(&specs, &b2, &m)?)?;
     }
 
     // Experiment 5. The load per engine: the highest session rate per engine (doubling from
@@ -709,10 +718,11 @@ fn simulated_part(
         for rep in 0..plan.repeats {
             let seed = rep as u64 + 1;
             let work = simulated::prepare_for(&b, &sessions_at(n, per_engine, seed)?);
-            for p in &sim_policies {
-                let spec = RunSpec::new("exp5", "sharegpt", *p, per_engine * n as f64, "1x", rep);
-                keep(&a.out, results, simulated::run(&spec, &b, &work)?)?;
-            }
+            let specs: Vec<RunSpec> = sim_policies
+                .iter()
+                .map(|p| RunSpec::new("exp5", "sharegpt", *p, per_engine * n as f64, "1x", rep))
+                .collect();
+            keep_all(&a.out, results, simulated::run_each(&specs, &b, &work)?)?;
         }
     }
     // The rest of the default policy's criterion grid (`exp5-grid`), at experiment 5's load.
@@ -735,17 +745,20 @@ fn simulated_part(
                         &b,
                         &grid.sessions(text, plan, g.workload, n, one * x, seed)?,
                     );
-                    for p in &sim_policies {
-                        let spec = RunSpec::new(
-                            "exp5-grid",
-                            g.workload.as_str(),
-                            *p,
-                            one * x * n as f64,
-                            &load_label(x),
-                            rep,
-                        );
-                        keep(&a.out, results, simulated::run(&spec, &b, &work)?)?;
-                    }
+                    let specs: Vec<RunSpec> = sim_policies
+                        .iter()
+                        .map(|p| {
+                            RunSpec::new(
+                                "exp5-grid",
+                                g.workload.as_str(),
+                                *p,
+                                one * x * n as f64,
+                                &load_label(x),
+                                rep,
+                            )
+                        })
+                        .collect();
+                    keep_all(&a.out, results, simulated::run_each(&specs, &b, &work)?)?;
                 }
             }
         }
@@ -793,18 +806,21 @@ fn simulated_part(
     for rep in 0..plan.repeats {
         let seed = rep as u64 + 1;
         let work = simulated::prepare_for(&b8, &sessions_at(ns, per_engine, seed)?);
-        for (experiment, policy, runtime) in &sweeps {
-            let spec = RunSpec::new(
-                experiment,
-                "sharegpt",
-                *policy,
-                per_engine * ns as f64,
-                "1x",
-                rep,
-            )
-            .with_runtime(runtime.clone());
-            keep(&a.out, results, simulated::run(&spec, &b8, &work)?)?;
-        }
+        let specs: Vec<RunSpec> = sweeps
+            .iter()
+            .map(|(experiment, policy, runtime)| {
+                RunSpec::new(
+                    experiment,
+                    "sharegpt",
+                    *policy,
+                    per_engine * ns as f64,
+                    "1x",
+                    rep,
+                )
+                .with_runtime(runtime.clone())
+            })
+            .collect();
+        keep_all(&a.out, results, simulated::run_each(&specs, &b8, &work)?)?;
     }
     // Mooncake at N = 8 and 16, at the trace's own arrival times.
     let big = simulated::engine_config(&a.mooncake_profile)?;
@@ -818,10 +834,11 @@ fn simulated_part(
             record_itl: false,
             ..base(n, &big)
         };
-        for p in &sim_policies {
-            let spec = RunSpec::new("exp5-mooncake", "mooncake", *p, 0.0, "trace", 0);
-            keep(&a.out, results, simulated::run(&spec, &b, &work)?)?;
-        }
+        let specs: Vec<RunSpec> = sim_policies
+            .iter()
+            .map(|p| RunSpec::new("exp5-mooncake", "mooncake", *p, 0.0, "trace", 0))
+            .collect();
+        keep_all(&a.out, results, simulated::run_each(&specs, &b, &work)?)?;
     }
     // The agentic workload (coding-agent sessions: a shared 7k-token tool and system prefix,
     // prompts growing to 120k tokens) on 16 engines of the Mooncake profile, every policy.
@@ -840,10 +857,11 @@ fn simulated_part(
             ..base(sim.agentic_engines, &big)
         };
         let work = simulated::prepare_for(&b, &agentic_sessions);
-        for p in &sim_policies {
-            let spec = RunSpec::new("exp5-agentic", "agentic", *p, sim.agentic_rate, "1x", 0);
-            keep(&a.out, results, simulated::run(&spec, &b, &work)?)?;
-        }
+        let specs: Vec<RunSpec> = sim_policies
+            .iter()
+            .map(|p| RunSpec::new("exp5-agentic", "agentic", *p, sim.agentic_rate, "1x", 0))
+            .collect();
+        keep_all(&a.out, results, simulated::run_each(&specs, &b, &work)?)?;
     }
     Ok(report::SimMeta {
         gateway_ms,

@@ -104,6 +104,52 @@ pub fn run(
     Ok(run_with_output(spec, base, work)?.0)
 }
 
+/// Every spec of `specs` run on `base` and `work`, on every core, the results in `specs`' order.
+/// Each run is deterministic, so the results are those of running them one after another (only
+/// each run's `wall_s`, the time it took, depends on what ran beside it).
+pub fn run_each(
+    specs: &[RunSpec],
+    base: &SimConfig,
+    work: &[PreparedSession],
+) -> anyhow::Result<Vec<RunResult>> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(specs.len())
+        .max(1);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let mut out: Vec<Option<anyhow::Result<RunResult>>> = (0..specs.len()).map(|_| None).collect();
+    let done: Vec<Vec<(usize, anyhow::Result<RunResult>)>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut mine = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(spec) = specs.get(i) else {
+                            break;
+                        };
+                        mine.push((i, run(spec, base, work)));
+                    }
+                    mine
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_default())
+            .collect()
+    });
+    for (i, r) in done.into_iter().flatten() {
+        if let Some(slot) = out.get_mut(i) {
+            *slot = Some(r);
+        }
+    }
+    out.into_iter()
+        .enumerate()
+        .map(|(i, r)| r.unwrap_or_else(|| Err(anyhow::anyhow!("simulated run {i} did not finish"))))
+        .collect()
+}
+
 /// [`run`], with the simulator's own output (its per-request records).
 pub fn run_with_output(
     spec: &RunSpec,
@@ -269,6 +315,54 @@ mod tests {
         // Less than the weights: no KV cache at all, refused.
         let err = engine_config_at("rtx5080-llama3.2-3b", Some(0.3)).unwrap_err();
         assert!(err.to_string().contains("no memory"), "{err}");
+    }
+
+    #[test]
+    fn runs_side_by_side_give_what_runs_one_after_another_give() {
+        let sessions = kvroute_traces::rag::generate(&kvroute_traces::rag::RagOptions {
+            users: 40,
+            ..Default::default()
+        });
+        let starts = kvroute_traces::arrivals::poisson(sessions.len(), 20.0, 1);
+        let sessions = kvroute_traces::with_arrivals(sessions, &starts);
+        let base = SimConfig::new(
+            3,
+            engine_config("rtx5080-llama3.2-3b").unwrap(),
+            kvroute_core::PolicySettings::default(),
+        );
+        let work = prepare_for(&base, &sessions);
+        let specs: Vec<RunSpec> = [
+            PolicyKind::RoundRobin,
+            PolicyKind::PredictedTtft,
+            PolicyKind::P2c,
+            PolicyKind::SessionHash,
+            PolicyKind::Jsq,
+        ]
+        .iter()
+        .map(|p| RunSpec::new("t", "rag", *p, 20.0, "1x", 0))
+        .collect();
+        let together = run_each(&specs, &base, &work).unwrap();
+        assert_eq!(together.len(), specs.len());
+        for (spec, r) in specs.iter().zip(&together) {
+            let alone = run(spec, &base, &work).unwrap();
+            assert_eq!(r.spec.policy, spec.policy, "in the specs' order");
+            assert_eq!(
+                (
+                    r.requests,
+                    r.hit_rate,
+                    r.ttfts.clone(),
+                    r.per_endpoint.clone()
+                ),
+                (
+                    alone.requests,
+                    alone.hit_rate,
+                    alone.ttfts,
+                    alone.per_endpoint
+                ),
+                "{}",
+                spec.policy.as_str()
+            );
+        }
     }
 
     fn rec(session: u32, turn: u32, endpoint: u32, prompt: u32, cached: u32) -> SimRecord {
