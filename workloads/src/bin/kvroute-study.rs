@@ -325,25 +325,31 @@ async fn main() -> anyhow::Result<()> {
                     Workload::Rag => (Vec::new(), rag_sessions(&plan.rag, seed, r_)),
                 })
             };
-            for peer in &peers {
-                let repeats = exp.peer_repeats.or(exp.repeats).unwrap_or(plan.repeats);
-                for rep in 0..repeats {
-                    let spec = RunSpec::new(
-                        &exp.name,
-                        exp.workload.as_str(),
-                        PolicyKind::default(),
-                        r_,
-                        &rate.label,
-                        rep,
-                    )
-                    .with_peer(peer.clone());
-                    let (warm_up, measured) = sessions(rep)?;
-                    results.push(run(&mut lab, &a.out, &mut n, spec, warm_up, measured).await?);
+            // Repeat by repeat, every peer and policy in each: a slow spell of the host then
+            // touches one repeat of the few runs it overlaps, not every repeat of one policy.
+            let policy_repeats = exp.repeats.unwrap_or(plan.repeats);
+            let peer_repeats = exp.peer_repeats.or(exp.repeats).unwrap_or(plan.repeats);
+            for rep in 0..policy_repeats.max(peer_repeats) {
+                if rep < peer_repeats {
+                    for peer in &peers {
+                        let spec = RunSpec::new(
+                            &exp.name,
+                            exp.workload.as_str(),
+                            PolicyKind::default(),
+                            r_,
+                            &rate.label,
+                            rep,
+                        )
+                        .with_peer(peer.clone());
+                        let (warm_up, measured) = sessions(rep)?;
+                        results.push(run(&mut lab, &a.out, &mut n, spec, warm_up, measured).await?);
+                    }
                 }
-            }
-            for p in &policies {
-                for point in exp.points() {
-                    for rep in 0..exp.repeats.unwrap_or(plan.repeats) {
+                if rep >= policy_repeats {
+                    continue;
+                }
+                for p in &policies {
+                    for point in exp.points() {
                         let spec = RunSpec::new(
                             &exp.name,
                             exp.workload.as_str(),
@@ -357,20 +363,20 @@ async fn main() -> anyhow::Result<()> {
                         results.push(run(&mut lab, &a.out, &mut n, spec, warm_up, measured).await?);
                     }
                 }
-                // Runtime values of a grid do not carry over to the next experiment.
-                if !exp.grid.is_empty() {
-                    let defaults: Vec<(String, String)> = exp
-                        .grid
-                        .keys()
-                        .map(|k| {
-                            let v = PolicySettings::default()
-                                .runtime_value(k)
-                                .unwrap_or_default();
-                            (k.clone(), v)
-                        })
-                        .collect();
-                    lab.configure(*p, &defaults).await?;
-                }
+            }
+            // Runtime values of a grid do not carry over to the next experiment.
+            if let (false, Some(p)) = (exp.grid.is_empty(), policies.last()) {
+                let defaults: Vec<(String, String)> = exp
+                    .grid
+                    .keys()
+                    .map(|k| {
+                        let v = PolicySettings::default()
+                            .runtime_value(k)
+                            .unwrap_or_default();
+                        (k.clone(), v)
+                    })
+                    .collect();
+                lab.configure(*p, &defaults).await?;
             }
         }
     }
