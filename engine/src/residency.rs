@@ -78,7 +78,6 @@ pub struct Residency {
     /// By block id: the sampled blocks' times (a dense table: every allocation and hit looks
     /// its block up).
     tracked: Vec<Option<Tracked>>,
-    followed: usize,
     /// Allocations to pass over before the next sampled one (a geometric draw: the same sample
     /// as one draw per allocation, with one draw per sampled block).
     skip: u64,
@@ -98,7 +97,6 @@ impl Residency {
             // A fixed seed: the emulator's runs repeat (vLLM draws from Python's `random`).
             rng: 0x9e37_79b9_7f4a_7c15,
             tracked: Vec::new(),
-            followed: 0,
             skip: 0,
             evictions: Vec::new(),
         };
@@ -130,7 +128,6 @@ impl Residency {
     pub fn reallocated(&mut self, id: BlockId, now: f64) {
         let i = id as usize;
         if let Some(t) = self.tracked.get_mut(i).and_then(Option::take) {
-            self.followed -= 1;
             self.evictions.push(BlockEviction {
                 lifetime_s: (now - t.birth).max(0.0),
                 idle_s: (now - t.last_access).max(0.0),
@@ -146,7 +143,6 @@ impl Residency {
             }
             if let Some(slot) = self.tracked.get_mut(i) {
                 *slot = Some(Tracked::new(now));
-                self.followed += 1;
             }
         }
     }
@@ -161,7 +157,6 @@ impl Residency {
     /// The prefix cache was reset: nothing is followed any more (vLLM's `reset`).
     pub fn reset(&mut self) {
         self.tracked.clear();
-        self.followed = 0;
     }
 
     /// The evictions since the last call.
@@ -171,7 +166,7 @@ impl Residency {
 
     /// Blocks followed now.
     pub fn tracked(&self) -> usize {
-        self.followed
+        self.tracked.iter().filter(|t| t.is_some()).count()
     }
 }
 
